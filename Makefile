@@ -1,0 +1,41 @@
+# The two commands of the README: `make run` and `make test`. Both create .venv and install the
+# project (pinned by constraints.txt) when missing or when pyproject.toml/constraints.txt changed.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.circot-installed
+DATASET ?= synthetic
+
+export DAGSTER_HOME ?= $(CURDIR)/.dagster
+export GX_ANALYTICS_ENABLED = false
+export DVC_NO_ANALYTICS = 1
+export HF_HUB_OFFLINE = 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: run test install dagster-ui clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is required (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+## run the pipeline end to end on a dataset partition (default: the embedded synthetic benchmark)
+run: $(STAMP)
+	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/python -m orchestration run --dataset $(DATASET)
+
+## the test suite
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## the Dagster UI on http://127.0.0.1:3000 (same DAGSTER_HOME as `make run`)
+dagster-ui: $(STAMP)
+	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/dagster dev -m orchestration.definitions
+
+clean:
+	rm -rf artifacts .dagster

@@ -1,0 +1,62 @@
+"""raw_dataset[d]: the benchmark's raw files, versioned by DVC.
+
+``synthetic`` is the output of the DVC stage of the same name: reproduced (or pulled from the
+remote when it already holds this version) and pushed. A real benchmark is read from its configured
+root; its version is the DVC hash when a ``.dvc`` file tracks the root, else an md5 of its
+annotation files. The version becomes the asset's data version and is written to
+``<artifacts>/raw_dataset/<d>.json`` for the stages downstream.
+"""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from assets.partitions import dataset_partitions
+from assets.resources import ROOT_LAYOUT, ArtifactStore, DatasetRoots, DvcResource
+from model_code.data import annotation_files, available_splits
+from model_code.versioning import content_hash
+
+SYNTHETIC_STAGE = "synthetic"
+
+def read_raw_record(artifacts: ArtifactStore, dataset: str) -> dict:
+    """What ``raw_dataset`` recorded for ``dataset``; fails when it was never materialised."""
+    path = artifacts.path("raw_dataset", f"{dataset}.json")
+    if not path.is_file():
+        raise dg.Failure(description=f"raw_dataset[{dataset}] has not been materialised yet ({path} is missing)")
+    return json.loads(path.read_text())
+
+@dg.asset(partitions_def=dataset_partitions, group_name="data", kinds={"dvc"},
+          description=__doc__.split("\n\n")[0])
+def raw_dataset(context: dg.AssetExecutionContext, datasets: DatasetRoots, dvc: DvcResource,
+                artifacts: ArtifactStore) -> dg.MaterializeResult:
+    name = context.partition_key
+    project = dvc.project()
+    if name == "synthetic":
+        (out,) = project.reproduce(SYNTHETIC_STAGE)
+        if dvc.push:
+            project.push(SYNTHETIC_STAGE)
+        root = project.root / out.path
+        record = {"version": out.md5, "versioned_by": f"dvc stage '{SYNTHETIC_STAGE}'", "nfiles": out.nfiles,
+                  "size_bytes": out.size}
+    else:
+        root = datasets.root(name, must_exist=False)
+        tracked = project.tracked_hash(root)
+        if tracked is not None and not (root.is_dir() and any(root.iterdir())):
+            project.pull_path(root)  # a DVC-tracked root that this machine has not pulled yet
+        root = datasets.root(name)
+        files = annotation_files(name, root)
+        if not files:
+            raise dg.Failure(description=f"{name}: no annotation files under {root}; expected {ROOT_LAYOUT[name]}")
+        record = ({"version": tracked, "versioned_by": f"dvc file {root.name}.dvc"} if tracked else
+                  {"version": content_hash(files, root), "versioned_by": "md5 of the annotation files (not tracked by DVC)"})
+        record["annotation_files"] = len(files)
+    record.update(dataset=name, root=str(root.resolve()), splits=available_splits(name, root))
+    artifacts.path("raw_dataset", f"{name}.json").write_text(json.dumps(record, indent=1))
+    context.log.info(f"raw_dataset[{name}] at {root}: version {record['version']}")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(record["version"]),
+        metadata={"path": dg.MetadataValue.path(str(root)), "data_version": record["version"],
+                  "versioned_by": record["versioned_by"], "splits": ", ".join(record["splits"]),
+                  **{k: record[k] for k in ("nfiles", "size_bytes", "annotation_files") if record.get(k) is not None}})
+

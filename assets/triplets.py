@@ -1,0 +1,90 @@
+"""triplets[d]: the benchmark in the normalised tables of DESIGN.md §4, gated by data-quality suites.
+
+Writes ``<artifacts>/triplets/<d>/{triplets,images}.parquet`` and ``meta.json`` (the raw data
+version it was built from). Two blocking checks run the Great Expectations suites: nothing
+downstream is built from a table that fails them.
+"""
+
+import json
+
+import dagster as dg
+from pydantic import Field
+
+from assets.partitions import dataset_partitions
+from assets.raw_dataset import raw_dataset, read_raw_record
+from assets.resources import ArtifactStore
+from model_code.data import DataError, read_dataset, read_tables, write_tables
+from model_code.quality import QualityReport, validate_images, validate_triplets
+from model_code.versioning import content_hash
+
+class TripletsConfig(dg.Config):
+    require_images: bool = Field(
+        default=True,
+        description="Require every image on disk. False reads the annotations alone (e.g. before the "
+                    "images are downloaded); the images check then skips the files.")
+    fashioniq_category: str | None = Field(default=None, description="One FashionIQ category; all three when unset.")
+
+def triplets_dir(artifacts: ArtifactStore, dataset: str):
+    return artifacts.path("triplets", dataset, "meta.json").parent
+
+@dg.asset(partitions_def=dataset_partitions, group_name="data", deps=[raw_dataset], kinds={"parquet"},
+          description=__doc__.split("\n\n")[0])
+def triplets(context: dg.AssetExecutionContext, config: TripletsConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
+    name = context.partition_key
+    raw = read_raw_record(artifacts, name)
+    try:
+        bench = read_dataset(name, raw["root"], category=config.fashioniq_category,
+                             require_images=config.require_images)
+    except DataError as e:
+        raise dg.Failure(description=str(e)) from None
+    out = triplets_dir(artifacts, name)
+    written = write_tables(bench, out)
+    counts = bench.triplets.groupby("split").size().to_dict()
+    gallery = bench.images.groupby("split").size().to_dict()
+    meta = {"dataset": name, "raw_version": raw["version"], "root": raw["root"],
+            "require_images": config.require_images, "category": config.fashioniq_category,
+            "queries": counts, "images": gallery}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    version = content_hash(written.values(), out)
+    per_split = "| split | queries | images |\n|---|---|---|\n" + "\n".join(
+        f"| {s} | {counts.get(s, 0)} | {gallery.get(s, 0)} |" for s in sorted(set(counts) | set(gallery)))
+    sample = bench.triplets.head(5)[["query_id", "split", "reference_id", "modification", "target_ids"]]
+    context.log.info(f"triplets[{name}]: {len(bench.triplets)} queries, {len(bench.images)} images -> {out}")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "path": dg.MetadataValue.path(str(out)),
+            "dagster/row_count": len(bench.triplets),
+            "images": len(bench.images),
+            "per_split": dg.MetadataValue.md(per_split),
+            "sample_rows": dg.MetadataValue.md(sample.to_markdown(index=False)),
+            "raw_data_version": raw["version"],
+            "require_images": config.require_images,
+        })
+
+def _check_result(report: QualityReport) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=report.success, severity=dg.AssetCheckSeverity.ERROR,
+        description=report.to_text().splitlines()[0],
+        metadata={"report": dg.MetadataValue.md(report.to_markdown()),
+                  "failed_expectations": len(report.failed), "expectations": len(report.outcomes)})
+
+@dg.asset_check(asset=triplets, blocking=True, partitions_def=dataset_partitions,
+                description="Great Expectations suite on the triplets table (ids, texts, splits, lists, named images)")
+def triplets_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStore) -> dg.AssetCheckResult:
+    bench = read_tables(triplets_dir(artifacts, context.partition_key))
+    report = validate_triplets(bench.triplets, bench.images)
+    if not report.success:
+        context.log.error(report.to_text())
+    return _check_result(report)
+
+@dg.asset_check(asset=triplets, blocking=True, partitions_def=dataset_partitions,
+                description="Great Expectations suite on the images table (ids, paths; files present, decodable, sized)")
+def images_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStore) -> dg.AssetCheckResult:
+    out = triplets_dir(artifacts, context.partition_key)
+    meta = json.loads((out / "meta.json").read_text())
+    bench = read_tables(out)
+    report = validate_images(bench.images, meta["root"] if meta["require_images"] else None)
+    if not report.success:
+        context.log.error(report.to_text())
+    return _check_result(report)

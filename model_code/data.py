@@ -1,0 +1,380 @@
+"""Readers that bring every benchmark into the normalised tables of DESIGN.md §4.
+
+``read_benchmark(name, root, split)`` returns ``Benchmark(triplets, images)``; one reader per
+benchmark understands its official layout:
+
+- ``synthetic`` (cir-shapes, written by ``model_code.synthetic``): ``captions/cap.<split>.json``,
+  ``image_splits/split.<split>.json``, ``images/<split>/*.png``.
+- ``cirr``: ``captions/cap.rc2.<split>.json`` and ``image_splits/split.rc2.<split>.json`` under
+  ``root`` or ``root/cirr``; image paths in the split file are relative to ``root``
+  (``./dev/dev-244-0-img0.png``).
+- ``fashioniq``: ``captions/cap.<category>.<split>.json``, ``image_splits/split.<category>.<split>.json``
+  and ``images/<ASIN>.png`` (or ``.jpg``).
+- ``circo``: ``annotations/<split>.json`` and the COCO 2017 unlabeled gallery at
+  ``COCO2017_unlabeled/unlabeled2017/<12-digit id>.jpg`` (or ``unlabeled2017/`` under ``root``),
+  listed by ``COCO2017_unlabeled/annotations/image_info_unlabeled2017.json`` when present.
+
+Columns beyond the contract, all optional and null where a benchmark has no such notion:
+``triplets.n_edits``, ``triplets.reference_dependent`` and ``triplets.hard_negative_ids``
+(synthetic), ``images.category`` (FashionIQ).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+
+DATASETS = ("synthetic", "fashioniq", "cirr", "circo")
+SPLITS = {
+    "synthetic": ("train", "val", "test"),
+    "fashioniq": ("train", "val", "test"),
+    "cirr": ("train", "val", "test1"),
+    "circo": ("val", "test"),
+}
+# Splits whose targets the benchmark authors withhold (scored by their evaluation servers).
+HIDDEN_SPLITS = {("fashioniq", "test"), ("cirr", "test1"), ("circo", "test")}
+FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+
+TRIPLET_COLUMNS = ["query_id", "dataset", "split", "category", "reference_id", "modification", "target_ids",
+                   "subset_ids", "shared_concept", "n_edits", "reference_dependent", "hard_negative_ids"]
+IMAGE_COLUMNS = ["image_id", "dataset", "split", "path", "category"]
+LIST_COLUMNS = ("target_ids", "subset_ids", "hard_negative_ids")
+
+
+class Benchmark(NamedTuple):
+    triplets: pd.DataFrame
+    images: pd.DataFrame
+
+
+class DataError(ValueError):
+    """A benchmark's files are missing or do not follow its layout."""
+
+
+class MissingImagesError(DataError):
+    """Images named by the annotations are not on disk."""
+
+    def __init__(self, dataset: str, root: Path, missing: list[str], total: int):
+        self.dataset, self.root, self.missing, self.total = dataset, root, missing, total
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        super().__init__(
+            f"{dataset}: {len(missing)} of {total} images are missing under {root} (first: {shown}). "
+            f"Download the benchmark's images into that folder, or read the annotations alone with "
+            f"require_images=False.")
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _load_json(path: Path):
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+
+
+def _field(entry: dict, key: str, path: Path, index: int):
+    try:
+        return entry[key]
+    except (KeyError, TypeError):
+        raise DataError(f"{path}: entry {index} has no field {key!r} (has: {sorted(entry) if isinstance(entry, dict) else type(entry).__name__})") from None
+
+
+def _as_list(entries, path: Path) -> list:
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}")
+    return entries
+
+
+def _triplets(rows: list[dict]) -> pd.DataFrame:
+    return _normalise_triplets(pd.DataFrame(rows, columns=TRIPLET_COLUMNS))
+
+
+def _id_list(value):
+    """Lists (and the arrays Parquet reads back) as Python lists, nulls as []; anything else is
+    kept as it is for the quality suite to report."""
+    if value is None or (isinstance(value, float) and value != value):
+        return []
+    if isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not isinstance(value, str)):
+        return list(value)
+    return value
+
+
+def _normalise_triplets(df: pd.DataFrame) -> pd.DataFrame:
+    """One in-memory form however the table was made: lists as Python lists, nulls as None."""
+    for col in LIST_COLUMNS:
+        df[col] = [_id_list(v) for v in df[col]]
+    df["n_edits"] = df["n_edits"].astype("Int64")
+    df["reference_dependent"] = df["reference_dependent"].astype("boolean")
+    for col in ("category", "shared_concept"):
+        df[col] = df[col].astype("object").where(df[col].notna(), None)
+    return df
+
+
+def _images(rows: list[dict]) -> pd.DataFrame:
+    return _normalise_images(pd.DataFrame(rows, columns=IMAGE_COLUMNS))
+
+
+def _normalise_images(df: pd.DataFrame) -> pd.DataFrame:
+    df["category"] = df["category"].astype("object").where(df["category"].notna(), None)
+    return df
+
+
+def _check_images(name: str, root: Path, images: pd.DataFrame, triplets: pd.DataFrame) -> None:
+    """Every gallery image and every image a query names must exist under ``root``."""
+    paths = dict(zip(images["image_id"], images["path"]))
+    named = set(triplets["reference_id"])
+    for col in LIST_COLUMNS:
+        for ids in triplets[col]:
+            named.update(ids)
+    missing = sorted(i for i in named if i not in paths)
+    missing += sorted(i for i, p in paths.items() if not (root / p).is_file())
+    if missing:
+        raise MissingImagesError(name, root, missing, len(set(paths) | named))
+
+
+def _check_split(name: str, split: str) -> None:
+    if name not in SPLITS:
+        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(DATASETS)}")
+    if split not in SPLITS[name]:
+        raise DataError(f"{name} has no split {split!r}; its splits: {', '.join(SPLITS[name])}")
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+
+
+def _read_synthetic(root: Path, split: str) -> Benchmark:
+    path = root / "captions" / f"cap.{split}.json"
+    entries = _as_list(_load_json(path), path)
+    split_path = root / "image_splits" / f"split.{split}.json"
+    paths = _load_json(split_path)
+    rows = []
+    for i, e in enumerate(entries):
+        rows.append({
+            "query_id": str(_field(e, "query_id", path, i)), "dataset": "synthetic", "split": split,
+            "reference_id": _field(e, "reference", path, i), "modification": _field(e, "modification", path, i),
+            "target_ids": [_field(e, "target", path, i)], "subset_ids": [],
+            "n_edits": e.get("n_edits"), "reference_dependent": e.get("reference_dependent"),
+            "hard_negative_ids": e.get("hard_negatives", []),
+        })
+    images = [{"image_id": k, "dataset": "synthetic", "split": split, "path": _clean(v)} for k, v in paths.items()]
+    return Benchmark(_triplets(rows), _images(images))
+
+
+def _clean(rel: str) -> str:
+    return rel[2:] if rel.startswith("./") else rel
+
+
+def _cirr_annotation_dir(root: Path) -> Path:
+    return root if (root / "captions").is_dir() else root / "cirr"
+
+
+def _read_cirr(root: Path, split: str) -> Benchmark:
+    ann = _cirr_annotation_dir(root)
+    path = ann / "captions" / f"cap.rc2.{split}.json"
+    entries = _as_list(_load_json(path), path)
+    split_path = ann / "image_splits" / f"split.rc2.{split}.json"
+    paths = _load_json(split_path)
+    rows = []
+    for i, e in enumerate(entries):
+        target = e.get("target_hard")
+        img_set = e.get("img_set") or {}
+        rows.append({
+            "query_id": str(_field(e, "pairid", path, i)), "dataset": "cirr", "split": split,
+            "reference_id": _field(e, "reference", path, i), "modification": _field(e, "caption", path, i),
+            "target_ids": [target] if target else [], "subset_ids": list(img_set.get("members", [])),
+        })
+    images = [{"image_id": k, "dataset": "cirr", "split": split, "path": _clean(v)} for k, v in paths.items()]
+    return Benchmark(_triplets(rows), _images(images))
+
+
+def _fashioniq_image_path(root: Path, asin: str, on_disk: set[str] | None) -> str:
+    for ext in (".png", ".jpg"):
+        if on_disk is not None and asin + ext in on_disk:
+            return f"images/{asin}{ext}"
+    return f"images/{asin}.png"
+
+
+def _read_fashioniq(root: Path, split: str, category: str | None) -> Benchmark:
+    categories = FASHIONIQ_CATEGORIES if category is None else (category,)
+    for c in categories:
+        if c not in FASHIONIQ_CATEGORIES:
+            raise DataError(f"fashioniq has no category {c!r}; its categories: {', '.join(FASHIONIQ_CATEGORIES)}")
+    image_dir = root / "images"
+    on_disk = set(os.listdir(image_dir)) if image_dir.is_dir() else None
+    rows, images = [], []
+    for c in categories:
+        path = root / "captions" / f"cap.{c}.{split}.json"
+        entries = _as_list(_load_json(path), path)
+        for i, e in enumerate(entries):
+            caps = _field(e, "captions", path, i)
+            if not isinstance(caps, list) or len(caps) != 2:
+                raise DataError(f"{path}: entry {i} should have two captions, has {caps!r}")
+            target = e.get("target")
+            rows.append({
+                "query_id": f"{c}-{split}-{i:05d}", "dataset": "fashioniq", "split": split, "category": c,
+                "reference_id": _field(e, "candidate", path, i),
+                "modification": f"{caps[0].strip()} and {caps[1].strip()}",
+                "target_ids": [target] if target else [],
+            })
+        split_path = root / "image_splits" / f"split.{c}.{split}.json"
+        for asin in _as_list(_load_json(split_path), split_path):
+            images.append({"image_id": asin, "dataset": "fashioniq", "split": split, "category": c,
+                           "path": _fashioniq_image_path(root, asin, on_disk)})
+    return Benchmark(_triplets(rows), _images(images))
+
+
+def _circo_image_dir(root: Path) -> tuple[Path, str]:
+    for rel in ("COCO2017_unlabeled/unlabeled2017", "unlabeled2017"):
+        if (root / rel).is_dir():
+            return root / rel, rel
+    return root / "COCO2017_unlabeled/unlabeled2017", "COCO2017_unlabeled/unlabeled2017"
+
+
+def _read_circo(root: Path, split: str) -> Benchmark:
+    path = root / "annotations" / f"{split}.json"
+    entries = _as_list(_load_json(path), path)
+    rows = []
+    for i, e in enumerate(entries):
+        gt = e.get("gt_img_ids") or ([e["target_img_id"]] if e.get("target_img_id") is not None else [])
+        rows.append({
+            "query_id": f"{split}-{_field(e, 'id', path, i)}", "dataset": "circo", "split": split,
+            "reference_id": str(_field(e, "reference_img_id", path, i)),
+            "modification": _field(e, "relative_caption", path, i),
+            "target_ids": [str(g) for g in gt], "shared_concept": e.get("shared_concept"),
+        })
+    triplets = _triplets(rows)
+    image_dir, rel = _circo_image_dir(root)
+    info = root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
+    if info.is_file():
+        ids = [str(im["id"]) for im in _load_json(info)["images"]]
+    elif image_dir.is_dir():
+        ids = sorted(str(int(f[:-4])) for f in os.listdir(image_dir) if f.endswith(".jpg"))
+    else:  # no gallery on disk: the images the queries name
+        named = set(triplets["reference_id"])
+        for ids_ in triplets["target_ids"]:
+            named.update(ids_)
+        ids = sorted(named, key=int)
+    images = [{"image_id": i, "dataset": "circo", "split": split, "path": f"{rel}/{int(i):012d}.jpg"} for i in ids]
+    return Benchmark(triplets, _images(images))
+
+
+def read_benchmark(name: str, root: str | os.PathLike, split: str, *, category: str | None = None,
+                   require_images: bool = True) -> Benchmark:
+    """Read one split of a benchmark into the normalised ``triplets`` and ``images`` tables.
+
+    ``category`` selects one FashionIQ category (all three when None). With ``require_images``
+    every image of the gallery and every image a query names must exist, else one
+    :class:`MissingImagesError` lists them; nothing is silently dropped. Splits that hide their
+    targets read with empty ``target_ids``.
+    """
+    _check_split(name, split)
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{name}: dataset root {root} does not exist")
+    if name == "synthetic":
+        bench = _read_synthetic(root, split)
+    elif name == "cirr":
+        bench = _read_cirr(root, split)
+    elif name == "fashioniq":
+        bench = _read_fashioniq(root, split, category)
+    else:
+        bench = _read_circo(root, split)
+    if require_images:
+        _check_images(name, root, bench.images, bench.triplets)
+    return bench
+
+
+def available_splits(name: str, root: str | os.PathLike, *, category: str | None = None) -> list[str]:
+    """The splits of ``name`` whose annotation files exist under ``root``."""
+    root = Path(root)
+    found = []
+    for split in SPLITS[name]:
+        if name == "synthetic":
+            files = [root / "captions" / f"cap.{split}.json"]
+        elif name == "cirr":
+            files = [_cirr_annotation_dir(root) / "captions" / f"cap.rc2.{split}.json"]
+        elif name == "fashioniq":
+            cats = FASHIONIQ_CATEGORIES if category is None else (category,)
+            files = [root / "captions" / f"cap.{c}.{split}.json" for c in cats]
+        else:
+            files = [root / "annotations" / f"{split}.json"]
+        if all(f.is_file() for f in files):
+            found.append(split)
+    return found
+
+
+def read_dataset(name: str, root: str | os.PathLike, splits: Iterable[str] | None = None, *,
+                 category: str | None = None, require_images: bool = True) -> Benchmark:
+    """All (or the given) splits of a benchmark in one pair of tables."""
+    splits = list(splits) if splits is not None else available_splits(name, root, category=category)
+    if not splits:
+        raise DataError(f"{name}: no annotation files of any split ({', '.join(SPLITS[name])}) under {root}")
+    parts = [read_benchmark(name, root, s, category=category, require_images=require_images) for s in splits]
+    return Benchmark(pd.concat([p.triplets for p in parts], ignore_index=True),
+                     pd.concat([p.images for p in parts], ignore_index=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet with the contract's schema
+
+
+def _schemas():
+    import pyarrow as pa
+
+    strs = pa.list_(pa.string())
+    triplets = pa.schema([("query_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
+                          ("category", pa.string()), ("reference_id", pa.string()), ("modification", pa.string()),
+                          ("target_ids", strs), ("subset_ids", strs), ("shared_concept", pa.string()),
+                          ("n_edits", pa.int64()), ("reference_dependent", pa.bool_()), ("hard_negative_ids", strs)])
+    images = pa.schema([("image_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
+                        ("path", pa.string()), ("category", pa.string())])
+    return triplets, images
+
+
+def write_tables(bench: Benchmark, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``triplets.parquet`` and ``images.parquet`` (atomically) with the contract's schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, df, schema in zip(("triplets", "images"), bench, _schemas()):
+        table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
+        path = out_dir / f"{name}.parquet"
+        tmp = path.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        tmp.replace(path)
+        written[name] = path
+    return written
+
+
+def read_tables(out_dir: str | os.PathLike) -> Benchmark:
+    """Read tables written by :func:`write_tables` back into pandas (lists as Python lists)."""
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    return Benchmark(_normalise_triplets(pq.read_table(out_dir / "triplets.parquet").to_pandas()),
+                     _normalise_images(pq.read_table(out_dir / "images.parquet").to_pandas()))
+
+
+def annotation_files(name: str, root: str | os.PathLike) -> list[Path]:
+    """The annotation files of a benchmark (not its images): what identifies a version of it."""
+    root = Path(root)
+    if name == "cirr":
+        root = _cirr_annotation_dir(root)
+    folders = {"circo": ("annotations",)}.get(name, ("captions", "image_splits"))
+    files = sorted(p for d in folders for p in (root / d).glob("*.json"))
+    if name == "circo":
+        info = root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
+        files += [info] if info.is_file() else []
+    return files

@@ -1,0 +1,118 @@
+"""Data versioning with DVC: run or pull a stage, push to the remote, and read content hashes.
+
+DVC is driven through its command line (``python -m dvc`` of this interpreter), the interface it
+keeps stable. Stage commands in ``dvc.yaml`` call ``python``: the interpreter's own folder is put
+first on PATH so that they run in the same environment as the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+class DvcError(RuntimeError):
+    """A DVC command failed; the message carries its output."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackedOutput:
+    path: str          # relative to the DVC project
+    md5: str           # DVC content hash (a directory hash ends in '.dir')
+    size: int | None
+    nfiles: int | None
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+@dataclasses.dataclass
+class DvcProject:
+    """A DVC project folder (holding ``dvc.yaml``); ``remote`` None means its default remote."""
+
+    root: Path
+    remote: str | None = None
+
+    def __post_init__(self):
+        self.root = Path(self.root).resolve()
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "dvc", *args]
+        log.info("dvc %s (in %s)", " ".join(args), self.root)
+        proc = subprocess.run(cmd, cwd=self.root, env=_env(), capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            out = (proc.stdout + proc.stderr).strip()[-3000:]
+            raise DvcError(f"`dvc {' '.join(args)}` failed in {self.root} (exit {proc.returncode}):\n{out}")
+        return proc
+
+    def _remote_args(self) -> list[str]:
+        return ["-r", self.remote] if self.remote else []
+
+    def reproduce(self, stage: str) -> list[TrackedOutput]:
+        """Bring ``stage``'s outputs up to date: pulled from the remote when the remote already
+        holds them for the current code and parameters, regenerated when those changed, left alone
+        when already current. Returns the outputs with their content hashes."""
+        self.run("repro", "--pull", stage)
+        return self.outputs(stage)
+
+    def push(self, stage: str) -> None:
+        self.run("push", *self._remote_args(), stage)
+
+    def pull(self, stage: str) -> None:
+        self.run("pull", *self._remote_args(), stage)
+
+    def is_up_to_date(self, stage: str) -> bool:
+        proc = self.run("status", stage, "--json")
+        import json
+
+        return json.loads(proc.stdout or "{}") == {}
+
+    def outputs(self, stage: str) -> list[TrackedOutput]:
+        """The outputs of ``stage`` as recorded in ``dvc.lock``."""
+        lock = self.root / "dvc.lock"
+        if not lock.is_file():
+            raise DvcError(f"{lock} does not exist: stage {stage!r} was never reproduced")
+        data = yaml.safe_load(lock.read_text()) or {}
+        try:
+            outs = data["stages"][stage]["outs"]
+        except KeyError:
+            raise DvcError(f"{lock} has no outputs for stage {stage!r}") from None
+        return [TrackedOutput(o["path"], o["md5"], o.get("size"), o.get("nfiles")) for o in outs]
+
+    def tracked_hash(self, path: str | os.PathLike) -> str | None:
+        """The DVC hash of ``path`` when a ``<path>.dvc`` file (``dvc add``) tracks it, else None."""
+        path = Path(path)
+        dvc_file = path.with_name(path.name + ".dvc")
+        if not dvc_file.is_file():
+            return None
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+        return outs[0]["md5"] if outs else None
+
+    def pull_path(self, path: str | os.PathLike) -> None:
+        """``dvc pull`` the ``.dvc`` file that tracks ``path``."""
+        path = Path(path)
+        self.run("pull", *self._remote_args(), str(path.with_name(path.name + ".dvc")))
+
+
+def content_hash(files: Iterable[str | os.PathLike], root: str | os.PathLike) -> str:
+    """md5 over (relative path, file md5) of ``files``: a version for data that DVC does not track."""
+    root = Path(root)
+    h = hashlib.md5()
+    for f in sorted(Path(f) for f in files):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(hashlib.md5(f.read_bytes()).hexdigest().encode())
+    return h.hexdigest()

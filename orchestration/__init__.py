@@ -1,0 +1,1 @@
+"""Dagster Definitions: jobs, resource wiring, run-config profiles (DESIGN.md §2)."""

@@ -1,0 +1,55 @@
+"""The Dagster code location: ``dagster dev`` (``[tool.dagster]`` in pyproject.toml) loads ``defs``.
+
+Resources are configured here from the environment, with defaults that run the embedded profile:
+
+====================== ===================================== ==============================
+variable               meaning                               default
+====================== ===================================== ==============================
+CIRCOT_PROJECT_DIR     DVC project (dvc.yaml, params.yaml)   current directory
+CIRCOT_DVC_REMOTE      DVC remote to push to / pull from     the project's default remote
+CIRCOT_ARTIFACTS       artifacts root                        ``artifacts``
+CIRCOT_FASHIONIQ_ROOT  FashionIQ root (official layout)      unset: partition fails, says how
+CIRCOT_CIRR_ROOT       CIRR root                             unset
+CIRCOT_CIRCO_ROOT      CIRCO root                            unset
+====================== ===================================== ==============================
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from assets import raw_dataset as raw_dataset_module
+from assets import triplets as triplets_module
+from assets.partitions import dataset_partitions
+from assets.resources import ArtifactStore, DatasetRoots, DvcResource
+
+PIPELINE_JOB = "cir_pipeline"
+
+
+def build_definitions(*, project_dir: str | None = None, artifacts_root: str | None = None,
+                      dataset_roots: dict[str, str] | None = None, dvc_remote: str | None = None,
+                      dvc_push: bool = True) -> dg.Definitions:
+    """Definitions wired to the given locations; unset ones come from the environment."""
+    env = os.environ
+    roots = dataset_roots if dataset_roots is not None else {
+        d: env.get(f"CIRCOT_{d.upper()}_ROOT") for d in ("fashioniq", "cirr", "circo")}
+    resources = {
+        "datasets": DatasetRoots(**{k: v for k, v in roots.items() if v}),
+        "dvc": DvcResource(project_dir=project_dir or env.get("CIRCOT_PROJECT_DIR", os.getcwd()),
+                           remote=dvc_remote or env.get("CIRCOT_DVC_REMOTE"), push=dvc_push),
+        "artifacts": ArtifactStore(root=artifacts_root or env.get("CIRCOT_ARTIFACTS", "artifacts")),
+    }
+    modules = [raw_dataset_module, triplets_module]
+    pipeline = dg.define_asset_job(PIPELINE_JOB, selection=dg.AssetSelection.all(), partitions_def=dataset_partitions,
+                                   description="The whole pipeline for one dataset partition")
+    return dg.Definitions(
+        assets=dg.load_assets_from_modules(modules),
+        asset_checks=dg.load_asset_checks_from_modules(modules),
+        jobs=[pipeline],
+        resources=resources,
+    )
+
+
+defs = build_definitions()

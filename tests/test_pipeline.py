@@ -1,0 +1,119 @@
+"""DVC versioning of the synthetic benchmark and in-process Dagster materialisation."""
+
+import json
+import shutil
+
+import dagster as dg
+import pytest
+import yaml
+
+from model_code.data import read_tables
+from model_code.versioning import DvcProject
+from orchestration.__main__ import run as run_cli
+from orchestration.definitions import PIPELINE_JOB, build_definitions
+from tests.conftest import TINY_PARAMS, make_dvc_project, shared_benchmark
+
+
+@pytest.fixture
+def dvc_project(tmp_path):
+    return make_dvc_project(tmp_path / "project")
+
+
+def test_repro_runs_once_reruns_on_param_change_and_pulls_from_the_remote(dvc_project):
+    project = DvcProject(dvc_project)
+    (out,) = project.reproduce("synthetic")
+    assert out.path == "data/raw/synthetic" and out.md5.endswith(".dir") and out.nfiles > 100
+    assert (dvc_project / out.path / "captions" / "cap.train.json").is_file()
+
+    again = project.run("repro", "--pull", "synthetic")
+    assert "didn't change, skipping" in again.stdout
+    assert project.is_up_to_date("synthetic")
+
+    # push, lose the workspace copy and the cache: repro restores it from the remote, not by regenerating
+    project.push("synthetic")
+    shutil.rmtree(dvc_project / out.path)
+    shutil.rmtree(dvc_project / ".dvc" / "cache")
+    restored = project.run("repro", "--pull", "synthetic")
+    assert "Running stage" not in restored.stdout
+    assert (dvc_project / out.path / "captions" / "cap.train.json").is_file()
+    assert project.outputs("synthetic") == [out]
+
+    params = yaml.safe_load((dvc_project / "params.yaml").read_text())
+    params["synthetic"]["seed"] += 1
+    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params))
+    rerun = project.run("repro", "--pull", "synthetic")
+    assert "Running stage 'synthetic'" in rerun.stdout
+    assert project.outputs("synthetic")[0].md5 != out.md5
+
+
+def _materialise(defs, partition, run_config=None):
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def(PIPELINE_JOB).execute_in_process(
+            partition_key=partition, instance=instance, raise_on_error=False, run_config=run_config)
+        checks = {e.event_specific_data.check_name: e.event_specific_data for e in result.all_events
+                  if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+        mats = {e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization
+                for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"}
+        failures = [e.event_specific_data.error.message for e in result.all_events if e.is_step_failure]
+        return result, checks, mats, failures
+
+
+def test_synthetic_partition_materialises_with_dvc_versioning_and_passing_checks(dvc_project, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={})
+    result, checks, mats, failures = _materialise(defs, "synthetic")
+    assert result.success, failures
+    assert set(mats) == {"raw_dataset", "triplets"}
+    assert {name: c.passed for name, c in checks.items()} == {"triplets_suite": True, "images_suite": True}
+
+    (out,) = DvcProject(dvc_project).outputs("synthetic")
+    assert mats["raw_dataset"].tags["dagster/data_version"] == out.md5
+    assert mats["raw_dataset"].metadata["data_version"].value == out.md5
+    remote = tmp_path / "project-remote"
+    assert remote.is_dir() and sum(1 for p in remote.rglob("*") if p.is_file()) >= out.nfiles  # pushed
+
+    tables = read_tables(artifacts / "triplets" / "synthetic")
+    expected_queries = sum(TINY_PARAMS[s]["references"] * TINY_PARAMS[s]["modifications_per_reference"]
+                           for s in ("train", "val", "test"))
+    assert len(tables.triplets) == expected_queries
+    meta = json.loads((artifacts / "triplets" / "synthetic" / "meta.json").read_text())
+    assert meta["raw_version"] == out.md5 and meta["queries"]["test"] == TINY_PARAMS["test"]["references"]
+    assert mats["triplets"].metadata["raw_data_version"].value == out.md5
+    assert "| test |" in mats["triplets"].metadata["per_split"].value
+
+
+def test_unconfigured_partition_fails_and_says_how_to_add_it(dvc_project, tmp_path):
+    defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(tmp_path / "a"), dataset_roots={})
+    result, _, mats, failures = _materialise(defs, "circo")
+    assert not result.success and not mats
+    assert any("CIRCOT_CIRCO_ROOT" in f and "no data root configured" in f for f in failures)
+
+
+def test_real_annotations_only_partition_and_a_failing_gate(dvc_project, tmp_path):
+    source = shared_benchmark("circo")
+    root = tmp_path / "circo"
+    shutil.copytree(source, root)
+    defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(tmp_path / "a"),
+                             dataset_roots={"circo": str(root)})
+    config = {"ops": {"triplets": {"config": {"require_images": False}}}}
+    result, checks, mats, failures = _materialise(defs, "circo", config)
+    assert result.success, failures
+    assert mats["raw_dataset"].metadata["versioned_by"].value.startswith("md5 of the annotation files")
+    assert all(c.passed for c in checks.values())
+
+    # plant an empty modification text: the blocking check fails and the run reports it
+    ann = json.loads((root / "annotations" / "val.json").read_text())
+    ann[0]["relative_caption"] = ""
+    (root / "annotations" / "val.json").write_text(json.dumps(ann))
+    result, checks, mats, failures = _materialise(defs, "circo", config)
+    assert not result.success
+    assert checks["triplets_suite"].passed is False and "FAILED 1 of" in checks["triplets_suite"].description
+    assert mats["raw_dataset"].tags["dagster/data_version"] != ""
+
+
+def test_cli_runs_the_job_and_reports(dvc_project, tmp_path, capsys):
+    defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(tmp_path / "a"), dataset_roots={})
+    assert run_cli("synthetic", definitions=defs) == 0
+    out = capsys.readouterr().out
+    assert "cir_pipeline [synthetic]: succeeded" in out and "triplets:triplets_suite passed" in out
+    assert str(tmp_path / "a" / "triplets" / "synthetic") in out
