@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 ## run the pipeline end to end on a dataset partition (default: the embedded synthetic benchmark)
 run: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
+	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m orchestration run --dataset $(DATASET)
 
 ## the test suite
@@ -34,7 +34,7 @@ test: $(STAMP)
 
 ## the Dagster UI on http://127.0.0.1:3000 (same DAGSTER_HOME as `make run`)
 dagster-ui: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
+	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -m orchestration.definitions
 
 clean:

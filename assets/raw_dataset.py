@@ -31,7 +31,7 @@ def read_raw_record(artifacts: ArtifactStore, dataset: str) -> dict:
 def raw_dataset(context: dg.AssetExecutionContext, datasets: DatasetRoots, dvc: DvcResource,
                 artifacts: ArtifactStore) -> dg.MaterializeResult:
     name = context.partition_key
-    project = dvc.project()
+    project = dvc.project(echo=context.log.info)
     if name == "synthetic":
         (out,) = project.reproduce(SYNTHETIC_STAGE)
         if dvc.push:

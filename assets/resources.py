@@ -6,6 +6,7 @@ with defaults that run the embedded profile.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -50,8 +51,8 @@ class DvcResource(dg.ConfigurableResource):
     remote: str | None = None  # None: the project's default remote (a local folder out of the box)
     push: bool = True  # push newly produced data to the remote after each materialisation
 
-    def project(self) -> DvcProject:
-        return DvcProject(Path(self.project_dir), self.remote)
+    def project(self, echo: Callable[[str], None] | None = None) -> DvcProject:
+        return DvcProject(Path(self.project_dir), self.remote, echo)
 
 
 class ArtifactStore(dg.ConfigurableResource):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import yaml
@@ -46,18 +47,29 @@ class DvcProject:
 
     root: Path
     remote: str | None = None
+    echo: Callable[[str], None] | None = None  # receives DVC's output line by line (progress of long stages)
 
     def __post_init__(self):
         self.root = Path(self.root).resolve()
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run ``dvc *args``; its output (stdout and stderr merged) streams to ``echo`` and is
+        returned as ``stdout``."""
         cmd = [sys.executable, "-m", "dvc", *args]
-        log.info("dvc %s (in %s)", " ".join(args), self.root)
-        proc = subprocess.run(cmd, cwd=self.root, env=_env(), capture_output=True, text=True)
-        if check and proc.returncode != 0:
-            out = (proc.stdout + proc.stderr).strip()[-3000:]
-            raise DvcError(f"`dvc {' '.join(args)}` failed in {self.root} (exit {proc.returncode}):\n{out}")
-        return proc
+        echo = self.echo or log.info
+        echo(f"$ dvc {' '.join(args)}   (in {self.root})")
+        proc = subprocess.Popen(cmd, cwd=self.root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip():
+                echo(line.rstrip())
+        code = proc.wait()
+        out = "".join(lines)
+        if check and code != 0:
+            raise DvcError(f"`dvc {' '.join(args)}` failed in {self.root} (exit {code}):\n{out.strip()[-3000:]}")
+        return subprocess.CompletedProcess(cmd, code, out, "")
 
     def _remote_args(self) -> list[str]:
         return ["-r", self.remote] if self.remote else []
@@ -77,9 +89,8 @@ class DvcProject:
 
     def is_up_to_date(self, stage: str) -> bool:
         proc = self.run("status", stage, "--json")
-        import json
-
-        return json.loads(proc.stdout or "{}") == {}
+        reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]  # skip any warnings
+        return json.loads(reports[-1] if reports else "{}") == {}
 
     def outputs(self, stage: str) -> list[TrackedOutput]:
         """The outputs of ``stage`` as recorded in ``dvc.lock``."""
