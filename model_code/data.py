@@ -151,11 +151,20 @@ def _check_split(name: str, split: str) -> None:
 # readers
 
 
-def _read_synthetic(root: Path, split: str) -> Benchmark:
-    path = root / "captions" / f"cap.{split}.json"
+def _captions_and_split(ann: Path, stem: str) -> tuple[Path, list, dict]:
+    """The CIRR-style pair ``captions/cap.<stem>.json`` (entries) and ``image_splits/split.<stem>.json``
+    (image name -> relative path) that cir-shapes also follows."""
+    path = ann / "captions" / f"cap.{stem}.json"
     entries = _as_list(_load_json(path), path)
-    split_path = root / "image_splits" / f"split.{split}.json"
+    split_path = ann / "image_splits" / f"split.{stem}.json"
     paths = _load_json(split_path)
+    if not isinstance(paths, dict):
+        raise DataError(f"{split_path}: expected a JSON object of image name -> path, got {type(paths).__name__}")
+    return path, entries, paths
+
+
+def _read_synthetic(root: Path, split: str) -> Benchmark:
+    path, entries, paths = _captions_and_split(root, split)
     rows = []
     for i, e in enumerate(entries):
         rows.append({
@@ -178,11 +187,7 @@ def _cirr_annotation_dir(root: Path) -> Path:
 
 
 def _read_cirr(root: Path, split: str) -> Benchmark:
-    ann = _cirr_annotation_dir(root)
-    path = ann / "captions" / f"cap.rc2.{split}.json"
-    entries = _as_list(_load_json(path), path)
-    split_path = ann / "image_splits" / f"split.rc2.{split}.json"
-    paths = _load_json(split_path)
+    path, entries, paths = _captions_and_split(_cirr_annotation_dir(root), f"rc2.{split}")
     rows = []
     for i, e in enumerate(entries):
         target = e.get("target_hard")
