@@ -120,13 +120,17 @@ def _run(suite_name: str, frames: Sequence[_Frame]) -> QualityReport:
         asset = source.add_dataframe_asset(frame.name)
         batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame.df})
         suite = gx.ExpectationSuite(name=f"{suite_name}.{frame.name}")
-        descriptions = []
-        for expectation, description in frame.checks:
+        descriptions = {}
+        for i, (expectation, description) in enumerate(frame.checks):
+            # GX does not keep the suite's order in its results: tag each expectation to find its own
+            expectation.meta = {**(expectation.meta or {}), "circot_check": i}
             suite.add_expectation(expectation)
-            descriptions.append(description)
+            descriptions[i] = description
         result = batch.validate(suite, result_format={"result_format": "COMPLETE",
                                                       "unexpected_index_column_names": frame.id_columns})
-        for r, description in zip(result.results, descriptions):
+        ordered = sorted(result.results, key=lambda r: r.expectation_config.meta["circot_check"])
+        for r in ordered:
+            description = descriptions[r.expectation_config.meta["circot_check"]]
             kwargs = r.expectation_config.kwargs
             column = kwargs.get("column") or (",".join(kwargs["column_list"]) if "column_list" in kwargs else None)
             res = r.result or {}
@@ -269,3 +273,88 @@ def validate_images(images: pd.DataFrame, root: str | os.PathLike | None = None,
         ]
     df = df.where(df.notna(), None)
     return _run("images", [_Frame("images", df, ["image_id"], checks)])
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthBounds:
+    """Word-count bounds for one chain-of-thought section: the 5th percentile at least ``p05_min``,
+    the 95th at most ``p95_max``."""
+
+    p05_min: int
+    p95_max: int
+
+
+DEFAULT_LENGTH_BOUNDS = {"caption": LengthBounds(3, 200), "reasoning": LengthBounds(5, 400),
+                         "conclusion": LengthBounds(3, 200)}
+# modification texts that ask for no change (the conclusion may then repeat the caption)
+NO_CHANGE = r"^\s*(same|no change|unchanged|identical|keep it)\W*$"
+
+
+def validate_annotations(annotations: pd.DataFrame, triplets: pd.DataFrame | None = None, *,
+                         min_acceptance: float = 0.95,
+                         length_bounds: dict[str, LengthBounds] | None = None) -> QualityReport:
+    """The gate on CoT annotations: acceptance rate at least ``min_acceptance``; known statuses;
+    unique keys; a reason for every rejection; for accepted rows, non-empty sections, word-count
+    percentiles within bounds, no phrase that leaks the target image, and a conclusion that differs
+    from the caption whenever the modification asks for a change; every query known to ``triplets``."""
+    import re
+
+    import great_expectations as gx
+
+    from model_code.annotators import LEAKAGE_PATTERNS, normalised_text as norm
+    from model_code.cot import SECTIONS
+
+    E = gx.expectations
+    bounds = {**DEFAULT_LENGTH_BOUNDS, **(length_bounds or {})}
+    a = annotations.astype(object).where(annotations.notna(), None).reset_index(drop=True)
+    rows = pd.DataFrame({
+        "query_id": a["query_id"], "status": a["status"], "reject_reason": a["reject_reason"],
+        "key": a["query_id"].astype(str) + "|" + a["teacher"].astype(str) + "|" + a["prompt_version"].astype(str),
+        "accepted": (a["status"] == "ok").astype(int),
+    })
+    checks = [
+        (E.ExpectColumnValuesToBeInSet(column="status", value_set=["ok", "rejected"]), "status is ok or rejected"),
+        (E.ExpectColumnValuesToBeUnique(column="key"), "one row per (query, teacher, prompt version)"),
+        (E.ExpectColumnMeanToBeBetween(column="accepted", min_value=min_acceptance, max_value=1.0),
+         f"acceptance rate at least {min_acceptance:.0%}"),
+    ]
+    if triplets is not None:
+        checks.append((E.ExpectColumnValuesToBeInSet(column="query_id", value_set=sorted(set(triplets["query_id"]))),
+                       "every annotated query is in the triplets table"))
+    frames = [_Frame("annotations", rows, ["query_id"], checks)]
+
+    rejected = rows[rows.status != "ok"].reset_index(drop=True)
+    if len(rejected):
+        frames.append(_Frame("rejected", rejected, ["query_id"], [
+            (E.ExpectColumnValuesToNotBeNull(column="reject_reason"), "every rejection records its reason")]))
+
+    ok = a[a["status"] == "ok"].reset_index(drop=True)
+    if len(ok):
+        acc = pd.DataFrame({"query_id": ok["query_id"]})
+        for s in SECTIONS:
+            acc[s] = ok[s]
+            acc[f"{s}_words"] = [len(str(t).split()) if t is not None else 0 for t in ok[s]]
+        asks_change = pd.Series(True, index=ok.index)
+        if triplets is not None:
+            mods = dict(zip(triplets["query_id"], triplets["modification"]))
+            asks_change = pd.Series([not re.match(NO_CHANGE, str(mods.get(q, "")), re.I) for q in ok["query_id"]])
+        acc["conclusion_differs"] = [bool((not change) or norm(str(cap)) != norm(str(con)))
+                                     for change, cap, con in zip(asks_change, ok["caption"], ok["conclusion"])]
+        leak = [f"(?i){p}" for p in LEAKAGE_PATTERNS]
+        acc_checks = []
+        for s in SECTIONS:
+            b = bounds[s]
+            acc_checks += [
+                (E.ExpectColumnValuesToNotBeNull(column=s), f"accepted {s}s are present"),
+                (E.ExpectColumnValuesToMatchRegex(column=s, regex=r"\S"), f"accepted {s}s are not empty"),
+                (E.ExpectColumnQuantileValuesToBeBetween(
+                    column=f"{s}_words", quantile_ranges={"quantiles": [0.05, 0.95],
+                                                          "value_ranges": [[b.p05_min, None], [None, b.p95_max]]}),
+                 f"{s} length: 5th percentile >= {b.p05_min} words, 95th <= {b.p95_max}"),
+                (E.ExpectColumnValuesToNotMatchRegexList(column=s, regex_list=leak),
+                 f"{s} never mentions a target/second image"),
+            ]
+        acc_checks.append((E.ExpectColumnValuesToBeInSet(column="conclusion_differs", value_set=[True]),
+                           "the conclusion differs from the caption when the text asks for a change"))
+        frames.append(_Frame("accepted", acc, ["query_id"], acc_checks))
+    return _run("annotations", frames)
