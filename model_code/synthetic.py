@@ -604,7 +604,7 @@ def sample_modification(rng: random.Random, reference: Scene, n_edits: int, next
                 continue
             edit, text, dependent = cand
             new = apply_edit(scene, edit)
-            changes = _changes(scene, new)
+            changes = scene_changes(scene, new)
             # an edit that overrides or deletes what an earlier one did would make that one moot
             if scene_key(new) not in seen and not changes & touched and not (
                     {oid for oid, a in changes if a == "removed"} & {oid for oid, _ in touched}):
@@ -622,7 +622,7 @@ def sample_modification(rng: random.Random, reference: Scene, n_edits: int, next
     return scene, edits, _join(texts, rng)
 
 
-def _changes(before: Scene, after: Scene) -> set[tuple[int, str]]:
+def scene_changes(before: Scene, after: Scene) -> set[tuple[int, str]]:
     """(object id, what changed) between two scenes: an attribute name, 'removed' or 'added'."""
     b, a = {o.oid: o for o in before}, {o.oid: o for o in after}
     out = {(oid, "removed") for oid in b.keys() - a.keys()} | {(oid, "added") for oid in a.keys() - b.keys()}

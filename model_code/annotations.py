@@ -1,0 +1,152 @@
+"""The annotations table (DESIGN.md §4), stored so that it survives interruption.
+
+Rows are keyed by (``query_id``, ``teacher``, ``prompt_version``). ``AnnotationStore`` appends
+each finished chunk as its own Parquet part, written atomically (temporary file, then rename): a
+crash loses at most the chunk in flight, never a stored row. ``annotate_missing`` asks the annotator
+only for the keys the store lacks, so an interrupted run resumes where it stopped, a re-run
+annotates nothing new, and a new prompt version (a new key) re-annotates everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from model_code.annotators import Annotation, AnnotationRequest, Annotator
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_COLUMNS = ["query_id", "teacher", "prompt_version", "caption", "reasoning", "conclusion", "raw",
+                      "status", "reject_reason", "repairs"]
+KEY = ["query_id", "teacher", "prompt_version"]
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([(c, pa.string()) for c in ANNOTATION_COLUMNS])
+
+
+class AnnotationStore:
+    """Annotation rows under ``root`` as ``part-NNNNNN.parquet`` files."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob("*.tmp"):  # a part whose write was interrupted
+            stale.unlink()
+
+    def parts(self) -> list[Path]:
+        return sorted(self.root.glob("part-*.parquet"))
+
+    def append(self, rows: Sequence[Annotation]) -> Path | None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not rows:
+            return None
+        parts = self.parts()
+        n = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
+        path = self.root / f"part-{n:06d}.parquet"
+        table = pa.Table.from_pylist([{c: getattr(r, c) for c in ANNOTATION_COLUMNS} for r in rows], schema=_schema())
+        tmp = path.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def table(self, teacher: str | None = None, prompt_version: str | None = None) -> pd.DataFrame:
+        """All rows (the latest per key), optionally of one teacher and prompt version."""
+        import pyarrow.parquet as pq
+
+        parts = self.parts()
+        if not parts:
+            return pd.DataFrame({c: pd.Series(dtype=object) for c in ANNOTATION_COLUMNS})
+        df = pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
+        df = df.astype(object).where(df.notna(), None)
+        if teacher is not None:
+            df = df[df.teacher == teacher]
+        if prompt_version is not None:
+            df = df[df.prompt_version == prompt_version]
+        return df.drop_duplicates(KEY, keep="last").reset_index(drop=True)
+
+    def done(self, teacher: str, prompt_version: str) -> set[str]:
+        return set(self.table(teacher, prompt_version).query_id)
+
+    def compact(self) -> None:
+        """Rewrite all parts as one (the latest row per key); safe to interrupt."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parts = self.parts()
+        if len(parts) < 2:
+            return
+        table = pa.Table.from_pandas(self.table()[ANNOTATION_COLUMNS], schema=_schema(), preserve_index=False)
+        n = int(parts[-1].stem.split("-")[1]) + 1
+        path = self.root / f"part-{n:06d}.parquet"
+        tmp = path.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)  # the new part holds every row: the old ones are now redundant
+        for p in parts:
+            p.unlink()
+
+
+def annotation_version(df: pd.DataFrame) -> str:
+    """A content hash of annotation rows, independent of row order: their data version."""
+    h = hashlib.md5()
+    for row in sorted(df[ANNOTATION_COLUMNS].astype(str).itertuples(index=False, name=None)):
+        h.update("\x1f".join(row).encode())
+        h.update(b"\x1e")
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class RunStats:
+    requested: int = 0
+    already_done: int = 0
+    annotated: int = 0
+    ok: int = 0
+    rejected: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def per_second(self) -> float:
+        return self.annotated / self.seconds if self.seconds else 0.0
+
+
+def annotate_missing(store: AnnotationStore, annotator: Annotator, requests: Sequence[AnnotationRequest], *,
+                     chunk_size: int = 256, progress: Callable[[str], None] | None = None,
+                     progress_every_s: float = 10.0) -> RunStats:
+    """Annotate the requests the store has no row for (this teacher, this prompt version), a chunk
+    at a time, storing each chunk before the next. Logs progress with rate and ETA."""
+    say = progress or log.info
+    done = store.done(annotator.name, annotator.prompt_version)
+    todo = [r for r in requests if r.query_id not in done]
+    stats = RunStats(requested=len(requests), already_done=len(requests) - len(todo))
+    say(f"{annotator.name} ({annotator.prompt_version}): {len(todo)} to annotate, {stats.already_done} already stored")
+    start = last = time.monotonic()
+    for i in range(0, len(todo), chunk_size):
+        chunk = todo[i: i + chunk_size]
+        results = annotator.annotate(chunk)
+        rows = [a for a in results if a is not None]
+        store.append(rows)
+        stats.annotated += len(rows)
+        stats.failed += len(results) - len(rows)
+        stats.ok += sum(a.ok for a in rows)
+        stats.rejected += sum(not a.ok for a in rows)
+        now = time.monotonic()
+        finished = i + len(chunk)
+        if now - last >= progress_every_s or finished == len(todo):
+            last = now
+            rate = finished / (now - start)
+            say(f"annotated {finished}/{len(todo)} ({rate:.1f}/s, ETA {(len(todo) - finished) / rate:.0f}s; "
+                f"ok {stats.ok}, rejected {stats.rejected}, failed {stats.failed})")
+    stats.seconds = time.monotonic() - start
+    return stats

@@ -1,0 +1,135 @@
+"""The three-part chain of thought of CIR-CoT (DESIGN.md §1) and its text form.
+
+    <caption>a long blue dress with short sleeves</caption>
+    <reasoning>the text asks for red instead of blue and no sleeves; length stays</reasoning>
+    <conclusion>a long red sleeveless dress</conclusion>
+
+``parse`` is strict and says precisely what is wrong (:class:`CoTFormatError` with a ``reason``
+code used as the rejection reason of an annotation); ``repair`` is lenient and recovers the common
+deviations of teacher models, reporting each repair it made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+SECTIONS = ("caption", "reasoning", "conclusion")
+MAX_SECTION_CHARS = 1500
+_TAG = re.compile(r"<(/?)(caption|reasoning|conclusion)>", re.IGNORECASE)
+
+
+class CoTFormatError(ValueError):
+    """Text that is not a well-formed chain of thought. ``reason`` is one of: missing_section,
+    repeated_section, unclosed_section, wrong_order, text_outside_sections, empty_section,
+    too_long, tag_in_section."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CoT:
+    caption: str
+    reasoning: str
+    conclusion: str
+
+    def __post_init__(self):
+        for name in SECTIONS:
+            text = getattr(self, name)
+            if not isinstance(text, str) or not text.strip():
+                raise CoTFormatError("empty_section", f"<{name}> is empty")
+            if _TAG.search(text):
+                raise CoTFormatError("tag_in_section", f"<{name}> contains a section tag")
+            if len(text) > MAX_SECTION_CHARS:
+                raise CoTFormatError("too_long", f"<{name}> has {len(text)} characters, over the limit of {MAX_SECTION_CHARS}")
+
+    def render(self) -> str:
+        return "\n".join(f"<{name}>{getattr(self, name)}</{name}>" for name in SECTIONS)
+
+
+def parse(text: str) -> CoT:
+    """The chain of thought in ``text``, which must hold exactly the three sections, in order,
+    each once, non-empty and within the length limit, with nothing but whitespace around them.
+    Section contents are kept exactly (``parse(c.render()) == c``)."""
+    tags = [(m.group(1) == "/", m.group(2).lower(), m.start(), m.end()) for m in _TAG.finditer(text)]
+    for name in SECTIONS:
+        opens = sum(1 for closing, n, *_ in tags if n == name and not closing)
+        closes = sum(1 for closing, n, *_ in tags if n == name and closing)
+        if opens == 0 and closes == 0:
+            raise CoTFormatError("missing_section", f"no <{name}> section")
+        if opens > 1 or closes > 1:
+            raise CoTFormatError("repeated_section", f"<{name}> appears {max(opens, closes)} times")
+        if opens != closes:
+            raise CoTFormatError("unclosed_section", f"<{name}> has no {'closing' if opens else 'opening'} tag")
+    expected = [(closing, name) for name in SECTIONS for closing in (False, True)]
+    if [(c, n) for c, n, *_ in tags] != expected:
+        order = " ".join(f"<{'/' if c else ''}{n}>" for c, n, *_ in tags)
+        raise CoTFormatError("wrong_order", f"sections must come as caption, reasoning, conclusion; found {order}")
+    outside = [text[: tags[0][2]], text[tags[1][3]: tags[2][2]], text[tags[3][3]: tags[4][2]], text[tags[5][3]:]]
+    for chunk in outside:
+        if chunk.strip():
+            raise CoTFormatError("text_outside_sections", f"text outside the sections: {chunk.strip()[:60]!r}")
+    return CoT(*(text[tags[2 * i][3]: tags[2 * i + 1][2]] for i in range(3)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Repaired:
+    cot: CoT
+    repairs: tuple[str, ...]  # what was changed to get there; empty when the text parsed as it was
+
+
+_HEADING = re.compile(
+    r"^[ \t]*(?:#{1,6}[ \t]*|\d+[.)][ \t]*|[-*][ \t]+)?(?:\*\*|__)?[ \t]*(caption|reasoning|conclusion)[ \t]*"
+    r"(?:\*\*|__)?[ \t]*[:\-–—]?[ \t]*(?:\*\*|__)?[ \t]*", re.IGNORECASE | re.MULTILINE)
+_FENCE = re.compile(r"^```[a-z]*\s*$", re.MULTILINE)
+
+
+def repair(text: str) -> Repaired:
+    """Recover a chain of thought from a teacher's near miss: markdown headings ("Caption:",
+    "**Reasoning**", "## Conclusion") instead of tags, a missing closing tag, code fences and
+    chatter around the sections. Raises :class:`CoTFormatError` when a section is missing,
+    repeated or empty even so."""
+    try:
+        return Repaired(parse(text), ())
+    except CoTFormatError as first:
+        if first.reason in ("too_long", "tag_in_section"):
+            raise
+    repairs: list[str] = []
+    if _FENCE.search(text):
+        text = _FENCE.sub("", text)
+        repairs.append("removed code fences")
+
+    # Markers: opening/closing tags, or a markdown heading naming a section.
+    markers = []  # (start, end, name, kind) kind in open/close/heading
+    for m in _TAG.finditer(text):
+        markers.append((m.start(), m.end(), m.group(2).lower(), "close" if m.group(1) else "open"))
+    if not any(k == "open" for *_, k in markers):
+        for m in _HEADING.finditer(text):
+            markers.append((m.start(), m.end(), m.group(1).lower(), "heading"))
+    markers.sort()
+    starts = [(s, e, n, k) for s, e, n, k in markers if k != "close"]
+    found: dict[str, str] = {}
+    for i, (s, e, name, kind) in enumerate(starts):
+        if name in found:
+            raise CoTFormatError("repeated_section", f"<{name}> appears more than once")
+        nxt = starts[i + 1][0] if i + 1 < len(starts) else len(text)
+        close = next((m for m in markers if m[3] == "close" and m[2] == name and e <= m[0] <= nxt), None)
+        if kind == "heading":
+            repairs.append(f"markdown heading for {name}")
+        elif close is None:
+            repairs.append(f"added missing </{name}>")
+        end = close[0] if close else nxt
+        found[name] = text[e:end].strip().strip("*_").strip()
+        tail = text[(close[1] if close else nxt):nxt]
+        if tail.strip():
+            repairs.append(f"dropped text after {name}")
+    for name in SECTIONS:
+        if name not in found:
+            raise CoTFormatError("missing_section", f"no <{name}> section, even read leniently")
+    if [n for *_, n, k in starts] != list(SECTIONS):
+        raise CoTFormatError("wrong_order", "sections are not in the order caption, reasoning, conclusion")
+    if starts and text[: starts[0][0]].strip():
+        repairs.append("dropped text before the sections")
+    return Repaired(CoT(found["caption"], found["reasoning"], found["conclusion"]), tuple(repairs))

@@ -1,0 +1,151 @@
+"""The oracle chain of thought for cir-shapes: written from the scene graphs and the structured edits.
+
+The caption describes the reference; the reasoning takes each edit in turn, says which object a
+phrase refers to (resolving "the leftmost shape" or "the colour of the square" against the scene),
+what it becomes, and finally what stays unchanged; the conclusion describes the whole resulting
+scene. Wording varies (several templates per sentence), chosen by a generator seeded with the query
+id, so the same query always gets the same text.
+"""
+
+from __future__ import annotations
+
+import random
+
+from model_code import synthetic as syn
+from model_code.cot import CoT
+
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+
+
+def _desc(o: syn.Obj, rng: random.Random, article: str = "a") -> str:
+    return f"{article} {o.size} {o.color} {o.shape} in the {rng.choice(syn.CELL_NAMES[o.cell])}"
+
+
+def _listing(objs, rng: random.Random, article: str = "a") -> str:
+    parts = [_desc(o, rng, article) for o in objs]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def describe(scene: syn.Scene, rng: random.Random, *, result: bool) -> str:
+    """A full description of a scene: the caption (``result`` False) or the conclusion (True)."""
+    n = len(scene)
+    items = _listing(scene, rng)
+    if n == 1:
+        templates = (["The result is {items} and nothing else.", "The edited scene holds just {items}.",
+                      "So the image should contain only {items}."] if result else
+                     ["The image shows one shape: {items}.", "There is only {items}.",
+                      "A plain background with {items}."])
+    else:
+        templates = (["The result shows {n} shapes: {items}.", "The edited scene has {n} objects: {items}.",
+                      "So the image should contain {items}.", "The final scene contains {n} objects: {items}."]
+                     if result else
+                     ["The image shows {n} shapes: {items}.", "There are {n} objects: {items}.",
+                      "A scene with {n} shapes: {items}."])
+    return rng.choice(templates).format(n=NUMBER_WORDS[n], items=items)
+
+
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _resolve(phrase: str, o: syn.Obj, rng: random.Random) -> str:
+    """'the leftmost shape is the small red circle in the top left corner'."""
+    return rng.choice(["{p} is {d}", "{p} refers to {d}", "{p} means {d}"]).format(p=phrase, d=_desc(o, rng, "the"))
+
+
+def _class_words(attr: str, value, plural: bool = True) -> str:
+    if attr == "shape":
+        return syn.SHAPE_PLURAL[value] if plural else value
+    return f"{value} objects" if plural else f"{value} object"
+
+
+def _edit_sentence(edit: dict, scene: syn.Scene, new: syn.Scene, rng: random.Random) -> str:
+    op = edit["op"]
+    refers = edit.get("refers", [])
+    if op in ("set", "copy", "move", "remove"):
+        o = next(x for x in scene if x.cell == tuple(edit["cell"]))
+        who = _resolve(refers[0], o, rng)
+    if op == "set":
+        attr, v = edit["attr"], edit["value"]
+        change = {"color": f"it becomes {v}", "shape": f"it becomes a {o.size} {o.color} {v}",
+                  "size": f"it becomes {'large' if v == 'large' else 'small'}"}[attr]
+        return rng.choice(["{w}, so {c}.", "{w}; {c}.", "{w}, and {c}."]).format(w=who, c=change)
+    if op == "copy":
+        attr = edit["attr"]
+        src = next(x for x in scene if x.cell == tuple(edit["source"]))
+        value = getattr(src, attr)
+        word = {"color": "colour", "shape": "shape", "size": "size"}[attr]
+        source = _cap(_resolve(refers[1], src, rng))
+        becomes = f"a {value}" if attr == "shape" else value
+        return rng.choice([
+            "{w}. {s}, whose {word} is {v}; so the {t} takes that {word} and becomes {b}.",
+            "{w}. {s}, which is {b}; so the {t} becomes {b} as well.",
+        ]).format(w=who, s=source, word=word, v=value, b=becomes, t=o.shape)
+    if op == "move":
+        to = syn.CELL_NAMES[tuple(edit["to"])][0]
+        return rng.choice(["{w}; it moves from the {a} to the {b}.", "{w}, so it goes from the {a} to the {b}."]).format(
+            w=who, a=syn.CELL_NAMES[o.cell][0], b=to)
+    if op == "remove":
+        return rng.choice(["{w}; it is removed.", "{w}, and it disappears.", "{w}; that object goes away."]).format(w=who)
+    if op == "add":
+        d = edit["object"]
+        o = syn.Obj(d["shape"], d["color"], d["size"], d["row"], d["col"])
+        d = _desc(o, rng)
+        return rng.choice(["A new {n} is added.", "{D} appears.", "We add {d}."]).format(n=d[2:], d=d, D=_cap(d))
+    if op == "swap":
+        a = next(x for x in scene if x.cell == tuple(edit["cells"][0]))
+        b = next(x for x in scene if x.cell == tuple(edit["cells"][1]))
+        ra, rb = _resolve(refers[0], a, rng), _resolve(refers[1], b, rng)
+        if edit["attr"] == "position":
+            return f"{_cap(ra)} and {rb}; they trade places, so the {a.shape} goes to the " \
+                   f"{syn.CELL_NAMES[b.cell][0]} and the {b.shape} to the {syn.CELL_NAMES[a.cell][0]}."
+        attr = edit["attr"]
+        word = "colours" if attr == "color" else "shapes"
+        return (f"{_cap(ra)} and {rb}; swapping their {word}, the first becomes "
+                f"{getattr(b, attr)} and the second {getattr(a, attr)}.")
+    if op in ("remove_where", "set_where"):
+        attr, value = edit["where"], edit["value"]
+        if op == "remove_where":
+            hit = [o for o in scene if (getattr(o, attr) == value) != edit["negate"]]
+            negated = f"{{}} that {{}} not {syn._not_phrase(attr, value)}"
+            cls = (negated.format("objects", "are") if edit["negate"] else _class_words(attr, value),
+                   negated.format("object", "is") if edit["negate"] else _class_words(attr, value, False))
+            what = "they are removed" if len(hit) > 1 else "it is removed"
+        else:
+            hit = [o for o in scene if getattr(o, attr) == value]
+            cls = (_class_words(attr, value), _class_words(attr, value, False))
+            what = f"{'they all become' if len(hit) > 1 else 'it becomes'} {edit['to']}"
+        listing = _listing(hit, rng, "the")
+        if len(hit) > 1:
+            return rng.choice(["The {c} are {l}; {w}.", "Looking at the scene, the {c} are {l}; {w}."]).format(
+                c=cls[0], l=listing, w=what)
+        return rng.choice(["The only {c} is {l}; {w}.", "Looking at the scene, the only {c} is {l}; {w}."]).format(
+            c=cls[1], l=listing, w=what)
+    raise ValueError(f"unknown edit op {op!r}")
+
+
+def oracle_cot(query_id: str, reference: syn.Scene, edits: list[dict]) -> CoT:
+    """The chain of thought for one query from its reference scene graph and its edits."""
+    rng = random.Random(f"oracle/{query_id}")
+    caption = describe(reference, rng, result=False)
+    scene, touched, sentences = reference, set(), []
+    openers = ["First, ", "Then ", "Finally, "] if len(edits) > 1 else [""]
+    if len(edits) == 2:
+        openers = ["First, ", rng.choice(["Then ", "Next, "])]
+    for i, edit in enumerate(edits):
+        new = syn.apply_edit(scene, edit)
+        text = _edit_sentence(edit, scene, new, rng)
+        opener = openers[i]
+        sentences.append(opener + text[0].lower() + text[1:] if opener else _cap(text))
+        touched |= {oid for oid, _ in syn.scene_changes(scene, new)}
+        scene = new
+    kept = [o for o in reference if o.oid not in touched]
+    if kept:
+        kept_text = _listing(kept, rng, "the")
+        sentences.append(rng.choice([
+            "Everything else stays as it is: {k}.", "Unchanged: {k}.",
+            "The rest keeps its place, colour and size: {k}."]).format(k=kept_text))
+    else:
+        sentences.append(rng.choice(["No object of the reference is left untouched.",
+                                     "Every original object is affected."]))
+    return CoT(caption, " ".join(sentences), describe(scene, rng, result=True))
