@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.partitions import dataset_partitions
+from assets.common import dataset_partitions
 from assets.resources import ROOT_LAYOUT, ArtifactStore, DatasetRoots, DvcResource
 from model_code.data import annotation_files, available_splits
 from model_code.versioning import content_hash

@@ -64,3 +64,61 @@ class ArtifactStore(dg.ConfigurableResource):
         p = Path(self.root).expanduser().resolve().joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
+
+
+class AnnotatorResource(dg.ConfigurableResource):
+    """Which annotator writes the chains of thought. ``auto``: the oracle for ``synthetic``; for a
+    real dataset the local teacher when ``local_model_path`` is set, else the remote one when
+    ``remote_base_url`` is set."""
+
+    kind: str = "auto"  # auto | oracle | local | remote
+    local_model_path: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+    batch_size: int = 8
+    max_new_tokens: int = 384
+    remote_base_url: str | None = None
+    remote_model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 5
+
+    def resolve_kind(self, dataset: str) -> str:
+        if self.kind != "auto":
+            return self.kind
+        if dataset == "synthetic":
+            return "oracle"
+        if self.local_model_path:
+            return "local"
+        if self.remote_base_url:
+            return "remote"
+        raise dg.Failure(description=(
+            f"Dataset '{dataset}' needs a teacher model to annotate it: set CIRCOT_TEACHER_MODEL_PATH to a "
+            f"local Qwen2-VL-family checkpoint folder, or CIRCOT_TEACHER_URL (an OpenAI-compatible endpoint, "
+            f"e.g. vLLM's http://host:8000/v1) with CIRCOT_TEACHER_MODEL and the API key in $OPENAI_API_KEY "
+            f"(or the variable named by CIRCOT_TEACHER_API_KEY_ENV)."))
+
+    def build(self, dataset: str, raw_root: str):
+        from model_code import annotators
+
+        kind = self.resolve_kind(dataset)
+        if kind == "oracle":
+            if dataset != "synthetic":
+                raise dg.Failure(description="The oracle annotator knows only the synthetic benchmark's scene graphs.")
+            return annotators.OracleAnnotator(raw_root)
+        if kind == "local":
+            if not self.local_model_path:
+                raise dg.Failure(description="annotator kind 'local' needs local_model_path (CIRCOT_TEACHER_MODEL_PATH)")
+            return annotators.LocalTeacher(self.local_model_path, device=self.device, dtype=self.dtype,
+                                           attn_implementation=self.attn_implementation, batch_size=self.batch_size,
+                                           max_new_tokens=self.max_new_tokens)
+        if kind == "remote":
+            if not (self.remote_base_url and self.remote_model):
+                raise dg.Failure(description="annotator kind 'remote' needs remote_base_url and remote_model "
+                                             "(CIRCOT_TEACHER_URL, CIRCOT_TEACHER_MODEL)")
+            return annotators.RemoteTeacher(self.remote_base_url, self.remote_model, api_key_env=self.api_key_env,
+                                            max_concurrency=self.max_concurrency, timeout_s=self.timeout_s,
+                                            max_retries=self.max_retries, max_tokens=self.max_new_tokens)
+        raise dg.Failure(description=f"unknown annotator kind {self.kind!r}: use auto, oracle, local or remote")

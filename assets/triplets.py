@@ -10,11 +10,11 @@ import json
 import dagster as dg
 from pydantic import Field
 
-from assets.partitions import dataset_partitions
+from assets.common import check_result, dataset_partitions
 from assets.raw_dataset import raw_dataset, read_raw_record
 from assets.resources import ArtifactStore
 from model_code.data import DataError, read_dataset, read_tables, write_tables
-from model_code.quality import QualityReport, validate_images, validate_triplets
+from model_code.quality import validate_images, validate_triplets
 from model_code.versioning import content_hash
 
 class TripletsConfig(dg.Config):
@@ -62,13 +62,6 @@ def triplets(context: dg.AssetExecutionContext, config: TripletsConfig, artifact
             "require_images": config.require_images,
         })
 
-def _check_result(report: QualityReport) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(
-        passed=report.success, severity=dg.AssetCheckSeverity.ERROR,
-        description=report.to_text().splitlines()[0],
-        metadata={"report": dg.MetadataValue.md(report.to_markdown()),
-                  "failed_expectations": len(report.failed), "expectations": len(report.outcomes)})
-
 @dg.asset_check(asset=triplets, blocking=True, partitions_def=dataset_partitions,
                 description="Great Expectations suite on the triplets table (ids, texts, splits, lists, named images)")
 def triplets_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStore) -> dg.AssetCheckResult:
@@ -76,7 +69,7 @@ def triplets_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactSt
     report = validate_triplets(bench.triplets, bench.images)
     if not report.success:
         context.log.error(report.to_text())
-    return _check_result(report)
+    return check_result(report)
 
 @dg.asset_check(asset=triplets, blocking=True, partitions_def=dataset_partitions,
                 description="Great Expectations suite on the images table (ids, paths; files present, decodable, sized)")
@@ -87,4 +80,4 @@ def images_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStor
     report = validate_images(bench.images, meta["root"] if meta["require_images"] else None)
     if not report.success:
         context.log.error(report.to_text())
-    return _check_result(report)
+    return check_result(report)

@@ -97,10 +97,29 @@ class AnnotationStore:
             p.unlink()
 
 
+def write_annotations(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """One Parquet file of annotation rows (atomically replaced)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(pa.Table.from_pandas(table[ANNOTATION_COLUMNS], schema=_schema(), preserve_index=False), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
+    df = pd.read_parquet(path)
+    return df.astype(object).where(df.notna(), None)
+
+
 def annotation_version(df: pd.DataFrame) -> str:
     """A content hash of annotation rows, independent of row order: their data version."""
     h = hashlib.md5()
-    for row in sorted(df[ANNOTATION_COLUMNS].astype(str).itertuples(index=False, name=None)):
+    cell = lambda v: "" if v is None or v != v else str(v)  # noqa: E731 - None and NaN alike
+    rows = (tuple(cell(v) for v in row) for row in df[ANNOTATION_COLUMNS].itertuples(index=False, name=None))
+    for row in sorted(rows):
         h.update("\x1f".join(row).encode())
         h.update(b"\x1e")
     return h.hexdigest()
@@ -150,3 +169,21 @@ def annotate_missing(store: AnnotationStore, annotator: Annotator, requests: Seq
                 f"ok {stats.ok}, rejected {stats.rejected}, failed {stats.failed})")
     stats.seconds = time.monotonic() - start
     return stats
+
+
+def annotation_requests(triplets: pd.DataFrame, images: pd.DataFrame, root: str | os.PathLike,
+                        splits: Sequence[str] | None = None, limit: int | None = None) -> list[AnnotationRequest]:
+    """One request per query with a known target (the first one when there are several), in the
+    given splits (default: all), at most ``limit``. The teacher sees the reference and that target."""
+    root = Path(root)
+    rows = triplets if splits is None else triplets[triplets["split"].isin(list(splits))]
+    paths = {(s, i): p for s, i, p in zip(images["split"], images["image_id"], images["path"])}
+    out = []
+    for q, split, ref, targets, text in zip(rows["query_id"], rows["split"], rows["reference_id"],
+                                            rows["target_ids"], rows["modification"]):
+        if not len(targets):
+            continue  # a hidden split: nothing to show the teacher
+        out.append(AnnotationRequest(q, root / paths[(split, ref)], root / paths[(split, targets[0])], text))
+        if limit is not None and len(out) >= limit:
+            break
+    return out

@@ -55,9 +55,9 @@ use the second image only to get the result right, and never mention it (no "tar
 
 # Phrases that betray that the annotator saw the target image.
 LEAKAGE_PATTERNS = (
-    r"\btarget (image|picture|photo)\b", r"\bsecond (image|picture|photo)\b", r"\bother (image|picture|photo)\b",
-    r"\bboth (images|pictures|photos)\b", r"\btwo (images|pictures|photos)\b",
-    r"\b(image|picture|photo) (on the right|2|two)\b",
+    r"\btarget (?:image|picture|photo)\b", r"\bsecond (?:image|picture|photo)\b", r"\bother (?:image|picture|photo)\b",
+    r"\bboth (?:images|pictures|photos)\b", r"\btwo (?:images|pictures|photos)\b",
+    r"\b(?:image|picture|photo) (?:on the right|2|two)\b",
 )
 _LEAKAGE = re.compile("|".join(LEAKAGE_PATTERNS), re.IGNORECASE)
 

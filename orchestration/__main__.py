@@ -27,7 +27,7 @@ def run(dataset: str, job_name: str = "cir_pipeline", definitions=None, *, annot
             mat = event.event_specific_data.materialization
             meta = mat.metadata
             path = meta.get("path")
-            extra = ", ".join(f"{k}={meta[k].value}" for k in ("data_version", "dagster/row_count", "images") if k in meta)
+            extra = ", ".join(f"{k}={meta[k].value}" for k in ("data_version", "dagster/row_count", "images", "ok", "rejected") if k in meta)
             print(f"  asset {mat.asset_key.to_user_string():<16} -> {path.value if path else '-'}  {extra}")
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             ev = event.event_specific_data

@@ -11,6 +11,11 @@ CIRCOT_ARTIFACTS       artifacts root                        ``artifacts``
 CIRCOT_FASHIONIQ_ROOT  FashionIQ root (official layout)      unset: partition fails, says how
 CIRCOT_CIRR_ROOT       CIRR root                             unset
 CIRCOT_CIRCO_ROOT      CIRCO root                            unset
+CIRCOT_TEACHER         annotator: auto|oracle|local|remote   auto (oracle for synthetic)
+CIRCOT_TEACHER_MODEL_PATH  local Qwen2-VL-family teacher      unset
+CIRCOT_TEACHER_URL     OpenAI-compatible endpoint (…/v1)     unset
+CIRCOT_TEACHER_MODEL   model name at that endpoint           unset
+CIRCOT_TEACHER_API_KEY_ENV  variable holding the API key     OPENAI_API_KEY
 ====================== ===================================== ==============================
 """
 
@@ -20,17 +25,18 @@ import os
 
 import dagster as dg
 
+from assets import cot_annotations as cot_annotations_module
 from assets import raw_dataset as raw_dataset_module
 from assets import triplets as triplets_module
-from assets.partitions import dataset_partitions
-from assets.resources import ArtifactStore, DatasetRoots, DvcResource
+from assets.common import dataset_partitions
+from assets.resources import AnnotatorResource, ArtifactStore, DatasetRoots, DvcResource
 
 PIPELINE_JOB = "cir_pipeline"
 
 
 def build_definitions(*, project_dir: str | None = None, artifacts_root: str | None = None,
                       dataset_roots: dict[str, str] | None = None, dvc_remote: str | None = None,
-                      dvc_push: bool = True) -> dg.Definitions:
+                      dvc_push: bool = True, annotator: AnnotatorResource | None = None) -> dg.Definitions:
     """Definitions wired to the given locations; unset ones come from the environment."""
     env = os.environ
     roots = dataset_roots if dataset_roots is not None else {
@@ -40,8 +46,12 @@ def build_definitions(*, project_dir: str | None = None, artifacts_root: str | N
         "dvc": DvcResource(project_dir=project_dir or env.get("CIRCOT_PROJECT_DIR", os.getcwd()),
                            remote=dvc_remote or env.get("CIRCOT_DVC_REMOTE"), push=dvc_push),
         "artifacts": ArtifactStore(root=artifacts_root or env.get("CIRCOT_ARTIFACTS", "artifacts")),
+        "annotator": annotator or AnnotatorResource(
+            kind=env.get("CIRCOT_TEACHER", "auto"), local_model_path=env.get("CIRCOT_TEACHER_MODEL_PATH"),
+            remote_base_url=env.get("CIRCOT_TEACHER_URL"), remote_model=env.get("CIRCOT_TEACHER_MODEL"),
+            api_key_env=env.get("CIRCOT_TEACHER_API_KEY_ENV", "OPENAI_API_KEY")),
     }
-    modules = [raw_dataset_module, triplets_module]
+    modules = [raw_dataset_module, triplets_module, cot_annotations_module]
     pipeline = dg.define_asset_job(PIPELINE_JOB, selection=dg.AssetSelection.all(), partitions_def=dataset_partitions,
                                    description="The whole pipeline for one dataset partition")
     return dg.Definitions(

@@ -7,6 +7,7 @@ import dagster as dg
 import pytest
 import yaml
 
+from model_code.annotations import read_annotations
 from model_code.data import read_tables
 from model_code.versioning import DvcProject
 from orchestration.__main__ import run as run_cli
@@ -63,8 +64,9 @@ def test_synthetic_partition_materialises_with_dvc_versioning_and_passing_checks
     defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={})
     result, checks, mats, failures = _materialise(defs, "synthetic")
     assert result.success, failures
-    assert set(mats) == {"raw_dataset", "triplets"}
-    assert {name: c.passed for name, c in checks.items()} == {"triplets_suite": True, "images_suite": True}
+    assert set(mats) == {"raw_dataset", "triplets", "cot_annotations"}
+    assert {name: c.passed for name, c in checks.items()} == {"triplets_suite": True, "images_suite": True,
+                                                               "annotations_suite": True}
 
     (out,) = DvcProject(dvc_project).outputs("synthetic")
     assert mats["raw_dataset"].tags["dagster/data_version"] == out.md5
@@ -80,6 +82,18 @@ def test_synthetic_partition_materialises_with_dvc_versioning_and_passing_checks
     assert meta["raw_version"] == out.md5 and meta["queries"]["test"] == TINY_PARAMS["test"]["references"]
     assert mats["triplets"].metadata["raw_data_version"].value == out.md5
     assert "| test |" in mats["triplets"].metadata["per_split"].value
+
+    # oracle annotations for every query, 100 % accepted, with lineage and examples
+    ann = mats["cot_annotations"].metadata
+    assert (ann["ok"].value, ann["rejected"].value, ann["teacher"].value) == (expected_queries, 0, "oracle")
+    assert ann["raw_data_version"].value == out.md5 and ann["examples"].value.count("- reasoning:") == 5
+    assert mats["cot_annotations"].tags["dagster/data_version"] == ann["annotation_version"].value
+    table = read_annotations(artifacts / "cot_annotations" / "synthetic" / "annotations.parquet")
+    assert len(table) == expected_queries and set(table.status) == {"ok"}
+
+    # materialising again annotates nothing new
+    result, _, mats, _ = _materialise(defs, "synthetic")
+    assert result.success and mats["cot_annotations"].metadata["annotated_this_run"].value == 0
 
 
 def test_unconfigured_partition_fails_and_says_how_to_add_it(dvc_project, tmp_path):
@@ -97,16 +111,18 @@ def test_real_annotations_only_partition_and_a_failing_gate(dvc_project, tmp_pat
                              dataset_roots={"circo": str(root)})
     config = {"ops": {"triplets": {"config": {"require_images": False}}}}
     result, checks, mats, failures = _materialise(defs, "circo", config)
-    assert result.success, failures
+    assert set(mats) == {"raw_dataset", "triplets"}
     assert mats["raw_dataset"].metadata["versioned_by"].value.startswith("md5 of the annotation files")
-    assert all(c.passed for c in checks.values())
+    assert {name: c.passed for name, c in checks.items()} == {"triplets_suite": True, "images_suite": True}
+    # a real dataset needs a teacher: without one, annotation fails and says how to configure it
+    assert not result.success and any("CIRCOT_TEACHER_MODEL_PATH" in f for f in failures)
 
     # plant an empty modification text: the blocking check fails and the run reports it
     ann = json.loads((root / "annotations" / "val.json").read_text())
     ann[0]["relative_caption"] = ""
     (root / "annotations" / "val.json").write_text(json.dumps(ann))
     result, checks, mats, failures = _materialise(defs, "circo", config)
-    assert not result.success
+    assert not result.success and "cot_annotations" not in mats  # the blocking check stopped it
     assert checks["triplets_suite"].passed is False and "FAILED 1 of" in checks["triplets_suite"].description
     assert mats["raw_dataset"].tags["dagster/data_version"] != ""
 

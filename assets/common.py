@@ -1,0 +1,18 @@
+"""What the per-dataset assets share: the dataset partitions (DESIGN.md §3) and the way a
+data-quality report becomes an asset check result."""
+
+import dagster as dg
+
+from model_code.data import DATASETS
+from model_code.quality import QualityReport
+
+dataset_partitions = dg.StaticPartitionsDefinition(list(DATASETS))
+
+
+def check_result(report: QualityReport, **metadata) -> dg.AssetCheckResult:
+    """A blocking-grade (ERROR) check result whose metadata carries the readable report."""
+    return dg.AssetCheckResult(
+        passed=report.success, severity=dg.AssetCheckSeverity.ERROR,
+        description=report.to_text().splitlines()[0],
+        metadata={"report": dg.MetadataValue.md(report.to_markdown()),
+                  "failed_expectations": len(report.failed), "expectations": len(report.outcomes), **metadata})

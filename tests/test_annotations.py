@@ -1,0 +1,153 @@
+"""The annotation store survives a crash and resumes; the annotation gate catches planted defects."""
+
+import dataclasses
+
+import pandas as pd
+import pytest
+
+from model_code.annotations import (AnnotationStore, annotate_missing, annotation_requests, annotation_version,
+                                    read_annotations, write_annotations)
+from model_code.annotators import Annotation, OracleAnnotator, judge
+from model_code.data import read_dataset
+from model_code.quality import LengthBounds, validate_annotations
+
+
+@pytest.fixture
+def bench(tiny_synthetic):
+    return read_dataset("synthetic", tiny_synthetic)
+
+
+@pytest.fixture
+def requests_(bench, tiny_synthetic):
+    return annotation_requests(bench.triplets, bench.images, tiny_synthetic)
+
+
+class CountingAnnotator:
+    """The oracle, counting what it is asked, crashing on the chunk number ``crash_on``."""
+
+    def __init__(self, root, crash_on=None, prompt_version="oracle-v1"):
+        self.inner = OracleAnnotator(root)
+        self.name, self.prompt_version = "oracle", prompt_version
+        self.default_min_acceptance = 1.0
+        self.asked, self.chunks, self.crash_on = [], 0, crash_on
+
+    def annotate(self, requests):
+        self.chunks += 1
+        if self.chunks == self.crash_on:
+            raise KeyboardInterrupt("simulated crash")
+        self.asked += [r.query_id for r in requests]
+        return [dataclasses.replace(a, prompt_version=self.prompt_version) for a in self.inner.annotate(requests)]
+
+
+def test_requests_skip_hidden_targets_and_respect_splits_and_limit(bench, tiny_synthetic):
+    t = bench.triplets.copy()
+    t.at[0, "target_ids"] = []
+    assert len(annotation_requests(t, bench.images, tiny_synthetic)) == len(t) - 1
+    test_only = annotation_requests(bench.triplets, bench.images, tiny_synthetic, splits=["test"], limit=5)
+    assert len(test_only) == 5 and all(r.query_id.startswith("test-") for r in test_only)
+    assert all(r.reference_path.is_file() and r.target_path.is_file() for r in test_only)
+
+
+def test_resume_after_a_crash_annotates_only_what_is_missing(tmp_path, tiny_synthetic, requests_):
+    store = AnnotationStore(tmp_path / "store")
+    crashing = CountingAnnotator(tiny_synthetic, crash_on=3)
+    with pytest.raises(KeyboardInterrupt):
+        annotate_missing(store, crashing, requests_, chunk_size=10)
+    assert len(crashing.asked) == 20 and len(store.table()) == 20  # two chunks stored before the crash
+
+    # a half-written part (crash during a write) is ignored and cleaned up
+    (tmp_path / "store" / "part-000099.parquet.tmp").write_bytes(b"PAR1 garbage")
+    store = AnnotationStore(tmp_path / "store")
+    resumed = CountingAnnotator(tiny_synthetic)
+    stats = annotate_missing(store, resumed, requests_, chunk_size=10)
+    assert sorted(resumed.asked) == sorted({r.query_id for r in requests_} - set(crashing.asked))
+    assert (stats.already_done, stats.annotated, stats.ok) == (20, len(requests_) - 20, len(requests_) - 20)
+    assert len(store.table()) == len(requests_) and not list((tmp_path / "store").glob("*.tmp"))
+
+    again = CountingAnnotator(tiny_synthetic)
+    assert annotate_missing(store, again, requests_).annotated == 0 and again.asked == []
+
+    # a new prompt version is a new key: everything is annotated again, the old rows stay
+    v2 = CountingAnnotator(tiny_synthetic, prompt_version="oracle-v2")
+    annotate_missing(store, v2, requests_)
+    assert len(v2.asked) == len(requests_)
+    assert len(store.table()) == 2 * len(requests_) and len(store.table(prompt_version="oracle-v1")) == len(requests_)
+    before = store.table().sort_values(["query_id", "prompt_version"]).reset_index(drop=True)
+    store.compact()
+    assert len(store.parts()) == 1
+    after = store.table().sort_values(["query_id", "prompt_version"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_rejected_rows_are_kept_with_their_reason(tmp_path):
+    store = AnnotationStore(tmp_path)
+    store.append([judge("q1", "t", "v", "nonsense"),
+                  judge("q2", "t", "v", "<caption>a</caption><reasoning>b</reasoning><conclusion>c</conclusion>")])
+    table = store.table()
+    assert dict(zip(table.query_id, table.status)) == {"q1": "rejected", "q2": "ok"}
+    assert table.set_index("query_id").loc["q1", "reject_reason"] == "missing_section"
+    assert table.set_index("query_id").loc["q1", "raw"] == "nonsense"
+
+
+def test_version_is_a_content_hash(tmp_path, tiny_synthetic, requests_):
+    rows = OracleAnnotator(tiny_synthetic).annotate(requests_)
+    store = AnnotationStore(tmp_path)
+    store.append(rows)
+    table = store.table()
+    write_annotations(table, tmp_path / "a.parquet")
+    back = read_annotations(tmp_path / "a.parquet")
+    assert annotation_version(back) == annotation_version(table) == annotation_version(table.iloc[::-1])
+    changed = table.copy()
+    changed.loc[0, "reasoning"] = "something else"
+    assert annotation_version(changed) != annotation_version(table)
+
+
+def _oracle_table(tiny_synthetic, requests_):
+    rows = OracleAnnotator(tiny_synthetic).annotate(requests_)
+    return pd.DataFrame([dataclasses.asdict(r) for r in rows])
+
+
+def _failed(report):
+    return {o.description for o in report.failed}
+
+
+def test_gate_passes_the_oracle_and_catches_planted_defects(tiny_synthetic, requests_, bench):
+    good = _oracle_table(tiny_synthetic, requests_)
+    assert validate_annotations(good, bench.triplets, min_acceptance=1.0).success
+
+    bad = good.copy()
+    bad.loc[0, "reasoning"] = bad.loc[0, "reasoning"] + " As the target image shows, it is red."
+    bad.loc[1, "conclusion"] = bad.loc[1, "caption"]
+    bad.loc[2, "caption"] = "  "
+    bad.loc[3, ["status", "caption", "reasoning", "conclusion", "reject_reason"]] = ["rejected", None, None, None, None]
+    bad.loc[4, "query_id"] = "not-a-query"
+    report = validate_annotations(bad, bench.triplets, min_acceptance=1.0)
+    assert _failed(report) == {
+        "reasoning never mentions a target/second image",
+        "the conclusion differs from the caption when the text asks for a change",
+        "accepted captions are not empty",
+        "acceptance rate at least 100%",
+        "every rejection records its reason",
+        "every annotated query is in the triplets table",
+    }
+    text = report.to_text()
+    assert good.loc[0, "query_id"] in text and good.loc[1, "query_id"] in text
+
+
+def test_gate_acceptance_floor_and_length_bounds(tiny_synthetic, requests_, bench):
+    table = _oracle_table(tiny_synthetic, requests_)
+    n_reject = len(table) // 10 + 1
+    table.loc[: n_reject - 1, ["status", "reject_reason"]] = ["rejected", "missing_section"]
+    assert validate_annotations(table, bench.triplets, min_acceptance=0.5).success
+    report = validate_annotations(table, bench.triplets, min_acceptance=0.95)
+    assert _failed(report) == {"acceptance rate at least 95%"}
+    report = validate_annotations(table, bench.triplets, min_acceptance=0.5,
+                                  length_bounds={"reasoning": LengthBounds(p05_min=5, p95_max=10)})
+    assert _failed(report) == {"reasoning length: 5th percentile >= 5 words, 95th <= 10"}
+
+
+def test_all_rejected_teacher_fails_the_gate_on_acceptance(tiny_synthetic, requests_, bench):
+    rows = [judge(r.query_id, "local:tiny", "teacher-v1", "random tokens") for r in requests_]
+    table = pd.DataFrame([dataclasses.asdict(r) for r in rows])
+    assert _failed(validate_annotations(table, bench.triplets, min_acceptance=0.95)) == {"acceptance rate at least 95%"}
+    assert isinstance(rows[0], Annotation)

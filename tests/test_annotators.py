@@ -1,0 +1,209 @@
+"""Annotators: the oracle on cir-shapes, a local teacher (tiny random Qwen2-VL) and a remote teacher
+against a real OpenAI-compatible HTTP server on loopback."""
+
+import base64
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from model_code import synthetic as syn
+from model_code.annotations import annotation_requests
+from model_code.annotators import (PROMPT_VERSION, LocalTeacher, OracleAnnotator, RemoteTeacher, judge,
+                                   teacher_messages)
+from model_code.data import read_dataset
+
+GOOD = "<caption>a red circle</caption><reasoning>the circle turns blue; nothing else changes</reasoning>" \
+       "<conclusion>a blue circle</conclusion>"
+
+
+@pytest.fixture
+def requests_(tiny_synthetic):
+    bench = read_dataset("synthetic", tiny_synthetic)
+    return annotation_requests(bench.triplets, bench.images, tiny_synthetic)
+
+
+def test_oracle_accepts_everything_and_describes_reference_and_target(tiny_synthetic, requests_):
+    oracle = OracleAnnotator(tiny_synthetic)
+    rows = oracle.annotate(requests_)
+    assert len(rows) == len(requests_) and all(r.ok for r in rows), [r.reject_reason for r in rows if not r.ok]
+    queries, graphs = {}, {}
+    for split in syn.SPLITS:
+        queries.update({q["query_id"]: q for q in json.loads((tiny_synthetic / "captions" / f"cap.{split}.json").read_text())})
+        graphs.update(json.loads((tiny_synthetic / "scene_graphs" / f"{split}.json").read_text()))
+    for row in rows:
+        q = queries[row.query_id]
+        ref, target = graphs[q["reference"]]["objects"], graphs[q["target"]]["objects"]
+        for o in ref:  # the caption names every reference object, the conclusion every target object
+            assert f"{o['size']} {o['color']} {o['shape']}" in row.caption
+        for o in target:
+            assert f"{o['size']} {o['color']} {o['shape']}" in row.conclusion
+        assert len(re.findall(r"\b(small|large) \w+ (circle|square|triangle|star|hexagon|diamond)s? in the",
+                              row.conclusion)) == len(target)
+        for e in q["edits"]:  # each phrase the text used is resolved in the reasoning
+            for phrase in e["refers"]:
+                assert phrase.lower() in row.reasoning.lower(), (phrase, row.reasoning)
+    # deterministic: the same query always gets the same chain
+    assert [r.reasoning for r in oracle.annotate(requests_[:5])] == [r.reasoning for r in rows[:5]]
+
+
+def test_oracle_says_what_stays_unchanged_and_resolves_relational_phrases(tiny_synthetic, requests_):
+    rows = {r.query_id: r for r in OracleAnnotator(tiny_synthetic).annotate(requests_)}
+    texts = " ".join(r.reasoning for r in rows.values())
+    assert re.search(r"(stays as it is|Unchanged|keeps its place)", texts)
+    relational = [r for r in rows.values() if re.search(r"the (leftmost|rightmost|topmost|highest|lowest|largest|biggest|smallest)", r.reasoning)]
+    assert relational and all(re.search(r"(is|refers to|means) the (small|large)", r.reasoning) for r in relational)
+
+
+def test_judge_rejects_nonsense_leakage_and_a_conclusion_that_repeats_the_caption():
+    assert judge("q", "t", "v", GOOD).ok
+    cases = {
+        "": "empty_answer",
+        "lorem ipsum dolor": "missing_section",
+        GOOD.replace("nothing else changes", "as the target image shows"): "leakage: target image",
+        GOOD.replace("a blue circle", "compared to the second picture, blue"): "leakage: second picture",
+        "<caption>a red circle</caption><reasoning>r</reasoning><conclusion>A red circle.</conclusion>":
+            "conclusion_repeats_caption",
+    }
+    for raw, reason in cases.items():
+        row = judge("q", "t", "v", raw)
+        assert (row.status, row.reject_reason, row.raw) == ("rejected", reason, raw)
+    repaired = judge("q", "t", "v", "**Caption:** a\n**Reasoning:** b\n**Conclusion:** c")
+    assert repaired.ok and "markdown heading" in repaired.repairs
+
+
+def test_teacher_prompt_shows_both_images_and_forbids_mentioning_the_target():
+    system, user = teacher_messages("make it blue ")
+    assert [c["type"] for c in user["content"]] == ["image", "image", "text"]
+    text = user["content"][-1]["text"]
+    assert '"make it blue"' in text and "never mention" in text and "<caption>" in text
+    assert PROMPT_VERSION == "teacher-v1"
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_path(tmp_path_factory):
+    from model_code.backbone import build_random_backbone, save_backbone
+
+    corpus = ["make the red circle blue", "a small green star in the top left corner"] * 50
+    model, processor = build_random_backbone("tiny", corpus, vocab_size=400)
+    return save_backbone(model, processor, tmp_path_factory.mktemp("teacher") / "tiny-qwen2-vl")
+
+
+def test_local_teacher_loads_from_a_folder_and_its_nonsense_is_recorded_as_rejected(tiny_teacher_path, requests_):
+    teacher = LocalTeacher(tiny_teacher_path, device="cpu", batch_size=2, max_new_tokens=12)
+    assert teacher.name == "local:tiny-qwen2-vl" and teacher.prompt_version == PROMPT_VERSION
+    rows = teacher.annotate(requests_[:3])
+    assert len(rows) == 3 and all(r.status == "rejected" and r.reject_reason for r in rows)
+    assert {r.query_id for r in rows} == {r.query_id for r in requests_[:3]}
+    assert teacher.stats.requests == 3 and 0 < teacher.stats.new_tokens <= 3 * 12
+
+
+# ---------------------------------------------------------------------------------------------
+# a real OpenAI-compatible server on loopback
+
+
+class _ChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _ChatHandler)
+        self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0
+        self.calls: dict[str, int] = {}
+        self.bodies, self.auth = [], set()
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: dict | str, headers: dict | None = None):
+        data = (json.dumps(body) if isinstance(body, dict) else body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        srv: _ChatServer = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with srv.lock:
+            srv.in_flight += 1
+            srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+            srv.bodies.append(body)
+            srv.auth.add(self.headers.get("Authorization"))
+            text = body["messages"][-1]["content"][-1]["text"]
+            tag = re.search(r"\[(\w+)\]", text).group(1)
+            n = srv.calls[tag] = srv.calls.get(tag, 0) + 1
+        try:
+            time.sleep(0.05)
+            if self.path != "/v1/chat/completions":
+                return self._send(404, {"error": "not found"})
+            if tag.startswith("rate") and n == 1:
+                return self._send(429, {"error": "slow down"}, {"Retry-After": "0"})
+            if tag.startswith("flaky") and n <= 2:
+                return self._send(503, {"error": "overloaded"})
+            if tag.startswith("slow") and n == 1:
+                time.sleep(1.0)  # past the client's timeout
+            if tag.startswith("bad"):
+                return self._send(400, {"error": "bad request"})
+            if tag.startswith("down"):
+                return self._send(500, {"error": "broken"})
+            answer = "I cannot see any images." if tag.startswith("nonsense") else GOOD
+            self._send(200, {"choices": [{"message": {"role": "assistant", "content": answer}}]})
+        finally:
+            with srv.lock:
+                srv.in_flight -= 1
+
+
+@pytest.fixture
+def chat_server():
+    srv = _ChatServer()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _tagged(requests_, tags):
+    from dataclasses import replace
+
+    return [replace(r, modification=f"[{t}] {r.modification}") for r, t in zip(requests_, tags)]
+
+
+def test_remote_teacher_speaks_the_protocol_with_retries_and_bounded_concurrency(chat_server, requests_, monkeypatch):
+    monkeypatch.setenv("CIRCOT_TEST_KEY", "sk-test")
+    tags = ["ok1", "ok2", "ok3", "rate1", "flaky1", "slow1", "nonsense1", "bad1", "down1", "ok4"]
+    reqs = _tagged(requests_, tags)
+    teacher = RemoteTeacher(f"http://127.0.0.1:{chat_server.server_address[1]}/v1", "qwen2-vl-72b",
+                            api_key_env="CIRCOT_TEST_KEY", max_concurrency=3, timeout_s=0.5, max_retries=3,
+                            backoff_s=0.01)
+    rows = dict(zip(tags, teacher.annotate(reqs)))
+    for t in ("ok1", "ok2", "ok3", "ok4", "rate1", "flaky1", "slow1"):
+        assert rows[t].ok and rows[t].teacher == "remote:qwen2-vl-72b", t
+    assert rows["nonsense1"].status == "rejected" and rows["nonsense1"].reject_reason == "missing_section"
+    assert rows["bad1"] is None and rows["down1"] is None  # failed requests: nothing recorded
+    assert chat_server.calls["rate1"] == 2 and chat_server.calls["flaky1"] == 3 and chat_server.calls["slow1"] == 2
+    assert chat_server.calls["bad1"] == 1 and chat_server.calls["down1"] == 4  # 400 is final; 500 retried 3 times
+    assert len(teacher.errors) == 2 and any("HTTP 400" in e for e in teacher.errors)
+    assert 1 < chat_server.max_in_flight <= 3
+    assert chat_server.auth == {"Bearer sk-test"}
+    body = chat_server.bodies[0]
+    assert body["model"] == "qwen2-vl-72b" and body["temperature"] == 0.0
+    images = [c["image_url"]["url"] for c in body["messages"][-1]["content"] if c["type"] == "image_url"]
+    assert len(images) == 2 and all(u.startswith("data:image/png;base64,") for u in images)
+    assert base64.b64decode(images[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_remote_teacher_without_a_key_sends_no_authorization(chat_server, requests_, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    teacher = RemoteTeacher(f"http://127.0.0.1:{chat_server.server_address[1]}/v1", "m", backoff_s=0.01)
+    assert teacher.annotate(_tagged(requests_, ["ok"]))[0].ok
+    assert chat_server.auth == {None}
