@@ -86,8 +86,9 @@ def build_processor(tokenizer, image_size: int):
                             video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
 
 
-def build_model(shape: BackboneShape, tokenizer, seed: int = 0):
-    """A randomly initialised Qwen2-VL model of ``shape`` whose special ids match ``tokenizer``."""
+def build_model(shape: BackboneShape, tokenizer, seed: int = 0, *, device: str = "cpu", dtype=None):
+    """A randomly initialised Qwen2-VL model of ``shape`` whose special ids match ``tokenizer``,
+    created directly on ``device`` in ``dtype`` (default float32)."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -108,18 +109,25 @@ def build_model(shape: BackboneShape, tokenizer, seed: int = 0):
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        with torch.device(device):
+            model = Qwen2VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return model
 
 
 def build_random_backbone(shape: str | BackboneShape, corpus: Iterable[str], *, vocab_size: int = 2048, seed: int = 0,
-                          extra_special_tokens: Iterable[str] = ()):
+                          extra_special_tokens: Iterable[str] = (), device: str = "cpu", dtype=None):
     """(model, processor): a random model of ``shape`` with a tokenizer trained on ``corpus``."""
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     tokenizer = train_tokenizer(corpus, vocab_size, extra_special_tokens)
-    return build_model(shape, tokenizer, seed), build_processor(tokenizer, shape.image_size)
+    model = build_model(shape, tokenizer, seed, device=device, dtype=dtype)
+    return model, build_processor(tokenizer, shape.image_size)
 
 
 def save_backbone(model, processor, path: str | os.PathLike) -> Path:
