@@ -76,7 +76,7 @@ class AnnotatorResource(dg.ConfigurableResource):
     device: str | None = None
     dtype: str = "auto"
     attn_implementation: str | None = None
-    batch_size: int = 8
+    batch_size: int = 32  # on an H100, tokens/s grows almost linearly with the batch (bench/teacher_throughput.py)
     max_new_tokens: int = 384
     remote_base_url: str | None = None
     remote_model: str | None = None
