@@ -222,14 +222,10 @@ class LocalTeacher:
     def __init__(self, model_path: str | os.PathLike, *, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str | None = None, batch_size: int = 8, max_new_tokens: int = 384,
                  model=None, processor=None):
-        from model_code.backbone import load_backbone
-
         self.model_path = Path(model_path)
         self.name = f"local:{self.model_path.name}"
-        if model is None:
-            model, processor = load_backbone(model_path, dtype=dtype, device=device,
-                                             attn_implementation=attn_implementation)
-        self.model, self.processor = model, processor
+        self._load_args = {"dtype": dtype, "device": device, "attn_implementation": attn_implementation}
+        self.model, self.processor = model, processor  # loaded on first use: a resumed run may need none
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.stats = GenerationStats()
 
@@ -237,6 +233,10 @@ class LocalTeacher:
         """Raw answers, in batches of ``batch_size``."""
         import torch
 
+        if self.model is None:
+            from model_code.backbone import load_backbone
+
+            self.model, self.processor = load_backbone(self.model_path, **self._load_args)
         tok = self.processor.tokenizer
         tok.padding_side = "left"
         answers = []
