@@ -75,3 +75,19 @@ def make_dvc_project(path: Path, params: dict = TINY_PARAMS) -> Path:
     subprocess.run([*dvc, "config", "core.analytics", "false"], cwd=path, check=True)
     subprocess.run([*dvc, "remote", "add", "-d", "local", str(path.parent / (path.name + "-remote"))], cwd=path, check=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def micro_base(tmp_path_factory, tiny_synthetic) -> Path:
+    """A very small random Qwen2-VL (a few hundred thousand parameters, 56 px images: 4 image
+    tokens) with the CIR tokens, saved as a checkpoint folder, for fast model and training tests."""
+    from model_code.backbone import BackboneShape, build_random_backbone, save_backbone
+    from model_code.data import read_dataset
+    from model_code.model import PROMPTS, add_cir_tokens
+
+    shape = BackboneShape(text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1, text_intermediate=128,
+                          vision_embed=32, vision_depth=2, vision_heads=2, image_size=56)
+    corpus = list(read_dataset("synthetic", tiny_synthetic).triplets.modification) + list(PROMPTS.values())
+    model, processor = build_random_backbone(shape, corpus * 3, vocab_size=400)
+    add_cir_tokens(model, processor)
+    return save_backbone(model, processor, tmp_path_factory.mktemp("micro") / "micro-qwen2-vl")

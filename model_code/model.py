@@ -1,0 +1,255 @@
+"""The CIR-CoT model: a Qwen2-VL-family MLLM that reasons, then compresses intent into ``<emb>``.
+
+Three prompts (versioned by ``PROMPT_VERSION``), each a chat with one image whose assistant turn
+ends in ``<emb>``:
+
+- query:    reference image + modification; the assistant writes the chain of thought, then ``<emb>``
+- no-CoT:   reference image + modification; the assistant answers ``<emb>`` at once
+- gallery:  a gallery image + a one-word summary instruction; the assistant answers ``<emb>``
+
+The embedding is the last-layer hidden state at ``<emb>``, L2-normalised, in float32. Batches are
+left-padded, so ``<emb>`` is the last position of every row and padding changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CIR_TOKENS = ("<caption>", "</caption>", "<reasoning>", "</reasoning>", "<conclusion>", "</conclusion>", "<emb>")
+EMB_TOKEN = "<emb>"
+PROMPT_VERSION = "circot-prompts-v1"
+PROMPTS = {
+    "query": "Modification: {text}\nDescribe the reference image, reason about the modification, conclude with "
+             "the image wanted, then embed it.",
+    "no_cot": "Modification: {text}\nEmbed the image wanted.",
+    "gallery": "Summarize this image in one word.",
+    "describe": "Describe the image.",
+    "text": "Description: {text}\nEmbed the image it describes.",
+}
+# LoRA on the language model only: plain names would also hit the vision tower, "all-linear" its Conv3d.
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+IGNORE = -100
+
+
+def add_cir_tokens(model, processor) -> list[int]:
+    """Add the CoT section tokens and ``<emb>`` to the tokenizer (once) and resize the model's
+    embeddings to match; returns their ids. Call before LoRA is applied."""
+    tok = processor.tokenizer
+    missing = [t for t in CIR_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing)
+    if model.get_input_embeddings().weight.shape[0] < len(tok):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model.resize_token_embeddings(len(tok), mean_resizing=False)
+    return tok.convert_tokens_to_ids(list(CIR_TOKENS))
+
+
+def _open(image):
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    return image.convert("RGB")
+
+
+def unwrap(model):
+    """The transformers model under PEFT / DDP wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+class CirCoTModel(torch.nn.Module):
+    """A transformers image-text-to-text model (possibly PEFT-wrapped) and its processor."""
+
+    def __init__(self, model, processor, *, base_path: str | None = None, prompt_version: str = PROMPT_VERSION):
+        super().__init__()
+        self.model, self.processor = model, processor
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.base_path, self.prompt_version = base_path, prompt_version
+        self.emb_id = self.tokenizer.convert_tokens_to_ids(EMB_TOKEN)
+        if self.emb_id is None or self.emb_id == self.tokenizer.unk_token_id:
+            raise ValueError("the tokenizer has no <emb> token: call add_cir_tokens(model, processor) first")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- prompts -----------------------------------------------------------------------------
+
+    def prompt(self, kind: str, text: str = "", *, image: bool = True) -> str:
+        """The chat up to the assistant turn for prompt ``kind`` (see ``PROMPTS``)."""
+        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": PROMPTS[kind].format(text=text.strip())}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def encode(self, prompts: Sequence[str], answers: Sequence[str], images: Sequence | None,
+               train_answer: bool = False) -> dict:
+        """Tokenise prompt + answer pairs (left-padded) with their images. With ``train_answer``,
+        ``labels`` hold the answer's tokens (the supervised part) and IGNORE elsewhere."""
+        texts = [p + a for p, a in zip(prompts, answers)]
+        kwargs = {"images": [_open(i) for i in images]} if images is not None else {}
+        batch = self.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+        if train_answer:
+            labels = torch.full_like(batch["input_ids"], IGNORE)
+            for row, answer in enumerate(answers):
+                n = len(self.tokenizer(answer, add_special_tokens=False)["input_ids"])
+                labels[row, -n:] = batch["input_ids"][row, -n:]
+            batch["labels"] = labels
+        return dict(batch)
+
+    def query_inputs(self, images, texts: Sequence[str], cots: Sequence[str | None] | None = None, *,
+                     train_answer: bool = False) -> dict:
+        """Queries: with a chain of thought (rendered text, teacher-forced) in the query prompt, or
+        without one (None) in the no-CoT prompt."""
+        cots = list(cots) if cots is not None else [None] * len(texts)
+        prompts = [self.prompt("query" if c else "no_cot", t) for t, c in zip(texts, cots)]
+        answers = [(c or "") + EMB_TOKEN for c in cots]
+        return self.encode(prompts, answers, images, train_answer=train_answer and any(cots))
+
+    def gallery_inputs(self, images) -> dict:
+        return self.encode([self.prompt("gallery")] * len(images), [EMB_TOKEN] * len(images), images)
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def hidden_states(self, inputs: dict) -> torch.Tensor:
+        """Last-layer hidden states [batch, seq, hidden] of the language model, without the LM head."""
+        inner = unwrap(self.model).model
+        keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+        out = inner(**{k: inputs[k].to(self.device) for k in keys if k in inputs}, use_cache=False)
+        return out.last_hidden_state
+
+    def emb(self, inputs: dict, hidden: torch.Tensor) -> torch.Tensor:
+        """L2-normalised float32 hidden state at each row's last ``<emb>`` [batch, hidden]."""
+        ids = inputs["input_ids"].to(hidden.device)
+        pos = torch.arange(ids.shape[1], device=hidden.device).expand_as(ids)
+        last = torch.where(ids == self.emb_id, pos, -1).max(dim=1).values
+        if (last < 0).any():
+            raise ValueError("a sequence has no <emb> token")
+        h = hidden[torch.arange(ids.shape[0], device=hidden.device), last]
+        return F.normalize(h.float(), dim=-1)
+
+    def answer_loss(self, inputs: dict, hidden: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on the supervised answer tokens only. The LM head runs on just those
+        positions (not the whole sequence over the whole vocabulary)."""
+        labels = inputs["labels"].to(hidden.device)
+        target = labels[:, 1:]
+        keep = target != IGNORE                       # [batch, seq-1]
+        h = hidden[:, :-1][keep]                      # [n_supervised, hidden]: position t predicts t+1
+        logits = unwrap(self.model).lm_head(h)        # [n_supervised, vocab]
+        return F.cross_entropy(logits.float(), target[keep])
+
+    # ---- embedding API -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _embed(self, make_inputs, n: int, batch_size: int) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = [self.emb(inputs, self.hidden_states(inputs)).cpu()
+                   for inputs in (make_inputs(slice(i, i + batch_size)) for i in range(0, n, batch_size))]
+        finally:
+            self.model.train(was_training)
+        return torch.cat(out) if out else torch.empty(0, self.hidden_size)
+
+    @property
+    def hidden_size(self) -> int:
+        return unwrap(self.model).config.text_config.hidden_size
+
+    def embed_images(self, images: Sequence, batch_size: int = 32) -> torch.Tensor:
+        """Gallery embeddings [n, hidden]: L2-normalised float32 on the CPU."""
+        images = list(images)
+        return self._embed(lambda s: self.gallery_inputs(images[s]), len(images), batch_size)
+
+    def embed_queries(self, images: Sequence, texts: Sequence[str], cots: Sequence[str | None] | None = None,
+                      batch_size: int = 32) -> torch.Tensor:
+        """Query embeddings [n, hidden], from the reference images and modification texts, with a
+        given chain of thought per query (rendered text) or none (the no-CoT prompt)."""
+        images, texts = list(images), list(texts)
+        cots = list(cots) if cots is not None else [None] * len(texts)
+        return self._embed(lambda s: self.query_inputs(images[s], texts[s], cots[s]), len(images), batch_size)
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the model as one folder: ``processor/`` (tokenizer with the added tokens), the
+        weights (``adapter/`` over the base model folder recorded in ``circot.json``, or ``model/``
+        in full), the prompts and a version hash. Returns the version."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.processor.save_pretrained(path / "processor")
+        is_peft = hasattr(self.model, "peft_config")
+        weights = path / ("adapter" if is_peft else "model")
+        self.model.save_pretrained(weights)
+        h = hashlib.md5()
+        for f in sorted(weights.rglob("*.safetensors")):
+            h.update(f.read_bytes())
+        h.update(json.dumps(PROMPTS, sort_keys=True).encode())
+        h.update(str(self.base_path).encode())
+        version = h.hexdigest()[:16]
+        meta = {"format": 1, "weights": "adapter" if is_peft else "full", "base_model": self.base_path,
+                "prompt_version": self.prompt_version, "prompts": PROMPTS, "emb_token": EMB_TOKEN,
+                "cir_tokens": list(CIR_TOKENS), "hidden_size": self.hidden_size, "version": version}
+        (path / "circot.json").write_text(json.dumps(meta, indent=1))
+        return version
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, dtype: str = "auto", device: str | None = None,
+             attn_implementation: str | None = None, trainable: bool = False) -> CirCoTModel:
+        """Load a folder written by :meth:`save`; with ``trainable`` the adapter stays trainable."""
+        from transformers import AutoProcessor
+
+        from model_code.backbone import load_backbone
+
+        path = Path(path)
+        meta = json.loads((path / "circot.json").read_text())
+        processor = AutoProcessor.from_pretrained(path / "processor")
+        if meta["weights"] == "full":
+            model, _ = load_backbone(path / "model", dtype=dtype, device=device, attn_implementation=attn_implementation)
+        else:
+            from peft import PeftModel
+
+            base, _ = load_backbone(meta["base_model"], dtype=dtype, device=device,
+                                    attn_implementation=attn_implementation)
+            add_cir_tokens(base, processor)
+            model = PeftModel.from_pretrained(base, path / "adapter", is_trainable=trainable).to(base.device)
+        model.eval()
+        out = cls(model, processor, base_path=meta["base_model"], prompt_version=meta["prompt_version"])
+        out.version = meta["version"]
+        return out
+
+
+def apply_lora(model, processor, *, r: int = 16, alpha: int = 32, dropout: float = 0.0):
+    """Wrap ``model`` with LoRA adapters on the language model's linear layers (DESIGN.md §5) and
+    trainable rows for the added tokens in the input embeddings and the LM head."""
+    from peft import LoraConfig, get_peft_model
+
+    ids = add_cir_tokens(model, processor)
+    token_rows = {"embed_tokens": ids}
+    config = unwrap(model).config
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False)
+    if not tied:
+        token_rows["lm_head"] = ids
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
+                      trainable_token_indices=token_rows)
+    return get_peft_model(model, lora)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}

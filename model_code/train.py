@@ -1,0 +1,397 @@
+"""Training of the CIR-CoT model: one loop, three stages, on ``accelerate``.
+
+    L = λ_txt · CE(answer tokens) + λ_info · InfoNCE(query <emb>, gallery <emb>)
+
+- ``bootstrap`` (the tiny base model only, all parameters): image-text alignment (a scene
+  description's ``<emb>`` against its image's gallery ``<emb>``) plus captioning on part of the batch.
+- ``align`` (stage 1, LoRA): the no-CoT query (reference + modification → ``<emb>``) against the target.
+- ``cot`` (stage 2, LoRA): the query with its teacher-forced chain of thought; CE on the CoT tokens
+  (and the closing ``<emb>``) plus InfoNCE.
+
+InfoNCE is symmetric with in-batch negatives, gathered across processes with gradients (so
+``accelerate launch`` on several GPUs sees the global batch), plus each query's hard negatives and
+the references as extra gallery candidates. Batches are drawn from a generator seeded by (seed,
+step), so a run is deterministic and a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+
+from model_code.model import CirCoTModel
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    stage: Literal["bootstrap", "align", "cot"]
+    steps: int = Field(ge=1)
+    batch_size: int = 32                 # queries per process and micro-batch
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    temperature: float = 0.05
+    lambda_txt: float = 1.0
+    lambda_info: float = 1.0
+    hard_negatives: int = 1              # per query, from the benchmark's hard negatives
+    reference_negatives: bool = True     # the references as extra gallery candidates
+    caption_fraction: float = 0.25       # bootstrap: share of the batch also trained to caption
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50
+    log_every: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainExample:
+    """One training pair. ``reference`` None means a text-only query (bootstrap)."""
+
+    query_id: str
+    reference: Path | None
+    text: str
+    target: Path
+    cot: str | None = None
+    negatives: tuple[Path, ...] = ()
+
+
+@dataclasses.dataclass
+class TrainResult:
+    history: list[dict]
+    steps: int
+    seconds: float
+    resumed_from: int
+    plot: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every process along dim 0, keeping gradients to the local part."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def info_nce(queries: torch.Tensor, candidates: torch.Tensor, n_pairs: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE. ``queries`` [B, H]; ``candidates`` [B + E, H] whose first B rows are the
+    queries' targets, the rest extra negatives. Both sides are gathered across processes. Returns
+    (loss, in-batch top-1 accuracy of query → candidates)."""
+    B = n_pairs
+    all_q = gather_with_grad(queries)                       # [W*B, H]
+    all_c = gather_with_grad(candidates)                    # [W*(B+E), H]
+    per_rank = candidates.shape[0]
+    labels = _rank() * per_rank + torch.arange(B, device=queries.device)
+    logits = queries @ all_c.T / temperature                # [B, W*(B+E)]
+    q2t = F.cross_entropy(logits, labels)
+    # target → query: each local target against every query of the global batch
+    t2q = F.cross_entropy(candidates[:B] @ all_q.T / temperature, _rank() * B + torch.arange(B, device=queries.device))
+    accuracy = (logits.argmax(dim=1) == labels).float().mean()
+    return (q2t + t2q) / 2, accuracy
+
+
+class TrainStep(torch.nn.Module):
+    """Computes the losses of one micro-batch (the module ``accelerate`` wraps)."""
+
+    def __init__(self, model: CirCoTModel, cfg: TrainConfig):
+        super().__init__()
+        self.cirmodel, self.cfg = model, cfg
+
+    def forward(self, batch: Sequence[TrainExample], negatives: Sequence[Path]) -> dict[str, torch.Tensor]:
+        m, cfg = self.cirmodel, self.cfg
+        if cfg.stage == "bootstrap":
+            prompts = [m.prompt("text", ex.text, image=False) for ex in batch]
+            q_inputs = m.encode(prompts, ["<emb>"] * len(batch), None)
+        else:
+            cots = [ex.cot for ex in batch] if cfg.stage == "cot" else None
+            q_inputs = m.query_inputs([ex.reference for ex in batch], [ex.text for ex in batch], cots,
+                                      train_answer=cfg.stage == "cot")
+        q_hidden = m.hidden_states(q_inputs)
+        queries = m.emb(q_inputs, q_hidden)
+        g_inputs = m.gallery_inputs([ex.target for ex in batch] + list(negatives))
+        gallery = m.emb(g_inputs, m.hidden_states(g_inputs))
+        l_info, acc = info_nce(queries, gallery, len(batch), cfg.temperature)
+        out = {"info": l_info, "acc": acc}
+        loss = cfg.lambda_info * l_info
+        if cfg.stage == "cot":
+            out["txt"] = m.answer_loss(q_inputs, q_hidden)
+            loss = loss + cfg.lambda_txt * out["txt"]
+        elif cfg.stage == "bootstrap" and cfg.caption_fraction > 0:
+            k = max(1, int(len(batch) * cfg.caption_fraction))
+            c_inputs = m.encode([m.prompt("describe")] * k, [ex.text for ex in batch[:k]],
+                                [ex.target for ex in batch[:k]], train_answer=True)
+            out["txt"] = m.answer_loss(c_inputs, m.hidden_states(c_inputs))
+            loss = loss + cfg.lambda_txt * out["txt"]
+        out["loss"] = loss
+        return out
+
+
+def sample_batch(examples: Sequence[TrainExample], cfg: TrainConfig, step: int, micro: int, rank: int,
+                 world: int) -> tuple[list[TrainExample], list[Path]]:
+    """The examples and extra gallery negatives of one micro-batch: a pure function of the seed,
+    the step and the process, so that a resumed run draws exactly what the original would have."""
+    rng = np.random.default_rng([cfg.seed, step, micro])
+    n = len(examples)
+    size = min(cfg.batch_size * world, n)
+    idx = rng.choice(n, size=size, replace=False)[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+    batch = [examples[i] for i in idx]
+    negatives: list[Path] = []
+    targets = {ex.target for ex in batch}
+    for ex in batch:
+        pool = [p for p in ex.negatives if p not in targets]
+        if pool and cfg.hard_negatives:
+            picks = rng.choice(len(pool), size=min(cfg.hard_negatives, len(pool)), replace=False)
+            negatives += [pool[i] for i in picks]
+    if cfg.reference_negatives and cfg.stage != "bootstrap":
+        negatives += [ex.reference for ex in batch if ex.reference is not None and ex.reference not in targets]
+    return batch, list(dict.fromkeys(negatives))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    torch.save({"params": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "step": step}, tmp / "state.pt")
+    (tmp / "history.json").write_text(json.dumps(history))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value.to(params[name].device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], json.loads((path / "history.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def train(model: CirCoTModel, examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | os.PathLike, *,
+          progress: Callable[[str], None] | None = None, stop_after: int | None = None) -> TrainResult:
+    """Train ``model`` in place for ``cfg.steps`` optimizer steps, checkpointing to
+    ``out_dir/checkpoint`` every ``cfg.checkpoint_every`` steps and resuming from it when present.
+    ``stop_after`` ends the run early after that step (as an interruption would)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    say = progress or log.info
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not examples:
+        raise ValueError(f"stage {cfg.stage}: no training examples")
+    accelerator = _accelerator(cfg)
+    if cfg.gradient_checkpointing:
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.model, "enable_input_require_grads"):
+            model.model.enable_input_require_grads()
+    model.model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    step_module = TrainStep(model, cfg)
+    ckpt = out_dir / "checkpoint"
+    start, history = 0, []
+    if (ckpt / "state.pt").is_file():
+        start, history = _load_checkpoint(ckpt, step_module, optimizer, scheduler)
+        say(f"{cfg.stage}: resuming from the checkpoint at step {start}")
+    wrapped, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    t0 = time.monotonic()
+    last_log = t0
+    step = start
+    for step in range(start, cfg.steps):
+        totals: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch, negatives = sample_batch(examples, cfg, step, micro, rank, world)
+            sync = micro == cfg.grad_accum - 1
+            ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else _null()
+            with ctx, accelerator.autocast():
+                out = wrapped(batch, negatives)
+                accelerator.backward(out["loss"] / cfg.grad_accum)
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"step": step + 1, "lr": scheduler.get_last_lr()[0], **{k: round(v, 6) for k, v in totals.items()}})
+        done = step + 1
+        now = time.monotonic()
+        if done % cfg.log_every == 0 or done == cfg.steps or now - last_log > 30:
+            last_log = now
+            rate = (done - start) / (now - t0)
+            say(f"{cfg.stage} step {done}/{cfg.steps}: loss {totals['loss']:.4f} (info {totals['info']:.4f}"
+                + (f", txt {totals['txt']:.4f}" if "txt" in totals else "")
+                + f"), in-batch acc {totals['acc']:.3f}, {1 / rate:.2f} s/step, ETA {(cfg.steps - done) / rate:.0f}s")
+        if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            _save_checkpoint(ckpt, step_module, optimizer, scheduler, done, history)
+        if stop_after is not None and done >= stop_after:
+            break
+    accelerator.wait_for_everyone()
+    seconds = time.monotonic() - t0
+    plot = plot_history(history, out_dir / "training.png", title=f"stage {cfg.stage}") if history else None
+    return TrainResult(history, len(history), seconds, start, plot)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def evaluate_in_batch(model: CirCoTModel, examples: Sequence[TrainExample], cfg: TrainConfig,
+                      batches: int = 4) -> dict[str, float]:
+    """Mean in-batch retrieval accuracy and losses of ``cfg``'s stage on ``examples`` (e.g. the
+    validation split), without training; ``batches`` batches drawn as in training."""
+    model.model.eval()
+    step_module = TrainStep(model, cfg)
+    sums: dict[str, float] = {}
+    for b in range(batches):
+        batch, negatives = sample_batch(examples, cfg, 10**6 + b, 0, 0, 1)
+        out = step_module(batch, negatives)
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / batches
+    model.model.train()
+    return sums
+
+
+def plot_history(history: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Loss curves and in-batch accuracy against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key in ("loss", "info", "txt"):
+        if key in history[0]:
+            values = [h[key] for h in history]
+            ax1.plot(steps, _smooth(values), label=key)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax2.plot(steps, _smooth([h["acc"] for h in history]), color="tab:green")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("in-batch top-1 accuracy")
+    ax2.set_ylim(0, 1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _smooth(values: list[float], window: int = 5) -> list[float]:
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        acc = acc[-window:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+
+# ---------------------------------------------------------------------------------------------
+# training examples from the pipeline's tables
+
+
+def pair_examples(triplets, images, root: str | os.PathLike, split: str = "train",
+                  annotations=None) -> list[TrainExample]:
+    """Training pairs of ``split``: reference, modification, first target, hard negatives and, when
+    ``annotations`` (the accepted rows of the annotations table) has one, the rendered chain of thought."""
+    from model_code.cot import CoT
+
+    root = Path(root)
+    rows = triplets[triplets["split"] == split]
+    path = {(s, i): root / p for s, i, p in zip(images["split"], images["image_id"], images["path"])}
+    cots = {}
+    if annotations is not None:
+        ok = annotations[annotations["status"] == "ok"]
+        cots = {q: CoT(c, r, k).render() for q, c, r, k in zip(ok["query_id"], ok["caption"], ok["reasoning"], ok["conclusion"])}
+    out = []
+    for q, s, ref, text, targets, negs in zip(rows["query_id"], rows["split"], rows["reference_id"], rows["modification"],
+                                              rows["target_ids"], rows["hard_negative_ids"]):
+        if not len(targets):
+            continue
+        out.append(TrainExample(q, path[(s, ref)], text, path[(s, targets[0])], cots.get(q),
+                                tuple(path[(s, n)] for n in negs if (s, n) in path)))
+    return out
+
+
+def description_examples(root: str | os.PathLike, split: str = "train", limit: int | None = None) -> list[TrainExample]:
+    """Bootstrap pairs for cir-shapes: each image of ``split`` with a description of its scene graph."""
+    from model_code import synthetic as syn
+    from model_code.oracle import describe
+
+    import random
+
+    root = Path(root)
+    graphs = json.loads((root / "scene_graphs" / f"{split}.json").read_text())
+    paths = json.loads((root / "image_splits" / f"split.{split}.json").read_text())
+    out = []
+    for image_id, graph in graphs.items():
+        rng = random.Random(f"describe/{image_id}")
+        text = describe(syn.scene_from_json(graph), rng, result=False)
+        out.append(TrainExample(image_id, None, text, root / paths[image_id]))
+        if limit is not None and len(out) >= limit:
+            break
+    return out

@@ -1,0 +1,169 @@
+"""The CIR-CoT model and its training on a very small random Qwen2-VL (CPU)."""
+
+import socket
+
+import pytest
+import torch
+
+from model_code.annotators import OracleAnnotator
+from model_code.annotations import annotation_requests
+from model_code.backbone import load_backbone
+from model_code.data import read_dataset
+from model_code.model import CIR_TOKENS, CirCoTModel, apply_lora, parameter_counts
+from model_code.train import TrainConfig, TrainStep, info_nce, pair_examples, sample_batch, train
+
+
+@pytest.fixture
+def bench(tiny_synthetic):
+    return read_dataset("synthetic", tiny_synthetic)
+
+
+@pytest.fixture
+def pairs(bench, tiny_synthetic):
+    import dataclasses
+
+    import pandas as pd
+
+    rows = OracleAnnotator(tiny_synthetic).annotate(annotation_requests(bench.triplets, bench.images, tiny_synthetic))
+    ann = pd.DataFrame([dataclasses.asdict(r) for r in rows])
+    return pair_examples(bench.triplets, bench.images, tiny_synthetic, "train", ann)
+
+
+def _model(path, lora=True) -> CirCoTModel:
+    torch.manual_seed(0)
+    model, processor = load_backbone(path, device="cpu")
+    model.train()
+    if lora:
+        model = apply_lora(model, processor, r=4, alpha=8)
+    return CirCoTModel(model, processor, base_path=str(path))
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(stage="cot", steps=6, batch_size=6, lr=3e-3, warmup_steps=2, checkpoint_every=3, log_every=100,
+                temperature=0.1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_special_tokens_are_added_and_the_prompts_end_in_emb(micro_base):
+    m = _model(micro_base, lora=False)
+    vocab = m.tokenizer.get_vocab()
+    assert all(t in vocab for t in CIR_TOKENS)
+    assert m.model.get_input_embeddings().weight.shape[0] >= len(m.tokenizer)
+    assert m.prompt("gallery").endswith("assistant\n") and "Modification: make it red" in m.prompt("no_cot", "make it red ")
+
+
+def test_only_the_chain_of_thought_and_emb_are_supervised(micro_base, pairs):
+    m = _model(micro_base, lora=False)
+    ex = pairs[0]
+    inputs = m.query_inputs([ex.reference], [ex.text], [ex.cot], train_answer=True)
+    ids, labels = inputs["input_ids"][0], inputs["labels"][0]
+    supervised = m.tokenizer.decode(ids[labels != -100])
+    assert supervised == ex.cot + "<emb>" and ids[-1] == m.emb_id
+    assert "mm_token_type_ids" in inputs and "pixel_values" in inputs
+
+
+def test_forward_backward_reaches_only_trainable_parameters(micro_base, pairs):
+    m = _model(micro_base)
+    cfg = _cfg()
+    batch, negatives = sample_batch(pairs, cfg, 0, 0, 0, 1)
+    assert all(ex.cot for ex in batch) and negatives
+    out = TrainStep(m, cfg)(batch, negatives)
+    assert set(out) == {"info", "acc", "txt", "loss"} and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for n, g in grads.items() if "lora" in n or "token_adapter" in n)
+    assert any(float(g.abs().sum()) > 0 for g in grads.values() if g is not None)
+    assert all(p.grad is None for p in m.parameters() if not p.requires_grad)
+    counts = parameter_counts(m.model)
+    assert 0 < counts["trainable"] < counts["total"] / 3
+
+
+def test_padding_does_not_change_an_embedding(micro_base, pairs):
+    m = _model(micro_base)
+    refs, texts, cots = [p.reference for p in pairs[:5]], [p.text for p in pairs[:5]], [p.cot for p in pairs[:5]]
+    cots[1] = None
+    together = m.embed_queries(refs, texts, cots, batch_size=5)
+    alone = torch.cat([m.embed_queries([r], [t], [c]) for r, t, c in zip(refs, texts, cots)])
+    assert together.dtype == torch.float32 and together.shape == (5, 64)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together.norm(dim=1), torch.ones(5))
+    imgs = m.embed_images([p.target for p in pairs[:4]], batch_size=3)
+    torch.testing.assert_close(imgs, torch.cat([m.embed_images([p.target]) for p in pairs[:4]]), atol=1e-5, rtol=0)
+
+
+def test_loss_decreases_and_only_adapters_and_new_token_rows_change(micro_base, pairs, tmp_path):
+    m = _model(micro_base)
+    base_before = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
+    emb_layer = m.model.get_input_embeddings()
+    all_ids = torch.arange(len(m.tokenizer))
+    rows_before = emb_layer(all_ids).detach().clone()
+    # a few dozen steps on a small fixed set: the loss must fall well below where it started
+    cfg = _cfg(steps=30, stage="align", batch_size=8, lr=3e-3, checkpoint_every=100, hard_negatives=0,
+               reference_negatives=False)
+    result = train(m, pairs[:8], cfg, tmp_path / "run")
+    losses = [h["loss"] for h in result.history]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
+    assert sum(h["acc"] for h in result.history[-5:]) / 5 > 0.4
+    assert result.plot.is_file() and result.plot.stat().st_size > 1000
+    for n, p in m.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p.detach(), base_before[n]), f"frozen parameter {n} changed"
+    rows_after = emb_layer(all_ids).detach()
+    changed = (rows_after != rows_before).any(dim=1).nonzero().flatten().tolist()
+    new_ids = set(m.tokenizer.convert_tokens_to_ids(list(CIR_TOKENS)))
+    assert changed and set(changed) <= new_ids  # only the added tokens' rows moved
+
+
+def test_save_then_load_gives_identical_embeddings(micro_base, pairs, tmp_path):
+    m = _model(micro_base)
+    train(m, pairs, _cfg(steps=3), tmp_path / "run")
+    version = m.save(tmp_path / "model")
+    assert (tmp_path / "model" / "adapter").is_dir() and (tmp_path / "model" / "processor").is_dir()
+    loaded = CirCoTModel.load(tmp_path / "model", device="cpu")
+    assert loaded.version == version
+    refs, texts, cots = [p.reference for p in pairs[:4]], [p.text for p in pairs[:4]], [p.cot for p in pairs[:4]]
+    torch.testing.assert_close(loaded.embed_queries(refs, texts, cots), m.embed_queries(refs, texts, cots), atol=0, rtol=0)
+    torch.testing.assert_close(loaded.embed_images(refs), m.embed_images(refs), atol=0, rtol=0)
+
+
+def test_resume_gives_the_same_next_step_loss_as_an_uninterrupted_run(micro_base, pairs, tmp_path):
+    full = train(_model(micro_base), pairs, _cfg(steps=5), tmp_path / "full")
+    first = train(_model(micro_base), pairs, _cfg(steps=5), tmp_path / "resumed", stop_after=3)
+    assert first.steps == 3
+    second = train(_model(micro_base), pairs, _cfg(steps=5), tmp_path / "resumed")
+    assert second.resumed_from == 3
+    assert [h["loss"] for h in second.history] == [h["loss"] for h in full.history]
+
+
+def test_batches_are_a_pure_function_of_seed_and_step(pairs):
+    cfg = _cfg()
+    a, b = sample_batch(pairs, cfg, 7, 0, 0, 1), sample_batch(pairs, cfg, 7, 0, 0, 1)
+    assert a == b and sample_batch(pairs, cfg, 8, 0, 0, 1) != a
+    r0, _ = sample_batch(pairs, cfg, 7, 0, 0, 2)
+    r1, _ = sample_batch(pairs, cfg, 7, 0, 1, 2)
+    assert not {e.query_id for e in r0} & {e.query_id for e in r1}  # processes draw disjoint queries
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_in_batch_negatives_are_gathered_across_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests import _gather_worker
+
+    mp.spawn(_gather_worker.run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    g = torch.Generator().manual_seed(0)
+    q_all = torch.nn.functional.normalize(torch.randn(8, 8, generator=g), dim=-1).requires_grad_(True)
+    c_all = torch.nn.functional.normalize(torch.randn(8, 8, generator=g), dim=-1).requires_grad_(True)
+    torch.testing.assert_close(r[0]["gathered"], q_all.detach())
+    single, _ = info_nce(q_all, c_all, 8, 0.1)  # one process holding the whole global batch
+    single.backward()
+    torch.testing.assert_close((r[0]["loss"] + r[1]["loss"]) / 2, single.detach())
+    # each process's gradient includes what the other's loss sends back through the gather
+    torch.testing.assert_close(torch.cat([r[0]["q_grad"], r[1]["q_grad"]]), 2 * q_all.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([r[0]["c_grad"], r[1]["c_grad"]]), 2 * c_all.grad, atol=1e-6, rtol=1e-5)
