@@ -122,3 +122,25 @@ class AnnotatorResource(dg.ConfigurableResource):
                                             max_concurrency=self.max_concurrency, timeout_s=self.timeout_s,
                                             max_retries=self.max_retries, max_tokens=self.max_new_tokens)
         raise dg.Failure(description=f"unknown annotator kind {self.kind!r}: use auto, oracle, local or remote")
+
+
+class TrainingResource(dg.ConfigurableResource):
+    """Which training profile runs (``embedded``: CPU and the tiny base; ``gpu``: a
+    Qwen2-VL-2B-class checkpoint in bf16) and, for a checkpoint base, where it is."""
+
+    profile: str = "embedded"
+    base_model_path: str | None = None  # a local Qwen2-VL-family checkpoint folder (profile gpu)
+
+    def spec(self):
+        from model_code.train import PROFILES
+
+        if self.profile not in PROFILES:
+            raise dg.Failure(description=f"unknown training profile {self.profile!r}; known: {', '.join(PROFILES)}")
+        profile = PROFILES[self.profile].model_copy(deep=True)
+        if self.base_model_path:
+            profile.base.kind, profile.base.checkpoint_path = "checkpoint", self.base_model_path
+        if profile.base.kind == "checkpoint" and not profile.base.checkpoint_path:
+            raise dg.Failure(description=(
+                f"Training profile '{self.profile}' trains a downloaded checkpoint: set CIRCOT_BASE_MODEL_PATH to a "
+                f"local Qwen2-VL-family folder (e.g. Qwen2-VL-2B-Instruct with config.json and *.safetensors)."))
+        return profile

@@ -51,6 +51,7 @@ class TrainConfig(BaseModel):
     hard_negatives: int = 1              # per query, from the benchmark's hard negatives
     reference_negatives: bool = True     # the references as extra gallery candidates
     caption_fraction: float = 0.25       # bootstrap: share of the batch also trained to caption
+    identity_queries: bool = True        # bootstrap: also align each image's no-change query with its gallery <emb>
     seed: int = 0
     mixed_precision: Literal["no", "bf16"] = "no"
     gradient_checkpointing: bool = False
@@ -117,6 +118,9 @@ def info_nce(queries: torch.Tensor, candidates: torch.Tensor, n_pairs: int, temp
     return (q2t + t2q) / 2, accuracy
 
 
+IDENTITY_REQUEST = "keep the image exactly as it is"
+
+
 class TrainStep(torch.nn.Module):
     """Computes the losses of one micro-batch (the module ``accelerate`` wraps)."""
 
@@ -139,6 +143,12 @@ class TrainStep(torch.nn.Module):
         gallery = m.emb(g_inputs, m.hidden_states(g_inputs))
         l_info, acc = info_nce(queries, gallery, len(batch), cfg.temperature)
         out = {"info": l_info, "acc": acc}
+        if cfg.stage == "bootstrap" and cfg.identity_queries:
+            # the query prompt (image + request) and the gallery prompt share one space from the start
+            i_inputs = m.query_inputs([ex.target for ex in batch], [IDENTITY_REQUEST] * len(batch))
+            l_img, out["acc_image"] = info_nce(m.emb(i_inputs, m.hidden_states(i_inputs)), gallery, len(batch),
+                                               cfg.temperature)
+            out["info"] = l_info = (l_info + l_img) / 2
         loss = cfg.lambda_info * l_info
         if cfg.stage == "cot":
             out["txt"] = m.answer_loss(q_inputs, q_hidden)
@@ -322,9 +332,8 @@ def plot_history(history: list[dict], path: str | os.PathLike, title: str = "") 
     steps = [h["step"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key in ("loss", "info", "txt"):
-        if key in history[0]:
-            values = [h[key] for h in history]
-            ax1.plot(steps, _smooth(values), label=key)
+        if any(key in h and h[key] == h[key] for h in history):  # present and not NaN somewhere
+            ax1.plot(steps, _smooth([h.get(key, float("nan")) for h in history]), label=key)
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss")
     ax1.legend()
@@ -395,3 +404,175 @@ def description_examples(root: str | os.PathLike, split: str = "train", limit: i
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# profiles: the hyperparameters of a whole training run
+
+
+class BaseSpec(BaseModel):
+    """Where the base model comes from: ``tiny`` (built and bootstrapped here) or a local checkpoint."""
+
+    kind: Literal["tiny", "checkpoint"] = "tiny"
+    checkpoint_path: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    attn_implementation: str | None = None
+    vocab_size: int = 1024                # tiny: the tokenizer trained on the corpus
+    bootstrap: TrainConfig | None = None  # tiny: the full-parameter pretraining pass
+
+
+class TrainingProfile(BaseModel):
+    base: BaseSpec
+    lora_r: int = 16
+    lora_alpha: int = 32
+    align: TrainConfig
+    cot: TrainConfig
+    eval_batches: int = 4
+
+
+PROFILES = {
+    # CPU, the tiny base: bootstrap plus both stages in about 11 minutes on 2 cores
+    "embedded": TrainingProfile(
+        base=BaseSpec(kind="tiny", vocab_size=1024, bootstrap=TrainConfig(
+            stage="bootstrap", steps=110, batch_size=64, lr=1e-3, warmup_steps=10, caption_fraction=0.25,
+            checkpoint_every=25, log_every=10)),
+        lora_r=16, lora_alpha=32,
+        align=TrainConfig(stage="align", steps=100, batch_size=48, lr=2e-3, warmup_steps=5, hard_negatives=1,
+                          checkpoint_every=25, log_every=10),
+        cot=TrainConfig(stage="cot", steps=60, batch_size=24, lr=2e-3, warmup_steps=5, hard_negatives=1,
+                        checkpoint_every=20, log_every=10),
+        eval_batches=3,
+    ),
+    # one GPU, a Qwen2-VL-2B-class checkpoint in bf16
+    "gpu": TrainingProfile(
+        base=BaseSpec(kind="checkpoint", dtype="bfloat16", attn_implementation="sdpa"),
+        lora_r=16, lora_alpha=32,
+        align=TrainConfig(stage="align", steps=2000, batch_size=64, lr=2e-4, warmup_steps=100,
+                          mixed_precision="bf16", checkpoint_every=200, log_every=20),
+        cot=TrainConfig(stage="cot", steps=3000, batch_size=16, grad_accum=2, lr=2e-4, warmup_steps=100,
+                        mixed_precision="bf16", checkpoint_every=200, log_every=20),
+        eval_batches=8,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# whole runs: the tiny base model, and the two LoRA stages
+
+
+def _file_md5(*paths: Path) -> str:
+    import hashlib
+
+    h = hashlib.md5()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tiny_corpus(triplets, annotations, descriptions: Sequence[TrainExample]) -> list[str]:
+    """The text a tiny tokenizer is trained on: modifications, chains of thought, scene
+    descriptions and the prompts."""
+    from model_code.cot import CoT
+    from model_code.model import PROMPTS
+
+    ok = annotations[annotations["status"] == "ok"] if annotations is not None else None
+    cots = [] if ok is None else [CoT(c, r, k).render() for c, r, k in zip(ok["caption"], ok["reasoning"], ok["conclusion"])]
+    return list(triplets["modification"]) + cots + [d.text for d in descriptions] + list(PROMPTS.values()) * 50
+
+
+def bootstrap_tiny(root: str | os.PathLike, triplets, annotations, spec: BaseSpec, out_dir: str | os.PathLike, *,
+                   progress: Callable[[str], None] | None = None, eval_batches: int = 3) -> dict:
+    """Build the tiny base model (tokenizer trained on the corpus, random Qwen2-VL) and pretrain all
+    of it on cir-shapes images and their scene descriptions. Resumes an interrupted run; returns
+    the summary of a finished one without training again."""
+    from model_code.backbone import build_random_backbone, save_backbone
+    from model_code.model import add_cir_tokens, parameter_counts
+
+    out_dir = Path(out_dir)
+    if (out_dir / "base.json").is_file():
+        return json.loads((out_dir / "base.json").read_text())
+    cfg = spec.bootstrap
+    train_ex, val_ex = description_examples(root, "train"), description_examples(root, "val")
+    torch.manual_seed(cfg.seed)
+    model, processor = build_random_backbone("tiny", tiny_corpus(triplets, annotations, train_ex),
+                                             vocab_size=spec.vocab_size, seed=cfg.seed)
+    add_cir_tokens(model, processor)
+    m = CirCoTModel(model, processor)
+    result = train(m, train_ex, cfg, out_dir / "bootstrap", progress=progress)
+    val = evaluate_in_batch(m, val_ex, cfg, eval_batches)
+    model_dir = save_backbone(model, processor, out_dir / "model")
+    summary = {"path": str(model_dir), "kind": "tiny", "version": _file_md5(*sorted(model_dir.glob("*.safetensors"))),
+               "parameters": parameter_counts(model), "steps": result.steps, "seconds": round(result.seconds, 1),
+               "first": result.history[0], "last": result.history[-1], "val": val,
+               "plot": str(result.plot) if result.plot else None}
+    (out_dir / "base.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def register_checkpoint(path: str | os.PathLike) -> dict:
+    """A local checkpoint folder as the base model: checked, versioned by its config and weights index."""
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"no model checkpoint at {path} (config.json missing)")
+    index = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.safetensors"))[:1]
+    return {"path": str(path.resolve()), "kind": "checkpoint", "version": _file_md5(config, *index)}
+
+
+def train_cir_cot(base: dict, train_pairs: Sequence[TrainExample], val_pairs: Sequence[TrainExample],
+                  profile: TrainingProfile, out_dir: str | os.PathLike, *,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """LoRA on the base model: stage 1 (``align``, no CoT), then stage 2 (``cot``, the joint loss on
+    the pairs that have an accepted chain of thought). Saves the model to ``out_dir/model``.
+    Each stage resumes from its checkpoint."""
+    from model_code.backbone import load_backbone
+    from model_code.model import apply_lora, parameter_counts
+
+    out_dir = Path(out_dir)
+    spec = profile.base
+    torch.manual_seed(profile.align.seed)
+    model, processor = load_backbone(base["path"], dtype=spec.dtype, device=spec.device,
+                                     attn_implementation=spec.attn_implementation)
+    model.train()
+    model = apply_lora(model, processor, r=profile.lora_r, alpha=profile.lora_alpha)
+    m = CirCoTModel(model, processor, base_path=base["path"])
+    stages = {}
+    for cfg in (profile.align, profile.cot):
+        pairs = [p for p in train_pairs if p.cot] if cfg.stage == "cot" else list(train_pairs)
+        val = [p for p in val_pairs if p.cot] if cfg.stage == "cot" else list(val_pairs)
+        if not pairs:
+            raise ValueError(f"stage {cfg.stage}: no training pair has an accepted chain of thought")
+        result = train(m, pairs, cfg, out_dir / cfg.stage, progress=progress)
+        stages[cfg.stage] = {"steps": result.steps, "seconds": round(result.seconds, 1), "examples": len(pairs),
+                             "first": result.history[0], "last": result.history[-1],
+                             "val": evaluate_in_batch(m, val, cfg, profile.eval_batches) if val else None,
+                             "history": result.history}
+    version = m.save(out_dir / "model")
+    plot = plot_stages({k: v["history"] for k, v in stages.items()}, out_dir / "training.png")
+    summary = {"path": str(out_dir / "model"), "version": version, "base": base["path"], "base_version": base["version"],
+               "parameters": parameter_counts(model), "plot": str(plot),
+               "stages": {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in stages.items()}}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def plot_stages(histories: dict[str, list[dict]], path: str | os.PathLike) -> Path:
+    """Both LoRA stages on one time axis."""
+    offset, merged = 0, []
+    for stage, history in histories.items():
+        merged += [{**h, "step": h["step"] + offset} for h in history]
+        offset += len(history)
+    keys = set.intersection(*(set(h) for h in merged)) | {"txt"}
+    merged = [{k: h.get(k, float("nan")) for k in keys} for h in merged]
+    return plot_history(merged, path, title=" then ".join(histories))
+
+# a few steps of everything: checks the wiring end to end in seconds (tests, a new machine)
+PROFILES["smoke"] = TrainingProfile(
+    base=BaseSpec(kind="tiny", vocab_size=512, bootstrap=TrainConfig(stage="bootstrap", steps=3, batch_size=8,
+                                                                     warmup_steps=1, checkpoint_every=2)),
+    lora_r=4, lora_alpha=8,
+    align=TrainConfig(stage="align", steps=3, batch_size=8, warmup_steps=1, checkpoint_every=2),
+    cot=TrainConfig(stage="cot", steps=3, batch_size=4, warmup_steps=1, checkpoint_every=2),
+    eval_batches=1,
+)

@@ -16,6 +16,8 @@ CIRCOT_TEACHER_MODEL_PATH  local Qwen2-VL-family teacher      unset
 CIRCOT_TEACHER_URL     OpenAI-compatible endpoint (…/v1)     unset
 CIRCOT_TEACHER_MODEL   model name at that endpoint           unset
 CIRCOT_TEACHER_API_KEY_ENV  variable holding the API key     OPENAI_API_KEY
+CIRCOT_PROFILE         training profile: embedded | gpu      embedded
+CIRCOT_BASE_MODEL_PATH local Qwen2-VL-family checkpoint      unset (embedded: the tiny base)
 ====================== ===================================== ==============================
 """
 
@@ -27,16 +29,19 @@ import dagster as dg
 
 from assets import cot_annotations as cot_annotations_module
 from assets import raw_dataset as raw_dataset_module
+from assets import training as training_module
 from assets import triplets as triplets_module
 from assets.common import dataset_partitions
-from assets.resources import AnnotatorResource, ArtifactStore, DatasetRoots, DvcResource
+from assets.resources import AnnotatorResource, ArtifactStore, DatasetRoots, DvcResource, TrainingResource
 
-PIPELINE_JOB = "cir_pipeline"
+PIPELINE_JOB = "cir_pipeline"      # per dataset partition: raw data -> triplets -> annotations
+TRAINING_JOB = "training"          # base model -> CIR-CoT model (on the training partitions' annotations)
 
 
 def build_definitions(*, project_dir: str | None = None, artifacts_root: str | None = None,
                       dataset_roots: dict[str, str] | None = None, dvc_remote: str | None = None,
-                      dvc_push: bool = True, annotator: AnnotatorResource | None = None) -> dg.Definitions:
+                      dvc_push: bool = True, annotator: AnnotatorResource | None = None,
+                      training: TrainingResource | None = None) -> dg.Definitions:
     """Definitions wired to the given locations; unset ones come from the environment."""
     env = os.environ
     roots = dataset_roots if dataset_roots is not None else {
@@ -50,14 +55,21 @@ def build_definitions(*, project_dir: str | None = None, artifacts_root: str | N
             kind=env.get("CIRCOT_TEACHER", "auto"), local_model_path=env.get("CIRCOT_TEACHER_MODEL_PATH"),
             remote_base_url=env.get("CIRCOT_TEACHER_URL"), remote_model=env.get("CIRCOT_TEACHER_MODEL"),
             api_key_env=env.get("CIRCOT_TEACHER_API_KEY_ENV", "OPENAI_API_KEY")),
+        "training": training or TrainingResource(profile=env.get("CIRCOT_PROFILE", "embedded"),
+                                                 base_model_path=env.get("CIRCOT_BASE_MODEL_PATH")),
     }
-    modules = [raw_dataset_module, triplets_module, cot_annotations_module]
-    pipeline = dg.define_asset_job(PIPELINE_JOB, selection=dg.AssetSelection.all(), partitions_def=dataset_partitions,
-                                   description="The whole pipeline for one dataset partition")
+    data_modules = [raw_dataset_module, triplets_module, cot_annotations_module]
+    data_assets = dg.load_assets_from_modules(data_modules)
+    model_assets = [training_module.base_model, training_module.cir_cot_model]
+    pipeline = dg.define_asset_job(PIPELINE_JOB, selection=dg.AssetSelection.assets(*data_assets),
+                                   partitions_def=dataset_partitions,
+                                   description="Raw data, normalised triplets and CoT annotations of one dataset")
+    training_job = dg.define_asset_job(TRAINING_JOB, selection=dg.AssetSelection.assets(*model_assets),
+                                       description="Bootstrap or register the base model, then train the CIR-CoT model")
     return dg.Definitions(
-        assets=dg.load_assets_from_modules(modules),
-        asset_checks=dg.load_asset_checks_from_modules(modules),
-        jobs=[pipeline],
+        assets=[*data_assets, *model_assets],
+        asset_checks=dg.load_asset_checks_from_modules(data_modules),
+        jobs=[pipeline, training_job],
         resources=resources,
     )
 

@@ -11,7 +11,8 @@ from model_code.annotations import read_annotations
 from model_code.data import read_tables
 from model_code.versioning import DvcProject
 from orchestration.__main__ import run as run_cli
-from orchestration.definitions import PIPELINE_JOB, build_definitions
+from assets.resources import TrainingResource
+from orchestration.definitions import PIPELINE_JOB, TRAINING_JOB, build_definitions
 from tests.conftest import TINY_PARAMS, make_dvc_project, shared_benchmark
 
 
@@ -129,7 +130,48 @@ def test_real_annotations_only_partition_and_a_failing_gate(dvc_project, tmp_pat
 
 def test_cli_runs_the_job_and_reports(dvc_project, tmp_path, capsys):
     defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(tmp_path / "a"), dataset_roots={})
-    assert run_cli("synthetic", definitions=defs) == 0
+    assert run_cli("synthetic", definitions=defs, train=False) == 0
     out = capsys.readouterr().out
     assert "cir_pipeline [synthetic]: succeeded" in out and "triplets:triplets_suite passed" in out
     assert str(tmp_path / "a" / "triplets" / "synthetic") in out
+
+
+def test_training_job_bootstraps_the_tiny_base_and_trains_both_stages(dvc_project, tmp_path):
+    import torch
+
+    from model_code.model import CirCoTModel
+
+    artifacts = tmp_path / "artifacts"
+    defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
+                             training=TrainingResource(profile="smoke"))
+    result, _, _, failures = _materialise(defs, "synthetic")
+    assert result.success, failures
+    with dg.instance_for_test() as instance:
+        run = defs.resolve_job_def(TRAINING_JOB).execute_in_process(instance=instance, raise_on_error=False)
+        assert run.success
+        mats = {e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization
+                for e in run.all_events if e.event_type_value == "ASSET_MATERIALIZATION"}
+    base, model = mats["base_model"].metadata, mats["cir_cot_model"].metadata
+    assert base["kind"].value == "tiny" and base["steps"].value == 3 and "data:image/png;base64" in base["plot"].value
+    assert model["align_steps"].value == 3 and model["cot_steps"].value == 3
+    assert 0 < model["parameters_trainable"].value < model["parameters_total"].value
+    assert mats["cir_cot_model"].tags["dagster/data_version"] == model["model_version"].value
+    latest = json.loads((artifacts / "cir_cot_model" / "latest.json").read_text())
+    assert latest["data"]["synthetic"]["teacher"] == "oracle" and latest["version"] == model["model_version"].value
+    loaded = CirCoTModel.load(latest["path"], device="cpu")
+    emb = loaded.embed_images([next((tmp_path / "project" / "data" / "raw" / "synthetic" / "images" / "test").glob("*.png"))])
+    assert emb.shape == (1, 256) and torch.isfinite(emb).all()
+
+
+def test_gpu_profile_needs_a_checkpoint_and_registers_one(dvc_project, tmp_path, micro_base):
+    from assets.training import base_model
+
+    artifacts = tmp_path / "artifacts"
+    with pytest.raises(dg.Failure, match="CIRCOT_BASE_MODEL_PATH"):
+        dg.materialize([base_model], resources={"training": TrainingResource(profile="gpu"),
+                                                "artifacts": build_definitions(artifacts_root=str(artifacts)).resources["artifacts"]})
+    result = dg.materialize([base_model], resources={
+        "training": TrainingResource(profile="gpu", base_model_path=str(micro_base)),
+        "artifacts": build_definitions(artifacts_root=str(artifacts)).resources["artifacts"]})
+    meta = result.asset_materializations_for_node("base_model")[0].metadata
+    assert meta["kind"].value == "checkpoint" and meta["path"].value == str(micro_base.resolve())

@@ -1,0 +1,156 @@
+"""Training throughput of one CoT step on a Qwen2-VL-2B-shaped model (random weights, no download).
+
+    PYTHONPATH=. python bench/gpu_train.py                       # on a GPU: naive vs ours
+    PYTHONPATH=. python bench/gpu_train.py --shape tiny --image-size 112 --steps 2   # CPU smoke check
+
+A step: 16 queries (448x448 reference, modification, a teacher-forced chain of thought of about
+160 tokens, then <emb>) and their 16 target images through the gallery prompt; LoRA r=16 on the
+language model; joint loss (CE on the CoT tokens + symmetric InfoNCE); backward; AdamW step.
+
+- ``naive``: the usual transformers call, ``model(**inputs, labels=...)`` with
+  ``output_hidden_states=True``: logits over the whole vocabulary at every position of both the
+  queries and the gallery images, and every layer's hidden states kept.
+- ``ours``: ``model_code.train.TrainStep`` as the pipeline runs it: the language model's last hidden
+  state only, the LM head on the CoT positions only, none for gallery images.
+- ``ours+ckpt``: the same with gradient checkpointing.
+
+Prints pairs/s (queries per second) and peak GPU memory per mode, each after warm-up steps.
+"""
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from model_code.backbone import SHAPES, BackboneShape, build_model, build_processor, resolve_device, train_tokenizer  # noqa: E402
+from model_code.model import PROMPTS, CirCoTModel, add_cir_tokens, apply_lora  # noqa: E402
+from model_code.train import TrainConfig, TrainExample, TrainStep, info_nce  # noqa: E402
+
+WORDS = ("a small red circle in the top left corner and a large blue square in the centre ; the text asks to "
+         "make the circle green and move the square to the right , so the circle becomes green while the star "
+         "stays where it is").split()
+
+
+def cot_text(rng: random.Random, n_words: int) -> str:
+    words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    a, b = n_words // 4, n_words // 2
+    return f"<caption>{words(a)}</caption>\n<reasoning>{words(b)}</reasoning>\n<conclusion>{words(n_words - a - b)}</conclusion>"
+
+
+def image(rng: random.Random, size: int, path: Path) -> Path:
+    img = Image.new("RGB", (size, size), (245, 245, 240))
+    d = ImageDraw.Draw(img)
+    for _ in range(rng.randint(1, 4)):
+        x, y, r = rng.randint(20, size - 20), rng.randint(20, size - 20), rng.randint(10, size // 8)
+        d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.randint(0, 255) for _ in range(3)))
+    img.save(path)
+    return path
+
+
+def naive_losses(m: CirCoTModel, batch, cfg: TrainConfig) -> torch.Tensor:
+    """The straightforward transformers way: full logits everywhere, all hidden states returned."""
+    q = m.query_inputs([e.reference for e in batch], [e.text for e in batch], [e.cot for e in batch], train_answer=True)
+    q = {k: v.to(m.device) for k, v in q.items()}
+    out = m.model(**q, output_hidden_states=True)                     # logits [B, T, 151936]
+    queries = m.emb(q, out.hidden_states[-1])
+    g = {k: v.to(m.device) for k, v in m.gallery_inputs([e.target for e in batch]).items()}
+    g_out = m.model(**g, output_hidden_states=True)                   # logits for gallery images too
+    gallery = m.emb(g, g_out.hidden_states[-1])
+    l_info, _ = info_nce(queries, gallery, len(batch), cfg.temperature)
+    return out.loss + l_info + 0.0 * g_out.logits.float().mean()  # the gallery logits are computed either way
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="qwen2-vl-2b", choices=sorted(SHAPES))
+    p.add_argument("--image-size", type=int, default=448)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--cot-words", type=int, default=110, help="about 160 tokens with the bench tokenizer")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per mode (after 2 warm-up steps)")
+    p.add_argument("--modes", nargs="+", default=["naive", "ours", "ours+ckpt"])
+    p.add_argument("--lora-r", type=int, default=16)
+    args = p.parse_args()
+
+    device = resolve_device()
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    rng = random.Random(0)
+    tmp = Path("/tmp/circot-gpu-train")
+    tmp.mkdir(exist_ok=True)
+    examples = [TrainExample(f"q{i}", image(rng, args.image_size, tmp / f"r{i}.png"), "make the circle green",
+                             image(rng, args.image_size, tmp / f"t{i}.png"), cot_text(rng, args.cot_words))
+                for i in range(args.batch)]
+    tokenizer = train_tokenizer([" ".join(WORDS)] * 200 + list(PROMPTS.values()) * 20, vocab_size=2048)
+    base = SHAPES[args.shape]
+    shape = BackboneShape(**{**base.__dict__, "image_size": args.image_size})
+    cfg = TrainConfig(stage="cot", steps=1, batch_size=args.batch, mixed_precision="bf16" if cuda else "no")
+    info = {"shape": args.shape, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "torch": torch.__version__}
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    print("#", json.dumps(info), flush=True)
+    results = []
+    for mode in args.modes:
+        torch.manual_seed(0)
+        model = build_model(shape, tokenizer, device=device, dtype=dtype)
+        processor = build_processor(tokenizer, args.image_size)
+        model.train()
+        model = apply_lora(model, processor, r=args.lora_r, alpha=2 * args.lora_r)
+        m = CirCoTModel(model, processor)
+        if mode.endswith("+ckpt"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        q_len = m.query_inputs([examples[0].reference], [examples[0].text], [examples[0].cot], train_answer=True)
+        cot_tokens = int((q_len["labels"] != -100).sum())
+        step_module = TrainStep(m, cfg)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+        def one_step():
+            with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
+                loss = naive_losses(m, examples, cfg) if mode == "naive" else step_module(examples, [])["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss)
+
+        try:
+            for _ in range(2):
+                one_step()
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                one_step()
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - start) / args.steps
+            row = {"mode": mode, "pairs_per_s": round(args.batch / seconds, 1), "s_per_step": round(seconds, 3),
+                   "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
+                   "query_tokens": int(q_len["input_ids"].shape[1]), "cot_tokens": cot_tokens}
+        except torch.OutOfMemoryError:
+            row = {"mode": mode, "error": "out of memory"}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del model, m, step_module, opt
+        if cuda:
+            torch.cuda.empty_cache()
+    print("\n| mode | pairs/s | peak GiB |\n|---|---|---|")
+    for r in results:
+        print(f"| {r['mode']} | {r.get('pairs_per_s', r.get('error'))} | {r.get('peak_gib')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
