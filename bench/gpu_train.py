@@ -73,7 +73,7 @@ def main() -> int:
     p.add_argument("--shape", default="qwen2-vl-2b", choices=sorted(SHAPES))
     p.add_argument("--image-size", type=int, default=448)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--cot-words", type=int, default=110, help="about 160 tokens with the bench tokenizer")
+    p.add_argument("--cot-words", type=int, default=142, help="about 160 tokens with the bench tokenizer")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (after 2 warm-up steps)")
     p.add_argument("--modes", nargs="+", default=["naive", "ours", "ours+ckpt"])
     p.add_argument("--lora-r", type=int, default=16)
