@@ -136,7 +136,7 @@ class TrainingResource(dg.ConfigurableResource):
 
         if self.profile not in PROFILES:
             raise dg.Failure(description=f"unknown training profile {self.profile!r}; known: {', '.join(PROFILES)}")
-        profile = PROFILES[self.profile].model_copy(deep=True)
+        profile = PROFILES[self.profile].copy()
         if self.base_model_path:
             profile.base.kind, profile.base.checkpoint_path = "checkpoint", self.base_model_path
         if profile.base.kind == "checkpoint" and not profile.base.checkpoint_path:

@@ -49,7 +49,7 @@ def image(rng: random.Random, size: int, path: Path) -> Path:
     img = Image.new("RGB", (size, size), (245, 245, 240))
     d = ImageDraw.Draw(img)
     for _ in range(rng.randint(1, 4)):
-        x, y, r = rng.randint(20, size - 20), rng.randint(20, size - 20), rng.randint(10, size // 8)
+        x, y, r = rng.randint(size // 5, size - size // 5), rng.randint(size // 5, size - size // 5), rng.randint(size // 20, size // 8)
         d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.randint(0, 255) for _ in range(3)))
     img.save(path)
     return path
@@ -77,6 +77,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (after 2 warm-up steps)")
     p.add_argument("--modes", nargs="+", default=["naive", "ours", "ours+ckpt"])
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--profile", action="store_true", help="print the top operators of one step per mode (torch.profiler)")
     args = p.parse_args()
 
     device = resolve_device()
@@ -136,6 +137,16 @@ def main() -> int:
             if cuda:
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - start) / args.steps
+            if args.profile:
+                from torch.profiler import ProfilerActivity, profile
+
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                with profile(activities=activities) as prof:
+                    one_step()
+                    if cuda:
+                        torch.cuda.synchronize()
+                sort = "cuda_time_total" if cuda else "cpu_time_total"
+                print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60), flush=True)
             row = {"mode": mode, "pairs_per_s": round(args.batch / seconds, 1), "s_per_step": round(seconds, 3),
                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
                    "query_tokens": int(q_len["input_ids"].shape[1]), "cot_tokens": cot_tokens}

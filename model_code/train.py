@@ -29,16 +29,21 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
 
 from model_code.model import CirCoTModel
 
 log = logging.getLogger(__name__)
 
 
-class TrainConfig(BaseModel):
+STAGES = ("bootstrap", "align", "cot")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Hyperparameters of one stage. (A dataclass, not pydantic: the GPU image has no pydantic.)"""
+
     stage: Literal["bootstrap", "align", "cot"]
-    steps: int = Field(ge=1)
+    steps: int
     batch_size: int = 32                 # queries per process and micro-batch
     grad_accum: int = 1
     lr: float = 5e-4
@@ -57,6 +62,14 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     checkpoint_every: int = 50
     log_every: int = 10
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, not {self.stage!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_size and grad_accum must be at least 1")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', not {self.mixed_precision!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,7 +423,8 @@ def description_examples(root: str | os.PathLike, split: str = "train", limit: i
 # profiles: the hyperparameters of a whole training run
 
 
-class BaseSpec(BaseModel):
+@dataclasses.dataclass
+class BaseSpec:
     """Where the base model comes from: ``tiny`` (built and bootstrapped here) or a local checkpoint."""
 
     kind: Literal["tiny", "checkpoint"] = "tiny"
@@ -422,13 +436,22 @@ class BaseSpec(BaseModel):
     bootstrap: TrainConfig | None = None  # tiny: the full-parameter pretraining pass
 
 
-class TrainingProfile(BaseModel):
+@dataclasses.dataclass
+class TrainingProfile:
     base: BaseSpec
-    lora_r: int = 16
-    lora_alpha: int = 32
     align: TrainConfig
     cot: TrainConfig
+    lora_r: int = 16
+    lora_alpha: int = 32
     eval_batches: int = 4
+
+    def copy(self) -> TrainingProfile:
+        import copy
+
+        return copy.deepcopy(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 PROFILES = {
