@@ -13,6 +13,7 @@ language model; joint loss (CE on the CoT tokens + symmetric InfoNCE); backward;
 - ``ours``: ``model_code.train.TrainStep`` as the pipeline runs it: the language model's last hidden
   state only, the LM head on the CoT positions only, none for gallery images.
 - ``ours+ckpt``: the same with gradient checkpointing.
+- ``ours+bf16``: LoRA adapters kept in bf16 (no fp32 casts around each adapted layer).
 
 Prints pairs/s (queries per second) and peak GPU memory per mode, each after warm-up steps.
 """
@@ -75,7 +76,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--cot-words", type=int, default=142, help="about 160 tokens with the bench tokenizer")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (after 2 warm-up steps)")
-    p.add_argument("--modes", nargs="+", default=["naive", "ours", "ours+ckpt"])
+    p.add_argument("--modes", nargs="+", default=["naive", "ours", "ours+ckpt", "ours+bf16"])
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--profile", action="store_true", help="print the top operators of one step per mode (torch.profiler)")
     args = p.parse_args()
@@ -105,7 +106,7 @@ def main() -> int:
         model = build_model(shape, tokenizer, device=device, dtype=dtype)
         processor = build_processor(tokenizer, args.image_size)
         model.train()
-        model = apply_lora(model, processor, r=args.lora_r, alpha=2 * args.lora_r)
+        model = apply_lora(model, processor, r=args.lora_r, alpha=2 * args.lora_r, fp32_adapters="bf16" not in mode)
         m = CirCoTModel(model, processor)
         if mode.endswith("+ckpt"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -233,9 +233,12 @@ class CirCoTModel(torch.nn.Module):
         return out
 
 
-def apply_lora(model, processor, *, r: int = 16, alpha: int = 32, dropout: float = 0.0):
+def apply_lora(model, processor, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+               fp32_adapters: bool = True):
     """Wrap ``model`` with LoRA adapters on the language model's linear layers (DESIGN.md §5) and
-    trainable rows for the added tokens in the input embeddings and the LM head."""
+    trainable rows for the added tokens in the input embeddings and the LM head. ``fp32_adapters``
+    False keeps the adapters in the base model's dtype (bf16 on a GPU): no casts around every
+    adapted layer, at some cost in precision of the adapter updates."""
     from peft import LoraConfig, get_peft_model
 
     ids = add_cir_tokens(model, processor)
@@ -246,7 +249,7 @@ def apply_lora(model, processor, *, r: int = 16, alpha: int = 32, dropout: float
         token_rows["lm_head"] = ids
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
                       trainable_token_indices=token_rows)
-    return get_peft_model(model, lora)
+    return get_peft_model(model, lora, autocast_adapter_dtype=fp32_adapters)
 
 
 def parameter_counts(model) -> dict[str, int]:
