@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 
+from bench._common import print_table, random_image  # noqa: E402
 from model_code.backbone import SHAPES, BackboneShape, build_model, build_processor, resolve_device, train_tokenizer  # noqa: E402
 from model_code.model import PROMPTS, CirCoTModel, add_cir_tokens, apply_lora  # noqa: E402
 from model_code.train import TrainConfig, TrainExample, TrainStep, info_nce  # noqa: E402
@@ -47,12 +47,7 @@ def cot_text(rng: random.Random, n_words: int) -> str:
 
 
 def image(rng: random.Random, size: int, path: Path) -> Path:
-    img = Image.new("RGB", (size, size), (245, 245, 240))
-    d = ImageDraw.Draw(img)
-    for _ in range(rng.randint(1, 4)):
-        x, y, r = rng.randint(size // 5, size - size // 5), rng.randint(size // 5, size - size // 5), rng.randint(size // 20, size // 8)
-        d.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.randint(0, 255) for _ in range(3)))
-    img.save(path)
+    random_image(rng, size).save(path)
     return path
 
 
@@ -158,9 +153,7 @@ def main() -> int:
         del model, m, step_module, opt
         if cuda:
             torch.cuda.empty_cache()
-    print("\n| mode | pairs/s | peak GiB |\n|---|---|---|")
-    for r in results:
-        print(f"| {r['mode']} | {r.get('pairs_per_s', r.get('error'))} | {r.get('peak_gib')} |")
+    print_table(results, [("mode", "mode"), ("pairs/s", "pairs_per_s"), ("peak GiB", "peak_gib")])
     return 0
 
 

@@ -22,22 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 
+from bench._common import print_table, random_image  # noqa: E402
 from model_code.annotators import AnnotationRequest, LocalTeacher  # noqa: E402
 from model_code.backbone import SHAPES, build_random_backbone, resolve_device  # noqa: E402
-
-COLOURS = [(215, 38, 38), (245, 139, 20), (232, 205, 24), (40, 165, 62), (38, 88, 220), (142, 58, 190)]
-
-
-def scene_image(rng: random.Random, size: int = 128) -> Image.Image:
-    img = Image.new("RGB", (size, size), (245, 245, 240))
-    draw = ImageDraw.Draw(img)
-    for _ in range(rng.randint(1, 4)):
-        x, y, r = rng.randint(10, size - 10), rng.randint(10, size - 10), rng.randint(6, 20)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=rng.choice(COLOURS))
-    return img
-
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -69,8 +57,8 @@ def main() -> int:
     requests = []
     for i in range(max(args.requests, max(args.batch_sizes)) + max(args.batch_sizes)):
         ref, tgt = tmp / f"r{i}.png", tmp / f"t{i}.png"
-        scene_image(rng).save(ref)
-        scene_image(rng).save(tgt)
+        random_image(rng, 128).save(ref)
+        random_image(rng, 128).save(tgt)
         requests.append(AnnotationRequest(f"q{i}", ref, tgt, "make the red circle blue and remove the star"))
 
     rows = []
@@ -94,9 +82,8 @@ def main() -> int:
             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| batch | tokens/s | annotations/s | peak GiB |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['batch_size']} | {r['tokens_per_s']} | {r['annotations_per_s']} | {r.get('peak_gib', '-')} |")
+    print_table(rows, [("batch", "batch_size"), ("tokens/s", "tokens_per_s"), ("annotations/s", "annotations_per_s"),
+                       ("peak GiB", "peak_gib")])
     return 0
 
 
