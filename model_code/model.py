@@ -183,6 +183,60 @@ class CirCoTModel(torch.nn.Module):
         cots = list(cots) if cots is not None else [None] * len(texts)
         return self._embed(lambda s: self.query_inputs(images[s], texts[s], cots[s]), len(images), batch_size)
 
+    # ---- inference with reasoning ------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate_cots(self, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 256,
+                      batch_size: int = 16, static_cache: bool | None = None) -> list[str]:
+        """The chain of thought the model writes for each query, greedily, up to ``<emb>`` (or the end
+        of its turn, or ``max_new_tokens``), as text without ``<emb>``. ``static_cache`` (default: on
+        a GPU) decodes with a static KV cache."""
+        images, texts = list(images), list(texts)
+        if static_cache is None:
+            static_cache = self.device.type == "cuda"
+        tok = self.tokenizer
+        stop = [t for t in (self.emb_id, tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if t is not None]
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            for i in range(0, len(texts), batch_size):
+                prompts = [self.prompt("query", t) for t in texts[i: i + batch_size]]
+                inputs = self.encode(prompts, [""] * len(prompts), images[i: i + batch_size])
+                inputs = {k: v.to(self.device) for k, v in inputs.items()}
+                extra = {"cache_implementation": "static"} if static_cache else {}
+                generated = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                                eos_token_id=stop, pad_token_id=tok.pad_token_id, **extra)
+                for row in generated[:, inputs["input_ids"].shape[1]:].tolist():
+                    cut = next((j for j, t in enumerate(row) if t in stop), len(row))
+                    out.append(tok.decode(row[:cut], skip_special_tokens=False))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def infer_queries(self, images: Sequence, texts: Sequence[str], mode: str = "cot", *,
+                      max_new_tokens: int = 256, batch_size: int = 16) -> tuple[torch.Tensor, list[dict]]:
+        """Query embeddings in ``mode`` ``cot`` (the model writes its reasoning, then ``<emb>`` is
+        appended and embedded) or ``no_cot`` (the prompt goes to ``<emb>`` at once). Returns the
+        embeddings and, per query, ``{"text": raw reasoning, "cot": CoT or None, "error": why it did
+        not parse or None}`` (empty dicts in ``no_cot``)."""
+        from model_code.cot import CoTFormatError, parse
+
+        if mode == "no_cot":
+            return self.embed_queries(images, texts, None, batch_size=batch_size), [{} for _ in texts]
+        if mode != "cot":
+            raise ValueError(f"mode must be 'cot' or 'no_cot', not {mode!r}")
+        raw = self.generate_cots(images, texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        reasoning = []
+        for text in raw:
+            try:
+                reasoning.append({"text": text, "cot": parse(text), "error": None})
+            except CoTFormatError as e:
+                reasoning.append({"text": text, "cot": None, "error": str(e)})
+        # teacher-force what was generated (an empty answer still takes the query prompt) and embed at <emb>
+        cots = [text if text.strip() else " " for text in raw]
+        return self.embed_queries(images, texts, cots, batch_size=batch_size), reasoning
+
     # ---- persistence -------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> str:

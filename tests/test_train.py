@@ -167,3 +167,25 @@ def test_in_batch_negatives_are_gathered_across_two_processes(tmp_path):
     # each process's gradient includes what the other's loss sends back through the gather
     torch.testing.assert_close(torch.cat([r[0]["q_grad"], r[1]["q_grad"]]), 2 * q_all.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(torch.cat([r[0]["c_grad"], r[1]["c_grad"]]), 2 * c_all.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_inference_in_both_modes_on_the_tiny_model(micro_base, pairs):
+    m = _model(micro_base)
+    refs, texts = [p.reference for p in pairs[:3]], [p.text for p in pairs[:3]]
+    emb, reasoning = m.infer_queries(refs, texts, "no_cot")
+    torch.testing.assert_close(emb, m.embed_queries(refs, texts, None))
+    assert reasoning == [{}, {}, {}]
+    emb, reasoning = m.infer_queries(refs, texts, "cot", max_new_tokens=8, batch_size=2)
+    assert emb.shape == (3, 64) and torch.isfinite(emb).all()
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+    # a random model writes nonsense: kept as raw text with the reason it does not parse
+    assert all(r["cot"] is None and r["error"] for r in reasoning)
+    raw = [r["text"] if r["text"].strip() else " " for r in reasoning]
+    torch.testing.assert_close(emb, m.embed_queries(refs, texts, raw), atol=1e-5, rtol=0)
+    # a chain written in the right form parses
+    from model_code.cot import CoT
+
+    good = CoT("a red circle", "make it blue", "a blue circle").render()
+    assert m.embed_queries(refs[:1], texts[:1], [good]).shape == (1, 64)
+    with pytest.raises(ValueError):
+        m.infer_queries(refs, texts, "both")
