@@ -14,6 +14,7 @@ language model; joint loss (CE on the CoT tokens + symmetric InfoNCE); backward;
   state only, the LM head on the CoT positions only, none for gallery images.
 - ``ours+ckpt``: the same with gradient checkpointing.
 - ``ours+bf16``: LoRA adapters kept in bf16 (no fp32 casts around each adapted layer).
+- ``ours+compile``: each language-model decoder layer compiled with ``torch.compile`` (fused kernels).
 
 Prints pairs/s (queries per second) and peak GPU memory per mode, each after warm-up steps.
 """
@@ -32,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench._common import print_table, random_image  # noqa: E402
 from model_code.backbone import SHAPES, BackboneShape, build_model, build_processor, resolve_device, train_tokenizer  # noqa: E402
-from model_code.model import PROMPTS, CirCoTModel, add_cir_tokens, apply_lora  # noqa: E402
+from model_code.model import PROMPTS, CirCoTModel, apply_lora, compile_decoder_layers  # noqa: E402
 from model_code.train import TrainConfig, TrainExample, TrainStep, info_nce  # noqa: E402
 
 WORDS = ("a small red circle in the top left corner and a large blue square in the centre ; the text asks to "
@@ -103,6 +104,8 @@ def main() -> int:
         model.train()
         model = apply_lora(model, processor, r=args.lora_r, alpha=2 * args.lora_r, fp32_adapters="bf16" not in mode)
         m = CirCoTModel(model, processor)
+        if "compile" in mode:
+            compile_decoder_layers(model)
         if mode.endswith("+ckpt"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
