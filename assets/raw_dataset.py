@@ -8,7 +8,6 @@ annotation files. The version becomes the asset's data version and is written to
 """
 
 import json
-from pathlib import Path
 
 import dagster as dg
 

@@ -29,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from bench._common import print_table, random_image  # noqa: E402
 from model_code.backbone import SHAPES, BackboneShape, build_model, build_processor, resolve_device, train_tokenizer  # noqa: E402
@@ -153,7 +152,7 @@ def main() -> int:
             row = {"mode": mode, "error": "out of memory"}
         results.append(row)
         print(json.dumps(row), flush=True)
-        del model, m, step_module, opt
+        model = m = step_module = opt = None  # free the GPU memory before the next mode
         if cuda:
             torch.cuda.empty_cache()
     print_table(results, [("mode", "mode"), ("pairs/s", "pairs_per_s"), ("peak GiB", "peak_gib")])

@@ -107,7 +107,7 @@ def _edit_sentence(edit: dict, scene: syn.Scene, new: syn.Scene, rng: random.Ran
         attr, value = edit["where"], edit["value"]
         if op == "remove_where":
             hit = [o for o in scene if (getattr(o, attr) == value) != edit["negate"]]
-            negated = f"{{}} that {{}} not {syn._not_phrase(attr, value)}"
+            negated = f"{{}} that {{}} not {syn.not_phrase(attr, value)}"
             cls = (negated.format("objects", "are") if edit["negate"] else _class_words(attr, value),
                    negated.format("object", "is") if edit["negate"] else _class_words(attr, value, False))
             what = "they are removed" if len(hit) > 1 else "it is removed"

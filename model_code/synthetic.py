@@ -385,7 +385,7 @@ def _class_phrase(attr: str, value, rng: random.Random) -> str:
     return f"{value} {word}" if attr == "color" else f"{rng.choice(SIZE_WORDS[value])} {word}"
 
 
-def _not_phrase(attr: str, value) -> str:
+def not_phrase(attr: str, value) -> str:
     """'round', 'red', 'small', 'a square'."""
     if attr == "shape":
         return "round" if value == "circle" else f"a {value}"
@@ -547,7 +547,7 @@ class _EditMaker:
         if not removed or len(removed) == len(scene):
             return None
         if negate:
-            text = rng.choice([f"remove every {rng.choice(OBJECT_WORDS)} that is not {_not_phrase(attr, value)}",
+            text = rng.choice([f"remove every {rng.choice(OBJECT_WORDS)} that is not {not_phrase(attr, value)}",
                                f"keep only the {_class_phrase(attr, value, rng)}",
                                f"remove everything except the {_class_phrase(attr, value, rng)}"])
         else:

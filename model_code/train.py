@@ -16,6 +16,7 @@ step), so a run is deterministic and a resumed run continues exactly where it st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -285,7 +286,7 @@ def train(model: CirCoTModel, examples: Sequence[TrainExample], cfg: TrainConfig
         for micro in range(cfg.grad_accum):
             batch, negatives = sample_batch(examples, cfg, step, micro, rank, world)
             sync = micro == cfg.grad_accum - 1
-            ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else _null()
+            ctx = accelerator.no_sync(wrapped) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
                 out = wrapped(batch, negatives)
                 accelerator.backward(out["loss"] / cfg.grad_accum)
@@ -313,14 +314,6 @@ def train(model: CirCoTModel, examples: Sequence[TrainExample], cfg: TrainConfig
     seconds = time.monotonic() - t0
     plot = plot_history(history, out_dir / "training.png", title=f"stage {cfg.stage}") if history else None
     return TrainResult(history, len(history), seconds, start, plot)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()

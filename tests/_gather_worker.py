@@ -6,8 +6,9 @@ import torch.distributed as dist
 from model_code.train import gather_with_grad, info_nce
 
 
-def run(rank: int, world: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def run(rank: int, world: int, out: str) -> None:
+    # a file store: no port to race for
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     try:
         g = torch.Generator().manual_seed(0)
         q_all = torch.nn.functional.normalize(torch.randn(world * 4, 8, generator=g), dim=-1)
@@ -19,5 +20,6 @@ def run(rank: int, world: int, port: int, out: str) -> None:
         loss.backward()
         torch.save({"gathered": gathered.detach(), "loss": loss.detach(), "q_grad": q.grad, "c_grad": c.grad},
                    f"{out}/rank{rank}.pt")
+        dist.barrier()  # nobody tears down while the other still communicates
     finally:
         dist.destroy_process_group()

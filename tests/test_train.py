@@ -1,7 +1,5 @@
 """The CIR-CoT model and its training on a very small random Qwen2-VL (CPU)."""
 
-import socket
-
 import pytest
 import torch
 
@@ -144,18 +142,12 @@ def test_batches_are_a_pure_function_of_seed_and_step(pairs):
     assert not {e.query_id for e in r0} & {e.query_id for e in r1}  # processes draw disjoint queries
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_in_batch_negatives_are_gathered_across_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
     from tests import _gather_worker
 
-    mp.spawn(_gather_worker.run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gather_worker.run, args=(2, str(tmp_path)), nprocs=2, join=True)
     r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
     g = torch.Generator().manual_seed(0)
     q_all = torch.nn.functional.normalize(torch.randn(8, 8, generator=g), dim=-1).requires_grad_(True)
