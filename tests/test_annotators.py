@@ -141,25 +141,24 @@ class _ChatHandler(BaseHTTPRequestHandler):
             text = body["messages"][-1]["content"][-1]["text"]
             tag = re.search(r"\[(\w+)\]", text).group(1)
             n = srv.calls[tag] = srv.calls.get(tag, 0) + 1
-        try:
-            time.sleep(0.05)
-            if self.path != "/v1/chat/completions":
-                return self._send(404, {"error": "not found"})
-            if tag.startswith("rate") and n == 1:
-                return self._send(429, {"error": "slow down"}, {"Retry-After": "0"})
-            if tag.startswith("flaky") and n <= 2:
-                return self._send(503, {"error": "overloaded"})
-            if tag.startswith("slow") and n == 1:
-                time.sleep(1.0)  # past the client's timeout
-            if tag.startswith("bad"):
-                return self._send(400, {"error": "bad request"})
-            if tag.startswith("down"):
-                return self._send(500, {"error": "broken"})
-            answer = "I cannot see any images." if tag.startswith("nonsense") else GOOD
-            self._send(200, {"choices": [{"message": {"role": "assistant", "content": answer}}]})
-        finally:
-            with srv.lock:
-                srv.in_flight -= 1
+        time.sleep(0.05)
+        if tag.startswith("slow") and n == 1:
+            time.sleep(1.0)  # past the client's timeout
+        # count the request finished before answering: the client cannot send its next one earlier
+        with srv.lock:
+            srv.in_flight -= 1
+        if self.path != "/v1/chat/completions":
+            return self._send(404, {"error": "not found"})
+        if tag.startswith("rate") and n == 1:
+            return self._send(429, {"error": "slow down"}, {"Retry-After": "0"})
+        if tag.startswith("flaky") and n <= 2:
+            return self._send(503, {"error": "overloaded"})
+        if tag.startswith("bad"):
+            return self._send(400, {"error": "bad request"})
+        if tag.startswith("down"):
+            return self._send(500, {"error": "broken"})
+        answer = "I cannot see any images." if tag.startswith("nonsense") else GOOD
+        self._send(200, {"choices": [{"message": {"role": "assistant", "content": answer}}]})
 
 
 @pytest.fixture
@@ -193,13 +192,19 @@ def test_remote_teacher_speaks_the_protocol_with_retries_and_bounded_concurrency
     assert chat_server.calls["rate1"] == 2 and chat_server.calls["flaky1"] == 3 and chat_server.calls["slow1"] == 2
     assert chat_server.calls["bad1"] == 1 and chat_server.calls["down1"] == 4  # 400 is final; 500 retried 3 times
     assert len(teacher.errors) == 2 and any("HTTP 400" in e for e in teacher.errors)
-    assert 1 < chat_server.max_in_flight <= 3
     assert chat_server.auth == {"Bearer sk-test"}
     body = chat_server.bodies[0]
     assert body["model"] == "qwen2-vl-72b" and body["temperature"] == 0.0
     images = [c["image_url"]["url"] for c in body["messages"][-1]["content"] if c["type"] == "image_url"]
     assert len(images) == 2 and all(u.startswith("data:image/png;base64,") for u in images)
     assert base64.b64decode(images[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_remote_teacher_keeps_at_most_max_concurrency_requests_in_flight(chat_server, requests_):
+    teacher = RemoteTeacher(f"http://127.0.0.1:{chat_server.server_address[1]}/v1", "m", max_concurrency=3)
+    rows = teacher.annotate(_tagged(requests_, [f"ok{i}" for i in range(9)]))
+    assert all(r.ok for r in rows)
+    assert 1 < chat_server.max_in_flight <= 3  # each request takes 50 ms: requests overlap, never more than 3
 
 
 def test_remote_teacher_without_a_key_sends_no_authorization(chat_server, requests_, monkeypatch):
