@@ -99,15 +99,22 @@ class TrainResult:
 # the loss
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every process along dim 0, keeping gradients to the local part."""
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate ``x`` from every process along dim 0, keeping gradients to the local part.
+    Processes may hold different numbers of rows (their extra negatives differ): rows are padded
+    for the collective and the padding dropped. Returns the rows and each process's count."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
+        return x, [x.shape[0]]
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0)
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
+    counts = [int(c) for c in counts]
+    padded = F.pad(x, (0, 0, 0, max(counts) - x.shape[0]))
+    parts = all_gather(padded)
+    return torch.cat([p[:n] for p, n in zip(parts, counts)], dim=0), counts
 
 
 def _rank() -> int:
@@ -121,14 +128,15 @@ def info_nce(queries: torch.Tensor, candidates: torch.Tensor, n_pairs: int, temp
     queries' targets, the rest extra negatives. Both sides are gathered across processes. Returns
     (loss, in-batch top-1 accuracy of query → candidates)."""
     B = n_pairs
-    all_q = gather_with_grad(queries)                       # [W*B, H]
-    all_c = gather_with_grad(candidates)                    # [W*(B+E), H]
-    per_rank = candidates.shape[0]
-    labels = _rank() * per_rank + torch.arange(B, device=queries.device)
-    logits = queries @ all_c.T / temperature                # [B, W*(B+E)]
+    all_q, q_counts = gather_with_grad(queries)             # [sum of B over processes, H]
+    all_c, c_counts = gather_with_grad(candidates)          # [sum of (B + E) over processes, H]
+    rank = _rank()
+    local = torch.arange(B, device=queries.device)
+    labels = sum(c_counts[:rank]) + local                   # this process's targets in the global candidates
+    logits = queries @ all_c.T / temperature
     q2t = F.cross_entropy(logits, labels)
     # target → query: each local target against every query of the global batch
-    t2q = F.cross_entropy(candidates[:B] @ all_q.T / temperature, _rank() * B + torch.arange(B, device=queries.device))
+    t2q = F.cross_entropy(candidates[:B] @ all_q.T / temperature, sum(q_counts[:rank]) + local)
     accuracy = (logits.argmax(dim=1) == labels).float().mean()
     return (q2t + t2q) / 2, accuracy
 
@@ -312,7 +320,8 @@ def train(model: CirCoTModel, examples: Sequence[TrainExample], cfg: TrainConfig
             break
     accelerator.wait_for_everyone()
     seconds = time.monotonic() - t0
-    plot = plot_history(history, out_dir / "training.png", title=f"stage {cfg.stage}") if history else None
+    plot = (plot_history(history, out_dir / "training.png", title=f"stage {cfg.stage}")
+            if history and accelerator.is_main_process else None)
     return TrainResult(history, len(history), seconds, start, plot)
 
 
@@ -569,13 +578,22 @@ def train_cir_cot(base: dict, train_pairs: Sequence[TrainExample], val_pairs: Se
                              "first": result.history[0], "last": result.history[-1],
                              "val": evaluate_in_batch(m, val, cfg, profile.eval_batches) if val else None,
                              "history": result.history}
-    version = m.save(out_dir / "model")
-    plot = plot_stages({k: v["history"] for k, v in stages.items()}, out_dir / "training.png")
-    summary = {"path": str(out_dir / "model"), "version": version, "base": base["path"], "base_version": base["version"],
-               "parameters": parameter_counts(model), "plot": str(plot),
+    summary = {"path": str(out_dir / "model"), "base": base["path"], "base_version": base["version"],
+               "parameters": parameter_counts(model),
                "stages": {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in stages.items()}}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if _rank() == 0:  # under `accelerate launch` one process writes the results
+        summary["version"] = m.save(out_dir / "model")
+        summary["plot"] = str(plot_stages({k: v["history"] for k, v in stages.items()}, out_dir / "training.png"))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    _barrier()
     return summary
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def plot_stages(histories: dict[str, list[dict]], path: str | os.PathLike) -> Path:
@@ -597,3 +615,47 @@ PROFILES["smoke"] = TrainingProfile(
     cot=TrainConfig(stage="cot", steps=3, batch_size=4, warmup_steps=1, checkpoint_every=2),
     eval_batches=1,
 )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the CIR-CoT model outside Dagster, e.g. across GPUs:
+
+        accelerate launch --num_processes 8 -m model_code.train --tables artifacts/triplets/synthetic \\
+            --annotations artifacts/cot_annotations/synthetic/annotations.parquet \\
+            --base /models/Qwen2-VL-2B-Instruct --profile gpu --out artifacts/cir_cot_model/runs/manual
+
+    Every process runs this; in-batch negatives are gathered across them; process 0 writes the model.
+    """
+    import argparse
+    import logging as _logging
+
+    from model_code.annotations import read_annotations
+    from model_code.data import read_tables
+
+    p = argparse.ArgumentParser(prog="python -m model_code.train", description=main.__doc__.split("\n\n")[0])
+    p.add_argument("--tables", required=True, help="a triplets folder written by the pipeline (triplets/images parquet, meta.json)")
+    p.add_argument("--annotations", required=True, help="an annotations.parquet written by the pipeline")
+    p.add_argument("--base", required=True, help="the base model folder (a checkpoint, or the bootstrapped tiny model)")
+    p.add_argument("--profile", default="gpu", choices=sorted(PROFILES))
+    p.add_argument("--out", required=True)
+    p.add_argument("--align-steps", type=int)
+    p.add_argument("--cot-steps", type=int)
+    args = p.parse_args(argv)
+    _logging.basicConfig(level=_logging.INFO, format="%(asctime)s %(message)s")
+
+    profile = PROFILES[args.profile].copy()
+    profile.align.steps = args.align_steps or profile.align.steps
+    profile.cot.steps = args.cot_steps or profile.cot.steps
+    tables = Path(args.tables)
+    root = json.loads((tables / "meta.json").read_text())["root"]
+    bench, ann = read_tables(tables), read_annotations(args.annotations)
+    base = {"path": str(Path(args.base).resolve()), "version": _file_md5(Path(args.base) / "config.json")}
+    summary = train_cir_cot(base, pair_examples(bench.triplets, bench.images, root, "train", ann),
+                            pair_examples(bench.triplets, bench.images, root, "val", ann), profile, args.out)
+    if _rank() == 0:
+        print(json.dumps({k: summary[k] for k in ("path", "version")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

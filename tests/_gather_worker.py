@@ -15,7 +15,7 @@ def run(rank: int, world: int, out: str) -> None:
         c_all = torch.nn.functional.normalize(torch.randn(world * 4, 8, generator=g), dim=-1)
         q = q_all[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
         c = c_all[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
-        gathered = gather_with_grad(q)
+        gathered, counts = gather_with_grad(q)
         loss, acc = info_nce(q, c, 4, 0.1)
         loss.backward()
         torch.save({"gathered": gathered.detach(), "loss": loss.detach(), "q_grad": q.grad, "c_grad": c.grad},

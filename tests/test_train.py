@@ -181,3 +181,31 @@ def test_inference_in_both_modes_on_the_tiny_model(micro_base, pairs):
     assert m.embed_queries(refs[:1], texts[:1], [good]).shape == (1, 64)
     with pytest.raises(ValueError):
         m.infer_queries(refs, texts, "both")
+
+
+def test_two_processes_train_together_and_one_writes_the_model(micro_base, bench, tiny_synthetic, tmp_path):
+    """The `accelerate launch` / torchrun entry point, with two CPU processes (gloo)."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from model_code.annotations import write_annotations
+    from model_code.data import write_tables
+
+    write_tables(bench, tmp_path / "tables")
+    (tmp_path / "tables" / "meta.json").write_text(json.dumps({"root": str(tiny_synthetic)}))
+    rows = OracleAnnotator(tiny_synthetic).annotate(annotation_requests(bench.triplets, bench.images, tiny_synthetic))
+    write_annotations(pd.DataFrame([dataclasses.asdict(r) for r in rows]), tmp_path / "annotations.parquet")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "model_code.train", "--tables", str(tmp_path / "tables"), "--annotations", str(tmp_path / "annotations.parquet"),
+           "--base", str(micro_base), "--profile", "smoke", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stages"]["align"]["steps"] == 3 and summary["stages"]["cot"]["steps"] == 3
+    loaded = CirCoTModel.load(tmp_path / "run" / "model", device="cpu")
+    assert loaded.version == summary["version"]
+    assert proc.stdout.count('"version"') == 1  # one process reported and wrote
