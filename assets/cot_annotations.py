@@ -28,7 +28,7 @@ class AnnotationConfig(dg.Config):
 
 
 def annotations_dir(artifacts: ArtifactStore, dataset: str):
-    return artifacts.path("cot_annotations", dataset, "meta.json").parent
+    return artifacts.dir("cot_annotations", dataset)
 
 
 def _examples_markdown(table, modifications, n: int = 5) -> str:

@@ -61,8 +61,15 @@ class ArtifactStore(dg.ConfigurableResource):
     root: str = "artifacts"
 
     def path(self, *parts: str) -> Path:
+        """A file under the root; its folder is created."""
         p = Path(self.root).expanduser().resolve().joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def dir(self, *parts: str) -> Path:
+        """A folder under the root, created."""
+        p = Path(self.root).expanduser().resolve().joinpath(*parts)
+        p.mkdir(parents=True, exist_ok=True)
         return p
 
 

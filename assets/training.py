@@ -67,7 +67,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, train
         if config.bootstrap_steps:
             spec.bootstrap.steps = config.bootstrap_steps
         bench, ann, meta, ann_meta = _dataset_inputs(artifacts, "synthetic")
-        run = artifacts.path("base_model", f"tiny-{_key(meta['raw_version'], ann_meta['version'], dataclasses.asdict(spec))}", "x").parent
+        run = artifacts.dir("base_model", f"tiny-{_key(meta['raw_version'], ann_meta['version'], dataclasses.asdict(spec))}")
         summary = bootstrap_tiny(meta["root"], bench.triplets, ann, spec, run, progress=context.log.info)
     artifacts.path("base_model", "current.json").write_text(json.dumps(summary, indent=1))
     metadata = {"path": dg.MetadataValue.path(summary["path"]), "kind": summary["kind"], "model_version": summary["version"]}
@@ -107,7 +107,7 @@ def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, 
         val_pairs += pair_examples(bench.triplets, bench.images, meta["root"], "val", ann)
         versions[dataset] = {"raw": meta["raw_version"], "annotations": ann_meta["version"],
                              "teacher": ann_meta["teacher"], "prompt_version": ann_meta["prompt_version"]}
-    run = artifacts.path("cir_cot_model", "runs", _key(base["version"], versions, profile.to_dict()), "x").parent
+    run = artifacts.dir("cir_cot_model", "runs", _key(base["version"], versions, profile.to_dict()))
     summary = train_cir_cot(base, train_pairs, val_pairs, profile, run, progress=context.log.info)
     summary["data"] = versions
     artifacts.path("cir_cot_model", "latest.json").write_text(json.dumps(summary, indent=1))

@@ -25,7 +25,7 @@ class TripletsConfig(dg.Config):
     fashioniq_category: str | None = Field(default=None, description="One FashionIQ category; all three when unset.")
 
 def triplets_dir(artifacts: ArtifactStore, dataset: str):
-    return artifacts.path("triplets", dataset, "meta.json").parent
+    return artifacts.dir("triplets", dataset)
 
 @dg.asset(partitions_def=dataset_partitions, group_name="data", deps=[raw_dataset], kinds={"parquet"},
           description=__doc__.split("\n\n")[0])

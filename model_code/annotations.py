@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from model_code.annotators import Annotation, AnnotationRequest, Annotator
+from model_code.data import nulls_as_none
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class AnnotationStore:
         if not parts:
             return pd.DataFrame({c: pd.Series(dtype=object) for c in ANNOTATION_COLUMNS})
         df = pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
-        df = df.astype(object).where(df.notna(), None)
+        df = nulls_as_none(df)
         if teacher is not None:
             df = df[df.teacher == teacher]
         if prompt_version is not None:
@@ -111,7 +112,7 @@ def write_annotations(table: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
     df = pd.read_parquet(path)
-    return df.astype(object).where(df.notna(), None)
+    return nulls_as_none(df)
 
 
 def annotation_version(df: pd.DataFrame) -> str:

@@ -93,6 +93,11 @@ def _as_list(entries, path: Path) -> list:
     return entries
 
 
+def nulls_as_none(df: pd.DataFrame) -> pd.DataFrame:
+    """Every column as Python objects with None for missing values (pandas' NaN/NA otherwise)."""
+    return df.astype(object).where(df.notna(), None)
+
+
 def _triplets(rows: list[dict]) -> pd.DataFrame:
     return _normalise_triplets(pd.DataFrame(rows, columns=TRIPLET_COLUMNS))
 
@@ -113,8 +118,7 @@ def _normalise_triplets(df: pd.DataFrame) -> pd.DataFrame:
         df[col] = [_id_list(v) for v in df[col]]
     df["n_edits"] = df["n_edits"].astype("Int64")
     df["reference_dependent"] = df["reference_dependent"].astype("boolean")
-    for col in ("category", "shared_concept"):
-        df[col] = df[col].astype("object").where(df[col].notna(), None)
+    df[["category", "shared_concept"]] = nulls_as_none(df[["category", "shared_concept"]])
     return df
 
 
@@ -123,7 +127,7 @@ def _images(rows: list[dict]) -> pd.DataFrame:
 
 
 def _normalise_images(df: pd.DataFrame) -> pd.DataFrame:
-    df["category"] = df["category"].astype("object").where(df["category"].notna(), None)
+    df[["category"]] = nulls_as_none(df[["category"]])
     return df
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from model_code.data import HIDDEN_SPLITS, LIST_COLUMNS, SPLITS
+from model_code.data import HIDDEN_SPLITS, LIST_COLUMNS, SPLITS, nulls_as_none
 
 MAX_EXAMPLES = 5
 IMAGE_SIDE_BOUNDS = (16, 8192)
@@ -189,7 +189,7 @@ def validate_triplets(triplets: pd.DataFrame, images: pd.DataFrame) -> QualityRe
         t[f"{col}_form"] = [_list_form(v) for v in triplets[col]]
     t["has_targets"] = [bool(s in hidden or (isinstance(v, list) and len(v) > 0))
                         for s, v in zip(triplets["split"], triplets["target_ids"])]
-    t = t.where(t.notna(), None)
+    t = nulls_as_none(t)
 
     named = []
     for q, split, ref, *lists in zip(triplets["query_id"], triplets["split"], triplets["reference_id"],
@@ -271,7 +271,7 @@ def validate_images(images: pd.DataFrame, root: str | os.PathLike | None = None,
             (E.ExpectColumnValuesToBeBetween(column="width", min_value=lo, max_value=hi), f"image width in [{lo}, {hi}] px"),
             (E.ExpectColumnValuesToBeBetween(column="height", min_value=lo, max_value=hi), f"image height in [{lo}, {hi}] px"),
         ]
-    df = df.where(df.notna(), None)
+    df = nulls_as_none(df)
     return _run("images", [_Frame("images", df, ["image_id"], checks)])
 
 
@@ -306,7 +306,7 @@ def validate_annotations(annotations: pd.DataFrame, triplets: pd.DataFrame | Non
 
     E = gx.expectations
     bounds = {**DEFAULT_LENGTH_BOUNDS, **(length_bounds or {})}
-    a = annotations.astype(object).where(annotations.notna(), None).reset_index(drop=True)
+    a = nulls_as_none(annotations).reset_index(drop=True)
     rows = pd.DataFrame({
         "query_id": a["query_id"], "status": a["status"], "reject_reason": a["reject_reason"],
         "key": a["query_id"].astype(str) + "|" + a["teacher"].astype(str) + "|" + a["prompt_version"].astype(str),
