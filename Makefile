@@ -8,6 +8,7 @@ STAMP := $(VENV)/.circot-installed
 DATASET ?= synthetic
 
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
+export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export GX_ANALYTICS_ENABLED = false
 export DVC_NO_ANALYTICS = 1
 export HF_HUB_OFFLINE = 1
@@ -38,4 +39,4 @@ dagster-ui: $(STAMP)
 	$(BIN)/dagster dev -m orchestration.definitions
 
 clean:
-	rm -rf artifacts .dagster
+	rm -rf artifacts .dagster .bentoml

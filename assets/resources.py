@@ -151,3 +151,32 @@ class TrainingResource(dg.ConfigurableResource):
                 f"Training profile '{self.profile}' trains a downloaded checkpoint: set CIRCOT_BASE_MODEL_PATH to a "
                 f"local Qwen2-VL-family folder (e.g. Qwen2-VL-2B-Instruct with config.json and *.safetensors)."))
         return profile
+
+
+class GateResource(dg.ConfigurableResource):
+    """The promotion gate's rules (model_code/gate.py). ``floors``: JSON, either ``{metric: floor}``
+    for every dataset or ``{dataset: {metric: floor}}``; unset: the built-in floors of the
+    synthetic benchmark and none elsewhere."""
+
+    floors: str | None = None
+    cot_not_worse: bool = True
+    cot_tolerance: float = 0.0
+    max_regression: float = 0.01
+
+    def config(self, dataset: str):
+        import json
+
+        from model_code.gate import DEFAULT_FLOORS, GateConfig
+
+        floors = DEFAULT_FLOORS.get(dataset, {})
+        if self.floors:
+            try:
+                given = json.loads(self.floors)
+            except json.JSONDecodeError as e:
+                raise dg.Failure(description=f"gate floors are not valid JSON ({e}): {self.floors!r}") from None
+            if not isinstance(given, dict) or not all(isinstance(v, (int, float, dict)) for v in given.values()):
+                raise dg.Failure(description=f"gate floors must be {{metric: floor}} or {{dataset: {{metric: floor}}}}: {self.floors!r}")
+            nested = any(isinstance(v, dict) for v in given.values())
+            floors = given.get(dataset, {}) if nested else given
+        return GateConfig(floors={k: float(v) for k, v in floors.items()}, cot_not_worse=self.cot_not_worse,
+                          cot_tolerance=self.cot_tolerance, max_regression=self.max_regression)

@@ -6,7 +6,6 @@ annotations of the training datasets. Runs are keyed by their inputs and configu
 artifacts root, so an interrupted materialisation resumes from its last checkpoint.
 """
 
-import base64
 import dataclasses
 import hashlib
 import json
@@ -14,6 +13,7 @@ import json
 import dagster as dg
 from pydantic import Field
 
+from assets.common import png_markdown
 from assets.cot_annotations import annotations_dir, cot_annotations
 from assets.resources import ArtifactStore, TrainingResource
 from assets.triplets import triplets, triplets_dir
@@ -24,13 +24,6 @@ _training_partitions = dg.SpecificPartitionsPartitionMapping(TRAIN_DATASETS)
 
 def _key(*parts) -> str:
     return hashlib.md5(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _plot_md(path: str | None) -> dg.MetadataValue:
-    if not path:
-        return dg.MetadataValue.md("(no plot)")
-    data = base64.b64encode(open(path, "rb").read()).decode()
-    return dg.MetadataValue.md(f"![training curves](data:image/png;base64,{data})")
 
 
 def _dataset_inputs(artifacts: ArtifactStore, dataset: str):
@@ -75,7 +68,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, train
         metadata.update({
             "parameters": summary["parameters"]["total"], "steps": summary["steps"], "wall_time_s": summary["seconds"],
             "loss_first": summary["first"]["loss"], "loss_last": summary["last"]["loss"],
-            "val_in_batch_accuracy": summary["val"]["acc"], "plot": _plot_md(summary.get("plot")),
+            "val_in_batch_accuracy": summary["val"]["acc"], "plot": png_markdown(summary.get("plot"), "training curves"),
         })
     return dg.MaterializeResult(data_version=dg.DataVersion(summary["version"]), metadata=metadata)
 
@@ -124,5 +117,5 @@ def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, 
             "cot_loss": f"{cot['first']['loss']:.3f} -> {cot['last']['loss']:.3f}",
             "val_in_batch_accuracy_align": align["val"]["acc"] if align["val"] else None,
             "val_in_batch_accuracy_cot": cot["val"]["acc"] if cot["val"] else None,
-            "plot": _plot_md(summary["plot"]),
+            "plot": png_markdown(summary["plot"], "training curves"),
         })

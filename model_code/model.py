@@ -121,6 +121,10 @@ class CirCoTModel(torch.nn.Module):
         answers = [(c or "") + EMB_TOKEN for c in cots]
         return self.encode(prompts, answers, images, train_answer=train_answer and any(cots))
 
+    def text_inputs(self, texts: Sequence[str]) -> dict:
+        """Text-only queries: a description (or a modification alone) without an image."""
+        return self.encode([self.prompt("text", t, image=False) for t in texts], [EMB_TOKEN] * len(texts), None)
+
     def gallery_inputs(self, images) -> dict:
         return self.encode([self.prompt("gallery")] * len(images), [EMB_TOKEN] * len(images), images)
 
@@ -174,6 +178,12 @@ class CirCoTModel(torch.nn.Module):
         """Gallery embeddings [n, hidden]: L2-normalised float32 on the CPU."""
         images = list(images)
         return self._embed(lambda s: self.gallery_inputs(images[s]), len(images), batch_size)
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Text-only query embeddings [n, hidden]: each text in the description prompt, no image
+        (the text-only baseline, and retrieval by a description)."""
+        texts = list(texts)
+        return self._embed(lambda s: self.text_inputs(texts[s]), len(texts), batch_size)
 
     def embed_queries(self, images: Sequence, texts: Sequence[str], cots: Sequence[str | None] | None = None,
                       batch_size: int = 32) -> torch.Tensor:
@@ -277,7 +287,9 @@ class CirCoTModel(torch.nn.Module):
         else:
             from peft import PeftModel
 
-            base, _ = load_backbone(meta["base_model"], dtype=dtype, device=device,
+            base_path = Path(meta["base_model"])
+            base_path = base_path if base_path.is_absolute() else (path / base_path).resolve()
+            base, _ = load_backbone(base_path, dtype=dtype, device=device,
                                     attn_implementation=attn_implementation)
             add_cir_tokens(base, processor)
             model = PeftModel.from_pretrained(base, path / "adapter", is_trainable=trainable).to(base.device)

@@ -149,3 +149,16 @@ def oracle_cot(query_id: str, reference: syn.Scene, edits: list[dict]) -> CoT:
         sentences.append(rng.choice(["No object of the reference is left untouched.",
                                      "Every original object is affected."]))
     return CoT(caption, " ".join(sentences), describe(scene, rng, result=True))
+
+
+def scene_from_text(text: str) -> set[tuple]:
+    """The objects a description states, as ``synthetic.scene_key`` tuples (shape, colour, size, row,
+    col): every "<size> <colour> <shape> in the <place>" in ``text``. Used to check whether a
+    generated conclusion describes the target scene."""
+    import re
+
+    sizes = {w: s for s, words in syn.SIZE_WORDS.items() for w in words}
+    cells = {name: cell for cell, names in syn.CELL_NAMES.items() for name in names}
+    pattern = re.compile(r"\b({})\s+({})\s+({})\s+in\s+the\s+({})\b".format(
+        "|".join(sizes), "|".join(syn.COLORS), "|".join(syn.SHAPES), "|".join(sorted(cells, key=len, reverse=True))))
+    return {(shape, color, sizes[size], *cells[place]) for size, color, shape, place in pattern.findall(text.lower())}

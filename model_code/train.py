@@ -154,8 +154,7 @@ class TrainStep(torch.nn.Module):
     def forward(self, batch: Sequence[TrainExample], negatives: Sequence[Path]) -> dict[str, torch.Tensor]:
         m, cfg = self.cirmodel, self.cfg
         if cfg.stage == "bootstrap":
-            prompts = [m.prompt("text", ex.text, image=False) for ex in batch]
-            q_inputs = m.encode(prompts, ["<emb>"] * len(batch), None)
+            q_inputs = m.text_inputs([ex.text for ex in batch])
         else:
             cots = [ex.cot for ex in batch] if cfg.stage == "cot" else None
             q_inputs = m.query_inputs([ex.reference for ex in batch], [ex.text for ex in batch], cots,

@@ -1,7 +1,14 @@
-"""``python -m orchestration run --dataset synthetic``: run the pipeline in this process, recorded
-in the Dagster instance of ``$DAGSTER_HOME`` (so the runs show in ``dagster dev``), and print what
-each run produced: first the data job for the dataset partition (raw data, triplets, annotations),
-then the training job (base model, CIR-CoT model)."""
+"""The command line of the pipeline.
+
+``python -m orchestration run --dataset synthetic`` runs the pipeline in this process, recorded in
+the Dagster instance of ``$DAGSTER_HOME`` (so the runs show in ``dagster dev``), and prints what
+each run produced: the data job for the dataset partition (raw data, triplets, annotations), the
+training job (base model, CIR-CoT model), then the evaluation job (evaluation, promotion gate,
+promoted model), ending with the evaluation table.
+
+``python -m orchestration models`` lists the promoted models in the BentoML store;
+``python -m orchestration rollback`` puts the previous production model back.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,8 @@ import os
 import sys
 
 SHOWN = ("data_version", "dagster/row_count", "images", "ok", "rejected", "model_version", "steps", "align_loss",
-         "cot_loss", "val_in_batch_accuracy", "val_in_batch_accuracy_align", "val_in_batch_accuracy_cot", "wall_time_s")
+         "cot_loss", "val_in_batch_accuracy", "val_in_batch_accuracy_align", "val_in_batch_accuracy_cot", "wall_time_s",
+         "split", "queries", "cot_queries_per_s", "no_cot_queries_per_s", "tag", "stage", "changed", "previous_production")
 
 
 def run_job(job_name: str, partition: str | None = None, definitions=None, run_config: dict | None = None) -> bool:
@@ -26,6 +34,7 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
     label = f"{job_name} [{partition}]" if partition else job_name
     print(f"\n== {label}: {'succeeded' if result.success else 'FAILED'} (run {result.run_id})")
     checks_ok = True
+    tables = []
     for event in result.all_events:
         if event.event_type_value == "ASSET_MATERIALIZATION":
             mat = event.event_specific_data.materialization
@@ -33,6 +42,8 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
             path = meta.get("path")
             extra = ", ".join(f"{k}={meta[k].value}" for k in SHOWN if k in meta)
             print(f"  asset {mat.asset_key.to_user_string():<16} -> {path.value if path else '-'}  {extra}")
+            if "table" in meta:
+                tables.append(meta["table"].value)
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             ev = event.event_specific_data
             checks_ok &= ev.passed
@@ -40,11 +51,14 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
                   f"  {ev.description or ''}")
         elif event.is_step_failure:
             print(f"  step {event.step_key} failed: {event.event_specific_data.error.message.strip()}")
+    for table in tables:
+        print("\n" + table)
     return result.success and checks_ok
 
 
-def run(dataset: str, definitions=None, *, annotations_only: bool = False, train: bool | None = None) -> int:
-    from orchestration.definitions import PIPELINE_JOB, TRAINING_JOB
+def run(dataset: str, definitions=None, *, annotations_only: bool = False, train: bool | None = None,
+        evaluate: bool | None = None) -> int:
+    from orchestration.definitions import EVALUATION_JOB, PIPELINE_JOB, TRAINING_JOB
 
     config = {"ops": {"triplets": {"config": {"require_images": False}}}} if annotations_only else None
     if not run_job(PIPELINE_JOB, dataset, definitions, config):
@@ -52,6 +66,47 @@ def run(dataset: str, definitions=None, *, annotations_only: bool = False, train
     if train if train is not None else dataset == "synthetic":
         if not run_job(TRAINING_JOB, None, definitions):
             return 1
+    if evaluate is None:  # default: evaluate when there is a trained model to evaluate
+        evaluate = not annotations_only and _has_model(definitions)
+    if evaluate:
+        if not run_job(EVALUATION_JOB, dataset, definitions):
+            return 1
+        from serving import model_store
+
+        prod = model_store.production()
+        print(f"\nproduction model: {prod['tag'] if prod else 'none'}"
+              + (f" ({prod['labels'].get('headline')}, evaluated on {prod['labels'].get('evaluated_on')})" if prod else ""))
+    return 0
+
+
+def _has_model(definitions=None) -> bool:
+    if definitions is None:
+        from orchestration.definitions import defs as definitions
+    return definitions.resources["artifacts"].path("cir_cot_model", "latest.json").is_file()
+
+
+def show_models() -> int:
+    from serving import model_store
+
+    rows = model_store.list_models()
+    if not rows:
+        print(f"no {model_store.MODEL_NAME} model in the BentoML store ({os.environ.get('BENTOML_HOME', '~/bentoml')})")
+    for r in rows:
+        labels = r["labels"]
+        print(f"{r['tag']:<32} {r['stage']:<12} {labels.get('promoted_at', ''):<28} {labels.get('headline', '')} "
+              f"on {labels.get('evaluated_on', '?')}")
+    return 0
+
+
+def rollback() -> int:
+    from serving import model_store
+
+    try:
+        moved = model_store.rollback()
+    except LookupError as e:
+        print(f"rollback: {e}")
+        return 1
+    print(f"rollback: production is now {moved['to']} (was {moved['from']})")
     return 0
 
 
@@ -64,9 +119,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="read a real benchmark's annotations without its images (they are not checked)")
     r.add_argument("--train", dest="train", action="store_true", default=None,
                    help="run the training job afterwards (default for synthetic)")
-    r.add_argument("--no-train", dest="train", action="store_false", help="stop after the data pipeline")
+    r.add_argument("--no-train", dest="train", action="store_false", help="skip the training job")
+    r.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None,
+                   help="skip the evaluation job (evaluation, promotion gate, promoted model)")
+    sub.add_parser("models", help="list the cir-cot models in the BentoML store and their stages")
+    sub.add_parser("rollback", help="make the previous production model production again")
     args = p.parse_args(argv)
-    return run(args.dataset, annotations_only=args.annotations_only, train=args.train)
+    if args.command == "models":
+        return show_models()
+    if args.command == "rollback":
+        return rollback()
+    return run(args.dataset, annotations_only=args.annotations_only, train=args.train, evaluate=args.evaluate)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ CIRCOT_TEACHER_MODEL   model name at that endpoint           unset
 CIRCOT_TEACHER_API_KEY_ENV  variable holding the API key     OPENAI_API_KEY
 CIRCOT_PROFILE         training profile: embedded | gpu      embedded
 CIRCOT_BASE_MODEL_PATH local Qwen2-VL-family checkpoint      unset (embedded: the tiny base)
+CIRCOT_GATE_FLOORS     gate floors, JSON {metric: floor} or   built-in synthetic floors
+                       {dataset: {metric: floor}}
+CIRCOT_GATE_COT_NOT_WORSE  require cot >= no_cot (1/0)       1
+CIRCOT_GATE_COT_TOLERANCE  how far cot may trail no_cot      0.0
+CIRCOT_GATE_MAX_REGRESSION headline drop vs production       0.01
+BENTOML_HOME           BentoML store (promoted models)        ~/bentoml (make: ./.bentoml)
 ====================== ===================================== ==============================
 """
 
@@ -28,20 +34,23 @@ import os
 import dagster as dg
 
 from assets import cot_annotations as cot_annotations_module
+from assets import evaluation as evaluation_module
 from assets import raw_dataset as raw_dataset_module
 from assets import training as training_module
 from assets import triplets as triplets_module
 from assets.common import dataset_partitions
-from assets.resources import AnnotatorResource, ArtifactStore, DatasetRoots, DvcResource, TrainingResource
+from assets.resources import (AnnotatorResource, ArtifactStore, DatasetRoots, DvcResource, GateResource,
+                              TrainingResource)
 
 PIPELINE_JOB = "cir_pipeline"      # per dataset partition: raw data -> triplets -> annotations
 TRAINING_JOB = "training"          # base model -> CIR-CoT model (on the training partitions' annotations)
+EVALUATION_JOB = "evaluate_and_promote"  # per dataset partition: evaluation -> gate -> promoted model
 
 
 def build_definitions(*, project_dir: str | None = None, artifacts_root: str | None = None,
                       dataset_roots: dict[str, str] | None = None, dvc_remote: str | None = None,
                       dvc_push: bool = True, annotator: AnnotatorResource | None = None,
-                      training: TrainingResource | None = None) -> dg.Definitions:
+                      training: TrainingResource | None = None, gate: GateResource | None = None) -> dg.Definitions:
     """Definitions wired to the given locations; unset ones come from the environment."""
     env = os.environ
     roots = dataset_roots if dataset_roots is not None else {
@@ -57,6 +66,11 @@ def build_definitions(*, project_dir: str | None = None, artifacts_root: str | N
             api_key_env=env.get("CIRCOT_TEACHER_API_KEY_ENV", "OPENAI_API_KEY")),
         "training": training or TrainingResource(profile=env.get("CIRCOT_PROFILE", "embedded"),
                                                  base_model_path=env.get("CIRCOT_BASE_MODEL_PATH")),
+        "gate": gate or GateResource(
+            floors=env.get("CIRCOT_GATE_FLOORS") or None,
+            cot_not_worse=env.get("CIRCOT_GATE_COT_NOT_WORSE", "1").lower() not in ("0", "false", "no"),
+            cot_tolerance=float(env.get("CIRCOT_GATE_COT_TOLERANCE", "0")),
+            max_regression=float(env.get("CIRCOT_GATE_MAX_REGRESSION", "0.01"))),
     }
     data_modules = [raw_dataset_module, triplets_module, cot_annotations_module]
     data_assets = dg.load_assets_from_modules(data_modules)
@@ -66,10 +80,14 @@ def build_definitions(*, project_dir: str | None = None, artifacts_root: str | N
                                    description="Raw data, normalised triplets and CoT annotations of one dataset")
     training_job = dg.define_asset_job(TRAINING_JOB, selection=dg.AssetSelection.assets(*model_assets),
                                        description="Bootstrap or register the base model, then train the CIR-CoT model")
+    eval_assets = [evaluation_module.evaluation, evaluation_module.promoted_model]
+    evaluation_job = dg.define_asset_job(EVALUATION_JOB, selection=dg.AssetSelection.assets(*eval_assets),
+                                         partitions_def=dataset_partitions,
+                                         description="Evaluate the latest model on one dataset; the gate decides its promotion")
     return dg.Definitions(
-        assets=[*data_assets, *model_assets],
-        asset_checks=dg.load_asset_checks_from_modules(data_modules),
-        jobs=[pipeline, training_job],
+        assets=[*data_assets, *model_assets, *eval_assets],
+        asset_checks=[*dg.load_asset_checks_from_modules(data_modules), evaluation_module.promotion_gate],
+        jobs=[pipeline, training_job, evaluation_job],
         resources=resources,
     )
 

@@ -11,8 +11,8 @@ from model_code.annotations import read_annotations
 from model_code.data import read_tables
 from model_code.versioning import DvcProject
 from orchestration.__main__ import run as run_cli
-from assets.resources import TrainingResource
-from orchestration.definitions import PIPELINE_JOB, TRAINING_JOB, build_definitions
+from assets.resources import GateResource, TrainingResource
+from orchestration.definitions import EVALUATION_JOB, PIPELINE_JOB, TRAINING_JOB, build_definitions
 from tests.conftest import TINY_PARAMS, make_dvc_project, shared_benchmark
 
 
@@ -136,7 +136,7 @@ def test_cli_runs_the_job_and_reports(dvc_project, tmp_path, capsys):
     assert str(tmp_path / "a" / "triplets" / "synthetic") in out
 
 
-def test_training_job_bootstraps_the_tiny_base_and_trains_both_stages(dvc_project, tmp_path):
+def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path):
     import torch
 
     from model_code.model import CirCoTModel
@@ -161,6 +161,42 @@ def test_training_job_bootstraps_the_tiny_base_and_trains_both_stages(dvc_projec
     loaded = CirCoTModel.load(latest["path"], device="cpu")
     emb = loaded.embed_images([next((tmp_path / "project" / "data" / "raw" / "synthetic" / "images" / "test").glob("*.png"))])
     assert emb.shape == (1, 256) and torch.isfinite(emb).all()
+
+    # evaluation, the blocking gate, promotion: a floor the model cannot reach stops the promotion...
+    from serving import model_store
+
+    for entry in model_store.list_models():
+        import bentoml
+
+        bentoml.models.delete(entry["tag"])
+    eval_config = {"ops": {"evaluation": {"config": {"limit": 6, "max_new_tokens": 8, "batch_size": 8}}}}
+    strict = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
+                               training=TrainingResource(profile="smoke"), gate=GateResource(floors='{"R@1": 1.01}'))
+    with dg.instance_for_test() as instance:
+        run = strict.resolve_job_def(EVALUATION_JOB).execute_in_process(
+            partition_key="synthetic", instance=instance, raise_on_error=False, run_config=eval_config)
+    checks = [e.event_specific_data for e in run.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    mats = {e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization
+            for e in run.all_events if e.event_type_value == "ASSET_MATERIALIZATION"}
+    assert [c.passed for c in checks] == [False] and "floor R@1" in checks[0].description
+    assert "promoted_model" not in mats and model_store.production() is None
+    ev = mats["evaluation"].metadata
+    assert set(ev["metrics"].value) == {"cot", "no_cot", "image_only", "text_only"} and ev["queries"].value == 6
+    assert "| cot |" in ev["table"].value and "data:image/png;base64" in ev["qualitative"].value
+    assert json.loads((artifacts / "evaluation" / "synthetic" / "test" / "metrics.json").read_text()) == ev["metrics"].value
+    # ...and with floors it reaches, the model is promoted into the BentoML store, labelled with its lineage
+    lenient = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
+                                training=TrainingResource(profile="smoke"),
+                                gate=GateResource(floors='{"synthetic": {"R@50": 0.5}}', cot_not_worse=False))
+    with dg.instance_for_test() as instance:
+        run = lenient.resolve_job_def(EVALUATION_JOB).execute_in_process(
+            partition_key="synthetic", instance=instance, raise_on_error=False, run_config=eval_config)
+    assert run.success
+    prod = model_store.production()
+    assert prod["version"] == latest["version"] and prod["labels"]["stage"] == "production"
+    assert prod["labels"]["data_synthetic"] == latest["data"]["synthetic"]["raw"]
+    assert prod["labels"]["annotations_synthetic"] == latest["data"]["synthetic"]["annotations"]
+    assert prod["labels"]["evaluated_on"] == "synthetic/test" and prod["labels"]["headline"].startswith("R@10=")
 
 
 def test_gpu_profile_needs_a_checkpoint_and_registers_one(dvc_project, tmp_path, micro_base):

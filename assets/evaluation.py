@@ -1,0 +1,173 @@
+"""evaluation[d], its promotion gate, and promoted_model[d] (DESIGN.md §3, §6, §7).
+
+``evaluation`` embeds the gallery and the queries of the dataset's scored split with the latest
+CIR-CoT model and reports CIR-CoT, the no-CoT ablation and the image-only / text-only baselines
+side by side (``<artifacts>/evaluation/<d>/<split>/``: metrics.json, table.md, plots, per-query
+reasoning); for a split with hidden targets it writes the evaluation servers' files. The blocking
+``promotion_gate`` check compares the metrics with the configured floors, CoT with no-CoT, and the
+production model; only when it passes does ``promoted_model`` save the model into the BentoML
+model store as ``cir-cot`` (serving/model_store.py).
+"""
+
+
+import json
+
+import dagster as dg
+from pydantic import Field
+
+from assets.common import dataset_partitions, png_markdown
+from assets.resources import ArtifactStore, GateResource
+from assets.training import cir_cot_model
+from assets.triplets import triplets, triplets_dir
+
+
+class EvaluationConfig(dg.Config):
+    methods: list[str] = Field(default=["cot", "no_cot", "image_only", "text_only"],
+                               description="Methods side by side: cot, no_cot, image_only, text_only.")
+    split: str | None = Field(default=None, description="Split to score; default the benchmark's (synthetic: test, else val).")
+    submissions: bool = Field(default=True, description="Also rank the split with hidden targets (CIRR test1, CIRCO test) "
+                                                        "and write the evaluation servers' files.")
+    limit: int | None = Field(default=None, description="Evaluate only the first queries of each gallery (a trial run).")
+    batch_size: int = Field(default=64, description="Queries / images per forward pass.")
+    max_new_tokens: int = Field(default=256, description="Longest generated chain of thought (cot).")
+    device: str | None = Field(default=None, description="cuda / cpu; default cuda when present.")
+    dtype: str = Field(default="auto", description="auto: bfloat16 on a GPU, float32 on the CPU.")
+
+
+def evaluation_dir(artifacts: ArtifactStore, dataset: str, split: str | None = None):
+    return artifacts.dir("evaluation", dataset, split) if split else artifacts.dir("evaluation", dataset)
+
+
+def latest_model(artifacts: ArtifactStore) -> dict:
+    summary_file = artifacts.path("cir_cot_model", "latest.json")
+    if not summary_file.is_file():
+        raise dg.Failure(description="cir_cot_model has not been materialised: run the training job first")
+    return json.loads(summary_file.read_text())
+
+
+@dg.asset(partitions_def=dataset_partitions, group_name="evaluation", deps=[cir_cot_model, triplets], kinds={"pytorch"},
+          description="Benchmark-exact metrics of CIR-CoT, the no-CoT ablation and two baselines; submission files")
+def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
+    from model_code.data import HIDDEN_SPLITS, read_tables
+    from model_code.evaluate import (
+        SCORED_SPLIT,
+        SUBMISSION_SPLIT,
+        evaluate,
+        write_report,
+    )
+    from model_code.model import CirCoTModel
+
+    name = context.partition_key
+    summary = latest_model(artifacts)
+    tables_dir = triplets_dir(artifacts, name)
+    tables_meta = json.loads((tables_dir / "meta.json").read_text())
+    bench = read_tables(tables_dir)
+    root = tables_meta["root"]
+    model = CirCoTModel.load(summary["path"], dtype=config.dtype, device=config.device)
+    split = config.split or SCORED_SPLIT[name]
+    if (name, split) in HIDDEN_SPLITS:
+        raise dg.Failure(description=f"{name}/{split} hides its targets: nothing to score (choose a split with targets)")
+    cache = artifacts.dir("evaluation", name, "cache")
+    kwargs = {"methods": config.methods, "batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens,
+              "cache_dir": cache, "limit": config.limit, "say": context.log.info}
+    image_paths = {i: f"{root}/{p}" for i, p in zip(bench.images["image_id"], bench.images["path"])}
+    ev = evaluate(model, bench, root, name, split, **kwargs)
+    out = evaluation_dir(artifacts, name, split)
+    written = write_report(ev, out, image_paths)
+    submission_files = []
+    hidden_split = SUBMISSION_SPLIT.get(name)
+    if config.submissions and hidden_split and hidden_split in set(bench.triplets["split"]):
+        hidden = evaluate(model, bench, root, name, hidden_split, **{**kwargs, "methods": [
+            m for m in config.methods if m in ("cot", "no_cot")]})
+        submission_files = [str(p) for n, p in write_report(hidden, evaluation_dir(artifacts, name, hidden_split)).items()
+                            if n.startswith(name)]
+    record = {"dataset": name, "split": split, "model_version": summary["version"], "model_path": summary["path"],
+              "metrics": ev.metrics, "headline": ev.headline, "timings": ev.timings,
+              "raw_version": tables_meta["raw_version"], "submissions": submission_files}
+    artifacts.path("evaluation", name, "latest.json").write_text(json.dumps(record, indent=1))
+    table = (out / "table.md").read_text()
+    context.log.info("\n" + table)
+    cot = ev.metrics.get("cot", {})
+    metadata = {
+        "path": dg.MetadataValue.path(str(out)), "model_version": summary["version"], "split": split,
+        "queries": len(ev.queries), "table": dg.MetadataValue.md(table),
+        "metrics": dg.MetadataValue.json(ev.metrics), "headline": ev.headline,
+        "recall_plot": png_markdown(written["recall.png"], "Recall@K per method"),
+        "qualitative": png_markdown(written["qualitative.png"], "reference, reasoning and top-5"),
+        "submissions": dg.MetadataValue.json(submission_files),
+        **{f"{m}_queries_per_s": ev.timings[m]["per_s"] for m in ("cot", "no_cot") if m in ev.timings},
+    }
+    if cot:
+        metadata[f"cot_{ev.headline}"] = cot[ev.headline]
+    return dg.MaterializeResult(data_version=dg.DataVersion(f"{summary['version']}-{split}"), metadata=metadata)
+
+
+@dg.asset_check(asset=evaluation, blocking=True, partitions_def=dataset_partitions,
+                description="Promotion gate: metric floors, CoT not worse than no-CoT, no regression against production")
+def promotion_gate(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStore, gate: GateResource) -> dg.AssetCheckResult:
+    from model_code.gate import gate as run_gate
+    from serving import model_store
+
+    name = context.partition_key
+    record = json.loads(artifacts.path("evaluation", name, "latest.json").read_text())
+    production = model_store.production_metrics(name, record["split"])
+    if production is not None and production["version"] == record["model_version"]:
+        production = None  # re-evaluating the production model itself: nothing to regress against
+    verdict = run_gate(record["metrics"], record["headline"], gate.config(name), production)
+    result = {**verdict.to_dict(), "model_version": record["model_version"], "split": record["split"]}
+    artifacts.path("evaluation", name, "gate.json").write_text(json.dumps(result, indent=1))
+    explanation = verdict.explain()
+    (context.log.info if verdict.passed else context.log.error)(f"promotion gate {name}:\n{explanation}")
+    return dg.AssetCheckResult(
+        passed=verdict.passed, severity=dg.AssetCheckSeverity.ERROR,
+        description=f"{'passed' if verdict.passed else 'FAILED'}: {verdict.headline} {verdict.value:.4f}; "
+                    + "; ".join(c.name for c in verdict.checks if not c.passed),
+        metadata={"verdict": dg.MetadataValue.md(explanation), "model_version": record["model_version"],
+                  "production_version": production["version"] if production else "none",
+                  verdict.headline: verdict.value})
+
+
+class PromotionConfig(dg.Config):
+    stage: str = Field(default="production", description="production (archives the previous one) or candidate.")
+    force: bool = Field(default=False, description="Promote even a model an operator rolled back.")
+
+
+@dg.asset(partitions_def=dataset_partitions, group_name="evaluation", deps=[evaluation], kinds={"bentoml"},
+          description="The gated model in the BentoML model store as cir-cot, with lineage labels")
+def promoted_model(context: dg.AssetExecutionContext, config: PromotionConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
+    from serving import model_store
+
+    name = context.partition_key
+    gate_file = artifacts.path("evaluation", name, "gate.json")
+    record = json.loads(artifacts.path("evaluation", name, "latest.json").read_text())
+    verdict = json.loads(gate_file.read_text()) if gate_file.is_file() else None
+    # the blocking check stops this asset in the run that evaluated; re-checked here for runs that
+    # materialise promoted_model alone
+    if verdict is None or verdict["model_version"] != record["model_version"]:
+        raise dg.Failure(description=f"no gate verdict for model {record['model_version']} on {name}: run the evaluation")
+    if not verdict["passed"]:
+        raise dg.Failure(description=f"model {record['model_version']} failed the promotion gate on {name}")
+    summary = latest_model(artifacts)
+    if summary["version"] != record["model_version"]:
+        raise dg.Failure(description=f"the latest model ({summary['version']}) is not the evaluated one "
+                                     f"({record['model_version']}): evaluate it first")
+    cot = record["metrics"].get("cot", {})
+    labels = {"model_version": summary["version"], "base_version": summary["base_version"],
+              "evaluated_on": f"{name}/{record['split']}", "headline": f"{record['headline']}={cot.get(record['headline'], float('nan')):.4f}"}
+    for metric in ("R@1", "R@10", "Avg", "mAP@10"):
+        if metric in cot:
+            labels[f"cot_{metric}"] = f"{cot[metric]:.4f}"
+    for dataset, v in summary.get("data", {}).items():
+        labels[f"data_{dataset}"] = v["raw"]
+        labels[f"annotations_{dataset}"] = v["annotations"]
+        labels[f"teacher_{dataset}"] = f"{v['teacher']}/{v['prompt_version']}"
+    metadata = {"evaluations": {f"{name}/{record['split']}": cot}, "all_metrics": record["metrics"],
+                "gate": verdict, "training": summary.get("stages", {})}
+    result = model_store.promote(summary["path"], version=summary["version"], labels=labels, metadata=metadata,
+                                 stage=config.stage, force=config.force)
+    context.log.info(f"promoted_model: {result['reason']}")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(f"{result['tag']}:{result['stage']}"),
+        metadata={"tag": result["tag"], "stage": result["stage"], "changed": result["changed"],
+                  "previous_production": result["previous"] or "none", "reason": result["reason"],
+                  "labels": dg.MetadataValue.json(labels)})

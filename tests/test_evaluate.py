@@ -1,0 +1,291 @@
+"""Evaluation (scores per benchmark, reports, submission files), the promotion gate, and the
+BentoML model store (promotion, idempotence, rollback)."""
+
+import json
+import random
+
+import pandas as pd
+import pytest
+import torch
+
+from model_code import synthetic as syn
+from model_code.data import read_dataset
+from model_code.evaluate import Evaluation, Group, evaluate, markdown_table, score, submissions, write_report
+from model_code.gate import GateConfig, gate
+from model_code.oracle import describe, scene_from_text
+
+
+def _group(rows: list[dict], gallery: list[str], name: str = "") -> Group:
+    q = pd.DataFrame([{"query_id": str(i), "subset_ids": [], "n_edits": None, "reference_dependent": None, **r}
+                      for i, r in enumerate(rows)])
+    return Group(name, q, gallery, [])
+
+
+# ---- scoring per benchmark -------------------------------------------------------------------
+
+
+def test_cirr_scores_recall_subset_and_the_average_by_hand():
+    g = _group([{"reference_id": "r0", "target_ids": ["b"], "subset_ids": ["a", "b", "c"]},
+                {"reference_id": "r1", "target_ids": ["z"], "subset_ids": ["c", "z"]}], list("abcz"))
+    ranked = {"cot": [["a", "c", "b", "z"], ["z", "a", "b", "c"]]}
+    m = score("cirr", [(g, ranked)], ["cot"])["cot"]
+    assert (m["R@1"], m["R@5"]) == (0.5, 1.0)
+    # subsets: [a, c, b] -> target 3rd; [z, c] -> 1st
+    assert (m["R_subset@1"], m["R_subset@2"], m["R_subset@3"]) == (0.5, 0.5, 1.0)
+    assert m["Avg"] == (1.0 + 0.5) / 2
+
+
+def test_fashioniq_averages_recall_over_categories():
+    dress = _group([{"reference_id": "r", "target_ids": ["a"]}] * 2, ["a"], "dress")
+    shirt = _group([{"reference_id": "r", "target_ids": ["x"]}], ["a"], "shirt")
+    ranked_d = {"m": [["a"], ["b"] * 60]}
+    ranked_s = {"m": [["x"]]}
+    m = score("fashioniq", [(dress, ranked_d), (shirt, ranked_s)], ["m"])["m"]
+    assert m["dress/R@10"] == 0.5 and m["shirt/R@10"] == 1.0
+    assert m["R@10"] == 0.75 and m["R@50"] == 0.75 and m["Avg"] == 0.75
+
+
+def test_circo_scores_map_with_several_ground_truths():
+    g = _group([{"reference_id": "r", "target_ids": ["a", "c"]}], list("abc"))
+    m = score("circo", [(g, {"m": [["a", "b", "c"]]})], ["m"])["m"]
+    # AP@5 = (1/1 + 2/3) / min(5, 2)
+    assert m["mAP@5"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_synthetic_breakdown_by_edits_and_reference_dependence():
+    rows = [{"reference_id": "r", "target_ids": ["a"], "n_edits": 1, "reference_dependent": True},
+            {"reference_id": "r", "target_ids": ["a"], "n_edits": 2, "reference_dependent": False},
+            {"reference_id": "r", "target_ids": ["a"], "n_edits": 2, "reference_dependent": True}]
+    g = _group(rows, ["a", "b"])
+    m = score("synthetic", [(g, {"m": [["a", "b"], ["b", "a"], ["a", "b"]]})], ["m"])["m"]
+    assert m["R@1"] == pytest.approx(2 / 3)
+    assert m["R@1[edits=1]"] == 1.0 and m["R@1[edits=2]"] == 0.5 and m["n[edits=2]"] == 2
+    assert m["R@1[ref_dependent]"] == 1.0 and m["R@1[ref_independent]"] == 0.0
+
+
+def test_a_conclusion_is_read_back_into_the_objects_it_states():
+    rng = random.Random(3)
+    for _ in range(50):
+        scene = syn.random_scene(rng, iter(range(100)).__next__)
+        truth = {syn.scene_key((o,))[0] for o in scene}
+        assert scene_from_text(describe(scene, rng, result=True)) == truth
+    assert scene_from_text("a big Red circle in the upper left corner, then nonsense") == {("circle", "red", "large", 0, 0)}
+    assert scene_from_text("<caption>garbage</caption>") == set()
+
+
+# ---- the whole evaluation on the tiny benchmark -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def micro_model(micro_base):
+    from model_code.backbone import load_backbone
+    from model_code.model import CirCoTModel, apply_lora
+
+    torch.manual_seed(0)
+    model, processor = load_backbone(micro_base, device="cpu")
+    m = CirCoTModel(apply_lora(model, processor, r=4, alpha=8), processor, base_path=str(micro_base))
+    m.version = "micro-test"
+    return m
+
+
+def test_evaluation_scores_every_method_writes_the_report_and_resumes_from_its_cache(micro_model, tiny_synthetic,
+                                                                                     tmp_path, monkeypatch):
+    bench = read_dataset("synthetic", tiny_synthetic)
+    cache = tmp_path / "cache"
+    ev = evaluate(micro_model, bench, tiny_synthetic, "synthetic", "test", batch_size=8, max_new_tokens=6,
+                  cache_dir=cache, say=lambda s: None)
+    test = bench.triplets[bench.triplets.split == "test"]
+    assert set(ev.metrics) == {"cot", "no_cot", "image_only", "text_only"} and not ev.hidden
+    for method, m in ev.metrics.items():
+        assert all(0.0 <= m[f"R@{k}"] <= 1.0 for k in (1, 5, 10, 50)), method
+        assert m["R@50"] == 1.0  # the tiny gallery is smaller than 50 and holds every target
+    # the reference is excluded from its own ranking (CIRR's rule, which cir-shapes follows)
+    for q in test.itertuples():
+        assert q.reference_id not in ev.rankings["no_cot"][q.query_id]
+    assert {"cot_parsed", "conclusion_exact", "conclusion_object_f1", "R@1[edits=1]"} <= set(ev.metrics["cot"])
+    assert set(ev.reasoning) == set(test.query_id) and all("text" in r for r in ev.reasoning.values())
+    assert ev.timings["cot"]["n"] == len(test) and ev.timings["gallery"]["per_s"] > 0
+
+    images = {i: tiny_synthetic / p for i, p in zip(bench.images.image_id, bench.images.path)}
+    written = write_report(ev, tmp_path / "report", images)
+    assert json.loads(written["metrics.json"].read_text()) == json.loads(json.dumps(ev.metrics))
+    table = written["table.md"].read_text()
+    assert all(f"| {m} |" in table for m in ev.metrics) and "queries/s" in table
+    for png in ("recall.png", "qualitative.png"):
+        assert written[png].read_bytes()[:4] == b"\x89PNG"
+    lines = [json.loads(x) for x in written["queries.jsonl"].read_text().splitlines()]
+    assert len(lines) == len(test) and "reasoning" in lines[0] and len(lines[0]["top10"]["cot"]) == 10
+
+    # a second evaluation of the same model version reads its embeddings from the cache
+    def boom(*a, **k):
+        raise AssertionError("recomputed instead of read from the cache")
+
+    monkeypatch.setattr(micro_model, "infer_queries", boom)
+    monkeypatch.setattr(micro_model, "embed_images", boom)
+    again = evaluate(micro_model, bench, tiny_synthetic, "synthetic", "test", batch_size=8, max_new_tokens=6,
+                     cache_dir=cache, say=lambda s: None)
+    assert again.metrics == ev.metrics
+
+
+def test_bad_input_gives_a_clear_error(micro_model, tiny_synthetic):
+    bench = read_dataset("synthetic", tiny_synthetic)
+    with pytest.raises(ValueError, match="no queries"):
+        evaluate(micro_model, bench, tiny_synthetic, "synthetic", "nosuchsplit")
+    with pytest.raises(ValueError, match="unknown method"):
+        evaluate(micro_model, bench, tiny_synthetic, "synthetic", "test", methods=["clip"], say=lambda s: None)
+
+
+# ---- submission files ---------------------------------------------------------------------------
+
+
+def _hidden(dataset: str, split: str, queries: pd.DataFrame, ranking: list[str], subset=None) -> Evaluation:
+    ranks = {"cot": {q: ranking for q in queries.query_id}}
+    return Evaluation(dataset, split, "v", True, {}, ranks, {}, {}, queries,
+                      {"cot": {q: subset for q in queries.query_id}} if subset is not None else {})
+
+
+def test_cirr_submission_files_follow_the_server_format():
+    q = pd.DataFrame({"query_id": ["101", "102"], "reference_id": ["r", "r"], "modification": ["x", "y"],
+                      "target_ids": [[], []], "subset_ids": [["a", "b", "r"], ["c"]]})
+    files = submissions(_hidden("cirr", "test1", q, [f"img{i}" for i in range(80)], ["b", "a"]), "cot")
+    recall, subset = files["cirr_test1_cot_recall.json"], files["cirr_test1_cot_recall_subset.json"]
+    assert (recall["version"], recall["metric"]) == ("rc2", "recall")
+    assert (subset["version"], subset["metric"]) == ("rc2", "recall_subset")
+    assert set(recall) - {"version", "metric"} == {"101", "102"} and len(recall["101"]) == 50
+    assert subset["101"] == ["b", "a"]
+
+
+def test_circo_submission_maps_query_ids_back_to_the_annotation_ids():
+    q = pd.DataFrame({"query_id": ["test-0", "test-17"], "reference_id": ["1", "2"], "modification": ["x", "y"],
+                      "target_ids": [[], []]})
+    (name, content), = submissions(_hidden("circo", "test", q, [str(i) for i in range(70)]), "cot").items()
+    assert name == "circo_test_cot.json" and set(content) == {"0", "17"} and len(content["17"]) == 50
+
+
+def test_the_evaluation_of_a_cirr_split_gives_subset_rankings_from_the_full_order(micro_model, tmp_path):
+    """The subset's top 3 come from the whole ranking, not from the top 50."""
+    from PIL import Image
+
+    from model_code.data import Benchmark
+
+    root = tmp_path / "cirr"
+    (root / "img").mkdir(parents=True)
+    ids = [f"i{k}" for k in range(60)]
+    for k, i in enumerate(ids):
+        Image.new("RGB", (32, 32), (k * 4, 255 - k * 4, 40)).save(root / "img" / f"{i}.png")
+    images = pd.DataFrame({"image_id": ids, "dataset": "cirr", "split": "test1", "path": [f"img/{i}.png" for i in ids],
+                           "category": None})
+    triplets = pd.DataFrame([{"query_id": "7", "dataset": "cirr", "split": "test1", "category": None, "reference_id": "i0",
+                              "modification": "more red", "target_ids": [], "subset_ids": ["i0", "i5", "i9", "i33"],
+                              "shared_concept": None}])
+    ev = evaluate(micro_model, Benchmark(triplets, images), root, "cirr", "test1", methods=["no_cot"],
+                  say=lambda s: None)
+    assert ev.hidden and ev.metrics == {}
+    assert markdown_table(ev).startswith("cirr/test1: targets are hidden")
+    full = ev.subset_rankings["no_cot"]["7"]
+    assert sorted(full) == sorted(["i5", "i9", "i33"])  # the reference is never in its own subset ranking
+    written = write_report(ev, tmp_path / "out")
+    assert json.loads(written["cirr_test1_no_cot_recall_subset.json"].read_text())["7"] == full
+
+
+# ---- the gate -----------------------------------------------------------------------------------
+
+
+METRICS = {"cot": {"R@1": 0.4, "R@10": 0.8}, "no_cot": {"R@1": 0.35, "R@10": 0.75}}
+
+
+def test_gate_passes_and_explains_itself():
+    v = gate(METRICS, "R@10", GateConfig(floors={"R@10": 0.5}), {"version": "old", "metrics": {"R@10": 0.805}})
+    assert v.passed and v.value == 0.8
+    assert [c.name for c in v.checks] == ["floor R@10", "cot not worse than no_cot", "no regression"]
+    assert "0.8000 vs production old 0.8050" in v.explain()
+
+
+@pytest.mark.parametrize("config, production, failing", [
+    (GateConfig(floors={"R@10": 0.9}), None, "floor R@10"),
+    (GateConfig(floors={"R@50": 0.1}), None, "floor R@50"),          # a floor on a metric never measured
+    (GateConfig(), {"version": "old", "metrics": {"R@10": 0.85}}, "no regression"),
+])
+def test_gate_fails_on_a_floor_or_a_regression(config, production, failing):
+    v = gate(METRICS, "R@10", config, production)
+    assert not v.passed and [c.name for c in v.checks if not c.passed] == [failing]
+
+
+def test_gate_requires_cot_not_worse_than_no_cot_unless_switched_off():
+    worse = {"cot": {"R@10": 0.70}, "no_cot": {"R@10": 0.75}}
+    assert not gate(worse, "R@10", GateConfig()).passed
+    assert gate(worse, "R@10", GateConfig(cot_tolerance=0.06)).passed
+    assert gate(worse, "R@10", GateConfig(cot_not_worse=False)).passed
+
+
+# ---- the BentoML model store ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def store():
+    """The session's BENTOML_HOME (a temporary folder), emptied of cir-cot models."""
+    import bentoml
+
+    from serving import model_store
+
+    for entry in model_store.list_models():
+        bentoml.models.delete(entry["tag"])
+    return model_store
+
+
+@pytest.fixture(scope="module")
+def saved_models(micro_model, tmp_path_factory):
+    """Two saved models with different adapters (A and B)."""
+    out = {}
+    for name, seed in (("A", 1), ("B", 2)):
+        with torch.no_grad():
+            for n, p in micro_model.model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.01)
+        path = tmp_path_factory.mktemp(name) / "model"
+        out[name] = (path, micro_model.save(path))
+    return out
+
+
+def test_promotion_is_idempotent_archives_the_previous_model_and_rolls_back(store, saved_models, tiny_synthetic):
+    (path_a, ver_a), (path_b, ver_b) = saved_models["A"], saved_models["B"]
+    assert ver_a != ver_b and store.production() is None
+    labels = {"model_version": "x", "headline": "R@10=0.5"}
+    first = store.promote(path_a, version=ver_a, labels=labels, metadata={"evaluations": {"synthetic/test": {"R@10": 0.5}}})
+    assert first["changed"] and first["previous"] is None
+    assert store.production()["tag"] == f"cir-cot:{ver_a}"
+    assert store.production_metrics("synthetic", "test") == {"version": ver_a, "metrics": {"R@10": 0.5}}
+    again = store.promote(path_a, version=ver_a, labels=labels)
+    assert not again["changed"] and len(store.list_models()) == 1
+
+    second = store.promote(path_b, version=ver_b, labels=labels)
+    assert second["changed"] and second["previous"] == f"cir-cot:{ver_a}"
+    stages = {m["version"]: m["stage"] for m in store.list_models()}
+    assert stages == {ver_a: "archived", ver_b: "production"}
+
+    # the stored entry is self-contained: it loads (with its copied base) and embeds like the original
+    from model_code.model import CirCoTModel
+
+    image = next((tiny_synthetic / "images" / "test").glob("*.png"))
+    stored = store.load_promoted(device="cpu")
+    assert stored.version == ver_b
+    torch.testing.assert_close(stored.embed_images([image]), CirCoTModel.load(path_b, device="cpu").embed_images([image]))
+
+    moved = store.rollback()
+    assert moved == {"from": f"cir-cot:{ver_b}", "to": f"cir-cot:{ver_a}"}
+    stages = {m["version"]: m["stage"] for m in store.list_models()}
+    assert stages == {ver_a: "production", ver_b: "rolled_back"}
+    # the pipeline promoting the rolled-back model again does not undo the operator's rollback...
+    refused = store.promote(path_b, version=ver_b, labels=labels)
+    assert not refused["changed"] and "rolled back" in refused["reason"]
+    assert store.production()["version"] == ver_a
+    # ...unless forced
+    assert store.promote(path_b, version=ver_b, labels=labels, force=True)["changed"]
+    assert store.production()["version"] == ver_b
+    with pytest.raises(FileNotFoundError):
+        store.promote(path_a.parent, version="nope", labels=labels)
+
+
+def test_rollback_without_a_previous_model_says_so(store):
+    with pytest.raises(LookupError, match="no archived"):
+        store.rollback()
