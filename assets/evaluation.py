@@ -82,7 +82,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, arti
         submission_files = [str(p) for n, p in write_report(hidden, evaluation_dir(artifacts, name, hidden_split)).items()
                             if n.startswith(name)]
     record = {"dataset": name, "split": split, "model_version": summary["version"], "model_path": summary["path"],
-              "metrics": ev.metrics, "headline": ev.headline, "timings": ev.timings,
+              "metrics": ev.metrics, "headline": ev.headline, "timings": ev.timings, "per_query": ev.per_query,
               "raw_version": tables_meta["raw_version"], "submissions": submission_files}
     artifacts.path("evaluation", name, "latest.json").write_text(json.dumps(record, indent=1))
     table = (out / "table.md").read_text()
@@ -113,7 +113,7 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, artifacts: ArtifactSt
     production = model_store.production_metrics(name, record["split"])
     if production is not None and production["version"] == record["model_version"]:
         production = None  # re-evaluating the production model itself: nothing to regress against
-    verdict = run_gate(record["metrics"], record["headline"], gate.config(name), production)
+    verdict = run_gate(record["metrics"], record["headline"], gate.config(name), production, record.get("per_query"))
     result = {**verdict.to_dict(), "model_version": record["model_version"], "split": record["split"]}
     artifacts.path("evaluation", name, "gate.json").write_text(json.dumps(result, indent=1))
     explanation = verdict.explain()

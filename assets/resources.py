@@ -161,6 +161,7 @@ class GateResource(dg.ConfigurableResource):
     floors: str | None = None
     cot_not_worse: bool = True
     cot_tolerance: float = 0.0
+    cot_confidence: float | None = 0.95  # None or 0: compare the means, not a paired test over the queries
     max_regression: float = 0.01
 
     def config(self, dataset: str):
@@ -179,4 +180,5 @@ class GateResource(dg.ConfigurableResource):
             nested = any(isinstance(v, dict) for v in given.values())
             floors = given.get(dataset, {}) if nested else given
         return GateConfig(floors={k: float(v) for k, v in floors.items()}, cot_not_worse=self.cot_not_worse,
-                          cot_tolerance=self.cot_tolerance, max_regression=self.max_regression)
+                          cot_tolerance=self.cot_tolerance, cot_confidence=self.cot_confidence or None,
+                          max_regression=self.max_regression)

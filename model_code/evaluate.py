@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from model_code.data import HIDDEN_SPLITS
-from model_code.metrics import (map_at_k, rank_gallery, recall_at_k, recall_subset_at_k, reference_exclusions)
+from model_code.metrics import (average_precision_at_k, map_at_k, rank_gallery, recall_at_k, recall_subset_at_k,
+                                reference_exclusions)
 
 METHODS = ("cot", "no_cot", "image_only", "text_only")
 MODEL_METHODS = ("cot", "no_cot")  # the model's own query modes; the other two are baselines
@@ -63,6 +64,7 @@ class Evaluation:
     timings: dict[str, dict[str, float]]             # {method or "gallery": {"seconds", "per_s", "n"}}
     queries: object = None                           # the evaluated triplets rows
     subset_rankings: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)  # CIRR: top-3 of the subset
+    per_query: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # {method: {query_id: headline score}}
 
     @property
     def headline(self) -> str:
@@ -201,12 +203,14 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
                 reasoning.update(dict(zip(group.queries["query_id"], reas)))
         per_group.append((group, ranked))
     metrics = {} if hidden else score(dataset, per_group, methods)
+    per_query = {} if hidden else {m: headline_per_query(dataset, per_group, m) for m in methods}
     if dataset == "synthetic" and "cot" in methods and not hidden:
         metrics["cot"].update(reasoning_correctness(root, split, per_group[0][0].queries, reasoning))
     import pandas as pd
 
     queries = pd.concat([g.queries for g, _ in per_group], ignore_index=True)
-    return Evaluation(dataset, split, version, hidden, metrics, rankings, reasoning, timings, queries, subset_rankings)
+    return Evaluation(dataset, split, version, hidden, metrics, rankings, reasoning, timings, queries, subset_rankings,
+                      per_query)
 
 
 def _add_timing(timings: dict, key: str, seconds: float, n: int) -> None:
@@ -251,6 +255,29 @@ def score(dataset: str, per_group: list[tuple[Group, dict[str, list[list[str]]]]
             if dataset == "synthetic":
                 m.update(breakdown(group.queries, ranked[method]))
         out[method] = m
+    return out
+
+
+def headline_per_query(dataset: str, per_group: list[tuple[Group, dict[str, list[list[str]]]]],
+                       method: str) -> dict[str, float]:
+    """Each query's share of the headline metric (its mean over queries is the headline, or for
+    FashionIQ its per-query form): what a paired comparison of two methods needs."""
+    out = {}
+    for group, ranked in per_group:
+        q = group.queries
+        for i, (qid, targets) in enumerate(zip(q["query_id"], q["target_ids"])):
+            r, gt = ranked[method][i], set(targets)
+            if dataset == "synthetic":
+                value = float(bool(gt.intersection(r[:10])))
+            elif dataset == "cirr":
+                members = set(q["subset_ids"].iloc[i])
+                sub = [x for x in r if x in members]
+                value = (float(bool(gt.intersection(r[:5]))) + float(bool(gt.intersection(sub[:1])))) / 2
+            elif dataset == "fashioniq":
+                value = (float(bool(gt.intersection(r[:10]))) + float(bool(gt.intersection(r[:50])))) / 2
+            else:
+                value = average_precision_at_k(r, gt, 10)
+            out[qid] = value
     return out
 
 

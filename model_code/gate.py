@@ -3,8 +3,10 @@
 Three rules, each reported with its numbers so the verdict explains itself:
 
 1. floors      every configured metric of the gated method (``cot``) at or above its floor;
-2. reasoning   CoT not worse than the ``no_cot`` ablation on the headline metric, within a
-               tolerance (can be switched off);
+2. reasoning   CoT not worse than the ``no_cot`` ablation on the headline metric: with the
+               per-query scores, a paired bootstrap over the queries fails the model only when CoT
+               is worse with the configured confidence (a 500-query benchmark cannot tell a point
+               or two apart); without them, the means within a tolerance. Can be switched off;
 3. regression  the headline metric not below the production model's on the same dataset and
                split by more than a tolerance (passes when there is no production model yet, or
                when the production model is this very model).
@@ -26,6 +28,7 @@ class GateConfig:
     method: str = "cot"                  # the method whose metrics the floors and regression check read
     cot_not_worse: bool = True
     cot_tolerance: float = 0.0           # cot may trail no_cot by this much (absolute) on the headline
+    cot_confidence: float | None = 0.95  # with per-query scores: fail only when cot is worse at this confidence
     max_regression: float = 0.01         # the headline may fall this much (absolute) below production
 
 
@@ -51,11 +54,26 @@ class Verdict:
                 "checks": [dataclasses.asdict(c) for c in self.checks]}
 
 
+def paired_bootstrap(a: list[float], b: list[float], confidence: float = 0.95, resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Mean of a - b over paired items and its two-sided bootstrap confidence interval
+    (deterministic under ``seed``)."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.size == 0:
+        raise ValueError("no paired scores")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    return float(d.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
 def gate(metrics: dict[str, dict[str, float]], headline: str, config: GateConfig,
-         production: dict | None = None) -> Verdict:
+         production: dict | None = None, per_query: dict[str, dict[str, float]] | None = None) -> Verdict:
     """``metrics`` as :func:`model_code.evaluate.score` returns them; ``production``: ``{"version",
     "metrics": {metric: value}}`` of the production model on the same dataset and split (its
-    gated method), or None."""
+    gated method), or None; ``per_query``: ``{method: {query_id: headline score}}``."""
     if config.method not in metrics:
         raise ValueError(f"the gate reads method {config.method!r}, which was not evaluated ({', '.join(metrics)})")
     ours = metrics[config.method]
@@ -67,8 +85,20 @@ def gate(metrics: dict[str, dict[str, float]], headline: str, config: GateConfig
         checks.append(Check(f"floor {metric}", ours[metric] >= floor, f"{ours[metric]:.4f} vs floor {floor:.4f}"))
     if config.cot_not_worse and config.method == "cot" and "no_cot" in metrics:
         cot, no = ours[headline], metrics["no_cot"][headline]
-        checks.append(Check("cot not worse than no_cot", cot >= no - config.cot_tolerance,
-                            f"{headline} cot {cot:.4f} vs no_cot {no:.4f} (tolerance {config.cot_tolerance:.4f})"))
+        paired = per_query and "cot" in per_query and "no_cot" in per_query and config.cot_confidence
+        if paired:
+            ids = sorted(per_query["cot"])
+            diff, low, high = paired_bootstrap([per_query["cot"][i] for i in ids], [per_query["no_cot"][i] for i in ids],
+                                               config.cot_confidence)
+            ok = high >= -config.cot_tolerance
+            checks.append(Check("cot not worse than no_cot", ok,
+                                f"{headline} cot {cot:.4f} vs no_cot {no:.4f}: difference {diff:+.4f}, "
+                                f"{config.cot_confidence:.0%} interval [{low:+.4f}, {high:+.4f}] over {len(ids)} queries "
+                                f"({'not significantly worse' if ok else 'significantly worse'}"
+                                f"{', and better' if low > 0 else ''}; tolerance {config.cot_tolerance:.4f})"))
+        else:
+            checks.append(Check("cot not worse than no_cot", cot >= no - config.cot_tolerance,
+                                f"{headline} cot {cot:.4f} vs no_cot {no:.4f} (tolerance {config.cot_tolerance:.4f})"))
     if production is None:
         checks.append(Check("no regression", True, "no production model yet"))
     elif headline not in production.get("metrics", {}):

@@ -22,6 +22,8 @@ CIRCOT_GATE_FLOORS     gate floors, JSON {metric: floor} or   built-in synthetic
                        {dataset: {metric: floor}}
 CIRCOT_GATE_COT_NOT_WORSE  require cot >= no_cot (1/0)       1
 CIRCOT_GATE_COT_TOLERANCE  how far cot may trail no_cot      0.0
+CIRCOT_GATE_COT_CONFIDENCE paired test: fail when cot is     0.95 (0: compare means)
+                       worse at this confidence
 CIRCOT_GATE_MAX_REGRESSION headline drop vs production       0.01
 BENTOML_HOME           BentoML store (promoted models)        ~/bentoml (make: ./.bentoml)
 ====================== ===================================== ==============================
@@ -70,6 +72,7 @@ def build_definitions(*, project_dir: str | None = None, artifacts_root: str | N
             floors=env.get("CIRCOT_GATE_FLOORS") or None,
             cot_not_worse=env.get("CIRCOT_GATE_COT_NOT_WORSE", "1").lower() not in ("0", "false", "no"),
             cot_tolerance=float(env.get("CIRCOT_GATE_COT_TOLERANCE", "0")),
+            cot_confidence=float(env.get("CIRCOT_GATE_COT_CONFIDENCE", "0.95")),
             max_regression=float(env.get("CIRCOT_GATE_MAX_REGRESSION", "0.01"))),
     }
     data_modules = [raw_dataset_module, triplets_module, cot_annotations_module]

@@ -105,6 +105,8 @@ def test_evaluation_scores_every_method_writes_the_report_and_resumes_from_its_c
     assert {"cot_parsed", "conclusion_exact", "conclusion_object_f1", "R@1[edits=1]"} <= set(ev.metrics["cot"])
     assert set(ev.reasoning) == set(test.query_id) and all("text" in r for r in ev.reasoning.values())
     assert ev.timings["cot"]["n"] == len(test) and ev.timings["gallery"]["per_s"] > 0
+    for method, scores in ev.per_query.items():  # what the gate's paired test reads: the headline, query by query
+        assert sum(scores.values()) / len(scores) == pytest.approx(ev.metrics[method]["R@10"])
 
     images = {i: tiny_synthetic / p for i, p in zip(bench.images.image_id, bench.images.path)}
     written = write_report(ev, tmp_path / "report", images)
@@ -216,6 +218,32 @@ def test_gate_requires_cot_not_worse_than_no_cot_unless_switched_off():
     assert not gate(worse, "R@10", GateConfig()).passed
     assert gate(worse, "R@10", GateConfig(cot_tolerance=0.06)).passed
     assert gate(worse, "R@10", GateConfig(cot_not_worse=False)).passed
+
+
+def _per_query(cot_hits: int, no_cot_hits: int, n: int = 400) -> tuple[dict, dict]:
+    per_query = {"cot": {f"q{i}": float(i < cot_hits) for i in range(n)},
+                 "no_cot": {f"q{i}": float(i < no_cot_hits) for i in range(n)}}
+    metrics = {m: {"R@10": sum(v.values()) / n} for m, v in per_query.items()}
+    return metrics, per_query
+
+
+def test_gate_compares_cot_with_no_cot_query_by_query():
+    # 2 queries out of 400 apart: noise, not a worse model
+    metrics, per_query = _per_query(198, 200)
+    v = gate(metrics, "R@10", GateConfig(), per_query=per_query)
+    assert v.passed and "not significantly worse" in v.checks[0].detail
+    # 40 queries apart, the same 160 hits shared: CoT is worse, and the paired test says so
+    metrics, per_query = _per_query(160, 200)
+    v = gate(metrics, "R@10", GateConfig(), per_query=per_query)
+    assert not v.passed and "significantly worse" in v.checks[0].detail
+    # without per-query scores (or with the test off) the means decide
+    assert not gate(*_per_query(198, 200)[:1], "R@10", GateConfig()).passed
+    assert not gate(metrics, "R@10", GateConfig(cot_confidence=None), per_query=per_query).passed
+    # the per-query scores average to the headline: evaluation's headline_per_query
+    from model_code.evaluate import headline_per_query
+
+    g = _group([{"reference_id": "r", "target_ids": ["a"]}, {"reference_id": "r", "target_ids": ["z"]}], ["a"])
+    assert headline_per_query("synthetic", [(g, {"m": [["a"], ["a"]]})], "m") == {"0": 1.0, "1": 0.0}
 
 
 # ---- the BentoML model store ----------------------------------------------------------------------
