@@ -49,6 +49,9 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
             checks_ok &= ev.passed
             print(f"  check {ev.asset_key.to_user_string()}:{ev.check_name:<14} {'passed' if ev.passed else 'FAILED'}"
                   f"  {ev.description or ''}")
+            verdict = ev.metadata.get("verdict")
+            if verdict is not None:  # the promotion gate explains itself, rule by rule
+                print("\n".join("      " + line for line in verdict.value.splitlines()))
         elif event.is_step_failure:
             print(f"  step {event.step_key} failed: {event.event_specific_data.error.message.strip()}")
     for table in tables:
@@ -69,13 +72,15 @@ def run(dataset: str, definitions=None, *, annotations_only: bool = False, train
     if evaluate is None:  # default: evaluate when there is a trained model to evaluate
         evaluate = not annotations_only and _has_model(definitions)
     if evaluate:
-        if not run_job(EVALUATION_JOB, dataset, definitions):
-            return 1
+        ok = run_job(EVALUATION_JOB, dataset, definitions)
         from serving import model_store
 
         prod = model_store.production()
-        print(f"\nproduction model: {prod['tag'] if prod else 'none'}"
+        if not ok:
+            print("\nThe model was not promoted (see the promotion gate's verdict above); the store is unchanged.")
+        print(f"production model: {prod['tag'] if prod else 'none'}"
               + (f" ({prod['labels'].get('headline')}, evaluated on {prod['labels'].get('evaluated_on')})" if prod else ""))
+        return 0 if ok else 1
     return 0
 
 

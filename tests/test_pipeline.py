@@ -136,7 +136,7 @@ def test_cli_runs_the_job_and_reports(dvc_project, tmp_path, capsys):
     assert str(tmp_path / "a" / "triplets" / "synthetic") in out
 
 
-def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path):
+def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, capsys):
     import torch
 
     from model_code.model import CirCoTModel
@@ -184,6 +184,12 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path):
     assert set(ev["metrics"].value) == {"cot", "no_cot", "image_only", "text_only"} and ev["queries"].value == 6
     assert "| cot |" in ev["table"].value and "data:image/png;base64" in ev["qualitative"].value
     assert json.loads((artifacts / "evaluation" / "synthetic" / "test" / "metrics.json").read_text()) == ev["metrics"].value
+    # the command line prints the table and the gate's verdict rule by rule
+    from orchestration.__main__ import run_job
+
+    assert not run_job(EVALUATION_JOB, "synthetic", strict, eval_config)
+    out = capsys.readouterr().out
+    assert "- FAIL floor R@1:" in out and "| image_only |" in out
     # ...and with floors it reaches, the model is promoted into the BentoML store, labelled with its lineage
     lenient = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
                                 training=TrainingResource(profile="smoke"),
