@@ -190,6 +190,33 @@ def test_the_evaluation_of_a_cirr_split_gives_subset_rankings_from_the_full_orde
     assert json.loads(written["cirr_test1_no_cot_recall_subset.json"].read_text())["7"] == full
 
 
+def test_fashioniq_is_evaluated_per_category_against_its_own_gallery(micro_model, tmp_path):
+    from PIL import Image
+
+    from model_code.data import Benchmark
+
+    root = tmp_path / "fiq"
+    (root / "images").mkdir(parents=True)
+    rows, images = [], []
+    for c, category in enumerate(("dress", "shirt")):
+        ids = [f"{category}{k}" for k in range(6)]
+        for k, i in enumerate(ids):
+            Image.new("RGB", (32, 32), (40 * k, 100 * c, 200 - 30 * k)).save(root / "images" / f"{i}.png")
+            images.append({"image_id": i, "dataset": "fashioniq", "split": "val", "path": f"images/{i}.png",
+                           "category": category})
+        rows += [{"query_id": f"{category}-val-{q}", "dataset": "fashioniq", "split": "val", "category": category,
+                  "reference_id": ids[q], "modification": "is darker and longer", "target_ids": [ids[q + 1]],
+                  "subset_ids": [], "shared_concept": None} for q in range(3)]
+    bench = Benchmark(pd.DataFrame(rows), pd.DataFrame(images))
+    ev = evaluate(micro_model, bench, root, "fashioniq", "val", methods=["no_cot", "image_only"], say=lambda s: None)
+    m = ev.metrics["no_cot"]
+    # each category's gallery holds its 6 images only: every target is within the top 10
+    assert m["dress/R@10"] == m["shirt/R@10"] == m["R@10"] == m["Avg"] == 1.0
+    for q in ev.queries.itertuples():
+        assert all(i.startswith(q.category) for i in ev.rankings["no_cot"][q.query_id])
+    assert ev.timings["gallery"]["n"] == 12
+
+
 # ---- the gate -----------------------------------------------------------------------------------
 
 
