@@ -189,7 +189,8 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
         ranked = {}
         for method in methods:
             t0 = time.monotonic()
-            emb, reas = _cached(cache / f"{tag}-{method}.pt" if cache else None,
+            key = f"{tag}-{method}" + (f"-{max_new_tokens}tok" if method == "cot" else "")  # what changes the result
+            emb, reas = _cached(cache / f"{key}.pt" if cache else None,
                                 lambda: embed_method(model, method, group, gallery, batch_size=batch_size,
                                                      max_new_tokens=max_new_tokens, say=say))
             _add_timing(timings, method, time.monotonic() - t0, len(group.queries))
