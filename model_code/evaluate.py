@@ -194,7 +194,10 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
                                 lambda: embed_method(model, method, group, gallery, batch_size=batch_size,
                                                      max_new_tokens=max_new_tokens, say=say))
             _add_timing(timings, method, time.monotonic() - t0, len(group.queries))
-            ranked[method] = rank_gallery(emb, gallery, group.gallery_ids, exclude=exclude, top=None)
+            # every metric reads the top 50, except CIRR's subset recall, which needs the whole order
+            # (CIRR's galleries are small; CIRCO's 120k-image one is not kept whole per query)
+            ranked[method] = rank_gallery(emb, gallery, group.gallery_ids, exclude=exclude,
+                                          top=None if dataset == "cirr" else TOP)
             rankings[method].update({q: r[:TOP] for q, r in zip(group.queries["query_id"], ranked[method])})
             if dataset == "cirr":
                 subset_rankings.setdefault(method, {}).update({
