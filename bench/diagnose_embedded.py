@@ -1,0 +1,188 @@
+"""Diagnostics of the embedded (tiny, CPU) CIR-CoT model: where its retrieval quality is lost.
+The figures of README's "Why the tiny model falls short" come from these commands.
+
+    .venv/bin/python bench/diagnose_embedded.py upper-bounds [--artifacts artifacts] [--queries 128]
+    .venv/bin/python bench/diagnose_embedded.py decoding     [--artifacts artifacts] [--queries 128]
+    .venv/bin/python bench/diagnose_embedded.py bootstrap-more --steps 220 [--artifacts artifacts]
+    .venv/bin/python bench/diagnose_embedded.py stage1 --full --steps 100 --lr 5e-4 [--queries 256]
+    .venv/bin/python bench/diagnose_embedded.py cot-more --steps 150 [--queries 128]
+
+- ``upper-bounds``: the newest model's methods on the first test queries, and what it would reach
+  with perfect reasoning (the oracle's chain teacher-forced before ``<emb>``) and with the oracle's
+  conclusion alone as a text query.
+- ``decoding``: the ``cot`` method under greedy decoding and two anti-repetition settings.
+- ``bootstrap-more``: continue the base model's bootstrap; validation in-batch accuracy before/after.
+- ``stage1``: stage 1 again from the base, with LoRA or (``--full``) all parameters trainable.
+- ``cot-more``: more stage-2 steps on the newest model, then its evaluation.
+
+Reads the artifacts of a finished ``make run``; writes only under ``--out`` (default a temporary
+folder).
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def _load(artifacts: Path):
+    from model_code.annotations import read_annotations
+    from model_code.data import read_tables
+
+    root = json.loads((artifacts / "triplets/synthetic/meta.json").read_text())["root"]
+    return (root, read_tables(artifacts / "triplets/synthetic"),
+            read_annotations(artifacts / "cot_annotations/synthetic/annotations.parquet"))
+
+
+def _latest(artifacts: Path) -> dict:
+    return json.loads((artifacts / "cir_cot_model/latest.json").read_text())
+
+
+def _evaluate(model, bench, root, n: int) -> None:
+    from model_code.evaluate import evaluate, markdown_table
+
+    print(markdown_table(evaluate(model, bench, root, "synthetic", "test", limit=n, batch_size=64, say=lambda s: None)))
+
+
+def _scorer(model, bench, root, n: int):
+    from model_code.metrics import rank_gallery, recall_at_k, reference_exclusions
+
+    t = bench.triplets[bench.triplets.split == "test"].iloc[:n]
+    im = bench.images[bench.images.split == "test"]
+    gallery = model.embed_images([Path(root) / p for p in im.path], batch_size=64)
+    ids = list(im.image_id)
+    exclude = reference_exclusions("synthetic", list(t.reference_id))
+
+    def score(name: str, queries) -> None:
+        r = rank_gallery(queries, gallery, ids, exclude=exclude, top=50)
+        print(name, {f"R@{k}": round(v, 3) for k, v in recall_at_k(r, list(t.target_ids), [1, 10, 50]).items()},
+              flush=True)
+
+    paths = dict(zip(im.image_id, (Path(root) / p for p in im.path)))
+    return t, [paths[r] for r in t.reference_id], score
+
+
+def upper_bounds(args, artifacts):
+    from model_code.annotations import annotation_requests
+    from model_code.annotators import OracleAnnotator
+    from model_code.cot import CoT
+    from model_code.model import CirCoTModel
+
+    root, bench, _ = _load(artifacts)
+    model = CirCoTModel.load(_latest(artifacts)["path"])
+    _evaluate(model, bench, root, args.queries)
+    t, refs, score = _scorer(model, bench, root, args.queries)
+    test = bench.triplets[bench.triplets.query_id.isin(set(t.query_id))]
+    oracle = {a.query_id: a for a in OracleAnnotator(root).annotate(annotation_requests(test, bench.images, root, ["test"]))}
+    chains = [CoT(oracle[q].caption, oracle[q].reasoning, oracle[q].conclusion).render() for q in t.query_id]
+    score("oracle chain teacher-forced", model.embed_queries(refs, list(t.modification), chains, batch_size=64))
+    score("oracle conclusion as text", model.embed_texts([oracle[q].conclusion for q in t.query_id]))
+
+
+def decoding(args, artifacts):
+    from model_code.cot import CoTFormatError, parse
+    from model_code.model import CirCoTModel
+
+    root, bench, _ = _load(artifacts)
+    model = CirCoTModel.load(_latest(artifacts)["path"])
+    t, refs, score = _scorer(model, bench, root, args.queries)
+    texts = list(t.modification)
+    score("no_cot", model.embed_queries(refs, texts))
+    generate = model.model.generate
+    for name, extra in (("greedy", {}), ("no_repeat_ngram_size=4", {"no_repeat_ngram_size": 4}),
+                        ("repetition_penalty=1.3", {"repetition_penalty": 1.3})):
+        model.model.generate = lambda *a, _extra=extra, **k: generate(*a, **{**k, **_extra})
+        raw = model.generate_cots(refs, texts, batch_size=64)
+        parsed = 0
+        for text in raw:
+            try:
+                parse(text)
+                parsed += 1
+            except CoTFormatError:
+                pass
+        score(f"cot, {name} ({parsed}/{len(raw)} parse)",
+              model.embed_queries(refs, texts, [x if x.strip() else " " for x in raw], batch_size=64))
+    model.model.generate = generate
+
+
+def bootstrap_more(args, artifacts, out: Path):
+    from model_code.backbone import load_backbone
+    from model_code.model import CirCoTModel
+    from model_code.train import PROFILES, description_examples, evaluate_in_batch, train
+
+    root, _, _ = _load(artifacts)
+    base = json.loads((artifacts / "base_model/current.json").read_text())
+    model, processor = load_backbone(base["path"])
+    m = CirCoTModel(model.train(), processor)
+    cfg = dataclasses.replace(PROFILES["embedded"].base.bootstrap, steps=args.steps, seed=1, warmup_steps=5,
+                              checkpoint_every=10**6, log_every=20)
+    val = description_examples(root, "val")
+    print("before", evaluate_in_batch(m, val, cfg, 3), flush=True)
+    train(m, description_examples(root, "train"), cfg, out / "bootstrap-more")
+    print("after", evaluate_in_batch(m, val, cfg, 3), flush=True)
+
+
+def stage1(args, artifacts, out: Path):
+    from model_code.backbone import load_backbone
+    from model_code.model import CirCoTModel, add_cir_tokens, apply_lora
+    from model_code.train import PROFILES, pair_examples, train
+
+    root, bench, _ = _load(artifacts)
+    base = json.loads((artifacts / "base_model/current.json").read_text())
+    torch.manual_seed(0)
+    model, processor = load_backbone(base["path"])
+    model.train()
+    if args.full:
+        add_cir_tokens(model, processor)
+    else:
+        model = apply_lora(model, processor, r=16, alpha=32)
+    m = CirCoTModel(model, processor, base_path=base["path"])
+    cfg = dataclasses.replace(PROFILES["embedded"].align, steps=args.steps, lr=args.lr or PROFILES["embedded"].align.lr,
+                              checkpoint_every=10**6, log_every=25)
+    train(m, pair_examples(bench.triplets, bench.images, root, "train"), cfg, out / "stage1")
+    _, refs, score = _scorer(m, bench, root, args.queries)
+    t = bench.triplets[bench.triplets.split == "test"].iloc[:args.queries]
+    score(f"no_cot after stage 1 ({'all parameters' if args.full else 'LoRA'})", m.embed_queries(refs, list(t.modification)))
+
+
+def cot_more(args, artifacts, out: Path):
+    from model_code.model import CirCoTModel
+    from model_code.train import PROFILES, pair_examples, train
+
+    root, bench, ann = _load(artifacts)
+    model = CirCoTModel.load(_latest(artifacts)["path"], trainable=True)
+    cfg = dataclasses.replace(PROFILES["embedded"].cot, steps=args.steps, checkpoint_every=10**6, log_every=25)
+    pairs = [p for p in pair_examples(bench.triplets, bench.images, root, "train", ann) if p.cot]
+    train(model, pairs, cfg, out / "cot-more")
+    _evaluate(model, bench, root, args.queries)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["upper-bounds", "decoding", "bootstrap-more", "stage1", "cot-more"])
+    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--queries", type=int, default=128, help="first test queries evaluated")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--full", action="store_true", help="stage1: all parameters trainable instead of LoRA")
+    p.add_argument("--out", help="where training writes (default: a temporary folder)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    artifacts = Path(args.artifacts)
+    out = Path(args.out or tempfile.mkdtemp(prefix="circot-diagnose-"))
+    {"upper-bounds": lambda: upper_bounds(args, artifacts), "decoding": lambda: decoding(args, artifacts),
+     "bootstrap-more": lambda: bootstrap_more(args, artifacts, out), "stage1": lambda: stage1(args, artifacts, out),
+     "cot-more": lambda: cot_more(args, artifacts, out)}[args.what]()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
