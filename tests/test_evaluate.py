@@ -341,6 +341,25 @@ def test_promotion_is_idempotent_archives_the_previous_model_and_rolls_back(stor
         store.promote(path_a.parent, version="nope", labels=labels)
 
 
-def test_rollback_without_a_previous_model_says_so(store):
+def test_rollback_without_a_previous_model_says_so(store, capsys):
+    from orchestration.__main__ import main
+
     with pytest.raises(LookupError, match="no archived"):
         store.rollback()
+    assert main(["rollback"]) == 1 and "no archived cir-cot model" in capsys.readouterr().out
+    assert main(["models"]) == 0 and "no cir-cot model" in capsys.readouterr().out
+
+
+def test_the_command_line_lists_models_and_rolls_back(store, saved_models, capsys):
+    from orchestration.__main__ import main
+
+    (path_a, ver_a), (path_b, ver_b) = saved_models["A"], saved_models["B"]
+    store.promote(path_a, version=ver_a, labels={"headline": "R@10=0.4", "evaluated_on": "synthetic/test"})
+    store.promote(path_b, version=ver_b, labels={"headline": "R@10=0.5", "evaluated_on": "synthetic/test"})
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == [f"cir-cot:{ver_b}", "production"] and "R@10=0.5" in lines[0]
+    assert lines[1].split()[:2] == [f"cir-cot:{ver_a}", "archived"]
+    assert main(["rollback"]) == 0
+    assert f"production is now cir-cot:{ver_a}" in capsys.readouterr().out
+    assert store.production()["version"] == ver_a
