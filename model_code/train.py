@@ -467,7 +467,8 @@ PROFILES = {
     # falls short")
     "embedded": TrainingProfile(
         base=BaseSpec(kind="tiny", vocab_size=1024, bootstrap=TrainConfig(
-            stage="bootstrap", steps=170, batch_size=64, lr=1e-3, warmup_steps=10, caption_fraction=0.25,
+            stage="bootstrap", steps=240, batch_size=64, lr=1e-3, warmup_steps=10, caption_fraction=0.25,
+            identity_queries=False,
             checkpoint_every=25, log_every=10)),
         lora_r=16, lora_alpha=32,
         align=TrainConfig(stage="align", steps=70, batch_size=48, lr=2e-3, warmup_steps=5, hard_negatives=1,
