@@ -9,7 +9,6 @@ production model; only when it passes does ``promoted_model`` save the model int
 model store as ``cir-cot`` (serving/model_store.py).
 """
 
-
 import json
 
 import dagster as dg
@@ -34,8 +33,13 @@ class EvaluationConfig(dg.Config):
     dtype: str = Field(default="auto", description="auto: bfloat16 on a GPU, float32 on the CPU.")
 
 
-def evaluation_dir(artifacts: ArtifactStore, dataset: str, split: str | None = None):
-    return artifacts.dir("evaluation", dataset, split) if split else artifacts.dir("evaluation", dataset)
+def evaluation_dir(artifacts: ArtifactStore, dataset: str, split: str):
+    return artifacts.dir("evaluation", dataset, split)
+
+
+def _record(artifacts: ArtifactStore, dataset: str, name: str = "latest.json"):
+    """The newest evaluation's record (``latest.json``) or gate verdict (``gate.json``) of ``dataset``."""
+    return artifacts.path("evaluation", dataset, name)
 
 
 def latest_model(artifacts: ArtifactStore) -> dict:
@@ -49,12 +53,7 @@ def latest_model(artifacts: ArtifactStore) -> dict:
           description="Benchmark-exact metrics of CIR-CoT, the no-CoT ablation and two baselines; submission files")
 def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
     from model_code.data import HIDDEN_SPLITS, read_tables
-    from model_code.evaluate import (
-        SCORED_SPLIT,
-        SUBMISSION_SPLIT,
-        evaluate,
-        write_report,
-    )
+    from model_code.evaluate import SCORED_SPLIT, SUBMISSION_SPLIT, evaluate, write_report
     from model_code.model import CirCoTModel
 
     name = context.partition_key
@@ -84,8 +83,8 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, arti
     record = {"dataset": name, "split": split, "model_version": summary["version"], "model_path": summary["path"],
               "metrics": ev.metrics, "headline": ev.headline, "timings": ev.timings, "per_query": ev.per_query,
               "raw_version": tables_meta["raw_version"], "submissions": submission_files}
-    artifacts.path("evaluation", name, "latest.json").write_text(json.dumps(record, indent=1))
-    table = (out / "table.md").read_text()
+    _record(artifacts, name).write_text(json.dumps(record, indent=1))
+    table = written["table.md"].read_text()
     context.log.info("\n" + table)
     cot = ev.metrics.get("cot", {})
     metadata = {
@@ -109,13 +108,13 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, artifacts: ArtifactSt
     from serving import model_store
 
     name = context.partition_key
-    record = json.loads(artifacts.path("evaluation", name, "latest.json").read_text())
+    record = json.loads(_record(artifacts, name).read_text())
     production = model_store.production_metrics(name, record["split"])
     if production is not None and production["version"] == record["model_version"]:
         production = None  # re-evaluating the production model itself: nothing to regress against
     verdict = run_gate(record["metrics"], record["headline"], gate.config(name), production, record.get("per_query"))
     result = {**verdict.to_dict(), "model_version": record["model_version"], "split": record["split"]}
-    artifacts.path("evaluation", name, "gate.json").write_text(json.dumps(result, indent=1))
+    _record(artifacts, name, "gate.json").write_text(json.dumps(result, indent=1))
     explanation = verdict.explain()
     (context.log.info if verdict.passed else context.log.error)(f"promotion gate {name}:\n{explanation}")
     return dg.AssetCheckResult(
@@ -138,8 +137,8 @@ def promoted_model(context: dg.AssetExecutionContext, config: PromotionConfig, a
     from serving import model_store
 
     name = context.partition_key
-    gate_file = artifacts.path("evaluation", name, "gate.json")
-    record = json.loads(artifacts.path("evaluation", name, "latest.json").read_text())
+    gate_file = _record(artifacts, name, "gate.json")
+    record = json.loads(_record(artifacts, name).read_text())
     verdict = json.loads(gate_file.read_text()) if gate_file.is_file() else None
     # the blocking check stops this asset in the run that evaluated; re-checked here for runs that
     # materialise promoted_model alone

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from model_code.data import HIDDEN_SPLITS
-from model_code.metrics import (average_precision_at_k, map_at_k, rank_gallery, recall_at_k, recall_subset_at_k,
-                                reference_exclusions)
+from model_code.metrics import map_at_k, rank_gallery, recall_at_k, recall_subset_at_k, reference_exclusions
+from model_code.progress import Progress
 
 METHODS = ("cot", "no_cot", "image_only", "text_only")
 MODEL_METHODS = ("cot", "no_cot")  # the model's own query modes; the other two are baselines
@@ -101,21 +101,6 @@ def _chunks(n: int, size: int):
         yield slice(i, min(i + size, n))
 
 
-class _Progress:
-    def __init__(self, say: Callable[[str], None], what: str, total: int):
-        self.say, self.what, self.total = say, what, total
-        self.t0 = self.last = time.monotonic()
-
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if done < self.total and now - self.last < 20:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate else float("inf")
-        self.say(f"{self.what}: {done}/{self.total} ({rate:.1f}/s, ETA {eta:.0f}s)")
-
-
 def _cached(path: Path | None, compute: Callable[[], object]):
     if path is not None and path.is_file():
         return torch.load(path, weights_only=False)
@@ -148,7 +133,7 @@ def embed_method(model, method: str, group: Group, gallery: torch.Tensor, *, bat
     if missing:
         raise ValueError(f"{len(missing)} reference images are not among the split's images (first: {missing[0]})")
     images, texts = [path_of[r] for r in refs], list(q["modification"])
-    progress = _Progress(say, f"{method} queries{' ' + group.name if group.name else ''}", len(texts))
+    progress = Progress(len(texts), f"{method} queries{' ' + group.name if group.name else ''}", say=say, every_s=20)
     embs, reasoning = [], []
     for s in _chunks(len(texts), batch_size):
         e, r = model.infer_queries(images[s], texts[s], method, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -174,7 +159,8 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
     for group in groups(bench, root, dataset, split, limit):
         tag = group.name or "all"
         t0 = time.monotonic()
-        progress = _Progress(say, f"gallery{' ' + group.name if group.name else ''}", len(group.gallery_paths))
+        progress = Progress(len(group.gallery_paths), f"gallery{' ' + group.name if group.name else ''}", say=say,
+                            every_s=20)
 
         def embed_gallery():
             parts = []
@@ -200,9 +186,9 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
                                           top=None if dataset == "cirr" else TOP)
             rankings[method].update({q: r[:TOP] for q, r in zip(group.queries["query_id"], ranked[method])})
             if dataset == "cirr":
-                subset_rankings.setdefault(method, {}).update({
-                    q: [i for i in r if i in set(members)][:3]
-                    for q, r, members in zip(group.queries["query_id"], ranked[method], group.queries["subset_ids"])})
+                for q, r, members in zip(group.queries["query_id"], ranked[method], group.queries["subset_ids"]):
+                    keep = set(members)
+                    subset_rankings.setdefault(method, {})[q] = [i for i in r if i in keep][:3]
             if reas is not None:
                 reasoning.update(dict(zip(group.queries["query_id"], reas)))
         per_group.append((group, ranked))
@@ -265,22 +251,21 @@ def score(dataset: str, per_group: list[tuple[Group, dict[str, list[list[str]]]]
 def headline_per_query(dataset: str, per_group: list[tuple[Group, dict[str, list[list[str]]]]],
                        method: str) -> dict[str, float]:
     """Each query's share of the headline metric (its mean over queries is the headline, or for
-    FashionIQ its per-query form): what a paired comparison of two methods needs."""
+    FashionIQ its per-query form), scored alone by the metric functions: what a paired comparison
+    of two methods needs."""
     out = {}
     for group, ranked in per_group:
         q = group.queries
         for i, (qid, targets) in enumerate(zip(q["query_id"], q["target_ids"])):
-            r, gt = ranked[method][i], set(targets)
+            r, gt = [ranked[method][i]], [targets]
             if dataset == "synthetic":
-                value = float(bool(gt.intersection(r[:10])))
+                value = recall_at_k(r, gt, [10])[10]
             elif dataset == "cirr":
-                members = set(q["subset_ids"].iloc[i])
-                sub = [x for x in r if x in members]
-                value = (float(bool(gt.intersection(r[:5]))) + float(bool(gt.intersection(sub[:1])))) / 2
+                value = (recall_at_k(r, gt, [5])[5] + recall_subset_at_k(r, gt, [q["subset_ids"].iloc[i]], [1])[1]) / 2
             elif dataset == "fashioniq":
-                value = (float(bool(gt.intersection(r[:10]))) + float(bool(gt.intersection(r[:50])))) / 2
+                value = sum(recall_at_k(r, gt, KS["fashioniq"]).values()) / len(KS["fashioniq"])
             else:
-                value = average_precision_at_k(r, gt, 10)
+                value = map_at_k(r, gt, [10])[10]
             out[qid] = value
     return out
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from model_code.progress import Progress
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "cir-shapes/1"
@@ -731,24 +733,6 @@ def _dump_json(obj, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
-class _Progress:
-    """A log line every few seconds with count, rate and ETA."""
-
-    def __init__(self, total: int, what: str, every_s: float = 5.0):
-        self.total, self.what, self.every = total, what, every_s
-        self.start = self.last = time.monotonic()
-        self.done = 0
-
-    def step(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate else float("inf")
-            log.info("%s: %d/%d (%.0f/s, ETA %.0fs)", self.what, self.done, self.total, rate, eta)
-
-
 def generate(params: SyntheticParams, out: str | os.PathLike) -> dict:
     """Generate the whole benchmark into ``out`` (replaced atomically: an interrupted run leaves
     the previous contents, or nothing, never a half-written benchmark). Returns the counts."""
@@ -759,7 +743,7 @@ def generate(params: SyntheticParams, out: str | os.PathLike) -> dict:
     used: set = set()
     splits = {s: generate_split(params, s, used) for s in SPLITS}
     total = sum(len(d.images) for d in splits.values())
-    progress = _Progress(total, "rendering cir-shapes images")
+    progress = Progress(total, "rendering cir-shapes images", say=log.info)
     counts: dict[str, dict[str, int]] = {}
     for name in ("images", "scene_graphs", "captions", "image_splits"):
         (tmp / name).mkdir(parents=True)

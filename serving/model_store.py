@@ -52,6 +52,10 @@ def _set_labels(model, **changes: str) -> None:
     model.flush()
 
 
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _promoted_at(model) -> str:
     return model.info.labels.get("promoted_at", "")
 
@@ -98,7 +102,7 @@ def promote(model_dir: str | os.PathLike, *, version: str, labels: dict[str, str
     if not (model_dir / "circot.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved CIR-CoT model (no circot.json)")
     tag = f"{MODEL_NAME}:{version}"
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    now = _now()
     previous = production()
     try:
         existing = bentoml.models.get(tag)
@@ -144,7 +148,7 @@ def rollback() -> dict:
     if not archived:
         raise LookupError(f"no archived {MODEL_NAME} model to roll back to")
     target = archived[0]
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    now = _now()
     if prod is not None:
         _set_labels(_bentoml().models.get(prod["tag"]), stage="rolled_back", rolled_back_at=now)
     _set_labels(target, stage="production", promoted_at=now)
