@@ -5,8 +5,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from model_code.data import DATASETS
-from model_code.quality import QualityReport
+from model_code.data.readers import DATASETS
+from model_code.data.quality import QualityReport
 
 dataset_partitions = dg.StaticPartitionsDefinition(list(DATASETS))
 

@@ -13,10 +13,10 @@ from pydantic import Field
 from assets.common import check_result, dataset_partitions
 from assets.resources import AnnotatorResource, ArtifactStore
 from assets.triplets import triplets, triplets_dir
-from model_code.annotations import (AnnotationStore, annotate_missing, annotation_requests, annotation_version,
+from model_code.annotation.store import (AnnotationStore, annotate_missing, annotation_requests, annotation_version,
                                      read_annotations, write_annotations)
-from model_code.data import HIDDEN_SPLITS, read_tables
-from model_code.quality import validate_annotations
+from model_code.data.readers import HIDDEN_SPLITS, read_tables
+from model_code.data.quality import validate_annotations
 
 
 class AnnotationConfig(dg.Config):

@@ -6,7 +6,7 @@ side by side (``<artifacts>/evaluation/<d>/<split>/``: metrics.json, table.md, p
 reasoning); for a split with hidden targets it writes the evaluation servers' files. The blocking
 ``promotion_gate`` check compares the metrics with the configured floors, CoT with no-CoT, and the
 production model; only when it passes does ``promoted_model`` save the model into the BentoML
-model store as ``cir-cot`` (serving/model_store.py).
+model store as ``cir-cot`` (serving/registry.py).
 """
 
 import json
@@ -52,9 +52,9 @@ def latest_model(artifacts: ArtifactStore) -> dict:
 @dg.asset(partitions_def=dataset_partitions, group_name="evaluation", deps=[cir_cot_model, triplets], kinds={"pytorch"},
           description="Benchmark-exact metrics of CIR-CoT, the no-CoT ablation and two baselines; submission files")
 def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from model_code.data import HIDDEN_SPLITS, read_tables
-    from model_code.evaluate import SCORED_SPLIT, SUBMISSION_SPLIT, evaluate, write_report
-    from model_code.model import CirCoTModel
+    from model_code.data.readers import HIDDEN_SPLITS, read_tables
+    from model_code.evaluation.evaluate import SCORED_SPLIT, SUBMISSION_SPLIT, evaluate, write_report
+    from model_code.model.cir_cot import CirCoTModel
 
     name = context.partition_key
     summary = latest_model(artifacts)
@@ -104,12 +104,12 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, arti
 @dg.asset_check(asset=evaluation, blocking=True, partitions_def=dataset_partitions,
                 description="Promotion gate: metric floors, CoT not worse than no-CoT, no regression against production")
 def promotion_gate(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStore, gate: GateResource) -> dg.AssetCheckResult:
-    from model_code.gate import gate as run_gate
-    from serving import model_store
+    from model_code.evaluation.gate import gate as run_gate
+    from model_code import registry
 
     name = context.partition_key
     record = json.loads(_record(artifacts, name).read_text())
-    production = model_store.production_metrics(name, record["split"])
+    production = registry.production_metrics(name, record["split"])
     if production is not None and production["version"] == record["model_version"]:
         production = None  # re-evaluating the production model itself: nothing to regress against
     verdict = run_gate(record["metrics"], record["headline"], gate.config(name), production, record.get("per_query"))
@@ -134,7 +134,7 @@ class PromotionConfig(dg.Config):
 @dg.asset(partitions_def=dataset_partitions, group_name="evaluation", deps=[evaluation], kinds={"bentoml"},
           description="The gated model in the BentoML model store as cir-cot, with lineage labels")
 def promoted_model(context: dg.AssetExecutionContext, config: PromotionConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from serving import model_store
+    from model_code import registry
 
     name = context.partition_key
     gate_file = _record(artifacts, name, "gate.json")
@@ -162,7 +162,7 @@ def promoted_model(context: dg.AssetExecutionContext, config: PromotionConfig, a
         labels[f"teacher_{dataset}"] = f"{v['teacher']}/{v['prompt_version']}"
     metadata = {"evaluations": {f"{name}/{record['split']}": cot}, "all_metrics": record["metrics"],
                 "gate": verdict, "training": summary.get("stages", {})}
-    result = model_store.promote(summary["path"], version=summary["version"], labels=labels, metadata=metadata,
+    result = registry.promote(summary["path"], version=summary["version"], labels=labels, metadata=metadata,
                                  stage=config.stage, force=config.force)
     context.log.info(f"promoted_model: {result['reason']}")
     return dg.MaterializeResult(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from model_code.versioning import DvcProject
+from model_code.data.versioning import DvcProject
 
 ROOT_ENV = {"fashioniq": "CIRCOT_FASHIONIQ_ROOT", "cirr": "CIRCOT_CIRR_ROOT", "circo": "CIRCOT_CIRCO_ROOT"}
 ROOT_LAYOUT = {
@@ -108,7 +108,7 @@ class AnnotatorResource(dg.ConfigurableResource):
             f"(or the variable named by CIRCOT_TEACHER_API_KEY_ENV)."))
 
     def build(self, dataset: str, raw_root: str):
-        from model_code import annotators
+        from model_code.annotation import teachers as annotators
 
         kind = self.resolve_kind(dataset)
         if kind == "oracle":
@@ -139,7 +139,7 @@ class TrainingResource(dg.ConfigurableResource):
     base_model_path: str | None = None  # a local Qwen2-VL-family checkpoint folder (profile gpu)
 
     def spec(self):
-        from model_code.train import PROFILES
+        from model_code.model.train import PROFILES
 
         if self.profile not in PROFILES:
             raise dg.Failure(description=f"unknown training profile {self.profile!r}; known: {', '.join(PROFILES)}")
@@ -167,7 +167,7 @@ class GateResource(dg.ConfigurableResource):
     def config(self, dataset: str):
         import json
 
-        from model_code.gate import DEFAULT_FLOORS, GateConfig
+        from model_code.evaluation.gate import DEFAULT_FLOORS, GateConfig
 
         floors = DEFAULT_FLOORS.get(dataset, {})
         if self.floors:

@@ -27,8 +27,8 @@ def _key(*parts) -> str:
 
 
 def _dataset_inputs(artifacts: ArtifactStore, dataset: str):
-    from model_code.annotations import read_annotations
-    from model_code.data import read_tables
+    from model_code.annotation.store import read_annotations
+    from model_code.data.readers import read_tables
 
     tables_dir, ann_dir = triplets_dir(artifacts, dataset), annotations_dir(artifacts, dataset)
     if not (ann_dir / "annotations.parquet").is_file():
@@ -47,7 +47,7 @@ class BaseModelConfig(dg.Config):
                 dg.AssetDep(cot_annotations, partition_mapping=_training_partitions)])
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, training: TrainingResource,
                artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from model_code.train import bootstrap_tiny, register_checkpoint
+    from model_code.model.train import bootstrap_tiny, register_checkpoint
 
     profile = training.spec()
     spec = profile.base
@@ -82,7 +82,7 @@ class CirCoTModelConfig(dg.Config):
           deps=[base_model, dg.AssetDep(cot_annotations, partition_mapping=_training_partitions)])
 def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, training: TrainingResource,
                   artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from model_code.train import pair_examples, train_cir_cot
+    from model_code.model.train import pair_examples, train_cir_cot
 
     profile = training.spec()
     if config.align_steps:

@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 
 def _load(artifacts: Path):
-    from model_code.annotations import read_annotations
-    from model_code.data import read_tables
+    from model_code.annotation.store import read_annotations
+    from model_code.data.readers import read_tables
 
     root = json.loads((artifacts / "triplets/synthetic/meta.json").read_text())["root"]
     return (root, read_tables(artifacts / "triplets/synthetic"),
@@ -46,13 +46,13 @@ def _latest(artifacts: Path) -> dict:
 
 
 def _evaluate(model, bench, root, n: int) -> None:
-    from model_code.evaluate import evaluate, markdown_table
+    from model_code.evaluation.evaluate import evaluate, markdown_table
 
     print(markdown_table(evaluate(model, bench, root, "synthetic", "test", limit=n, batch_size=64, say=lambda s: None)))
 
 
 def _scorer(model, bench, root, n: int):
-    from model_code.metrics import rank_gallery, recall_at_k, reference_exclusions
+    from model_code.evaluation.metrics import rank_gallery, recall_at_k, reference_exclusions
 
     t = bench.triplets[bench.triplets.split == "test"].iloc[:n]
     im = bench.images[bench.images.split == "test"]
@@ -70,10 +70,10 @@ def _scorer(model, bench, root, n: int):
 
 
 def upper_bounds(args, artifacts):
-    from model_code.annotations import annotation_requests
-    from model_code.annotators import OracleAnnotator
-    from model_code.cot import CoT
-    from model_code.model import CirCoTModel
+    from model_code.annotation.store import annotation_requests
+    from model_code.annotation.teachers import OracleAnnotator
+    from model_code.annotation.cot import CoT
+    from model_code.model.cir_cot import CirCoTModel
 
     root, bench, _ = _load(artifacts)
     model = CirCoTModel.load(_latest(artifacts)["path"])
@@ -87,8 +87,8 @@ def upper_bounds(args, artifacts):
 
 
 def decoding(args, artifacts):
-    from model_code.cot import CoTFormatError, parse
-    from model_code.model import CirCoTModel
+    from model_code.annotation.cot import CoTFormatError, parse
+    from model_code.model.cir_cot import CirCoTModel
 
     root, bench, _ = _load(artifacts)
     model = CirCoTModel.load(_latest(artifacts)["path"])
@@ -113,9 +113,9 @@ def decoding(args, artifacts):
 
 
 def bootstrap_more(args, artifacts, out: Path):
-    from model_code.backbone import load_backbone
-    from model_code.model import CirCoTModel
-    from model_code.train import PROFILES, description_examples, evaluate_in_batch, train
+    from model_code.model.backbone import load_backbone
+    from model_code.model.cir_cot import CirCoTModel
+    from model_code.model.train import PROFILES, description_examples, evaluate_in_batch, train
 
     root, _, _ = _load(artifacts)
     base = json.loads((artifacts / "base_model/current.json").read_text())
@@ -130,9 +130,9 @@ def bootstrap_more(args, artifacts, out: Path):
 
 
 def stage1(args, artifacts, out: Path):
-    from model_code.backbone import load_backbone
-    from model_code.model import CirCoTModel, add_cir_tokens, apply_lora
-    from model_code.train import PROFILES, pair_examples, train
+    from model_code.model.backbone import load_backbone
+    from model_code.model.cir_cot import CirCoTModel, add_cir_tokens, apply_lora
+    from model_code.model.train import PROFILES, pair_examples, train
 
     root, bench, _ = _load(artifacts)
     base = json.loads((artifacts / "base_model/current.json").read_text())
@@ -153,8 +153,8 @@ def stage1(args, artifacts, out: Path):
 
 
 def cot_more(args, artifacts, out: Path):
-    from model_code.model import CirCoTModel
-    from model_code.train import PROFILES, pair_examples, train
+    from model_code.model.cir_cot import CirCoTModel
+    from model_code.model.train import PROFILES, pair_examples, train
 
     root, bench, ann = _load(artifacts)
     model = CirCoTModel.load(_latest(artifacts)["path"], trainable=True)

@@ -73,9 +73,9 @@ def run(dataset: str, definitions=None, *, annotations_only: bool = False, train
         evaluate = not annotations_only and _has_model(definitions)
     if evaluate:
         ok = run_job(EVALUATION_JOB, dataset, definitions)
-        from serving import model_store
+        from model_code import registry
 
-        prod = model_store.production()
+        prod = registry.production()
         if not ok:
             print("\nThe model was not promoted (see the promotion gate's verdict above); the store is unchanged.")
         print(f"production model: {prod['tag'] if prod else 'none'}"
@@ -91,11 +91,11 @@ def _has_model(definitions=None) -> bool:
 
 
 def show_models() -> int:
-    from serving import model_store
+    from model_code import registry
 
-    rows = model_store.list_models()
+    rows = registry.list_models()
     if not rows:
-        print(f"no {model_store.MODEL_NAME} model in the BentoML store ({os.environ.get('BENTOML_HOME', '~/bentoml')})")
+        print(f"no {registry.MODEL_NAME} model in the BentoML store ({os.environ.get('BENTOML_HOME', '~/bentoml')})")
     for r in rows:
         labels = r["labels"]
         print(f"{r['tag']:<32} {r['stage']:<12} {labels.get('promoted_at', ''):<28} {labels.get('headline', '')} "
@@ -104,10 +104,10 @@ def show_models() -> int:
 
 
 def rollback() -> int:
-    from serving import model_store
+    from model_code import registry
 
     try:
-        moved = model_store.rollback()
+        moved = registry.rollback()
     except LookupError as e:
         print(f"rollback: {e}")
         return 1

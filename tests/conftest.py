@@ -46,7 +46,7 @@ def shared_benchmark(name: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory) -> Path:
     """A tiny cir-shapes benchmark, generated once per session. Tests must not modify it."""
-    from model_code.synthetic import SyntheticParams, generate
+    from model_code.synthetic.generate import SyntheticParams, generate
 
     out = tmp_path_factory.mktemp("synthetic") / "cir-shapes"
     generate(SyntheticParams.model_validate(TINY_PARAMS), out)
@@ -81,9 +81,9 @@ def make_dvc_project(path: Path, params: dict = TINY_PARAMS) -> Path:
 def micro_base(tmp_path_factory, tiny_synthetic) -> Path:
     """A very small random Qwen2-VL (a few hundred thousand parameters, 56 px images: 4 image
     tokens) with the CIR tokens, saved as a checkpoint folder, for fast model and training tests."""
-    from model_code.backbone import BackboneShape, build_random_backbone, save_backbone
-    from model_code.data import read_dataset
-    from model_code.model import PROMPTS, add_cir_tokens
+    from model_code.model.backbone import BackboneShape, build_random_backbone, save_backbone
+    from model_code.data.readers import read_dataset
+    from model_code.model.cir_cot import PROMPTS, add_cir_tokens
 
     shape = BackboneShape(text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1, text_intermediate=128,
                           vision_embed=32, vision_depth=2, vision_heads=2, image_size=56)

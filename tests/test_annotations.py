@@ -5,11 +5,11 @@ import dataclasses
 import pandas as pd
 import pytest
 
-from model_code.annotations import (AnnotationStore, annotate_missing, annotation_requests, annotation_version,
+from model_code.annotation.store import (AnnotationStore, annotate_missing, annotation_requests, annotation_version,
                                     read_annotations, write_annotations)
-from model_code.annotators import Annotation, OracleAnnotator, judge
-from model_code.data import read_dataset
-from model_code.quality import LengthBounds, validate_annotations
+from model_code.annotation.teachers import Annotation, OracleAnnotator, judge
+from model_code.data.readers import read_dataset
+from model_code.data.quality import LengthBounds, validate_annotations
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from model_code import synthetic as syn
-from model_code.annotations import annotation_requests
-from model_code.annotators import (PROMPT_VERSION, LocalTeacher, OracleAnnotator, RemoteTeacher, judge,
+from model_code.synthetic import generate as syn
+from model_code.annotation.store import annotation_requests
+from model_code.annotation.teachers import (PROMPT_VERSION, LocalTeacher, OracleAnnotator, RemoteTeacher, judge,
                                    teacher_messages)
-from model_code.data import read_dataset
+from model_code.data.readers import read_dataset
 
 GOOD = "<caption>a red circle</caption><reasoning>the circle turns blue; nothing else changes</reasoning>" \
        "<conclusion>a blue circle</conclusion>"
@@ -85,7 +85,7 @@ def test_teacher_prompt_shows_both_images_and_forbids_mentioning_the_target():
 
 @pytest.fixture(scope="module")
 def tiny_teacher_path(tmp_path_factory):
-    from model_code.backbone import build_random_backbone, save_backbone
+    from model_code.model.backbone import build_random_backbone, save_backbone
 
     corpus = ["make the red circle blue", "a small green star in the top left corner"] * 50
     model, processor = build_random_backbone("tiny", corpus, vocab_size=400)

@@ -5,7 +5,7 @@ import string
 
 import pytest
 
-from model_code.cot import MAX_SECTION_CHARS, CoT, CoTFormatError, parse, repair
+from model_code.annotation.cot import MAX_SECTION_CHARS, CoT, CoTFormatError, parse, repair
 
 OK = "<caption>a red circle</caption>\n<reasoning>make it blue</reasoning>\n<conclusion>a blue circle</conclusion>"
 

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from model_code import synthetic as syn
-from model_code.data import read_dataset
-from model_code.evaluate import Evaluation, Group, evaluate, markdown_table, score, submissions, write_report
-from model_code.gate import GateConfig, gate
-from model_code.oracle import describe, scene_from_text
+from model_code.synthetic import generate as syn
+from model_code.data.readers import read_dataset
+from model_code.evaluation.evaluate import Evaluation, Group, evaluate, markdown_table, score, submissions, write_report
+from model_code.evaluation.gate import GateConfig, gate
+from model_code.synthetic.oracle import describe, scene_from_text
 
 
 def _group(rows: list[dict], gallery: list[str], name: str = "") -> Group:
@@ -78,8 +78,8 @@ def test_a_conclusion_is_read_back_into_the_objects_it_states():
 
 @pytest.fixture(scope="module")
 def micro_model(micro_base):
-    from model_code.backbone import load_backbone
-    from model_code.model import CirCoTModel, apply_lora
+    from model_code.model.backbone import load_backbone
+    from model_code.model.cir_cot import CirCoTModel, apply_lora
 
     torch.manual_seed(0)
     model, processor = load_backbone(micro_base, device="cpu")
@@ -168,7 +168,7 @@ def test_the_evaluation_of_a_cirr_split_gives_subset_rankings_from_the_full_orde
     """The subset's top 3 come from the whole ranking, not from the top 50."""
     from PIL import Image
 
-    from model_code.data import Benchmark
+    from model_code.data.readers import Benchmark
 
     root = tmp_path / "cirr"
     (root / "img").mkdir(parents=True)
@@ -193,7 +193,7 @@ def test_the_evaluation_of_a_cirr_split_gives_subset_rankings_from_the_full_orde
 def test_fashioniq_is_evaluated_per_category_against_its_own_gallery(micro_model, tmp_path):
     from PIL import Image
 
-    from model_code.data import Benchmark
+    from model_code.data.readers import Benchmark
 
     root = tmp_path / "fiq"
     (root / "images").mkdir(parents=True)
@@ -267,7 +267,7 @@ def test_gate_compares_cot_with_no_cot_query_by_query():
     assert not gate(*_per_query(198, 200)[:1], "R@10", GateConfig()).passed
     assert not gate(metrics, "R@10", GateConfig(cot_confidence=None), per_query=per_query).passed
     # the per-query scores average to the headline: evaluation's headline_per_query
-    from model_code.evaluate import headline_per_query
+    from model_code.evaluation.evaluate import headline_per_query
 
     g = _group([{"reference_id": "r", "target_ids": ["a"]}, {"reference_id": "r", "target_ids": ["z"]}], ["a"])
     assert headline_per_query("synthetic", [(g, {"m": [["a"], ["a"]]})], "m") == {"0": 1.0, "1": 0.0}
@@ -281,11 +281,11 @@ def store():
     """The session's BENTOML_HOME (a temporary folder), emptied of cir-cot models."""
     import bentoml
 
-    from serving import model_store
+    from model_code import registry
 
-    for entry in model_store.list_models():
+    for entry in registry.list_models():
         bentoml.models.delete(entry["tag"])
-    return model_store
+    return registry
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +319,7 @@ def test_promotion_is_idempotent_archives_the_previous_model_and_rolls_back(stor
     assert stages == {ver_a: "archived", ver_b: "production"}
 
     # the stored entry is self-contained: it loads (with its copied base) and embeds like the original
-    from model_code.model import CirCoTModel
+    from model_code.model.cir_cot import CirCoTModel
 
     image = next((tiny_synthetic / "images" / "test").glob("*.png"))
     stored = store.load_promoted(device="cpu")

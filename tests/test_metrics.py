@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model_code.metrics import (average_precision_at_k, map_at_k, rank_gallery, recall_at_k, recall_subset_at_k,
+from model_code.evaluation.metrics import (average_precision_at_k, map_at_k, rank_gallery, recall_at_k, recall_subset_at_k,
                                 reference_exclusions)
 
 

@@ -7,9 +7,9 @@ import dagster as dg
 import pytest
 import yaml
 
-from model_code.annotations import read_annotations
-from model_code.data import read_tables
-from model_code.versioning import DvcProject
+from model_code.annotation.store import read_annotations
+from model_code.data.readers import read_tables
+from model_code.data.versioning import DvcProject
 from orchestration.__main__ import run as run_cli
 from assets.resources import GateResource, TrainingResource
 from orchestration.definitions import EVALUATION_JOB, PIPELINE_JOB, TRAINING_JOB, build_definitions
@@ -139,7 +139,7 @@ def test_cli_runs_the_job_and_reports(dvc_project, tmp_path, capsys):
 def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, capsys):
     import torch
 
-    from model_code.model import CirCoTModel
+    from model_code.model.cir_cot import CirCoTModel
 
     artifacts = tmp_path / "artifacts"
     defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
@@ -163,9 +163,9 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     assert emb.shape == (1, 256) and torch.isfinite(emb).all()
 
     # evaluation, the blocking gate, promotion: a floor the model cannot reach stops the promotion...
-    from serving import model_store
+    from model_code import registry
 
-    for entry in model_store.list_models():
+    for entry in registry.list_models():
         import bentoml
 
         bentoml.models.delete(entry["tag"])
@@ -179,7 +179,7 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     mats = {e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization
             for e in run.all_events if e.event_type_value == "ASSET_MATERIALIZATION"}
     assert [c.passed for c in checks] == [False] and "floor R@1" in checks[0].description
-    assert "promoted_model" not in mats and model_store.production() is None
+    assert "promoted_model" not in mats and registry.production() is None
     ev = mats["evaluation"].metadata
     assert set(ev["metrics"].value) == {"cot", "no_cot", "image_only", "text_only"} and ev["queries"].value == 6
     assert "| cot |" in ev["table"].value and "data:image/png;base64" in ev["qualitative"].value
@@ -198,7 +198,7 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
         run = lenient.resolve_job_def(EVALUATION_JOB).execute_in_process(
             partition_key="synthetic", instance=instance, raise_on_error=False, run_config=eval_config)
     assert run.success
-    prod = model_store.production()
+    prod = registry.production()
     assert prod["version"] == latest["version"] and prod["labels"]["stage"] == "production"
     assert prod["labels"]["data_synthetic"] == latest["data"]["synthetic"]["raw"]
     assert prod["labels"]["annotations_synthetic"] == latest["data"]["synthetic"]["annotations"]

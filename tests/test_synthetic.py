@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model_code import synthetic as syn
-from model_code.data import read_benchmark
+from model_code.synthetic import generate as syn
+from model_code.data.readers import read_benchmark
 from tests.conftest import TINY_PARAMS
 
 

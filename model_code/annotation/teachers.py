@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
-from model_code.cot import CoT, CoTFormatError, repair
+from model_code.annotation.cot import CoT, CoTFormatError, repair
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +141,14 @@ class Annotator(Protocol):
 
 
 class OracleAnnotator:
-    """Exact chains of thought for the cir-shapes benchmark at ``root`` (see model_code.oracle)."""
+    """Exact chains of thought for the cir-shapes benchmark at ``root`` (see model_code.synthetic.oracle)."""
 
     name = "oracle"
     prompt_version = ORACLE_VERSION
     default_min_acceptance = 1.0
 
     def __init__(self, root: str | os.PathLike):
-        from model_code import synthetic as syn
+        from model_code.synthetic import generate as syn
 
         self.root = Path(root)
         self._queries, self._graphs = {}, {}
@@ -163,8 +163,8 @@ class OracleAnnotator:
             raise FileNotFoundError(f"no cir-shapes captions under {self.root}: the oracle only annotates the synthetic benchmark")
 
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
-        from model_code import synthetic as syn
-        from model_code.oracle import oracle_cot
+        from model_code.synthetic import generate as syn
+        from model_code.synthetic.oracle import oracle_cot
 
         out = []
         for r in requests:
@@ -234,7 +234,7 @@ class LocalTeacher:
         import torch
 
         if self.model is None:
-            from model_code.backbone import load_backbone
+            from model_code.model.backbone import load_backbone
 
             self.model, self.processor = load_backbone(self.model_path, **self._load_args)
         tok = self.processor.tokenizer

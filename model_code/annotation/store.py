@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from model_code.annotators import Annotation, AnnotationRequest, Annotator
-from model_code.data import nulls_as_none
+from model_code.annotation.teachers import Annotation, AnnotationRequest, Annotator
+from model_code.data.readers import nulls_as_none
 
 log = logging.getLogger(__name__)
 

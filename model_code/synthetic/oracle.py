@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 
-from model_code import synthetic as syn
-from model_code.cot import CoT
+from model_code.synthetic import generate as syn
+from model_code.annotation.cot import CoT
 
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 

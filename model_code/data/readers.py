@@ -3,7 +3,7 @@
 ``read_benchmark(name, root, split)`` returns ``Benchmark(triplets, images)``; one reader per
 benchmark understands its official layout:
 
-- ``synthetic`` (cir-shapes, written by ``model_code.synthetic``): ``captions/cap.<split>.json``,
+- ``synthetic`` (cir-shapes, written by ``model_code.synthetic.generate``): ``captions/cap.<split>.json``,
   ``image_splits/split.<split>.json``, ``images/<split>/*.png``.
 - ``cirr``: ``captions/cap.rc2.<split>.json`` and ``image_splits/split.rc2.<split>.json`` under
   ``root`` or ``root/cirr``; image paths in the split file are relative to ``root``

@@ -167,6 +167,6 @@ def model_path(tag: str | None = None) -> Path:
 
 def load_promoted(tag: str | None = None, **kwargs):
     """Load a stored model (default: production) as a ``CirCoTModel``."""
-    from model_code.model import CirCoTModel
+    from model_code.model.cir_cot import CirCoTModel
 
     return CirCoTModel.load(model_path(tag), **kwargs)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model_code.model import CirCoTModel
+from model_code.model.cir_cot import CirCoTModel
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def train(model: CirCoTModel, examples: Sequence[TrainExample], cfg: TrainConfig
         if hasattr(model.model, "enable_input_require_grads"):
             model.model.enable_input_require_grads()
     if cfg.compile_layers:
-        from model_code.model import compile_decoder_layers
+        from model_code.model.cir_cot import compile_decoder_layers
 
         compile_decoder_layers(model.model)
     model.model.train()
@@ -386,7 +386,7 @@ def pair_examples(triplets, images, root: str | os.PathLike, split: str = "train
                   annotations=None) -> list[TrainExample]:
     """Training pairs of ``split``: reference, modification, first target, hard negatives and, when
     ``annotations`` (the accepted rows of the annotations table) has one, the rendered chain of thought."""
-    from model_code.cot import CoT
+    from model_code.annotation.cot import CoT
 
     root = Path(root)
     rows = triplets[triplets["split"] == split]
@@ -407,8 +407,8 @@ def pair_examples(triplets, images, root: str | os.PathLike, split: str = "train
 
 def description_examples(root: str | os.PathLike, split: str = "train", limit: int | None = None) -> list[TrainExample]:
     """Bootstrap pairs for cir-shapes: each image of ``split`` with a description of its scene graph."""
-    from model_code import synthetic as syn
-    from model_code.oracle import describe
+    from model_code.synthetic import generate as syn
+    from model_code.synthetic.oracle import describe
 
     import random
 
@@ -506,8 +506,8 @@ def _file_md5(*paths: Path) -> str:
 def tiny_corpus(triplets, annotations, descriptions: Sequence[TrainExample]) -> list[str]:
     """The text a tiny tokenizer is trained on: modifications, chains of thought, scene
     descriptions and the prompts."""
-    from model_code.cot import CoT
-    from model_code.model import PROMPTS
+    from model_code.annotation.cot import CoT
+    from model_code.model.cir_cot import PROMPTS
 
     ok = annotations[annotations["status"] == "ok"] if annotations is not None else None
     cots = [] if ok is None else [CoT(c, r, k).render() for c, r, k in zip(ok["caption"], ok["reasoning"], ok["conclusion"])]
@@ -519,8 +519,8 @@ def bootstrap_tiny(root: str | os.PathLike, triplets, annotations, spec: BaseSpe
     """Build the tiny base model (tokenizer trained on the corpus, random Qwen2-VL) and pretrain all
     of it on cir-shapes images and their scene descriptions. Resumes an interrupted run; returns
     the summary of a finished one without training again."""
-    from model_code.backbone import build_random_backbone, save_backbone
-    from model_code.model import add_cir_tokens, parameter_counts
+    from model_code.model.backbone import build_random_backbone, save_backbone
+    from model_code.model.cir_cot import add_cir_tokens, parameter_counts
 
     out_dir = Path(out_dir)
     if (out_dir / "base.json").is_file():
@@ -559,8 +559,8 @@ def train_cir_cot(base: dict, train_pairs: Sequence[TrainExample], val_pairs: Se
     """LoRA on the base model: stage 1 (``align``, no CoT), then stage 2 (``cot``, the joint loss on
     the pairs that have an accepted chain of thought). Saves the model to ``out_dir/model``.
     Each stage resumes from its checkpoint."""
-    from model_code.backbone import load_backbone
-    from model_code.model import apply_lora, parameter_counts
+    from model_code.model.backbone import load_backbone
+    from model_code.model.cir_cot import apply_lora, parameter_counts
 
     out_dir = Path(out_dir)
     spec = profile.base
@@ -623,7 +623,7 @@ PROFILES["smoke"] = TrainingProfile(
 def main(argv: list[str] | None = None) -> int:
     """Train the CIR-CoT model outside Dagster, e.g. across GPUs:
 
-        accelerate launch --num_processes 8 -m model_code.train --tables artifacts/triplets/synthetic \\
+        accelerate launch --num_processes 8 -m model_code.model.train --tables artifacts/triplets/synthetic \\
             --annotations artifacts/cot_annotations/synthetic/annotations.parquet \\
             --base /models/Qwen2-VL-2B-Instruct --profile gpu --out artifacts/cir_cot_model/runs/manual
 
@@ -632,10 +632,10 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import logging as _logging
 
-    from model_code.annotations import read_annotations
-    from model_code.data import read_tables
+    from model_code.annotation.store import read_annotations
+    from model_code.data.readers import read_tables
 
-    p = argparse.ArgumentParser(prog="python -m model_code.train", description=main.__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model_code.model.train", description=main.__doc__.split("\n\n")[0])
     p.add_argument("--tables", required=True, help="a triplets folder written by the pipeline (triplets/images parquet, meta.json)")
     p.add_argument("--annotations", required=True, help="an annotations.parquet written by the pipeline")
     p.add_argument("--base", required=True, help="the base model folder (a checkpoint, or the bootstrapped tiny model)")

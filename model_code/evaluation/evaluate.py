@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from model_code.data import HIDDEN_SPLITS
-from model_code.metrics import map_at_k, rank_gallery, recall_at_k, recall_subset_at_k, reference_exclusions
-from model_code.progress import Progress
+from model_code.data.readers import HIDDEN_SPLITS
+from model_code.evaluation.metrics import map_at_k, rank_gallery, recall_at_k, recall_subset_at_k, reference_exclusions
+from model_code.common import Progress
 
 METHODS = ("cot", "no_cot", "image_only", "text_only")
 MODEL_METHODS = ("cot", "no_cot")  # the model's own query modes; the other two are baselines
@@ -292,8 +292,8 @@ def reasoning_correctness(root: str | os.PathLike, split: str, queries, reasonin
     """Synthetic: how often the generated chain parses, and whether its conclusion states the
     target's objects (every object's size, colour, shape and place; see
     :func:`model_code.oracle.scene_from_text`)."""
-    from model_code import synthetic as syn
-    from model_code.oracle import scene_from_text
+    from model_code.synthetic import generate as syn
+    from model_code.synthetic.oracle import scene_from_text
 
     graphs = json.loads((Path(root) / "scene_graphs" / f"{split}.json").read_text())
     parsed = exact = 0

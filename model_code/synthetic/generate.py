@@ -15,7 +15,7 @@ files. Layout of the output folder (read back by ``model_code.data.read_benchmar
     captions/cap.<split>.json          [{query_id, reference, target, modification, edits, ...}]
     image_splits/split.<split>.json    image_id -> relative image path
 
-CLI: ``python -m model_code.synthetic --out DIR --seed N`` (see ``--help`` for the size options).
+CLI: ``python -m model_code.synthetic.generate --out DIR --seed N`` (see ``--help`` for the size options).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from model_code.progress import Progress
+from model_code.common import Progress
 
 log = logging.getLogger(__name__)
 
@@ -779,7 +779,7 @@ def load_params(path: str | os.PathLike | None) -> SyntheticParams:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model_code.synthetic", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model_code.synthetic.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (replaced)")
     p.add_argument("--params", help="params.yaml whose 'synthetic' section gives the defaults")
     p.add_argument("--seed", type=int)

@@ -230,7 +230,7 @@ class CirCoTModel(torch.nn.Module):
         appended and embedded) or ``no_cot`` (the prompt goes to ``<emb>`` at once). Returns the
         embeddings and, per query, ``{"text": raw reasoning, "cot": CoT or None, "error": why it did
         not parse or None}`` (empty dicts in ``no_cot``)."""
-        from model_code.cot import CoTFormatError, parse
+        from model_code.annotation.cot import CoTFormatError, parse
 
         if mode == "no_cot":
             return self.embed_queries(images, texts, None, batch_size=batch_size), [{} for _ in texts]
@@ -277,7 +277,7 @@ class CirCoTModel(torch.nn.Module):
         """Load a folder written by :meth:`save`; with ``trainable`` the adapter stays trainable."""
         from transformers import AutoProcessor
 
-        from model_code.backbone import load_backbone
+        from model_code.model.backbone import load_backbone
 
         path = Path(path)
         meta = json.loads((path / "circot.json").read_text())
