@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from model_code.data.readers import DATASETS
+from model_code.data import DATASETS
 from model_code.data.quality import QualityReport
 
 dataset_partitions = dg.StaticPartitionsDefinition(list(DATASETS))

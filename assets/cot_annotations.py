@@ -15,7 +15,7 @@ from assets.resources import AnnotatorResource, ArtifactStore
 from assets.triplets import triplets, triplets_dir
 from model_code.annotation.store import (AnnotationStore, annotate_missing, annotation_requests, annotation_version,
                                      read_annotations, write_annotations)
-from model_code.data.readers import HIDDEN_SPLITS, read_tables
+from model_code.data import HIDDEN_SPLITS, read_tables
 from model_code.data.quality import validate_annotations
 
 

@@ -52,8 +52,9 @@ def latest_model(artifacts: ArtifactStore) -> dict:
 @dg.asset(partitions_def=dataset_partitions, group_name="evaluation", deps=[cir_cot_model, triplets], kinds={"pytorch"},
           description="Benchmark-exact metrics of CIR-CoT, the no-CoT ablation and two baselines; submission files")
 def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from model_code.data.readers import HIDDEN_SPLITS, read_tables
-    from model_code.evaluation.evaluate import SCORED_SPLIT, SUBMISSION_SPLIT, evaluate, write_report
+    from model_code.data import HIDDEN_SPLITS, read_tables
+    from model_code.evaluation.evaluate import evaluate, SCORED_SPLIT, SUBMISSION_SPLIT
+    from model_code.evaluation.report import write_report
     from model_code.model.cir_cot import CirCoTModel
 
     name = context.partition_key

@@ -13,8 +13,8 @@ import dagster as dg
 
 from assets.common import dataset_partitions
 from assets.resources import ROOT_LAYOUT, ArtifactStore, DatasetRoots, DvcResource
-from model_code.data.readers import annotation_files, available_splits
-from model_code.data.versioning import content_hash
+from model_code.data import annotation_files, available_splits
+from model_code.common import content_hash
 
 SYNTHETIC_STAGE = "synthetic"
 

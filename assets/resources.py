@@ -108,24 +108,26 @@ class AnnotatorResource(dg.ConfigurableResource):
             f"(or the variable named by CIRCOT_TEACHER_API_KEY_ENV)."))
 
     def build(self, dataset: str, raw_root: str):
-        from model_code.annotation import teachers as annotators
+        from model_code.annotation import teachers
 
         kind = self.resolve_kind(dataset)
         if kind == "oracle":
             if dataset != "synthetic":
                 raise dg.Failure(description="The oracle annotator knows only the synthetic benchmark's scene graphs.")
-            return annotators.OracleAnnotator(raw_root)
+            from model_code.synthetic.oracle import OracleAnnotator
+
+            return OracleAnnotator(raw_root)
         if kind == "local":
             if not self.local_model_path:
                 raise dg.Failure(description="annotator kind 'local' needs local_model_path (CIRCOT_TEACHER_MODEL_PATH)")
-            return annotators.LocalTeacher(self.local_model_path, device=self.device, dtype=self.dtype,
+            return teachers.LocalTeacher(self.local_model_path, device=self.device, dtype=self.dtype,
                                            attn_implementation=self.attn_implementation, batch_size=self.batch_size,
                                            max_new_tokens=self.max_new_tokens)
         if kind == "remote":
             if not (self.remote_base_url and self.remote_model):
                 raise dg.Failure(description="annotator kind 'remote' needs remote_base_url and remote_model "
                                              "(CIRCOT_TEACHER_URL, CIRCOT_TEACHER_MODEL)")
-            return annotators.RemoteTeacher(self.remote_base_url, self.remote_model, api_key_env=self.api_key_env,
+            return teachers.RemoteTeacher(self.remote_base_url, self.remote_model, api_key_env=self.api_key_env,
                                             max_concurrency=self.max_concurrency, timeout_s=self.timeout_s,
                                             max_retries=self.max_retries, max_tokens=self.max_new_tokens)
         raise dg.Failure(description=f"unknown annotator kind {self.kind!r}: use auto, oracle, local or remote")
@@ -139,7 +141,7 @@ class TrainingResource(dg.ConfigurableResource):
     base_model_path: str | None = None  # a local Qwen2-VL-family checkpoint folder (profile gpu)
 
     def spec(self):
-        from model_code.model.train import PROFILES
+        from model_code.model.recipes import PROFILES
 
         if self.profile not in PROFILES:
             raise dg.Failure(description=f"unknown training profile {self.profile!r}; known: {', '.join(PROFILES)}")

@@ -7,12 +7,12 @@ artifacts root, so an interrupted materialisation resumes from its last checkpoi
 """
 
 import dataclasses
-import hashlib
 import json
 
 import dagster as dg
 from pydantic import Field
 
+from model_code.common import json_key
 from assets.common import png_markdown
 from assets.cot_annotations import annotations_dir, cot_annotations
 from assets.resources import ArtifactStore, TrainingResource
@@ -22,13 +22,9 @@ TRAIN_DATASETS = ["synthetic"]  # the partitions whose annotations the model tra
 _training_partitions = dg.SpecificPartitionsPartitionMapping(TRAIN_DATASETS)
 
 
-def _key(*parts) -> str:
-    return hashlib.md5(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def _dataset_inputs(artifacts: ArtifactStore, dataset: str):
     from model_code.annotation.store import read_annotations
-    from model_code.data.readers import read_tables
+    from model_code.data import read_tables
 
     tables_dir, ann_dir = triplets_dir(artifacts, dataset), annotations_dir(artifacts, dataset)
     if not (ann_dir / "annotations.parquet").is_file():
@@ -47,7 +43,7 @@ class BaseModelConfig(dg.Config):
                 dg.AssetDep(cot_annotations, partition_mapping=_training_partitions)])
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, training: TrainingResource,
                artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from model_code.model.train import bootstrap_tiny, register_checkpoint
+    from model_code.model.recipes import bootstrap_tiny, register_checkpoint
 
     profile = training.spec()
     spec = profile.base
@@ -60,8 +56,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, train
         if config.bootstrap_steps:
             spec.bootstrap.steps = config.bootstrap_steps
         bench, ann, meta, ann_meta = _dataset_inputs(artifacts, "synthetic")
-        run = artifacts.dir("base_model", f"tiny-{_key(meta['raw_version'], ann_meta['version'], dataclasses.asdict(spec))}")
-        summary = bootstrap_tiny(meta["root"], bench.triplets, ann, spec, run, progress=context.log.info)
+        run = artifacts.dir("base_model", f"tiny-{json_key(meta['raw_version'], ann_meta['version'], dataclasses.asdict(spec))}")
+        summary = bootstrap_tiny("synthetic", meta["root"], bench.triplets, ann, spec, run, progress=context.log.info)
     artifacts.path("base_model", "current.json").write_text(json.dumps(summary, indent=1))
     metadata = {"path": dg.MetadataValue.path(summary["path"]), "kind": summary["kind"], "model_version": summary["version"]}
     if summary["kind"] == "tiny":
@@ -82,7 +78,7 @@ class CirCoTModelConfig(dg.Config):
           deps=[base_model, dg.AssetDep(cot_annotations, partition_mapping=_training_partitions)])
 def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, training: TrainingResource,
                   artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from model_code.model.train import pair_examples, train_cir_cot
+    from model_code.model.recipes import pair_examples, train_cir_cot
 
     profile = training.spec()
     if config.align_steps:
@@ -100,7 +96,7 @@ def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, 
         val_pairs += pair_examples(bench.triplets, bench.images, meta["root"], "val", ann)
         versions[dataset] = {"raw": meta["raw_version"], "annotations": ann_meta["version"],
                              "teacher": ann_meta["teacher"], "prompt_version": ann_meta["prompt_version"]}
-    run = artifacts.dir("cir_cot_model", "runs", _key(base["version"], versions, profile.to_dict()))
+    run = artifacts.dir("cir_cot_model", "runs", json_key(base["version"], versions, profile.to_dict()))
     summary = train_cir_cot(base, train_pairs, val_pairs, profile, run, progress=context.log.info)
     summary["data"] = versions
     artifacts.path("cir_cot_model", "latest.json").write_text(json.dumps(summary, indent=1))

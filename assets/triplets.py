@@ -13,9 +13,9 @@ from pydantic import Field
 from assets.common import check_result, dataset_partitions
 from assets.raw_dataset import raw_dataset, read_raw_record
 from assets.resources import ArtifactStore
-from model_code.data.readers import DataError, read_dataset, read_tables, write_tables
+from model_code.data import DataError, read_dataset, read_tables, write_tables
 from model_code.data.quality import validate_images, validate_triplets
-from model_code.data.versioning import content_hash
+from model_code.common import content_hash
 
 class TripletsConfig(dg.Config):
     require_images: bool = Field(

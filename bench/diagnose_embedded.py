@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 def _load(artifacts: Path):
     from model_code.annotation.store import read_annotations
-    from model_code.data.readers import read_tables
+    from model_code.data import read_tables
 
     root = json.loads((artifacts / "triplets/synthetic/meta.json").read_text())["root"]
     return (root, read_tables(artifacts / "triplets/synthetic"),
@@ -46,7 +46,8 @@ def _latest(artifacts: Path) -> dict:
 
 
 def _evaluate(model, bench, root, n: int) -> None:
-    from model_code.evaluation.evaluate import evaluate, markdown_table
+    from model_code.evaluation.evaluate import evaluate
+    from model_code.evaluation.report import markdown_table
 
     print(markdown_table(evaluate(model, bench, root, "synthetic", "test", limit=n, batch_size=64, say=lambda s: None)))
 
@@ -71,7 +72,7 @@ def _scorer(model, bench, root, n: int):
 
 def upper_bounds(args, artifacts):
     from model_code.annotation.store import annotation_requests
-    from model_code.annotation.teachers import OracleAnnotator
+    from model_code.synthetic.oracle import OracleAnnotator
     from model_code.annotation.cot import CoT
     from model_code.model.cir_cot import CirCoTModel
 
@@ -115,7 +116,8 @@ def decoding(args, artifacts):
 def bootstrap_more(args, artifacts, out: Path):
     from model_code.model.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel
-    from model_code.model.train import PROFILES, description_examples, evaluate_in_batch, train
+    from model_code.model.recipes import description_examples, PROFILES
+    from model_code.model.train import evaluate_in_batch, train
 
     root, _, _ = _load(artifacts)
     base = json.loads((artifacts / "base_model/current.json").read_text())
@@ -123,16 +125,17 @@ def bootstrap_more(args, artifacts, out: Path):
     m = CirCoTModel(model.train(), processor)
     cfg = dataclasses.replace(PROFILES["embedded"].base.bootstrap, steps=args.steps, seed=1, warmup_steps=5,
                               checkpoint_every=10**6, log_every=20)
-    val = description_examples(root, "val")
+    val = description_examples("synthetic", root, "val")
     print("before", evaluate_in_batch(m, val, cfg, 3), flush=True)
-    train(m, description_examples(root, "train"), cfg, out / "bootstrap-more")
+    train(m, description_examples("synthetic", root, "train"), cfg, out / "bootstrap-more")
     print("after", evaluate_in_batch(m, val, cfg, 3), flush=True)
 
 
 def stage1(args, artifacts, out: Path):
     from model_code.model.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel, add_cir_tokens, apply_lora
-    from model_code.model.train import PROFILES, pair_examples, train
+    from model_code.model.recipes import pair_examples, PROFILES
+    from model_code.model.train import train
 
     root, bench, _ = _load(artifacts)
     base = json.loads((artifacts / "base_model/current.json").read_text())
@@ -154,7 +157,8 @@ def stage1(args, artifacts, out: Path):
 
 def cot_more(args, artifacts, out: Path):
     from model_code.model.cir_cot import CirCoTModel
-    from model_code.model.train import PROFILES, pair_examples, train
+    from model_code.model.recipes import pair_examples, PROFILES
+    from model_code.model.train import train
 
     root, bench, ann = _load(artifacts)
     model = CirCoTModel.load(_latest(artifacts)["path"], trainable=True)

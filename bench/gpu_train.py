@@ -33,7 +33,8 @@ import torch  # noqa: E402
 from bench._common import print_table, random_image  # noqa: E402
 from model_code.model.backbone import SHAPES, BackboneShape, build_model, build_processor, resolve_device, train_tokenizer  # noqa: E402
 from model_code.model.cir_cot import PROMPTS, CirCoTModel, apply_lora, compile_decoder_layers  # noqa: E402
-from model_code.model.train import TrainConfig, TrainExample, TrainStep, info_nce  # noqa: E402
+from model_code.model.train import TrainConfig, TrainExample, TrainStep
+from model_code.model.loss import info_nce
 
 WORDS = ("a small red circle in the top left corner and a large blue square in the centre ; the text asks to "
          "make the circle green and move the square to the right , so the circle becomes green while the star "

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench._common import print_table, random_image  # noqa: E402
-from model_code.annotation.teachers import AnnotationRequest, LocalTeacher  # noqa: E402
+from model_code.annotation.judge import AnnotationRequest
+from model_code.annotation.teachers import LocalTeacher
 from model_code.model.backbone import SHAPES, build_random_backbone, resolve_device  # noqa: E402
 
 def main() -> int:

@@ -1,12 +1,103 @@
-"""One progress line for long loops: count, rate and ETA, at most every few seconds."""
+"""Small things every stage uses, written once: atomic writes, content hashes, a progress line.
+
+- :func:`atomic_path` / :func:`atomic_write_text` / :func:`atomic_write_json`: a file is written
+  under a temporary name and renamed into place, so a reader (or a crash) never sees half of it.
+- :func:`replace_dir`: the same for a folder built beside its destination.
+- :func:`file_md5`, :func:`content_hash`, :func:`json_key`: versions from bytes, never from paths.
+- :class:`Progress`: count, rate and ETA of a long loop, at most every few seconds.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; write it in the block; on success it replaces
+    ``path`` in one rename, on an exception it is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_json(path: str | os.PathLike, obj, *, indent: int | None = 1, **kwargs) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, **kwargs) + ("\n" if indent is not None else ""))
+
+
+def replace_dir(built: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Put the finished folder ``built`` at ``path``, replacing what was there. The old folder is
+    moved aside first and removed last, so a crash leaves the old or the new one, never neither."""
+    built, path = Path(built), Path(path)
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        path.rename(old)
+    built.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# versions from content
+
+
+def file_md5(*paths: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """md5 over the bytes of ``paths`` in order (streamed: large weight files are fine)."""
+    h = hashlib.md5()
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def content_hash(files: Iterable[str | os.PathLike], root: str | os.PathLike) -> str:
+    """md5 over (path relative to ``root``, file md5) of ``files``: a version for data that DVC does
+    not track."""
+    root = Path(root)
+    h = hashlib.md5()
+    for f in sorted(Path(f) for f in files):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(file_md5(f).encode())
+    return h.hexdigest()
+
+
+def json_key(*parts, length: int = 12) -> str:
+    """A short stable key for JSON-able values (run folders keyed by their inputs)."""
+    return hashlib.md5(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
 
 
 class Progress:

@@ -3,7 +3,7 @@
 import torch
 import torch.distributed as dist
 
-from model_code.model.train import gather_with_grad, info_nce
+from model_code.model.loss import gather_with_grad, info_nce
 
 
 def run(rank: int, world: int, out: str) -> None:

@@ -82,7 +82,7 @@ def micro_base(tmp_path_factory, tiny_synthetic) -> Path:
     """A very small random Qwen2-VL (a few hundred thousand parameters, 56 px images: 4 image
     tokens) with the CIR tokens, saved as a checkpoint folder, for fast model and training tests."""
     from model_code.model.backbone import BackboneShape, build_random_backbone, save_backbone
-    from model_code.data.readers import read_dataset
+    from model_code.data import read_dataset
     from model_code.model.cir_cot import PROMPTS, add_cir_tokens
 
     shape = BackboneShape(text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1, text_intermediate=128,

@@ -7,8 +7,9 @@ import pytest
 
 from model_code.annotation.store import (AnnotationStore, annotate_missing, annotation_requests, annotation_version,
                                     read_annotations, write_annotations)
-from model_code.annotation.teachers import Annotation, OracleAnnotator, judge
-from model_code.data.readers import read_dataset
+from model_code.annotation.judge import Annotation, judge
+from model_code.synthetic.oracle import OracleAnnotator
+from model_code.data import read_dataset
 from model_code.data.quality import LengthBounds, validate_annotations
 
 

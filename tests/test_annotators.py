@@ -10,11 +10,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from model_code.synthetic import generate as syn
+from model_code.synthetic import generate
 from model_code.annotation.store import annotation_requests
-from model_code.annotation.teachers import (PROMPT_VERSION, LocalTeacher, OracleAnnotator, RemoteTeacher, judge,
-                                   teacher_messages)
-from model_code.data.readers import read_dataset
+from model_code.annotation.teachers import LocalTeacher, PROMPT_VERSION, RemoteTeacher, teacher_messages
+from model_code.synthetic.oracle import OracleAnnotator
+from model_code.annotation.judge import judge
+from model_code.data import read_dataset
 
 GOOD = "<caption>a red circle</caption><reasoning>the circle turns blue; nothing else changes</reasoning>" \
        "<conclusion>a blue circle</conclusion>"
@@ -31,7 +32,7 @@ def test_oracle_accepts_everything_and_describes_reference_and_target(tiny_synth
     rows = oracle.annotate(requests_)
     assert len(rows) == len(requests_) and all(r.ok for r in rows), [r.reject_reason for r in rows if not r.ok]
     queries, graphs = {}, {}
-    for split in syn.SPLITS:
+    for split in generate.SPLITS:
         queries.update({q["query_id"]: q for q in json.loads((tiny_synthetic / "captions" / f"cap.{split}.json").read_text())})
         graphs.update(json.loads((tiny_synthetic / "scene_graphs" / f"{split}.json").read_text()))
     for row in rows:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model_code.data.readers import (DATASETS, Benchmark, DataError, MissingImagesError, available_splits, read_benchmark,
+from model_code.data import (DATASETS, Benchmark, DataError, MissingImagesError, available_splits, read_benchmark,
                              read_dataset, read_tables, write_tables)
 from tests.conftest import shared_benchmark
 

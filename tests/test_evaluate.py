@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from model_code.synthetic import generate as syn
-from model_code.data.readers import read_dataset
-from model_code.evaluation.evaluate import Evaluation, Group, evaluate, markdown_table, score, submissions, write_report
+from model_code.synthetic import scenes
+from model_code.data import read_dataset
+from model_code.evaluation.evaluate import evaluate, Evaluation, Group, score
+from model_code.evaluation.report import markdown_table, submissions, write_report
 from model_code.evaluation.gate import GateConfig, gate
 from model_code.synthetic.oracle import describe, scene_from_text
 
@@ -66,8 +67,8 @@ def test_synthetic_breakdown_by_edits_and_reference_dependence():
 def test_a_conclusion_is_read_back_into_the_objects_it_states():
     rng = random.Random(3)
     for _ in range(50):
-        scene = syn.random_scene(rng, iter(range(100)).__next__)
-        truth = {syn.scene_key((o,))[0] for o in scene}
+        scene = scenes.random_scene(rng, iter(range(100)).__next__)
+        truth = {scenes.scene_key((o,))[0] for o in scene}
         assert scene_from_text(describe(scene, rng, result=True)) == truth
     assert scene_from_text("a big Red circle in the upper left corner, then nonsense") == {("circle", "red", "large", 0, 0)}
     assert scene_from_text("<caption>garbage</caption>") == set()
@@ -168,7 +169,7 @@ def test_the_evaluation_of_a_cirr_split_gives_subset_rankings_from_the_full_orde
     """The subset's top 3 come from the whole ranking, not from the top 50."""
     from PIL import Image
 
-    from model_code.data.readers import Benchmark
+    from model_code.data import Benchmark
 
     root = tmp_path / "cirr"
     (root / "img").mkdir(parents=True)
@@ -193,7 +194,7 @@ def test_the_evaluation_of_a_cirr_split_gives_subset_rankings_from_the_full_orde
 def test_fashioniq_is_evaluated_per_category_against_its_own_gallery(micro_model, tmp_path):
     from PIL import Image
 
-    from model_code.data.readers import Benchmark
+    from model_code.data import Benchmark
 
     root = tmp_path / "fiq"
     (root / "images").mkdir(parents=True)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from model_code.annotation.store import read_annotations
-from model_code.data.readers import read_tables
+from model_code.data import read_tables
 from model_code.data.versioning import DvcProject
 from orchestration.__main__ import run as run_cli
 from assets.resources import GateResource, TrainingResource

@@ -2,7 +2,7 @@
 
 import pytest
 
-from model_code.data.readers import read_benchmark, read_dataset
+from model_code.data import read_benchmark, read_dataset
 from model_code.data.quality import DataQualityError, probe_image, validate_images, validate_triplets
 from tests.conftest import shared_benchmark
 

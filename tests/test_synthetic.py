@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model_code.synthetic import generate as syn
-from model_code.data.readers import read_benchmark
+from model_code.synthetic import edits, generate, scenes
+from model_code.data import read_benchmark
 from tests.conftest import TINY_PARAMS
 
 
@@ -26,40 +26,40 @@ def _load(root: Path, split: str):
 
 def test_same_parameters_and_seed_give_byte_identical_files(tiny_synthetic, tmp_path):
     again = tmp_path / "again"
-    syn.generate(syn.SyntheticParams.model_validate(TINY_PARAMS), again)
+    generate.generate(generate.SyntheticParams.model_validate(TINY_PARAMS), again)
     assert _tree_digest(again) == _tree_digest(tiny_synthetic)
 
 
 def test_another_seed_gives_another_benchmark(tiny_synthetic, tmp_path):
     other = tmp_path / "other"
-    syn.generate(syn.SyntheticParams.model_validate({**TINY_PARAMS, "seed": TINY_PARAMS["seed"] + 1}), other)
+    generate.generate(generate.SyntheticParams.model_validate({**TINY_PARAMS, "seed": TINY_PARAMS["seed"] + 1}), other)
     a, b = _tree_digest(tiny_synthetic), _tree_digest(other)
     assert a["captions/cap.train.json"] != b["captions/cap.train.json"]
 
 
-@pytest.mark.parametrize("split", syn.SPLITS)
+@pytest.mark.parametrize("split", generate.SPLITS)
 def test_every_target_is_its_reference_with_the_edits_applied(tiny_synthetic, split):
     queries, graphs = _load(tiny_synthetic, split)
     assert queries
     for q in queries:
-        ref = syn.scene_from_json(graphs[q["reference"]])
-        target = syn.scene_from_json(graphs[q["target"]])
-        assert syn.scene_key(syn.apply_edits(ref, q["edits"])) == syn.scene_key(target), q["query_id"]
-        assert syn.scene_key(ref) != syn.scene_key(target)
+        ref = scenes.scene_from_json(graphs[q["reference"]])
+        target = scenes.scene_from_json(graphs[q["target"]])
+        assert scenes.scene_key(edits.apply_edits(ref, q["edits"])) == scenes.scene_key(target), q["query_id"]
+        assert scenes.scene_key(ref) != scenes.scene_key(target)
         assert q["n_edits"] == len(q["edits"]) and 1 <= q["n_edits"] <= 3
         assert q["reference_dependent"] == any(e["reference_dependent"] for e in q["edits"])
         assert q["modification"].strip()
 
 
-def _attribute_differences(a: syn.Scene, b: syn.Scene) -> int:
+def _attribute_differences(a: scenes.Scene, b: scenes.Scene) -> int:
     """How many single-attribute changes turn a into b, for scenes with the same objects by index."""
     if len(a) != len(b):
         return 99
     by_cell_a = {o.cell: o for o in a}
     moved = [o for o in b if o.cell not in by_cell_a]
     if moved:  # one object moved to an empty cell: everything else equal
-        rest_a = sorted(syn.scene_key(tuple(o for o in a if o.cell in {x.cell for x in b})))
-        rest_b = sorted(syn.scene_key(tuple(o for o in b if o.cell in by_cell_a)))
+        rest_a = sorted(scenes.scene_key(tuple(o for o in a if o.cell in {x.cell for x in b})))
+        rest_b = sorted(scenes.scene_key(tuple(o for o in b if o.cell in by_cell_a)))
         return 1 if len(moved) == 1 and rest_a == rest_b else 99
     return sum(getattr(o, k) != getattr(by_cell_a[o.cell], k) for o in b for k in ("shape", "color", "size"))
 
@@ -70,8 +70,8 @@ def test_distractors_are_one_attribute_from_their_target(tiny_synthetic, split):
     distractors = {i: g for i, g in graphs.items() if g["role"] == "distractor"}
     assert len(distractors) == 2 * len(queries)
     for image_id, g in distractors.items():
-        d, t = syn.scene_from_json(g), syn.scene_from_json(graphs[g["target"]])
-        assert syn.scene_key(d) != syn.scene_key(t)
+        d, t = scenes.scene_from_json(g), scenes.scene_from_json(graphs[g["target"]])
+        assert scenes.scene_key(d) != scenes.scene_key(t)
         assert _attribute_differences(t, d) == 1, image_id
     for q in queries:
         assert set(q["hard_negatives"]) == {i for i, g in distractors.items() if g["target"] == q["target"]}
@@ -79,15 +79,15 @@ def test_distractors_are_one_attribute_from_their_target(tiny_synthetic, split):
 
 def test_scenes_are_distinct_and_splits_disjoint(tiny_synthetic):
     keys, ids = {}, {}
-    for split in syn.SPLITS:
+    for split in generate.SPLITS:
         _, graphs = _load(tiny_synthetic, split)
         for image_id, g in graphs.items():
-            key = syn.scene_key(syn.scene_from_json(g))
+            key = scenes.scene_key(scenes.scene_from_json(g))
             assert key not in keys, f"{image_id} repeats the scene of {keys.get(key)}"
             keys[key] = image_id
             assert image_id.startswith(split + "_") and image_id not in ids
             ids[image_id] = split
-            assert 1 <= len(g["objects"]) <= syn.MAX_OBJECTS
+            assert 1 <= len(g["objects"]) <= scenes.MAX_OBJECTS
 
 
 def test_images_are_the_rendered_scene_graphs(tiny_synthetic):
@@ -97,14 +97,14 @@ def test_images_are_the_rendered_scene_graphs(tiny_synthetic):
     for image_id in list(graphs)[:15]:
         with Image.open(tiny_synthetic / splits[image_id]) as im:
             assert im.size == (TINY_PARAMS["image_size"],) * 2
-            expected = syn.render_scene(syn.scene_from_json(graphs[image_id]), TINY_PARAMS["image_size"])
+            expected = scenes.render_scene(scenes.scene_from_json(graphs[image_id]), TINY_PARAMS["image_size"])
             assert im.convert("RGB").tobytes() == expected.tobytes()
 
 
 def test_modifications_cover_every_edit_kind_and_both_dependence_kinds(tmp_path):
-    params = syn.SyntheticParams.model_validate({**TINY_PARAMS, "train": {"references": 150,
+    params = generate.SyntheticParams.model_validate({**TINY_PARAMS, "train": {"references": 150,
                                                  "modifications_per_reference": 2, "distractors_per_target": 0}})
-    data = syn.generate_split(params, "train", set())
+    data = generate.generate_split(params, "train", set())
     ops = Counter(e["op"] for q in data.queries for e in q["edits"])
     assert set(ops) == {"set", "copy", "move", "add", "remove", "swap", "remove_where", "set_where"}
     assert {e["attr"] for q in data.queries for e in q["edits"] if e["op"] == "set"} == {"color", "shape", "size"}
@@ -116,44 +116,44 @@ def test_modifications_cover_every_edit_kind_and_both_dependence_kinds(tmp_path)
 
 
 def _scene(*objs):
-    return syn.make_scene(syn.Obj(*o, oid=i) for i, o in enumerate(objs))
+    return scenes.make_scene(scenes.Obj(*o, oid=i) for i, o in enumerate(objs))
 
 
 def test_reference_dependent_edits_resolve_against_the_scene():
     scene = _scene(("circle", "red", "small", 0, 0), ("square", "blue", "large", 1, 1), ("star", "green", "small", 2, 2))
     # "make the leftmost object the colour of the largest one"
-    copied = syn.apply_edit(scene, {"op": "copy", "attr": "color", "cell": [0, 0], "source": [1, 1]})
-    assert syn.scene_key(copied)[0] == ("circle", "blue", "small", 0, 0)
+    copied = edits.apply_edit(scene, {"op": "copy", "attr": "color", "cell": [0, 0], "source": [1, 1]})
+    assert scenes.scene_key(copied)[0] == ("circle", "blue", "small", 0, 0)
     # "remove every object that is not round"
-    only_round = syn.apply_edit(scene, {"op": "remove_where", "where": "shape", "value": "circle", "negate": True})
-    assert syn.scene_key(only_round) == (("circle", "red", "small", 0, 0),)
+    only_round = edits.apply_edit(scene, {"op": "remove_where", "where": "shape", "value": "circle", "negate": True})
+    assert scenes.scene_key(only_round) == (("circle", "red", "small", 0, 0),)
     # "make all the small shapes yellow"
-    recoloured = syn.apply_edit(scene, {"op": "set_where", "where": "size", "value": "small", "attr": "color", "to": "yellow"})
+    recoloured = edits.apply_edit(scene, {"op": "set_where", "where": "size", "value": "small", "attr": "color", "to": "yellow"})
     assert [o.color for o in recoloured] == ["yellow", "blue", "yellow"]
-    swapped = syn.apply_edit(scene, {"op": "swap", "attr": "position", "cells": [[0, 0], [2, 2]]})
-    assert syn.scene_key(swapped) == (("star", "green", "small", 0, 0), ("square", "blue", "large", 1, 1),
+    swapped = edits.apply_edit(scene, {"op": "swap", "attr": "position", "cells": [[0, 0], [2, 2]]})
+    assert scenes.scene_key(swapped) == (("star", "green", "small", 0, 0), ("square", "blue", "large", 1, 1),
                                       ("circle", "red", "small", 2, 2))
-    largest = syn.Ref("extreme", ("largest",)).matches(scene)
+    largest = edits.Ref("extreme", ("largest",)).matches(scene)
     assert [o.shape for o in largest] == ["square"]
-    assert syn.Ref("extreme", ("leftmost",)).matches(scene)[0].shape == "circle"
+    assert edits.Ref("extreme", ("leftmost",)).matches(scene)[0].shape == "circle"
 
 
 def test_copy_edits_never_state_the_copied_attribute_of_their_source(tiny_synthetic):
     queries, graphs = _load(tiny_synthetic, "train")
     for q in queries:
-        ref = syn.scene_from_json(graphs[q["reference"]])
+        ref = scenes.scene_from_json(graphs[q["reference"]])
         scene = ref
         for e in q["edits"]:
             if e["op"] == "copy":
                 source = next(o for o in scene if o.cell == tuple(e["source"]))
                 value = getattr(source, e["attr"])
                 assert value not in e["refers"][1].split(), (q["modification"], e)
-            scene = syn.apply_edit(scene, e)
+            scene = edits.apply_edit(scene, e)
 
 
 def test_cli_writes_the_benchmark_layout_with_size_options(tmp_path):
     out = tmp_path / "cli"
-    assert syn.main(["--out", str(out), "--seed", "3", "--image-size", "48", "--train-references", "4",
+    assert generate.main(["--out", str(out), "--seed", "3", "--image-size", "48", "--train-references", "4",
                      "--train-mods", "2", "--val-references", "2", "--test-references", "3", "--test-distractors", "1"]) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["params"]["seed"] == 3 and meta["counts"]["train"]["queries"] == 8
@@ -164,7 +164,7 @@ def test_cli_writes_the_benchmark_layout_with_size_options(tmp_path):
 
 
 def test_reader_returns_every_query_and_image(tiny_synthetic):
-    for split in syn.SPLITS:
+    for split in generate.SPLITS:
         queries, graphs = _load(tiny_synthetic, split)
         bench = read_benchmark("synthetic", tiny_synthetic, split)
         assert len(bench.triplets) == len(queries) and len(bench.images) == len(graphs)

@@ -3,12 +3,14 @@
 import pytest
 import torch
 
-from model_code.annotation.teachers import OracleAnnotator
+from model_code.synthetic.oracle import OracleAnnotator
 from model_code.annotation.store import annotation_requests
 from model_code.model.backbone import load_backbone
-from model_code.data.readers import read_dataset
+from model_code.data import read_dataset
 from model_code.model.cir_cot import CIR_TOKENS, CirCoTModel, apply_lora, parameter_counts
-from model_code.model.train import TrainConfig, TrainStep, info_nce, pair_examples, sample_batch, train
+from model_code.model.train import sample_batch, train, TrainConfig, TrainStep
+from model_code.model.loss import info_nce
+from model_code.model.recipes import pair_examples
 
 
 @pytest.fixture
@@ -193,14 +195,14 @@ def test_two_processes_train_together_and_one_writes_the_model(micro_base, bench
     import pandas as pd
 
     from model_code.annotation.store import write_annotations
-    from model_code.data.readers import write_tables
+    from model_code.data import write_tables
 
     write_tables(bench, tmp_path / "tables")
     (tmp_path / "tables" / "meta.json").write_text(json.dumps({"root": str(tiny_synthetic)}))
     rows = OracleAnnotator(tiny_synthetic).annotate(annotation_requests(bench.triplets, bench.images, tiny_synthetic))
     write_annotations(pd.DataFrame([dataclasses.asdict(r) for r in rows]), tmp_path / "annotations.parquet")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "model_code.model.train", "--tables", str(tmp_path / "tables"), "--annotations", str(tmp_path / "annotations.parquet"),
+           "-m", "model_code.model.recipes", "--tables", str(tmp_path / "tables"), "--annotations", str(tmp_path / "annotations.parquet"),
            "--base", str(micro_base), "--profile", "smoke", "--out", str(tmp_path / "run")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

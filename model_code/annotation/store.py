@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from model_code.annotation.teachers import Annotation, AnnotationRequest, Annotator
-from model_code.data.readers import nulls_as_none
+from model_code.annotation.judge import Annotation, AnnotationRequest, Annotator
+from model_code.common import atomic_path
+from model_code.data import nulls_as_none
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,8 @@ class AnnotationStore:
         n = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
         path = self.root / f"part-{n:06d}.parquet"
         table = pa.Table.from_pylist([{c: getattr(r, c) for c in ANNOTATION_COLUMNS} for r in rows], schema=_schema())
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
         return path
 
     def table(self, teacher: str | None = None, prompt_version: str | None = None) -> pd.DataFrame:
@@ -91,9 +91,8 @@ class AnnotationStore:
         table = pa.Table.from_pandas(self.table()[ANNOTATION_COLUMNS], schema=_schema(), preserve_index=False)
         n = int(parts[-1].stem.split("-")[1]) + 1
         path = self.root / f"part-{n:06d}.parquet"
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)  # the new part holds every row: the old ones are now redundant
+        with atomic_path(path) as tmp:  # the new part holds every row: the old ones are then redundant
+            pq.write_table(table, tmp)
         for p in parts:
             p.unlink()
 
@@ -104,9 +103,8 @@ def write_annotations(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     import pyarrow.parquet as pq
 
     path = Path(path)
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(pa.Table.from_pandas(table[ANNOTATION_COLUMNS], schema=_schema(), preserve_index=False), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pandas(table[ANNOTATION_COLUMNS], schema=_schema(), preserve_index=False), tmp)
     return path
 
 

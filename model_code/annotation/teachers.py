@@ -1,16 +1,10 @@
-"""Chain-of-thought annotators behind one interface.
+"""Teacher MLLMs that write chains of thought (the :class:`~model_code.annotation.judge.Annotator` interface).
 
-An annotator turns :class:`AnnotationRequest` s (reference image, target image, modification text)
-into :class:`Annotation` rows of the annotations table (DESIGN.md §4). Every raw answer goes through
-:func:`judge`: parsed strictly, else repaired leniently, and rejected with a reason when it is not a
-usable chain of thought (bad format, leakage of the target image, a conclusion that only repeats
-the caption). Rejections are recorded, never dropped.
-
-- :class:`OracleAnnotator`: cir-shapes only; writes the chain from the scene graphs and edits.
 - :class:`LocalTeacher`: a Qwen2-VL-family model from a local folder, batched greedy generation.
 - :class:`RemoteTeacher`: an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, a hosted API).
 
 The teacher prompt is versioned by ``PROMPT_VERSION``: a new version re-annotates everything.
+(The cir-shapes oracle is in ``model_code/synthetic/oracle.py``.)
 """
 
 from __future__ import annotations
@@ -18,24 +12,20 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import json
 import logging
 import os
 import random
-import re
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
 
-from model_code.annotation.cot import CoT, CoTFormatError, repair
+from model_code.annotation.judge import Annotation, AnnotationRequest, judge
 
 log = logging.getLogger(__name__)
 
 PROMPT_VERSION = "teacher-v1"
-ORACLE_VERSION = "oracle-v1"
 
 SYSTEM_PROMPT = (
     "You write training data for composed image retrieval: a person shows a reference image and asks "
@@ -52,130 +42,6 @@ Write three sections, exactly in this form:
 The reasoning and the conclusion must read as if you had seen only the reference image and the request:
 use the second image only to get the result right, and never mention it (no "target image", "second image",
 "other picture", "both images"). Output only the three sections."""
-
-# Phrases that betray that the annotator saw the target image.
-LEAKAGE_PATTERNS = (
-    r"\btarget (?:image|picture|photo)\b", r"\bsecond (?:image|picture|photo)\b", r"\bother (?:image|picture|photo)\b",
-    r"\bboth (?:images|pictures|photos)\b", r"\btwo (?:images|pictures|photos)\b",
-    r"\b(?:image|picture|photo) (?:on the right|2|two)\b",
-)
-_LEAKAGE = re.compile("|".join(LEAKAGE_PATTERNS), re.IGNORECASE)
-
-
-@dataclasses.dataclass(frozen=True)
-class AnnotationRequest:
-    query_id: str
-    reference_path: Path
-    target_path: Path
-    modification: str
-
-
-@dataclasses.dataclass
-class Annotation:
-    query_id: str
-    teacher: str
-    prompt_version: str
-    caption: str | None
-    reasoning: str | None
-    conclusion: str | None
-    raw: str
-    status: str              # ok | rejected
-    reject_reason: str | None
-    repairs: str = ""        # what repair() changed, '; '-joined
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def cot(self) -> CoT:
-        return CoT(self.caption, self.reasoning, self.conclusion)
-
-
-def normalised_text(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
-
-
-def leakage(text: str) -> str | None:
-    """The first phrase in ``text`` that reveals a target image was seen, or None."""
-    m = _LEAKAGE.search(text)
-    return m.group(0) if m else None
-
-
-def rejection(query_id: str, teacher: str, prompt_version: str, raw: str, reason: str) -> Annotation:
-    return Annotation(query_id, teacher, prompt_version, None, None, None, raw, "rejected", reason)
-
-
-def judge(query_id: str, teacher: str, prompt_version: str, raw: str) -> Annotation:
-    """Turn a raw answer into an accepted or a rejected annotation (with the reason)."""
-    def rejected(reason: str) -> Annotation:
-        return rejection(query_id, teacher, prompt_version, raw, reason)
-
-    if not isinstance(raw, str) or not raw.strip():
-        return rejected("empty_answer")
-    try:
-        fixed = repair(raw)
-    except CoTFormatError as e:
-        return rejected(e.reason)
-    cot = fixed.cot
-    leaked = leakage(cot.caption + " " + cot.reasoning + " " + cot.conclusion)
-    if leaked:
-        return rejected(f"leakage: {leaked.lower()}")
-    if normalised_text(cot.conclusion) == normalised_text(cot.caption):
-        return rejected("conclusion_repeats_caption")
-    return Annotation(query_id, teacher, prompt_version, cot.caption, cot.reasoning, cot.conclusion, raw, "ok", None,
-                      "; ".join(fixed.repairs))
-
-
-class Annotator(Protocol):
-    name: str                   # the `teacher` column
-    prompt_version: str
-    default_min_acceptance: float
-
-    def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation | None]:
-        """One annotation per request, in order; None where the request itself failed (a transport
-        error after retries): nothing is recorded for it and a later run tries again."""
-
-
-# ---------------------------------------------------------------------------------------------
-# oracle
-
-
-class OracleAnnotator:
-    """Exact chains of thought for the cir-shapes benchmark at ``root`` (see model_code.synthetic.oracle)."""
-
-    name = "oracle"
-    prompt_version = ORACLE_VERSION
-    default_min_acceptance = 1.0
-
-    def __init__(self, root: str | os.PathLike):
-        from model_code.synthetic import generate as syn
-
-        self.root = Path(root)
-        self._queries, self._graphs = {}, {}
-        for split in syn.SPLITS:
-            captions = self.root / "captions" / f"cap.{split}.json"
-            if not captions.is_file():
-                continue
-            for q in json.loads(captions.read_text()):
-                self._queries[q["query_id"]] = q
-            self._graphs.update(json.loads((self.root / "scene_graphs" / f"{split}.json").read_text()))
-        if not self._queries:
-            raise FileNotFoundError(f"no cir-shapes captions under {self.root}: the oracle only annotates the synthetic benchmark")
-
-    def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
-        from model_code.synthetic import generate as syn
-        from model_code.synthetic.oracle import oracle_cot
-
-        out = []
-        for r in requests:
-            q = self._queries.get(r.query_id)
-            if q is None:
-                out.append(rejection(r.query_id, self.name, self.prompt_version, "", "unknown_query"))
-                continue
-            cot = oracle_cot(r.query_id, syn.scene_from_json(self._graphs[q["reference"]]), q["edits"])
-            out.append(judge(r.query_id, self.name, self.prompt_version, cot.render()))
-        return out
-
 
 # ---------------------------------------------------------------------------------------------
 # teachers

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from model_code.data.readers import HIDDEN_SPLITS, LIST_COLUMNS, SPLITS, nulls_as_none
+from model_code.data import HIDDEN_SPLITS, LIST_COLUMNS, SPLITS, nulls_as_none
 
 MAX_EXAMPLES = 5
 IMAGE_SIDE_BOUNDS = (16, 8192)
@@ -301,7 +301,7 @@ def validate_annotations(annotations: pd.DataFrame, triplets: pd.DataFrame | Non
 
     import great_expectations as gx
 
-    from model_code.annotation.teachers import LEAKAGE_PATTERNS, normalised_text as norm
+    from model_code.annotation.judge import LEAKAGE_PATTERNS, normalised_text as norm
     from model_code.annotation.cot import SECTIONS
 
     E = gx.expectations

@@ -14,9 +14,7 @@ benchmark understands its official layout:
   ``COCO2017_unlabeled/unlabeled2017/<12-digit id>.jpg`` (or ``unlabeled2017/`` under ``root``),
   listed by ``COCO2017_unlabeled/annotations/image_info_unlabeled2017.json`` when present.
 
-Columns beyond the contract, all optional and null where a benchmark has no such notion:
-``triplets.n_edits``, ``triplets.reference_dependent`` and ``triplets.hard_negative_ids``
-(synthetic), ``images.category`` (FashionIQ).
+The tables themselves (columns, Parquet) are in ``model_code/data/tables.py``.
 """
 
 from __future__ import annotations
@@ -25,46 +23,11 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
 
 import pandas as pd
 
-DATASETS = ("synthetic", "fashioniq", "cirr", "circo")
-SPLITS = {
-    "synthetic": ("train", "val", "test"),
-    "fashioniq": ("train", "val", "test"),
-    "cirr": ("train", "val", "test1"),
-    "circo": ("val", "test"),
-}
-# Splits whose targets the benchmark authors withhold (scored by their evaluation servers).
-HIDDEN_SPLITS = {("fashioniq", "test"), ("cirr", "test1"), ("circo", "test")}
-FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
-
-TRIPLET_COLUMNS = ["query_id", "dataset", "split", "category", "reference_id", "modification", "target_ids",
-                   "subset_ids", "shared_concept", "n_edits", "reference_dependent", "hard_negative_ids"]
-IMAGE_COLUMNS = ["image_id", "dataset", "split", "path", "category"]
-LIST_COLUMNS = ("target_ids", "subset_ids", "hard_negative_ids")
-
-
-class Benchmark(NamedTuple):
-    triplets: pd.DataFrame
-    images: pd.DataFrame
-
-
-class DataError(ValueError):
-    """A benchmark's files are missing or do not follow its layout."""
-
-
-class MissingImagesError(DataError):
-    """Images named by the annotations are not on disk."""
-
-    def __init__(self, dataset: str, root: Path, missing: list[str], total: int):
-        self.dataset, self.root, self.missing, self.total = dataset, root, missing, total
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        super().__init__(
-            f"{dataset}: {len(missing)} of {total} images are missing under {root} (first: {shown}). "
-            f"Download the benchmark's images into that folder, or read the annotations alone with "
-            f"require_images=False.")
+from model_code.data.tables import (DATASETS, FASHIONIQ_CATEGORIES, LIST_COLUMNS, SPLITS, Benchmark, DataError,
+                                    MissingImagesError, images_frame, triplets_frame)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,43 +55,6 @@ def _as_list(entries, path: Path) -> list:
         raise DataError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}")
     return entries
 
-
-def nulls_as_none(df: pd.DataFrame) -> pd.DataFrame:
-    """Every column as Python objects with None for missing values (pandas' NaN/NA otherwise)."""
-    return df.astype(object).where(df.notna(), None)
-
-
-def _triplets(rows: list[dict]) -> pd.DataFrame:
-    return _normalise_triplets(pd.DataFrame(rows, columns=TRIPLET_COLUMNS))
-
-
-def _id_list(value):
-    """Lists (and the arrays Parquet reads back) as Python lists, nulls as []; anything else is
-    kept as it is for the quality suite to report."""
-    if value is None or (isinstance(value, float) and value != value):
-        return []
-    if isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not isinstance(value, str)):
-        return list(value)
-    return value
-
-
-def _normalise_triplets(df: pd.DataFrame) -> pd.DataFrame:
-    """One in-memory form however the table was made: lists as Python lists, nulls as None."""
-    for col in LIST_COLUMNS:
-        df[col] = [_id_list(v) for v in df[col]]
-    df["n_edits"] = df["n_edits"].astype("Int64")
-    df["reference_dependent"] = df["reference_dependent"].astype("boolean")
-    df[["category", "shared_concept"]] = nulls_as_none(df[["category", "shared_concept"]])
-    return df
-
-
-def _images(rows: list[dict]) -> pd.DataFrame:
-    return _normalise_images(pd.DataFrame(rows, columns=IMAGE_COLUMNS))
-
-
-def _normalise_images(df: pd.DataFrame) -> pd.DataFrame:
-    df[["category"]] = nulls_as_none(df[["category"]])
-    return df
 
 
 def _check_images(name: str, root: Path, images: pd.DataFrame, triplets: pd.DataFrame) -> None:
@@ -179,7 +105,7 @@ def _read_synthetic(root: Path, split: str) -> Benchmark:
             "hard_negative_ids": e.get("hard_negatives", []),
         })
     images = [{"image_id": k, "dataset": "synthetic", "split": split, "path": _clean(v)} for k, v in paths.items()]
-    return Benchmark(_triplets(rows), _images(images))
+    return Benchmark(triplets_frame(rows), images_frame(images))
 
 
 def _clean(rel: str) -> str:
@@ -202,7 +128,7 @@ def _read_cirr(root: Path, split: str) -> Benchmark:
             "target_ids": [target] if target else [], "subset_ids": list(img_set.get("members", [])),
         })
     images = [{"image_id": k, "dataset": "cirr", "split": split, "path": _clean(v)} for k, v in paths.items()]
-    return Benchmark(_triplets(rows), _images(images))
+    return Benchmark(triplets_frame(rows), images_frame(images))
 
 
 def _fashioniq_image_path(root: Path, asin: str, on_disk: set[str] | None) -> str:
@@ -238,7 +164,7 @@ def _read_fashioniq(root: Path, split: str, category: str | None) -> Benchmark:
         for asin in _as_list(_load_json(split_path), split_path):
             images.append({"image_id": asin, "dataset": "fashioniq", "split": split, "category": c,
                            "path": _fashioniq_image_path(root, asin, on_disk)})
-    return Benchmark(_triplets(rows), _images(images))
+    return Benchmark(triplets_frame(rows), images_frame(images))
 
 
 def _circo_image_dir(root: Path) -> tuple[Path, str]:
@@ -260,7 +186,7 @@ def _read_circo(root: Path, split: str) -> Benchmark:
             "modification": _field(e, "relative_caption", path, i),
             "target_ids": [str(g) for g in gt], "shared_concept": e.get("shared_concept"),
         })
-    triplets = _triplets(rows)
+    triplets = triplets_frame(rows)
     image_dir, rel = _circo_image_dir(root)
     info = root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
     if info.is_file():
@@ -273,7 +199,7 @@ def _read_circo(root: Path, split: str) -> Benchmark:
             named.update(ids_)
         ids = sorted(named, key=int)
     images = [{"image_id": i, "dataset": "circo", "split": split, "path": f"{rel}/{int(i):012d}.jpg"} for i in ids]
-    return Benchmark(triplets, _images(images))
+    return Benchmark(triplets, images_frame(images))
 
 
 def read_benchmark(name: str, root: str | os.PathLike, split: str, *, category: str | None = None,
@@ -330,50 +256,6 @@ def read_dataset(name: str, root: str | os.PathLike, splits: Iterable[str] | Non
     parts = [read_benchmark(name, root, s, category=category, require_images=require_images) for s in splits]
     return Benchmark(pd.concat([p.triplets for p in parts], ignore_index=True),
                      pd.concat([p.images for p in parts], ignore_index=True))
-
-
-# ---------------------------------------------------------------------------------------------
-# Parquet with the contract's schema
-
-
-def _schemas():
-    import pyarrow as pa
-
-    strs = pa.list_(pa.string())
-    triplets = pa.schema([("query_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
-                          ("category", pa.string()), ("reference_id", pa.string()), ("modification", pa.string()),
-                          ("target_ids", strs), ("subset_ids", strs), ("shared_concept", pa.string()),
-                          ("n_edits", pa.int64()), ("reference_dependent", pa.bool_()), ("hard_negative_ids", strs)])
-    images = pa.schema([("image_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
-                        ("path", pa.string()), ("category", pa.string())])
-    return triplets, images
-
-
-def write_tables(bench: Benchmark, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``triplets.parquet`` and ``images.parquet`` (atomically) with the contract's schema."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name, df, schema in zip(("triplets", "images"), bench, _schemas()):
-        table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
-        path = out_dir / f"{name}.parquet"
-        tmp = path.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
-        written[name] = path
-    return written
-
-
-def read_tables(out_dir: str | os.PathLike) -> Benchmark:
-    """Read tables written by :func:`write_tables` back into pandas (lists as Python lists)."""
-    import pyarrow.parquet as pq
-
-    out_dir = Path(out_dir)
-    return Benchmark(_normalise_triplets(pq.read_table(out_dir / "triplets.parquet").to_pandas()),
-                     _normalise_images(pq.read_table(out_dir / "images.parquet").to_pandas()))
 
 
 def annotation_files(name: str, root: str | os.PathLike) -> list[Path]:

@@ -8,13 +8,12 @@ first on PATH so that they run in the same environment as the caller.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -117,13 +116,3 @@ class DvcProject:
         """``dvc pull`` the ``.dvc`` file that tracks ``path``."""
         path = Path(path)
         self.run("pull", *self._remote_args(), str(path.with_name(path.name + ".dvc")))
-
-
-def content_hash(files: Iterable[str | os.PathLike], root: str | os.PathLike) -> str:
-    """md5 over (relative path, file md5) of ``files``: a version for data that DVC does not track."""
-    root = Path(root)
-    h = hashlib.md5()
-    for f in sorted(Path(f) for f in files):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(hashlib.md5(f.read_bytes()).hexdigest().encode())
-    return h.hexdigest()

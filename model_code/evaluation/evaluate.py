@@ -18,7 +18,6 @@ resumes with what it had finished.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from model_code.data.readers import HIDDEN_SPLITS
+from model_code.data import HIDDEN_SPLITS
 from model_code.evaluation.metrics import map_at_k, rank_gallery, recall_at_k, recall_subset_at_k, reference_exclusions
-from model_code.common import Progress
+from model_code.common import Progress, atomic_path
+from model_code.datasets import hooks
 
 METHODS = ("cot", "no_cot", "image_only", "text_only")
 MODEL_METHODS = ("cot", "no_cot")  # the model's own query modes; the other two are baselines
@@ -106,10 +106,8 @@ def _cached(path: Path | None, compute: Callable[[], object]):
         return torch.load(path, weights_only=False)
     value = compute()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(value, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(value, tmp)
     return value
 
 
@@ -194,11 +192,15 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
         per_group.append((group, ranked))
     metrics = {} if hidden else score(dataset, per_group, methods)
     per_query = {} if hidden else {m: headline_per_query(dataset, per_group, m) for m in methods}
-    if dataset == "synthetic" and "cot" in methods and not hidden:
-        metrics["cot"].update(reasoning_correctness(root, split, per_group[0][0].queries, reasoning))
     import pandas as pd
 
     queries = pd.concat([g.queries for g, _ in per_group], ignore_index=True)
+    if "cot" in methods and not hidden:
+        metrics["cot"]["cot_parsed"] = sum(reasoning.get(q, {}).get("cot") is not None
+                                           for q in queries["query_id"]) / max(len(queries), 1)
+        correctness = hooks(dataset).reasoning_correctness
+        if correctness is not None:  # the dataset can tell a right conclusion from a wrong one
+            metrics["cot"].update(correctness(root, split, queries, reasoning))
     return Evaluation(dataset, split, version, hidden, metrics, rankings, reasoning, timings, queries, subset_rankings,
                       per_query)
 
@@ -242,8 +244,7 @@ def score(dataset: str, per_group: list[tuple[Group, dict[str, list[list[str]]]]
                 m.update(_recall_keys(recall_subset_at_k(ranked[method], targets, list(group.queries["subset_ids"]),
                                                          SUBSET_KS), "R_subset"))
                 m["Avg"] = (m["R@5"] + m["R_subset@1"]) / 2
-            if dataset == "synthetic":
-                m.update(breakdown(group.queries, ranked[method]))
+            m.update(breakdown(group.queries, ranked[method]))
         out[method] = m
     return out
 
@@ -271,216 +272,19 @@ def headline_per_query(dataset: str, per_group: list[tuple[Group, dict[str, list
 
 
 def breakdown(queries, ranked: list[list[str]], ks: Sequence[int] = (1, 10)) -> dict[str, float]:
-    """Synthetic: Recall@K by number of edits and by reference-dependence (the query's text cannot
-    be resolved without the reference image), plus the group sizes."""
+    """Recall@K by number of edits and by reference-dependence (the query's text cannot be resolved
+    without the reference image), plus the group sizes, where the triplets record them (the optional
+    ``n_edits`` / ``reference_dependent`` columns; nothing for a benchmark that leaves them null)."""
     out = {}
     targets = list(queries["target_ids"])
     groups_ = [(f"edits={n}", queries["n_edits"] == n) for n in sorted(set(queries["n_edits"].dropna()))]
     groups_ += [("ref_dependent", queries["reference_dependent"] == True),  # noqa: E712 (pandas mask)
                 ("ref_independent", queries["reference_dependent"] == False)]  # noqa: E712
     for name, mask in groups_:
-        rows = [i for i, keep in enumerate(mask.tolist()) if keep]
+        rows = [i for i, keep in enumerate(mask.fillna(False).tolist()) if keep]
         if not rows:
             continue
         values = recall_at_k([ranked[i] for i in rows], [targets[i] for i in rows], ks)
         out.update({f"R@{k}[{name}]": v for k, v in values.items()})
         out[f"n[{name}]"] = len(rows)
     return out
-
-
-def reasoning_correctness(root: str | os.PathLike, split: str, queries, reasoning: dict[str, dict]) -> dict[str, float]:
-    """Synthetic: how often the generated chain parses, and whether its conclusion states the
-    target's objects (every object's size, colour, shape and place; see
-    :func:`model_code.oracle.scene_from_text`)."""
-    from model_code.synthetic import generate as syn
-    from model_code.synthetic.oracle import scene_from_text
-
-    graphs = json.loads((Path(root) / "scene_graphs" / f"{split}.json").read_text())
-    parsed = exact = 0
-    f1s = []
-    for qid, targets in zip(queries["query_id"], queries["target_ids"]):
-        r = reasoning.get(qid) or {}
-        cot = r.get("cot")
-        truth = {syn.scene_key((o,))[0] for o in syn.scene_from_json(graphs[targets[0]])}
-        stated = scene_from_text(cot.conclusion) if cot is not None else set()
-        parsed += cot is not None
-        exact += stated == truth
-        hit = len(stated & truth)
-        f1s.append(2 * hit / (len(stated) + len(truth)) if stated or truth else 1.0)
-    n = max(len(queries), 1)
-    return {"cot_parsed": parsed / n, "conclusion_exact": exact / n, "conclusion_object_f1": sum(f1s) / n}
-
-
-# ---------------------------------------------------------------------------------------------
-# outputs: metrics.json, a markdown table, plots, per-query reasoning, submission files
-
-
-def _fmt(v) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def markdown_table(ev: Evaluation) -> str:
-    """The methods side by side: the benchmark's metrics, then (synthetic) the breakdowns and
-    reasoning correctness, then speed."""
-    if ev.hidden:
-        n = len(next(iter(ev.rankings.values()), {}))
-        return (f"{ev.dataset}/{ev.split}: targets are hidden; {n} queries ranked, "
-                f"submission files written for the evaluation server.\n")
-    methods = list(ev.metrics)
-    shared = [k for k in ev.metrics[methods[0]] if all(k in ev.metrics[m] for m in methods)]
-    main = [k for k in shared if "[" not in k and "/" not in k]
-    lines = [f"### {ev.dataset} / {ev.split} — model {ev.model_version} ({len(ev.queries)} queries)", "",
-             "| method | " + " | ".join(main) + " | queries/s |", "|---" * (len(main) + 2) + "|"]
-    for m in methods:
-        speed = ev.timings.get(m, {}).get("per_s", "")
-        lines.append(f"| {m} | " + " | ".join(_fmt(ev.metrics[m][k]) for k in main) + f" | {_fmt(speed)} |")
-    extra = [k for k in shared if "[" in k or "/" in k]
-    if extra:
-        lines += ["", "| method | " + " | ".join(extra) + " |", "|---" * (len(extra) + 1) + "|"]
-        lines += [f"| {m} | " + " | ".join(_fmt(ev.metrics[m].get(k, "")) for k in extra) + " |" for m in methods]
-    cot_only = [k for k in ev.metrics.get("cot", {}) if k.startswith(("cot_", "conclusion_"))]
-    if cot_only:
-        lines += ["", "Reasoning (cot): " + ", ".join(f"{k} {ev.metrics['cot'][k]:.3f}" for k in cot_only)]
-    gallery = ev.timings.get("gallery")
-    if gallery:
-        lines += ["", f"Gallery: {gallery['n']} images embedded at {gallery['per_s']:.1f}/s."]
-    return "\n".join(lines) + "\n"
-
-
-def plot_recall(ev: Evaluation, path: str | os.PathLike) -> Path:
-    """Recall@K (or mAP@K) per method, one line each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    prefix = "mAP" if ev.dataset == "circo" else "R"
-    ks = KS[ev.dataset]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for method, m in ev.metrics.items():
-        ax.plot(ks, [m[f"{prefix}@{k}"] for k in ks], marker="o", label=method)
-    ax.set_xscale("log")
-    ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("K")
-    ax.set_ylabel(f"{prefix}@K")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{ev.dataset} / {ev.split}")
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def plot_qualitative(ev: Evaluation, image_paths: dict[str, Path], path: str | os.PathLike, n: int = 4,
-                     method: str = "cot") -> Path:
-    """A grid: per query, the reference, the modification and generated reasoning, and the top-5
-    results with the target framed in green."""
-    import textwrap
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    method = method if method in ev.rankings else next(iter(ev.rankings))
-    rows = ev.queries.iloc[:n]
-    fig, axes = plt.subplots(len(rows), 7, figsize=(16, 2.6 * len(rows)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 2.6, 1, 1, 1, 1, 1]})
-    for ax_row, (_, q) in zip(axes, rows.iterrows()):
-        for ax in ax_row:
-            ax.axis("off")
-        with Image.open(image_paths[q["reference_id"]]) as im:
-            ax_row[0].imshow(im.convert("RGB"))
-        ax_row[0].set_title("reference", fontsize=8)
-        r = ev.reasoning.get(q["query_id"], {})
-        text = f"Modification: {q['modification']}\n\n" + (r.get("text") or "(no reasoning: " + method + ")")
-        ax_row[1].text(0, 1, "\n".join(textwrap.wrap(text, 70, replace_whitespace=False)[:14]), fontsize=6.5,
-                       va="top", family="monospace", transform=ax_row[1].transAxes)
-        targets = set(q["target_ids"])
-        for j, image_id in enumerate(ev.rankings[method].get(q["query_id"], [])[:5]):
-            ax = ax_row[2 + j]
-            with Image.open(image_paths[image_id]) as im:
-                ax.imshow(im.convert("RGB"))
-            hit = image_id in targets
-            ax.set_title(f"#{j + 1}{' target' if hit else ''}", fontsize=8, color="green" if hit else "black")
-            if hit:
-                ax.axis("on")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                for spine in ax.spines.values():
-                    spine.set_edgecolor("green")
-                    spine.set_linewidth(4)
-    fig.suptitle(f"{ev.dataset} / {ev.split}: {method} (model {ev.model_version})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-def submissions(ev: Evaluation, method: str) -> dict[str, dict]:
-    """The evaluation servers' files for ``method``: CIRR (rc2: top-50 for Recall, top-3 of the
-    query's subset for Recall_subset, keyed by pairid) and CIRCO (top-50 image ids keyed by the
-    query id of its test.json)."""
-    ranks = ev.rankings[method]
-    if ev.dataset == "cirr":
-        recall = {"version": "rc2", "metric": "recall"}
-        subset = {"version": "rc2", "metric": "recall_subset"}
-        for qid in ev.queries["query_id"]:
-            recall[qid] = ranks[qid][:50]
-            subset[qid] = ev.subset_rankings[method][qid]
-        return {f"cirr_{ev.split}_{method}_recall.json": recall, f"cirr_{ev.split}_{method}_recall_subset.json": subset}
-    if ev.dataset == "circo":
-        prefix = f"{ev.split}-"
-        return {f"circo_{ev.split}_{method}.json": {qid[len(prefix):] if qid.startswith(prefix) else qid: ranks[qid][:50]
-                                                    for qid in ev.queries["query_id"]}}
-    return {}
-
-
-def _jsonable(r: dict) -> dict:
-    cot = r.get("cot")
-    return {"text": r.get("text"), "cot": dataclasses.asdict(cot) if cot is not None else None, "error": r.get("error")}
-
-
-def write_report(ev: Evaluation, out_dir: str | os.PathLike, image_paths: dict[str, Path] | None = None) -> dict[str, Path]:
-    """Write metrics.json, table.md, evaluation.json (timings, versions), queries.jsonl (per query:
-    reasoning and top-10 per method), the plots, and the submission files of a hidden split.
-    Returns the paths written."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = {}
-
-    def dump(name: str, obj) -> Path:
-        p = out / name
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=1))
-        tmp.replace(p)
-        written[name] = p
-        return p
-
-    if not ev.hidden:
-        dump("metrics.json", ev.metrics)
-        written["recall.png"] = plot_recall(ev, out / "recall.png")
-    else:
-        for method in [m for m in MODEL_METHODS if m in ev.rankings]:
-            for name, content in submissions(ev, method).items():
-                dump(name, content)
-    dump("evaluation.json", {"dataset": ev.dataset, "split": ev.split, "model_version": ev.model_version,
-                             "hidden": ev.hidden, "headline": ev.headline, "queries": len(ev.queries),
-                             "timings": ev.timings})
-    (out / "table.md").write_text(markdown_table(ev))
-    written["table.md"] = out / "table.md"
-    with open(out / "queries.jsonl", "w") as f:
-        for q in ev.queries.itertuples():
-            row = {"query_id": q.query_id, "reference_id": q.reference_id, "modification": q.modification,
-                   "target_ids": list(q.target_ids), "top10": {m: ev.rankings[m].get(q.query_id, [])[:10] for m in ev.rankings}}
-            if q.query_id in ev.reasoning:
-                row["reasoning"] = _jsonable(ev.reasoning[q.query_id])
-            f.write(json.dumps(row) + "\n")
-    written["queries.jsonl"] = out / "queries.jsonl"
-    if image_paths is not None and not ev.hidden:
-        written["qualitative.png"] = plot_qualitative(ev, image_paths, out / "qualitative.png")
-    return written

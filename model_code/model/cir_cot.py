@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from model_code.model.loss import IGNORE
+
 CIR_TOKENS = ("<caption>", "</caption>", "<reasoning>", "</reasoning>", "<conclusion>", "</conclusion>", "<emb>")
 EMB_TOKEN = "<emb>"
 PROMPT_VERSION = "circot-prompts-v1"
@@ -35,7 +37,6 @@ PROMPTS = {
 }
 # LoRA on the language model only: plain names would also hit the vision tower, "all-linear" its Conv3d.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-IGNORE = -100
 
 
 def add_cir_tokens(model, processor) -> list[int]:
@@ -146,16 +147,6 @@ class CirCoTModel(torch.nn.Module):
             raise ValueError("a sequence has no <emb> token")
         h = hidden[torch.arange(ids.shape[0], device=hidden.device), last]
         return F.normalize(h.float(), dim=-1)
-
-    def answer_loss(self, inputs: dict, hidden: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy on the supervised answer tokens only. The LM head runs on just those
-        positions (not the whole sequence over the whole vocabulary)."""
-        labels = inputs["labels"].to(hidden.device)
-        target = labels[:, 1:]
-        keep = target != IGNORE                       # [batch, seq-1]
-        h = hidden[:, :-1][keep]                      # [n_supervised, hidden]: position t predicts t+1
-        logits = unwrap(self.model).lm_head(h)        # [n_supervised, vocab]
-        return F.cross_entropy(logits.float(), target[keep])
 
     # ---- embedding API -----------------------------------------------------------------------
 

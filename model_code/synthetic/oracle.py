@@ -9,16 +9,22 @@ id, so the same query always gets the same text.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+from collections.abc import Sequence
+from pathlib import Path
 
-from model_code.synthetic import generate as syn
+from model_code.synthetic import generate, scenes
+from model_code.synthetic.edits import apply_edit, not_phrase, scene_changes
 from model_code.annotation.cot import CoT
+from model_code.annotation.judge import Annotation, AnnotationRequest, judge, rejection
 
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
 
-def _desc(o: syn.Obj, rng: random.Random, article: str = "a") -> str:
-    return f"{article} {o.size} {o.color} {o.shape} in the {rng.choice(syn.CELL_NAMES[o.cell])}"
+def _desc(o: scenes.Obj, rng: random.Random, article: str = "a") -> str:
+    return f"{article} {o.size} {o.color} {o.shape} in the {rng.choice(scenes.CELL_NAMES[o.cell])}"
 
 
 def _listing(objs, rng: random.Random, article: str = "a") -> str:
@@ -26,7 +32,7 @@ def _listing(objs, rng: random.Random, article: str = "a") -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def describe(scene: syn.Scene, rng: random.Random, *, result: bool) -> str:
+def describe(scene: scenes.Scene, rng: random.Random, *, result: bool) -> str:
     """A full description of a scene: the caption (``result`` False) or the conclusion (True)."""
     n = len(scene)
     items = _listing(scene, rng)
@@ -48,18 +54,18 @@ def _cap(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
-def _resolve(phrase: str, o: syn.Obj, rng: random.Random) -> str:
+def _resolve(phrase: str, o: scenes.Obj, rng: random.Random) -> str:
     """'the leftmost shape is the small red circle in the top left corner'."""
     return rng.choice(["{p} is {d}", "{p} refers to {d}", "{p} means {d}"]).format(p=phrase, d=_desc(o, rng, "the"))
 
 
 def _class_words(attr: str, value, plural: bool = True) -> str:
     if attr == "shape":
-        return syn.SHAPE_PLURAL[value] if plural else value
+        return scenes.SHAPE_PLURAL[value] if plural else value
     return f"{value} objects" if plural else f"{value} object"
 
 
-def _edit_sentence(edit: dict, scene: syn.Scene, new: syn.Scene, rng: random.Random) -> str:
+def _edit_sentence(edit: dict, scene: scenes.Scene, new: scenes.Scene, rng: random.Random) -> str:
     op = edit["op"]
     refers = edit.get("refers", [])
     if op in ("set", "copy", "move", "remove"):
@@ -82,14 +88,14 @@ def _edit_sentence(edit: dict, scene: syn.Scene, new: syn.Scene, rng: random.Ran
             "{w}. {s}, which is {b}; so the {t} becomes {b} as well.",
         ]).format(w=who, s=source, word=word, v=value, b=becomes, t=o.shape)
     if op == "move":
-        to = syn.CELL_NAMES[tuple(edit["to"])][0]
+        to = scenes.CELL_NAMES[tuple(edit["to"])][0]
         return rng.choice(["{w}; it moves from the {a} to the {b}.", "{w}, so it goes from the {a} to the {b}."]).format(
-            w=who, a=syn.CELL_NAMES[o.cell][0], b=to)
+            w=who, a=scenes.CELL_NAMES[o.cell][0], b=to)
     if op == "remove":
         return rng.choice(["{w}; it is removed.", "{w}, and it disappears.", "{w}; that object goes away."]).format(w=who)
     if op == "add":
         d = edit["object"]
-        o = syn.Obj(d["shape"], d["color"], d["size"], d["row"], d["col"])
+        o = scenes.Obj(d["shape"], d["color"], d["size"], d["row"], d["col"])
         d = _desc(o, rng)
         return rng.choice(["A new {n} is added.", "{D} appears.", "We add {d}."]).format(n=d[2:], d=d, D=_cap(d))
     if op == "swap":
@@ -98,7 +104,7 @@ def _edit_sentence(edit: dict, scene: syn.Scene, new: syn.Scene, rng: random.Ran
         ra, rb = _resolve(refers[0], a, rng), _resolve(refers[1], b, rng)
         if edit["attr"] == "position":
             return f"{_cap(ra)} and {rb}; they trade places, so the {a.shape} goes to the " \
-                   f"{syn.CELL_NAMES[b.cell][0]} and the {b.shape} to the {syn.CELL_NAMES[a.cell][0]}."
+                   f"{scenes.CELL_NAMES[b.cell][0]} and the {b.shape} to the {scenes.CELL_NAMES[a.cell][0]}."
         attr = edit["attr"]
         word = "colours" if attr == "color" else "shapes"
         return (f"{_cap(ra)} and {rb}; swapping their {word}, the first becomes "
@@ -107,7 +113,7 @@ def _edit_sentence(edit: dict, scene: syn.Scene, new: syn.Scene, rng: random.Ran
         attr, value = edit["where"], edit["value"]
         if op == "remove_where":
             hit = [o for o in scene if (getattr(o, attr) == value) != edit["negate"]]
-            negated = f"{{}} that {{}} not {syn.not_phrase(attr, value)}"
+            negated = f"{{}} that {{}} not {not_phrase(attr, value)}"
             cls = (negated.format("objects", "are") if edit["negate"] else _class_words(attr, value),
                    negated.format("object", "is") if edit["negate"] else _class_words(attr, value, False))
             what = "they are removed" if len(hit) > 1 else "it is removed"
@@ -124,7 +130,7 @@ def _edit_sentence(edit: dict, scene: syn.Scene, new: syn.Scene, rng: random.Ran
     raise ValueError(f"unknown edit op {op!r}")
 
 
-def oracle_cot(query_id: str, reference: syn.Scene, edits: list[dict]) -> CoT:
+def oracle_cot(query_id: str, reference: scenes.Scene, edits: list[dict]) -> CoT:
     """The chain of thought for one query from its reference scene graph and its edits."""
     rng = random.Random(f"oracle/{query_id}")
     caption = describe(reference, rng, result=False)
@@ -133,11 +139,11 @@ def oracle_cot(query_id: str, reference: syn.Scene, edits: list[dict]) -> CoT:
     if len(edits) == 2:
         openers = ["First, ", rng.choice(["Then ", "Next, "])]
     for i, edit in enumerate(edits):
-        new = syn.apply_edit(scene, edit)
+        new = apply_edit(scene, edit)
         text = _edit_sentence(edit, scene, new, rng)
         opener = openers[i]
         sentences.append(opener + text[0].lower() + text[1:] if opener else _cap(text))
-        touched |= {oid for oid, _ in syn.scene_changes(scene, new)}
+        touched |= {oid for oid, _ in scene_changes(scene, new)}
         scene = new
     kept = [o for o in reference if o.oid not in touched]
     if kept:
@@ -157,8 +163,46 @@ def scene_from_text(text: str) -> set[tuple]:
     generated conclusion describes the target scene."""
     import re
 
-    sizes = {w: s for s, words in syn.SIZE_WORDS.items() for w in words}
-    cells = {name: cell for cell, names in syn.CELL_NAMES.items() for name in names}
+    sizes = {w: s for s, words in scenes.SIZE_WORDS.items() for w in words}
+    cells = {name: cell for cell, names in scenes.CELL_NAMES.items() for name in names}
     pattern = re.compile(r"\b({})\s+({})\s+({})\s+in\s+the\s+({})\b".format(
-        "|".join(sizes), "|".join(syn.COLORS), "|".join(syn.SHAPES), "|".join(sorted(cells, key=len, reverse=True))))
+        "|".join(sizes), "|".join(scenes.COLORS), "|".join(scenes.SHAPES), "|".join(sorted(cells, key=len, reverse=True))))
     return {(shape, color, sizes[size], *cells[place]) for size, color, shape, place in pattern.findall(text.lower())}
+
+
+# ---------------------------------------------------------------------------------------------
+# the annotator
+
+ORACLE_VERSION = "oracle-v1"
+
+
+class OracleAnnotator:
+    """Exact chains of thought for the cir-shapes benchmark at ``root`` (see model_code.synthetic.oracle)."""
+
+    name = "oracle"
+    prompt_version = ORACLE_VERSION
+    default_min_acceptance = 1.0
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._queries, self._graphs = {}, {}
+        for split in generate.SPLITS:
+            captions = self.root / "captions" / f"cap.{split}.json"
+            if not captions.is_file():
+                continue
+            for q in json.loads(captions.read_text()):
+                self._queries[q["query_id"]] = q
+            self._graphs.update(json.loads((self.root / "scene_graphs" / f"{split}.json").read_text()))
+        if not self._queries:
+            raise FileNotFoundError(f"no cir-shapes captions under {self.root}: the oracle only annotates the synthetic benchmark")
+
+    def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
+        out = []
+        for r in requests:
+            q = self._queries.get(r.query_id)
+            if q is None:
+                out.append(rejection(r.query_id, self.name, self.prompt_version, "", "unknown_query"))
+                continue
+            cot = oracle_cot(r.query_id, scenes.scene_from_json(self._graphs[q["reference"]]), q["edits"])
+            out.append(judge(r.query_id, self.name, self.prompt_version, cot.render()))
+        return out

@@ -1,0 +1,100 @@
+"""What every annotator produces and how its answers are judged.
+
+An annotator turns :class:`AnnotationRequest` s (reference image, target image, modification text)
+into :class:`Annotation` rows of the annotations table (DESIGN.md §4). Every raw answer goes through
+:func:`judge`: parsed strictly, else repaired leniently, and rejected with a reason when it is not a
+usable chain of thought (bad format, leakage of the target image, a conclusion that only repeats
+the caption). Rejections are recorded, never dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from model_code.annotation.cot import CoT, CoTFormatError, repair
+
+# Phrases that betray that the annotator saw the target image.
+LEAKAGE_PATTERNS = (
+    r"\btarget (?:image|picture|photo)\b", r"\bsecond (?:image|picture|photo)\b", r"\bother (?:image|picture|photo)\b",
+    r"\bboth (?:images|pictures|photos)\b", r"\btwo (?:images|pictures|photos)\b",
+    r"\b(?:image|picture|photo) (?:on the right|2|two)\b",
+)
+_LEAKAGE = re.compile("|".join(LEAKAGE_PATTERNS), re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotationRequest:
+    query_id: str
+    reference_path: Path
+    target_path: Path
+    modification: str
+
+
+@dataclasses.dataclass
+class Annotation:
+    query_id: str
+    teacher: str
+    prompt_version: str
+    caption: str | None
+    reasoning: str | None
+    conclusion: str | None
+    raw: str
+    status: str              # ok | rejected
+    reject_reason: str | None
+    repairs: str = ""        # what repair() changed, '; '-joined
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def cot(self) -> CoT:
+        return CoT(self.caption, self.reasoning, self.conclusion)
+
+
+def normalised_text(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def leakage(text: str) -> str | None:
+    """The first phrase in ``text`` that reveals a target image was seen, or None."""
+    m = _LEAKAGE.search(text)
+    return m.group(0) if m else None
+
+
+def rejection(query_id: str, teacher: str, prompt_version: str, raw: str, reason: str) -> Annotation:
+    return Annotation(query_id, teacher, prompt_version, None, None, None, raw, "rejected", reason)
+
+
+def judge(query_id: str, teacher: str, prompt_version: str, raw: str) -> Annotation:
+    """Turn a raw answer into an accepted or a rejected annotation (with the reason)."""
+    def rejected(reason: str) -> Annotation:
+        return rejection(query_id, teacher, prompt_version, raw, reason)
+
+    if not isinstance(raw, str) or not raw.strip():
+        return rejected("empty_answer")
+    try:
+        fixed = repair(raw)
+    except CoTFormatError as e:
+        return rejected(e.reason)
+    cot = fixed.cot
+    leaked = leakage(cot.caption + " " + cot.reasoning + " " + cot.conclusion)
+    if leaked:
+        return rejected(f"leakage: {leaked.lower()}")
+    if normalised_text(cot.conclusion) == normalised_text(cot.caption):
+        return rejected("conclusion_repeats_caption")
+    return Annotation(query_id, teacher, prompt_version, cot.caption, cot.reasoning, cot.conclusion, raw, "ok", None,
+                      "; ".join(fixed.repairs))
+
+
+class Annotator(Protocol):
+    name: str                   # the `teacher` column
+    prompt_version: str
+    default_min_acceptance: float
+
+    def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation | None]:
+        """One annotation per request, in order; None where the request itself failed (a transport
+        error after retries): nothing is recorded for it and a later run tries again."""

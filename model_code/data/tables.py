@@ -1,0 +1,138 @@
+"""The normalised tables of DESIGN.md §4 (triplets, images) as pandas frames and Parquet files.
+
+``Benchmark(triplets, images)`` is what every reader returns; :func:`write_tables` /
+:func:`read_tables` store it with the contract's Arrow schema. Columns beyond the contract, all
+optional and null where a benchmark has no such notion: ``triplets.n_edits``,
+``triplets.reference_dependent`` and ``triplets.hard_negative_ids`` (synthetic), ``images.category``
+(FashionIQ).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+
+from model_code.common import atomic_path
+
+DATASETS = ("synthetic", "fashioniq", "cirr", "circo")
+SPLITS = {
+    "synthetic": ("train", "val", "test"),
+    "fashioniq": ("train", "val", "test"),
+    "cirr": ("train", "val", "test1"),
+    "circo": ("val", "test"),
+}
+# Splits whose targets the benchmark authors withhold (scored by their evaluation servers).
+HIDDEN_SPLITS = {("fashioniq", "test"), ("cirr", "test1"), ("circo", "test")}
+FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+
+TRIPLET_COLUMNS = ["query_id", "dataset", "split", "category", "reference_id", "modification", "target_ids",
+                   "subset_ids", "shared_concept", "n_edits", "reference_dependent", "hard_negative_ids"]
+IMAGE_COLUMNS = ["image_id", "dataset", "split", "path", "category"]
+LIST_COLUMNS = ("target_ids", "subset_ids", "hard_negative_ids")
+
+
+class Benchmark(NamedTuple):
+    triplets: pd.DataFrame
+    images: pd.DataFrame
+
+
+class DataError(ValueError):
+    """A benchmark's files are missing or do not follow its layout."""
+
+
+class MissingImagesError(DataError):
+    """Images named by the annotations are not on disk."""
+
+    def __init__(self, dataset: str, root: Path, missing: list[str], total: int):
+        self.dataset, self.root, self.missing, self.total = dataset, root, missing, total
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        super().__init__(
+            f"{dataset}: {len(missing)} of {total} images are missing under {root} (first: {shown}). "
+            f"Download the benchmark's images into that folder, or read the annotations alone with "
+            f"require_images=False.")
+
+
+
+def nulls_as_none(df: pd.DataFrame) -> pd.DataFrame:
+    """Every column as Python objects with None for missing values (pandas' NaN/NA otherwise)."""
+    return df.astype(object).where(df.notna(), None)
+
+
+def triplets_frame(rows: list[dict]) -> pd.DataFrame:
+    return normalise_triplets(pd.DataFrame(rows, columns=TRIPLET_COLUMNS))
+
+
+def _id_list(value):
+    """Lists (and the arrays Parquet reads back) as Python lists, nulls as []; anything else is
+    kept as it is for the quality suite to report."""
+    if value is None or (isinstance(value, float) and value != value):
+        return []
+    if isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and not isinstance(value, str)):
+        return list(value)
+    return value
+
+
+def normalise_triplets(df: pd.DataFrame) -> pd.DataFrame:
+    """One in-memory form however the table was made: lists as Python lists, nulls as None."""
+    for col in LIST_COLUMNS:
+        df[col] = [_id_list(v) for v in df[col]]
+    df["n_edits"] = df["n_edits"].astype("Int64")
+    df["reference_dependent"] = df["reference_dependent"].astype("boolean")
+    df[["category", "shared_concept"]] = nulls_as_none(df[["category", "shared_concept"]])
+    return df
+
+
+def images_frame(rows: list[dict]) -> pd.DataFrame:
+    return normalise_images(pd.DataFrame(rows, columns=IMAGE_COLUMNS))
+
+
+def normalise_images(df: pd.DataFrame) -> pd.DataFrame:
+    df[["category"]] = nulls_as_none(df[["category"]])
+    return df
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet with the contract's schema
+
+
+def _schemas():
+    import pyarrow as pa
+
+    strs = pa.list_(pa.string())
+    triplets = pa.schema([("query_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
+                          ("category", pa.string()), ("reference_id", pa.string()), ("modification", pa.string()),
+                          ("target_ids", strs), ("subset_ids", strs), ("shared_concept", pa.string()),
+                          ("n_edits", pa.int64()), ("reference_dependent", pa.bool_()), ("hard_negative_ids", strs)])
+    images = pa.schema([("image_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
+                        ("path", pa.string()), ("category", pa.string())])
+    return triplets, images
+
+
+def write_tables(bench: Benchmark, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``triplets.parquet`` and ``images.parquet`` (atomically) with the contract's schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, df, schema in zip(("triplets", "images"), bench, _schemas()):
+        table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
+        path = out_dir / f"{name}.parquet"
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        written[name] = path
+    return written
+
+
+def read_tables(out_dir: str | os.PathLike) -> Benchmark:
+    """Read tables written by :func:`write_tables` back into pandas (lists as Python lists)."""
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    return Benchmark(normalise_triplets(pq.read_table(out_dir / "triplets.parquet").to_pandas()),
+                     normalise_images(pq.read_table(out_dir / "images.parquet").to_pandas()))

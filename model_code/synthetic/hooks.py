@@ -1,0 +1,45 @@
+"""What cir-shapes lends generic code (``model_code.datasets``): full scene descriptions of its
+images, and the correctness of a generated conclusion read back into objects."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+from model_code.datasets import DatasetHooks, register
+from model_code.synthetic import scenes
+from model_code.synthetic.oracle import describe, scene_from_text
+
+
+def image_descriptions(root: str | os.PathLike, split: str = "train") -> list[tuple[str, Path, str]]:
+    """Each image of ``split`` with a description of its scene graph (wording seeded by the image id)."""
+    root = Path(root)
+    graphs = json.loads((root / "scene_graphs" / f"{split}.json").read_text())
+    paths = json.loads((root / "image_splits" / f"split.{split}.json").read_text())
+    return [(image_id, root / paths[image_id],
+             describe(scenes.scene_from_json(graph), random.Random(f"describe/{image_id}"), result=False))
+            for image_id, graph in graphs.items()]
+
+
+def reasoning_correctness(root: str | os.PathLike, split: str, queries, reasoning: dict[str, dict]) -> dict[str, float]:
+    """Whether each generated conclusion states the target's objects: every object's size, colour,
+    shape and place (``conclusion_exact``), and the F1 of the stated objects against the target's
+    (``conclusion_object_f1``); a chain that did not parse states nothing."""
+    graphs = json.loads((Path(root) / "scene_graphs" / f"{split}.json").read_text())
+    exact = 0
+    f1s = []
+    for qid, targets in zip(queries["query_id"], queries["target_ids"]):
+        r = reasoning.get(qid) or {}
+        cot = r.get("cot")
+        truth = {scenes.scene_key((o,))[0] for o in scenes.scene_from_json(graphs[targets[0]])}
+        stated = scene_from_text(cot.conclusion) if cot is not None else set()
+        exact += stated == truth
+        hit = len(stated & truth)
+        f1s.append(2 * hit / (len(stated) + len(truth)) if stated or truth else 1.0)
+    n = max(len(queries), 1)
+    return {"conclusion_exact": exact / n, "conclusion_object_f1": sum(f1s) / n}
+
+
+register("synthetic", DatasetHooks(image_descriptions=image_descriptions, reasoning_correctness=reasoning_correctness))
