@@ -28,3 +28,20 @@ def png_markdown(path: str | Path | None, alt: str) -> dg.MetadataValue:
         return dg.MetadataValue.md(f"(no {alt})")
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{data})")
+
+
+def latest_record(context, asset, partition: str | None = None) -> dict:
+    """The typed record (metadata ``record``) of the newest materialisation of ``asset`` (a key, an
+    asset definition or a name), for ``partition`` when it is partitioned: what Dagster's lineage
+    says the upstream is, not whichever file a run wrote last."""
+    key = asset if isinstance(asset, dg.AssetKey) else getattr(asset, "key", None) or dg.AssetKey(asset)
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1).records
+    label = key.to_user_string() + (f"[{partition}]" if partition else "")
+    if not records:
+        raise dg.Failure(description=f"{label} has not been materialised in this Dagster instance: materialise it first")
+    metadata = records[0].asset_materialization.metadata
+    if "record" not in metadata:
+        raise dg.Failure(description=f"the newest materialisation of {label} carries no record (made by an older "
+                                     f"version of the pipeline): materialise it again")
+    return metadata["record"].value

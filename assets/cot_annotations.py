@@ -2,20 +2,21 @@
 
 Rows are stored incrementally under ``<artifacts>/cot_annotations/<d>/store`` (an interrupted
 materialisation resumes where it stopped); the current view for this teacher and prompt version is
-``<artifacts>/cot_annotations/<d>/annotations.parquet``. A blocking check runs the annotation gate.
+``<artifacts>/cot_annotations/<d>/annotations.parquet`` with its ``AnnotationsRecord`` (``meta.json``,
+and the asset's ``record`` metadata). A blocking check runs the annotation gate.
 """
 
-import json
 
 import dagster as dg
 from pydantic import Field
 
-from assets.common import check_result, dataset_partitions
+from assets.common import check_result, dataset_partitions, latest_record
 from assets.resources import AnnotatorResource, ArtifactStore
-from assets.triplets import triplets, triplets_dir
-from model_code.annotation.store import (AnnotationStore, annotate_missing, annotation_requests, annotation_version,
+from assets.triplets import triplets
+from model_code.annotation.store import (AnnotationsRecord, AnnotationStore, annotate_missing, annotation_requests, annotation_version,
                                      read_annotations, write_annotations)
 from model_code.data import HIDDEN_SPLITS, read_tables
+from model_code.data.tables import TablesRecord
 from model_code.data.quality import validate_annotations
 
 
@@ -44,18 +45,18 @@ def _examples_markdown(table, modifications, n: int = 5) -> str:
 def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig, annotator: AnnotatorResource,
                     artifacts: ArtifactStore) -> dg.MaterializeResult:
     name = context.partition_key
-    tables_dir = triplets_dir(artifacts, name)
-    tables_meta = json.loads((tables_dir / "meta.json").read_text())
-    bench = read_tables(tables_dir)
+    tables = TablesRecord.from_dict(latest_record(context, triplets, name))
+    bench = read_tables(tables.folder)
     splits = config.splits or sorted({s for s in bench.triplets.split.unique() if (name, s) not in HIDDEN_SPLITS})
-    requests = annotation_requests(bench.triplets, bench.images, tables_meta["root"], splits, config.limit)
-    teacher = annotator.build(name, tables_meta["root"])
+    teacher = annotator.build(name, tables.root)
+    try:
+        requests = annotation_requests(bench.triplets, bench.images, tables.root, splits, config.limit)
+    except FileNotFoundError as e:
+        raise dg.Failure(description=f"annotation shows the teacher the images, and one is missing: {e.filename}") from None
     out = annotations_dir(artifacts, name)
     store = AnnotationStore(out / "store")
     stats = annotate_missing(store, teacher, requests, chunk_size=config.chunk_size, progress=context.log.info)
-    wanted = {r.query_id for r in requests}
-    table = store.table(teacher.name, teacher.prompt_version)
-    table = table[table.query_id.isin(wanted)].reset_index(drop=True)
+    table = store.view(requests, teacher.name, teacher.prompt_version)
     if stats.failed:
         raise dg.Failure(description=(
             f"{stats.failed} teacher requests failed after retries (first: {getattr(teacher, 'errors', ['?'])[0]}); "
@@ -64,10 +65,10 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
     min_acceptance = config.min_acceptance if config.min_acceptance is not None else teacher.default_min_acceptance
     version = annotation_version(table)
     ok = int((table.status == "ok").sum())
-    meta = {"dataset": name, "teacher": teacher.name, "prompt_version": teacher.prompt_version,
-            "min_acceptance": min_acceptance, "splits": splits, "version": version,
-            "triplets_raw_version": tables_meta["raw_version"], "ok": ok, "rejected": len(table) - ok}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    record = AnnotationsRecord(dataset=name, path=str(out / "annotations.parquet"), teacher=teacher.name,
+                               prompt_version=teacher.prompt_version, version=version, raw_version=tables.raw_version,
+                               min_acceptance=min_acceptance, splits=splits, ok=ok, rejected=len(table) - ok)
+    record.write(out / "meta.json")
     reasons = table[table.status != "ok"].reject_reason.value_counts()
     histogram = "| reject reason | count |\n|---|---|\n" + "\n".join(f"| {r} | {c} |" for r, c in reasons.items()) \
         if len(reasons) else "no rejections"
@@ -77,6 +78,7 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
+            "record": dg.MetadataValue.json(record.to_dict()),
             "path": dg.MetadataValue.path(str(out / "annotations.parquet")),
             "teacher": teacher.name, "prompt_version": teacher.prompt_version,
             "dagster/row_count": len(table), "ok": ok, "rejected": len(table) - ok,
@@ -85,19 +87,18 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
             "examples": dg.MetadataValue.md(_examples_markdown(table, modifications)),
             "annotated_this_run": stats.annotated, "already_stored": stats.already_done,
             "annotations_per_s": round(stats.per_second, 1),
-            "annotation_version": version, "raw_data_version": tables_meta["raw_version"],
+            "annotation_version": version, "raw_data_version": tables.raw_version,
         })
 
 
 @dg.asset_check(asset=cot_annotations, blocking=True, partitions_def=dataset_partitions,
                 description="Annotation gate (Great Expectations): acceptance rate, sections, lengths, leakage, caption vs conclusion")
-def annotations_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStore) -> dg.AssetCheckResult:
+def annotations_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     name = context.partition_key
-    out = annotations_dir(artifacts, name)
-    meta = json.loads((out / "meta.json").read_text())
-    table = read_annotations(out / "annotations.parquet")
-    bench = read_tables(triplets_dir(artifacts, name))
-    report = validate_annotations(table, bench.triplets, min_acceptance=meta["min_acceptance"])
+    record = AnnotationsRecord.from_dict(latest_record(context, cot_annotations, name))
+    table = read_annotations(record.path)
+    bench = read_tables(TablesRecord.from_dict(latest_record(context, triplets, name)).folder)
+    report = validate_annotations(table, bench.triplets, min_acceptance=record.min_acceptance)
     if not report.success:
         context.log.error(report.to_text())
-    return check_result(report, min_acceptance=meta["min_acceptance"])
+    return check_result(report, min_acceptance=record.min_acceptance)

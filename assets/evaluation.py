@@ -1,23 +1,24 @@
 """evaluation[d], its promotion gate, and promoted_model[d] (DESIGN.md §3, §6, §7).
 
-``evaluation`` embeds the gallery and the queries of the dataset's scored split with the latest
-CIR-CoT model and reports CIR-CoT, the no-CoT ablation and the image-only / text-only baselines
+``evaluation`` embeds the gallery and the queries of the dataset's scored split with the CIR-CoT
+model of the newest ``cir_cot_model`` materialisation (Dagster's lineage) and reports CIR-CoT, the no-CoT ablation and the image-only / text-only baselines
 side by side (``<artifacts>/evaluation/<d>/<split>/``: metrics.json, table.md, plots, per-query
 reasoning); for a split with hidden targets it writes the evaluation servers' files. The blocking
 ``promotion_gate`` check compares the metrics with the configured floors, CoT with no-CoT, and the
-production model; only when it passes does ``promoted_model`` save the model into the BentoML
-model store as ``cir-cot`` (serving/registry.py).
+dataset's production model; only when it passes does ``promoted_model`` save the evaluated model
+into the BentoML model store as ``cir-cot``, production for that dataset (model_code/registry.py).
 """
 
 import json
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from assets.common import dataset_partitions, png_markdown
+from assets.common import dataset_partitions, latest_record, png_markdown
 from assets.resources import ArtifactStore, GateResource
 from assets.training import cir_cot_model
-from assets.triplets import triplets, triplets_dir
+from assets.triplets import triplets
 
 
 class EvaluationConfig(dg.Config):
@@ -37,33 +38,22 @@ def evaluation_dir(artifacts: ArtifactStore, dataset: str, split: str):
     return artifacts.dir("evaluation", dataset, split)
 
 
-def _record(artifacts: ArtifactStore, dataset: str, name: str = "latest.json"):
-    """The newest evaluation's record (``latest.json``) or gate verdict (``gate.json``) of ``dataset``."""
-    return artifacts.path("evaluation", dataset, name)
-
-
-def latest_model(artifacts: ArtifactStore) -> dict:
-    summary_file = artifacts.path("cir_cot_model", "latest.json")
-    if not summary_file.is_file():
-        raise dg.Failure(description="cir_cot_model has not been materialised: run the training job first")
-    return json.loads(summary_file.read_text())
-
-
 @dg.asset(partitions_def=dataset_partitions, group_name="evaluation", deps=[cir_cot_model, triplets], kinds={"pytorch"},
           description="Benchmark-exact metrics of CIR-CoT, the no-CoT ablation and two baselines; submission files")
 def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
     from model_code.data import HIDDEN_SPLITS, read_tables
-    from model_code.evaluation.evaluate import evaluate, SCORED_SPLIT, SUBMISSION_SPLIT
+    from model_code.data.tables import TablesRecord
+    from model_code.evaluation.evaluate import SCORED_SPLIT, SUBMISSION_SPLIT, EvaluationRecord, evaluate
     from model_code.evaluation.report import write_report
     from model_code.model.cir_cot import CirCoTModel
+    from model_code.model.recipes import TrainedModel
 
     name = context.partition_key
-    summary = latest_model(artifacts)
-    tables_dir = triplets_dir(artifacts, name)
-    tables_meta = json.loads((tables_dir / "meta.json").read_text())
-    bench = read_tables(tables_dir)
-    root = tables_meta["root"]
-    model = CirCoTModel.load(summary["path"], dtype=config.dtype, device=config.device)
+    trained = TrainedModel.from_dict(latest_record(context, cir_cot_model))
+    tables = TablesRecord.from_dict(latest_record(context, triplets, name))
+    bench = read_tables(tables.folder)
+    root = tables.root
+    model = CirCoTModel.load(trained.path, dtype=config.dtype, device=config.device)
     split = config.split or SCORED_SPLIT[name]
     if (name, split) in HIDDEN_SPLITS:
         raise dg.Failure(description=f"{name}/{split} hides its targets: nothing to score (choose a split with targets)")
@@ -81,15 +71,16 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, arti
             m for m in config.methods if m in ("cot", "no_cot")]})
         submission_files = [str(p) for n, p in write_report(hidden, evaluation_dir(artifacts, name, hidden_split)).items()
                             if n.startswith(name)]
-    record = {"dataset": name, "split": split, "model_version": summary["version"], "model_path": summary["path"],
-              "metrics": ev.metrics, "headline": ev.headline, "timings": ev.timings, "per_query": ev.per_query,
-              "raw_version": tables_meta["raw_version"], "submissions": submission_files}
-    _record(artifacts, name).write_text(json.dumps(record, indent=1))
+    record = EvaluationRecord(dataset=name, split=split, folder=str(out), model_version=trained.version,
+                              model=trained.to_dict(), metrics=ev.metrics, headline=ev.headline, timings=ev.timings,
+                              raw_version=tables.raw_version, queries=len(ev.queries), submissions=submission_files)
+    record.write(out / "record.json")
     table = written["table.md"].read_text()
     context.log.info("\n" + table)
     cot = ev.metrics.get("cot", {})
     metadata = {
-        "path": dg.MetadataValue.path(str(out)), "model_version": summary["version"], "split": split,
+        "record": dg.MetadataValue.json(record.to_dict()),
+        "path": dg.MetadataValue.path(str(out)), "model_version": trained.version, "split": split,
         "queries": len(ev.queries), "table": dg.MetadataValue.md(table),
         "metrics": dg.MetadataValue.json(ev.metrics), "headline": ev.headline,
         "recall_plot": png_markdown(written["recall.png"], "Recall@K per method"),
@@ -99,30 +90,38 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, arti
     }
     if cot:
         metadata[f"cot_{ev.headline}"] = cot[ev.headline]
-    return dg.MaterializeResult(data_version=dg.DataVersion(f"{summary['version']}-{split}"), metadata=metadata)
+    return dg.MaterializeResult(data_version=dg.DataVersion(f"{trained.version}-{split}"), metadata=metadata)
+
+
+def _verdict_path(record) -> Path:
+    """Where the gate writes its verdict on an evaluation: beside the evaluation's report."""
+    return Path(record.folder) / "gate.json"
 
 
 @dg.asset_check(asset=evaluation, blocking=True, partitions_def=dataset_partitions,
                 description="Promotion gate: metric floors, CoT not worse than no-CoT, no regression against production")
-def promotion_gate(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStore, gate: GateResource) -> dg.AssetCheckResult:
-    from model_code.evaluation.gate import gate as run_gate
+def promotion_gate(context: dg.AssetCheckExecutionContext, gate: GateResource) -> dg.AssetCheckResult:
     from model_code import registry
+    from model_code.common import atomic_write_json
+    from model_code.evaluation.evaluate import EvaluationRecord
+    from model_code.evaluation.gate import gate as run_gate
 
     name = context.partition_key
-    record = json.loads(_record(artifacts, name).read_text())
-    production = registry.production_metrics(name, record["split"])
-    if production is not None and production["version"] == record["model_version"]:
+    record = EvaluationRecord.from_dict(latest_record(context, evaluation, name))
+    production = registry.production_metrics(name, record.split)
+    if production is not None and production["version"] == record.model_version:
         production = None  # re-evaluating the production model itself: nothing to regress against
-    verdict = run_gate(record["metrics"], record["headline"], gate.config(name), production, record.get("per_query"))
-    result = {**verdict.to_dict(), "model_version": record["model_version"], "split": record["split"]}
-    _record(artifacts, name, "gate.json").write_text(json.dumps(result, indent=1))
+    per_query, strata = record.per_query()
+    verdict = run_gate(record.metrics, record.headline, gate.config(name), production, per_query, strata)
+    result = {**verdict.to_dict(), "model_version": record.model_version, "split": record.split}
+    atomic_write_json(_verdict_path(record), result)
     explanation = verdict.explain()
     (context.log.info if verdict.passed else context.log.error)(f"promotion gate {name}:\n{explanation}")
     return dg.AssetCheckResult(
         passed=verdict.passed, severity=dg.AssetCheckSeverity.ERROR,
         description=f"{'passed' if verdict.passed else 'FAILED'}: {verdict.headline} {verdict.value:.4f}; "
                     + "; ".join(c.name for c in verdict.checks if not c.passed),
-        metadata={"verdict": dg.MetadataValue.md(explanation), "model_version": record["model_version"],
+        metadata={"verdict": dg.MetadataValue.md(explanation), "model_version": record.model_version,
                   "production_version": production["version"] if production else "none",
                   verdict.headline: verdict.value})
 
@@ -133,38 +132,38 @@ class PromotionConfig(dg.Config):
 
 
 @dg.asset(partitions_def=dataset_partitions, group_name="evaluation", deps=[evaluation], kinds={"bentoml"},
-          description="The gated model in the BentoML model store as cir-cot, with lineage labels")
-def promoted_model(context: dg.AssetExecutionContext, config: PromotionConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
+          description="The gated model in the BentoML model store as cir-cot, production for this dataset, with lineage labels")
+def promoted_model(context: dg.AssetExecutionContext, config: PromotionConfig) -> dg.MaterializeResult:
     from model_code import registry
+    from model_code.evaluation.evaluate import EvaluationRecord
+    from model_code.model.recipes import TrainedModel
 
     name = context.partition_key
-    gate_file = _record(artifacts, name, "gate.json")
-    record = json.loads(_record(artifacts, name).read_text())
-    verdict = json.loads(gate_file.read_text()) if gate_file.is_file() else None
+    record = EvaluationRecord.from_dict(latest_record(context, evaluation, name))
+    verdict_file = _verdict_path(record)
+    verdict = json.loads(verdict_file.read_text()) if verdict_file.is_file() else None
     # the blocking check stops this asset in the run that evaluated; re-checked here for runs that
     # materialise promoted_model alone
-    if verdict is None or verdict["model_version"] != record["model_version"]:
-        raise dg.Failure(description=f"no gate verdict for model {record['model_version']} on {name}: run the evaluation")
+    if verdict is None or verdict["model_version"] != record.model_version:
+        raise dg.Failure(description=f"no gate verdict for model {record.model_version} on {name}: run the evaluation")
     if not verdict["passed"]:
-        raise dg.Failure(description=f"model {record['model_version']} failed the promotion gate on {name}")
-    summary = latest_model(artifacts)
-    if summary["version"] != record["model_version"]:
-        raise dg.Failure(description=f"the latest model ({summary['version']}) is not the evaluated one "
-                                     f"({record['model_version']}): evaluate it first")
-    cot = record["metrics"].get("cot", {})
-    labels = {"model_version": summary["version"], "base_version": summary["base_version"],
-              "evaluated_on": f"{name}/{record['split']}", "headline": f"{record['headline']}={cot.get(record['headline'], float('nan')):.4f}"}
+        raise dg.Failure(description=f"model {record.model_version} failed the promotion gate on {name}")
+    trained = TrainedModel.from_dict(record.model)  # exactly the model that was evaluated
+    cot = record.metrics.get("cot", {})
+    labels = {"model_version": trained.version, "base_version": trained.base_version,
+              f"evaluated_on_{name}": f"{name}/{record.split}",
+              f"headline_{name}": f"{record.headline}={cot.get(record.headline, float('nan')):.4f}"}
     for metric in ("R@1", "R@10", "Avg", "mAP@10"):
         if metric in cot:
-            labels[f"cot_{metric}"] = f"{cot[metric]:.4f}"
-    for dataset, v in summary.get("data", {}).items():
+            labels[f"cot_{metric}_{name}"] = f"{cot[metric]:.4f}"
+    for dataset, v in trained.data.items():
         labels[f"data_{dataset}"] = v["raw"]
         labels[f"annotations_{dataset}"] = v["annotations"]
         labels[f"teacher_{dataset}"] = f"{v['teacher']}/{v['prompt_version']}"
-    metadata = {"evaluations": {f"{name}/{record['split']}": cot}, "all_metrics": record["metrics"],
-                "gate": verdict, "training": summary.get("stages", {})}
-    result = registry.promote(summary["path"], version=summary["version"], labels=labels, metadata=metadata,
-                                 stage=config.stage, force=config.force)
+    metadata = {"evaluations": {f"{name}/{record.split}": cot}, "all_metrics": {name: record.metrics},
+                "gates": {name: verdict}, "training": trained.stages}
+    result = registry.promote(trained.path, version=trained.version, dataset=name, labels=labels, metadata=metadata,
+                              stage=config.stage, force=config.force)
     context.log.info(f"promoted_model: {result['reason']}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"{result['tag']}:{result['stage']}"),

@@ -3,11 +3,10 @@
 ``synthetic`` is the output of the DVC stage of the same name: reproduced (or pulled from the
 remote when it already holds this version) and pushed. A real benchmark is read from its configured
 root; its version is the DVC hash when a ``.dvc`` file tracks the root, else an md5 of its
-annotation files. The version becomes the asset's data version and is written to
-``<artifacts>/raw_dataset/<d>.json`` for the stages downstream.
+annotation files. The version becomes the asset's data version; the record (root, version, splits)
+is the asset's ``record`` metadata, which the stages downstream read through Dagster's lineage.
 """
 
-import json
 
 import dagster as dg
 
@@ -17,13 +16,6 @@ from model_code.data import annotation_files, available_splits
 from model_code.common import content_hash
 
 SYNTHETIC_STAGE = "synthetic"
-
-def read_raw_record(artifacts: ArtifactStore, dataset: str) -> dict:
-    """What ``raw_dataset`` recorded for ``dataset``; fails when it was never materialised."""
-    path = artifacts.path("raw_dataset", f"{dataset}.json")
-    if not path.is_file():
-        raise dg.Failure(description=f"raw_dataset[{dataset}] has not been materialised yet ({path} is missing)")
-    return json.loads(path.read_text())
 
 @dg.asset(partitions_def=dataset_partitions, group_name="data", kinds={"dvc"},
           description=__doc__.split("\n\n")[0])
@@ -51,11 +43,10 @@ def raw_dataset(context: dg.AssetExecutionContext, datasets: DatasetRoots, dvc: 
                   {"version": content_hash(files, root), "versioned_by": "md5 of the annotation files (not tracked by DVC)"})
         record["annotation_files"] = len(files)
     record.update(dataset=name, root=str(root.resolve()), splits=available_splits(name, root))
-    artifacts.path("raw_dataset", f"{name}.json").write_text(json.dumps(record, indent=1))
     context.log.info(f"raw_dataset[{name}] at {root}: version {record['version']}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(record["version"]),
-        metadata={"path": dg.MetadataValue.path(str(root)), "data_version": record["version"],
+        metadata={"record": dg.MetadataValue.json(record), "path": dg.MetadataValue.path(str(root)), "data_version": record["version"],
                   "versioned_by": record["versioned_by"], "splits": ", ".join(record["splits"]),
                   **{k: record[k] for k in ("nfiles", "size_bytes", "annotation_files") if record.get(k) is not None}})
 

@@ -1,19 +1,20 @@
 """triplets[d]: the benchmark in the normalised tables of DESIGN.md §4, gated by data-quality suites.
 
-Writes ``<artifacts>/triplets/<d>/{triplets,images}.parquet`` and ``meta.json`` (the raw data
-version it was built from). Two blocking checks run the Great Expectations suites: nothing
+Writes ``<artifacts>/triplets/<d>/{triplets,images}.parquet`` and ``meta.json`` (its
+``TablesRecord``: where the tables are and the raw data version they were built from, also the
+asset's ``record`` metadata). Two blocking checks run the Great Expectations suites: nothing
 downstream is built from a table that fails them.
 """
 
-import json
 
 import dagster as dg
 from pydantic import Field
 
-from assets.common import check_result, dataset_partitions
-from assets.raw_dataset import raw_dataset, read_raw_record
+from assets.common import check_result, dataset_partitions, latest_record
+from assets.raw_dataset import raw_dataset
 from assets.resources import ArtifactStore
 from model_code.data import DataError, read_dataset, read_tables, write_tables
+from model_code.data.tables import TablesRecord
 from model_code.data.quality import validate_images, validate_triplets
 from model_code.common import content_hash
 
@@ -31,7 +32,7 @@ def triplets_dir(artifacts: ArtifactStore, dataset: str):
           description=__doc__.split("\n\n")[0])
 def triplets(context: dg.AssetExecutionContext, config: TripletsConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
     name = context.partition_key
-    raw = read_raw_record(artifacts, name)
+    raw = latest_record(context, raw_dataset, name)
     try:
         bench = read_dataset(name, raw["root"], category=config.fashioniq_category,
                              require_images=config.require_images)
@@ -41,11 +42,11 @@ def triplets(context: dg.AssetExecutionContext, config: TripletsConfig, artifact
     written = write_tables(bench, out)
     counts = bench.triplets.groupby("split").size().to_dict()
     gallery = bench.images.groupby("split").size().to_dict()
-    meta = {"dataset": name, "raw_version": raw["version"], "root": raw["root"],
-            "require_images": config.require_images, "category": config.fashioniq_category,
-            "queries": counts, "images": gallery}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    version = content_hash(written.values(), out)
+    record = TablesRecord(dataset=name, folder=str(out), root=raw["root"], raw_version=raw["version"],
+                          version=content_hash(written.values(), out), require_images=config.require_images,
+                          category=config.fashioniq_category, queries=counts, images=gallery)
+    record.write(out / TablesRecord.META)
+    version = record.version
     per_split = "| split | queries | images |\n|---|---|---|\n" + "\n".join(
         f"| {s} | {counts.get(s, 0)} | {gallery.get(s, 0)} |" for s in sorted(set(counts) | set(gallery)))
     sample = bench.triplets.head(5)[["query_id", "split", "reference_id", "modification", "target_ids"]]
@@ -53,6 +54,7 @@ def triplets(context: dg.AssetExecutionContext, config: TripletsConfig, artifact
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
+            "record": dg.MetadataValue.json(record.to_dict()),
             "path": dg.MetadataValue.path(str(out)),
             "dagster/row_count": len(bench.triplets),
             "images": len(bench.images),
@@ -64,8 +66,9 @@ def triplets(context: dg.AssetExecutionContext, config: TripletsConfig, artifact
 
 @dg.asset_check(asset=triplets, blocking=True, partitions_def=dataset_partitions,
                 description="Great Expectations suite on the triplets table (ids, texts, splits, lists, named images)")
-def triplets_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStore) -> dg.AssetCheckResult:
-    bench = read_tables(triplets_dir(artifacts, context.partition_key))
+def triplets_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    record = TablesRecord.from_dict(latest_record(context, triplets, context.partition_key))
+    bench = read_tables(record.folder)
     report = validate_triplets(bench.triplets, bench.images)
     if not report.success:
         context.log.error(report.to_text())
@@ -73,11 +76,10 @@ def triplets_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactSt
 
 @dg.asset_check(asset=triplets, blocking=True, partitions_def=dataset_partitions,
                 description="Great Expectations suite on the images table (ids, paths; files present, decodable, sized)")
-def images_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStore) -> dg.AssetCheckResult:
-    out = triplets_dir(artifacts, context.partition_key)
-    meta = json.loads((out / "meta.json").read_text())
-    bench = read_tables(out)
-    report = validate_images(bench.images, meta["root"] if meta["require_images"] else None)
+def images_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    record = TablesRecord.from_dict(latest_record(context, triplets, context.partition_key))
+    bench = read_tables(record.folder)
+    report = validate_images(bench.images, record.root if record.require_images else None)
     if not report.success:
         context.log.error(report.to_text())
     return check_result(report)

@@ -5,11 +5,14 @@
 - :func:`replace_dir`: the same for a folder built beside its destination.
 - :func:`file_md5`, :func:`content_hash`, :func:`json_key`: versions from bytes, never from paths.
 - :class:`Progress`: count, rate and ETA of a long loop, at most every few seconds.
+- :class:`Record`: the base of the typed records one stage hands the next (a dataclass, JSON on
+  disk and in the Dagster asset's metadata).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -94,6 +97,30 @@ def content_hash(files: Iterable[str | os.PathLike], root: str | os.PathLike) ->
 def json_key(*parts, length: int = 12) -> str:
     """A short stable key for JSON-able values (run folders keyed by their inputs)."""
     return hashlib.md5(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+# ---------------------------------------------------------------------------------------------
+# records handed from one stage to the next
+
+
+class Record:
+    """Mixin for dataclasses that one stage hands the next: ``to_dict`` / ``from_dict`` (unknown
+    keys ignored, so a newer writer does not break an older reader), ``write`` / ``read`` as JSON."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def write(self, path: str | os.PathLike) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def read(cls, path: str | os.PathLike):
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 # ---------------------------------------------------------------------------------------------

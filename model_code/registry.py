@@ -2,14 +2,17 @@
 
 Each promoted model is one store entry tagged ``cir-cot:<model version>`` holding the saved model
 folder (``CirCoTModel.save``) plus, for an adapter, its base model's files, so the entry is
-self-contained. Labels carry the stage (``production``, ``candidate``, ``archived`` for a model
-that production moved past, ``rolled_back`` for one an operator rolled back), the data / annotation / model versions and the headline
-metrics; the metadata holds the full evaluation metrics and the gate verdict.
+self-contained. A deployment serves one dataset's model, so stages are per dataset: the label
+``stage_<dataset>`` is ``production``, ``candidate``, ``archived`` (production moved past it) or
+``rolled_back`` (an operator rolled it back), with ``promoted_at_<dataset>``,
+``evaluated_on_<dataset>`` and ``headline_<dataset>`` beside it; the data / annotation / model
+versions are labels too, and the metadata holds each dataset's evaluation metrics and gate verdict.
 
-Exactly one entry is ``production`` at a time. Promoting a new model archives the previous
-production model (it stays in the store); :func:`rollback` restores the most recently archived
-one and marks the current one ``rolled_back``; promoting a model that is already production
-changes nothing, and a rolled-back model is not promoted again unless forced.
+Per dataset exactly one entry is ``production`` at a time. Promoting a new model on a dataset
+archives that dataset's previous production model (it stays in the store, and stays production on
+the other datasets); :func:`rollback` restores the most recently archived one of the dataset and
+marks the current one ``rolled_back``; promoting a model that is already production changes
+nothing, and a rolled-back model is not promoted again unless forced.
 
 The store is ``$BENTOML_HOME/models`` (default ``~/bentoml``). This module is what the pipeline
 (the ``promoted_model`` asset) and the service share; it imports no orchestrator.
@@ -33,6 +36,10 @@ def _bentoml():
     return bentoml
 
 
+def stage_label(dataset: str) -> str:
+    return f"stage_{dataset}"
+
+
 def _entries() -> list:
     bentoml = _bentoml()
     try:
@@ -41,14 +48,17 @@ def _entries() -> list:
         return []
 
 
-def _set_labels(model, **changes: str) -> None:
-    """Rewrite a stored model's labels. BentoML keeps them in the entry's model.yaml and has no
-    public call to change them after saving; this rebuilds the (immutable) info with the new labels
-    and writes it back. Tested in tests/test_evaluate.py against the pinned BentoML."""
+def _rewrite_info(model, *, labels: dict[str, str] | None = None, metadata: dict | None = None) -> None:
+    """Change a stored model's labels and metadata in place. BentoML 1.4 has no public call for it
+    (``bentoml.models`` offers create/get/list/delete/import/export/push/pull only; the entry's
+    ``model.yaml`` is written from its immutable ``ModelInfo``), so this, the one place that touches
+    BentoML internals (``Model._info``, ``ModelInfo._options``), builds a new info with the changes and
+    flushes it. Covered by the store tests against the pinned BentoML."""
     info = model.info
-    model._info = type(info)(tag=info.tag, module=info.module, labels={**info.labels, **changes}, options=info._options,
-                             metadata=info.metadata, context=info.context, signatures=info.signatures,
-                             api_version=info.api_version, creation_time=info.creation_time)
+    model._info = type(info)(tag=info.tag, module=info.module, labels={**info.labels, **(labels or {})},
+                             options=info._options, metadata={**info.metadata, **(metadata or {})},
+                             context=info.context, signatures=info.signatures, api_version=info.api_version,
+                             creation_time=info.creation_time)
     model.flush()
 
 
@@ -56,45 +66,49 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _promoted_at(model) -> str:
-    return model.info.labels.get("promoted_at", "")
+def _promoted_at(model, dataset: str) -> str:
+    return model.info.labels.get(f"promoted_at_{dataset}", "")
+
+
+def _stages(labels: dict) -> dict[str, str]:
+    return {k[len("stage_"):]: v for k, v in labels.items() if k.startswith("stage_")}
 
 
 def list_models() -> list[dict]:
-    """Every stored ``cir-cot`` entry, newest promotion first: tag, stage, labels, path."""
-    out = [{"tag": str(m.tag), "version": m.tag.version, "stage": m.info.labels.get("stage"),
+    """Every stored ``cir-cot`` entry, newest promotion first: tag, stages per dataset, labels, path."""
+    out = [{"tag": str(m.tag), "version": m.tag.version, "stages": _stages(m.info.labels),
             "labels": dict(m.info.labels), "path": m.path} for m in _entries()]
-    return sorted(out, key=lambda d: d["labels"].get("promoted_at", ""), reverse=True)
+    newest = lambda d: max((v for k, v in d["labels"].items() if k.startswith("promoted_at_")), default="")  # noqa: E731
+    return sorted(out, key=newest, reverse=True)
 
 
-def production() -> dict | None:
-    """The production entry (tag, labels, metadata, path), or None."""
-    prod = [m for m in _entries() if m.info.labels.get("stage") == "production"]
+def production(dataset: str) -> dict | None:
+    """The production entry of ``dataset`` (tag, version, labels, metadata, path), or None."""
+    prod = [m for m in _entries() if m.info.labels.get(stage_label(dataset)) == "production"]
     if not prod:
         return None
-    m = max(prod, key=_promoted_at)
+    m = max(prod, key=lambda e: _promoted_at(e, dataset))
     return {"tag": str(m.tag), "version": m.tag.version, "labels": dict(m.info.labels),
             "metadata": dict(m.info.metadata), "path": m.path}
 
 
 def production_metrics(dataset: str, split: str) -> dict | None:
-    """``{"version", "metrics"}`` of the production model on ``dataset``/``split`` (the gate's
-    regression baseline), or None."""
-    prod = production()
+    """``{"version", "metrics"}`` of ``dataset``'s production model on ``dataset``/``split`` (the
+    gate's regression baseline), or None."""
+    prod = production(dataset)
     if prod is None:
         return None
-    evaluations = prod["metadata"].get("evaluations", {})
-    metrics = evaluations.get(f"{dataset}/{split}")
+    metrics = prod["metadata"].get("evaluations", {}).get(f"{dataset}/{split}")
     return {"version": prod["version"], "metrics": metrics or {}}
 
 
-def promote(model_dir: str | os.PathLike, *, version: str, labels: dict[str, str], metadata: dict | None = None,
-            stage: str = "production", force: bool = False) -> dict:
-    """Save the model folder into the store as ``cir-cot:<version>`` with ``labels`` and ``stage``.
-    Promoting to production archives the previous production entry. Idempotent: an entry that
-    already exists is not copied again, only its stage updated if it differs; an entry an
-    operator rolled back stays so unless ``force``. Returns ``{"tag", "stage", "changed",
-    "previous", "reason"}``."""
+def promote(model_dir: str | os.PathLike, *, version: str, dataset: str, labels: dict[str, str],
+            metadata: dict | None = None, stage: str = "production", force: bool = False) -> dict:
+    """Store the model folder as ``cir-cot:<version>`` (once) and make it ``stage`` for ``dataset``
+    with ``labels``; ``metadata`` is merged into the entry's (its ``evaluations`` per dataset/split).
+    Promoting to production archives ``dataset``'s previous production entry. Idempotent: a model
+    already at that stage for that dataset changes nothing; one an operator rolled back stays so
+    unless ``force``. Returns ``{"tag", "stage", "changed", "previous", "reason"}``."""
     if stage not in ("production", "candidate"):
         raise ValueError(f"stage must be 'production' or 'candidate', not {stage!r}")
     bentoml = _bentoml()
@@ -102,28 +116,33 @@ def promote(model_dir: str | os.PathLike, *, version: str, labels: dict[str, str
     if not (model_dir / "circot.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a saved CIR-CoT model (no circot.json)")
     tag = f"{MODEL_NAME}:{version}"
-    now = _now()
-    previous = production()
+    key = stage_label(dataset)
+    previous = production(dataset)
     try:
         existing = bentoml.models.get(tag)
     except bentoml.exceptions.NotFound:
         existing = None
     unchanged = {"tag": tag, "changed": False, "previous": previous["tag"] if previous else None}
-    if existing is not None and existing.info.labels.get("stage") == stage:
-        return {**unchanged, "stage": stage, "reason": f"{tag} is already {stage}"}
-    if existing is not None and existing.info.labels.get("stage") == "rolled_back" and not force:
+    current = existing.info.labels.get(key) if existing is not None else None
+    if current == stage:
+        return {**unchanged, "stage": stage, "reason": f"{tag} is already {stage} for {dataset}"}
+    if current == "rolled_back" and not force:
         return {**unchanged, "stage": "rolled_back",
-                "reason": f"{tag} was rolled back by an operator; promote it with force to make it {stage} again"}
+                "reason": f"{tag} was rolled back by an operator on {dataset}; promote it with force to make it {stage} again"}
+    new_labels = {**{k: str(v) for k, v in labels.items()}, key: stage, f"promoted_at_{dataset}": _now()}
+    metadata = dict(metadata or {})
     if existing is None:
-        all_labels = {**{k: str(v) for k, v in labels.items()}, "stage": stage, "promoted_at": now}
-        with bentoml.models.create(tag, labels=all_labels, metadata=metadata or {}) as entry:
+        with bentoml.models.create(tag, labels=new_labels, metadata=metadata) as entry:
             _copy_model(model_dir, Path(entry.path))
     else:
-        _set_labels(existing, stage=stage, promoted_at=now)
+        merged = dict(existing.info.metadata)
+        for k, v in metadata.items():  # per-dataset dicts (evaluations, gates) are merged, not replaced
+            merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        _rewrite_info(existing, labels=new_labels, metadata=merged)
     if stage == "production" and previous is not None and previous["tag"] != tag:
-        _set_labels(bentoml.models.get(previous["tag"]), stage="archived")
+        _rewrite_info(bentoml.models.get(previous["tag"]), labels={key: "archived"})
     return {"tag": tag, "stage": stage, "changed": True, "previous": previous["tag"] if previous else None,
-            "reason": f"{tag} is now {stage}"}
+            "reason": f"{tag} is now {stage} for {dataset}"}
 
 
 def _copy_model(model_dir: Path, dest: Path) -> None:
@@ -135,38 +154,41 @@ def _copy_model(model_dir: Path, dest: Path) -> None:
         base = Path(meta["base_model"])
         if base.is_dir():
             shutil.copytree(base, dest / "base", dirs_exist_ok=True)
-            meta["base_model"] = "../base"  # relative to the model folder: resolved by load_promoted
+            meta["base_model"] = "../base"  # relative to the model folder: resolved by CirCoTModel.load
             (dest / "model" / "circot.json").write_text(json.dumps(meta, indent=1))
 
 
-def rollback() -> dict:
-    """Make the most recently archived entry production again; the current one becomes ``rolled_back``.
-    Returns ``{"from", "to"}``; raises when there is nothing to roll back to."""
-    prod = production()
-    archived = sorted((m for m in _entries() if m.info.labels.get("stage") == "archived"), key=_promoted_at,
-                      reverse=True)
+def rollback(dataset: str) -> dict:
+    """Make ``dataset``'s most recently archived entry its production model again; the current one
+    becomes ``rolled_back``. Returns ``{"from", "to"}``; raises when there is nothing to roll back to."""
+    key = stage_label(dataset)
+    prod = production(dataset)
+    archived = sorted((m for m in _entries() if m.info.labels.get(key) == "archived"),
+                      key=lambda e: _promoted_at(e, dataset), reverse=True)
     if not archived:
-        raise LookupError(f"no archived {MODEL_NAME} model to roll back to")
+        raise LookupError(f"no archived {MODEL_NAME} model of {dataset} to roll back to")
     target = archived[0]
     now = _now()
     if prod is not None:
-        _set_labels(_bentoml().models.get(prod["tag"]), stage="rolled_back", rolled_back_at=now)
-    _set_labels(target, stage="production", promoted_at=now)
+        _rewrite_info(_bentoml().models.get(prod["tag"]), labels={key: "rolled_back", f"rolled_back_at_{dataset}": now})
+    _rewrite_info(target, labels={key: "production", f"promoted_at_{dataset}": now})
     return {"from": prod["tag"] if prod else None, "to": str(target.tag)}
 
 
-def model_path(tag: str | None = None) -> Path:
-    """The model folder of ``tag`` (default: the production entry), for ``CirCoTModel.load``."""
+def model_path(tag: str | None = None, *, dataset: str | None = None) -> Path:
+    """The model folder of ``tag``, or of ``dataset``'s production entry, for ``CirCoTModel.load``."""
     if tag is None:
-        prod = production()
+        if dataset is None:
+            raise ValueError("give a tag or the dataset whose production model to load")
+        prod = production(dataset)
         if prod is None:
-            raise LookupError(f"no {MODEL_NAME} model is in production in the BentoML store")
+            raise LookupError(f"no {MODEL_NAME} model is in production for {dataset} in the BentoML store")
         tag = prod["tag"]
     return Path(_bentoml().models.get(tag).path) / "model"
 
 
-def load_promoted(tag: str | None = None, **kwargs):
-    """Load a stored model (default: production) as a ``CirCoTModel``."""
+def load_promoted(tag: str | None = None, *, dataset: str | None = None, **kwargs):
+    """Load a stored model (``tag``, or ``dataset``'s production model) as a ``CirCoTModel``."""
     from model_code.model.cir_cot import CirCoTModel
 
-    return CirCoTModel.load(model_path(tag), **kwargs)
+    return CirCoTModel.load(model_path(tag, dataset=dataset), **kwargs)

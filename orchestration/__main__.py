@@ -21,15 +21,23 @@ SHOWN = ("data_version", "dagster/row_count", "images", "ok", "rejected", "model
          "split", "queries", "cot_queries_per_s", "no_cot_queries_per_s", "tag", "stage", "changed", "previous_production")
 
 
-def run_job(job_name: str, partition: str | None = None, definitions=None, run_config: dict | None = None) -> bool:
-    """Execute one job; print its materialisations and check verdicts; True when all went well."""
+def instance():
+    """The Dagster instance of ``$DAGSTER_HOME`` (what ``dagster dev`` shows), else an ephemeral one."""
     import dagster as dg
 
+    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+
+
+def run_job(job_name: str, partition: str | None = None, definitions=None, run_config: dict | None = None,
+            dagster_instance=None) -> bool:
+    """Execute one job; print its materialisations and check verdicts; True when all went well.
+    Jobs that follow one another must share ``dagster_instance``: each reads its inputs from the
+    materialisations the instance recorded."""
     if definitions is None:
         from orchestration.definitions import defs as definitions
     job = definitions.resolve_job_def(job_name)
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
-    result = job.execute_in_process(partition_key=partition, instance=instance, raise_on_error=False,
+    dagster_instance = dagster_instance or instance()
+    result = job.execute_in_process(partition_key=partition, instance=dagster_instance, raise_on_error=False,
                                     run_config=run_config)
     label = f"{job_name} [{partition}]" if partition else job_name
     print(f"\n== {label}: {'succeeded' if result.success else 'FAILED'} (run {result.run_id})")
@@ -60,34 +68,33 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
 
 
 def run(dataset: str, definitions=None, *, annotations_only: bool = False, train: bool | None = None,
-        evaluate: bool | None = None) -> int:
+        evaluate: bool | None = None, dagster_instance=None) -> int:
+    import dagster as dg
+
     from orchestration.definitions import EVALUATION_JOB, PIPELINE_JOB, TRAINING_JOB
 
+    dagster_instance = dagster_instance or instance()
     config = {"ops": {"triplets": {"config": {"require_images": False}}}} if annotations_only else None
-    if not run_job(PIPELINE_JOB, dataset, definitions, config):
+    if not run_job(PIPELINE_JOB, dataset, definitions, config, dagster_instance):
         return 1
     if train if train is not None else dataset == "synthetic":
-        if not run_job(TRAINING_JOB, None, definitions):
+        if not run_job(TRAINING_JOB, None, definitions, None, dagster_instance):
             return 1
     if evaluate is None:  # default: evaluate when there is a trained model to evaluate
-        evaluate = not annotations_only and _has_model(definitions)
+        evaluate = not annotations_only and dagster_instance.get_latest_materialization_event(
+            dg.AssetKey("cir_cot_model")) is not None
     if evaluate:
-        ok = run_job(EVALUATION_JOB, dataset, definitions)
+        ok = run_job(EVALUATION_JOB, dataset, definitions, None, dagster_instance)
         from model_code import registry
 
-        prod = registry.production()
+        prod = registry.production(dataset)
         if not ok:
             print("\nThe model was not promoted (see the promotion gate's verdict above); the store is unchanged.")
-        print(f"production model: {prod['tag'] if prod else 'none'}"
-              + (f" ({prod['labels'].get('headline')}, evaluated on {prod['labels'].get('evaluated_on')})" if prod else ""))
+        print(f"production model of {dataset}: {prod['tag'] if prod else 'none'}"
+              + (f" ({prod['labels'].get(f'headline_{dataset}')}, evaluated on "
+                 f"{prod['labels'].get(f'evaluated_on_{dataset}')})" if prod else ""))
         return 0 if ok else 1
     return 0
-
-
-def _has_model(definitions=None) -> bool:
-    if definitions is None:
-        from orchestration.definitions import defs as definitions
-    return definitions.resources["artifacts"].path("cir_cot_model", "latest.json").is_file()
 
 
 def show_models() -> int:
@@ -98,20 +105,21 @@ def show_models() -> int:
         print(f"no {registry.MODEL_NAME} model in the BentoML store ({os.environ.get('BENTOML_HOME', '~/bentoml')})")
     for r in rows:
         labels = r["labels"]
-        print(f"{r['tag']:<32} {r['stage']:<12} {labels.get('promoted_at', ''):<28} {labels.get('headline', '')} "
-              f"on {labels.get('evaluated_on', '?')}")
+        for dataset, stage in sorted(r["stages"].items()):
+            print(f"{r['tag']:<32} {dataset:<10} {stage:<12} {labels.get(f'promoted_at_{dataset}', ''):<28} "
+                  f"{labels.get(f'headline_{dataset}', '')} on {labels.get(f'evaluated_on_{dataset}', '?')}")
     return 0
 
 
-def rollback() -> int:
+def rollback(dataset: str) -> int:
     from model_code import registry
 
     try:
-        moved = registry.rollback()
+        moved = registry.rollback(dataset)
     except LookupError as e:
         print(f"rollback: {e}")
         return 1
-    print(f"rollback: production is now {moved['to']} (was {moved['from']})")
+    print(f"rollback: production of {dataset} is now {moved['to']} (was {moved['from']})")
     return 0
 
 
@@ -128,12 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None,
                    help="skip the evaluation job (evaluation, promotion gate, promoted model)")
     sub.add_parser("models", help="list the cir-cot models in the BentoML store and their stages")
-    sub.add_parser("rollback", help="make the previous production model production again")
+    rb = sub.add_parser("rollback", help="make a dataset's previous production model its production model again")
+    rb.add_argument("--dataset", default="synthetic", choices=["synthetic", "fashioniq", "cirr", "circo"])
     args = p.parse_args(argv)
     if args.command == "models":
         return show_models()
     if args.command == "rollback":
-        return rollback()
+        return rollback(args.dataset)
     return run(args.dataset, annotations_only=args.annotations_only, train=args.train, evaluate=args.evaluate)
 
 

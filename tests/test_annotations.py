@@ -82,8 +82,9 @@ def test_resume_after_a_crash_annotates_only_what_is_missing(tmp_path, tiny_synt
 
 def test_rejected_rows_are_kept_with_their_reason(tmp_path):
     store = AnnotationStore(tmp_path)
-    store.append([judge("q1", "t", "v", "nonsense"),
-                  judge("q2", "t", "v", "<caption>a</caption><reasoning>b</reasoning><conclusion>c</conclusion>")])
+    store.append([dataclasses.replace(judge("q1", "t", "v", "nonsense"), content_key="k1"),
+                  dataclasses.replace(judge("q2", "t", "v", "<caption>a</caption><reasoning>b</reasoning>"
+                                                            "<conclusion>c</conclusion>"), content_key="k2")])
     table = store.table()
     assert dict(zip(table.query_id, table.status)) == {"q1": "rejected", "q2": "ok"}
     assert table.set_index("query_id").loc["q1", "reject_reason"] == "missing_section"
@@ -93,7 +94,10 @@ def test_rejected_rows_are_kept_with_their_reason(tmp_path):
 def test_version_is_a_content_hash(tmp_path, tiny_synthetic, requests_):
     rows = OracleAnnotator(tiny_synthetic).annotate(requests_)
     store = AnnotationStore(tmp_path)
-    store.append(rows)
+    with pytest.raises(ValueError, match="content key"):
+        store.append(rows)
+    store.append([dataclasses.replace(a, content_key=r.content_key) for r, a in zip(requests_, rows)])
+    assert len(store.table()) == len(requests_)
     table = store.table()
     write_annotations(table, tmp_path / "a.parquet")
     back = read_annotations(tmp_path / "a.parquet")

@@ -2,6 +2,7 @@
 BentoML model store (promotion, idempotence, rollback)."""
 
 import json
+import pathlib
 import random
 
 import pandas as pd
@@ -303,50 +304,108 @@ def saved_models(micro_model, tmp_path_factory):
     return out
 
 
+def _stages(store, dataset="synthetic"):
+    return {m["version"]: m["stages"].get(dataset) for m in store.list_models()}
+
+
 def test_promotion_is_idempotent_archives_the_previous_model_and_rolls_back(store, saved_models, tiny_synthetic):
     (path_a, ver_a), (path_b, ver_b) = saved_models["A"], saved_models["B"]
-    assert ver_a != ver_b and store.production() is None
-    labels = {"model_version": "x", "headline": "R@10=0.5"}
-    first = store.promote(path_a, version=ver_a, labels=labels, metadata={"evaluations": {"synthetic/test": {"R@10": 0.5}}})
+    assert ver_a != ver_b and store.production("synthetic") is None
+    labels = {"model_version": "x", "headline_synthetic": "R@10=0.5"}
+    first = store.promote(path_a, version=ver_a, dataset="synthetic", labels=labels,
+                          metadata={"evaluations": {"synthetic/test": {"R@10": 0.5}}})
     assert first["changed"] and first["previous"] is None
-    assert store.production()["tag"] == f"cir-cot:{ver_a}"
+    assert store.production("synthetic")["tag"] == f"cir-cot:{ver_a}"
     assert store.production_metrics("synthetic", "test") == {"version": ver_a, "metrics": {"R@10": 0.5}}
-    again = store.promote(path_a, version=ver_a, labels=labels)
+    again = store.promote(path_a, version=ver_a, dataset="synthetic", labels=labels)
     assert not again["changed"] and len(store.list_models()) == 1
 
-    second = store.promote(path_b, version=ver_b, labels=labels)
+    second = store.promote(path_b, version=ver_b, dataset="synthetic", labels=labels)
     assert second["changed"] and second["previous"] == f"cir-cot:{ver_a}"
-    stages = {m["version"]: m["stage"] for m in store.list_models()}
-    assert stages == {ver_a: "archived", ver_b: "production"}
+    assert _stages(store) == {ver_a: "archived", ver_b: "production"}
 
     # the stored entry is self-contained: it loads (with its copied base) and embeds like the original
     from model_code.model.cir_cot import CirCoTModel
 
     image = next((tiny_synthetic / "images" / "test").glob("*.png"))
-    stored = store.load_promoted(device="cpu")
+    stored = store.load_promoted(dataset="synthetic", device="cpu")
     assert stored.version == ver_b
     torch.testing.assert_close(stored.embed_images([image]), CirCoTModel.load(path_b, device="cpu").embed_images([image]))
 
-    moved = store.rollback()
+    moved = store.rollback("synthetic")
     assert moved == {"from": f"cir-cot:{ver_b}", "to": f"cir-cot:{ver_a}"}
-    stages = {m["version"]: m["stage"] for m in store.list_models()}
-    assert stages == {ver_a: "production", ver_b: "rolled_back"}
+    assert _stages(store) == {ver_a: "production", ver_b: "rolled_back"}
     # the pipeline promoting the rolled-back model again does not undo the operator's rollback...
-    refused = store.promote(path_b, version=ver_b, labels=labels)
+    refused = store.promote(path_b, version=ver_b, dataset="synthetic", labels=labels)
     assert not refused["changed"] and "rolled back" in refused["reason"]
-    assert store.production()["version"] == ver_a
+    assert store.production("synthetic")["version"] == ver_a
     # ...unless forced
-    assert store.promote(path_b, version=ver_b, labels=labels, force=True)["changed"]
-    assert store.production()["version"] == ver_b
+    assert store.promote(path_b, version=ver_b, dataset="synthetic", labels=labels, force=True)["changed"]
+    assert store.production("synthetic")["version"] == ver_b
     with pytest.raises(FileNotFoundError):
-        store.promote(path_a.parent, version="nope", labels=labels)
+        store.promote(path_a.parent, version="nope", dataset="synthetic", labels=labels)
+
+
+def test_production_is_per_dataset(store, saved_models):
+    """Promoting on a second dataset leaves the first dataset's production model alone, and each
+    dataset's regression baseline is its own production model (regression test: one production
+    slot for all datasets archived synthetic's model when CIRR promoted another)."""
+    (path_a, ver_a), (path_b, ver_b) = saved_models["A"], saved_models["B"]
+    store.promote(path_a, version=ver_a, dataset="synthetic", labels={},
+                  metadata={"evaluations": {"synthetic/test": {"R@10": 0.9}}})
+    store.promote(path_b, version=ver_b, dataset="cirr", labels={}, metadata={"evaluations": {"cirr/val": {"Avg": 0.3}}})
+    assert store.production("synthetic")["version"] == ver_a and store.production("cirr")["version"] == ver_b
+    assert _stages(store, "synthetic") == {ver_a: "production", ver_b: None}
+    assert store.production_metrics("synthetic", "test") == {"version": ver_a, "metrics": {"R@10": 0.9}}
+    assert store.production_metrics("cirr", "val") == {"version": ver_b, "metrics": {"Avg": 0.3}}
+    assert store.production("fashioniq") is None and store.production_metrics("fashioniq", "val") is None
+    # the same model promoted on a second dataset: one entry, production on both, both evaluations kept
+    store.promote(path_a, version=ver_a, dataset="cirr", labels={}, metadata={"evaluations": {"cirr/val": {"Avg": 0.4}}})
+    assert len(store.list_models()) == 2 and store.production("cirr")["version"] == ver_a
+    assert _stages(store, "cirr") == {ver_a: "production", ver_b: "archived"}
+    assert store.production_metrics("synthetic", "test")["metrics"] == {"R@10": 0.9}
+    assert store.production_metrics("cirr", "val")["metrics"] == {"Avg": 0.4}
+    # rolling back CIRR does not touch synthetic
+    store.rollback("cirr")
+    assert store.production("cirr")["version"] == ver_b and store.production("synthetic")["version"] == ver_a
+
+
+def test_saving_a_loaded_model_again_keeps_its_version_and_files(store, saved_models, tmp_path):
+    """The version depends on content only (regression test: it hashed the base model's absolute
+    path, and a model loaded from the store saved again pointed at a relative '../base')."""
+    from model_code.model.cir_cot import CirCoTModel
+
+    path_a, ver_a = saved_models["A"]
+    again = CirCoTModel.load(path_a, device="cpu")
+    assert again.save(tmp_path / "again") == ver_a
+    for f in sorted((path_a / "adapter").rglob("*")):
+        if f.is_file():
+            assert (tmp_path / "again" / "adapter" / f.relative_to(path_a / "adapter")).read_bytes() == f.read_bytes()
+    # from the store (base copied beside it, referenced as ../base): same version, and the saved
+    # copy points at a base model that exists
+    store.promote(path_a, version=ver_a, dataset="synthetic", labels={})
+    stored = store.load_promoted(dataset="synthetic", device="cpu")
+    assert stored.save(tmp_path / "from-store") == ver_a
+    meta = json.loads((tmp_path / "from-store" / "circot.json").read_text())
+    assert (pathlib.Path(meta["base_model"]) / "config.json").is_file()
+    assert CirCoTModel.load(tmp_path / "from-store", device="cpu").version == ver_a
+    # the same weights under another path: the same version
+    import shutil
+
+    moved_base = tmp_path / "elsewhere" / "base"
+    shutil.copytree(json.loads((path_a / "circot.json").read_text())["base_model"], moved_base)
+    meta = json.loads((path_a / "circot.json").read_text())
+    copy = tmp_path / "copy"
+    shutil.copytree(path_a, copy)
+    (copy / "circot.json").write_text(json.dumps({**meta, "base_model": str(moved_base)}))
+    assert CirCoTModel.load(copy, device="cpu").save(tmp_path / "copy-saved") == ver_a
 
 
 def test_rollback_without_a_previous_model_says_so(store, capsys):
     from orchestration.__main__ import main
 
     with pytest.raises(LookupError, match="no archived"):
-        store.rollback()
+        store.rollback("synthetic")
     assert main(["rollback"]) == 1 and "no archived cir-cot model" in capsys.readouterr().out
     assert main(["models"]) == 0 and "no cir-cot model" in capsys.readouterr().out
 
@@ -355,12 +414,12 @@ def test_the_command_line_lists_models_and_rolls_back(store, saved_models, capsy
     from orchestration.__main__ import main
 
     (path_a, ver_a), (path_b, ver_b) = saved_models["A"], saved_models["B"]
-    store.promote(path_a, version=ver_a, labels={"headline": "R@10=0.4", "evaluated_on": "synthetic/test"})
-    store.promote(path_b, version=ver_b, labels={"headline": "R@10=0.5", "evaluated_on": "synthetic/test"})
+    labels = {"evaluated_on_synthetic": "synthetic/test"}
+    store.promote(path_a, version=ver_a, dataset="synthetic", labels={**labels, "headline_synthetic": "R@10=0.4"})
+    store.promote(path_b, version=ver_b, dataset="synthetic", labels={**labels, "headline_synthetic": "R@10=0.5"})
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:2] == [f"cir-cot:{ver_b}", "production"] and "R@10=0.5" in lines[0]
-    assert lines[1].split()[:2] == [f"cir-cot:{ver_a}", "archived"]
-    assert main(["rollback"]) == 0
-    assert f"production is now cir-cot:{ver_a}" in capsys.readouterr().out
-    assert store.production()["version"] == ver_a
+    assert lines[0].split()[:3] == [f"cir-cot:{ver_b}", "synthetic", "production"] and "R@10=0.5" in lines[0]
+    assert lines[1].split()[:3] == [f"cir-cot:{ver_a}", "synthetic", "archived"]
+    assert main(["rollback", "--dataset", "synthetic"]) == 0
+    assert f"production of synthetic is now cir-cot:{ver_a}" in capsys.readouterr().out

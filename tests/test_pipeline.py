@@ -1,5 +1,6 @@
 """DVC versioning of the synthetic benchmark and in-process Dagster materialisation."""
 
+import contextlib
 import json
 import shutil
 
@@ -48,9 +49,12 @@ def test_repro_runs_once_reruns_on_param_change_and_pulls_from_the_remote(dvc_pr
     assert project.outputs("synthetic")[0].md5 != out.md5
 
 
-def _materialise(defs, partition, run_config=None):
-    with dg.instance_for_test() as instance:
-        result = defs.resolve_job_def(PIPELINE_JOB).execute_in_process(
+def _execute(defs, job, partition=None, run_config=None, instance=None):
+    """Run ``job``; (result, check evaluations, materialisations, step failures). Jobs that follow
+    one another share ``instance``: each reads its inputs from what the instance recorded."""
+    with contextlib.ExitStack() as stack:
+        instance = instance or stack.enter_context(dg.instance_for_test())
+        result = defs.resolve_job_def(job).execute_in_process(
             partition_key=partition, instance=instance, raise_on_error=False, run_config=run_config)
         checks = {e.event_specific_data.check_name: e.event_specific_data for e in result.all_events
                   if e.event_type_value == "ASSET_CHECK_EVALUATION"}
@@ -58,6 +62,10 @@ def _materialise(defs, partition, run_config=None):
                 for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"}
         failures = [e.event_specific_data.error.message for e in result.all_events if e.is_step_failure]
         return result, checks, mats, failures
+
+
+def _materialise(defs, partition, run_config=None, instance=None):
+    return _execute(defs, PIPELINE_JOB, partition, run_config, instance)
 
 
 def test_synthetic_partition_materialises_with_dvc_versioning_and_passing_checks(dvc_project, tmp_path):
@@ -136,35 +144,39 @@ def test_cli_runs_the_job_and_reports(dvc_project, tmp_path, capsys):
     assert str(tmp_path / "a" / "triplets" / "synthetic") in out
 
 
-def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, capsys):
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, capsys, instance):
     import torch
 
+    from model_code import registry
     from model_code.model.cir_cot import CirCoTModel
 
     artifacts = tmp_path / "artifacts"
     defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
                              training=TrainingResource(profile="smoke"))
-    result, _, _, failures = _materialise(defs, "synthetic")
+    result, _, _, failures = _materialise(defs, "synthetic", instance=instance)
     assert result.success, failures
-    with dg.instance_for_test() as instance:
-        run = defs.resolve_job_def(TRAINING_JOB).execute_in_process(instance=instance, raise_on_error=False)
-        assert run.success
-        mats = {e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization
-                for e in run.all_events if e.event_type_value == "ASSET_MATERIALIZATION"}
+    run, _, mats, failures = _execute(defs, TRAINING_JOB, instance=instance)
+    assert run.success, failures
     base, model = mats["base_model"].metadata, mats["cir_cot_model"].metadata
     assert base["kind"].value == "tiny" and base["steps"].value == 3 and "data:image/png;base64" in base["plot"].value
     assert model["align_steps"].value == 3 and model["cot_steps"].value == 3
     assert 0 < model["parameters_trainable"].value < model["parameters_total"].value
     assert mats["cir_cot_model"].tags["dagster/data_version"] == model["model_version"].value
-    latest = json.loads((artifacts / "cir_cot_model" / "latest.json").read_text())
-    assert latest["data"]["synthetic"]["teacher"] == "oracle" and latest["version"] == model["model_version"].value
-    loaded = CirCoTModel.load(latest["path"], device="cpu")
+    # the trained model's record is in the materialisation (the lineage the evaluation reads), not a latest.json
+    trained = model["record"].value
+    assert trained["data"]["synthetic"]["teacher"] == "oracle" and trained["version"] == model["model_version"].value
+    assert not (artifacts / "cir_cot_model" / "latest.json").exists()
+    loaded = CirCoTModel.load(trained["path"], device="cpu")
     emb = loaded.embed_images([next((tmp_path / "project" / "data" / "raw" / "synthetic" / "images" / "test").glob("*.png"))])
     assert emb.shape == (1, 256) and torch.isfinite(emb).all()
 
     # evaluation, the blocking gate, promotion: a floor the model cannot reach stops the promotion...
-    from model_code import registry
-
     for entry in registry.list_models():
         import bentoml
 
@@ -172,37 +184,35 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     eval_config = {"ops": {"evaluation": {"config": {"limit": 6, "max_new_tokens": 8, "batch_size": 8}}}}
     strict = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
                                training=TrainingResource(profile="smoke"), gate=GateResource(floors='{"R@1": 1.01}'))
-    with dg.instance_for_test() as instance:
-        run = strict.resolve_job_def(EVALUATION_JOB).execute_in_process(
-            partition_key="synthetic", instance=instance, raise_on_error=False, run_config=eval_config)
-    checks = [e.event_specific_data for e in run.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
-    mats = {e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization
-            for e in run.all_events if e.event_type_value == "ASSET_MATERIALIZATION"}
-    assert [c.passed for c in checks] == [False] and "floor R@1" in checks[0].description
-    assert "promoted_model" not in mats and registry.production() is None
+    run, checks, mats, _ = _execute(strict, EVALUATION_JOB, "synthetic", eval_config, instance)
+    assert [c.passed for c in checks.values()] == [False] and "floor R@1" in checks["promotion_gate"].description
+    assert "promoted_model" not in mats and registry.production("synthetic") is None
     ev = mats["evaluation"].metadata
     assert set(ev["metrics"].value) == {"cot", "no_cot", "image_only", "text_only"} and ev["queries"].value == 6
+    assert ev["record"].value["model_version"] == trained["version"]
     assert "| cot |" in ev["table"].value and "data:image/png;base64" in ev["qualitative"].value
     assert json.loads((artifacts / "evaluation" / "synthetic" / "test" / "metrics.json").read_text()) == ev["metrics"].value
     # the command line prints the table and the gate's verdict rule by rule
     from orchestration.__main__ import run_job
 
-    assert not run_job(EVALUATION_JOB, "synthetic", strict, eval_config)
+    assert not run_job(EVALUATION_JOB, "synthetic", strict, eval_config, instance)
     out = capsys.readouterr().out
     assert "- FAIL floor R@1:" in out and "| image_only |" in out
     # ...and with floors it reaches, the model is promoted into the BentoML store, labelled with its lineage
     lenient = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
                                 training=TrainingResource(profile="smoke"),
                                 gate=GateResource(floors='{"synthetic": {"R@50": 0.5}}', cot_not_worse=False))
-    with dg.instance_for_test() as instance:
-        run = lenient.resolve_job_def(EVALUATION_JOB).execute_in_process(
-            partition_key="synthetic", instance=instance, raise_on_error=False, run_config=eval_config)
-    assert run.success
-    prod = registry.production()
-    assert prod["version"] == latest["version"] and prod["labels"]["stage"] == "production"
-    assert prod["labels"]["data_synthetic"] == latest["data"]["synthetic"]["raw"]
-    assert prod["labels"]["annotations_synthetic"] == latest["data"]["synthetic"]["annotations"]
-    assert prod["labels"]["evaluated_on"] == "synthetic/test" and prod["labels"]["headline"].startswith("R@10=")
+    run, _, _, failures = _execute(lenient, EVALUATION_JOB, "synthetic", eval_config, instance)
+    assert run.success, failures
+    prod = registry.production("synthetic")
+    assert prod["version"] == trained["version"] and prod["labels"]["stage_synthetic"] == "production"
+    assert prod["labels"]["data_synthetic"] == trained["data"]["synthetic"]["raw"]
+    assert prod["labels"]["annotations_synthetic"] == trained["data"]["synthetic"]["annotations"]
+    assert prod["labels"]["evaluated_on_synthetic"] == "synthetic/test"
+    assert prod["labels"]["headline_synthetic"].startswith("R@10=")
+    # the evaluation reads the model Dagster's lineage names: a fresh instance has none, and says so
+    run, _, _, failures = _execute(lenient, EVALUATION_JOB, "synthetic", eval_config)
+    assert not run.success and any("cir_cot_model has not been materialised" in f for f in failures)
 
 
 def test_gpu_profile_needs_a_checkpoint_and_registers_one(dvc_project, tmp_path, micro_base):

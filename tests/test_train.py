@@ -195,10 +195,12 @@ def test_two_processes_train_together_and_one_writes_the_model(micro_base, bench
     import pandas as pd
 
     from model_code.annotation.store import write_annotations
+    from model_code.data.tables import TablesRecord
     from model_code.data import write_tables
 
     write_tables(bench, tmp_path / "tables")
-    (tmp_path / "tables" / "meta.json").write_text(json.dumps({"root": str(tiny_synthetic)}))
+    TablesRecord(dataset="synthetic", folder=str(tmp_path / "tables"), root=str(tiny_synthetic),
+                 raw_version="test").write(tmp_path / "tables" / TablesRecord.META)
     rows = OracleAnnotator(tiny_synthetic).annotate(annotation_requests(bench.triplets, bench.images, tiny_synthetic))
     write_annotations(pd.DataFrame([dataclasses.asdict(r) for r in rows]), tmp_path / "annotations.parquet")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -32,6 +32,7 @@ class AnnotationRequest:
     reference_path: Path
     target_path: Path
     modification: str
+    content_key: str = ""    # what the annotation describes: the two images' bytes and the text (see the store)
 
 
 @dataclasses.dataclass
@@ -46,6 +47,7 @@ class Annotation:
     status: str              # ok | rejected
     reject_reason: str | None
     repairs: str = ""        # what repair() changed, '; '-joined
+    content_key: str = ""    # the request's content key (set by the store when the row is stored)
 
     @property
     def ok(self) -> bool:

@@ -1,10 +1,15 @@
 """The annotations table (DESIGN.md §4), stored so that it survives interruption.
 
-Rows are keyed by (``query_id``, ``teacher``, ``prompt_version``). ``AnnotationStore`` appends
-each finished chunk as its own Parquet part, written atomically (temporary file, then rename): a
-crash loses at most the chunk in flight, never a stored row. ``annotate_missing`` asks the annotator
-only for the keys the store lacks, so an interrupted run resumes where it stopped, a re-run
-annotates nothing new, and a new prompt version (a new key) re-annotates everything.
+Rows are keyed by (``content_key``, ``teacher``, ``prompt_version``), where the content key is a
+hash of what the teacher was shown: the reference image's bytes, the target image's bytes and the
+modification text. Query ids are positional in some benchmarks (cir-shapes, FashionIQ), so a key by
+id would hand a regenerated or re-released dataset the chains of the old scenes; a key by content
+re-annotates exactly the queries whose content changed. ``AnnotationStore`` appends each finished
+chunk as its own Parquet part, written atomically (temporary file, then rename): a crash loses at
+most the chunk in flight, never a stored row. ``annotate_missing`` asks the annotator only for the
+keys the store lacks, so an interrupted run resumes where it stopped, a re-run annotates nothing
+new, and a new prompt version (a new key) re-annotates everything. :meth:`AnnotationStore.view`
+gives the rows of a set of requests under the requests' current query ids.
 """
 
 from __future__ import annotations
@@ -20,14 +25,14 @@ from pathlib import Path
 import pandas as pd
 
 from model_code.annotation.judge import Annotation, AnnotationRequest, Annotator
-from model_code.common import atomic_path
+from model_code.common import Record, atomic_path, file_md5
 from model_code.data import nulls_as_none
 
 log = logging.getLogger(__name__)
 
 ANNOTATION_COLUMNS = ["query_id", "teacher", "prompt_version", "caption", "reasoning", "conclusion", "raw",
-                      "status", "reject_reason", "repairs"]
-KEY = ["query_id", "teacher", "prompt_version"]
+                      "status", "reject_reason", "repairs", "content_key"]
+KEY = ["content_key", "teacher", "prompt_version"]
 
 
 def _schema():
@@ -54,6 +59,8 @@ class AnnotationStore:
 
         if not rows:
             return None
+        if any(not r.content_key for r in rows):
+            raise ValueError("annotation rows need the content key of their request (see annotate_missing)")
         parts = self.parts()
         n = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
         path = self.root / f"part-{n:06d}.parquet"
@@ -70,7 +77,7 @@ class AnnotationStore:
         if not parts:
             return pd.DataFrame({c: pd.Series(dtype=object) for c in ANNOTATION_COLUMNS})
         df = pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
-        df = nulls_as_none(df)
+        df = nulls_as_none(df.reindex(columns=ANNOTATION_COLUMNS))  # parts from before content keys: never matched
         if teacher is not None:
             df = df[df.teacher == teacher]
         if prompt_version is not None:
@@ -78,7 +85,17 @@ class AnnotationStore:
         return df.drop_duplicates(KEY, keep="last").reset_index(drop=True)
 
     def done(self, teacher: str, prompt_version: str) -> set[str]:
-        return set(self.table(teacher, prompt_version).query_id)
+        """The content keys stored for this teacher and prompt version."""
+        return set(self.table(teacher, prompt_version).content_key.dropna())
+
+    def view(self, requests: Sequence[AnnotationRequest], teacher: str, prompt_version: str) -> pd.DataFrame:
+        """The stored rows of ``requests`` (matched by content key), each under its request's query
+        id, in request order; requests without a stored row are left out."""
+        rows = self.table(teacher, prompt_version).set_index("content_key", drop=False)
+        keep = [r for r in requests if r.content_key in rows.index]
+        out = rows.loc[[r.content_key for r in keep]].reset_index(drop=True)
+        out["query_id"] = [r.query_id for r in keep]
+        return out[ANNOTATION_COLUMNS]
 
     def compact(self) -> None:
         """Rewrite all parts as one (the latest row per key); safe to interrupt."""
@@ -145,15 +162,17 @@ def annotate_missing(store: AnnotationStore, annotator: Annotator, requests: Seq
     """Annotate the requests the store has no row for (this teacher, this prompt version), a chunk
     at a time, storing each chunk before the next. Logs progress with rate and ETA."""
     say = progress or log.info
+    if any(not r.content_key for r in requests):
+        raise ValueError("annotation requests need a content key (build them with annotation_requests)")
     done = store.done(annotator.name, annotator.prompt_version)
-    todo = [r for r in requests if r.query_id not in done]
+    todo = list({r.content_key: r for r in requests if r.content_key not in done}.values())
     stats = RunStats(requested=len(requests), already_done=len(requests) - len(todo))
     say(f"{annotator.name} ({annotator.prompt_version}): {len(todo)} to annotate, {stats.already_done} already stored")
     start = last = time.monotonic()
     for i in range(0, len(todo), chunk_size):
         chunk = todo[i: i + chunk_size]
         results = annotator.annotate(chunk)
-        rows = [a for a in results if a is not None]
+        rows = [dataclasses.replace(a, content_key=r.content_key) for r, a in zip(chunk, results) if a is not None]
         store.append(rows)
         stats.annotated += len(rows)
         stats.failed += len(results) - len(rows)
@@ -173,8 +192,16 @@ def annotate_missing(store: AnnotationStore, annotator: Annotator, requests: Seq
 def annotation_requests(triplets: pd.DataFrame, images: pd.DataFrame, root: str | os.PathLike,
                         splits: Sequence[str] | None = None, limit: int | None = None) -> list[AnnotationRequest]:
     """One request per query with a known target (the first one when there are several), in the
-    given splits (default: all), at most ``limit``. The teacher sees the reference and that target."""
+    given splits (default: all), at most ``limit``. The teacher sees the reference and that target;
+    the request's content key hashes both images' bytes and the text."""
     root = Path(root)
+    digests: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:
+        if path not in digests:
+            digests[path] = file_md5(path)
+        return digests[path]
+
     rows = triplets if splits is None else triplets[triplets["split"].isin(list(splits))]
     paths = {(s, i): p for s, i, p in zip(images["split"], images["image_id"], images["path"])}
     out = []
@@ -182,7 +209,25 @@ def annotation_requests(triplets: pd.DataFrame, images: pd.DataFrame, root: str 
                                             rows["target_ids"], rows["modification"]):
         if not len(targets):
             continue  # a hidden split: nothing to show the teacher
-        out.append(AnnotationRequest(q, root / paths[(split, ref)], root / paths[(split, targets[0])], text))
+        ref_path, target_path = root / paths[(split, ref)], root / paths[(split, targets[0])]
+        key = hashlib.md5("\x1f".join((digest(ref_path), digest(target_path), text)).encode()).hexdigest()
+        out.append(AnnotationRequest(q, ref_path, target_path, text, key))
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+@dataclasses.dataclass
+class AnnotationsRecord(Record):
+    """What the ``cot_annotations`` stage hands on (``meta.json`` beside ``annotations.parquet``)."""
+
+    dataset: str
+    path: str                   # annotations.parquet: the accepted and rejected rows of this dataset's queries
+    teacher: str
+    prompt_version: str
+    version: str                # content hash of the rows
+    raw_version: str            # the raw data they were made from
+    min_acceptance: float = 1.0
+    splits: list = dataclasses.field(default_factory=list)
+    ok: int = 0
+    rejected: int = 0

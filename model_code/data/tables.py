@@ -9,13 +9,14 @@ optional and null where a benchmark has no such notion: ``triplets.n_edits``,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import NamedTuple
 
 import pandas as pd
 
-from model_code.common import atomic_path
+from model_code.common import Record, atomic_path
 
 DATASETS = ("synthetic", "fashioniq", "cirr", "circo")
 SPLITS = {
@@ -136,3 +137,29 @@ def read_tables(out_dir: str | os.PathLike) -> Benchmark:
     out_dir = Path(out_dir)
     return Benchmark(normalise_triplets(pq.read_table(out_dir / "triplets.parquet").to_pandas()),
                      normalise_images(pq.read_table(out_dir / "images.parquet").to_pandas()))
+
+
+@dataclasses.dataclass
+class TablesRecord(Record):
+    """What the ``triplets`` stage hands on: where the tables are and what they were built from.
+    Written as ``meta.json`` beside the tables and carried in the asset's metadata."""
+
+    dataset: str
+    folder: str                 # holds triplets.parquet, images.parquet, meta.json
+    root: str                   # the raw dataset root (image paths are relative to it)
+    raw_version: str            # the raw data's version (DVC hash, or md5 of the annotation files)
+    version: str = ""           # content hash of the two tables
+    require_images: bool = True
+    category: str | None = None
+    queries: dict = dataclasses.field(default_factory=dict)   # split -> count
+    images: dict = dataclasses.field(default_factory=dict)    # split -> count
+
+    META = "meta.json"
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> TablesRecord:
+        """The record of a tables folder (its ``meta.json``)."""
+        path = Path(folder) / cls.META
+        if not path.is_file():
+            raise DataError(f"{folder} holds no tables written by the pipeline ({cls.META} missing)")
+        return cls.read(path)

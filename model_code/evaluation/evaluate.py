@@ -11,13 +11,16 @@ then the queries of each method, side by side on the same model:
 Rankings exclude what the benchmark excludes (:func:`model_code.metrics.reference_exclusions`).
 Scored splits give ``{method: {metric: value}}``; splits with hidden targets (CIRR test1, CIRCO
 test) give the files the benchmarks' evaluation servers take (:func:`write_submissions`).
-Embeddings are cached per model version under the output folder, so an interrupted evaluation
-resumes with what it had finished.
+Embeddings are cached under the cache folder by model version and by content (the gallery's image
+bytes and ids; for queries also their texts and reference images), so an interrupted evaluation
+resumes with what it had finished and a changed gallery is embedded again; a model without a
+version (never saved) is not cached at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +30,7 @@ import torch
 
 from model_code.data import HIDDEN_SPLITS
 from model_code.evaluation.metrics import map_at_k, rank_gallery, recall_at_k, recall_subset_at_k, reference_exclusions
-from model_code.common import Progress, atomic_path
+from model_code.common import Progress, Record, atomic_path, file_md5, json_key
 from model_code.datasets import hooks
 
 METHODS = ("cot", "no_cot", "image_only", "text_only")
@@ -65,10 +68,38 @@ class Evaluation:
     queries: object = None                           # the evaluated triplets rows
     subset_rankings: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)  # CIRR: top-3 of the subset
     per_query: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # {method: {query_id: headline score}}
+    strata: dict[str, str] = dataclasses.field(default_factory=dict)  # {query_id: group}: the headline averages groups
 
     @property
     def headline(self) -> str:
         return HEADLINE[self.dataset]
+
+
+@dataclasses.dataclass
+class EvaluationRecord(Record):
+    """What the ``evaluation`` stage hands on to the gate and the promotion: the scores of one model
+    on one split, and which model it was. The per-query headline scores (the gate's paired test)
+    are in ``<folder>/per_query.json``."""
+
+    dataset: str
+    split: str
+    folder: str                      # the report: metrics.json, table.md, plots, queries.jsonl, per_query.json
+    model_version: str
+    model: dict                      # the evaluated model's record (model_code.model.recipes.TrainedModel)
+    metrics: dict                    # {method: {metric: value}}
+    headline: str
+    timings: dict
+    raw_version: str = ""
+    queries: int = 0
+    submissions: list = dataclasses.field(default_factory=list)
+
+    def per_query(self) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+        """({method: {query_id: headline score}}, {query_id: group}) of the scored queries."""
+        path = Path(self.folder) / "per_query.json"
+        if not path.is_file():
+            return {}, {}
+        data = json.loads(path.read_text())
+        return data["scores"], data.get("strata", {})
 
 
 def groups(bench, root: str | os.PathLike, dataset: str, split: str, limit: int | None = None) -> list[Group]:
@@ -146,8 +177,9 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
              limit: int | None = None, say: Callable[[str], None] = print) -> Evaluation:
     """Embed the gallery and the queries of ``split`` with ``model`` and score every method
     (nothing to score where the split hides its targets: rankings only)."""
-    version = getattr(model, "version", None) or "unsaved"
-    cache = Path(cache_dir) / version / f"{split}{'-' + str(limit) if limit else ''}" if cache_dir else None
+    version = getattr(model, "version", None)
+    cache = Path(cache_dir) / version if cache_dir and version else None
+    digest = _Digests()
     hidden = (dataset, split) in HIDDEN_SPLITS
     timings: dict[str, dict[str, float]] = {}
     rankings: dict[str, dict[str, list[str]]] = {m: {} for m in methods}
@@ -155,7 +187,6 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
     subset_rankings: dict[str, dict[str, list[str]]] = {}
     per_group: list[tuple[Group, dict[str, list[list[str]]]]] = []
     for group in groups(bench, root, dataset, split, limit):
-        tag = group.name or "all"
         t0 = time.monotonic()
         progress = Progress(len(group.gallery_paths), f"gallery{' ' + group.name if group.name else ''}", say=say,
                             every_s=20)
@@ -167,13 +198,18 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
                 progress.update(s.stop)
             return torch.cat(parts)
 
-        gallery = _cached(cache / f"{tag}-gallery.pt" if cache else None, embed_gallery)
+        gallery_key = json_key(group.gallery_ids, [digest(p) for p in group.gallery_paths], length=16)
+        gallery = _cached(cache / f"gallery-{gallery_key}.pt" if cache else None, embed_gallery)
+        path_of = dict(zip(group.gallery_ids, group.gallery_paths))
+        query_key = json_key(gallery_key, list(group.queries["query_id"]), list(group.queries["modification"]),
+                             [digest(path_of[r]) if r in path_of else r for r in group.queries["reference_id"]],
+                             length=16)
         _add_timing(timings, "gallery", time.monotonic() - t0, len(group.gallery_ids))
         exclude = reference_exclusions(dataset, list(group.queries["reference_id"]))
         ranked = {}
         for method in methods:
             t0 = time.monotonic()
-            key = f"{tag}-{method}" + (f"-{max_new_tokens}tok" if method == "cot" else "")  # what changes the result
+            key = f"{query_key}-{method}" + (f"-{max_new_tokens}tok" if method == "cot" else "")  # what changes the result
             emb, reas = _cached(cache / f"{key}.pt" if cache else None,
                                 lambda: embed_method(model, method, group, gallery, batch_size=batch_size,
                                                      max_new_tokens=max_new_tokens, say=say))
@@ -192,6 +228,7 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
         per_group.append((group, ranked))
     metrics = {} if hidden else score(dataset, per_group, methods)
     per_query = {} if hidden else {m: headline_per_query(dataset, per_group, m) for m in methods}
+    strata = {q: group.name for group, _ in per_group for q in group.queries["query_id"]}
     import pandas as pd
 
     queries = pd.concat([g.queries for g, _ in per_group], ignore_index=True)
@@ -201,8 +238,21 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
         correctness = hooks(dataset).reasoning_correctness
         if correctness is not None:  # the dataset can tell a right conclusion from a wrong one
             metrics["cot"].update(correctness(root, split, queries, reasoning))
-    return Evaluation(dataset, split, version, hidden, metrics, rankings, reasoning, timings, queries, subset_rankings,
-                      per_query)
+    return Evaluation(dataset, split, version or "unsaved", hidden, metrics, rankings, reasoning, timings, queries,
+                      subset_rankings, per_query, strata)
+
+
+class _Digests:
+    """md5 of image files, each read once per evaluation."""
+
+    def __init__(self):
+        self.seen: dict[Path, str] = {}
+
+    def __call__(self, path) -> str:
+        path = Path(path)
+        if path not in self.seen:
+            self.seen[path] = file_md5(path)
+        return self.seen[path]
 
 
 def _add_timing(timings: dict, key: str, seconds: float, n: int) -> None:

@@ -55,25 +55,33 @@ class Verdict:
 
 
 def paired_bootstrap(a: list[float], b: list[float], confidence: float = 0.95, resamples: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float]:
+                     seed: int = 0, strata: list[str] | None = None) -> tuple[float, float, float]:
     """Mean of a - b over paired items and its two-sided bootstrap confidence interval
-    (deterministic under ``seed``)."""
+    (deterministic under ``seed``). With ``strata`` (a group per item) the statistic is the mean over
+    the groups of each group's mean difference, and items are resampled within their group: the
+    same statistic as a headline that averages per group (FashionIQ's categories)."""
     import numpy as np
 
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if d.size == 0:
         raise ValueError("no paired scores")
     rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+    labels = np.asarray(strata if strata is not None else [""] * d.size)
+    names = sorted(set(labels.tolist()))
+    parts = [d[labels == name] for name in names]
+    means = np.mean([p[rng.integers(0, p.size, size=(resamples, p.size))].mean(axis=1) for p in parts], axis=0)
     tail = (1 - confidence) / 2
-    return float(d.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+    return (float(np.mean([p.mean() for p in parts])), float(np.quantile(means, tail)),
+            float(np.quantile(means, 1 - tail)))
 
 
 def gate(metrics: dict[str, dict[str, float]], headline: str, config: GateConfig,
-         production: dict | None = None, per_query: dict[str, dict[str, float]] | None = None) -> Verdict:
-    """``metrics`` as :func:`model_code.evaluate.score` returns them; ``production``: ``{"version",
-    "metrics": {metric: value}}`` of the production model on the same dataset and split (its
-    gated method), or None; ``per_query``: ``{method: {query_id: headline score}}``."""
+         production: dict | None = None, per_query: dict[str, dict[str, float]] | None = None,
+         strata: dict[str, str] | None = None) -> Verdict:
+    """``metrics`` as :func:`model_code.evaluation.evaluate.score` returns them; ``production``:
+    ``{"version", "metrics": {metric: value}}`` of the dataset's production model on the same split
+    (its gated method), or None; ``per_query``: ``{method: {query_id: headline score}}``;
+    ``strata``: ``{query_id: group}`` where the headline is a mean over groups."""
     if config.method not in metrics:
         raise ValueError(f"the gate reads method {config.method!r}, which was not evaluated ({', '.join(metrics)})")
     ours = metrics[config.method]
@@ -88,8 +96,9 @@ def gate(metrics: dict[str, dict[str, float]], headline: str, config: GateConfig
         paired = per_query and "cot" in per_query and "no_cot" in per_query and config.cot_confidence
         if paired:
             ids = sorted(per_query["cot"])
+            groups = [strata.get(i, "") for i in ids] if strata else None
             diff, low, high = paired_bootstrap([per_query["cot"][i] for i in ids], [per_query["no_cot"][i] for i in ids],
-                                               config.cot_confidence)
+                                               config.cot_confidence, strata=groups)
             ok = high >= -config.cot_tolerance
             checks.append(Check("cot not worse than no_cot", ok,
                                 f"{headline} cot {cot:.4f} vs no_cot {no:.4f}: difference {diff:+.4f}, "

@@ -156,6 +156,7 @@ def write_report(ev: Evaluation, out_dir: str | os.PathLike, image_paths: dict[s
 
     if not ev.hidden:
         dump("metrics.json", ev.metrics)
+        dump("per_query.json", {"headline": ev.headline, "scores": ev.per_query, "strata": ev.strata})
         written["recall.png"] = plot_recall(ev, out / "recall.png")
     else:
         for method in [m for m in MODEL_METHODS if m in ev.rankings]:

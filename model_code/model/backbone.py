@@ -138,6 +138,21 @@ def save_backbone(model, processor, path: str | os.PathLike) -> Path:
     return path
 
 
+def checkpoint_version(path: str | os.PathLike) -> str:
+    """A checkpoint folder's version: md5 over its config and its weights' bytes (never its path),
+    so the same weights anywhere have the same version."""
+    from model_code.common import file_md5
+
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"no model checkpoint at {path} (config.json missing)")
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not weights:
+        raise FileNotFoundError(f"no weights (*.safetensors) in the checkpoint at {path}")
+    return file_md5(config, *weights)[:16]
+
+
 def resolve_device(device: str | None = None) -> str:
     import torch
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from model_code.common import atomic_write_json, file_md5
+
 from model_code.model.loss import IGNORE
 
 CIR_TOKENS = ("<caption>", "</caption>", "<reasoning>", "</reasoning>", "<conclusion>", "</conclusion>", "<emb>")
@@ -76,12 +78,13 @@ def unwrap(model):
 class CirCoTModel(torch.nn.Module):
     """A transformers image-text-to-text model (possibly PEFT-wrapped) and its processor."""
 
-    def __init__(self, model, processor, *, base_path: str | None = None, prompt_version: str = PROMPT_VERSION):
+    def __init__(self, model, processor, *, base_path: str | None = None, base_version: str | None = None,
+                 prompt_version: str = PROMPT_VERSION):
         super().__init__()
         self.model, self.processor = model, processor
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"
-        self.base_path, self.prompt_version = base_path, prompt_version
+        self.base_path, self.base_version, self.prompt_version = base_path, base_version, prompt_version
         self.emb_id = self.tokenizer.convert_tokens_to_ids(EMB_TOKEN)
         if self.emb_id is None or self.emb_id == self.tokenizer.unk_token_id:
             raise ValueError("the tokenizer has no <emb> token: call add_cir_tokens(model, processor) first")
@@ -243,29 +246,40 @@ class CirCoTModel(torch.nn.Module):
     def save(self, path: str | os.PathLike) -> str:
         """Write the model as one folder: ``processor/`` (tokenizer with the added tokens), the
         weights (``adapter/`` over the base model folder recorded in ``circot.json``, or ``model/``
-        in full), the prompts and a version hash. Returns the version."""
+        in full), the prompts and a version hash. The version depends on content only: the weights
+        written, the prompts and (for an adapter) the base model's version, never on a path, so a
+        model saved again after loading has the same version. Returns the version."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.processor.save_pretrained(path / "processor")
         is_peft = hasattr(self.model, "peft_config")
         weights = path / ("adapter" if is_peft else "model")
         self.model.save_pretrained(weights)
+        if is_peft and self.base_version is None:
+            if self.base_path is None:
+                raise ValueError("an adapter model needs its base model's path or version to be saved")
+            from model_code.model.backbone import checkpoint_version
+
+            self.base_version = checkpoint_version(self.base_path)
         h = hashlib.md5()
         for f in sorted(weights.rglob("*.safetensors")):
-            h.update(f.read_bytes())
+            h.update(file_md5(f).encode())
         h.update(json.dumps(PROMPTS, sort_keys=True).encode())
-        h.update(str(self.base_path).encode())
+        h.update(str(self.base_version if is_peft else "").encode())
         version = h.hexdigest()[:16]
         meta = {"format": 1, "weights": "adapter" if is_peft else "full", "base_model": self.base_path,
+                "base_version": self.base_version if is_peft else None,
                 "prompt_version": self.prompt_version, "prompts": PROMPTS, "emb_token": EMB_TOKEN,
                 "cir_tokens": list(CIR_TOKENS), "hidden_size": self.hidden_size, "version": version}
-        (path / "circot.json").write_text(json.dumps(meta, indent=1))
+        atomic_write_json(path / "circot.json", meta)
+        self.version = version
         return version
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, dtype: str = "auto", device: str | None = None,
              attn_implementation: str | None = None, trainable: bool = False) -> CirCoTModel:
-        """Load a folder written by :meth:`save`; with ``trainable`` the adapter stays trainable."""
+        """Load a folder written by :meth:`save`; with ``trainable`` the adapter stays trainable.
+        A relative base model path (a model store entry's ``../base``) is resolved against ``path``."""
         from transformers import AutoProcessor
 
         from model_code.model.backbone import load_backbone
@@ -273,6 +287,7 @@ class CirCoTModel(torch.nn.Module):
         path = Path(path)
         meta = json.loads((path / "circot.json").read_text())
         processor = AutoProcessor.from_pretrained(path / "processor")
+        base_path = None
         if meta["weights"] == "full":
             model, _ = load_backbone(path / "model", dtype=dtype, device=device, attn_implementation=attn_implementation)
         else:
@@ -285,7 +300,8 @@ class CirCoTModel(torch.nn.Module):
             add_cir_tokens(base, processor)
             model = PeftModel.from_pretrained(base, path / "adapter", is_trainable=trainable).to(base.device)
         model.eval()
-        out = cls(model, processor, base_path=meta["base_model"], prompt_version=meta["prompt_version"])
+        out = cls(model, processor, base_path=str(base_path) if base_path else None,
+                  base_version=meta.get("base_version"), prompt_version=meta["prompt_version"])
         out.version = meta["version"]
         return out
 

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from model_code.model.cir_cot import CirCoTModel
-from model_code.common import file_md5
+from model_code.common import Record
 from model_code.datasets import hooks
 from model_code.model.loss import rank
 from model_code.model.train import TrainConfig, TrainExample, evaluate_in_batch, plot_history, train
@@ -144,17 +144,56 @@ def tiny_corpus(triplets, annotations, descriptions: Sequence[TrainExample]) -> 
     return list(triplets["modification"]) + cots + [d.text for d in descriptions] + list(PROMPTS.values()) * 50
 
 
-def bootstrap_tiny(dataset: str, root: str | os.PathLike, triplets, annotations, spec: BaseSpec, out_dir: str | os.PathLike, *,
-                   progress: Callable[[str], None] | None = None, eval_batches: int = 3) -> dict:
+@dataclasses.dataclass
+class BaseModelRecord(Record):
+    """What the ``base_model`` stage hands on: a checkpoint folder and its content version."""
+
+    path: str
+    kind: Literal["tiny", "checkpoint"]
+    version: str
+    parameters: dict = dataclasses.field(default_factory=dict)
+    training: dict | None = None   # tiny: steps, seconds, first / last history row, val, plot
+
+
+@dataclasses.dataclass
+class StageSummary(Record):
+    steps: int
+    seconds: float
+    examples: int
+    first: dict
+    last: dict
+    val: dict | None = None         # in-batch metrics on the validation pairs
+
+
+@dataclasses.dataclass
+class TrainedModel(Record):
+    """What the ``cir_cot_model`` stage hands on: the saved model, its version and how it was made."""
+
+    path: str                       # a folder written by CirCoTModel.save
+    version: str
+    base: str                       # the base model folder
+    base_version: str
+    parameters: dict
+    stages: dict                    # stage name -> StageSummary as a dict
+    plot: str | None = None
+    data: dict = dataclasses.field(default_factory=dict)  # dataset -> {raw, annotations, teacher, prompt_version}
+
+    def stage(self, name: str) -> StageSummary:
+        return StageSummary.from_dict(self.stages[name])
+
+
+def bootstrap_tiny(dataset: str, root: str | os.PathLike, triplets, annotations, spec: BaseSpec,
+                   out_dir: str | os.PathLike, *, progress: Callable[[str], None] | None = None,
+                   eval_batches: int = 3) -> BaseModelRecord:
     """Build the tiny base model (tokenizer trained on the corpus, random Qwen2-VL) and pretrain all
     of it on ``dataset``'s images and their descriptions. Resumes an interrupted run; returns
-    the summary of a finished one without training again."""
-    from model_code.model.backbone import build_random_backbone, save_backbone
+    the record of a finished one without training again."""
+    from model_code.model.backbone import build_random_backbone, checkpoint_version, save_backbone
     from model_code.model.cir_cot import add_cir_tokens, parameter_counts
 
     out_dir = Path(out_dir)
     if (out_dir / "base.json").is_file():
-        return json.loads((out_dir / "base.json").read_text())
+        return BaseModelRecord.read(out_dir / "base.json")
     cfg = spec.bootstrap
     train_ex, val_ex = description_examples(dataset, root, "train"), description_examples(dataset, root, "val")
     torch.manual_seed(cfg.seed)
@@ -165,27 +204,26 @@ def bootstrap_tiny(dataset: str, root: str | os.PathLike, triplets, annotations,
     result = train(m, train_ex, cfg, out_dir / "bootstrap", progress=progress)
     val = evaluate_in_batch(m, val_ex, cfg, eval_batches)
     model_dir = save_backbone(model, processor, out_dir / "model")
-    summary = {"path": str(model_dir), "kind": "tiny", "version": file_md5(*sorted(model_dir.glob("*.safetensors"))),
-               "parameters": parameter_counts(model), "steps": result.steps, "seconds": round(result.seconds, 1),
-               "first": result.history[0], "last": result.history[-1], "val": val,
-               "plot": str(result.plot) if result.plot else None}
-    (out_dir / "base.json").write_text(json.dumps(summary, indent=1))
-    return summary
+    record = BaseModelRecord(path=str(model_dir), kind="tiny", version=checkpoint_version(model_dir),
+                             parameters=parameter_counts(model),
+                             training={"steps": result.steps, "seconds": round(result.seconds, 1),
+                                       "first": result.history[0], "last": result.history[-1], "val": val,
+                                       "plot": str(result.plot) if result.plot else None})
+    record.write(out_dir / "base.json")
+    return record
 
 
-def register_checkpoint(path: str | os.PathLike) -> dict:
-    """A local checkpoint folder as the base model: checked, versioned by its config and weights index."""
+def register_checkpoint(path: str | os.PathLike) -> BaseModelRecord:
+    """A local checkpoint folder as the base model: checked, versioned by its content."""
+    from model_code.model.backbone import checkpoint_version
+
     path = Path(path)
-    config = path / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"no model checkpoint at {path} (config.json missing)")
-    index = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.safetensors"))[:1]
-    return {"path": str(path.resolve()), "kind": "checkpoint", "version": file_md5(config, *index)}
+    return BaseModelRecord(path=str(path.resolve()), kind="checkpoint", version=checkpoint_version(path))
 
 
-def train_cir_cot(base: dict, train_pairs: Sequence[TrainExample], val_pairs: Sequence[TrainExample],
+def train_cir_cot(base: BaseModelRecord, train_pairs: Sequence[TrainExample], val_pairs: Sequence[TrainExample],
                   profile: TrainingProfile, out_dir: str | os.PathLike, *,
-                  progress: Callable[[str], None] | None = None) -> dict:
+                  progress: Callable[[str], None] | None = None) -> TrainedModel:
     """LoRA on the base model: stage 1 (``align``, no CoT), then stage 2 (``cot``, the joint loss on
     the pairs that have an accepted chain of thought). Saves the model to ``out_dir/model``.
     Each stage resumes from its checkpoint."""
@@ -195,31 +233,30 @@ def train_cir_cot(base: dict, train_pairs: Sequence[TrainExample], val_pairs: Se
     out_dir = Path(out_dir)
     spec = profile.base
     torch.manual_seed(profile.align.seed)
-    model, processor = load_backbone(base["path"], dtype=spec.dtype, device=spec.device,
+    model, processor = load_backbone(base.path, dtype=spec.dtype, device=spec.device,
                                      attn_implementation=spec.attn_implementation)
     model.train()
     model = apply_lora(model, processor, r=profile.lora_r, alpha=profile.lora_alpha)
-    m = CirCoTModel(model, processor, base_path=base["path"])
-    stages = {}
+    m = CirCoTModel(model, processor, base_path=base.path, base_version=base.version)
+    stages, histories = {}, {}
     for cfg in (profile.align, profile.cot):
         pairs = [p for p in train_pairs if p.cot] if cfg.stage == "cot" else list(train_pairs)
         val = [p for p in val_pairs if p.cot] if cfg.stage == "cot" else list(val_pairs)
         if not pairs:
             raise ValueError(f"stage {cfg.stage}: no training pair has an accepted chain of thought")
         result = train(m, pairs, cfg, out_dir / cfg.stage, progress=progress)
-        stages[cfg.stage] = {"steps": result.steps, "seconds": round(result.seconds, 1), "examples": len(pairs),
-                             "first": result.history[0], "last": result.history[-1],
-                             "val": evaluate_in_batch(m, val, cfg, profile.eval_batches) if val else None,
-                             "history": result.history}
-    summary = {"path": str(out_dir / "model"), "base": base["path"], "base_version": base["version"],
-               "parameters": parameter_counts(model),
-               "stages": {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in stages.items()}}
+        histories[cfg.stage] = result.history
+        stages[cfg.stage] = StageSummary(
+            steps=result.steps, seconds=round(result.seconds, 1), examples=len(pairs), first=result.history[0],
+            last=result.history[-1], val=evaluate_in_batch(m, val, cfg, profile.eval_batches) if val else None).to_dict()
+    trained = TrainedModel(path=str(out_dir / "model"), version="", base=base.path, base_version=base.version,
+                           parameters=parameter_counts(model), stages=stages)
     if rank() == 0:  # under `accelerate launch` one process writes the results
-        summary["version"] = m.save(out_dir / "model")
-        summary["plot"] = str(plot_stages({k: v["history"] for k, v in stages.items()}, out_dir / "training.png"))
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        trained.version = m.save(out_dir / "model")
+        trained.plot = str(plot_stages(histories, out_dir / "training.png"))
+        trained.write(out_dir / "summary.json")
     _barrier()
-    return summary
+    return trained
 
 
 def _barrier() -> None:
@@ -264,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from model_code.annotation.store import read_annotations
     from model_code.data import read_tables
+    from model_code.data.tables import TablesRecord
 
     p = argparse.ArgumentParser(prog="python -m model_code.model.recipes", description=main.__doc__.split("\n\n")[0])
     p.add_argument("--tables", required=True, help="a triplets folder written by the pipeline (triplets/images parquet, meta.json)")
@@ -279,14 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     profile = PROFILES[args.profile].copy()
     profile.align.steps = args.align_steps or profile.align.steps
     profile.cot.steps = args.cot_steps or profile.cot.steps
-    tables = Path(args.tables)
-    root = json.loads((tables / "meta.json").read_text())["root"]
-    bench, ann = read_tables(tables), read_annotations(args.annotations)
-    base = {"path": str(Path(args.base).resolve()), "version": file_md5(Path(args.base) / "config.json")}
-    summary = train_cir_cot(base, pair_examples(bench.triplets, bench.images, root, "train", ann),
+    root = TablesRecord.load(args.tables).root
+    bench, ann = read_tables(args.tables), read_annotations(args.annotations)
+    trained = train_cir_cot(register_checkpoint(args.base),
+                            pair_examples(bench.triplets, bench.images, root, "train", ann),
                             pair_examples(bench.triplets, bench.images, root, "val", ann), profile, args.out)
     if rank() == 0:
-        print(json.dumps({k: summary[k] for k in ("path", "version")}))
+        print(json.dumps({"path": trained.path, "version": trained.version}))
     return 0
 
 
