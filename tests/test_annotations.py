@@ -156,3 +156,33 @@ def test_all_rejected_teacher_fails_the_gate_on_acceptance(tiny_synthetic, reque
     table = pd.DataFrame([dataclasses.asdict(r) for r in rows])
     assert _failed(validate_annotations(table, bench.triplets, min_acceptance=0.95)) == {"acceptance rate at least 95%"}
     assert isinstance(rows[0], Annotation)
+
+
+def test_a_regenerated_dataset_is_annotated_again_not_served_stale_chains(tmp_path):
+    """Query ids are positional: after the data changes (another seed here) the same ids name other
+    scenes. Annotations are keyed by content, so every changed query is annotated again and the
+    chains describe the new scenes (regression test: they were keyed by query id and reused)."""
+    from model_code.synthetic.generate import SyntheticParams, generate
+    from tests.conftest import TINY_PARAMS
+
+    root = tmp_path / "cir-shapes"
+    store = AnnotationStore(tmp_path / "store")
+
+    def annotate(seed):
+        generate(SyntheticParams.model_validate({**TINY_PARAMS, "seed": seed}), root)
+        bench = read_dataset("synthetic", root)
+        requests = annotation_requests(bench.triplets, bench.images, root)
+        oracle = OracleAnnotator(root)
+        stats = annotate_missing(store, oracle, requests, progress=lambda s: None)
+        return stats, requests, store.view(requests, oracle.name, oracle.prompt_version), oracle
+
+    first, requests_a, view_a, _ = annotate(seed=1)
+    assert first.annotated == len(requests_a) == len(view_a)
+    again, _, _, _ = annotate(seed=1)  # same data: nothing to do
+    assert again.annotated == 0
+    second, requests_b, view_b, oracle = annotate(seed=2)
+    assert [r.query_id for r in requests_b] == [r.query_id for r in requests_a]  # the same ids...
+    assert second.annotated == len(requests_b)                                  # ...all annotated again
+    fresh = {a.query_id: a.conclusion for a in oracle.annotate(requests_b)}
+    assert dict(zip(view_b.query_id, view_b.conclusion)) == fresh                # chains of the new scenes
+    assert dict(zip(view_a.query_id, view_a.conclusion)) != fresh

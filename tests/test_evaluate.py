@@ -217,6 +217,43 @@ def test_fashioniq_is_evaluated_per_category_against_its_own_gallery(micro_model
     for q in ev.queries.itertuples():
         assert all(i.startswith(q.category) for i in ev.rankings["no_cot"][q.query_id])
     assert ev.timings["gallery"]["n"] == 12
+    # the paired test reads the same statistic as the headline: queries grouped by category
+    assert ev.strata == {q.query_id: q.category for q in ev.queries.itertuples()}
+
+
+def test_a_changed_gallery_is_embedded_again_and_an_unsaved_model_is_not_cached(micro_model, synthetic_copy, tmp_path):
+    """Regression test: the cache was keyed by model version and split only, so a changed gallery
+    of the same length reused the old embeddings, and every unsaved model shared one cache."""
+    import shutil
+
+    bench = read_dataset("synthetic", synthetic_copy)
+    cache = tmp_path / "cache"
+    kwargs = {"methods": ["image_only", "no_cot"], "batch_size": 8, "cache_dir": cache, "say": lambda s: None}
+    first = evaluate(micro_model, bench, synthetic_copy, "synthetic", "test", **kwargs)
+    test_images = bench.images[bench.images.split == "test"]
+    a, b = (synthetic_copy / p for p in test_images.path.iloc[:2])
+    shutil.copy(b, a)  # the gallery's first image now shows another scene: same ids, same count
+    calls = []
+    original = micro_model.embed_images
+
+    def counting(images, **k):
+        calls.append(len(images))
+        return original(images, **k)
+
+    micro_model.embed_images = counting
+    try:
+        second = evaluate(micro_model, bench, synthetic_copy, "synthetic", "test", **kwargs)
+    finally:
+        del micro_model.embed_images
+    assert sum(calls) == len(test_images)  # embedded again, not read from the stale cache
+    assert second.metrics["no_cot"].keys() == first.metrics["no_cot"].keys()
+    # a model without a version (never saved) writes no cache at all
+    version, micro_model.version = micro_model.version, None
+    try:
+        evaluate(micro_model, bench, synthetic_copy, "synthetic", "test", **{**kwargs, "cache_dir": tmp_path / "c2"})
+    finally:
+        micro_model.version = version
+    assert not any((tmp_path / "c2").rglob("*.pt"))
 
 
 # ---- the gate -----------------------------------------------------------------------------------
@@ -254,6 +291,24 @@ def _per_query(cot_hits: int, no_cot_hits: int, n: int = 400) -> tuple[dict, dic
                  "no_cot": {f"q{i}": float(i < no_cot_hits) for i in range(n)}}
     metrics = {m: {"R@10": sum(v.values()) / n} for m, v in per_query.items()}
     return metrics, per_query
+
+
+def test_paired_test_by_category_reads_the_headline_statistic():
+    """FashionIQ's headline averages its categories: the paired test does too (regression test: it
+    pooled every query, so the larger category outweighed the smaller)."""
+    from model_code.evaluation.gate import paired_bootstrap
+
+    a = [1.0] * 10 + [0.0] * 90          # cot: every query of the small category right
+    b = [0.0] * 100                      # no_cot: none
+    strata = ["shirt"] * 10 + ["dress"] * 90
+    pooled, _, _ = paired_bootstrap(a, b)
+    by_category, low, high = paired_bootstrap(a, b, strata=strata)
+    assert pooled == pytest.approx(0.1) and by_category == pytest.approx(0.5) and low == high == pytest.approx(0.5)
+    cot = {"cot": {"Avg": 0.5}, "no_cot": {"Avg": 0.0}}
+    ids = [str(i) for i in range(100)]
+    per_query = {"cot": dict(zip(ids, a)), "no_cot": dict(zip(ids, b))}
+    v = gate(cot, "Avg", GateConfig(), per_query=per_query, strata=dict(zip(ids, strata)))
+    assert v.passed and "difference +0.5000" in v.checks[0].detail
 
 
 def test_gate_compares_cot_with_no_cot_query_by_query():

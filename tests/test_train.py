@@ -1,5 +1,6 @@
 """The CIR-CoT model and its training on a very small random Qwen2-VL (CPU)."""
 
+import dataclasses
 import pytest
 import torch
 
@@ -144,6 +145,40 @@ def test_batches_are_a_pure_function_of_seed_and_step(pairs):
     assert not {e.query_id for e in r0} & {e.query_id for e in r1}  # processes draw disjoint queries
 
 
+def test_two_queries_with_the_same_target_are_not_each_others_negatives(micro_base, pairs, monkeypatch):
+    """Regression test: a batch holding two queries with one target image counted that image, under
+    the other row, as a negative of each."""
+    import torch.nn.functional as F
+
+    from model_code.model import train as train_module
+    from model_code.model.loss import image_keys, info_nce
+
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(2, 8, generator=g), dim=-1)
+    x, n = F.normalize(torch.randn(2, 8, generator=g), dim=-1)
+    cands = torch.stack([x, x, n])                          # queries 0 and 1 both target image X; N is a negative
+    keys = image_keys(["X.png", "X.png", "N.png"])
+    loss, acc = info_nce(q, cands, 2, 0.1, candidate_keys=keys)
+    # by hand: each query against its own X and N only; each X against its own query only (t2q has no negative)
+    q2t = [F.cross_entropy((q[i] @ torch.stack([x, n]).T / 0.1)[None], torch.tensor([0])) for i in range(2)]
+    torch.testing.assert_close(loss, (sum(q2t) / 2 + 0.0) / 2)
+    unmasked, _ = info_nce(q, cands, 2, 0.1)
+    assert unmasked > loss
+    # the training step hands the keys of its candidates (targets, then negatives) to the loss
+    seen = {}
+
+    def spy(queries, candidates, n_pairs, temperature, *, candidate_keys=None):
+        seen["keys"] = candidate_keys
+        return info_nce(queries, candidates, n_pairs, temperature, candidate_keys=candidate_keys)
+
+    monkeypatch.setattr(train_module, "info_nce", spy)
+    m = _model(micro_base)
+    cfg = TrainConfig(stage="align", steps=1, batch_size=2)
+    twin = dataclasses.replace(pairs[1], target=pairs[0].target)
+    TrainStep(m, cfg)([pairs[0], twin], [pairs[2].target])
+    assert seen["keys"].tolist() == image_keys([pairs[0].target, pairs[0].target, pairs[2].target]).tolist()
+
+
 def test_in_batch_negatives_are_gathered_across_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
@@ -174,8 +209,40 @@ def test_inference_in_both_modes_on_the_tiny_model(micro_base, pairs):
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
     # a random model writes nonsense: kept as raw text with the reason it does not parse
     assert all(r["cot"] is None and r["error"] for r in reasoning)
-    raw = [r["text"] if r["text"].strip() else " " for r in reasoning]
-    torch.testing.assert_close(emb, m.embed_queries(refs, texts, raw), atol=1e-5, rtol=0)
+    assert all(len(r["ids"]) <= 7 and m.emb_id not in r["ids"] for r in reasoning)  # <emb> is the 8th token at most
+
+
+def test_cot_embedding_is_the_hidden_state_at_the_generated_emb(micro_base, pairs, monkeypatch):
+    """<emb>'s hidden state comes from the generated ids on the KV cache (regression test: the
+    reasoning was decoded to text, tokenised again and run through a second forward pass)."""
+    m = _model(micro_base)
+    refs, texts = [p.reference for p in pairs[:3]], [p.text for p in pairs[:3]]
+    expected_chains = None
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("CoT inference ran a second forward pass over the sequence")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(m, "embed_queries", no_second_pass)
+        mp.setattr(m, "hidden_states", no_second_pass)
+        emb, reasoning = m.infer_queries(refs, texts, "cot", max_new_tokens=12, batch_size=3)
+        expected_chains = [r["ids"] for r in reasoning]
+    # teacher-forcing exactly the generated ids (prompt + chain + <emb>) gives the same embedding, row by row
+    for i in range(3):
+        inputs = m.encode([m.prompt("query", texts[i])], [""], [refs[i]])
+        ids = torch.tensor([expected_chains[i] + [m.emb_id]])
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], dim=1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], dim=1)
+        with torch.no_grad():
+            forced = m.emb(inputs, m.hidden_states(inputs))
+        torch.testing.assert_close(emb[i:i + 1], forced, atol=1e-4, rtol=1e-4)
+    # a chain that runs out of budget still ends in <emb> (the 4th token here), and batching changes nothing
+    short, chains = m.reason_and_embed(refs, texts, max_new_tokens=4, batch_size=1)
+    assert all(len(c) <= 3 for c in chains)
+    alone, _ = m.reason_and_embed(refs[:1], texts[:1], max_new_tokens=4, batch_size=1)
+    batched, _ = m.reason_and_embed(refs, texts, max_new_tokens=4, batch_size=3)
+    torch.testing.assert_close(alone[0], batched[0], atol=1e-4, rtol=1e-4)
     # a chain written in the right form parses
     from model_code.annotation.cot import CoT
 

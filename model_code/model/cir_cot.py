@@ -190,56 +190,81 @@ class CirCoTModel(torch.nn.Module):
     # ---- inference with reasoning ------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate_cots(self, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 256,
-                      batch_size: int = 16, static_cache: bool | None = None) -> list[str]:
-        """The chain of thought the model writes for each query, greedily, up to ``<emb>`` (or the end
-        of its turn, or ``max_new_tokens``), as text without ``<emb>``. ``static_cache`` (default: on
-        a GPU) decodes with a static KV cache."""
+    def reason_and_embed(self, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 256,
+                         batch_size: int = 16, static_cache: bool | None = None) -> tuple[torch.Tensor, list[list[int]]]:
+        """Write each query's chain of thought greedily and embed it, in one decoding pass.
+
+        Decoding ends every chain in ``<emb>`` (:class:`EndsInEmb`: an end of turn becomes ``<emb>``,
+        and ``<emb>`` is forced as the ``max_new_tokens``-th token), then runs one more step so that
+        ``<emb>`` is fed to the model on the KV cache: its last-layer hidden state there is the
+        query embedding. Nothing is decoded to text and tokenised again, and there is no second
+        forward pass over the sequence. Returns the L2-normalised float32 embeddings [n, hidden] and
+        each chain's generated token ids up to (without) ``<emb>``. ``static_cache`` (default: on a
+        GPU) decodes with a static KV cache."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
         images, texts = list(images), list(texts)
         if static_cache is None:
             static_cache = self.device.type == "cuda"
         tok = self.tokenizer
-        stop = [t for t in (self.emb_id, tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id) if t is not None]
+        ends = [t for t in {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} if t is not None]
         was_training = self.model.training
         self.model.eval()
-        out = []
+        embeddings, chains = [], []
         try:
             for i in range(0, len(texts), batch_size):
                 prompts = [self.prompt("query", t) for t in texts[i: i + batch_size]]
                 inputs = self.encode(prompts, [""] * len(prompts), images[i: i + batch_size])
                 inputs = {k: v.to(self.device) for k, v in inputs.items()}
+                start = inputs["input_ids"].shape[1]
                 extra = {"cache_implementation": "static"} if static_cache else {}
-                generated = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                                eos_token_id=stop, pad_token_id=tok.pad_token_id, **extra)
-                for row in generated[:, inputs["input_ids"].shape[1]:].tolist():
-                    cut = next((j for j, t in enumerate(row) if t in stop), len(row))
-                    out.append(tok.decode(row[:cut], skip_special_tokens=False))
+                out = self.model.generate(
+                    **inputs, max_new_tokens=max_new_tokens + 1, do_sample=False, pad_token_id=tok.pad_token_id,
+                    eos_token_id=None, output_hidden_states=True, return_dict_in_generate=True,
+                    logits_processor=LogitsProcessorList([EndsInEmb(self.emb_id, ends, start, max_new_tokens)]),
+                    stopping_criteria=StoppingCriteriaList([EmbFed(self.emb_id, start)]), **extra)
+                generated = out.sequences[:, start:]                            # [b, steps]
+                for row, ids in enumerate(generated.tolist()):
+                    j = ids.index(self.emb_id)                                  # <emb> was generated at step j...
+                    h = out.hidden_states[j + 1][-1][row, -1]                   # ...and fed at step j + 1: [hidden]
+                    embeddings.append(F.normalize(h.float(), dim=-1).cpu())
+                    chains.append(ids[:j])
         finally:
             self.model.train(was_training)
-        return out
+        if not embeddings:
+            return torch.empty(0, self.hidden_size), []
+        return torch.stack(embeddings), chains
+
+    def generate_cots(self, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 256,
+                      batch_size: int = 16, static_cache: bool | None = None) -> list[str]:
+        """The chain of thought the model writes for each query (see :meth:`reason_and_embed`), as
+        text without ``<emb>``."""
+        _, chains = self.reason_and_embed(images, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                          static_cache=static_cache)
+        return [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in chains]
 
     def infer_queries(self, images: Sequence, texts: Sequence[str], mode: str = "cot", *,
                       max_new_tokens: int = 256, batch_size: int = 16) -> tuple[torch.Tensor, list[dict]]:
-        """Query embeddings in ``mode`` ``cot`` (the model writes its reasoning, then ``<emb>`` is
-        appended and embedded) or ``no_cot`` (the prompt goes to ``<emb>`` at once). Returns the
-        embeddings and, per query, ``{"text": raw reasoning, "cot": CoT or None, "error": why it did
-        not parse or None}`` (empty dicts in ``no_cot``)."""
+        """Query embeddings in ``mode`` ``cot`` (the model writes its reasoning and ``<emb>``, whose
+        hidden state is the embedding: :meth:`reason_and_embed`) or ``no_cot`` (the prompt goes to
+        ``<emb>`` at once). Returns the embeddings and, per query, ``{"text": raw reasoning, "ids":
+        its token ids, "cot": CoT or None, "error": why it did not parse or None}`` (empty dicts in
+        ``no_cot``)."""
         from model_code.annotation.cot import CoTFormatError, parse
 
         if mode == "no_cot":
             return self.embed_queries(images, texts, None, batch_size=batch_size), [{} for _ in texts]
         if mode != "cot":
             raise ValueError(f"mode must be 'cot' or 'no_cot', not {mode!r}")
-        raw = self.generate_cots(images, texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        embeddings, chains = self.reason_and_embed(images, texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
         reasoning = []
-        for text in raw:
+        for ids in chains:
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
             try:
-                reasoning.append({"text": text, "cot": parse(text), "error": None})
+                reasoning.append({"text": text, "ids": ids, "cot": parse(text), "error": None})
             except CoTFormatError as e:
-                reasoning.append({"text": text, "cot": None, "error": str(e)})
-        # teacher-force what was generated (an empty answer still takes the query prompt) and embed at <emb>
-        cots = [text if text.strip() else " " for text in raw]
-        return self.embed_queries(images, texts, cots, batch_size=batch_size), reasoning
+                reasoning.append({"text": text, "ids": ids, "cot": None, "error": str(e)})
+        return embeddings, reasoning
 
     # ---- persistence -------------------------------------------------------------------------
 
@@ -304,6 +329,39 @@ class CirCoTModel(torch.nn.Module):
                   base_version=meta.get("base_version"), prompt_version=meta["prompt_version"])
         out.version = meta["version"]
         return out
+
+
+class EndsInEmb:
+    """Greedy decoding that ends every chain of thought in ``<emb>``: where a row would end its turn
+    before writing ``<emb>``, it writes ``<emb>`` instead, and the ``budget``-th generated token is
+    ``<emb>`` whatever the model prefers. Rows that have written ``<emb>`` are left alone.
+    (A transformers logits processor: ``__call__(input_ids, scores) -> scores``.)"""
+
+    def __init__(self, emb_id: int, end_ids: Sequence[int], prompt_length: int, budget: int):
+        self.emb_id, self.end_ids, self.start, self.budget = emb_id, list(end_ids), prompt_length, budget
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.start:]                                        # [b, n]
+        open_ = ~(generated == self.emb_id).any(dim=1)                               # rows still reasoning
+        ending = torch.isin(scores.argmax(dim=1), torch.tensor(self.end_ids, device=scores.device))
+        force = open_ & (ending | (generated.shape[1] >= self.budget - 1))
+        if force.any():
+            scores = scores.clone()
+            scores[force] = float("-inf")
+            scores[force, self.emb_id] = 0.0
+        return scores
+
+
+class EmbFed:
+    """Stops a row once ``<emb>`` has been fed to the model (it was generated one step earlier), so
+    that its hidden state at ``<emb>`` exists. (A transformers stopping criterion, per row.)"""
+
+    def __init__(self, emb_id: int, prompt_length: int):
+        self.emb_id, self.start = emb_id, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        fed = input_ids[:, self.start:-1]                                            # tokens the model has seen
+        return (fed == self.emb_id).any(dim=1)
 
 
 def apply_lora(model, processor, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
