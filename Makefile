@@ -29,8 +29,9 @@ run: $(STAMP)
 	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m orchestration run --dataset $(DATASET)
 
-## the test suite
+## the linter (ruff, configured in pyproject.toml), then the test suite
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 ## the Dagster UI on http://127.0.0.1:3000 (same DAGSTER_HOME as `make run`)

@@ -39,7 +39,9 @@ def latest_record(context, asset, partition: str | None = None) -> dict:
         dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1).records
     label = key.to_user_string() + (f"[{partition}]" if partition else "")
     if not records:
-        raise dg.Failure(description=f"{label} has not been materialised in this Dagster instance: materialise it first")
+        raise dg.Failure(
+            description=f"{label} has not been materialised in this Dagster instance: materialise it first"
+        )
     metadata = records[0].asset_materialization.metadata
     if "record" not in metadata:
         raise dg.Failure(description=f"the newest materialisation of {label} carries no record (made by an older "

@@ -13,18 +13,29 @@ from pydantic import Field
 from assets.common import check_result, dataset_partitions, latest_record
 from assets.resources import AnnotatorResource, ArtifactStore
 from assets.triplets import triplets
-from model_code.annotation.store import (AnnotationsRecord, AnnotationStore, annotate_missing, annotation_requests, annotation_version,
-                                     read_annotations, write_annotations)
+from model_code.annotation.store import (
+    AnnotationsRecord,
+    AnnotationStore,
+    annotate_missing,
+    annotation_requests,
+    annotation_version,
+    read_annotations,
+    write_annotations,
+)
 from model_code.data import HIDDEN_SPLITS, read_tables
 from model_code.data.tables import TablesRecord
 from model_code.data.quality import validate_annotations
 
 
 class AnnotationConfig(dg.Config):
-    splits: list[str] | None = Field(default=None, description="Splits to annotate; default every split with known targets.")
+    splits: list[str] | None = Field(
+        default=None, description="Splits to annotate; default every split with known targets."
+    )
     limit: int | None = Field(default=None, description="Annotate at most this many queries (a trial run).")
     min_acceptance: float | None = Field(
-        default=None, description="Gate: least share of accepted annotations; default 1.0 for the oracle, 0.95 for a teacher.")
+        default=None,
+        description="Gate: least share of accepted annotations; default 1.0 for the oracle, 0.95 for a teacher.",
+    )
     chunk_size: int = Field(default=256, description="Annotations stored per write (the most a crash can lose).")
 
 
@@ -52,7 +63,9 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
     try:
         requests = annotation_requests(bench.triplets, bench.images, tables.root, splits, config.limit)
     except FileNotFoundError as e:
-        raise dg.Failure(description=f"annotation shows the teacher the images, and one is missing: {e.filename}") from None
+        raise dg.Failure(
+            description=f"annotation shows the teacher the images, and one is missing: {e.filename}"
+        ) from None
     out = annotations_dir(artifacts, name)
     store = AnnotationStore(out / "store")
     stats = annotate_missing(store, teacher, requests, chunk_size=config.chunk_size, progress=context.log.info)
@@ -91,8 +104,13 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
         })
 
 
-@dg.asset_check(asset=cot_annotations, blocking=True, partitions_def=dataset_partitions,
-                description="Annotation gate (Great Expectations): acceptance rate, sections, lengths, leakage, caption vs conclusion")
+@dg.asset_check(
+    asset=cot_annotations,
+    blocking=True,
+    partitions_def=dataset_partitions,
+    description="Annotation gate (Great Expectations): acceptance rate, sections, lengths, leakage, "
+    "caption vs conclusion",
+)
 def annotations_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     name = context.partition_key
     record = AnnotationsRecord.from_dict(latest_record(context, cot_annotations, name))

@@ -1,12 +1,14 @@
 """evaluation[d], its promotion gate, and promoted_model[d] (DESIGN.md §3, §6, §7).
 
 ``evaluation`` embeds the gallery and the queries of the dataset's scored split with the CIR-CoT
-model of the newest ``cir_cot_model`` materialisation (Dagster's lineage) and reports CIR-CoT, the no-CoT ablation and the image-only / text-only baselines
-side by side (``<artifacts>/evaluation/<d>/<split>/``: metrics.json, table.md, plots, per-query
-reasoning); for a split with hidden targets it writes the evaluation servers' files. The blocking
-``promotion_gate`` check compares the metrics with the configured floors, CoT with no-CoT, and the
-dataset's production model; only when it passes does ``promoted_model`` save the evaluated model
-into the BentoML model store as ``cir-cot``, production for that dataset (model_code/registry.py).
+model of the newest ``cir_cot_model`` materialisation (Dagster's lineage) and reports CIR-CoT, the
+no-CoT ablation and the image-only / text-only baselines side by side
+(``<artifacts>/evaluation/<d>/<split>/``: metrics.json, table.md, plots, per-query reasoning, and
+``record.json``, the ``EvaluationRecord`` also carried as metadata); for a split with hidden
+targets it writes the evaluation servers' files. The blocking ``promotion_gate`` check compares
+the metrics with the configured floors, CoT with no-CoT, and the dataset's production model; only
+when it passes does ``promoted_model`` save the evaluated model into the BentoML model store as
+``cir-cot``, production for that dataset (model_code/registry.py).
 """
 
 import json
@@ -24,10 +26,17 @@ from assets.triplets import triplets
 class EvaluationConfig(dg.Config):
     methods: list[str] = Field(default=["cot", "no_cot", "image_only", "text_only"],
                                description="Methods side by side: cot, no_cot, image_only, text_only.")
-    split: str | None = Field(default=None, description="Split to score; default the benchmark's (synthetic: test, else val).")
-    submissions: bool = Field(default=True, description="Also rank the split with hidden targets (CIRR test1, CIRCO test) "
-                                                        "and write the evaluation servers' files.")
-    limit: int | None = Field(default=None, description="Evaluate only the first queries of each gallery (a trial run).")
+    split: str | None = Field(
+        default=None, description="Split to score; default the benchmark's (synthetic: test, else val)."
+    )
+    submissions: bool = Field(
+        default=True,
+        description="Also rank the split with hidden targets (CIRR test1, CIRCO test) "
+        "and write the evaluation servers' files.",
+    )
+    limit: int | None = Field(
+        default=None, description="Evaluate only the first queries of each gallery (a trial run)."
+    )
     batch_size: int = Field(default=64, description="Queries / images per forward pass.")
     max_new_tokens: int = Field(default=256, description="Longest generated chain of thought (cot).")
     device: str | None = Field(default=None, description="cuda / cpu; default cuda when present.")
@@ -40,7 +49,9 @@ def evaluation_dir(artifacts: ArtifactStore, dataset: str, split: str):
 
 @dg.asset(partitions_def=dataset_partitions, group_name="evaluation", deps=[cir_cot_model, triplets], kinds={"pytorch"},
           description="Benchmark-exact metrics of CIR-CoT, the no-CoT ablation and two baselines; submission files")
-def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
+def evaluation(
+    context: dg.AssetExecutionContext, config: EvaluationConfig, artifacts: ArtifactStore
+) -> dg.MaterializeResult:
     from model_code.data import HIDDEN_SPLITS, read_tables
     from model_code.data.tables import TablesRecord
     from model_code.evaluation.evaluate import SCORED_SPLIT, SUBMISSION_SPLIT, EvaluationRecord, evaluate
@@ -56,7 +67,9 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, arti
     model = CirCoTModel.load(trained.path, dtype=config.dtype, device=config.device)
     split = config.split or SCORED_SPLIT[name]
     if (name, split) in HIDDEN_SPLITS:
-        raise dg.Failure(description=f"{name}/{split} hides its targets: nothing to score (choose a split with targets)")
+        raise dg.Failure(
+            description=f"{name}/{split} hides its targets: nothing to score (choose a split with targets)"
+        )
     cache = artifacts.dir("evaluation", name, "cache")
     kwargs = {"methods": config.methods, "batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens,
               "cache_dir": cache, "limit": config.limit, "say": context.log.info}
@@ -69,8 +82,11 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, arti
     if config.submissions and hidden_split and hidden_split in set(bench.triplets["split"]):
         hidden = evaluate(model, bench, root, name, hidden_split, **{**kwargs, "methods": [
             m for m in config.methods if m in ("cot", "no_cot")]})
-        submission_files = [str(p) for n, p in write_report(hidden, evaluation_dir(artifacts, name, hidden_split)).items()
-                            if n.startswith(name)]
+        submission_files = [
+            str(p)
+            for n, p in write_report(hidden, evaluation_dir(artifacts, name, hidden_split)).items()
+            if n.startswith(name)
+        ]
     record = EvaluationRecord(dataset=name, split=split, folder=str(out), model_version=trained.version,
                               model=trained.to_dict(), metrics=ev.metrics, headline=ev.headline, timings=ev.timings,
                               raw_version=tables.raw_version, queries=len(ev.queries), submissions=submission_files)
@@ -98,8 +114,12 @@ def _verdict_path(record) -> Path:
     return Path(record.folder) / "gate.json"
 
 
-@dg.asset_check(asset=evaluation, blocking=True, partitions_def=dataset_partitions,
-                description="Promotion gate: metric floors, CoT not worse than no-CoT, no regression against production")
+@dg.asset_check(
+    asset=evaluation,
+    blocking=True,
+    partitions_def=dataset_partitions,
+    description="Promotion gate: metric floors, CoT not worse than no-CoT, no regression against production",
+)
 def promotion_gate(context: dg.AssetCheckExecutionContext, gate: GateResource) -> dg.AssetCheckResult:
     from model_code import registry
     from model_code.common import atomic_write_json
@@ -131,8 +151,14 @@ class PromotionConfig(dg.Config):
     force: bool = Field(default=False, description="Promote even a model an operator rolled back.")
 
 
-@dg.asset(partitions_def=dataset_partitions, group_name="evaluation", deps=[evaluation], kinds={"bentoml"},
-          description="The gated model in the BentoML model store as cir-cot, production for this dataset, with lineage labels")
+@dg.asset(
+    partitions_def=dataset_partitions,
+    group_name="evaluation",
+    deps=[evaluation],
+    kinds={"bentoml"},
+    description="The gated model in the BentoML model store as cir-cot, production for this dataset, "
+    "with lineage labels",
+)
 def promoted_model(context: dg.AssetExecutionContext, config: PromotionConfig) -> dg.MaterializeResult:
     from model_code import registry
     from model_code.evaluation.evaluate import EvaluationRecord

@@ -39,14 +39,26 @@ def raw_dataset(context: dg.AssetExecutionContext, datasets: DatasetRoots, dvc: 
         files = annotation_files(name, root)
         if not files:
             raise dg.Failure(description=f"{name}: no annotation files under {root}; expected {ROOT_LAYOUT[name]}")
-        record = ({"version": tracked, "versioned_by": f"dvc file {root.name}.dvc"} if tracked else
-                  {"version": content_hash(files, root), "versioned_by": "md5 of the annotation files (not tracked by DVC)"})
+        record = (
+            {"version": tracked, "versioned_by": f"dvc file {root.name}.dvc"}
+            if tracked
+            else {
+                "version": content_hash(files, root),
+                "versioned_by": "md5 of the annotation files (not tracked by DVC)",
+            }
+        )
         record["annotation_files"] = len(files)
     record.update(dataset=name, root=str(root.resolve()), splits=available_splits(name, root))
     context.log.info(f"raw_dataset[{name}] at {root}: version {record['version']}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(record["version"]),
-        metadata={"record": dg.MetadataValue.json(record), "path": dg.MetadataValue.path(str(root)), "data_version": record["version"],
-                  "versioned_by": record["versioned_by"], "splits": ", ".join(record["splits"]),
-                  **{k: record[k] for k in ("nfiles", "size_bytes", "annotation_files") if record.get(k) is not None}})
+        metadata={
+            "record": dg.MetadataValue.json(record),
+            "path": dg.MetadataValue.path(str(root)),
+            "data_version": record["version"],
+            "versioned_by": record["versioned_by"],
+            "splits": ", ".join(record["splits"]),
+            **{k: record[k] for k in ("nfiles", "size_bytes", "annotation_files") if record.get(k) is not None},
+        },
+    )
 

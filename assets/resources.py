@@ -16,7 +16,8 @@ from model_code.data.versioning import DvcProject
 ROOT_ENV = {"fashioniq": "CIRCOT_FASHIONIQ_ROOT", "cirr": "CIRCOT_CIRR_ROOT", "circo": "CIRCOT_CIRCO_ROOT"}
 ROOT_LAYOUT = {
     "fashioniq": "the folder holding captions/, image_splits/ and images/",
-    "cirr": "the folder holding captions/ and image_splits/ (or cirr/captions/ ...) and the image folders dev/, test1/, train/",
+    "cirr": "the folder holding captions/ and image_splits/ (or cirr/captions/ ...) and the image folders dev/, "
+            "test1/, train/",
     "circo": "the folder holding annotations/ and COCO2017_unlabeled/unlabeled2017/",
 }
 
@@ -119,7 +120,9 @@ class AnnotatorResource(dg.ConfigurableResource):
             return OracleAnnotator(raw_root)
         if kind == "local":
             if not self.local_model_path:
-                raise dg.Failure(description="annotator kind 'local' needs local_model_path (CIRCOT_TEACHER_MODEL_PATH)")
+                raise dg.Failure(
+                    description="annotator kind 'local' needs local_model_path (CIRCOT_TEACHER_MODEL_PATH)"
+                )
             return teachers.LocalTeacher(self.local_model_path, device=self.device, dtype=self.dtype,
                                            attn_implementation=self.attn_implementation, batch_size=self.batch_size,
                                            max_new_tokens=self.max_new_tokens)
@@ -178,9 +181,71 @@ class GateResource(dg.ConfigurableResource):
             except json.JSONDecodeError as e:
                 raise dg.Failure(description=f"gate floors are not valid JSON ({e}): {self.floors!r}") from None
             if not isinstance(given, dict) or not all(isinstance(v, (int, float, dict)) for v in given.values()):
-                raise dg.Failure(description=f"gate floors must be {{metric: floor}} or {{dataset: {{metric: floor}}}}: {self.floors!r}")
+                raise dg.Failure(
+                    description="gate floors must be {metric: floor} or {dataset: {metric: floor}}: "
+                    f"{self.floors!r}"
+                )
             nested = any(isinstance(v, dict) for v in given.values())
             floors = given.get(dataset, {}) if nested else given
         return GateConfig(floors={k: float(v) for k, v in floors.items()}, cot_not_worse=self.cot_not_worse,
                           cot_tolerance=self.cot_tolerance, cot_confidence=self.cot_confidence or None,
                           max_regression=self.max_regression)
+
+
+def resources_from_environment(*, project_dir: str | None = None, artifacts_root: str | None = None,
+                               dataset_roots: dict[str, str] | None = None, dvc_remote: str | None = None,
+                               dvc_push: bool = True, annotator: AnnotatorResource | None = None,
+                               training: TrainingResource | None = None, gate: GateResource | None = None) -> dict:
+    """The resources, each from its argument when given, else from the environment, with defaults
+    that run the embedded profile:
+
+    Resources are configured here from the environment, with defaults that run the embedded profile:
+
+    ====================== ===================================== ==============================
+    variable               meaning                               default
+    ====================== ===================================== ==============================
+    CIRCOT_PROJECT_DIR     DVC project (dvc.yaml, params.yaml)   current directory
+    CIRCOT_DVC_REMOTE      DVC remote to push to / pull from     the project's default remote
+    CIRCOT_ARTIFACTS       artifacts root                        ``artifacts``
+    CIRCOT_FASHIONIQ_ROOT  FashionIQ root (official layout)      unset: partition fails, says how
+    CIRCOT_CIRR_ROOT       CIRR root                             unset
+    CIRCOT_CIRCO_ROOT      CIRCO root                            unset
+    CIRCOT_TEACHER         annotator: auto|oracle|local|remote   auto (oracle for synthetic)
+    CIRCOT_TEACHER_MODEL_PATH  local Qwen2-VL-family teacher      unset
+    CIRCOT_TEACHER_URL     OpenAI-compatible endpoint (…/v1)     unset
+    CIRCOT_TEACHER_MODEL   model name at that endpoint           unset
+    CIRCOT_TEACHER_API_KEY_ENV  variable holding the API key     OPENAI_API_KEY
+    CIRCOT_PROFILE         training profile: embedded | gpu      embedded
+    CIRCOT_BASE_MODEL_PATH local Qwen2-VL-family checkpoint      unset (embedded: the tiny base)
+    CIRCOT_GATE_FLOORS     gate floors, JSON {metric: floor} or   built-in synthetic floors
+                           {dataset: {metric: floor}}
+    CIRCOT_GATE_COT_NOT_WORSE  require cot >= no_cot (1/0)       1
+    CIRCOT_GATE_COT_TOLERANCE  how far cot may trail no_cot      0.0
+    CIRCOT_GATE_COT_CONFIDENCE paired test: fail when cot is     0.95 (0: compare means)
+                           worse at this confidence
+    CIRCOT_GATE_MAX_REGRESSION headline drop vs production       0.01
+    BENTOML_HOME           BentoML store (promoted models)        ~/bentoml (make: ./.bentoml)
+    ====================== ===================================== ==============================
+    """
+    import os
+
+    env = os.environ
+    roots = dataset_roots if dataset_roots is not None else {d: env.get(v) for d, v in ROOT_ENV.items()}
+    return {
+        "datasets": DatasetRoots(**{k: v for k, v in roots.items() if v}),
+        "dvc": DvcResource(project_dir=project_dir or env.get("CIRCOT_PROJECT_DIR", os.getcwd()),
+                           remote=dvc_remote or env.get("CIRCOT_DVC_REMOTE"), push=dvc_push),
+        "artifacts": ArtifactStore(root=artifacts_root or env.get("CIRCOT_ARTIFACTS", "artifacts")),
+        "annotator": annotator or AnnotatorResource(
+            kind=env.get("CIRCOT_TEACHER", "auto"), local_model_path=env.get("CIRCOT_TEACHER_MODEL_PATH"),
+            remote_base_url=env.get("CIRCOT_TEACHER_URL"), remote_model=env.get("CIRCOT_TEACHER_MODEL"),
+            api_key_env=env.get("CIRCOT_TEACHER_API_KEY_ENV", "OPENAI_API_KEY")),
+        "training": training or TrainingResource(profile=env.get("CIRCOT_PROFILE", "embedded"),
+                                                 base_model_path=env.get("CIRCOT_BASE_MODEL_PATH")),
+        "gate": gate or GateResource(
+            floors=env.get("CIRCOT_GATE_FLOORS") or None,
+            cot_not_worse=env.get("CIRCOT_GATE_COT_NOT_WORSE", "1").lower() not in ("0", "false", "no"),
+            cot_tolerance=float(env.get("CIRCOT_GATE_COT_TOLERANCE", "0")),
+            cot_confidence=float(env.get("CIRCOT_GATE_COT_CONFIDENCE", "0.95")),
+            max_regression=float(env.get("CIRCOT_GATE_MAX_REGRESSION", "0.01"))),
+    }

@@ -57,7 +57,9 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, train
         if config.bootstrap_steps:
             spec.bootstrap.steps = config.bootstrap_steps
         bench, ann, tables, annotations = _dataset_inputs(context, "synthetic")
-        run = artifacts.dir("base_model", f"tiny-{json_key(tables.raw_version, annotations.version, dataclasses.asdict(spec))}")
+        run = artifacts.dir(
+            "base_model", f"tiny-{json_key(tables.raw_version, annotations.version, dataclasses.asdict(spec))}"
+        )
         record = bootstrap_tiny("synthetic", tables.root, bench.triplets, ann, spec, run, progress=context.log.info)
     metadata = {"record": dg.MetadataValue.json(record.to_dict()), "path": dg.MetadataValue.path(record.path),
                 "kind": record.kind, "model_version": record.version}
@@ -76,8 +78,12 @@ class CirCoTModelConfig(dg.Config):
     cot_steps: int | None = Field(default=None, description="Override the profile's stage-2 steps.")
 
 
-@dg.asset(group_name="model", kinds={"pytorch"}, description="The CIR-CoT model: LoRA stage 1 (no CoT) then stage 2 (CoT, joint loss)",
-          deps=[base_model, dg.AssetDep(cot_annotations, partition_mapping=_training_partitions)])
+@dg.asset(
+    group_name="model",
+    kinds={"pytorch"},
+    description="The CIR-CoT model: LoRA stage 1 (no CoT) then stage 2 (CoT, joint loss)",
+    deps=[base_model, dg.AssetDep(cot_annotations, partition_mapping=_training_partitions)],
+)
 def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, training: TrainingResource,
                   artifacts: ArtifactStore) -> dg.MaterializeResult:
     from model_code.model.recipes import BaseModelRecord, pair_examples, train_cir_cot

@@ -30,7 +30,9 @@ def triplets_dir(artifacts: ArtifactStore, dataset: str):
 
 @dg.asset(partitions_def=dataset_partitions, group_name="data", deps=[raw_dataset], kinds={"parquet"},
           description=__doc__.split("\n\n")[0])
-def triplets(context: dg.AssetExecutionContext, config: TripletsConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
+def triplets(
+    context: dg.AssetExecutionContext, config: TripletsConfig, artifacts: ArtifactStore
+) -> dg.MaterializeResult:
     name = context.partition_key
     raw = latest_record(context, raw_dataset, name)
     try:
@@ -74,8 +76,12 @@ def triplets_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResul
         context.log.error(report.to_text())
     return check_result(report)
 
-@dg.asset_check(asset=triplets, blocking=True, partitions_def=dataset_partitions,
-                description="Great Expectations suite on the images table (ids, paths; files present, decodable, sized)")
+@dg.asset_check(
+    asset=triplets,
+    blocking=True,
+    partitions_def=dataset_partitions,
+    description="Great Expectations suite on the images table (ids, paths; files present, decodable, sized)",
+)
 def images_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     record = TablesRecord.from_dict(latest_record(context, triplets, context.partition_key))
     bench = read_tables(record.folder)

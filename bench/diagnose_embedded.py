@@ -15,13 +15,13 @@ The figures of README's "Why the tiny model falls short" come from these command
 - ``stage1``: stage 1 again from the base, with LoRA or (``--full``) all parameters trainable.
 - ``cot-more``: more stage-2 steps on the newest model, then its evaluation.
 
-Reads the artifacts of a finished ``make run``; writes only under ``--out`` (default a temporary
-folder).
+Reads what a finished ``make run`` made, as the Dagster instance of ``$DAGSTER_HOME`` records it
+(``.dagster`` under ``make``; run with ``DAGSTER_HOME=$PWD/.dagster``); writes only under ``--out``
+(default a temporary folder). ``--artifacts`` is unused (kept for old command lines).
 """
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 import tempfile
@@ -32,17 +32,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
+def _record(asset: str, partition: str | None = None) -> dict:
+    """The record of the newest materialisation of ``asset`` in the Dagster instance (its lineage)."""
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    found = instance.fetch_materializations(dg.AssetRecordsFilter(
+        asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None), limit=1).records
+    if not found:
+        raise SystemExit(f"{asset} has not been materialised in $DAGSTER_HOME's instance: run `make run` first")
+    return found[0].asset_materialization.metadata["record"].value
+
+
 def _load(artifacts: Path):
     from model_code.annotation.store import read_annotations
     from model_code.data import read_tables
 
-    root = json.loads((artifacts / "triplets/synthetic/meta.json").read_text())["root"]
-    return (root, read_tables(artifacts / "triplets/synthetic"),
-            read_annotations(artifacts / "cot_annotations/synthetic/annotations.parquet"))
+    tables = _record("triplets", "synthetic")
+    return (tables["root"], read_tables(tables["folder"]),
+            read_annotations(_record("cot_annotations", "synthetic")["path"]))
 
 
 def _latest(artifacts: Path) -> dict:
-    return json.loads((artifacts / "cir_cot_model/latest.json").read_text())
+    return _record("cir_cot_model")
 
 
 def _evaluate(model, bench, root, n: int) -> None:
@@ -81,7 +93,9 @@ def upper_bounds(args, artifacts):
     _evaluate(model, bench, root, args.queries)
     t, refs, score = _scorer(model, bench, root, args.queries)
     test = bench.triplets[bench.triplets.query_id.isin(set(t.query_id))]
-    oracle = {a.query_id: a for a in OracleAnnotator(root).annotate(annotation_requests(test, bench.images, root, ["test"]))}
+    oracle = {
+        a.query_id: a for a in OracleAnnotator(root).annotate(annotation_requests(test, bench.images, root, ["test"]))
+    }
     chains = [CoT(oracle[q].caption, oracle[q].reasoning, oracle[q].conclusion).render() for q in t.query_id]
     score("oracle chain teacher-forced", model.embed_queries(refs, list(t.modification), chains, batch_size=64))
     score("oracle conclusion as text", model.embed_texts([oracle[q].conclusion for q in t.query_id]))
@@ -120,7 +134,7 @@ def bootstrap_more(args, artifacts, out: Path):
     from model_code.model.train import evaluate_in_batch, train
 
     root, _, _ = _load(artifacts)
-    base = json.loads((artifacts / "base_model/current.json").read_text())
+    base = _record("base_model")
     model, processor = load_backbone(base["path"])
     m = CirCoTModel(model.train(), processor)
     cfg = dataclasses.replace(PROFILES["embedded"].base.bootstrap, steps=args.steps, seed=1, warmup_steps=5,
@@ -138,7 +152,7 @@ def stage1(args, artifacts, out: Path):
     from model_code.model.train import train
 
     root, bench, _ = _load(artifacts)
-    base = json.loads((artifacts / "base_model/current.json").read_text())
+    base = _record("base_model")
     torch.manual_seed(0)
     model, processor = load_backbone(base["path"])
     model.train()
@@ -146,13 +160,16 @@ def stage1(args, artifacts, out: Path):
         add_cir_tokens(model, processor)
     else:
         model = apply_lora(model, processor, r=16, alpha=32)
-    m = CirCoTModel(model, processor, base_path=base["path"])
+    m = CirCoTModel(model, processor, base_path=base["path"], base_version=base["version"])
     cfg = dataclasses.replace(PROFILES["embedded"].align, steps=args.steps, lr=args.lr or PROFILES["embedded"].align.lr,
                               checkpoint_every=10**6, log_every=25)
     train(m, pair_examples(bench.triplets, bench.images, root, "train"), cfg, out / "stage1")
     _, refs, score = _scorer(m, bench, root, args.queries)
     t = bench.triplets[bench.triplets.split == "test"].iloc[:args.queries]
-    score(f"no_cot after stage 1 ({'all parameters' if args.full else 'LoRA'})", m.embed_queries(refs, list(t.modification)))
+    score(
+        f"no_cot after stage 1 ({'all parameters' if args.full else 'LoRA'})",
+        m.embed_queries(refs, list(t.modification)),
+    )
 
 
 def cot_more(args, artifacts, out: Path):

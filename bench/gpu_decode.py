@@ -2,7 +2,8 @@
 randomly initialised Qwen2-VL-family model of a named shape; no weights are needed.
 
     PYTHONPATH=. python bench/gpu_decode.py --shape qwen2-vl-2b --batch-size 32 --max-new-tokens 128   # a GPU
-    PYTHONPATH=. python bench/gpu_decode.py --shape tiny --batch-size 4 --max-new-tokens 16 --modes dynamic static  # CPU
+    PYTHONPATH=. python bench/gpu_decode.py --shape tiny --batch-size 4 --max-new-tokens 16 --modes dynamic static
+                                                                                                  # the CPU
 
 Each query is a rendered reference image plus the query prompt; every row decodes exactly
 ``--max-new-tokens`` tokens (``min_new_tokens``: a random model would otherwise stop at random).

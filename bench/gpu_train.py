@@ -31,7 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench._common import print_table, random_image  # noqa: E402
-from model_code.model.backbone import SHAPES, BackboneShape, build_model, build_processor, resolve_device, train_tokenizer  # noqa: E402
+from model_code.model.backbone import (
+    SHAPES,
+    BackboneShape,
+    build_model,
+    build_processor,
+    resolve_device,
+    train_tokenizer,
+)  # noqa: E402
 from model_code.model.cir_cot import PROMPTS, CirCoTModel, apply_lora, compile_decoder_layers  # noqa: E402
 from model_code.model.train import TrainConfig, TrainExample, TrainStep
 from model_code.model.loss import info_nce
@@ -44,7 +51,8 @@ WORDS = ("a small red circle in the top left corner and a large blue square in t
 def cot_text(rng: random.Random, n_words: int) -> str:
     words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
     a, b = n_words // 4, n_words // 2
-    return f"<caption>{words(a)}</caption>\n<reasoning>{words(b)}</reasoning>\n<conclusion>{words(n_words - a - b)}</conclusion>"
+    return (f"<caption>{words(a)}</caption>\n<reasoning>{words(b)}</reasoning>\n"
+            f"<conclusion>{words(n_words - a - b)}</conclusion>")
 
 
 def image(rng: random.Random, size: int, path: Path) -> Path:
@@ -74,7 +82,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (after 2 warm-up steps)")
     p.add_argument("--modes", nargs="+", default=["naive", "ours", "ours+ckpt", "ours+bf16"])
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--profile", action="store_true", help="print the top operators of one step per mode (torch.profiler)")
+    p.add_argument(
+        "--profile", action="store_true", help="print the top operators of one step per mode (torch.profiler)"
+    )
     args = p.parse_args()
 
     device = resolve_device()

@@ -127,8 +127,12 @@ def promote(model_dir: str | os.PathLike, *, version: str, dataset: str, labels:
     if current == stage:
         return {**unchanged, "stage": stage, "reason": f"{tag} is already {stage} for {dataset}"}
     if current == "rolled_back" and not force:
-        return {**unchanged, "stage": "rolled_back",
-                "reason": f"{tag} was rolled back by an operator on {dataset}; promote it with force to make it {stage} again"}
+        return {
+            **unchanged,
+            "stage": "rolled_back",
+            "reason": f"{tag} was rolled back by an operator on {dataset}; "
+            f"promote it with force to make it {stage} again",
+        }
     new_labels = {**{k: str(v) for k, v in labels.items()}, key: stage, f"promoted_at_{dataset}": _now()}
     metadata = dict(metadata or {})
     if existing is None:

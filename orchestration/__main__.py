@@ -16,9 +16,29 @@ import argparse
 import os
 import sys
 
-SHOWN = ("data_version", "dagster/row_count", "images", "ok", "rejected", "model_version", "steps", "align_loss",
-         "cot_loss", "val_in_batch_accuracy", "val_in_batch_accuracy_align", "val_in_batch_accuracy_cot", "wall_time_s",
-         "split", "queries", "cot_queries_per_s", "no_cot_queries_per_s", "tag", "stage", "changed", "previous_production")
+SHOWN = (
+    "data_version",
+    "dagster/row_count",
+    "images",
+    "ok",
+    "rejected",
+    "model_version",
+    "steps",
+    "align_loss",
+    "cot_loss",
+    "val_in_batch_accuracy",
+    "val_in_batch_accuracy_align",
+    "val_in_batch_accuracy_cot",
+    "wall_time_s",
+    "split",
+    "queries",
+    "cot_queries_per_s",
+    "no_cot_queries_per_s",
+    "tag",
+    "stage",
+    "changed",
+    "previous_production",
+)
 
 
 def instance():

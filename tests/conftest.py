@@ -73,7 +73,9 @@ def make_dvc_project(path: Path, params: dict = TINY_PARAMS) -> Path:
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=path, check=True)
     subprocess.run([*dvc, "config", "core.analytics", "false"], cwd=path, check=True)
-    subprocess.run([*dvc, "remote", "add", "-d", "local", str(path.parent / (path.name + "-remote"))], cwd=path, check=True)
+    subprocess.run(
+        [*dvc, "remote", "add", "-d", "local", str(path.parent / (path.name + "-remote"))], cwd=path, check=True
+    )
     return path
 
 

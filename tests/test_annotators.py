@@ -33,7 +33,9 @@ def test_oracle_accepts_everything_and_describes_reference_and_target(tiny_synth
     assert len(rows) == len(requests_) and all(r.ok for r in rows), [r.reject_reason for r in rows if not r.ok]
     queries, graphs = {}, {}
     for split in generate.SPLITS:
-        queries.update({q["query_id"]: q for q in json.loads((tiny_synthetic / "captions" / f"cap.{split}.json").read_text())})
+        queries.update(
+            {q["query_id"]: q for q in json.loads((tiny_synthetic / "captions" / f"cap.{split}.json").read_text())}
+        )
         graphs.update(json.loads((tiny_synthetic / "scene_graphs" / f"{split}.json").read_text()))
     for row in rows:
         q = queries[row.query_id]
@@ -55,7 +57,11 @@ def test_oracle_says_what_stays_unchanged_and_resolves_relational_phrases(tiny_s
     rows = {r.query_id: r for r in OracleAnnotator(tiny_synthetic).annotate(requests_)}
     texts = " ".join(r.reasoning for r in rows.values())
     assert re.search(r"(stays as it is|Unchanged|keeps its place)", texts)
-    relational = [r for r in rows.values() if re.search(r"the (leftmost|rightmost|topmost|highest|lowest|largest|biggest|smallest)", r.reasoning)]
+    relational = [
+        r
+        for r in rows.values()
+        if re.search(r"the (leftmost|rightmost|topmost|highest|lowest|largest|biggest|smallest)", r.reasoning)
+    ]
     assert relational and all(re.search(r"(is|refers to|means) the (small|large)", r.reasoning) for r in relational)
 
 

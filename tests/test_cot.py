@@ -14,7 +14,9 @@ def _random_text(rng: random.Random) -> str:
     alphabet = string.ascii_letters + string.digits + " \n\t.,;:!?'\"()[]{}-_/*#<>=&é漢"
     while True:
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80)))
-        if text.strip() and not any(f"<{t}>" in text or f"</{t}>" in text for t in ("caption", "reasoning", "conclusion")):
+        if text.strip() and not any(
+            f"<{t}>" in text or f"</{t}>" in text for t in ("caption", "reasoning", "conclusion")
+        ):
             return text
 
 
@@ -30,21 +32,50 @@ def test_render_is_the_design_form():
     assert parse(OK) == CoT("a red circle", "make it blue", "a blue circle")
 
 
-@pytest.mark.parametrize("text, reason, detail", [
-    ("<caption>a</caption><reasoning>b</reasoning>", "missing_section", "no <conclusion>"),
-    ("plain nonsense from a random model", "missing_section", "no <caption>"),
-    ("<caption>a</caption><caption>b</caption><reasoning>b</reasoning><conclusion>c</conclusion>",
-     "repeated_section", "<caption> appears 2 times"),
-    ("<caption>a</caption><reasoning>b<conclusion>c</conclusion>", "unclosed_section", "<reasoning> has no closing tag"),
-    ("<caption>a</caption>b</reasoning><conclusion>c</conclusion>", "unclosed_section", "<reasoning> has no opening tag"),
-    ("<reasoning>b</reasoning><caption>a</caption><conclusion>c</conclusion>", "wrong_order", "found <reasoning>"),
-    ("<caption>a<reasoning>b</reasoning></caption><conclusion>c</conclusion>", "wrong_order", "caption, reasoning"),
-    ("Sure!<caption>a</caption><reasoning>b</reasoning><conclusion>c</conclusion>", "text_outside_sections", "'Sure!'"),
-    ("<caption>a</caption><reasoning>b</reasoning><conclusion>c</conclusion> bye", "text_outside_sections", "'bye'"),
-    ("<caption>  </caption><reasoning>b</reasoning><conclusion>c</conclusion>", "empty_section", "<caption> is empty"),
-    (f"<caption>a</caption><reasoning>{'x' * (MAX_SECTION_CHARS + 1)}</reasoning><conclusion>c</conclusion>",
-     "too_long", f"{MAX_SECTION_CHARS + 1} characters"),
-])
+@pytest.mark.parametrize(
+    "text, reason, detail",
+    [
+        ("<caption>a</caption><reasoning>b</reasoning>", "missing_section", "no <conclusion>"),
+        ("plain nonsense from a random model", "missing_section", "no <caption>"),
+        (
+            "<caption>a</caption><caption>b</caption><reasoning>b</reasoning><conclusion>c</conclusion>",
+            "repeated_section",
+            "<caption> appears 2 times",
+        ),
+        (
+            "<caption>a</caption><reasoning>b<conclusion>c</conclusion>",
+            "unclosed_section",
+            "<reasoning> has no closing tag",
+        ),
+        (
+            "<caption>a</caption>b</reasoning><conclusion>c</conclusion>",
+            "unclosed_section",
+            "<reasoning> has no opening tag",
+        ),
+        ("<reasoning>b</reasoning><caption>a</caption><conclusion>c</conclusion>", "wrong_order", "found <reasoning>"),
+        ("<caption>a<reasoning>b</reasoning></caption><conclusion>c</conclusion>", "wrong_order", "caption, reasoning"),
+        (
+            "Sure!<caption>a</caption><reasoning>b</reasoning><conclusion>c</conclusion>",
+            "text_outside_sections",
+            "'Sure!'",
+        ),
+        (
+            "<caption>a</caption><reasoning>b</reasoning><conclusion>c</conclusion> bye",
+            "text_outside_sections",
+            "'bye'",
+        ),
+        (
+            "<caption>  </caption><reasoning>b</reasoning><conclusion>c</conclusion>",
+            "empty_section",
+            "<caption> is empty",
+        ),
+        (
+            f"<caption>a</caption><reasoning>{'x' * (MAX_SECTION_CHARS + 1)}</reasoning><conclusion>c</conclusion>",
+            "too_long",
+            f"{MAX_SECTION_CHARS + 1} characters",
+        ),
+    ],
+)
 def test_every_rejection_has_a_precise_reason(text, reason, detail):
     with pytest.raises(CoTFormatError) as err:
         parse(text)
@@ -59,18 +90,35 @@ def test_constructing_a_bad_cot_is_refused():
         CoT("a", "", "d")
 
 
-@pytest.mark.parametrize("text, repairs", [
-    ("**Caption:** a red circle\n**Reasoning**: make it blue\n**Conclusion:** a blue circle",
-     {"markdown heading for caption", "markdown heading for reasoning", "markdown heading for conclusion"}),
-    ("## Caption\na red circle\n\n## Reasoning\nmake it blue\n## Conclusion\na blue circle", {"markdown heading for caption"}),
-    ("Caption: a red circle\nReasoning: make it blue\nConclusion: a blue circle", {"markdown heading for reasoning"}),
-    ("<caption>a red circle<reasoning>make it blue</reasoning><conclusion>a blue circle</conclusion>",
-     {"added missing </caption>"}),
-    ("<caption>a red circle</caption><reasoning>make it blue</reasoning><conclusion>a blue circle",
-     {"added missing </conclusion>"}),
-    ("Here you go:\n```\n" + OK + "\n```\nHope this helps!",
-     {"removed code fences", "dropped text before the sections", "dropped text after conclusion"}),
-])
+@pytest.mark.parametrize(
+    "text, repairs",
+    [
+        (
+            "**Caption:** a red circle\n**Reasoning**: make it blue\n**Conclusion:** a blue circle",
+            {"markdown heading for caption", "markdown heading for reasoning", "markdown heading for conclusion"},
+        ),
+        (
+            "## Caption\na red circle\n\n## Reasoning\nmake it blue\n## Conclusion\na blue circle",
+            {"markdown heading for caption"},
+        ),
+        (
+            "Caption: a red circle\nReasoning: make it blue\nConclusion: a blue circle",
+            {"markdown heading for reasoning"},
+        ),
+        (
+            "<caption>a red circle<reasoning>make it blue</reasoning><conclusion>a blue circle</conclusion>",
+            {"added missing </caption>"},
+        ),
+        (
+            "<caption>a red circle</caption><reasoning>make it blue</reasoning><conclusion>a blue circle",
+            {"added missing </conclusion>"},
+        ),
+        (
+            "Here you go:\n```\n" + OK + "\n```\nHope this helps!",
+            {"removed code fences", "dropped text before the sections", "dropped text after conclusion"},
+        ),
+    ],
+)
 def test_repair_recovers_common_teacher_deviations_and_says_what_it_did(text, repairs):
     fixed = repair(text)
     assert fixed.cot == CoT("a red circle", "make it blue", "a blue circle")

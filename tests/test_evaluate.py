@@ -71,7 +71,9 @@ def test_a_conclusion_is_read_back_into_the_objects_it_states():
         scene = scenes.random_scene(rng, iter(range(100)).__next__)
         truth = {scenes.scene_key((o,))[0] for o in scene}
         assert scene_from_text(describe(scene, rng, result=True)) == truth
-    assert scene_from_text("a big Red circle in the upper left corner, then nonsense") == {("circle", "red", "large", 0, 0)}
+    assert scene_from_text("a big Red circle in the upper left corner, then nonsense") == {
+        ("circle", "red", "large", 0, 0)
+    }
     assert scene_from_text("<caption>garbage</caption>") == set()
 
 
@@ -179,9 +181,21 @@ def test_the_evaluation_of_a_cirr_split_gives_subset_rankings_from_the_full_orde
         Image.new("RGB", (32, 32), (k * 4, 255 - k * 4, 40)).save(root / "img" / f"{i}.png")
     images = pd.DataFrame({"image_id": ids, "dataset": "cirr", "split": "test1", "path": [f"img/{i}.png" for i in ids],
                            "category": None})
-    triplets = pd.DataFrame([{"query_id": "7", "dataset": "cirr", "split": "test1", "category": None, "reference_id": "i0",
-                              "modification": "more red", "target_ids": [], "subset_ids": ["i0", "i5", "i9", "i33"],
-                              "shared_concept": None}])
+    triplets = pd.DataFrame(
+        [
+            {
+                "query_id": "7",
+                "dataset": "cirr",
+                "split": "test1",
+                "category": None,
+                "reference_id": "i0",
+                "modification": "more red",
+                "target_ids": [],
+                "subset_ids": ["i0", "i5", "i9", "i33"],
+                "shared_concept": None,
+            }
+        ]
+    )
     ev = evaluate(micro_model, Benchmark(triplets, images), root, "cirr", "test1", methods=["no_cot"],
                   say=lambda s: None)
     assert ev.hidden and ev.metrics == {}
@@ -385,7 +399,9 @@ def test_promotion_is_idempotent_archives_the_previous_model_and_rolls_back(stor
     image = next((tiny_synthetic / "images" / "test").glob("*.png"))
     stored = store.load_promoted(dataset="synthetic", device="cpu")
     assert stored.version == ver_b
-    torch.testing.assert_close(stored.embed_images([image]), CirCoTModel.load(path_b, device="cpu").embed_images([image]))
+    torch.testing.assert_close(
+        stored.embed_images([image]), CirCoTModel.load(path_b, device="cpu").embed_images([image])
+    )
 
     moved = store.rollback("synthetic")
     assert moved == {"from": f"cir-cot:{ver_b}", "to": f"cir-cot:{ver_a}"}
@@ -408,14 +424,18 @@ def test_production_is_per_dataset(store, saved_models):
     (path_a, ver_a), (path_b, ver_b) = saved_models["A"], saved_models["B"]
     store.promote(path_a, version=ver_a, dataset="synthetic", labels={},
                   metadata={"evaluations": {"synthetic/test": {"R@10": 0.9}}})
-    store.promote(path_b, version=ver_b, dataset="cirr", labels={}, metadata={"evaluations": {"cirr/val": {"Avg": 0.3}}})
+    store.promote(
+        path_b, version=ver_b, dataset="cirr", labels={}, metadata={"evaluations": {"cirr/val": {"Avg": 0.3}}}
+    )
     assert store.production("synthetic")["version"] == ver_a and store.production("cirr")["version"] == ver_b
     assert _stages(store, "synthetic") == {ver_a: "production", ver_b: None}
     assert store.production_metrics("synthetic", "test") == {"version": ver_a, "metrics": {"R@10": 0.9}}
     assert store.production_metrics("cirr", "val") == {"version": ver_b, "metrics": {"Avg": 0.3}}
     assert store.production("fashioniq") is None and store.production_metrics("fashioniq", "val") is None
     # the same model promoted on a second dataset: one entry, production on both, both evaluations kept
-    store.promote(path_a, version=ver_a, dataset="cirr", labels={}, metadata={"evaluations": {"cirr/val": {"Avg": 0.4}}})
+    store.promote(
+        path_a, version=ver_a, dataset="cirr", labels={}, metadata={"evaluations": {"cirr/val": {"Avg": 0.4}}}
+    )
     assert len(store.list_models()) == 2 and store.production("cirr")["version"] == ver_a
     assert _stages(store, "cirr") == {ver_a: "production", ver_b: "archived"}
     assert store.production_metrics("synthetic", "test")["metrics"] == {"R@10": 0.9}

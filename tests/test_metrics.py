@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from model_code.evaluation.metrics import (average_precision_at_k, map_at_k, rank_gallery, recall_at_k, recall_subset_at_k,
-                                reference_exclusions)
+from model_code.evaluation.metrics import (
+    average_precision_at_k,
+    map_at_k,
+    rank_gallery,
+    recall_at_k,
+    recall_subset_at_k,
+    reference_exclusions,
+)
 
 
 def test_recall_at_k_by_hand():
@@ -39,7 +45,9 @@ def test_circo_average_precision_by_hand():
     assert average_precision_at_k(ranking, gt, 2) == pytest.approx(0.5)
     # one ground truth at rank 3: AP@K = (1/3) / 1
     assert average_precision_at_k(["a", "b", "g"], ["g"], 10) == pytest.approx(1 / 3)
-    assert map_at_k([ranking, ["a", "b", "g"]], [gt, ["g"]], [5]) == {5: pytest.approx(((1 + 2 / 3 + 3 / 5) / 4 + 1 / 3) / 2)}
+    assert map_at_k([ranking, ["a", "b", "g"]], [gt, ["g"]], [5]) == {
+        5: pytest.approx(((1 + 2 / 3 + 3 / 5) / 4 + 1 / 3) / 2)
+    }
 
 
 def test_ranking_orders_by_similarity_breaks_ties_by_gallery_order_and_excludes():

@@ -173,7 +173,9 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     assert trained["data"]["synthetic"]["teacher"] == "oracle" and trained["version"] == model["model_version"].value
     assert not (artifacts / "cir_cot_model" / "latest.json").exists()
     loaded = CirCoTModel.load(trained["path"], device="cpu")
-    emb = loaded.embed_images([next((tmp_path / "project" / "data" / "raw" / "synthetic" / "images" / "test").glob("*.png"))])
+    emb = loaded.embed_images(
+        [next((tmp_path / "project" / "data" / "raw" / "synthetic" / "images" / "test").glob("*.png"))]
+    )
     assert emb.shape == (1, 256) and torch.isfinite(emb).all()
 
     # evaluation, the blocking gate, promotion: a floor the model cannot reach stops the promotion...
@@ -191,7 +193,10 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     assert set(ev["metrics"].value) == {"cot", "no_cot", "image_only", "text_only"} and ev["queries"].value == 6
     assert ev["record"].value["model_version"] == trained["version"]
     assert "| cot |" in ev["table"].value and "data:image/png;base64" in ev["qualitative"].value
-    assert json.loads((artifacts / "evaluation" / "synthetic" / "test" / "metrics.json").read_text()) == ev["metrics"].value
+    assert (
+        json.loads((artifacts / "evaluation" / "synthetic" / "test" / "metrics.json").read_text())
+        == ev["metrics"].value
+    )
     # the command line prints the table and the gate's verdict rule by rule
     from orchestration.__main__ import run_job
 
@@ -220,8 +225,13 @@ def test_gpu_profile_needs_a_checkpoint_and_registers_one(dvc_project, tmp_path,
 
     artifacts = tmp_path / "artifacts"
     with pytest.raises(dg.Failure, match="CIRCOT_BASE_MODEL_PATH"):
-        dg.materialize([base_model], resources={"training": TrainingResource(profile="gpu"),
-                                                "artifacts": build_definitions(artifacts_root=str(artifacts)).resources["artifacts"]})
+        dg.materialize(
+            [base_model],
+            resources={
+                "training": TrainingResource(profile="gpu"),
+                "artifacts": build_definitions(artifacts_root=str(artifacts)).resources["artifacts"],
+            },
+        )
     result = dg.materialize([base_model], resources={
         "training": TrainingResource(profile="gpu", base_model_path=str(micro_base)),
         "artifacts": build_definitions(artifacts_root=str(artifacts)).resources["artifacts"]})

@@ -50,7 +50,9 @@ def test_duplicate_id_empty_text_and_bad_lists_are_named_with_example_rows(bench
                            "every image a query names is in the images table of its split"}
     assert failed["query ids are unique"].unexpected_count == 2
     assert failed["query ids are unique"].examples[0]["query_id"] == dup
-    assert failed["modification texts are not empty"].examples == [{"modification": "   ", "query_id": t.loc[5, "query_id"]}]
+    assert failed["modification texts are not empty"].examples == [
+        {"modification": "   ", "query_id": t.loc[5, "query_id"]}
+    ]
     assert "repeated id" in failed["subset_ids is a list of distinct non-empty ids"].examples[0]["subset_ids_form"]
     with pytest.raises(DataQualityError) as err:
         report.raise_for_failure()

@@ -120,7 +120,9 @@ def _scene(*objs):
 
 
 def test_reference_dependent_edits_resolve_against_the_scene():
-    scene = _scene(("circle", "red", "small", 0, 0), ("square", "blue", "large", 1, 1), ("star", "green", "small", 2, 2))
+    scene = _scene(
+        ("circle", "red", "small", 0, 0), ("square", "blue", "large", 1, 1), ("star", "green", "small", 2, 2)
+    )
     # "make the leftmost object the colour of the largest one"
     copied = edits.apply_edit(scene, {"op": "copy", "attr": "color", "cell": [0, 0], "source": [1, 1]})
     assert scenes.scene_key(copied)[0] == ("circle", "blue", "small", 0, 0)
@@ -128,7 +130,9 @@ def test_reference_dependent_edits_resolve_against_the_scene():
     only_round = edits.apply_edit(scene, {"op": "remove_where", "where": "shape", "value": "circle", "negate": True})
     assert scenes.scene_key(only_round) == (("circle", "red", "small", 0, 0),)
     # "make all the small shapes yellow"
-    recoloured = edits.apply_edit(scene, {"op": "set_where", "where": "size", "value": "small", "attr": "color", "to": "yellow"})
+    recoloured = edits.apply_edit(
+        scene, {"op": "set_where", "where": "size", "value": "small", "attr": "color", "to": "yellow"}
+    )
     assert [o.color for o in recoloured] == ["yellow", "blue", "yellow"]
     swapped = edits.apply_edit(scene, {"op": "swap", "attr": "position", "cells": [[0, 0], [2, 2]]})
     assert scenes.scene_key(swapped) == (("star", "green", "small", 0, 0), ("square", "blue", "large", 1, 1),
@@ -153,11 +157,36 @@ def test_copy_edits_never_state_the_copied_attribute_of_their_source(tiny_synthe
 
 def test_cli_writes_the_benchmark_layout_with_size_options(tmp_path):
     out = tmp_path / "cli"
-    assert generate.main(["--out", str(out), "--seed", "3", "--image-size", "48", "--train-references", "4",
-                     "--train-mods", "2", "--val-references", "2", "--test-references", "3", "--test-distractors", "1"]) == 0
+    assert (
+        generate.main(
+            [
+                "--out",
+                str(out),
+                "--seed",
+                "3",
+                "--image-size",
+                "48",
+                "--train-references",
+                "4",
+                "--train-mods",
+                "2",
+                "--val-references",
+                "2",
+                "--test-references",
+                "3",
+                "--test-distractors",
+                "1",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["params"]["seed"] == 3 and meta["counts"]["train"]["queries"] == 8
-    assert meta["counts"]["test"] == {"images": 9, "queries": 3, "reference_dependent": meta["counts"]["test"]["reference_dependent"]}
+    assert meta["counts"]["test"] == {
+        "images": 9,
+        "queries": 3,
+        "reference_dependent": meta["counts"]["test"]["reference_dependent"],
+    }
     for name in ("images/train", "scene_graphs/train.json", "captions/cap.val.json", "image_splits/split.test.json"):
         assert (out / name).exists()
     assert not (tmp_path / "cli.partial").exists()

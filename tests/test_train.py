@@ -50,7 +50,9 @@ def test_special_tokens_are_added_and_the_prompts_end_in_emb(micro_base):
     vocab = m.tokenizer.get_vocab()
     assert all(t in vocab for t in CIR_TOKENS)
     assert m.model.get_input_embeddings().weight.shape[0] >= len(m.tokenizer)
-    assert m.prompt("gallery").endswith("assistant\n") and "Modification: make it red" in m.prompt("no_cot", "make it red ")
+    assert m.prompt("gallery").endswith("assistant\n") and "Modification: make it red" in m.prompt(
+        "no_cot", "make it red "
+    )
 
 
 def test_only_the_chain_of_thought_and_emb_are_supervised(micro_base, pairs):
@@ -123,7 +125,9 @@ def test_save_then_load_gives_identical_embeddings(micro_base, pairs, tmp_path):
     loaded = CirCoTModel.load(tmp_path / "model", device="cpu")
     assert loaded.version == version
     refs, texts, cots = [p.reference for p in pairs[:4]], [p.text for p in pairs[:4]], [p.cot for p in pairs[:4]]
-    torch.testing.assert_close(loaded.embed_queries(refs, texts, cots), m.embed_queries(refs, texts, cots), atol=0, rtol=0)
+    torch.testing.assert_close(
+        loaded.embed_queries(refs, texts, cots), m.embed_queries(refs, texts, cots), atol=0, rtol=0
+    )
     torch.testing.assert_close(loaded.embed_images(refs), m.embed_images(refs), atol=0, rtol=0)
 
 
@@ -270,9 +274,26 @@ def test_two_processes_train_together_and_one_writes_the_model(micro_base, bench
                  raw_version="test").write(tmp_path / "tables" / TablesRecord.META)
     rows = OracleAnnotator(tiny_synthetic).annotate(annotation_requests(bench.triplets, bench.images, tiny_synthetic))
     write_annotations(pd.DataFrame([dataclasses.asdict(r) for r in rows]), tmp_path / "annotations.parquet")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "model_code.model.recipes", "--tables", str(tmp_path / "tables"), "--annotations", str(tmp_path / "annotations.parquet"),
-           "--base", str(micro_base), "--profile", "smoke", "--out", str(tmp_path / "run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "model_code.model.recipes",
+        "--tables",
+        str(tmp_path / "tables"),
+        "--annotations",
+        str(tmp_path / "annotations.parquet"),
+        "--base",
+        str(micro_base),
+        "--profile",
+        "smoke",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

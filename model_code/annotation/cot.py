@@ -43,7 +43,9 @@ class CoT:
             if _TAG.search(text):
                 raise CoTFormatError("tag_in_section", f"<{name}> contains a section tag")
             if len(text) > MAX_SECTION_CHARS:
-                raise CoTFormatError("too_long", f"<{name}> has {len(text)} characters, over the limit of {MAX_SECTION_CHARS}")
+                raise CoTFormatError(
+                    "too_long", f"<{name}> has {len(text)} characters, over the limit of {MAX_SECTION_CHARS}"
+                )
 
     def render(self) -> str:
         return "\n".join(f"<{name}>{getattr(self, name)}</{name}>" for name in SECTIONS)

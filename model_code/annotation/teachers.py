@@ -51,8 +51,14 @@ def teacher_messages(modification: str) -> list[dict]:
     """The chat of the versioned teacher prompt: the reference image, the target image, the request."""
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                     {"type": "text", "text": TEACHER_PROMPT.format(modification=modification.strip())}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "image"},
+                {"type": "text", "text": TEACHER_PROMPT.format(modification=modification.strip())},
+            ],
+        },
     ]
 
 

@@ -268,8 +268,14 @@ def validate_images(images: pd.DataFrame, root: str | os.PathLike | None = None,
         lo, hi = side_bounds
         checks += [
             (E.ExpectColumnValuesToBeInSet(column="file_status", value_set=["ok"]), "image files exist and decode"),
-            (E.ExpectColumnValuesToBeBetween(column="width", min_value=lo, max_value=hi), f"image width in [{lo}, {hi}] px"),
-            (E.ExpectColumnValuesToBeBetween(column="height", min_value=lo, max_value=hi), f"image height in [{lo}, {hi}] px"),
+            (
+                E.ExpectColumnValuesToBeBetween(column="width", min_value=lo, max_value=hi),
+                f"image width in [{lo}, {hi}] px",
+            ),
+            (
+                E.ExpectColumnValuesToBeBetween(column="height", min_value=lo, max_value=hi),
+                f"image height in [{lo}, {hi}] px",
+            ),
         ]
     df = nulls_as_none(df)
     return _run("images", [_Frame("images", df, ["image_id"], checks)])

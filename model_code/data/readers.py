@@ -47,7 +47,10 @@ def _field(entry: dict, key: str, path: Path, index: int):
     try:
         return entry[key]
     except (KeyError, TypeError):
-        raise DataError(f"{path}: entry {index} has no field {key!r} (has: {sorted(entry) if isinstance(entry, dict) else type(entry).__name__})") from None
+        raise DataError(
+            f"{path}: entry {index} has no field {key!r} "
+            f"(has: {sorted(entry) if isinstance(entry, dict) else type(entry).__name__})"
+        ) from None
 
 
 def _as_list(entries, path: Path) -> list:

@@ -65,9 +65,11 @@ class Evaluation:
     rankings: dict[str, dict[str, list[str]]]        # {method: {query_id: top-50 gallery ids}}
     reasoning: dict[str, dict]                       # {query_id: {"text", "cot", "error"}} of the cot method
     timings: dict[str, dict[str, float]]             # {method or "gallery": {"seconds", "per_s", "n"}}
-    queries: object = None                           # the evaluated triplets rows
-    subset_rankings: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)  # CIRR: top-3 of the subset
-    per_query: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # {method: {query_id: headline score}}
+    queries: object = None  # the evaluated triplets rows
+    # CIRR: {method: {query_id: top-3 of the query's subset}}
+    subset_rankings: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)
+    # {method: {query_id: headline score}}
+    per_query: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     strata: dict[str, str] = dataclasses.field(default_factory=dict)  # {query_id: group}: the headline averages groups
 
     @property
@@ -142,8 +144,16 @@ def _cached(path: Path | None, compute: Callable[[], object]):
     return value
 
 
-def embed_method(model, method: str, group: Group, gallery: torch.Tensor, *, batch_size: int = 32,
-                 max_new_tokens: int = 256, say: Callable[[str], None] = print) -> tuple[torch.Tensor, list[dict] | None]:
+def embed_method(
+    model,
+    method: str,
+    group: Group,
+    gallery: torch.Tensor,
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 256,
+    say: Callable[[str], None] = print,
+) -> tuple[torch.Tensor, list[dict] | None]:
     """Query embeddings [n, hidden] of ``group`` for ``method``, and for ``cot`` the reasoning per query."""
     q = group.queries
     refs = list(q["reference_id"])
@@ -152,7 +162,9 @@ def embed_method(model, method: str, group: Group, gallery: torch.Tensor, *, bat
     if method == "image_only":
         missing = [r for r in dict.fromkeys(refs) if r not in index]
         if missing:
-            raise ValueError(f"image_only: {len(missing)} reference images are not in the gallery (first: {missing[0]})")
+            raise ValueError(
+                f"image_only: {len(missing)} reference images are not in the gallery (first: {missing[0]})"
+            )
         return gallery[[index[r] for r in refs]], None
     if method == "text_only":
         return model.embed_texts(list(q["modification"]), batch_size=batch_size), None
@@ -209,7 +221,8 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
         ranked = {}
         for method in methods:
             t0 = time.monotonic()
-            key = f"{query_key}-{method}" + (f"-{max_new_tokens}tok" if method == "cot" else "")  # what changes the result
+            # what changes the result: the content, the method, and for cot the token budget
+            key = f"{query_key}-{method}" + (f"-{max_new_tokens}tok" if method == "cot" else "")
             emb, reas = _cached(cache / f"{key}.pt" if cache else None,
                                 lambda: embed_method(model, method, group, gallery, batch_size=batch_size,
                                                      max_new_tokens=max_new_tokens, say=say))

@@ -97,14 +97,23 @@ def gate(metrics: dict[str, dict[str, float]], headline: str, config: GateConfig
         if paired:
             ids = sorted(per_query["cot"])
             groups = [strata.get(i, "") for i in ids] if strata else None
-            diff, low, high = paired_bootstrap([per_query["cot"][i] for i in ids], [per_query["no_cot"][i] for i in ids],
-                                               config.cot_confidence, strata=groups)
+            diff, low, high = paired_bootstrap(
+                [per_query["cot"][i] for i in ids],
+                [per_query["no_cot"][i] for i in ids],
+                config.cot_confidence,
+                strata=groups,
+            )
             ok = high >= -config.cot_tolerance
-            checks.append(Check("cot not worse than no_cot", ok,
-                                f"{headline} cot {cot:.4f} vs no_cot {no:.4f}: difference {diff:+.4f}, "
-                                f"{config.cot_confidence:.0%} interval [{low:+.4f}, {high:+.4f}] over {len(ids)} queries "
-                                f"({'not significantly worse' if ok else 'significantly worse'}"
-                                f"{', and better' if low > 0 else ''}; tolerance {config.cot_tolerance:.4f})"))
+            checks.append(
+                Check(
+                    "cot not worse than no_cot",
+                    ok,
+                    f"{headline} cot {cot:.4f} vs no_cot {no:.4f}: difference {diff:+.4f}, "
+                    f"{config.cot_confidence:.0%} interval [{low:+.4f}, {high:+.4f}] over {len(ids)} queries "
+                    f"({'not significantly worse' if ok else 'significantly worse'}"
+                    f"{', and better' if low > 0 else ''}; tolerance {config.cot_tolerance:.4f})",
+                )
+            )
         else:
             checks.append(Check("cot not worse than no_cot", cot >= no - config.cot_tolerance,
                                 f"{headline} cot {cot:.4f} vs no_cot {no:.4f} (tolerance {config.cot_tolerance:.4f})"))

@@ -28,7 +28,9 @@ def _check(rankings, *others) -> None:
         raise ValueError("no queries to score")
 
 
-def recall_at_k(rankings: Sequence[Sequence[str]], targets: Sequence[Iterable[str]], ks: Iterable[int]) -> dict[int, float]:
+def recall_at_k(
+    rankings: Sequence[Sequence[str]], targets: Sequence[Iterable[str]], ks: Iterable[int]
+) -> dict[int, float]:
     """Share of queries with at least one target among the first K of their ranking."""
     _check(rankings, targets)
     sets = [set(t) for t in targets]
@@ -64,7 +66,9 @@ def average_precision_at_k(ranking: Sequence[str], targets: Iterable[str], k: in
     return total / min(k, len(gt))
 
 
-def map_at_k(rankings: Sequence[Sequence[str]], targets: Sequence[Iterable[str]], ks: Iterable[int]) -> dict[int, float]:
+def map_at_k(
+    rankings: Sequence[Sequence[str]], targets: Sequence[Iterable[str]], ks: Iterable[int]
+) -> dict[int, float]:
     """Mean over queries of CIRCO's AP@K."""
     _check(rankings, targets)
     targets = [list(t) for t in targets]

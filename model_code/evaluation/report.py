@@ -132,8 +132,11 @@ def submissions(ev: Evaluation, method: str) -> dict[str, dict]:
         return {f"cirr_{ev.split}_{method}_recall.json": recall, f"cirr_{ev.split}_{method}_recall_subset.json": subset}
     if ev.dataset == "circo":
         prefix = f"{ev.split}-"
-        return {f"circo_{ev.split}_{method}.json": {qid[len(prefix):] if qid.startswith(prefix) else qid: ranks[qid][:50]
-                                                    for qid in ev.queries["query_id"]}}
+        return {
+            f"circo_{ev.split}_{method}.json": {
+                qid[len(prefix) :] if qid.startswith(prefix) else qid: ranks[qid][:50] for qid in ev.queries["query_id"]
+            }
+        }
     return {}
 
 
@@ -142,7 +145,9 @@ def _jsonable(r: dict) -> dict:
     return {"text": r.get("text"), "cot": dataclasses.asdict(cot) if cot is not None else None, "error": r.get("error")}
 
 
-def write_report(ev: Evaluation, out_dir: str | os.PathLike, image_paths: dict[str, Path] | None = None) -> dict[str, Path]:
+def write_report(
+    ev: Evaluation, out_dir: str | os.PathLike, image_paths: dict[str, Path] | None = None
+) -> dict[str, Path]:
     """Write metrics.json, table.md, evaluation.json (timings, versions), queries.jsonl (per query:
     reasoning and top-10 per method), the plots, and the submission files of a hidden split.
     Returns the paths written."""
@@ -169,8 +174,13 @@ def write_report(ev: Evaluation, out_dir: str | os.PathLike, image_paths: dict[s
     written["table.md"] = out / "table.md"
     with open(out / "queries.jsonl", "w") as f:
         for q in ev.queries.itertuples():
-            row = {"query_id": q.query_id, "reference_id": q.reference_id, "modification": q.modification,
-                   "target_ids": list(q.target_ids), "top10": {m: ev.rankings[m].get(q.query_id, [])[:10] for m in ev.rankings}}
+            row = {
+                "query_id": q.query_id,
+                "reference_id": q.reference_id,
+                "modification": q.modification,
+                "target_ids": list(q.target_ids),
+                "top10": {m: ev.rankings[m].get(q.query_id, [])[:10] for m in ev.rankings},
+            }
             if q.query_id in ev.reasoning:
                 row["reasoning"] = _jsonable(ev.reasoning[q.query_id])
             f.write(json.dumps(row) + "\n")

@@ -97,7 +97,9 @@ class CirCoTModel(torch.nn.Module):
 
     def prompt(self, kind: str, text: str = "", *, image: bool = True) -> str:
         """The chat up to the assistant turn for prompt ``kind`` (see ``PROMPTS``)."""
-        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": PROMPTS[kind].format(text=text.strip())}]
+        content = ([{"type": "image"}] if image else []) + [
+            {"type": "text", "text": PROMPTS[kind].format(text=text.strip())}
+        ]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                   tokenize=False)
 
@@ -190,8 +192,15 @@ class CirCoTModel(torch.nn.Module):
     # ---- inference with reasoning ------------------------------------------------------------
 
     @torch.inference_mode()
-    def reason_and_embed(self, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 256,
-                         batch_size: int = 16, static_cache: bool | None = None) -> tuple[torch.Tensor, list[list[int]]]:
+    def reason_and_embed(
+        self,
+        images: Sequence,
+        texts: Sequence[str],
+        *,
+        max_new_tokens: int = 256,
+        batch_size: int = 16,
+        static_cache: bool | None = None,
+    ) -> tuple[torch.Tensor, list[list[int]]]:
         """Write each query's chain of thought greedily and embed it, in one decoding pass.
 
         Decoding ends every chain in ``<emb>`` (:class:`EndsInEmb`: an end of turn becomes ``<emb>``,
@@ -314,7 +323,9 @@ class CirCoTModel(torch.nn.Module):
         processor = AutoProcessor.from_pretrained(path / "processor")
         base_path = None
         if meta["weights"] == "full":
-            model, _ = load_backbone(path / "model", dtype=dtype, device=device, attn_implementation=attn_implementation)
+            model, _ = load_backbone(
+                path / "model", dtype=dtype, device=device, attn_implementation=attn_implementation
+            )
         else:
             from peft import PeftModel
 
@@ -375,7 +386,9 @@ def apply_lora(model, processor, *, r: int = 16, alpha: int = 32, dropout: float
     ids = add_cir_tokens(model, processor)
     token_rows = {"embed_tokens": ids}
     config = unwrap(model).config
-    tied = getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False)
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(
+        config.get_text_config(), "tie_word_embeddings", False
+    )
     if not tied:
         token_rows["lm_head"] = ids
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,

@@ -42,10 +42,19 @@ def pair_examples(triplets, images, root: str | os.PathLike, split: str = "train
     cots = {}
     if annotations is not None:
         ok = annotations[annotations["status"] == "ok"]
-        cots = {q: CoT(c, r, k).render() for q, c, r, k in zip(ok["query_id"], ok["caption"], ok["reasoning"], ok["conclusion"])}
+        cots = {
+            q: CoT(c, r, k).render()
+            for q, c, r, k in zip(ok["query_id"], ok["caption"], ok["reasoning"], ok["conclusion"])
+        }
     out = []
-    for q, s, ref, text, targets, negs in zip(rows["query_id"], rows["split"], rows["reference_id"], rows["modification"],
-                                              rows["target_ids"], rows["hard_negative_ids"]):
+    for q, s, ref, text, targets, negs in zip(
+        rows["query_id"],
+        rows["split"],
+        rows["reference_id"],
+        rows["modification"],
+        rows["target_ids"],
+        rows["hard_negative_ids"],
+    ):
         if not len(targets):
             continue
         out.append(TrainExample(q, path[(s, ref)], text, path[(s, targets[0])], cots.get(q),
@@ -140,7 +149,11 @@ def tiny_corpus(triplets, annotations, descriptions: Sequence[TrainExample]) -> 
     from model_code.model.cir_cot import PROMPTS
 
     ok = annotations[annotations["status"] == "ok"] if annotations is not None else None
-    cots = [] if ok is None else [CoT(c, r, k).render() for c, r, k in zip(ok["caption"], ok["reasoning"], ok["conclusion"])]
+    cots = (
+        []
+        if ok is None
+        else [CoT(c, r, k).render() for c, r, k in zip(ok["caption"], ok["reasoning"], ok["conclusion"])]
+    )
     return list(triplets["modification"]) + cots + [d.text for d in descriptions] + list(PROMPTS.values()) * 50
 
 
@@ -247,8 +260,13 @@ def train_cir_cot(base: BaseModelRecord, train_pairs: Sequence[TrainExample], va
         result = train(m, pairs, cfg, out_dir / cfg.stage, progress=progress)
         histories[cfg.stage] = result.history
         stages[cfg.stage] = StageSummary(
-            steps=result.steps, seconds=round(result.seconds, 1), examples=len(pairs), first=result.history[0],
-            last=result.history[-1], val=evaluate_in_batch(m, val, cfg, profile.eval_batches) if val else None).to_dict()
+            steps=result.steps,
+            seconds=round(result.seconds, 1),
+            examples=len(pairs),
+            first=result.history[0],
+            last=result.history[-1],
+            val=evaluate_in_batch(m, val, cfg, profile.eval_batches) if val else None,
+        ).to_dict()
     trained = TrainedModel(path=str(out_dir / "model"), version="", base=base.path, base_version=base.version,
                            parameters=parameter_counts(model), stages=stages)
     if rank() == 0:  # under `accelerate launch` one process writes the results
@@ -304,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     from model_code.data.tables import TablesRecord
 
     p = argparse.ArgumentParser(prog="python -m model_code.model.recipes", description=main.__doc__.split("\n\n")[0])
-    p.add_argument("--tables", required=True, help="a triplets folder written by the pipeline (triplets/images parquet, meta.json)")
+    p.add_argument(
+        "--tables", required=True, help="a triplets folder written by the pipeline (triplets/images parquet, meta.json)"
+    )
     p.add_argument("--annotations", required=True, help="an annotations.parquet written by the pipeline")
     p.add_argument("--base", required=True, help="the base model folder (a checkpoint, or the bootstrapped tiny model)")
     p.add_argument("--profile", default="gpu", choices=sorted(PROFILES))

@@ -10,8 +10,9 @@
 
 The losses are in ``model_code/model/loss.py``: InfoNCE is symmetric with in-batch negatives,
 gathered across processes (so ``accelerate launch`` on several GPUs sees the global batch), plus each
-query's hard negatives and the references as extra gallery candidates. Batches are drawn from a generator seeded by (seed,
-step), so a run is deterministic and a resumed run continues exactly where it stopped.
+query's hard negatives and the references as extra gallery candidates. Batches are drawn from a
+generator seeded by (seed, step), so a run is deterministic and a resumed run continues exactly
+where it stopped.
 """
 
 from __future__ import annotations
@@ -175,8 +176,16 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    torch.save({"params": _trainable_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "step": step}, tmp / "state.pt")
+    torch.save(
+        {
+            "params": _trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "step": step,
+        },
+        tmp / "state.pt",
+    )
     (tmp / "history.json").write_text(json.dumps(history))
     replace_dir(tmp, path)
 
@@ -256,7 +265,9 @@ def train(model: CirCoTModel, examples: Sequence[TrainExample], cfg: TrainConfig
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "lr": scheduler.get_last_lr()[0], **{k: round(v, 6) for k, v in totals.items()}})
+        history.append(
+            {"step": step + 1, "lr": scheduler.get_last_lr()[0], **{k: round(v, 6) for k, v in totals.items()}}
+        )
         done = step + 1
         now = time.monotonic()
         if done % cfg.log_every == 0 or done == cfg.steps or now - last_log > 30:

@@ -8,8 +8,22 @@ import dataclasses
 import random
 from collections.abc import Callable, Sequence
 
-from model_code.synthetic.scenes import (CELL_NAMES, COLORS, DIRECTIONS, MAX_OBJECTS, OBJECT_WORDS, SHAPE_PLURAL, SHAPES,
-                                         SIZE_WORDS, SIZES, Obj, Scene, empty_cells, make_scene, scene_key)
+from model_code.synthetic.scenes import (
+    CELL_NAMES,
+    COLORS,
+    DIRECTIONS,
+    MAX_OBJECTS,
+    OBJECT_WORDS,
+    SHAPE_PLURAL,
+    SHAPES,
+    SIZE_WORDS,
+    SIZES,
+    Obj,
+    Scene,
+    empty_cells,
+    make_scene,
+    scene_key,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Referring expressions: ways to name one object of a scene
@@ -157,7 +171,10 @@ def apply_edit(scene: Scene, edit: dict) -> Scene:
         if edit["attr"] == "position":
             na, nb = a.with_(row=b.row, col=b.col), b.with_(row=a.row, col=a.col)
         else:
-            na, nb = a.with_(**{edit["attr"]: getattr(b, edit["attr"])}), b.with_(**{edit["attr"]: getattr(a, edit["attr"])})
+            na, nb = (
+                a.with_(**{edit["attr"]: getattr(b, edit["attr"])}),
+                b.with_(**{edit["attr"]: getattr(a, edit["attr"])}),
+            )
         return make_scene([na if x is a else nb if x is b else x for x in scene])
     if op == "remove_where":
         pred = _predicate(edit["where"], edit["value"], edit["negate"])
@@ -324,7 +341,11 @@ class _EditMaker:
             return None
         xa, xb = ra.text(rng), rb.text(rng)
         templates = {
-            "color": ["make {A} the same colour as {B}", "give {A} the colour of {B}", "paint {A} in the colour of {B}"],
+            "color": [
+                "make {A} the same colour as {B}",
+                "give {A} the colour of {B}",
+                "paint {A} in the colour of {B}",
+            ],
             "shape": ["make {A} the same shape as {B}", "turn {A} into the shape of {B}", "give {A} the shape of {B}"],
             "size": ["make {A} the same size as {B}", "give {A} the size of {B}", "resize {A} to match {B}"],
         }[attr]
@@ -366,7 +387,9 @@ class _EditMaker:
         to = rng.choice(options)
         cls = _class_phrase(where, value, rng)
         if attr == "color":
-            text = rng.choice([f"make all the {cls} {to}", f"paint every one of the {cls} {to}", f"turn all {cls} {to}"])
+            text = rng.choice(
+                [f"make all the {cls} {to}", f"paint every one of the {cls} {to}", f"turn all {cls} {to}"]
+            )
         else:
             text = rng.choice([f"make all the {cls} {'bigger' if to == 'large' else 'smaller'}",
                                f"make every one of the {cls} {to}",
@@ -424,7 +447,9 @@ def scene_changes(before: Scene, after: Scene) -> set[tuple[int, str]]:
     b, a = {o.oid: o for o in before}, {o.oid: o for o in after}
     out = {(oid, "removed") for oid in b.keys() - a.keys()} | {(oid, "added") for oid in a.keys() - b.keys()}
     for oid in b.keys() & a.keys():
-        out |= {(oid, attr) for attr in ("color", "shape", "size", "position") if b[oid].attr(attr) != a[oid].attr(attr)}
+        out |= {
+            (oid, attr) for attr in ("color", "shape", "size", "position") if b[oid].attr(attr) != a[oid].attr(attr)
+        }
     return out
 
 

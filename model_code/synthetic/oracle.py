@@ -89,10 +89,13 @@ def _edit_sentence(edit: dict, scene: scenes.Scene, new: scenes.Scene, rng: rand
         ]).format(w=who, s=source, word=word, v=value, b=becomes, t=o.shape)
     if op == "move":
         to = scenes.CELL_NAMES[tuple(edit["to"])][0]
-        return rng.choice(["{w}; it moves from the {a} to the {b}.", "{w}, so it goes from the {a} to the {b}."]).format(
-            w=who, a=scenes.CELL_NAMES[o.cell][0], b=to)
+        return rng.choice(
+            ["{w}; it moves from the {a} to the {b}.", "{w}, so it goes from the {a} to the {b}."]
+        ).format(w=who, a=scenes.CELL_NAMES[o.cell][0], b=to)
     if op == "remove":
-        return rng.choice(["{w}; it is removed.", "{w}, and it disappears.", "{w}; that object goes away."]).format(w=who)
+        return rng.choice(["{w}; it is removed.", "{w}, and it disappears.", "{w}; that object goes away."]).format(
+            w=who
+        )
     if op == "add":
         d = edit["object"]
         o = scenes.Obj(d["shape"], d["color"], d["size"], d["row"], d["col"])
@@ -165,8 +168,14 @@ def scene_from_text(text: str) -> set[tuple]:
 
     sizes = {w: s for s, words in scenes.SIZE_WORDS.items() for w in words}
     cells = {name: cell for cell, names in scenes.CELL_NAMES.items() for name in names}
-    pattern = re.compile(r"\b({})\s+({})\s+({})\s+in\s+the\s+({})\b".format(
-        "|".join(sizes), "|".join(scenes.COLORS), "|".join(scenes.SHAPES), "|".join(sorted(cells, key=len, reverse=True))))
+    pattern = re.compile(
+        r"\b({})\s+({})\s+({})\s+in\s+the\s+({})\b".format(
+            "|".join(sizes),
+            "|".join(scenes.COLORS),
+            "|".join(scenes.SHAPES),
+            "|".join(sorted(cells, key=len, reverse=True)),
+        )
+    )
     return {(shape, color, sizes[size], *cells[place]) for size, color, shape, place in pattern.findall(text.lower())}
 
 
@@ -194,7 +203,9 @@ class OracleAnnotator:
                 self._queries[q["query_id"]] = q
             self._graphs.update(json.loads((self.root / "scene_graphs" / f"{split}.json").read_text()))
         if not self._queries:
-            raise FileNotFoundError(f"no cir-shapes captions under {self.root}: the oracle only annotates the synthetic benchmark")
+            raise FileNotFoundError(
+                f"no cir-shapes captions under {self.root}: the oracle only annotates the synthetic benchmark"
+            )
 
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
         out = []
