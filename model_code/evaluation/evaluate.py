@@ -314,9 +314,9 @@ def score(dataset: str, per_group: list[tuple[Group, dict[str, list[list[str]]]]
 
 def headline_per_query(dataset: str, per_group: list[tuple[Group, dict[str, list[list[str]]]]],
                        method: str) -> dict[str, float]:
-    """Each query's share of the headline metric (its mean over queries is the headline, or for
-    FashionIQ its per-query form), scored alone by the metric functions: what a paired comparison
-    of two methods needs."""
+    """Each query's share of the headline metric, scored alone by the metric functions: what a
+    paired comparison of two methods needs. Their mean is the headline; for FashionIQ the mean of
+    each category's mean (``Evaluation.strata`` groups the queries)."""
     out = {}
     for group, ranked in per_group:
         q = group.queries
