@@ -30,20 +30,71 @@ def png_markdown(path: str | Path | None, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{data})")
 
 
-def latest_record(context, asset, partition: str | None = None) -> dict:
+CHECKS_FOLDER = "checks"
+TABLE_CHECKS = ("triplets_suite", "images_suite")  # the blocking checks a triplets version must pass
+ANNOTATION_CHECKS = ("annotations_suite",)
+
+
+def publish_version(staging: Path, folder: Path) -> Path:
+    """Move a freshly written ``staging`` folder to ``folder`` (named by its content version). A
+    version already published holds the same bytes: it is kept (with its check results) and the
+    staging copy dropped."""
+    import shutil
+
+    if folder.is_dir():
+        shutil.rmtree(staging)
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(folder)
+    return folder
+
+
+
+def record_check(folder: str | Path, check: str, passed: bool, **details) -> None:
+    """Note beside a version's files whether the blocking check ``check`` passed on it."""
+    from model_code.common import atomic_write_json
+
+    atomic_write_json(Path(folder) / CHECKS_FOLDER / f"{check}.json", {"passed": passed, **details})
+
+
+def checks_passed(folder: str | Path, checks: tuple[str, ...]) -> bool:
+    import json
+
+    for check in checks:
+        path = Path(folder) / CHECKS_FOLDER / f"{check}.json"
+        try:
+            if not json.loads(path.read_text()).get("passed"):
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def latest_record(context, asset, partition: str | None = None, *, passed: tuple[str, ...] = (),
+                  folder_field: str = "folder", history: int = 50) -> dict:
     """The typed record (metadata ``record``) of the newest materialisation of ``asset`` (a key, an
     asset definition or a name), for ``partition`` when it is partitioned: what Dagster's lineage
-    says the upstream is, not whichever file a run wrote last."""
+    says the upstream is, not whichever file a run wrote last. With ``passed`` (blocking checks),
+    the newest materialisation whose version passed all of them: one rejected by a check never
+    replaces the one that passed (each version keeps its own folder, ``record[folder_field]``)."""
     key = asset if isinstance(asset, dg.AssetKey) else getattr(asset, "key", None) or dg.AssetKey(asset)
     records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1).records
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None),
+        limit=history if passed else 1).records
     label = key.to_user_string() + (f"[{partition}]" if partition else "")
     if not records:
-        raise dg.Failure(
-            description=f"{label} has not been materialised in this Dagster instance: materialise it first"
-        )
-    metadata = records[0].asset_materialization.metadata
-    if "record" not in metadata:
-        raise dg.Failure(description=f"the newest materialisation of {label} carries no record (made by an older "
-                                     f"version of the pipeline): materialise it again")
-    return metadata["record"].value
+        raise dg.Failure(description=f"{label} has not been materialised in this Dagster instance: "
+                                     "materialise it first")
+    for entry in records:
+        metadata = entry.asset_materialization.metadata
+        if "record" not in metadata:
+            raise dg.Failure(description=f"the newest materialisation of {label} carries no record (made by an "
+                                         f"older version of the pipeline): materialise it again")
+        record = metadata["record"].value
+        if not passed:
+            return record
+        folder = Path(str(record[folder_field]))
+        if checks_passed(folder if folder.is_dir() else folder.parent, passed):
+            return record
+    raise dg.Failure(description=f"no materialisation of {label} passed its checks ({', '.join(passed)}): fix the "
+                                 f"data and materialise it again")

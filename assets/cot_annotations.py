@@ -7,10 +7,12 @@ and the asset's ``record`` metadata). A blocking check runs the annotation gate.
 """
 
 
+from pathlib import Path
+
 import dagster as dg
 from pydantic import Field
 
-from assets.common import check_result, dataset_partitions, latest_record
+from assets.common import TABLE_CHECKS, check_result, dataset_partitions, latest_record, record_check
 from assets.resources import AnnotatorResource, ArtifactStore
 from assets.triplets import triplets
 from model_code.annotation.store import (
@@ -56,7 +58,7 @@ def _examples_markdown(table, modifications, n: int = 5) -> str:
 def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig, annotator: AnnotatorResource,
                     artifacts: ArtifactStore) -> dg.MaterializeResult:
     name = context.partition_key
-    tables = TablesRecord.from_dict(latest_record(context, triplets, name))
+    tables = TablesRecord.from_dict(latest_record(context, triplets, name, passed=TABLE_CHECKS))
     bench = read_tables(tables.folder)
     splits = config.splits or sorted({s for s in bench.triplets.split.unique() if (name, s) not in HIDDEN_SPLITS})
     teacher = annotator.build(name, tables.root)
@@ -74,14 +76,17 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
         raise dg.Failure(description=(
             f"{stats.failed} teacher requests failed after retries (first: {getattr(teacher, 'errors', ['?'])[0]}); "
             f"the {stats.annotated} annotations made were stored: materialise again to retry the rest."))
-    write_annotations(table, out / "annotations.parquet")
     min_acceptance = config.min_acceptance if config.min_acceptance is not None else teacher.default_min_acceptance
     version = annotation_version(table)
+    # each version in a folder of its own: a set that fails its check never replaces the one that passed
+    folder = out / "versions" / version
+    folder.mkdir(parents=True, exist_ok=True)
+    write_annotations(table, folder / "annotations.parquet")
     ok = int((table.status == "ok").sum())
-    record = AnnotationsRecord(dataset=name, path=str(out / "annotations.parquet"), teacher=teacher.name,
+    record = AnnotationsRecord(dataset=name, path=str(folder / "annotations.parquet"), teacher=teacher.name,
                                prompt_version=teacher.prompt_version, version=version, raw_version=tables.raw_version,
                                min_acceptance=min_acceptance, splits=splits, ok=ok, rejected=len(table) - ok)
-    record.write(out / "meta.json")
+    record.write(folder / "meta.json")
     reasons = table[table.status != "ok"].reject_reason.value_counts()
     histogram = "| reject reason | count |\n|---|---|\n" + "\n".join(f"| {r} | {c} |" for r, c in reasons.items()) \
         if len(reasons) else "no rejections"
@@ -92,13 +97,15 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
         data_version=dg.DataVersion(version),
         metadata={
             "record": dg.MetadataValue.json(record.to_dict()),
-            "path": dg.MetadataValue.path(str(out / "annotations.parquet")),
+            "path": dg.MetadataValue.path(record.path),
             "teacher": teacher.name, "prompt_version": teacher.prompt_version,
             "dagster/row_count": len(table), "ok": ok, "rejected": len(table) - ok,
             "acceptance_rate": ok / len(table) if len(table) else 0.0,
             "reject_reasons": dg.MetadataValue.md(histogram),
             "examples": dg.MetadataValue.md(_examples_markdown(table, modifications)),
-            "annotated_this_run": stats.annotated, "already_stored": stats.already_done,
+            "annotated_this_run": stats.annotated,
+            "already_stored": stats.already_done,
+            "quarantined_parts": dg.MetadataValue.json([str(q) for q in store.quarantined]),
             "annotations_per_s": round(stats.per_second, 1),
             "annotation_version": version, "raw_data_version": tables.raw_version,
         })
@@ -115,8 +122,10 @@ def annotations_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckRe
     name = context.partition_key
     record = AnnotationsRecord.from_dict(latest_record(context, cot_annotations, name))
     table = read_annotations(record.path)
-    bench = read_tables(TablesRecord.from_dict(latest_record(context, triplets, name)).folder)
+    tables = TablesRecord.from_dict(latest_record(context, triplets, name, passed=TABLE_CHECKS))
+    bench = read_tables(tables.folder)
     report = validate_annotations(table, bench.triplets, min_acceptance=record.min_acceptance)
+    record_check(Path(record.path).parent, "annotations_suite", report.success)
     if not report.success:
         context.log.error(report.to_text())
     return check_result(report, min_acceptance=record.min_acceptance)

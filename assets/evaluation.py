@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from assets.common import dataset_partitions, latest_record, png_markdown
+from assets.common import TABLE_CHECKS, dataset_partitions, latest_record, png_markdown
 from assets.resources import ArtifactStore, GateResource
 from assets.training import cir_cot_model
 from assets.triplets import triplets
@@ -61,7 +61,7 @@ def evaluation(
 
     name = context.partition_key
     trained = TrainedModel.from_dict(latest_record(context, cir_cot_model))
-    tables = TablesRecord.from_dict(latest_record(context, triplets, name))
+    tables = TablesRecord.from_dict(latest_record(context, triplets, name, passed=TABLE_CHECKS))
     bench = read_tables(tables.folder)
     root = tables.root
     model = CirCoTModel.load(trained.path, dtype=config.dtype, device=config.device)

@@ -164,6 +164,7 @@ class GateResource(dg.ConfigurableResource):
     synthetic benchmark and none elsewhere."""
 
     floors: str | None = None
+    env_errors: list[str] = []  # settings from the environment that could not be read (reported at run time)
     cot_not_worse: bool = True
     cot_tolerance: float = 0.0
     cot_confidence: float | None = 0.95  # None or 0: compare the means, not a paired test over the queries
@@ -174,6 +175,8 @@ class GateResource(dg.ConfigurableResource):
 
         from model_code.evaluation.gate import DEFAULT_FLOORS, GateConfig
 
+        if self.env_errors:
+            raise dg.Failure(description="the promotion gate is misconfigured: " + "; ".join(self.env_errors))
         floors = DEFAULT_FLOORS.get(dataset, {})
         if self.floors:
             try:
@@ -230,6 +233,7 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
     import os
 
     env = os.environ
+    errors = environment_errors()
     roots = dataset_roots if dataset_roots is not None else {d: env.get(v) for d, v in ROOT_ENV.items()}
     return {
         "datasets": DatasetRoots(**{k: v for k, v in roots.items() if v}),
@@ -243,9 +247,43 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
         "training": training or TrainingResource(profile=env.get("CIRCOT_PROFILE", "embedded"),
                                                  base_model_path=env.get("CIRCOT_BASE_MODEL_PATH")),
         "gate": gate or GateResource(
-            floors=env.get("CIRCOT_GATE_FLOORS") or None,
+            floors=env.get("CIRCOT_GATE_FLOORS") or None, env_errors=errors,
             cot_not_worse=env.get("CIRCOT_GATE_COT_NOT_WORSE", "1").lower() not in ("0", "false", "no"),
-            cot_tolerance=float(env.get("CIRCOT_GATE_COT_TOLERANCE", "0")),
-            cot_confidence=float(env.get("CIRCOT_GATE_COT_CONFIDENCE", "0.95")),
-            max_regression=float(env.get("CIRCOT_GATE_MAX_REGRESSION", "0.01"))),
+            cot_tolerance=_env_number("CIRCOT_GATE_COT_TOLERANCE", 0.0),
+            cot_confidence=_env_number("CIRCOT_GATE_COT_CONFIDENCE", 0.95),
+            max_regression=_env_number("CIRCOT_GATE_MAX_REGRESSION", 0.01)),
     }
+
+
+NUMBER_VARIABLES = {"CIRCOT_GATE_COT_TOLERANCE": (0.0, None), "CIRCOT_GATE_COT_CONFIDENCE": (0.0, 0.9999),
+                    "CIRCOT_GATE_MAX_REGRESSION": (0.0, None)}
+
+
+def _env_number(name: str, default: float) -> float:
+    """The variable as a number, or ``default`` when unset or unreadable (:func:`environment_errors`
+    reports the unreadable ones; nothing raises while the definitions load)."""
+    import os
+
+    try:
+        return float(os.environ[name]) if os.environ.get(name, "").strip() else default
+    except ValueError:
+        return default
+
+
+def environment_errors() -> list[str]:
+    """Every setting in the environment that cannot be used, each naming its variable."""
+    import os
+
+    errors = []
+    for name, (low, high) in NUMBER_VARIABLES.items():
+        raw = os.environ.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            errors.append(f"{name}={raw!r} is not a number")
+            continue
+        if value < low or (high is not None and value > high):
+            errors.append(f"{name}={raw!r} is out of range (from {low}" + (f" to {high})" if high else ")"))
+    return errors

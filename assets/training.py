@@ -14,7 +14,7 @@ import dataclasses
 import dagster as dg
 from pydantic import Field
 
-from assets.common import latest_record, png_markdown
+from assets.common import ANNOTATION_CHECKS, TABLE_CHECKS, latest_record, png_markdown
 from assets.cot_annotations import cot_annotations
 from assets.resources import ArtifactStore, TrainingResource
 from assets.triplets import triplets
@@ -30,13 +30,15 @@ def _dataset_inputs(context, dataset: str):
     from model_code.data import read_tables
     from model_code.data.tables import TablesRecord
 
-    tables = TablesRecord.from_dict(latest_record(context, triplets, dataset))
-    annotations = AnnotationsRecord.from_dict(latest_record(context, cot_annotations, dataset))
+    tables = TablesRecord.from_dict(latest_record(context, triplets, dataset, passed=TABLE_CHECKS))
+    annotations = AnnotationsRecord.from_dict(latest_record(context, cot_annotations, dataset,
+                                                            passed=ANNOTATION_CHECKS, folder_field="path"))
     return read_tables(tables.folder), read_annotations(annotations.path), tables, annotations
 
 
 class BaseModelConfig(dg.Config):
-    bootstrap_steps: int | None = Field(default=None, description="Override the profile's bootstrap steps (tiny).")
+    bootstrap_steps: int | None = Field(default=None, ge=1,
+                                        description="Override the profile's bootstrap steps (tiny).")
 
 
 @dg.asset(group_name="model", kinds={"pytorch"}, description=__doc__.split("\n\n")[0],
@@ -54,7 +56,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, train
         except FileNotFoundError as e:
             raise dg.Failure(description=str(e)) from None
     else:
-        if config.bootstrap_steps:
+        if config.bootstrap_steps is not None:
             spec.bootstrap.steps = config.bootstrap_steps
         bench, ann, tables, annotations = _dataset_inputs(context, "synthetic")
         run = artifacts.dir(
@@ -74,8 +76,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, train
 
 
 class CirCoTModelConfig(dg.Config):
-    align_steps: int | None = Field(default=None, description="Override the profile's stage-1 steps.")
-    cot_steps: int | None = Field(default=None, description="Override the profile's stage-2 steps.")
+    align_steps: int | None = Field(default=None, ge=1, description="Override the profile's stage-1 steps.")
+    cot_steps: int | None = Field(default=None, ge=1, description="Override the profile's stage-2 steps.")
 
 
 @dg.asset(
@@ -89,9 +91,9 @@ def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, 
     from model_code.model.recipes import BaseModelRecord, pair_examples, train_cir_cot
 
     profile = training.spec()
-    if config.align_steps:
+    if config.align_steps is not None:
         profile.align.steps = config.align_steps
-    if config.cot_steps:
+    if config.cot_steps is not None:
         profile.cot.steps = config.cot_steps
     base = BaseModelRecord.from_dict(latest_record(context, base_model))
     train_pairs, val_pairs, versions = [], [], {}

@@ -7,10 +7,12 @@ downstream is built from a table that fails them.
 """
 
 
+import os
+
 import dagster as dg
 from pydantic import Field
 
-from assets.common import check_result, dataset_partitions, latest_record
+from assets.common import check_result, dataset_partitions, latest_record, publish_version, record_check
 from assets.raw_dataset import raw_dataset
 from assets.resources import ArtifactStore
 from model_code.data import DataError, read_dataset, read_tables, write_tables
@@ -40,15 +42,18 @@ def triplets(
                              require_images=config.require_images)
     except DataError as e:
         raise dg.Failure(description=str(e)) from None
-    out = triplets_dir(artifacts, name)
-    written = write_tables(bench, out)
+    # written beside the published versions, then moved to a folder of its own version: a table that
+    # fails its checks never replaces the one that passed, which downstream keeps reading
+    staging = artifacts.dir("triplets", name, f".staging-{os.getpid()}")
+    written = write_tables(bench, staging)
+    version = content_hash(written.values(), staging)
+    out = publish_version(staging, triplets_dir(artifacts, name) / "versions" / version)
     counts = bench.triplets.groupby("split").size().to_dict()
     gallery = bench.images.groupby("split").size().to_dict()
     record = TablesRecord(dataset=name, folder=str(out), root=raw["root"], raw_version=raw["version"],
-                          version=content_hash(written.values(), out), require_images=config.require_images,
+                          version=version, require_images=config.require_images,
                           category=config.fashioniq_category, queries=counts, images=gallery)
     record.write(out / TablesRecord.META)
-    version = record.version
     per_split = "| split | queries | images |\n|---|---|---|\n" + "\n".join(
         f"| {s} | {counts.get(s, 0)} | {gallery.get(s, 0)} |" for s in sorted(set(counts) | set(gallery)))
     sample = bench.triplets.head(5)[["query_id", "split", "reference_id", "modification", "target_ids"]]
@@ -72,6 +77,7 @@ def triplets_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResul
     record = TablesRecord.from_dict(latest_record(context, triplets, context.partition_key))
     bench = read_tables(record.folder)
     report = validate_triplets(bench.triplets, bench.images)
+    record_check(record.folder, "triplets_suite", report.success)
     if not report.success:
         context.log.error(report.to_text())
     return check_result(report)
@@ -86,6 +92,7 @@ def images_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     record = TablesRecord.from_dict(latest_record(context, triplets, context.partition_key))
     bench = read_tables(record.folder)
     report = validate_images(bench.images, record.root if record.require_images else None)
+    record_check(record.folder, "images_suite", report.success)
     if not report.success:
         context.log.error(report.to_text())
     return check_result(report)

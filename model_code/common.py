@@ -56,11 +56,12 @@ def atomic_write_json(path: str | os.PathLike, obj, *, indent: int | None = 1, *
 
 def replace_dir(built: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Put the finished folder ``built`` at ``path``, replacing what was there. The old folder is
-    moved aside first and removed last, so a crash leaves the old or the new one, never neither."""
+    moved aside under a name of this call's own and removed last, so a crash leaves the old or the
+    new one, never neither, and nothing but the old folder is ever removed."""
+    import uuid
+
     built, path = Path(built), Path(path)
-    old = path.with_name(path.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     if path.exists():
         path.rename(old)
     built.rename(path)

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = "cir-cot"
 STAGES = ("production", "candidate", "archived", "rolled_back")
@@ -40,12 +43,37 @@ def stage_label(dataset: str) -> str:
     return f"stage_{dataset}"
 
 
-def _entries() -> list:
+def store_path() -> Path:
+    """Where BentoML keeps models: ``$BENTOML_HOME/models`` (BentoML's default home is ``~/bentoml``)."""
+    return Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml").expanduser() / "models"
+
+
+def broken_entries() -> list[tuple[str, str]]:
+    """``(tag, why)`` of the ``cir-cot`` entries that cannot be read (e.g. a truncated model.yaml)."""
+    return _scan()[1]
+
+
+def _scan() -> tuple[list, list[tuple[str, str]]]:
+    """The readable entries and the broken ones. ``bentoml.models.list`` fails as a whole on one
+    unreadable entry, so each version folder is read on its own and a broken one reported and skipped."""
     bentoml = _bentoml()
-    try:
-        return list(bentoml.models.list(MODEL_NAME))
-    except bentoml.exceptions.NotFound:  # the store has no cir-cot model yet
-        return []
+    folder = store_path() / MODEL_NAME
+    good, broken = [], []
+    if not folder.is_dir():
+        return good, broken
+    for version in sorted(p.name for p in folder.iterdir() if p.is_dir()):
+        tag = f"{MODEL_NAME}:{version}"
+        try:
+            good.append(bentoml.models.get(tag))
+        except Exception as e:  # noqa: BLE001 - whatever BentoML raises on a damaged entry
+            broken.append((tag, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+    for tag, why in broken:
+        log.warning("model store %s: skipping %s, which cannot be read (%s)", store_path(), tag, why)
+    return good, broken
+
+
+def _entries() -> list:
+    return _scan()[0]
 
 
 def _rewrite_info(model, *, labels: dict[str, str] | None = None, metadata: dict | None = None) -> None:
@@ -113,8 +141,9 @@ def promote(model_dir: str | os.PathLike, *, version: str, dataset: str, labels:
         raise ValueError(f"stage must be 'production' or 'candidate', not {stage!r}")
     bentoml = _bentoml()
     model_dir = Path(model_dir)
-    if not (model_dir / "circot.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a saved CIR-CoT model (no circot.json)")
+    from model_code.model.cir_cot import check_model_folder
+
+    check_model_folder(model_dir)  # every file the model names is there, before any label changes
     tag = f"{MODEL_NAME}:{version}"
     key = stage_label(dataset)
     previous = production(dataset)
@@ -126,6 +155,10 @@ def promote(model_dir: str | os.PathLike, *, version: str, dataset: str, labels:
     current = existing.info.labels.get(key) if existing is not None else None
     if current == stage:
         return {**unchanged, "stage": stage, "reason": f"{tag} is already {stage} for {dataset}"}
+    if current == "production" and stage != "production" and not force:
+        return {**unchanged, "stage": current,
+                "reason": f"{tag} is the production model of {dataset}: making it {stage} would leave {dataset} "
+                          f"without one (promote another model, roll back, or force)"}
     if current == "rolled_back" and not force:
         return {
             **unchanged,

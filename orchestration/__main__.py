@@ -93,6 +93,12 @@ def run(dataset: str, definitions=None, *, annotations_only: bool = False, train
 
     from orchestration.definitions import EVALUATION_JOB, PIPELINE_JOB, TRAINING_JOB
 
+    from assets.resources import environment_errors
+
+    errors = environment_errors()
+    if errors:
+        print("The configuration cannot be used:\n" + "\n".join(f"- {e}" for e in errors))
+        return 2
     dagster_instance = dagster_instance or instance()
     config = {"ops": {"triplets": {"config": {"require_images": False}}}} if annotations_only else None
     if not run_job(PIPELINE_JOB, dataset, definitions, config, dagster_instance):
@@ -121,8 +127,11 @@ def show_models() -> int:
     from model_code import registry
 
     rows = registry.list_models()
+    print(f"BentoML model store: {registry.store_path()}")
+    for tag, why in registry.broken_entries():
+        print(f"{tag:<32} BROKEN (skipped): {why}")
     if not rows:
-        print(f"no {registry.MODEL_NAME} model in the BentoML store ({os.environ.get('BENTOML_HOME', '~/bentoml')})")
+        print(f"no {registry.MODEL_NAME} model in the BentoML store at {registry.store_path()}")
     for r in rows:
         labels = r["labels"]
         for dataset, stage in sorted(r["stages"].items()):
@@ -143,6 +152,20 @@ def rollback(dataset: str) -> int:
     return 0
 
 
+def project_homes() -> None:
+    """Where the project keeps its Dagster instance and BentoML store, as ``make`` sets them
+    (``.dagster`` and ``.bentoml`` in the current folder), unless the environment says otherwise:
+    the command line outside ``make`` reads and writes the same ones."""
+    from pathlib import Path
+
+    os.environ.setdefault("BENTOML_HOME", str(Path.cwd() / ".bentoml"))
+    if not os.environ.get("DAGSTER_HOME"):
+        home = Path.cwd() / ".dagster"
+        home.mkdir(exist_ok=True)
+        (home / "dagster.yaml").touch()
+        os.environ["DAGSTER_HOME"] = str(home)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m orchestration")
     sub = p.add_subparsers(dest="command", required=True)
@@ -159,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     rb = sub.add_parser("rollback", help="make a dataset's previous production model its production model again")
     rb.add_argument("--dataset", default="synthetic", choices=["synthetic", "fashioniq", "cirr", "circo"])
     args = p.parse_args(argv)
+    project_homes()
     if args.command == "models":
         return show_models()
     if args.command == "rollback":

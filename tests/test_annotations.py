@@ -56,9 +56,18 @@ def test_resume_after_a_crash_annotates_only_what_is_missing(tmp_path, tiny_synt
         annotate_missing(store, crashing, requests_, chunk_size=10)
     assert len(crashing.asked) == 20 and len(store.table()) == 20  # two chunks stored before the crash
 
-    # a half-written part (crash during a write) is ignored and cleaned up
-    (tmp_path / "store" / "part-000099.parquet.tmp").write_bytes(b"PAR1 garbage")
+    # a half-written part is ignored; one left by a crash long ago is cleaned up, a fresh one (a live
+    # writer's, in another process) is left alone
+    import os
+    import time
+
+    crashed, live = tmp_path / "store" / ".part-1.parquet.tmp", tmp_path / "store" / ".part-2.parquet.tmp"
+    crashed.write_bytes(b"PAR1 garbage")
+    live.write_bytes(b"PAR1 garbage")
+    os.utime(crashed, (time.time() - 2 * 3600,) * 2)
     store = AnnotationStore(tmp_path / "store")
+    assert not crashed.exists() and live.exists()
+    live.unlink()
     resumed = CountingAnnotator(tiny_synthetic)
     stats = annotate_missing(store, resumed, requests_, chunk_size=10)
     assert sorted(resumed.asked) == sorted({r.query_id for r in requests_} - set(crashing.asked))

@@ -106,7 +106,7 @@ def test_malformed_annotation_files_fail_with_the_file_and_entry(tmp_path):
     with pytest.raises(DataError, match="not valid JSON"):
         read_benchmark("circo", tmp_path, "val", require_images=False)
     bad.write_text(json.dumps([{"id": 0, "reference_img_id": 1, "gt_img_ids": [2]}]))
-    with pytest.raises(DataError, match="entry 0 has no field 'relative_caption'"):
+    with pytest.raises(DataError, match="entry 0: has no field 'relative_caption'"):
         read_benchmark("circo", tmp_path, "val", require_images=False)
     bad.write_text(json.dumps({"not": "a list"}))
     with pytest.raises(DataError, match="expected a JSON list"):

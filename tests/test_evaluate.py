@@ -494,6 +494,7 @@ def test_the_command_line_lists_models_and_rolls_back(store, saved_models, capsy
     store.promote(path_b, version=ver_b, dataset="synthetic", labels={**labels, "headline_synthetic": "R@10=0.5"})
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines.pop(0).startswith("BentoML model store: ")  # says where it looked
     assert lines[0].split()[:3] == [f"cir-cot:{ver_b}", "synthetic", "production"] and "R@10=0.5" in lines[0]
     assert lines[1].split()[:3] == [f"cir-cot:{ver_a}", "synthetic", "archived"]
     assert main(["rollback", "--dataset", "synthetic"]) == 0

@@ -83,11 +83,14 @@ def test_synthetic_partition_materialises_with_dvc_versioning_and_passing_checks
     remote = tmp_path / "project-remote"
     assert remote.is_dir() and sum(1 for p in remote.rglob("*") if p.is_file()) >= out.nfiles  # pushed
 
-    tables = read_tables(artifacts / "triplets" / "synthetic")
+    record = mats["triplets"].metadata["record"].value
+    folder = artifacts / "triplets" / "synthetic" / "versions" / record["version"]
+    assert record["folder"] == str(folder)
+    tables = read_tables(folder)
     expected_queries = sum(TINY_PARAMS[s]["references"] * TINY_PARAMS[s]["modifications_per_reference"]
                            for s in ("train", "val", "test"))
     assert len(tables.triplets) == expected_queries
-    meta = json.loads((artifacts / "triplets" / "synthetic" / "meta.json").read_text())
+    meta = json.loads((folder / "meta.json").read_text())
     assert meta["raw_version"] == out.md5 and meta["queries"]["test"] == TINY_PARAMS["test"]["references"]
     assert mats["triplets"].metadata["raw_data_version"].value == out.md5
     assert "| test |" in mats["triplets"].metadata["per_split"].value
@@ -97,7 +100,7 @@ def test_synthetic_partition_materialises_with_dvc_versioning_and_passing_checks
     assert (ann["ok"].value, ann["rejected"].value, ann["teacher"].value) == (expected_queries, 0, "oracle")
     assert ann["raw_data_version"].value == out.md5 and ann["examples"].value.count("- reasoning:") == 5
     assert mats["cot_annotations"].tags["dagster/data_version"] == ann["annotation_version"].value
-    table = read_annotations(artifacts / "cot_annotations" / "synthetic" / "annotations.parquet")
+    table = read_annotations(mats["cot_annotations"].metadata["record"].value["path"])
     assert len(table) == expected_queries and set(table.status) == {"ok"}
 
     # materialising again annotates nothing new
@@ -127,13 +130,27 @@ def test_real_annotations_only_partition_and_a_failing_gate(dvc_project, tmp_pat
     assert not result.success and any("CIRCOT_TEACHER_MODEL_PATH" in f for f in failures)
 
     # plant an empty modification text: the blocking check fails and the run reports it
-    ann = json.loads((root / "annotations" / "val.json").read_text())
-    ann[0]["relative_caption"] = ""
-    (root / "annotations" / "val.json").write_text(json.dumps(ann))
-    result, checks, mats, failures = _materialise(defs, "circo", config)
-    assert not result.success and "cot_annotations" not in mats  # the blocking check stopped it
-    assert checks["triplets_suite"].passed is False and "FAILED 1 of" in checks["triplets_suite"].description
-    assert mats["raw_dataset"].tags["dagster/data_version"] != ""
+    with dg.instance_for_test() as instance:
+        good = _materialise(defs, "circo", config, instance)[2]["triplets"].metadata["record"].value
+        ann = json.loads((root / "annotations" / "val.json").read_text())
+        ann[0]["relative_caption"] = ""
+        (root / "annotations" / "val.json").write_text(json.dumps(ann))
+        result, checks, mats, failures = _materialise(defs, "circo", config, instance)
+        assert not result.success and "cot_annotations" not in mats  # the blocking check stopped it
+        assert checks["triplets_suite"].passed is False and "FAILED 1 of" in checks["triplets_suite"].description
+        assert mats["raw_dataset"].tags["dagster/data_version"] != ""
+        # the rejected table did not replace the one that passed: it has a folder of its own, and what
+        # downstream reads is still the version that passed (regression test: it was overwritten in place)
+        from types import SimpleNamespace
+
+        from assets.common import TABLE_CHECKS, latest_record
+
+        bad = mats["triplets"].metadata["record"].value
+        assert bad["folder"] != good["folder"] and bad["version"] != good["version"]
+        assert read_tables(good["folder"]).triplets.modification.str.strip().ne("").all()
+        ctx = SimpleNamespace(instance=instance)
+        assert latest_record(ctx, "triplets", "circo")["version"] == bad["version"]
+        assert latest_record(ctx, "triplets", "circo", passed=TABLE_CHECKS)["version"] == good["version"]
 
 
 def test_cli_runs_the_job_and_reports(dvc_project, tmp_path, capsys):

@@ -16,6 +16,10 @@ import re
 
 SECTIONS = ("caption", "reasoning", "conclusion")
 MAX_SECTION_CHARS = 1500
+# the longest answer repair() reads: three full sections, their tags, and as much again of chatter
+MAX_TEXT_CHARS = 6 * MAX_SECTION_CHARS
+# characters that show nothing: a section made of them (and whitespace) is empty
+_INVISIBLE = dict.fromkeys(map(ord, "\x00\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 _TAG = re.compile(r"<(/?)(caption|reasoning|conclusion)>", re.IGNORECASE)
 
 
@@ -38,7 +42,7 @@ class CoT:
     def __post_init__(self):
         for name in SECTIONS:
             text = getattr(self, name)
-            if not isinstance(text, str) or not text.strip():
+            if not isinstance(text, str) or not text.translate(_INVISIBLE).strip():
                 raise CoTFormatError("empty_section", f"<{name}> is empty")
             if _TAG.search(text):
                 raise CoTFormatError("tag_in_section", f"<{name}> contains a section tag")
@@ -82,9 +86,10 @@ class Repaired:
     repairs: tuple[str, ...]  # what was changed to get there; empty when the text parsed as it was
 
 
+# possessive runs of blanks (``*+``): a line of blanks is read once, not once per way of splitting it
 _HEADING = re.compile(
-    r"^[ \t]*(?:#{1,6}[ \t]*|\d+[.)][ \t]*|[-*][ \t]+)?(?:\*\*|__)?[ \t]*(caption|reasoning|conclusion)[ \t]*"
-    r"(?:\*\*|__)?[ \t]*[:\-–—]?[ \t]*(?:\*\*|__)?[ \t]*", re.IGNORECASE | re.MULTILINE)
+    r"^[ \t]*+(?:#{1,6}[ \t]*+|\d+[.)][ \t]*+|[-*][ \t]++)?(?:\*\*|__)?[ \t]*+(caption|reasoning|conclusion)[ \t]*+"
+    r"(?:\*\*|__)?[ \t]*+[:\-–—]?[ \t]*+(?:\*\*|__)?[ \t]*+", re.IGNORECASE | re.MULTILINE)
 _FENCE = re.compile(r"^```[a-z]*\s*$", re.MULTILINE)
 
 
@@ -92,7 +97,10 @@ def repair(text: str) -> Repaired:
     """Recover a chain of thought from a teacher's near miss: markdown headings ("Caption:",
     "**Reasoning**", "## Conclusion") instead of tags, a missing closing tag, code fences and
     chatter around the sections. Raises :class:`CoTFormatError` when a section is missing,
-    repeated or empty even so."""
+    repeated or empty even so, and ``too_long`` for a text over ``MAX_TEXT_CHARS`` before reading it.
+    Time is linear in the length of the text."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise CoTFormatError("too_long", f"the answer has {len(text)} characters, over the limit of {MAX_TEXT_CHARS}")
     try:
         return Repaired(parse(text), ())
     except CoTFormatError as first:

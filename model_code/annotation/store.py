@@ -5,8 +5,9 @@ hash of what the teacher was shown: the reference image's bytes, the target imag
 modification text. Query ids are positional in some benchmarks (cir-shapes, FashionIQ), so a key by
 id would hand a regenerated or re-released dataset the chains of the old scenes; a key by content
 re-annotates exactly the queries whose content changed. ``AnnotationStore`` appends each finished
-chunk as its own Parquet part, written atomically (temporary file, then rename): a crash loses at
-most the chunk in flight, never a stored row. ``annotate_missing`` asks the annotator only for the
+chunk as its own Parquet part, written under a temporary name and published without overwriting
+anything: a crash loses at most the chunk in flight, never a stored row, and several writers may
+share a store. ``annotate_missing`` asks the annotator only for the
 keys the store lacks, so an interrupted run resumes where it stopped, a re-run annotates nothing
 new, and a new prompt version (a new key) re-annotates everything. :meth:`AnnotationStore.view`
 gives the rows of a set of requests under the requests' current query ids.
@@ -14,11 +15,13 @@ gives the rows of a set of requests under the requests' current query ids.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -42,41 +45,85 @@ def _schema():
 
 
 class AnnotationStore:
-    """Annotation rows under ``root`` as ``part-NNNNNN.parquet`` files."""
+    """Annotation rows under ``root`` as Parquet parts, one per stored chunk.
+
+    Safe for several writers at once (two annotation runs on one store): every part has a name of
+    its own (``part-<time ns>-<pid>-<random>.parquet``, ordered by time) and is published by a hard
+    link that fails rather than replace an existing file, so no writer overwrites another's rows.
+    A part that cannot be read (truncated, empty, not Parquet) is moved aside into ``quarantine/``
+    with a warning naming it; its rows are then missing, so the next run annotates them again."""
+
+    STALE_TMP_S = 3600  # a temporary file this old is a crashed writer's, not a live one's
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob("*.tmp"):  # a part whose write was interrupted
-            stale.unlink()
+        self.quarantined: list[Path] = []
+        now = time.time()
+        for stale in self.root.glob(".*.tmp"):  # a part whose write was interrupted long ago
+            with contextlib.suppress(FileNotFoundError):
+                if now - stale.stat().st_mtime > self.STALE_TMP_S:
+                    stale.unlink()
 
     def parts(self) -> list[Path]:
         return sorted(self.root.glob("part-*.parquet"))
 
+    def _publish(self, table, name: str) -> Path:
+        """Write ``table`` as the part ``name``, never replacing an existing file."""
+        import pyarrow.parquet as pq
+
+        path = self.root / name
+        tmp = self.root / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        try:
+            os.link(tmp, path)  # fails with FileExistsError instead of overwriting
+        finally:
+            tmp.unlink()
+        return path
+
+    @staticmethod
+    def _part_name(stamp: int | None = None) -> str:
+        stamp = time.time_ns() if stamp is None else stamp
+        return f"part-{stamp:020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+
     def append(self, rows: Sequence[Annotation]) -> Path | None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         if not rows:
             return None
         if any(not r.content_key for r in rows):
             raise ValueError("annotation rows need the content key of their request (see annotate_missing)")
-        parts = self.parts()
-        n = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
-        path = self.root / f"part-{n:06d}.parquet"
         table = pa.Table.from_pylist([{c: getattr(r, c) for c in ANNOTATION_COLUMNS} for r in rows], schema=_schema())
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
-        return path
+        return self._publish(table, self._part_name())
+
+    def _read_parts(self) -> tuple[list[Path], list[pd.DataFrame]]:
+        """The readable parts and their rows; unreadable ones are quarantined."""
+        import pyarrow.parquet as pq
+
+        read, frames = [], []
+        for part in self.parts():
+            try:
+                frames.append(pq.read_table(part).to_pandas())
+                read.append(part)
+            except FileNotFoundError:
+                continue  # compacted away by another process meanwhile: its rows are in the new part
+            except Exception as e:  # noqa: BLE001 - any reader error means the file is not a usable part
+                quarantine = self.root / "quarantine"
+                quarantine.mkdir(exist_ok=True)
+                target = quarantine / part.name
+                with contextlib.suppress(FileNotFoundError):
+                    part.rename(target)
+                    self.quarantined.append(target)
+                log.warning("annotation store %s: part %s is unreadable (%s: %s); moved to %s, and its queries "
+                            "will be annotated again", self.root, part.name, type(e).__name__, e, target)
+        return read, frames
 
     def table(self, teacher: str | None = None, prompt_version: str | None = None) -> pd.DataFrame:
         """All rows (the latest per key), optionally of one teacher and prompt version."""
-        import pyarrow.parquet as pq
-
-        parts = self.parts()
-        if not parts:
+        _, frames = self._read_parts()
+        if not frames:
             return pd.DataFrame({c: pd.Series(dtype=object) for c in ANNOTATION_COLUMNS})
-        df = pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
+        df = pd.concat(frames, ignore_index=True)
         df = nulls_as_none(df.reindex(columns=ANNOTATION_COLUMNS))  # parts from before content keys: never matched
         if teacher is not None:
             df = df[df.teacher == teacher]
@@ -98,20 +145,22 @@ class AnnotationStore:
         return out[ANNOTATION_COLUMNS]
 
     def compact(self) -> None:
-        """Rewrite all parts as one (the latest row per key); safe to interrupt."""
+        """Rewrite the parts as one (the latest row per key); safe to interrupt, and to run beside
+        writers: the new part sorts right after the newest part it read, and only the parts it read
+        are removed."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        parts = self.parts()
+        parts, frames = self._read_parts()
         if len(parts) < 2:
             return
-        table = pa.Table.from_pandas(self.table()[ANNOTATION_COLUMNS], schema=_schema(), preserve_index=False)
-        n = int(parts[-1].stem.split("-")[1]) + 1
-        path = self.root / f"part-{n:06d}.parquet"
-        with atomic_path(path) as tmp:  # the new part holds every row: the old ones are then redundant
-            pq.write_table(table, tmp)
+        df = nulls_as_none(pd.concat(frames, ignore_index=True).reindex(columns=ANNOTATION_COLUMNS))
+        df = df.drop_duplicates(KEY, keep="last")
+        newest = int(parts[-1].name.split("-")[1].split(".")[0])
+        self._publish(pa.Table.from_pandas(df[ANNOTATION_COLUMNS], schema=_schema(), preserve_index=False),
+                      self._part_name(newest + 1))
         for p in parts:
-            p.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
 
 
 def write_annotations(table: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -20,14 +20,21 @@ The tables themselves (columns, Parquet) are in ``model_code/data/tables.py``.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
-from model_code.data.tables import (DATASETS, FASHIONIQ_CATEGORIES, LIST_COLUMNS, SPLITS, Benchmark, DataError,
-                                    MissingImagesError, images_frame, triplets_frame)
+from model_code.data.formats import (CircoEntry, CircoImageInfo, CirrEntry, FashionIQEntry, SyntheticEntry, validate,
+                                     validate_entries)
+from model_code.data.tables import (DATASETS, FASHIONIQ_CATEGORIES, HIDDEN_SPLITS, LIST_COLUMNS, SPLITS, Benchmark,
+                                    DataError, MissingImagesError, images_frame, triplets_frame)
+
+log = logging.getLogger(__name__)
+_COCO_NAME = re.compile(r"\d{12}\.jpg")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,16 +48,6 @@ def _load_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e}") from None
-
-
-def _field(entry: dict, key: str, path: Path, index: int):
-    try:
-        return entry[key]
-    except (KeyError, TypeError):
-        raise DataError(
-            f"{path}: entry {index} has no field {key!r} "
-            f"(has: {sorted(entry) if isinstance(entry, dict) else type(entry).__name__})"
-        ) from None
 
 
 def _as_list(entries, path: Path) -> list:
@@ -93,19 +90,22 @@ def _captions_and_split(ann: Path, stem: str) -> tuple[Path, list, dict]:
     paths = _load_json(split_path)
     if not isinstance(paths, dict):
         raise DataError(f"{split_path}: expected a JSON object of image name -> path, got {type(paths).__name__}")
+    for name, rel in paths.items():
+        if not isinstance(rel, str) or not rel:
+            raise DataError(f"{split_path}: entry {name!r}: expected a relative image path (a string), got {rel!r}")
     return path, entries, paths
 
 
 def _read_synthetic(root: Path, split: str) -> Benchmark:
     path, entries, paths = _captions_and_split(root, split)
     rows = []
-    for i, e in enumerate(entries):
+    for e in validate_entries(SyntheticEntry, entries, path):
         rows.append({
-            "query_id": str(_field(e, "query_id", path, i)), "dataset": "synthetic", "split": split,
-            "reference_id": _field(e, "reference", path, i), "modification": _field(e, "modification", path, i),
-            "target_ids": [_field(e, "target", path, i)], "subset_ids": [],
-            "n_edits": e.get("n_edits"), "reference_dependent": e.get("reference_dependent"),
-            "hard_negative_ids": e.get("hard_negatives", []),
+            "query_id": e.query_id, "dataset": "synthetic", "split": split,
+            "reference_id": e.reference, "modification": e.modification,
+            "target_ids": [e.target], "subset_ids": [],
+            "n_edits": e.n_edits, "reference_dependent": e.reference_dependent,
+            "hard_negative_ids": list(e.hard_negatives),
         })
     images = [{"image_id": k, "dataset": "synthetic", "split": split, "path": _clean(v)} for k, v in paths.items()]
     return Benchmark(triplets_frame(rows), images_frame(images))
@@ -122,13 +122,14 @@ def _cirr_annotation_dir(root: Path) -> Path:
 def _read_cirr(root: Path, split: str) -> Benchmark:
     path, entries, paths = _captions_and_split(_cirr_annotation_dir(root), f"rc2.{split}")
     rows = []
-    for i, e in enumerate(entries):
-        target = e.get("target_hard")
-        img_set = e.get("img_set") or {}
+    for i, e in enumerate(validate_entries(CirrEntry, entries, path)):
+        if e.target_hard is None and ("cirr", split) not in HIDDEN_SPLITS:
+            raise DataError(f"{path}: entry {i} (pairid {e.pairid}): field 'target_hard' is missing or null; "
+                            f"expected the target image's name (only the hidden test1 split has none)")
         rows.append({
-            "query_id": str(_field(e, "pairid", path, i)), "dataset": "cirr", "split": split,
-            "reference_id": _field(e, "reference", path, i), "modification": _field(e, "caption", path, i),
-            "target_ids": [target] if target else [], "subset_ids": list(img_set.get("members", [])),
+            "query_id": str(e.pairid), "dataset": "cirr", "split": split,
+            "reference_id": e.reference, "modification": e.caption,
+            "target_ids": [e.target_hard] if e.target_hard else [], "subset_ids": list(e.img_set.members),
         })
     images = [{"image_id": k, "dataset": "cirr", "split": split, "path": _clean(v)} for k, v in paths.items()]
     return Benchmark(triplets_frame(rows), images_frame(images))
@@ -152,19 +153,25 @@ def _read_fashioniq(root: Path, split: str, category: str | None) -> Benchmark:
     for c in categories:
         path = root / "captions" / f"cap.{c}.{split}.json"
         entries = _as_list(_load_json(path), path)
-        for i, e in enumerate(entries):
-            caps = _field(e, "captions", path, i)
-            if not isinstance(caps, list) or len(caps) != 2:
-                raise DataError(f"{path}: entry {i} should have two captions, has {caps!r}")
-            target = e.get("target")
+        for i, e in enumerate(validate_entries(FashionIQEntry, entries, path)):
+            if e.target is None and ("fashioniq", split) not in HIDDEN_SPLITS:
+                raise DataError(f"{path}: entry {i}: field 'target' is missing or null; expected the target's ASIN "
+                                f"(only the hidden test split has none)")
+            # the benchmark's "{c1} and {c2}", without the empty parts
+            parts = [cap.strip() for cap in e.captions if cap.strip()]
+            if not parts:
+                raise DataError(f"{path}: entry {i}: field 'captions': both captions are empty; "
+                                f"expected at least one modification text")
             rows.append({
                 "query_id": f"{c}-{split}-{i:05d}", "dataset": "fashioniq", "split": split, "category": c,
-                "reference_id": _field(e, "candidate", path, i),
-                "modification": f"{caps[0].strip()} and {caps[1].strip()}",
-                "target_ids": [target] if target else [],
+                "reference_id": e.candidate, "modification": " and ".join(parts),
+                "target_ids": [e.target] if e.target else [],
             })
         split_path = root / "image_splits" / f"split.{c}.{split}.json"
-        for asin in _as_list(_load_json(split_path), split_path):
+        asins = _as_list(_load_json(split_path), split_path)
+        for k, asin in enumerate(asins):
+            if not isinstance(asin, str) or not asin:
+                raise DataError(f"{split_path}: entry {k}: expected an image ASIN (a string), got {asin!r}")
             images.append({"image_id": asin, "dataset": "fashioniq", "split": split, "category": c,
                            "path": _fashioniq_image_path(root, asin, on_disk)})
     return Benchmark(triplets_frame(rows), images_frame(images))
@@ -181,21 +188,29 @@ def _read_circo(root: Path, split: str) -> Benchmark:
     path = root / "annotations" / f"{split}.json"
     entries = _as_list(_load_json(path), path)
     rows = []
-    for i, e in enumerate(entries):
-        gt = e.get("gt_img_ids") or ([e["target_img_id"]] if e.get("target_img_id") is not None else [])
+    for i, e in enumerate(validate_entries(CircoEntry, entries, path)):
+        gt = e.gt_img_ids or ([e.target_img_id] if e.target_img_id is not None else [])
+        if not gt and ("circo", split) not in HIDDEN_SPLITS:
+            raise DataError(f"{path}: entry {i} (id {e.id}): fields 'gt_img_ids' and 'target_img_id' are missing or "
+                            f"empty; expected the ground-truth image ids (only the hidden test split has none)")
         rows.append({
-            "query_id": f"{split}-{_field(e, 'id', path, i)}", "dataset": "circo", "split": split,
-            "reference_id": str(_field(e, "reference_img_id", path, i)),
-            "modification": _field(e, "relative_caption", path, i),
-            "target_ids": [str(g) for g in gt], "shared_concept": e.get("shared_concept"),
+            "query_id": f"{split}-{e.id}", "dataset": "circo", "split": split,
+            "reference_id": str(e.reference_img_id), "modification": e.relative_caption,
+            "target_ids": [str(g) for g in gt], "shared_concept": e.shared_concept,
         })
     triplets = triplets_frame(rows)
     image_dir, rel = _circo_image_dir(root)
     info = root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json"
     if info.is_file():
-        ids = [str(im["id"]) for im in _load_json(info)["images"]]
+        ids = [str(im.id) for im in validate(CircoImageInfo, _load_json(info), info).images]
     elif image_dir.is_dir():
-        ids = sorted(str(int(f[:-4])) for f in os.listdir(image_dir) if f.endswith(".jpg"))
+        names = os.listdir(image_dir)
+        coco = [f for f in names if _COCO_NAME.fullmatch(f)]
+        if len(coco) < len(names):
+            stray = sorted(set(names) - set(coco))
+            log.warning("circo: %d files in %s are not COCO images (<12 digits>.jpg) and are left out of the "
+                        "gallery, e.g. %s", len(stray), image_dir, ", ".join(stray[:3]))
+        ids = sorted(str(int(f[:-4])) for f in coco)
     else:  # no gallery on disk: the images the queries name
         named = set(triplets["reference_id"])
         for ids_ in triplets["target_ids"]:
@@ -203,6 +218,15 @@ def _read_circo(root: Path, split: str) -> Benchmark:
         ids = sorted(named, key=int)
     images = [{"image_id": i, "dataset": "circo", "split": split, "path": f"{rel}/{int(i):012d}.jpg"} for i in ids]
     return Benchmark(triplets, images_frame(images))
+
+
+def _check_paths(name: str, images: pd.DataFrame) -> None:
+    """Every image path is relative and stays inside the dataset root (no ``..`` out of it)."""
+    for image_id, rel in zip(images["image_id"], images["path"]):
+        norm = os.path.normpath(str(rel))
+        if os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
+            raise DataError(f"{name}: image {image_id!r} has the path {rel!r}, which leaves the dataset root; "
+                            f"image paths must be relative paths inside it")
 
 
 def read_benchmark(name: str, root: str | os.PathLike, split: str, *, category: str | None = None,
@@ -226,6 +250,7 @@ def read_benchmark(name: str, root: str | os.PathLike, split: str, *, category: 
         bench = _read_fashioniq(root, split, category)
     else:
         bench = _read_circo(root, split)
+    _check_paths(name, bench.images)
     if require_images:
         _check_images(name, root, bench.images, bench.triplets)
     return bench

@@ -319,9 +319,8 @@ class CirCoTModel(torch.nn.Module):
         from model_code.model.backbone import load_backbone
 
         path = Path(path)
-        meta = json.loads((path / "circot.json").read_text())
+        meta, base_path = check_model_folder(path)
         processor = AutoProcessor.from_pretrained(path / "processor")
-        base_path = None
         if meta["weights"] == "full":
             model, _ = load_backbone(
                 path / "model", dtype=dtype, device=device, attn_implementation=attn_implementation
@@ -329,8 +328,6 @@ class CirCoTModel(torch.nn.Module):
         else:
             from peft import PeftModel
 
-            base_path = Path(meta["base_model"])
-            base_path = base_path if base_path.is_absolute() else (path / base_path).resolve()
             base, _ = load_backbone(base_path, dtype=dtype, device=device,
                                     attn_implementation=attn_implementation)
             add_cir_tokens(base, processor)
@@ -340,6 +337,48 @@ class CirCoTModel(torch.nn.Module):
                   base_version=meta.get("base_version"), prompt_version=meta["prompt_version"])
         out.version = meta["version"]
         return out
+
+
+class ModelFolderError(FileNotFoundError):
+    """A saved model folder lacks a file it needs; the message names it."""
+
+
+def check_model_folder(path: str | os.PathLike) -> tuple[dict, Path | None]:
+    """Check that a folder written by :meth:`CirCoTModel.save` holds every file it needs (its
+    ``circot.json``, the processor, the weights, and for an adapter its base model's config and
+    weights) and return its metadata and resolved base path; :class:`ModelFolderError` names the
+    first file missing."""
+    path = Path(path)
+
+    def need(file: Path, what: str) -> None:
+        if not file.is_file():
+            raise ModelFolderError(f"the model at {path} is incomplete: {what} {file} is missing")
+
+    need(path / "circot.json", "its description")
+    try:
+        meta = json.loads((path / "circot.json").read_text())
+        weights = meta["weights"]
+    except (ValueError, KeyError) as e:
+        raise ModelFolderError(f"the model at {path} has an unreadable circot.json ({e})") from None
+    need(path / "processor" / "tokenizer.json", "the processor's tokenizer")
+    settings = [path / "processor" / n for n in ("processor_config.json", "preprocessor_config.json")]
+    need(next((f for f in settings if f.is_file()), settings[0]), "the processor's settings")
+    if weights == "full":
+        need(path / "model" / "config.json", "the model's config")
+        if not list((path / "model").glob("*.safetensors")):
+            raise ModelFolderError(f"the model at {path} is incomplete: no weights (*.safetensors) in {path / 'model'}")
+        return meta, None
+    need(path / "adapter" / "adapter_config.json", "the adapter's config")
+    need(path / "adapter" / "adapter_model.safetensors", "the adapter's weights")
+    if not meta.get("base_model"):
+        raise ModelFolderError(f"the model at {path} names no base model in circot.json")
+    base = Path(meta["base_model"])
+    base = base if base.is_absolute() else (path / base).resolve()
+    need(base / "config.json", "its base model's config")
+    if not list(base.glob("*.safetensors")):
+        raise ModelFolderError(f"the model at {path} is incomplete: its base model {base} has no weights "
+                               f"(*.safetensors)")
+    return meta, base
 
 
 class EndsInEmb:

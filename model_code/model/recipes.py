@@ -305,6 +305,18 @@ PROFILES["smoke"] = TrainingProfile(
 )
 
 
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} steps: give at least 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train the CIR-CoT model outside Dagster, e.g. across GPUs:
 
@@ -329,14 +341,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", required=True, help="the base model folder (a checkpoint, or the bootstrapped tiny model)")
     p.add_argument("--profile", default="gpu", choices=sorted(PROFILES))
     p.add_argument("--out", required=True)
-    p.add_argument("--align-steps", type=int)
-    p.add_argument("--cot-steps", type=int)
+    p.add_argument("--align-steps", type=_positive, help="stage-1 steps (default: the profile's)")
+    p.add_argument("--cot-steps", type=_positive, help="stage-2 steps (default: the profile's)")
     args = p.parse_args(argv)
     _logging.basicConfig(level=_logging.INFO, format="%(asctime)s %(message)s")
 
     profile = PROFILES[args.profile].copy()
-    profile.align.steps = args.align_steps or profile.align.steps
-    profile.cot.steps = args.cot_steps or profile.cot.steps
+    if args.align_steps is not None:
+        profile.align.steps = args.align_steps
+    if args.cot_steps is not None:
+        profile.cot.steps = args.cot_steps
     root = TablesRecord.load(args.tables).root
     bench, ann = read_tables(args.tables), read_annotations(args.annotations)
     trained = train_cir_cot(register_checkpoint(args.base),

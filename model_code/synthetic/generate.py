@@ -155,13 +155,47 @@ def _dump_json(obj, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
+GENERATING = ".cir-shapes-generating"  # marks a folder this generator is writing (removed when done)
+
+
+class OutputFolderError(ValueError):
+    """``--out`` names something the generator must not replace."""
+
+
+def output_folder(out: str | os.PathLike) -> Path:
+    """``out`` resolved, once checked to be safe to replace: a new folder, an empty one, or a previous
+    output of this generator (its ``meta.json`` says ``"format": "cir-shapes/..."``). Refuses the
+    current folder or one above it, a file, and any other non-empty folder, before touching anything."""
+    path = Path(out).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if path == cwd or path in cwd.parents or path == Path(path.anchor):
+        raise OutputFolderError(f"--out {out!r} is {path}, the current folder or one above it: "
+                                "name a folder of its own")
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(f"--out {out!r} is a file ({path}), not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        meta = path / "meta.json"
+        try:
+            ours = json.loads(meta.read_text()).get("format", "").startswith("cir-shapes/")
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise OutputFolderError(f"--out {out!r} ({path}) is a non-empty folder that is not a cir-shapes benchmark "
+                                    f"(no meta.json of this generator): refusing to replace it")
+    return path
+
+
 def generate(params: SyntheticParams, out: str | os.PathLike) -> dict:
     """Generate the whole benchmark into ``out`` (replaced atomically: an interrupted run leaves
-    the previous contents, or nothing, never a half-written benchmark). Returns the counts."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    the previous contents, or nothing, never a half-written benchmark). ``out`` must be new, empty
+    or a previous output (:func:`output_folder`). Returns the counts."""
+    out = output_folder(out)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # an earlier run of ours that was interrupted
+        if (stale / GENERATING).is_file():
+            shutil.rmtree(stale)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    (tmp / GENERATING).touch()
     used: set = set()
     splits = {s: generate_split(params, s, used) for s in SPLITS}
     total = sum(len(d.images) for d in splits.values())
@@ -184,6 +218,7 @@ def generate(params: SyntheticParams, out: str | os.PathLike) -> dict:
         counts[split] = {"images": len(data.images), "queries": len(data.queries),
                          "reference_dependent": sum(q["reference_dependent"] for q in data.queries)}
     _dump_json({"format": FORMAT_VERSION, "params": params.model_dump(), "counts": counts}, tmp / "meta.json")
+    (tmp / GENERATING).unlink()
     replace_dir(tmp, out)
     return counts
 
@@ -223,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
                 data[split][field] = getattr(args, f"{split}_{flag}")
     params = SyntheticParams.model_validate(data)
     start = time.monotonic()
-    counts = generate(params, args.out)
+    try:
+        counts = generate(params, args.out)
+    except OutputFolderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     log.info("wrote %s in %.1fs: %s", args.out, time.monotonic() - start, json.dumps(counts))
     return 0
 
