@@ -158,6 +158,20 @@ class TrainingResource(dg.ConfigurableResource):
         return profile
 
 
+class IndexResource(dg.ConfigurableResource):
+    """Where the gallery indexes live (DESIGN.md §7): a LanceDB URI, default ``<artifacts>/lancedb``;
+    any LanceDB URI works (``s3://bucket/path``, ``gs://...``). ``exact_below``: galleries smaller
+    than this are searched exactly in memory, larger ones through an ANN index."""
+
+    uri: str | None = None
+    exact_below: int = 50_000
+
+    def open(self, dataset: str, artifacts: ArtifactStore):
+        from model_code.index import GalleryIndex
+
+        return GalleryIndex(self.uri or str(artifacts.dir("lancedb")), dataset, exact_below=self.exact_below)
+
+
 class GateResource(dg.ConfigurableResource):
     """The promotion gate's rules (model_code/gate.py). ``floors``: JSON, either ``{metric: floor}``
     for every dataset or ``{dataset: {metric: floor}}``; unset: the built-in floors of the
@@ -227,6 +241,7 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
     CIRCOT_GATE_COT_CONFIDENCE paired test: fail when cot is     0.95 (0: compare means)
                            worse at this confidence
     CIRCOT_GATE_MAX_REGRESSION headline drop vs production       0.01
+    CIRCOT_INDEX_URI       LanceDB URI of the gallery indexes     <artifacts>/lancedb
     BENTOML_HOME           BentoML store (promoted models)        ~/bentoml (make: ./.bentoml)
     ====================== ===================================== ==============================
     """
@@ -246,6 +261,7 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
             api_key_env=env.get("CIRCOT_TEACHER_API_KEY_ENV", "OPENAI_API_KEY")),
         "training": training or TrainingResource(profile=env.get("CIRCOT_PROFILE", "embedded"),
                                                  base_model_path=env.get("CIRCOT_BASE_MODEL_PATH")),
+        "index": IndexResource(uri=env.get("CIRCOT_INDEX_URI") or None),
         "gate": gate or GateResource(
             floors=env.get("CIRCOT_GATE_FLOORS") or None, env_errors=errors,
             cot_not_worse=env.get("CIRCOT_GATE_COT_NOT_WORSE", "1").lower() not in ("0", "false", "no"),

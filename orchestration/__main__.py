@@ -72,6 +72,8 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
             print(f"  asset {mat.asset_key.to_user_string():<16} -> {path.value if path else '-'}  {extra}")
             if "table" in meta:
                 tables.append(meta["table"].value)
+            if "example" in meta:
+                tables.append("An example query through the gallery index:\n" + meta["example"].value.strip("`\n"))
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             ev = event.event_specific_data
             checks_ok &= ev.passed

@@ -10,6 +10,7 @@ import dagster as dg
 
 from assets import cot_annotations as cot_annotations_module
 from assets import evaluation as evaluation_module
+from assets import gallery_index as gallery_index_module
 from assets import raw_dataset as raw_dataset_module
 from assets import training as training_module
 from assets import triplets as triplets_module
@@ -37,16 +38,18 @@ def build_definitions(*, project_dir: str | None = None, artifacts_root: str | N
                                    description="Raw data, normalised triplets and CoT annotations of one dataset")
     training_job = dg.define_asset_job(TRAINING_JOB, selection=dg.AssetSelection.assets(*model_assets),
                                        description="Bootstrap or register the base model, then train the CIR-CoT model")
-    eval_assets = [evaluation_module.evaluation, evaluation_module.promoted_model]
+    eval_assets = [evaluation_module.evaluation, evaluation_module.promoted_model, gallery_index_module.gallery_index]
     evaluation_job = dg.define_asset_job(
         EVALUATION_JOB,
         selection=dg.AssetSelection.assets(*eval_assets),
         partitions_def=dataset_partitions,
-        description="Evaluate the latest model on one dataset; the gate decides its promotion",
+        description="Evaluate the latest model on one dataset; the gate decides its promotion; the production model "
+                    "embeds the gallery index",
     )
     return dg.Definitions(
         assets=[*data_assets, *model_assets, *eval_assets],
-        asset_checks=[*dg.load_asset_checks_from_modules(data_modules), evaluation_module.promotion_gate],
+        asset_checks=[*dg.load_asset_checks_from_modules(data_modules), evaluation_module.promotion_gate,
+                      gallery_index_module.index_recall],
         jobs=[pipeline, training_job, evaluation_job],
         resources=resources,
     )

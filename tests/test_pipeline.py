@@ -64,6 +64,10 @@ def _execute(defs, job, partition=None, run_config=None, instance=None):
         return result, checks, mats, failures
 
 
+def trained_tables(mats) -> str:
+    return mats["triplets"].metadata["record"].value["folder"]
+
+
 def _materialise(defs, partition, run_config=None, instance=None):
     return _execute(defs, PIPELINE_JOB, partition, run_config, instance)
 
@@ -176,7 +180,7 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     artifacts = tmp_path / "artifacts"
     defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
                              training=TrainingResource(profile="smoke"))
-    result, _, _, failures = _materialise(defs, "synthetic", instance=instance)
+    result, _, mats_first, failures = _materialise(defs, "synthetic", instance=instance)
     assert result.success, failures
     run, _, mats, failures = _execute(defs, TRAINING_JOB, instance=instance)
     assert run.success, failures
@@ -224,8 +228,16 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     lenient = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
                                 training=TrainingResource(profile="smoke"),
                                 gate=GateResource(floors='{"synthetic": {"R@50": 0.5}}', cot_not_worse=False))
-    run, _, _, failures = _execute(lenient, EVALUATION_JOB, "synthetic", eval_config, instance)
+    run, checks, mats, failures = _execute(lenient, EVALUATION_JOB, "synthetic", eval_config, instance)
     assert run.success, failures
+    # ...and the production model's gallery index is built, tagged with its version, and checked
+    index = mats["gallery_index"].metadata
+    n_test = len(read_tables(trained_tables(mats_first)).images.query("split == 'test'"))
+    assert index["rows"].value == n_test and index["model_version"].value == trained["version"]
+    assert index["tag"].value == f"model-{trained['version']}" and index["index_type"].value == "exact"
+    assert checks["index_recall"].passed
+    assert "recall@10 against exact search 1.000" in checks["index_recall"].description
+    assert "top 5:" in index["example"].value
     prod = registry.production("synthetic")
     assert prod["version"] == trained["version"] and prod["labels"]["stage_synthetic"] == "production"
     assert prod["labels"]["data_synthetic"] == trained["data"]["synthetic"]["raw"]

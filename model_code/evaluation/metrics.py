@@ -79,21 +79,11 @@ def rank_gallery(query_embeddings, gallery_embeddings, gallery_ids: Sequence[str
                  exclude: Sequence[Iterable[str]] | None = None, top: int | None = None) -> list[list[str]]:
     """Gallery ids per query by cosine similarity (embeddings L2-normalised: the dot product),
     highest first, ties in gallery order; ids in ``exclude[i]`` removed from query i's ranking; at
-    most ``top`` ids kept (all when None)."""
-    import torch
+    most ``top`` ids kept (all when None). The gallery index's exact search
+    (:func:`model_code.index.exact_topk`), so evaluation and search rank alike by construction."""
+    from model_code.index import exact_topk
 
-    q = torch.as_tensor(query_embeddings, dtype=torch.float32)
-    g = torch.as_tensor(gallery_embeddings, dtype=torch.float32)
-    if g.shape[0] != len(gallery_ids):
-        raise ValueError(f"{g.shape[0]} gallery embeddings but {len(gallery_ids)} ids")
-    scores = q @ g.T                                        # [queries, gallery]
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    out = []
-    for i, row in enumerate(order.tolist()):
-        banned = set(exclude[i]) if exclude is not None else set()
-        ranking = [gallery_ids[j] for j in row if gallery_ids[j] not in banned]
-        out.append(ranking[:top] if top is not None else ranking)
-    return out
+    return exact_topk(query_embeddings, gallery_embeddings, gallery_ids, top, exclude=exclude)[0]
 
 
 def reference_exclusions(dataset: str, reference_ids: Sequence[str]) -> list[set[str]] | None:

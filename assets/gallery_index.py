@@ -1,0 +1,149 @@
+"""gallery_index[d]: the dataset's gallery embedded by its production model into LanceDB (DESIGN.md §3, §7).
+
+After ``promoted_model[d]``: the images of the scored split (and of the split with hidden targets,
+where the tables have one) are embedded by the production model of ``d`` into the table
+``gallery_<d>`` (model_code/index.py), whose version is tagged with the model version. The
+blocking check ``index_recall`` runs a sample of the split's queries through the index and through
+exact search, and fails below recall@10 0.95 against exact.
+"""
+
+import dagster as dg
+from pydantic import Field
+
+from assets.common import TABLE_CHECKS, dataset_partitions, latest_record
+from assets.evaluation import promoted_model
+from assets.resources import ArtifactStore, IndexResource
+from assets.triplets import triplets
+
+MIN_RECALL = 0.95
+
+
+class GalleryIndexConfig(dg.Config):
+    batch_size: int = Field(default=64, ge=1, description="Images per forward pass.")
+    on_bad_image: str = Field(default="fail", description="fail (stop, naming the image) or skip (leave it out).")
+    device: str | None = Field(default=None, description="cuda / cpu; default cuda when present.")
+    dtype: str = Field(default="auto", description="auto: bfloat16 on a GPU, float32 on the CPU.")
+
+
+def _production(dataset: str) -> dict:
+    from model_code import registry
+
+    prod = registry.production(dataset)
+    if prod is None:
+        raise dg.Failure(description=f"no production model of {dataset} in the model store: the gallery is embedded "
+                                     f"by the production model, so promote one first (evaluate_and_promote)")
+    return prod
+
+
+def _gallery(dataset: str, bench, root: str):
+    """The images of the scored split, and of the split with hidden targets where there is one."""
+    from pathlib import Path
+
+    from model_code.evaluation.evaluate import SCORED_SPLIT, SUBMISSION_SPLIT
+    from model_code.index import GalleryImage
+
+    splits = {SCORED_SPLIT[dataset], SUBMISSION_SPLIT.get(dataset)}
+    rows = bench.images[bench.images["split"].isin(splits)]
+    return [GalleryImage(i, s, Path(root) / p) for i, s, p in zip(rows["image_id"], rows["split"], rows["path"])]
+
+
+def _example(model, index, bench, root: str, dataset: str, version: str) -> str:
+    """One query of the scored split answered through the index: its reasoning and top 5."""
+    from pathlib import Path
+
+    from model_code.evaluation.evaluate import SCORED_SPLIT
+    from model_code.evaluation.metrics import reference_exclusions
+
+    split = SCORED_SPLIT[dataset]
+    q = bench.triplets[bench.triplets["split"] == split].iloc[0]
+    paths = dict(zip(zip(bench.images["split"], bench.images["image_id"]), bench.images["path"]))
+    emb, reasoning = model.infer_queries([Path(root) / paths[(split, q.reference_id)]], [q.modification], "cot",
+                                         max_new_tokens=256, batch_size=1)
+    ids, scores = index.search(emb.numpy(), 5, model_version=version,
+                               exclude=reference_exclusions(dataset, [q.reference_id]))
+    targets = set(q.target_ids)
+    lines = [f"query {q.query_id}: reference {q.reference_id}, \"{q.modification}\"",
+             f"reasoning: {reasoning[0]['text'][:400]}", "top 5:"]
+    lines += [f"  {rank}. {i}  {s:.3f}{'  <- target' if i in targets else ''}"
+              for rank, (i, s) in enumerate(zip(ids[0], scores[0]), 1)]
+    return "\n".join(lines)
+
+
+@dg.asset(partitions_def=dataset_partitions, group_name="serving", deps=[promoted_model], kinds={"lancedb"},
+          description=__doc__.split("\n\n")[0])
+def gallery_index(context: dg.AssetExecutionContext, config: GalleryIndexConfig, index: IndexResource,
+                  artifacts: ArtifactStore) -> dg.MaterializeResult:
+    from model_code import registry
+    from model_code.data import read_tables
+    from model_code.data.tables import TablesRecord
+    from model_code.index import GalleryIndexError
+
+    name = context.partition_key
+    prod = _production(name)
+    tables = TablesRecord.from_dict(latest_record(context, triplets, name, passed=TABLE_CHECKS))
+    bench = read_tables(tables.folder)
+    model = registry.load_promoted(dataset=name, device=config.device, dtype=config.dtype)
+    gallery_index_ = index.open(name, artifacts)
+    try:
+        info = gallery_index_.build(lambda paths: model.embed_images(paths, batch_size=config.batch_size),
+                                    _gallery(name, bench, tables.root), model_version=prod["version"],
+                                    batch_size=config.batch_size, on_bad_image=config.on_bad_image,
+                                    progress=context.log.info)
+    except GalleryIndexError as e:
+        raise dg.Failure(description=str(e)) from None
+    example = _example(model, gallery_index_, bench, tables.root, name, prod["version"])
+    context.log.info(f"gallery_index[{name}]: {info.rows} images of model {info.model_version} "
+                     f"({info.index_type}), table version {info.table_version}\n{example}")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(f"{info.model_version}-{info.table_version}"),
+        metadata={
+            "record": dg.MetadataValue.json({**info.__dict__, "uri": gallery_index_.uri}),
+            "path": dg.MetadataValue.path(gallery_index_.uri), "rows": info.rows, "dimension": info.dimension,
+            "model_version": info.model_version, "table_version": info.table_version, "tag": info.tag,
+            "index_type": info.index_type, "index_params": dg.MetadataValue.json(info.index_params),
+            "embedded_this_run": info.embedded, "skipped_images": dg.MetadataValue.json(info.skipped),
+            "build_seconds": info.seconds, "images_per_s": info.images_per_s,
+            "example": dg.MetadataValue.md(f"```\n{example}\n```"),
+        })
+
+
+class IndexRecallConfig(dg.Config):
+    sample: int = Field(default=64, ge=1, description="Queries of the scored split to compare.")
+
+
+@dg.asset_check(asset=gallery_index, blocking=True, partitions_def=dataset_partitions,
+                description=f"Recall@10 of the index against exact search on a sample of queries >= {MIN_RECALL}")
+def index_recall(context: dg.AssetCheckExecutionContext, config: IndexRecallConfig, index: IndexResource,
+                 artifacts: ArtifactStore) -> dg.AssetCheckResult:
+    from pathlib import Path
+
+    from model_code import registry
+    from model_code.data import read_tables
+    from model_code.data.tables import TablesRecord
+    from model_code.evaluation.evaluate import SCORED_SPLIT
+    from model_code.evaluation.metrics import reference_exclusions
+    from model_code.index import exact_topk
+
+    name = context.partition_key
+    record = latest_record(context, gallery_index, name)
+    tables = TablesRecord.from_dict(latest_record(context, triplets, name, passed=TABLE_CHECKS))
+    bench = read_tables(tables.folder)
+    split = SCORED_SPLIT[name]
+    queries = bench.triplets[bench.triplets["split"] == split].iloc[:config.sample]
+    paths = dict(zip(zip(bench.images["split"], bench.images["image_id"]), bench.images["path"]))
+    model = registry.load_promoted(tag=f"cir-cot:{record['model_version']}")
+    emb = model.embed_queries([Path(tables.root) / paths[(split, r)] for r in queries["reference_id"]],
+                              list(queries["modification"])).numpy()
+    index_ = index.open(name, artifacts)
+    exclude = reference_exclusions(name, list(queries["reference_id"]))
+    k = 10
+    found, _ = index_.search(emb, k, model_version=record["model_version"], exclude=exclude)
+    ids, vectors = index_.vectors(record["model_version"])
+    exact, _ = exact_topk(emb, vectors, ids, k, exclude=exclude)
+    recall = sum(len(set(a) & set(b)) for a, b in zip(found, exact)) / (k * len(exact))
+    passed = recall >= MIN_RECALL
+    return dg.AssetCheckResult(
+        passed=passed, severity=dg.AssetCheckSeverity.ERROR,
+        description=f"recall@10 against exact search {recall:.3f} over {len(exact)} queries "
+                    f"({record['index_type']}; floor {MIN_RECALL})",
+        metadata={"recall_at_10": recall, "queries": len(exact), "index_type": record["index_type"]})

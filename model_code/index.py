@@ -1,0 +1,355 @@
+"""The gallery index: a dataset's gallery embedded by a model, in LanceDB, searched exactly or by ANN.
+
+One LanceDB table per dataset (``gallery_<dataset>``) under a URI (default ``<artifacts>/lancedb``;
+any LanceDB URI, e.g. ``s3://bucket/path``), with columns ``image_id``, ``dataset``, ``split``,
+``path``, ``vector`` (fixed-size float32, L2-normalised) and ``model_version``.
+
+Versions follow the model. A build for model ``v`` embeds the images the table's newest version
+lacks for ``v`` (so an interrupted build resumes, and a grown catalogue embeds only its new images),
+then drops the rows of other models and tags the resulting table version ``model-<v>``. Search
+reads the version tagged with the model it is asked for, so rolling the model back is a checkout of
+the index, without embedding anything again.
+
+Search: below ``exact_below`` rows the vectors are read into memory and ranked by a matrix product
+(:func:`exact_topk`, also what the evaluation ranks with, so the two agree by construction); above
+it an ANN index (IVF_PQ by default, cosine, with a refine step re-ranking candidates by their full
+vectors) is built with the table version and searched. A per-query exclusion (CIRR and cir-shapes
+drop the reference) is a prefilter: ``k`` results always come back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXACT_BELOW = 50_000          # rows: exact in-memory search below, ANN at or above
+NORM_TOLERANCE = 1e-3
+
+
+class GalleryIndexError(ValueError):
+    """A bad query, an index that does not exist, a build that cannot go on: the message says which."""
+
+
+# ---------------------------------------------------------------------------------------------
+# exact search: the one ranking the evaluation and the index share
+
+
+def exact_topk(queries, vectors, ids: Sequence[str], k: int | None = None, *,
+               exclude: Sequence[Iterable[str]] | None = None) -> tuple[list[list[str]], list[list[float]]]:
+    """Gallery ids and cosine scores per query, highest first, ties in gallery order, over
+    L2-normalised ``vectors`` [n, d] (the dot product); ids in ``exclude[i]`` are removed from query
+    i's candidates before ranking, so ``k`` results come back while ``k`` <= n minus those (``k``
+    None: the whole ranking)."""
+    import torch
+
+    q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
+    g = torch.as_tensor(np.array(vectors, dtype=np.float32))
+    if g.shape[0] != len(ids):
+        raise ValueError(f"{g.shape[0]} gallery embeddings but {len(ids)} ids")
+    scores = q @ g.T                                               # [queries, gallery]
+    if exclude is not None:
+        position = {i: j for j, i in enumerate(ids)}
+        for row, banned in enumerate(exclude):
+            cols = [position[b] for b in banned if b in position]
+            if cols:
+                scores[row, cols] = float("-inf")
+    order = torch.sort(scores, dim=1, descending=True, stable=True)
+    out_ids, out_scores = [], []
+    for row in range(q.shape[0]):
+        keep = order.values[row] > float("-inf")
+        idx = order.indices[row][keep][:k].tolist()
+        out_ids.append([ids[j] for j in idx])
+        out_scores.append(order.values[row][keep][:k].tolist())
+    return out_ids, out_scores
+
+
+# ---------------------------------------------------------------------------------------------
+# the LanceDB index
+
+
+@dataclasses.dataclass
+class GalleryImage:
+    image_id: str
+    split: str
+    path: Path
+
+
+@dataclasses.dataclass
+class IndexInfo:
+    """What a build made: the asset's metadata."""
+
+    dataset: str
+    table: str
+    model_version: str
+    tag: str
+    table_version: int
+    rows: int
+    dimension: int
+    embedded: int                 # images embedded by this build (0: everything was there)
+    skipped: list[str]            # image ids left out as unreadable (on_bad_image="skip")
+    index_type: str               # "exact" or the ANN index type
+    index_params: dict
+    seconds: float
+    images_per_s: float
+
+
+@dataclasses.dataclass
+class AnnConfig:
+    """The ANN index built at or above ``exact_below`` rows, and how it is searched (chosen by
+    bench/index_scale.py; README has the figures)."""
+
+    index_type: str = "IVF_PQ"
+    num_partitions: int | None = None     # None: about sqrt(rows)
+    num_sub_vectors: int | None = None    # None: dimension / 8
+    nprobes: int = 64
+    refine_factor: int = 10
+
+    def build_params(self, rows: int, dim: int) -> dict:
+        params = {"metric": "cosine", "index_type": self.index_type,
+                  "num_partitions": self.num_partitions or max(1, int(rows ** 0.5))}
+        if "PQ" in self.index_type:
+            params["num_sub_vectors"] = self.num_sub_vectors or max(1, dim // 8)
+        return params
+
+
+class GalleryIndex:
+    def __init__(self, uri: str | os.PathLike, dataset: str, *, exact_below: int = DEFAULT_EXACT_BELOW,
+                 ann: AnnConfig | None = None):
+        import lancedb
+
+        self.uri, self.dataset = str(uri), dataset
+        self.table_name = f"gallery_{dataset}"
+        self.exact_below, self.ann = exact_below, ann or AnnConfig()
+        if "://" not in self.uri:
+            Path(self.uri).mkdir(parents=True, exist_ok=True)
+        self.db = lancedb.connect(self.uri)
+        self._cache: dict[int, tuple[list[str], np.ndarray]] = {}
+
+    @staticmethod
+    def tag(model_version: str) -> str:
+        return f"model-{model_version}"
+
+    def _open(self):
+        try:
+            return self.db.open_table(self.table_name)
+        except (ValueError, FileNotFoundError):
+            return None
+
+    def versions(self) -> dict[str, int]:
+        """Model version -> table version, for every model the index was built with."""
+        table = self._open()
+        if table is None:
+            return {}
+        return {name[len("model-"):]: int(v["version"] if isinstance(v, dict) else v.version)
+                for name, v in table.tags.list().items() if name.startswith("model-")}
+
+    # ---- building ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _build_lock(self):
+        """One build of a table at a time (local folders; object stores rely on the orchestrator)."""
+        if "://" in self.uri:
+            yield
+            return
+        lock = Path(self.uri) / f".{self.table_name}.build.lock"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text() or 0)
+                    os.kill(pid, 0)
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    lock.unlink(missing_ok=True)  # left by a build that died: take it over
+                    continue
+                except PermissionError:
+                    pass
+                raise GalleryIndexError(f"another build of {self.table_name} is running (process {pid}, lock "
+                                        f"{lock}); wait for it to finish") from None
+        else:
+            raise GalleryIndexError(f"could not take the build lock {lock}")
+        try:
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _rows_of(self, table, model_version: str) -> set[str]:
+        if table is None or table.count_rows() == 0:
+            return set()
+        found = (table.search().where(f"model_version = '{_quote(model_version)}'").select(["image_id"])
+                 .limit(table.count_rows()).to_arrow())
+        return set(found.column("image_id").to_pylist())
+
+    def build(self, embed: Callable[[list[Path]], object], images: Sequence[GalleryImage], *, model_version: str,
+              batch_size: int = 64, on_bad_image: str = "fail",
+              progress: Callable[[str], None] | None = None) -> IndexInfo:
+        """Embed ``images`` with ``embed`` (paths -> L2-normalised [n, d]) into the table, resuming
+        an interrupted build and embedding only images the table lacks for ``model_version``; then
+        keep only this model's rows, index them, and tag the version. ``on_bad_image``: ``fail``
+        (a GalleryIndexError naming the image) or ``skip`` (left out, listed in the result)."""
+        import pyarrow as pa
+
+        from model_code.common import Progress
+
+        if on_bad_image not in ("fail", "skip"):
+            raise GalleryIndexError(f"on_bad_image must be 'fail' or 'skip', not {on_bad_image!r}")
+        images = list({im.image_id: im for im in images}.values())
+        if not images:
+            raise GalleryIndexError(f"{self.dataset}: no gallery images to index")
+        start = time.monotonic()
+        with self._build_lock():
+            table = self._open()
+            done = self._rows_of(table, model_version)
+            todo = [im for im in images if im.image_id not in done]
+            say = progress or log.info
+            say(f"gallery index {self.table_name}: {len(todo)} of {len(images)} images to embed "
+                f"with model {model_version}")
+            bar = Progress(len(todo), f"embedding {self.table_name}", say=say, every_s=10)
+            skipped: list[str] = []
+            for i in range(0, len(todo), batch_size):
+                batch = todo[i: i + batch_size]
+                vectors, batch, bad = self._embed_batch(embed, batch, on_bad_image)
+                skipped += bad
+                if batch:
+                    rows = pa.table({
+                        "image_id": [im.image_id for im in batch], "dataset": [self.dataset] * len(batch),
+                        "split": [im.split for im in batch], "path": [str(im.path) for im in batch],
+                        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
+                        "model_version": [model_version] * len(batch)})
+                    if table is None:
+                        table = self.db.create_table(self.table_name, data=rows)
+                    else:
+                        table.add(rows)
+                bar.update(min(i + batch_size, len(todo)))
+            if table is None:
+                raise GalleryIndexError(f"{self.dataset}: no image could be embedded")
+            table.delete(f"model_version != '{_quote(model_version)}'")
+            rows = table.count_rows()
+            dim = _dimension(table)
+            index_type, params = "exact", {"exact_below": self.exact_below}
+            if rows >= self.exact_below:
+                params = self.ann.build_params(rows, dim)
+                table.create_index(vector_column_name="vector", replace=True, **params)
+                index_type = params["index_type"]
+                params = {**params, "nprobes": self.ann.nprobes, "refine_factor": self.ann.refine_factor}
+            tag = self.tag(model_version)
+            if tag in table.tags.list():
+                table.tags.update(tag, table.version)
+            else:
+                table.tags.create(tag, table.version)
+            seconds = time.monotonic() - start
+            return IndexInfo(self.dataset, self.table_name, model_version, tag, table.version, rows, dim,
+                             len(todo) - len(skipped), skipped, index_type, params, round(seconds, 2),
+                             round((len(todo) - len(skipped)) / seconds, 1) if seconds else 0.0)
+
+    @staticmethod
+    def _embed_batch(embed, batch: list[GalleryImage], on_bad_image: str):
+        try:
+            return np.asarray(embed([im.path for im in batch]), dtype=np.float32), batch, []
+        except Exception:  # noqa: BLE001 - find which image, and say so
+            bad = [im for im in batch if not _readable(im.path)]
+            if not bad:
+                raise
+            if on_bad_image == "fail":
+                im = bad[0]
+                raise GalleryIndexError(f"gallery image {im.image_id!r} ({im.path}) is missing or not a readable "
+                                        f"image ({len(bad)} in this batch); fix it, or build with "
+                                        f"on_bad_image='skip' to leave such images out") from None
+            for im in bad:
+                log.warning("gallery index: skipping unreadable image %s (%s)", im.image_id, im.path)
+            good = [im for im in batch if im not in bad]
+            vectors = np.asarray(embed([im.path for im in good]), dtype=np.float32) if good else None
+            return vectors, good, [im.image_id for im in bad]
+
+    # ---- searching ---------------------------------------------------------------------------
+
+    def _version_table(self, model_version: str):
+        table = self._open()
+        built = self.versions()
+        if table is None or model_version not in built:
+            raise GalleryIndexError(
+                f"no gallery index of {self.dataset} for model {model_version}"
+                + (f" (built for: {', '.join(sorted(built))})" if built else " (none built yet)")
+                + ": build it (the gallery_index asset) first")
+        table.checkout(built[model_version])
+        return table
+
+    def vectors(self, model_version: str) -> tuple[list[str], np.ndarray]:
+        """The ids and vectors [n, d] of the index built for ``model_version`` (what exact search reads)."""
+        return self._vectors(self._version_table(model_version))
+
+    def _vectors(self, table) -> tuple[list[str], np.ndarray]:
+        key = table.version
+        if key not in self._cache:
+            data = table.to_arrow().select(["image_id", "vector"])
+            vectors = np.asarray(data.column("vector").combine_chunks().flatten(), dtype=np.float32)
+            self._cache = {key: (data.column("image_id").to_pylist(), vectors.reshape(data.num_rows, -1))}
+        return self._cache[key]
+
+    def search(self, query_vectors, k: int, *, model_version: str,
+               exclude: Sequence[Iterable[str]] | None = None) -> tuple[list[list[str]], list[list[float]]]:
+        """The ``k`` nearest gallery ids and their cosine scores per query, in the index built for
+        ``model_version``; ``exclude[i]`` ids never come back for query i (a prefilter)."""
+        table = self._version_table(model_version)
+        q = np.asarray(query_vectors, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        dim, rows = _dimension(table), table.count_rows()
+        if q.ndim != 2 or q.shape[1] != dim:
+            raise GalleryIndexError(f"query vectors must be [n, {dim}] for this index, not {list(q.shape)}")
+        norms = np.linalg.norm(q, axis=1)
+        if not np.all(np.abs(norms - 1) < NORM_TOLERANCE):
+            raise GalleryIndexError(f"query vectors must be L2-normalised (norms {norms.min():.4f} to "
+                                    f"{norms.max():.4f})")
+        if exclude is not None and len(exclude) != len(q):
+            raise GalleryIndexError(f"{len(exclude)} exclusion sets for {len(q)} queries")
+        largest = rows - max((len(set(e)) for e in exclude), default=0) if exclude is not None else rows
+        if not isinstance(k, int) or k < 1 or k > largest:
+            raise GalleryIndexError(f"k must be a whole number from 1 to {largest} (the gallery has {rows} images), "
+                                    f"not {k!r}")
+        if rows < self.exact_below or not table.list_indices():
+            ids, vectors = self._vectors(table)
+            return exact_topk(q, vectors, ids, k, exclude=exclude)
+        out_ids, out_scores = [], []
+        for i, vector in enumerate(q):
+            query = (table.search(vector, vector_column_name="vector").distance_type("cosine")
+                     .nprobes(self.ann.nprobes).refine_factor(self.ann.refine_factor).select(["image_id"]).limit(k))
+            banned = sorted(set(exclude[i])) if exclude is not None else []
+            if banned:
+                query = query.where("image_id NOT IN (" + ", ".join(f"'{_quote(b)}'" for b in banned) + ")",
+                                    prefilter=True)
+            found = query.to_arrow()
+            out_ids.append(found.column("image_id").to_pylist())
+            out_scores.append([1.0 - d for d in found.column("_distance").to_pylist()])
+        return out_ids, out_scores
+
+
+def _quote(text: str) -> str:
+    return str(text).replace("'", "''")
+
+
+def _dimension(table) -> int:
+    return table.schema.field("vector").type.list_size
+
+
+def _readable(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 - any reason an image cannot be opened
+        return False

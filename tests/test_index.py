@@ -1,0 +1,194 @@
+"""The gallery index (model_code/index.py): LanceDB tables versioned by model, exact and ANN search."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_code.index import AnnConfig, GalleryImage, GalleryIndex, GalleryIndexError, exact_topk
+
+DIM = 16
+
+
+def _unit(rng, n, d=DIM, centres=None):
+    if centres is not None:  # clustered like real embeddings: a mixture around a few centres
+        x = centres[rng.integers(0, len(centres), n)] + 0.35 * rng.normal(size=(n, d))
+    else:
+        x = rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def gallery(tmp_path):
+    """200 small PNGs and a vector per image (what a model would embed), and an embedder that, like
+    the model, fails on an image it cannot read."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    vectors = _unit(rng, 200)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images = []
+    for j in range(200):
+        path = folder / f"i{j:03d}.png"
+        Image.new("RGB", (8, 8), (j % 256, 0, 0)).save(path)
+        images.append(GalleryImage(f"i{j:03d}", "test", path))
+    lookup = {im.image_id: v for im, v in zip(images, vectors)}
+
+    class Embedder:
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, paths, sign=1.0):
+            self.calls += len(paths)
+            for p in paths:
+                with Image.open(p) as im:
+                    im.load()
+            return np.stack([sign * lookup[Path(p).stem] for p in paths])
+
+    return images, vectors, Embedder()
+
+
+def test_search_equals_the_evaluations_exact_ranking(micro_base, tiny_synthetic, tmp_path):
+    import torch
+
+    from model_code.data import read_dataset
+    from model_code.evaluation.metrics import rank_gallery, reference_exclusions
+    from model_code.model.backbone import load_backbone
+    from model_code.model.cir_cot import CirCoTModel, apply_lora
+
+    torch.manual_seed(0)
+    model, processor = load_backbone(micro_base, device="cpu")
+    m = CirCoTModel(apply_lora(model, processor, r=2, alpha=4), processor, base_path=str(micro_base))
+    bench = read_dataset("synthetic", tiny_synthetic)
+    test = bench.images[bench.images.split == "test"]
+    images = [GalleryImage(i, "test", tiny_synthetic / p) for i, p in zip(test.image_id, test.path)]
+    index = GalleryIndex(tmp_path / "db", "synthetic")
+    info = index.build(lambda paths: m.embed_images(paths), images, model_version="v1", batch_size=8)
+    assert (info.rows, info.dimension, info.index_type, info.tag) == (len(images), 64, "exact", "model-v1")
+    q = bench.triplets[bench.triplets.split == "test"]
+    paths = dict(zip(test.image_id, test.path))
+    emb = m.embed_queries([tiny_synthetic / paths[r] for r in q.reference_id], list(q.modification))
+    exclude = reference_exclusions("synthetic", list(q.reference_id))
+    found, scores = index.search(emb.numpy(), 5, model_version="v1", exclude=exclude)
+    expected = rank_gallery(emb, m.embed_images([im.path for im in images]), [im.image_id for im in images],
+                            exclude=exclude, top=5)
+    assert found == expected
+    assert all(r not in ids for r, ids in zip(q.reference_id, found))  # the reference is excluded
+    assert all(s == sorted(s, reverse=True) for s in scores)
+
+
+def test_exclusion_is_a_prefilter_and_k_results_come_back(gallery, tmp_path):
+    images, vectors, embed = gallery
+    index = GalleryIndex(tmp_path / "db", "cirr")
+    index.build(embed, images, model_version="v1")
+    ids, _ = index.search(vectors[:1], 3, model_version="v1")
+    assert ids[0][0] == "i000"
+    banned = set(ids[0][:2])
+    ids2, _ = index.search(vectors[:1], 3, model_version="v1", exclude=[banned])
+    assert len(ids2[0]) == 3 and not banned & set(ids2[0]) and ids2[0][0] == ids[0][2]
+    everything_else, _ = index.search(vectors[:1], 198, model_version="v1", exclude=[banned])
+    assert len(everything_else[0]) == 198
+
+
+def test_an_interrupted_build_resumes_and_a_grown_catalogue_embeds_only_new_images(gallery, tmp_path):
+    images, vectors, embed = gallery
+    index = GalleryIndex(tmp_path / "db", "synthetic")
+    seen = []
+
+    def crashing(paths):
+        seen.append(len(paths))
+        if len(seen) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return embed(paths)
+
+    with pytest.raises(KeyboardInterrupt):
+        index.build(crashing, images[:150], model_version="v1", batch_size=20)
+    assert not (Path(index.uri) / ".gallery_synthetic.build.lock").exists()  # the lock is released
+    embed.calls = 0
+    info = index.build(embed, images[:150], model_version="v1", batch_size=20)
+    assert embed.calls == 150 - 40 and info.embedded == 110 and info.rows == 150  # two batches were kept
+    embed.calls = 0
+    info = index.build(embed, images, model_version="v1", batch_size=20)  # the catalogue grows by 50
+    assert embed.calls == 50 and info.rows == 200 and info.embedded == 50
+    again = index.build(embed, images, model_version="v1")
+    assert again.embedded == 0 and again.rows == 200
+
+
+def test_versions_follow_the_model_and_rollback_is_a_checkout(gallery, tmp_path):
+    images, vectors, embed = gallery
+    index = GalleryIndex(tmp_path / "db", "synthetic")
+    index.build(embed, images, model_version="A")
+    index.build(lambda paths: embed(paths, sign=-1.0), images, model_version="B")  # another model's space
+    assert set(index.versions()) == {"A", "B"}
+    a, _ = index.search(vectors[:2], 1, model_version="A")
+    b, _ = index.search(vectors[:2], 1, model_version="B")
+    assert a == [["i000"], ["i001"]] and b != a  # B's rows answer B's queries; A's version is still there
+    embed.calls = 0
+    assert index.search(vectors[:2], 1, model_version="A")[0] == a and embed.calls == 0  # nothing re-embedded
+
+
+def test_ann_index_above_the_threshold_with_recall_against_exact(tmp_path):
+    rng = np.random.default_rng(1)
+    centres = _unit(rng, 12)
+    vectors = _unit(rng, 3000, centres=centres)
+    images = [GalleryImage(f"g{j}", "test", Path(f"/nowhere/g{j}.png")) for j in range(len(vectors))]
+    lookup = {im.image_id: v for im, v in zip(images, vectors)}
+    index = GalleryIndex(tmp_path / "db", "circo", exact_below=1000,
+                         ann=AnnConfig(num_partitions=16, num_sub_vectors=4, nprobes=8, refine_factor=10))
+    info = index.build(lambda paths: np.stack([lookup[Path(p).stem] for p in paths]), images, model_version="v1",
+                       batch_size=500)
+    assert info.index_type == "IVF_PQ" and info.index_params["num_partitions"] == 16
+    queries = _unit(rng, 40, centres=centres)
+    exclude = [{f"g{j}"} for j in range(40)]
+    found, scores = index.search(queries, 10, model_version="v1", exclude=exclude)
+    exact, _ = exact_topk(queries, vectors, [im.image_id for im in images], 10, exclude=exclude)
+    recall = sum(len(set(f) & set(e)) for f, e in zip(found, exact)) / 400
+    assert recall >= 0.9, recall
+    assert all(len(f) == 10 and f"g{j}" not in f for j, f in enumerate(found))
+
+
+def test_bad_queries_and_missing_indexes_are_refused(gallery, tmp_path):
+    images, vectors, embed = gallery
+    index = GalleryIndex(tmp_path / "db", "synthetic")
+    with pytest.raises(GalleryIndexError, match="no gallery index of synthetic for model v1 \\(none built yet\\)"):
+        index.search(vectors[:1], 5, model_version="v1")
+    index.build(embed, images, model_version="v1")
+    cases = [
+        (dict(query_vectors=np.ones((1, 5), np.float32) / 5 ** 0.5, k=5), r"must be \[n, 16\]"),
+        (dict(query_vectors=vectors[:1] * 2, k=5), "must be L2-normalised"),
+        (dict(query_vectors=vectors[:1], k=0), "k must be a whole number from 1 to 200"),
+        (dict(query_vectors=vectors[:1], k=201), "k must be a whole number from 1 to 200"),
+        (dict(query_vectors=vectors[:1], k=200, exclude=[{"i000"}]), "from 1 to 199"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(GalleryIndexError, match=message):
+            index.search(model_version="v1", **kwargs)
+    with pytest.raises(GalleryIndexError, match=r"for model v2 \(built for: v1\)"):
+        index.search(vectors[:1], 5, model_version="v2")
+    with pytest.raises(GalleryIndexError, match="no gallery index of fashioniq"):
+        GalleryIndex(tmp_path / "db", "fashioniq").search(vectors[:1], 5, model_version="v1")
+
+
+def test_bad_images_fail_with_their_id_or_are_skipped_by_choice(gallery, tmp_path):
+    images, vectors, embed = gallery
+    images[5].path.write_bytes(b"not a png")
+    images[7].path.unlink()
+    index = GalleryIndex(tmp_path / "db", "synthetic")
+    with pytest.raises(GalleryIndexError, match="gallery image 'i005' .* is missing or not a readable image"):
+        index.build(embed, images, model_version="v1", batch_size=50)
+    assert index.versions() == {}  # nothing tagged: search does not see a half-built index
+    info = index.build(embed, images, model_version="v1", batch_size=50, on_bad_image="skip")
+    assert info.skipped == ["i005", "i007"] and info.rows == 198
+
+
+def test_two_builds_of_one_table_at_once_are_refused(gallery, tmp_path):
+    images, vectors, embed = gallery
+    index = GalleryIndex(tmp_path / "db", "synthetic")
+    lock = Path(index.uri) / ".gallery_synthetic.build.lock"
+    lock.write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(GalleryIndexError, match="another build of gallery_synthetic is running"):
+        index.build(embed, images, model_version="v1")
+    lock.write_text("999999999")  # a build that died: its lock is taken over
+    assert index.build(embed, images, model_version="v1").rows == 200
