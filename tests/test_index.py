@@ -127,6 +127,10 @@ def test_versions_follow_the_model_and_rollback_is_a_checkout(gallery, tmp_path)
     assert a == [["i000"], ["i001"]] and b != a  # B's rows answer B's queries; A's version is still there
     embed.calls = 0
     assert index.search(vectors[:2], 1, model_version="A")[0] == a and embed.calls == 0  # nothing re-embedded
+    # building for A again (A is production again after a rollback) restores A's version: no embedding
+    info = index.build(embed, images, model_version="A")
+    assert embed.calls == 0 and info.embedded == 0 and info.rows == 200
+    assert index.search(vectors[:2], 1, model_version="A")[0] == a
 
 
 def test_ann_index_above_the_threshold_with_recall_against_exact(tmp_path):
