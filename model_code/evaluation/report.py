@@ -29,7 +29,7 @@ def markdown_table(ev: Evaluation) -> str:
     lines = [f"### {ev.dataset} / {ev.split} — model {ev.model_version} ({len(ev.queries)} queries)", "",
              "| method | " + " | ".join(main) + " | queries/s |", "|---" * (len(main) + 2) + "|"]
     for m in methods:
-        speed = ev.timings.get(m, {}).get("per_s", "")
+        speed = ev.timings.get(m, {}).get("per_s", "cached")
         lines.append(f"| {m} | " + " | ".join(_fmt(ev.metrics[m][k]) for k in main) + f" | {_fmt(speed)} |")
     extra = [k for k in shared if "[" in k or "/" in k]
     if extra:
