@@ -133,17 +133,19 @@ def test_versions_follow_the_model_and_rollback_is_a_checkout(gallery, tmp_path)
     assert index.search(vectors[:2], 1, model_version="A")[0] == a
 
 
-def test_ann_index_above_the_threshold_with_recall_against_exact(tmp_path):
+@pytest.mark.parametrize("kind", ["IVF_RQ", "IVF_PQ"])
+def test_ann_index_above_the_threshold_with_recall_against_exact(tmp_path, kind):
     rng = np.random.default_rng(1)
     centres = _unit(rng, 12)
     vectors = _unit(rng, 3000, centres=centres)
     images = [GalleryImage(f"g{j}", "test", Path(f"/nowhere/g{j}.png")) for j in range(len(vectors))]
     lookup = {im.image_id: v for im, v in zip(images, vectors)}
     index = GalleryIndex(tmp_path / "db", "circo", exact_below=1000,
-                         ann=AnnConfig(num_partitions=16, num_sub_vectors=4, nprobes=8, refine_factor=10))
+                         ann=AnnConfig(index_type=kind, num_partitions=16, num_sub_vectors=4, nprobes=8,
+                                       refine_factor=10))
     info = index.build(lambda paths: np.stack([lookup[Path(p).stem] for p in paths]), images, model_version="v1",
                        batch_size=500)
-    assert info.index_type == "IVF_PQ" and info.index_params["num_partitions"] == 16
+    assert info.index_type == kind and info.index_params["num_partitions"] == 16
     queries = _unit(rng, 40, centres=centres)
     exclude = [{f"g{j}"} for j in range(40)]
     found, scores = index.search(queries, 10, model_version="v1", exclude=exclude)
