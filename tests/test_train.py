@@ -211,9 +211,21 @@ def test_inference_in_both_modes_on_the_tiny_model(micro_base, pairs):
     emb, reasoning = m.infer_queries(refs, texts, "cot", max_new_tokens=8, batch_size=2)
     assert emb.shape == (3, 64) and torch.isfinite(emb).all()
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
-    # a random model writes nonsense: kept as raw text with the reason it does not parse
+    # 8 tokens cannot hold the three sections: the chain is kept as raw text with the reason it does not
+    # parse, and still ends in <emb> (the 8th token at most)
     assert all(r["cot"] is None and r["error"] for r in reasoning)
-    assert all(len(r["ids"]) <= 7 and m.emb_id not in r["ids"] for r in reasoning)  # <emb> is the 8th token at most
+    assert all(len(r["ids"]) <= 7 and m.emb_id not in r["ids"] for r in reasoning)
+
+
+def test_decoding_keeps_the_format_so_every_chain_parses(micro_base, pairs):
+    """Even a random model's chains parse: decoding is constrained to the three sections in order,
+    ending in <emb>, within the budget."""
+    m = _model(micro_base)
+    refs, texts = [p.reference for p in pairs[:4]], [p.text for p in pairs[:4]]
+    for budget in (10, 24, 60):
+        _, reasoning = m.infer_queries(refs, texts, "cot", max_new_tokens=budget, batch_size=4)
+        assert all(r["cot"] is not None for r in reasoning), [r["error"] for r in reasoning]
+        assert all(len(r["ids"]) <= budget - 1 for r in reasoning)
 
 
 def test_cot_embedding_is_the_hidden_state_at_the_generated_emb(micro_base, pairs, monkeypatch):

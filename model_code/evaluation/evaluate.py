@@ -223,8 +223,9 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
         ranked = {}
         for method in methods:
             t0 = time.monotonic()
-            # what changes the result: the content, the method, and for cot the token budget
-            key = f"{query_key}-{method}" + (f"-{max_new_tokens}tok" if method == "cot" else "")
+            # what changes the result: the content, the method, and for cot the token budget and the decoding
+            key = f"{query_key}-{method}" + (
+                f"-{max_new_tokens}tok-{getattr(model, 'decoding', '')}" if method == "cot" else "")
             (emb, reas), hit = _cached(cache / f"{key}.pt" if cache else None,
                                 lambda: embed_method(model, method, group, gallery, batch_size=batch_size,
                                                      max_new_tokens=max_new_tokens, say=say))

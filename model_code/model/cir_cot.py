@@ -78,6 +78,8 @@ def unwrap(model):
 class CirCoTModel(torch.nn.Module):
     """A transformers image-text-to-text model (possibly PEFT-wrapped) and its processor."""
 
+    decoding = "cot-format-v1"  # how chains are decoded (CoTFormat): part of what a cached cot embedding depends on
+
     def __init__(self, model, processor, *, base_path: str | None = None, base_version: str | None = None,
                  prompt_version: str = PROMPT_VERSION):
         super().__init__()
@@ -203,8 +205,8 @@ class CirCoTModel(torch.nn.Module):
     ) -> tuple[torch.Tensor, list[list[int]]]:
         """Write each query's chain of thought greedily and embed it, in one decoding pass.
 
-        Decoding ends every chain in ``<emb>`` (:class:`EndsInEmb`: an end of turn becomes ``<emb>``,
-        and ``<emb>`` is forced as the ``max_new_tokens``-th token), then runs one more step so that
+        Decoding is constrained to the three sections in order, ending in ``<emb>`` within
+        ``max_new_tokens`` (:class:`CoTFormat`: every chain parses), then runs one more step so that
         ``<emb>`` is fed to the model on the KV cache: its last-layer hidden state there is the
         query embedding. Nothing is decoded to text and tokenised again, and there is no second
         forward pass over the sequence. Returns the L2-normalised float32 embeddings [n, hidden] and
@@ -216,7 +218,6 @@ class CirCoTModel(torch.nn.Module):
         if static_cache is None:
             static_cache = self.device.type == "cuda"
         tok = self.tokenizer
-        ends = [t for t in {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} if t is not None]
         was_training = self.model.training
         self.model.eval()
         embeddings, chains = [], []
@@ -230,7 +231,7 @@ class CirCoTModel(torch.nn.Module):
                 out = self.model.generate(
                     **inputs, max_new_tokens=max_new_tokens + 1, do_sample=False, pad_token_id=tok.pad_token_id,
                     eos_token_id=None, output_hidden_states=True, return_dict_in_generate=True,
-                    logits_processor=LogitsProcessorList([EndsInEmb(self.emb_id, ends, start, max_new_tokens)]),
+                    logits_processor=LogitsProcessorList([self._format(start, max_new_tokens)]),
                     stopping_criteria=StoppingCriteriaList([EmbFed(self.emb_id, start)]), **extra)
                 generated = out.sequences[:, start:]                            # [b, steps]
                 for row, ids in enumerate(generated.tolist()):
@@ -243,6 +244,13 @@ class CirCoTModel(torch.nn.Module):
         if not embeddings:
             return torch.empty(0, self.hidden_size), []
         return torch.stack(embeddings), chains
+
+    def _format(self, prompt_length: int, budget: int) -> CoTFormat:
+        tok = self.tokenizer
+        ends = [t for t in {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} if t is not None]
+        newline = tok("\n", add_special_tokens=False)["input_ids"]
+        tags = tok.convert_tokens_to_ids(list(CIR_TOKENS[:6]))
+        return CoTFormat(tags, self.emb_id, ends, newline[0] if len(newline) == 1 else None, prompt_length, budget)
 
     def generate_cots(self, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 256,
                       batch_size: int = 16, static_cache: bool | None = None) -> list[str]:
@@ -381,25 +389,74 @@ def check_model_folder(path: str | os.PathLike) -> tuple[dict, Path | None]:
     return meta, base
 
 
-class EndsInEmb:
-    """Greedy decoding that ends every chain of thought in ``<emb>``: where a row would end its turn
-    before writing ``<emb>``, it writes ``<emb>`` instead, and the ``budget``-th generated token is
-    ``<emb>`` whatever the model prefers. Rows that have written ``<emb>`` are left alone.
-    (A transformers logits processor: ``__call__(input_ids, scores) -> scores``.)"""
+class CoTFormat:
+    """Greedy decoding constrained to the chain-of-thought format, ending in ``<emb>``:
 
-    def __init__(self, emb_id: int, end_ids: Sequence[int], prompt_length: int, budget: int):
-        self.emb_id, self.end_ids, self.start, self.budget = emb_id, list(end_ids), prompt_length, budget
+        <caption> text </caption> [newline] <reasoning> text </reasoning> [newline]
+        <conclusion> text </conclusion> <emb>
+
+    Each section opens in turn, holds at least one token of text and no other section tag or end
+    of turn, and is closed in time for the rest to fit in ``budget`` tokens; within those rules the
+    model's own preference decides. So every chain parses, whatever the model (real checkpoints
+    too). Below the 10 tokens the shortest chain needs, only the last rule holds: the
+    ``budget``-th token is ``<emb>``. (A transformers logits processor.)"""
+
+    SHORTEST = 10  # <caption> x </caption> <reasoning> x </reasoning> <conclusion> x </conclusion> <emb>
+
+    def __init__(self, tag_ids: Sequence[int], emb_id: int, end_ids: Sequence[int], newline_id: int | None,
+                 prompt_length: int, budget: int):
+        self.tags, self.emb_id, self.newline = list(tag_ids), emb_id, newline_id
+        self.not_text = list(tag_ids) + [emb_id] + list(end_ids)  # never inside a section
+        self.start, self.budget = prompt_length, budget
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         generated = input_ids[:, self.start:]                                        # [b, n]
-        open_ = ~(generated == self.emb_id).any(dim=1)                               # rows still reasoning
-        ending = torch.isin(scores.argmax(dim=1), torch.tensor(self.end_ids, device=scores.device))
-        force = open_ & (ending | (generated.shape[1] >= self.budget - 1))
-        if force.any():
-            scores = scores.clone()
-            scores[force] = float("-inf")
-            scores[force, self.emb_id] = 0.0
+        n = generated.shape[1]
+        left = self.budget - n                                                       # tokens left, this one included
+        marks = torch.tensor(self.tags + [self.emb_id], device=scores.device)
+        seen = ((generated[:, :, None] == marks).any(dim=1) if n else
+                torch.zeros(len(scores), len(marks), dtype=torch.bool, device=scores.device)).tolist()
+        last = generated[:, -1].tolist() if n else [-1] * len(scores)
+        scores = scores.clone()
+        for row in range(len(scores)):
+            rule, tokens = self.rule(seen[row], last[row], left)
+            if rule == "only":                      # exactly these tokens
+                keep = scores[row, tokens].clone()
+                scores[row] = float("-inf")
+                scores[row, tokens] = keep
+            elif rule == "text":                    # section text, and these tokens besides
+                banned = [t for t in self.not_text if t not in tokens]
+                scores[row, banned] = float("-inf")
         return scores
+
+    def rule(self, seen: list[bool], last: int, left: int) -> tuple[str, list[int]]:
+        """What a row may write now: ("any", []), ("only", tokens) or ("text", extra tokens)."""
+        c_open, c_close, r_open, r_close, k_open, k_close, emb = seen
+        if emb:
+            return "any", []                        # <emb> written: the step that feeds it to the model
+        if left <= 1:
+            return "only", [self.emb_id]
+        if self.budget < self.SHORTEST:
+            return "text", []
+        if not c_open:
+            return "only", [self.tags[0]]
+        sections = ((c_open, c_close, self.tags[1], self.tags[2], 8),
+                    (r_open, r_close, self.tags[3], self.tags[4], 5),
+                    (k_open, k_close, self.tags[5], None, 2))     # need: tokens to finish from this section's close
+        for _opened, closed, close_id, next_open, need in sections:  # each is open here (see below)
+            if not closed:
+                if last in self.tags:               # just opened: at least one token of text
+                    return "text", []
+                if left <= need:                    # close now, or the rest no longer fits
+                    return "only", [close_id]
+                return "text", [close_id]
+            if next_open is None:
+                return "only", [self.emb_id]        # the conclusion is closed
+            if not (r_open if next_open == self.tags[2] else k_open):
+                # between two sections: the next opens (after one newline, where there is room)
+                room = self.newline is not None and last != self.newline and left > need
+                return "only", [next_open, self.newline] if room else [next_open]
+        return "only", [self.emb_id]
 
 
 class EmbFed:
