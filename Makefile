@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS = 1
 export HF_HUB_OFFLINE = 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test install dagster-ui clean
+.PHONY: run test install dagster-ui serve clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ test: $(STAMP)
 dagster-ui: $(STAMP)
 	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -m orchestration.definitions
+
+## the BentoML service on http://127.0.0.1:3100 (the production model of DATASET and its gallery index; page at /ui/)
+serve: $(STAMP)
+	CIRCOT_SERVE_DATASET=$(DATASET) $(BIN)/bentoml serve serving.service:CirCoTService --host 127.0.0.1 --port 3100
 
 clean:
 	rm -rf artifacts .dagster .bentoml

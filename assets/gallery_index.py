@@ -53,19 +53,19 @@ def _example(model, index, bench, root: str, dataset: str, version: str) -> str:
 
     from model_code.evaluation.evaluate import SCORED_SPLIT
     from model_code.evaluation.metrics import reference_exclusions
+    from model_code.retrieval import answer
 
     split = SCORED_SPLIT[dataset]
     q = bench.triplets[bench.triplets["split"] == split].iloc[0]
     paths = dict(zip(zip(bench.images["split"], bench.images["image_id"]), bench.images["path"]))
-    emb, reasoning = model.infer_queries([Path(root) / paths[(split, q.reference_id)]], [q.modification], "cot",
-                                         max_new_tokens=256, batch_size=1)
-    ids, scores = index.search(emb.numpy(), 5, model_version=version,
-                               exclude=reference_exclusions(dataset, [q.reference_id]))
+    exclude = reference_exclusions(dataset, [q.reference_id])
+    a = answer(model, index, version, Path(root) / paths[(split, q.reference_id)], q.modification, 5, "cot",
+               exclude=exclude[0] if exclude else None)
     targets = set(q.target_ids)
     lines = [f"query {q.query_id}: reference {q.reference_id}, \"{q.modification}\"",
-             f"reasoning: {reasoning[0]['text'][:400]}", "top 5:"]
+             f"reasoning: {a.reasoning['raw'][:400]}", "top 5:"]
     lines += [f"  {rank}. {i}  {s:.3f}{'  <- target' if i in targets else ''}"
-              for rank, (i, s) in enumerate(zip(ids[0], scores[0]), 1)]
+              for rank, (i, s) in enumerate(zip(a.ids, a.scores), 1)]
     return "\n".join(lines)
 
 

@@ -301,6 +301,11 @@ class GalleryIndex:
         table.checkout(built[model_version])
         return table
 
+    def paths(self, model_version: str) -> dict[str, Path]:
+        """Image id -> image path of the index built for ``model_version`` (what a service shows)."""
+        data = self._version_table(model_version).to_arrow().select(["image_id", "path"])
+        return dict(zip(data.column("image_id").to_pylist(), map(Path, data.column("path").to_pylist())))
+
     def vectors(self, model_version: str) -> tuple[list[str], np.ndarray]:
         """The ids and vectors [n, d] of the index built for ``model_version`` (what exact search reads)."""
         return self._vectors(self._version_table(model_version))
