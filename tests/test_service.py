@@ -210,3 +210,93 @@ def test_without_a_production_model_it_is_alive_but_not_ready(served):
         assert code == 503 and "no production model of synthetic" in _error(body) and "make run" in _error(body)
     finally:
         s.stop()
+
+
+# ---- the page, as a person uses it: headless Chromium over the DevTools protocol ----------------
+
+
+class Chromium:
+    """Debian's chromium, headless, driven over the DevTools protocol (websockets, no driver)."""
+
+    def __init__(self, workdir: Path):
+        import shutil
+
+        exe = shutil.which("chromium") or shutil.which("chromium-browser")
+        if exe is None:
+            pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium)")
+        self.port = _free_port()
+        self.proc = subprocess.Popen([exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                      f"--user-data-dir={workdir / 'chromium-profile'}",
+                                      f"--remote-debugging-port={self.port}", "--window-size=1280,1400", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json/list", timeout=5) as r:
+                    pages = [p for p in json.loads(r.read()) if p["type"] == "page"]
+                if pages:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("Chromium did not open its DevTools port")
+            time.sleep(0.3)
+        from websockets.sync.client import connect
+
+        self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=2**26)
+        self.next_id = 0
+
+    def send(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=60))
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise AssertionError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def js(self, expression: str):
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def until(self, expression: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.js(expression):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the page never showed: {expression}\n{self.js('document.body.innerText')}")
+            time.sleep(0.3)
+
+    def close(self) -> None:
+        self.ws.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+def test_the_page_answers_a_query_with_reasoning_and_thumbnails(server, served, tmp_path):
+    import base64
+
+    _, _, image, _ = served
+    reference = tmp_path / "reference.png"
+    reference.write_bytes(image)
+    browser = Chromium(tmp_path)
+    try:
+        browser.send("Page.enable")
+        browser.send("Page.navigate", url=server.url + "/ui/")
+        browser.until("document.readyState === 'complete' && !!document.getElementById('query')")
+        root = browser.send("DOM.getDocument")["root"]["nodeId"]
+        file_input = browser.send("DOM.querySelector", nodeId=root, selector="#image")["nodeId"]
+        browser.send("DOM.setFileInputFiles", files=[str(reference)], nodeId=file_input)
+        browser.until("!!document.querySelector('#preview img')")          # the reference is shown
+        browser.js("document.getElementById('modification').value = 'make the star red';"
+                   "document.getElementById('k').value = '3'; document.getElementById('submit').click();")
+        browser.until("document.querySelectorAll('#results figure img').length === 3 && [...document"
+                      ".querySelectorAll('#results figure img')].every(i => i.complete && i.naturalWidth > 0)")
+        sections = browser.js("[...document.querySelectorAll('#reasoning .section b')].map(b => b.textContent)")
+        assert sections == ["caption", "reasoning", "conclusion"]
+        assert "model " in browser.js("document.getElementById('status').textContent")
+        shot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
+        (REPO / "artifacts").mkdir(exist_ok=True)
+        (REPO / "artifacts" / "ui-search.png").write_bytes(shot)
+        assert shot[:4] == b"\x89PNG"
+    finally:
+        browser.close()
