@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets import bento as bento_module
 from assets import cot_annotations as cot_annotations_module
 from assets import evaluation as evaluation_module
 from assets import gallery_index as gallery_index_module
@@ -38,7 +39,8 @@ def build_definitions(*, project_dir: str | None = None, artifacts_root: str | N
                                    description="Raw data, normalised triplets and CoT annotations of one dataset")
     training_job = dg.define_asset_job(TRAINING_JOB, selection=dg.AssetSelection.assets(*model_assets),
                                        description="Bootstrap or register the base model, then train the CIR-CoT model")
-    eval_assets = [evaluation_module.evaluation, evaluation_module.promoted_model, gallery_index_module.gallery_index]
+    eval_assets = [evaluation_module.evaluation, evaluation_module.promoted_model, gallery_index_module.gallery_index,
+                   bento_module.bento]
     evaluation_job = dg.define_asset_job(
         EVALUATION_JOB,
         selection=dg.AssetSelection.assets(*eval_assets),

@@ -238,6 +238,10 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     assert checks["index_recall"].passed
     assert "recall@10 against exact search 1.000" in checks["index_recall"].description
     assert "top 5:" in index["example"].value
+    # ...and the service is packaged with that model
+    bento = mats["bento"].metadata
+    assert bento["tag"].value == f"circot:{trained['version']}" and bento["size_mib"].value > 0
+    assert bento["model"].value == f"cir-cot:{trained['version']}"
     prod = registry.production("synthetic")
     assert prod["version"] == trained["version"] and prod["labels"]["stage_synthetic"] == "production"
     assert prod["labels"]["data_synthetic"] == trained["data"]["synthetic"]["raw"]
