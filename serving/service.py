@@ -122,12 +122,16 @@ def _image(request: Request) -> Response:
         size = int(request.query_params.get("size", 0))
     except ValueError:
         return JSONResponse({"error": "size must be a whole number of pixels"}, status_code=400)
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size > 0:
-            im.thumbnail((min(size, 1024), min(size, 1024)))
-        out = io.BytesIO()
-        im.save(out, format="PNG")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size > 0:
+                im.thumbnail((min(size, 1024), min(size, 1024)))
+            out = io.BytesIO()
+            im.save(out, format="PNG")
+    except (OSError, ValueError) as e:  # the gallery's files are not where the index says, or damaged
+        return JSONResponse({"error": f"image {image_id!r} cannot be read on this server ({path}: "
+                                      f"{type(e).__name__})"}, status_code=404)
     return Response(out.getvalue(), media_type="image/png")
 
 

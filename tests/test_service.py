@@ -113,7 +113,11 @@ def served(tmp_path_factory, micro_base, tiny_synthetic):
     env = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "CIRCOT_INDEX_URI": str(home / "lancedb"),
            "CIRCOT_SERVE_DATASET": "synthetic", "PYTHONPATH": str(REPO)}
     env.pop("CIRCOT_API_TOKEN", None)
-    out = subprocess.run([sys.executable, "-c", SETUP, str(home / "model"), str(tiny_synthetic), str(home / "lancedb")],
+    import shutil
+
+    gallery = home / "cir-shapes"  # a copy: a test removes one of its images
+    shutil.copytree(tiny_synthetic, gallery)
+    out = subprocess.run([sys.executable, "-c", SETUP, str(home / "model"), str(gallery), str(home / "lancedb")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     image = next((tiny_synthetic / "images" / "test").glob("*.png")).read_bytes()
@@ -180,6 +184,14 @@ def test_bad_input_is_a_clear_4xx_never_a_500(server, served):
         assert code == status and message in _error(body), (kwargs.get("modification"), code, body[:300])
     code, body = server.request("GET", "/ui/images/synthetic/no-such-image")
     assert code == 404 and "no image" in _error(body)
+    gone = sorted((served[3] / "cir-shapes" / "images" / "test").glob("*.png"))[-1]
+    kept = gone.read_bytes()
+    gone.unlink()  # the index names it, the disk no longer has it
+    try:
+        code, body = server.request("GET", f"/ui/images/synthetic/{gone.stem}")
+        assert code == 404 and "cannot be read on this server" in _error(body)
+    finally:
+        gone.write_bytes(kept)
     assert server.proc.poll() is None  # still serving
 
 
