@@ -7,6 +7,8 @@ blocking check ``index_recall`` runs a sample of the split's queries through the
 exact search, and fails below recall@10 0.95 against exact.
 """
 
+import dataclasses
+
 import dagster as dg
 from pydantic import Field
 
@@ -97,7 +99,7 @@ def gallery_index(context: dg.AssetExecutionContext, config: GalleryIndexConfig,
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"{info.model_version}-{info.table_version}"),
         metadata={
-            "record": dg.MetadataValue.json({**info.__dict__, "uri": gallery_index_.uri}),
+            "record": dg.MetadataValue.json({**dataclasses.asdict(info), "uri": gallery_index_.uri}),
             "path": dg.MetadataValue.path(gallery_index_.uri), "rows": info.rows, "dimension": info.dimension,
             "model_version": info.model_version, "table_version": info.table_version, "tag": info.tag,
             "index_type": info.index_type, "index_params": dg.MetadataValue.json(info.index_params),

@@ -440,10 +440,11 @@ class CoTFormat:
             return "text", []
         if not c_open:
             return "only", [self.tags[0]]
-        sections = ((c_open, c_close, self.tags[1], self.tags[2], 8),
-                    (r_open, r_close, self.tags[3], self.tags[4], 5),
-                    (k_open, k_close, self.tags[5], None, 2))     # need: tokens to finish from this section's close
-        for _opened, closed, close_id, next_open, need in sections:  # each is open here (see below)
+        # each section in turn is open here: the one before it was closed and the next opened (below)
+        sections = ((c_close, self.tags[1], r_open, self.tags[2], 8),
+                    (r_close, self.tags[3], k_open, self.tags[4], 5),
+                    (k_close, self.tags[5], True, None, 2))  # need: tokens to finish from this section's close
+        for closed, close_id, next_seen, next_open, need in sections:
             if not closed:
                 if last in self.tags:               # just opened: at least one token of text
                     return "text", []
@@ -452,7 +453,7 @@ class CoTFormat:
                 return "text", [close_id]
             if next_open is None:
                 return "only", [self.emb_id]        # the conclusion is closed
-            if not (r_open if next_open == self.tags[2] else k_open):
+            if not next_seen:
                 # between two sections: the next opens (after one newline, where there is room)
                 room = self.newline is not None and last != self.newline and left > need
                 return "only", [next_open, self.newline] if room else [next_open]
