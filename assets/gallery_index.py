@@ -49,9 +49,16 @@ def _gallery(dataset: str, bench, root: str):
     return [GalleryImage(i, s, Path(root) / p) for i, s, p in zip(rows["image_id"], rows["split"], rows["path"])]
 
 
+def _image_paths(bench, root: str) -> dict:
+    """(split, image id) -> the image file."""
+    from pathlib import Path
+
+    return {(s, i): Path(root) / p for s, i, p in zip(bench.images["split"], bench.images["image_id"],
+                                                       bench.images["path"])}
+
+
 def _example(model, index, bench, root: str, dataset: str, version: str) -> str:
     """One query of the scored split answered through the index: its reasoning and top 5."""
-    from pathlib import Path
 
     from model_code.evaluation.evaluate import SCORED_SPLIT
     from model_code.evaluation.metrics import reference_exclusions
@@ -59,9 +66,8 @@ def _example(model, index, bench, root: str, dataset: str, version: str) -> str:
 
     split = SCORED_SPLIT[dataset]
     q = bench.triplets[bench.triplets["split"] == split].iloc[0]
-    paths = dict(zip(zip(bench.images["split"], bench.images["image_id"]), bench.images["path"]))
     exclude = reference_exclusions(dataset, [q.reference_id])
-    a = answer(model, index, version, Path(root) / paths[(split, q.reference_id)], q.modification, 5, "cot",
+    a = answer(model, index, version, _image_paths(bench, root)[(split, q.reference_id)], q.modification, 5, "cot",
                exclude=exclude[0] if exclude else None)
     targets = set(q.target_ids)
     lines = [f"query {q.query_id}: reference {q.reference_id}, \"{q.modification}\"",
@@ -117,7 +123,6 @@ class IndexRecallConfig(dg.Config):
                 description=f"Recall@10 of the index against exact search on a sample of queries >= {MIN_RECALL}")
 def index_recall(context: dg.AssetCheckExecutionContext, config: IndexRecallConfig, index: IndexResource,
                  artifacts: ArtifactStore) -> dg.AssetCheckResult:
-    from pathlib import Path
 
     from model_code import registry
     from model_code.data import read_tables
@@ -132,9 +137,9 @@ def index_recall(context: dg.AssetCheckExecutionContext, config: IndexRecallConf
     bench = read_tables(tables.folder)
     split = SCORED_SPLIT[name]
     queries = bench.triplets[bench.triplets["split"] == split].iloc[:config.sample]
-    paths = dict(zip(zip(bench.images["split"], bench.images["image_id"]), bench.images["path"]))
+    paths = _image_paths(bench, tables.root)
     model = registry.load_promoted(tag=f"cir-cot:{record['model_version']}")
-    emb = model.embed_queries([Path(tables.root) / paths[(split, r)] for r in queries["reference_id"]],
+    emb = model.embed_queries([paths[(split, r)] for r in queries["reference_id"]],
                               list(queries["modification"])).numpy()
     index_ = index.open(name, artifacts)
     exclude = reference_exclusions(name, list(queries["reference_id"]))

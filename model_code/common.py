@@ -84,6 +84,20 @@ def file_md5(*paths: str | os.PathLike, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+class FileDigests:
+    """``digests(path)``: the md5 of a file's bytes, each file read once (galleries and queries
+    name the same images many times)."""
+
+    def __init__(self):
+        self.seen: dict[Path, str] = {}
+
+    def __call__(self, path: str | os.PathLike) -> str:
+        path = Path(path)
+        if path not in self.seen:
+            self.seen[path] = file_md5(path)
+        return self.seen[path]
+
+
 def content_hash(files: Iterable[str | os.PathLike], root: str | os.PathLike) -> str:
     """md5 over (path relative to ``root``, file md5) of ``files``: a version for data that DVC does
     not track."""

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from model_code.annotation.judge import Annotation, AnnotationRequest, Annotator
-from model_code.common import Record, atomic_path, file_md5
+from model_code.common import FileDigests, Record, atomic_path
 from model_code.data import nulls_as_none
 
 log = logging.getLogger(__name__)
@@ -244,12 +244,7 @@ def annotation_requests(triplets: pd.DataFrame, images: pd.DataFrame, root: str 
     given splits (default: all), at most ``limit``. The teacher sees the reference and that target;
     the request's content key hashes both images' bytes and the text."""
     root = Path(root)
-    digests: dict[Path, str] = {}
-
-    def digest(path: Path) -> str:
-        if path not in digests:
-            digests[path] = file_md5(path)
-        return digests[path]
+    digest = FileDigests()
 
     rows = triplets if splits is None else triplets[triplets["split"].isin(list(splits))]
     paths = {(s, i): p for s, i, p in zip(images["split"], images["image_id"], images["path"])}

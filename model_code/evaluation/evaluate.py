@@ -30,7 +30,7 @@ import torch
 
 from model_code.data import HIDDEN_SPLITS
 from model_code.evaluation.metrics import map_at_k, rank_gallery, recall_at_k, recall_subset_at_k, reference_exclusions
-from model_code.common import Progress, Record, atomic_path, file_md5, json_key
+from model_code.common import FileDigests, Progress, Record, atomic_path, json_key
 from model_code.datasets import hooks
 
 METHODS = ("cot", "no_cot", "image_only", "text_only")
@@ -192,7 +192,7 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
     (nothing to score where the split hides its targets: rankings only)."""
     version = getattr(model, "version", None)
     cache = Path(cache_dir) / version if cache_dir and version else None
-    digest = _Digests()
+    digest = FileDigests()
     hidden = (dataset, split) in HIDDEN_SPLITS
     timings: dict[str, dict[str, float]] = {}
     rankings: dict[str, dict[str, list[str]]] = {m: {} for m in methods}
@@ -258,18 +258,6 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
     return Evaluation(dataset, split, version or "unsaved", hidden, metrics, rankings, reasoning, timings, queries,
                       subset_rankings, per_query, strata)
 
-
-class _Digests:
-    """md5 of image files, each read once per evaluation."""
-
-    def __init__(self):
-        self.seen: dict[Path, str] = {}
-
-    def __call__(self, path) -> str:
-        path = Path(path)
-        if path not in self.seen:
-            self.seen[path] = file_md5(path)
-        return self.seen[path]
 
 
 def _add_timing(timings: dict, key: str, seconds: float, n: int) -> None:
