@@ -3,12 +3,17 @@
     .venv/bin/pip install -c constraints.txt -e '.[bench]'
     BENTOML_HOME=$PWD/.bentoml .venv/bin/python bench/load_service.py \
         --image data/raw/synthetic/images/test/test_000000.png
+    .venv/bin/python bench/load_service.py --image ... --model artifacts/cir_cot_model/runs/<key>/model
+
+``--model`` serves a saved model (a folder ``CirCoTModel.save`` wrote) instead: it is promoted in a
+temporary model store and the test split of ``--gallery`` indexed for it.
 
 Serves the production model of ``--dataset`` (it and its gallery index must exist: ``make run``,
 with the gate lowered for the tiny model as README shows) on 127.0.0.1, once with adaptive batching
-and once without (``CIRCOT_ADAPTIVE_BATCHING=0``), and runs headless Locust against ``/embed_image``
-and no-CoT ``/search`` for ``--seconds`` per setting (bounded in time; nothing but loopback is
-contacted), then one client of CoT ``/search``. Prints requests/s, p50/p95/p99 and failures.
+and once without (``CIRCOT_ADAPTIVE_BATCHING=0``: the encoder takes one request at a time), and runs
+headless Locust against ``/embed_image``, no-CoT ``/search`` and CoT ``/search`` for ``--seconds``
+per setting (bounded in time; nothing but loopback is contacted). Prints requests/s, p50/p95/p99,
+failures and, per endpoint and client count, the throughput with batching over without.
 """
 
 import argparse
@@ -50,6 +55,31 @@ def serve(env: dict, log: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the service did not become ready; see {log}")
 
 
+SETUP = """
+import sys
+from model_code import registry
+from model_code.data import read_dataset
+from model_code.index import GalleryImage, GalleryIndex
+from model_code.model.cir_cot import CirCoTModel
+model_dir, root, index_uri, dataset = sys.argv[1:5]
+m = CirCoTModel.load(model_dir, device="cpu")
+registry.promote(model_dir, version=m.version, dataset=dataset, labels={})
+bench = read_dataset(dataset, root)
+test = bench.images[bench.images.split == "test"]
+images = [GalleryImage(i, "test", root + "/" + p) for i, p in zip(test.image_id, test.path)]
+GalleryIndex(index_uri, dataset).build(lambda ps: m.embed_images(ps), images, model_version=m.version)
+"""
+
+
+def setup_store(model: str, gallery: str, dataset: str, workdir: Path) -> dict:
+    """A temporary model store with ``model`` in production and its index: the environment to serve them."""
+    env = {**os.environ, "BENTOML_HOME": str(workdir / "bentoml"), "CIRCOT_INDEX_URI": str(workdir / "lancedb"),
+           "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", SETUP, str(Path(model).resolve()), str(Path(gallery).resolve()),
+                    str(workdir / "lancedb"), dataset], cwd=REPO, env=env, check=True)
+    return env
+
+
 def locust(url: str, target: str, users: int, seconds: int, image: str, workdir: Path) -> dict:
     prefix = workdir / f"{target}-{users}"
     env = {**os.environ, "LOAD_TARGET": target, "LOAD_IMAGE": image}
@@ -70,22 +100,23 @@ def main() -> int:
     p.add_argument("--users", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--seconds", type=int, default=20)
     p.add_argument("--targets", nargs="+", default=["embed_image", "search_no_cot", "search_cot"],
-                   help="what to load: embed_image (with batching on and off), search_no_cot, search_cot (1 client)")
+                   help="what to load: embed_image, search_no_cot, search_cot")
+    p.add_argument("--model", help="serve this saved model (promoted in a temporary store) instead")
+    p.add_argument("--gallery", default="data/raw/synthetic", help="with --model: the dataset folder to index")
+    p.add_argument("--cot-users", type=int, nargs="+", default=[1, 8], help="client counts of search_cot")
     args = p.parse_args()
     workdir = Path(tempfile.mkdtemp())
+    base_env = setup_store(args.model, args.gallery, args.dataset, workdir) if args.model else dict(os.environ)
     rows = []
     for batching in ("1", "0"):
-        env = {**os.environ, "CIRCOT_ADAPTIVE_BATCHING": batching, "CIRCOT_SERVE_DATASET": args.dataset,
+        env = {**base_env, "CIRCOT_ADAPTIVE_BATCHING": batching, "CIRCOT_SERVE_DATASET": args.dataset,
                "PYTHONPATH": str(REPO)}
         proc, url = serve(env, workdir / f"serve-{batching}.log")
         try:
-            targets = [t for t in args.targets if t != "search_cot" and (batching == "1" or t == "embed_image")]
-            for target in targets:
-                for users in args.users:
+            for target in args.targets:
+                for users in args.cot_users if target == "search_cot" else args.users:
                     rows.append((target, "on" if batching == "1" else "off", users,
                                  locust(url, target, users, args.seconds, args.image, workdir)))
-            if batching == "1" and "search_cot" in args.targets:
-                rows.append(("search_cot", "on", 1, locust(url, "search_cot", 1, args.seconds, args.image, workdir)))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -94,10 +125,10 @@ def main() -> int:
     for target, batching, users, r in rows:
         print(f"| {target} | {batching} | {users} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} "
               f"| {r['n']} | {r['failures']} |")
-    on = {u: r["rps"] for t, b, u, r in rows if t == "embed_image" and b == "on"}
-    off = {u: r["rps"] for t, b, u, r in rows if t == "embed_image" and b == "off"}
-    for users in on.keys() & off.keys():
-        print(f"# embed_image, {users} clients: batching on / off = {on[users] / max(off[users], 1e-9):.2f}x")
+    on = {(t, u): r["rps"] for t, b, u, r in rows if b == "on"}
+    off = {(t, u): r["rps"] for t, b, u, r in rows if b == "off"}
+    for t, u in sorted(on.keys() & off.keys()):
+        print(f"# {t}, {u} clients: batching on / off = {on[t, u] / max(off[t, u], 1e-9):.2f}x")
     return 0
 
 

@@ -68,30 +68,44 @@ def open_image(data: bytes | str | os.PathLike, *, max_bytes: int = MAX_IMAGE_BY
         raise QueryError(f"the upload is not a readable image ({type(e).__name__}: {e})") from None
 
 
+def infer(model, images, texts, mode: str = "cot", *, max_new_tokens: int = 256):
+    """Query embeddings [n, hidden] (numpy) of a batch of checked queries and, in ``cot`` mode, each
+    one's chain of thought as ``{"caption", "reasoning", "conclusion", "raw", "error"}`` (None in
+    ``no_cot``). The batch is decoded together (the service batches the queries that arrive together)."""
+    if mode not in MODES:
+        raise QueryError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    emb, reasoning = model.infer_queries(list(images), list(texts), mode, max_new_tokens=max_new_tokens,
+                                         batch_size=max(len(texts), 1))
+    chains = []
+    for r in reasoning:
+        cot = r.get("cot") if mode == "cot" else None
+        chains.append({"caption": cot.caption if cot else None, "reasoning": cot.reasoning if cot else None,
+                       "conclusion": cot.conclusion if cot else None, "raw": r.get("text", ""),
+                       "error": r.get("error")} if mode == "cot" else None)
+    return emb.numpy(), chains
+
+
+def search(index, model_version: str, embeddings, k: int, *, exclude: set[str] | None = None):
+    """The top-k (ids, scores) of each query embedding in the index built for ``model_version``."""
+    from model_code.index import GalleryIndexError
+
+    try:
+        return index.search(embeddings, k, model_version=model_version, exclude=[exclude] if exclude else None)
+    except GalleryIndexError as e:
+        raise QueryError(str(e), 400 if "k must be" in str(e) else 503) from None
+
+
 def answer(model, index, model_version: str, image, text: str, k: int = 10, mode: str = "cot", *,
            exclude: set[str] | None = None, max_new_tokens: int = 256) -> Answer:
     """Answer one query: ``image`` a PIL image or path, ``text`` the modification."""
-    from model_code.index import GalleryIndexError
-
     if mode not in MODES:
         raise QueryError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     text = check_text(text)
     t0 = time.perf_counter()
-    emb, reasoning = model.infer_queries([image], [text], mode, max_new_tokens=max_new_tokens, batch_size=1)
+    emb, chains = infer(model, [image], [text], mode, max_new_tokens=max_new_tokens)
     t1 = time.perf_counter()
-    try:
-        ids, scores = index.search(emb.numpy(), k, model_version=model_version,
-                                   exclude=[exclude] if exclude else None)
-    except GalleryIndexError as e:
-        status = 400 if "k must be" in str(e) else 503
-        raise QueryError(str(e), status) from None
+    ids, scores = search(index, model_version, emb, k, exclude=exclude)
     t2 = time.perf_counter()
-    chain = None
-    if mode == "cot":
-        r = reasoning[0]
-        cot = r.get("cot")
-        chain = {"caption": cot.caption if cot else None, "reasoning": cot.reasoning if cot else None,
-                 "conclusion": cot.conclusion if cot else None, "raw": r.get("text", ""), "error": r.get("error")}
     step = "reasoning" if mode == "cot" else "embedding"
-    return Answer(model_version, mode, ids[0], [round(s, 6) for s in scores[0]], chain,
+    return Answer(model_version, mode, ids[0], [round(s, 6) for s in scores[0]], chains[0],
                   {step: round(t1 - t0, 4), "search": round(t2 - t1, 4)})
