@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS = 1
 export HF_HUB_OFFLINE = 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test install dagster-ui serve clean
+.PHONY: run test install dagster-ui serve pretrain clean
 
 install: $(STAMP)
 
@@ -42,6 +42,13 @@ dagster-ui: $(STAMP)
 ## the BentoML service on http://127.0.0.1:3100 (the production model of DATASET and its gallery index; page at /ui/)
 serve: $(STAMP)
 	CIRCOT_SERVE_DATASET=$(DATASET) $(BIN)/bentoml serve serving.service:CirCoTService --host 127.0.0.1 --port 3100
+
+## pretrain the embedded base model (hours on 2 CPU cores; stop it any time, the same command resumes).
+## Its scenes exclude every image of the synthetic benchmark, generated first when missing.
+PRETRAIN_OUT ?= artifacts/pretrain/tiny84
+pretrain: $(STAMP)
+	test -d data/raw/synthetic || $(BIN)/python -m dvc repro synthetic
+	$(BIN)/python -m model_code.model.pretrain --out $(PRETRAIN_OUT) $(PRETRAIN_ARGS)
 
 clean:
 	rm -rf artifacts .dagster .bentoml

@@ -41,6 +41,7 @@ class BackboneShape:
     vision_heads: int
     vocab_size: int | None = None  # None: the tokenizer's size
     image_size: int = 112          # the processor resizes every image to this square
+    patch_size: int = 14           # vision patches (2x2 of them merge into one language-model token)
 
     @property
     def mrope_section(self) -> list[int]:
@@ -53,6 +54,10 @@ class BackboneShape:
 SHAPES = {
     "tiny": BackboneShape(text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=768,
                           vision_embed=128, vision_depth=4, vision_heads=4, image_size=112),
+    # the pretrained embedded base: 84 px with 7 px patches, so a cir-shapes cell (28 px) is 4x4 patches
+    # and 2x2 language-model tokens, and a small shape covers 2x2 patches instead of about one
+    "tiny84": BackboneShape(text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=768,
+                            vision_embed=128, vision_depth=4, vision_heads=4, image_size=84, patch_size=7),
     # the dimensions of Qwen2-VL-2B-Instruct, for benchmarks without weights
     "qwen2-vl-2b": BackboneShape(text_hidden=1536, text_layers=28, text_heads=12, text_kv_heads=2,
                                  text_intermediate=8960, vision_embed=1280, vision_depth=32, vision_heads=16,
@@ -76,12 +81,15 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 2048, extra_special
                                   padding_side="left")
 
 
-def build_processor(tokenizer, image_size: int):
-    """A Qwen2-VL processor that resizes every image to ``image_size`` x ``image_size``."""
+def build_processor(tokenizer, image_size: int, patch_size: int = 14):
+    """A Qwen2-VL processor that resizes every image to ``image_size`` x ``image_size`` (a multiple
+    of twice ``patch_size``)."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
+    if image_size % (2 * patch_size):
+        raise ValueError(f"image size {image_size} is not a multiple of 2 x patch size {patch_size}")
     pixels = image_size * image_size
-    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels)
+    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=patch_size)
     return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                             video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
 
@@ -102,7 +110,7 @@ def build_model(shape: BackboneShape, tokenizer, seed: int = 0, *, device: str =
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": shape.mrope_section},
             eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None),
         vision_config=dict(depth=shape.vision_depth, embed_dim=shape.vision_embed, hidden_size=shape.text_hidden,
-                           num_heads=shape.vision_heads, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
+                           num_heads=shape.vision_heads, mlp_ratio=4, patch_size=shape.patch_size, spatial_merge_size=2,
                            temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -127,7 +135,7 @@ def build_random_backbone(shape: str | BackboneShape, corpus: Iterable[str], *, 
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     tokenizer = train_tokenizer(corpus, vocab_size, extra_special_tokens)
     model = build_model(shape, tokenizer, seed, device=device, dtype=dtype)
-    return model, build_processor(tokenizer, shape.image_size)
+    return model, build_processor(tokenizer, shape.image_size, shape.patch_size)
 
 
 def save_backbone(model, processor, path: str | os.PathLike) -> Path:

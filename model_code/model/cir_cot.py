@@ -36,6 +36,7 @@ PROMPTS = {
     "gallery": "Summarize this image in one word.",
     "describe": "Describe the image.",
     "text": "Description: {text}\nEmbed the image it describes.",
+    "edit": "{text}\nDescribe the image after the modification.",  # pretraining's text edits
 }
 # LoRA on the language model only: plain names would also hit the vision tower, "all-linear" its Conv3d.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"

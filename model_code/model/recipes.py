@@ -98,6 +98,7 @@ class TrainingProfile:
     lora_r: int = 16
     lora_alpha: int = 32
     eval_batches: int = 4
+    lora: bool = True             # False: every parameter of the base is fine-tuned (where that measures better)
 
     def copy(self) -> TrainingProfile:
         import copy
@@ -241,7 +242,7 @@ def train_cir_cot(base: BaseModelRecord, train_pairs: Sequence[TrainExample], va
     the pairs that have an accepted chain of thought). Saves the model to ``out_dir/model``.
     Each stage resumes from its checkpoint."""
     from model_code.model.backbone import load_backbone
-    from model_code.model.cir_cot import apply_lora, parameter_counts
+    from model_code.model.cir_cot import add_cir_tokens, apply_lora, parameter_counts
 
     out_dir = Path(out_dir)
     spec = profile.base
@@ -249,7 +250,11 @@ def train_cir_cot(base: BaseModelRecord, train_pairs: Sequence[TrainExample], va
     model, processor = load_backbone(base.path, dtype=spec.dtype, device=spec.device,
                                      attn_implementation=spec.attn_implementation)
     model.train()
-    model = apply_lora(model, processor, r=profile.lora_r, alpha=profile.lora_alpha)
+    if profile.lora:
+        model = apply_lora(model, processor, r=profile.lora_r, alpha=profile.lora_alpha)
+    else:
+        add_cir_tokens(model, processor)
+        model.requires_grad_(True)
     m = CirCoTModel(model, processor, base_path=base.path, base_version=base.version)
     stages, histories = {}, {}
     for cfg in (profile.align, profile.cot):

@@ -4,6 +4,9 @@
 
 - ``bootstrap`` (the tiny base model only, all parameters): image-text alignment (a scene
   description's ``<emb>`` against its image's gallery ``<emb>``) plus captioning on part of the batch.
+- ``pretrain`` (the embedded base, ``model_code/model/pretrain.py``): ``bootstrap``'s alignment and
+  captioning (captions inside ``<caption>`` tags, as the chain writes them) plus text-level edits (a
+  description and an edit -> ``<conclusion>`` the edited description), on scenes of its own.
 - ``align`` (stage 1, LoRA): the no-CoT query (reference + modification → ``<emb>``) against the target.
 - ``cot`` (stage 2, LoRA): the query with its teacher-forced chain of thought; CE on the CoT tokens
   (and the closing ``<emb>``) plus InfoNCE.
@@ -38,14 +41,14 @@ from model_code.model.loss import answer_ce, image_keys, info_nce, joint_loss
 log = logging.getLogger(__name__)
 
 
-STAGES = ("bootstrap", "align", "cot")
+STAGES = ("bootstrap", "pretrain", "align", "cot")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Hyperparameters of one stage. (A dataclass, not pydantic: the GPU image has no pydantic.)"""
 
-    stage: Literal["bootstrap", "align", "cot"]
+    stage: Literal["bootstrap", "pretrain", "align", "cot"]
     steps: int
     batch_size: int = 32                 # queries per process and micro-batch
     grad_accum: int = 1
@@ -58,7 +61,8 @@ class TrainConfig:
     lambda_info: float = 1.0
     hard_negatives: int = 1              # per query, from the benchmark's hard negatives
     reference_negatives: bool = True     # the references as extra gallery candidates
-    caption_fraction: float = 0.25       # bootstrap: share of the batch also trained to caption
+    caption_fraction: float = 0.25       # bootstrap, pretrain: share of the batch also trained to caption
+    edit_fraction: float = 0.0           # pretrain: share of the batch also trained on its text edit
     identity_queries: bool = True        # bootstrap: also align each image's no-change query with its gallery <emb>
     seed: int = 0
     mixed_precision: Literal["no", "bf16"] = "no"
@@ -78,7 +82,8 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainExample:
-    """One training pair. ``reference`` None means a text-only query (bootstrap)."""
+    """One training pair. ``reference`` None means a text-only query (bootstrap, pretrain);
+    ``edit`` (pretrain) is a text edit of the description: (edit prompt text, answer)."""
 
     query_id: str
     reference: Path | None
@@ -86,6 +91,7 @@ class TrainExample:
     target: Path
     cot: str | None = None
     negatives: tuple[Path, ...] = ()
+    edit: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass
@@ -100,6 +106,11 @@ class TrainResult:
 IDENTITY_REQUEST = "keep the image exactly as it is"
 
 
+def caption_answer(description: str) -> str:
+    """A caption as the chain of thought writes it (pretraining's captioning target)."""
+    return f"<caption>{description}</caption>"
+
+
 class TrainStep(torch.nn.Module):
     """Computes the losses of one micro-batch (the module ``accelerate`` wraps)."""
 
@@ -110,7 +121,8 @@ class TrainStep(torch.nn.Module):
     def forward(self, batch: Sequence[TrainExample], negatives: Sequence[Path]) -> dict[str, torch.Tensor]:
         """The stage decides the inputs; the losses are model_code.model.loss's."""
         m, cfg = self.cirmodel, self.cfg
-        if cfg.stage == "bootstrap":
+        pre = cfg.stage in ("bootstrap", "pretrain")
+        if pre:
             q_inputs = m.text_inputs([ex.text for ex in batch])
         else:
             cots = [ex.cot for ex in batch] if cfg.stage == "cot" else None
@@ -124,7 +136,7 @@ class TrainStep(torch.nn.Module):
         keys = image_keys(candidates, gallery.device)
         l_info, acc = info_nce(queries, gallery, len(batch), cfg.temperature, candidate_keys=keys)
         out = {"info": l_info, "acc": acc}
-        if cfg.stage == "bootstrap" and cfg.identity_queries:
+        if pre and cfg.identity_queries:
             # the query prompt (image + request) and the gallery prompt share one space from the start
             i_inputs = m.query_inputs([ex.target for ex in batch], [IDENTITY_REQUEST] * len(batch))
             l_img, out["acc_image"] = info_nce(m.emb(i_inputs, m.hidden_states(i_inputs)), gallery, len(batch),
@@ -133,11 +145,18 @@ class TrainStep(torch.nn.Module):
         lm_head = unwrap(m.model).lm_head
         if cfg.stage == "cot":
             out["txt"] = answer_ce(q_hidden, q_inputs["labels"], lm_head)
-        elif cfg.stage == "bootstrap" and cfg.caption_fraction > 0:
+        elif pre and cfg.caption_fraction > 0:
             k = max(1, int(len(batch) * cfg.caption_fraction))
-            c_inputs = m.encode([m.prompt("describe")] * k, [ex.text for ex in batch[:k]],
+            wrap = caption_answer if cfg.stage == "pretrain" else str
+            c_inputs = m.encode([m.prompt("describe")] * k, [wrap(ex.text) for ex in batch[:k]],
                                 [ex.target for ex in batch[:k]], train_answer=True)
-            out["txt"] = answer_ce(m.hidden_states(c_inputs), c_inputs["labels"], lm_head)
+            out["txt"] = out["cap"] = answer_ce(m.hidden_states(c_inputs), c_inputs["labels"], lm_head)
+        edits = [ex.edit for ex in batch if ex.edit][:int(len(batch) * cfg.edit_fraction)]
+        if cfg.stage == "pretrain" and edits:
+            e_inputs = m.encode([m.prompt("edit", q, image=False) for q, _ in edits], [a for _, a in edits], None,
+                                train_answer=True)
+            out["edit"] = answer_ce(m.hidden_states(e_inputs), e_inputs["labels"], lm_head)
+            out["txt"] = out.get("txt", 0) + out["edit"]
         out["loss"] = joint_loss(l_info, out.get("txt"), lambda_info=cfg.lambda_info, lambda_txt=cfg.lambda_txt)
         return out
 

@@ -1,0 +1,383 @@
+"""Pretraining of the embedded base model (DESIGN §5): general skills on cir-shapes scenes of its own.
+
+The embedded base is a pretrained checkpoint like any other. This job makes it, once, for hours
+on a CPU (minutes on a GPU), resumable across sittings; the pipeline only fine-tunes it. It never
+sees the benchmark: its scenes come from a generator seeded apart from the benchmark's, and any
+scene equal to an image of a benchmark split (``--exclude``) is dropped. It teaches, in the prompts
+the fine-tune uses:
+
+- captioning: image -> ``<caption>`` the full scene description ``</caption>`` (perception);
+- alignment: a description's ``<emb>`` against its image's gallery ``<emb>``, and the no-CoT query of
+  the image with "keep it as it is" against the same (one embedding space for every prompt);
+- text edits: a description and an edit -> ``<conclusion>`` the edited description ``</conclusion>``
+  (language ability; no image, no triplet).
+
+Perception is measured in generated text from the first chunk: every ``eval_every`` steps the model
+captions held-out scenes greedily and the captions are read back into objects with the scene-graph
+parser the evaluation uses (``caption_exact``, ``caption_object_f1``), the held-out edits likewise
+(``edit_exact``), and descriptions retrieve their images among the held-out ones (``text_to_image_R@1``).
+Each evaluation is a line of ``metrics.jsonl`` beside the checkpoint and a log line.
+
+    python -m model_code.model.pretrain --out artifacts/pretrain/tiny84 [--steps N] [--minutes M]
+
+(``make pretrain``). Interrupt it at any time; the same command resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from model_code.common import Record, atomic_write_json
+from model_code.model.train import TrainConfig, TrainExample, train
+
+log = logging.getLogger(__name__)
+
+SCENE_SEED = "circot-pretrain"  # scenes are drawn from random.Random(f"{SCENE_SEED}/{seed}/{i}")
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    shape: str = "tiny84"
+    vocab_size: int = 1024
+    seed: int = 0
+    scenes: int = 20000             # training scenes (each with one text edit)
+    heldout: int = 200              # scenes kept apart for the perception metrics
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    caption_fraction: float = 0.5
+    edit_fraction: float = 0.5
+    identity_queries: bool = True
+    mixed_precision: str = "bf16"   # bf16 autocast: 24 % less time per step on this CPU (issue 9's figures)
+    eval_every: int = 100
+    checkpoint_every: int = 25
+
+    def train_config(self) -> TrainConfig:
+        import math
+
+        # every evaluation point is a checkpoint, so stopping there loses nothing
+        return TrainConfig(stage="pretrain", steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                           warmup_steps=self.warmup_steps, caption_fraction=self.caption_fraction,
+                           edit_fraction=self.edit_fraction, identity_queries=self.identity_queries,
+                           mixed_precision=self.mixed_precision, hard_negatives=0, seed=self.seed,
+                           checkpoint_every=math.gcd(self.checkpoint_every, self.eval_every), log_every=10)
+
+
+@dataclasses.dataclass
+class PretrainSample:
+    image: Path
+    scene: tuple
+    description: str
+    edit_text: str        # the edit prompt's text: the description and the modification
+    edited: tuple         # the scene after the edit
+    conclusion: str       # its description, as a chain's conclusion words it
+    cot: str              # the oracle chain of this (scene, edit): tokenizer corpus only
+
+
+def _benchmark_scenes(root: str | os.PathLike | None) -> set[tuple]:
+    """The scene keys of every image of a cir-shapes benchmark folder (none when ``root`` is None)."""
+    from model_code.synthetic import scenes
+
+    if root is None:
+        return set()
+    out = set()
+    for f in sorted((Path(root) / "scene_graphs").glob("*.json")):
+        out |= {scenes.scene_key(scenes.scene_from_json(g)) for g in json.loads(f.read_text()).values()}
+    if not out:
+        raise FileNotFoundError(f"no scene graphs under {root}/scene_graphs: cannot exclude the benchmark's scenes")
+    return out
+
+
+def make_samples(cfg: PretrainConfig, folder: str | os.PathLike, *, exclude: set[tuple] = frozenset(),
+                 progress: Callable[[str], None] | None = None) -> list[PretrainSample]:
+    """``cfg.scenes + cfg.heldout`` scenes (the held-out ones last), each with one to three edits;
+    images rendered into ``folder`` (kept across runs: rendering is skipped for files present)."""
+    from model_code.common import Progress
+    from model_code.synthetic import scenes
+    from model_code.synthetic.edits import sample_modification
+    from model_code.synthetic.oracle import describe, oracle_cot
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    total = cfg.scenes + cfg.heldout
+    out: list[PretrainSample] = []
+    seen = set(exclude)
+    bar = Progress(total, "pretraining scenes", say=progress, every_s=15)
+    i = 0
+    while len(out) < total:
+        rng = random.Random(f"{SCENE_SEED}/{cfg.seed}/{i}")
+        i += 1
+        oid = iter(range(1000))
+        scene = scenes.random_scene(rng, lambda: next(oid))
+        if scenes.scene_key(scene) in seen:
+            continue
+        made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), lambda: next(oid))
+        if made is None:
+            continue
+        seen.add(scenes.scene_key(scene))
+        edited, edits, modification = made
+        description = describe(scene, random.Random(f"describe/{i}"), result=False)
+        n = len(out)
+        path = folder / f"{n:06d}.png"
+        if not path.is_file():
+            tmp = path.with_suffix(".tmp.png")
+            scenes.render_scene(scene).save(tmp)
+            os.replace(tmp, path)
+        out.append(PretrainSample(
+            image=path, scene=scenes.scene_key(scene), description=description,
+            edit_text=f"Description: {description}\nModification: {modification}", edited=scenes.scene_key(edited),
+            conclusion=describe(edited, random.Random(f"conclude/{i}"), result=True),
+            cot=oracle_cot(f"pretrain/{i}", scene, edits).render()))
+        bar.step()
+    return out
+
+
+def examples(samples: Sequence[PretrainSample]) -> list[TrainExample]:
+    return [TrainExample(s.image.stem, None, s.description, s.image,
+                         edit=(s.edit_text, f"<conclusion>{s.conclusion}</conclusion>")) for s in samples]
+
+
+# ---------------------------------------------------------------------------------------------
+# perception, measured in generated text
+
+
+@torch.inference_mode()
+def _generate(m, prompts: Sequence[str], images, stop: str, max_new_tokens: int, batch_size: int = 50) -> list[str]:
+    """Greedy continuations of ``prompts`` up to the token ``stop``, as text."""
+    tok = m.tokenizer
+    stop_id = tok.convert_tokens_to_ids(stop)
+    was = m.model.training
+    m.model.eval()
+    out = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            inputs = m.encode(prompts[i:i + batch_size], [""] * len(prompts[i:i + batch_size]),
+                              images[i:i + batch_size] if images is not None else None)
+            inputs = {k: v.to(m.device) for k, v in inputs.items()}
+            ids = m.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=[stop_id, tok.convert_tokens_to_ids("<|im_end|>")],
+                                   pad_token_id=tok.pad_token_id)
+            out += tok.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
+    finally:
+        m.model.train(was)
+    return out
+
+
+def _scores(texts: Sequence[str], truths: Sequence[tuple]) -> tuple[float, float]:
+    from model_code.synthetic.oracle import scene_from_text
+
+    exact, f1 = 0, 0.0
+    for text, truth in zip(texts, truths):
+        stated, truth = scene_from_text(text), set(truth)
+        exact += stated == truth
+        f1 += 2 * len(stated & truth) / (len(stated) + len(truth)) if stated or truth else 1.0
+    n = max(len(texts), 1)
+    return exact / n, f1 / n
+
+
+def perception(m, heldout: Sequence[PretrainSample], *, max_new_tokens: int = 96) -> dict:
+    """Caption exactness / object F1, text-edit exactness and description -> image R@1 on ``heldout``."""
+    t0 = time.monotonic()
+    images = [s.image for s in heldout]
+    captions = _generate(m, [m.prompt("describe")] * len(heldout), images, "</caption>", max_new_tokens)
+    cap_exact, cap_f1 = _scores(captions, [s.scene for s in heldout])
+    edited = _generate(m, [m.prompt("edit", s.edit_text, image=False) for s in heldout], None, "</conclusion>",
+                       max_new_tokens)
+    edit_exact, edit_f1 = _scores(edited, [s.edited for s in heldout])
+    q = m.embed_texts([s.description for s in heldout])
+    g = m.embed_images(images)
+    r1 = float((q @ g.T).argmax(dim=1).eq(torch.arange(len(heldout))).float().mean())
+    return {"caption_exact": round(cap_exact, 4), "caption_object_f1": round(cap_f1, 4),
+            "edit_exact": round(edit_exact, 4), "edit_object_f1": round(edit_f1, 4),
+            "text_to_image_R@1": round(r1, 4), "eval_seconds": round(time.monotonic() - t0, 1),
+            "example_caption": captions[0][:300], "truth": heldout[0].description}
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+
+
+@dataclasses.dataclass
+class PretrainRecord(Record):
+    """What a finished pretraining leaves in ``<out>/base.json`` (and the shipped checkpoint's README)."""
+
+    path: str
+    version: str
+    config: dict
+    steps: int
+    seconds: float
+    perception: dict
+    history_last: dict
+
+
+def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: str | os.PathLike | None = None,
+             minutes: float | None = None, progress: Callable[[str], None] | None = None) -> PretrainRecord | None:
+    """Pretrain (or resume pretraining) the embedded base into ``out_dir``. With ``minutes``, stop
+    at the first evaluation point after that much time (resume later with the same call); returns
+    None then, else the record of the finished model (``out_dir/model``, a checkpoint folder)."""
+    from model_code.model.backbone import build_random_backbone, checkpoint_version, load_backbone, save_backbone
+    from model_code.model.cir_cot import PROMPTS, CirCoTModel, add_cir_tokens
+
+    say = progress or log.info
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "base.json").is_file():
+        return PretrainRecord.read(out_dir / "base.json")
+    config_file = out_dir / "config.json"
+    if config_file.is_file():
+        saved = json.loads(config_file.read_text())
+        free = ("steps", "eval_every", "checkpoint_every")  # may change on a resume (steps: the rest of the schedule)
+        if {k: v for k, v in saved.items() if k not in free} != {
+                k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}:
+            raise ValueError(f"{out_dir} holds a pretraining with another configuration ({saved}); "
+                             "give a new --out or the same settings")
+    atomic_write_json(config_file, dataclasses.asdict(cfg))
+    samples = make_samples(cfg, out_dir / "scenes", exclude=_benchmark_scenes(exclude_root), progress=say)
+    train_samples, heldout = samples[:cfg.scenes], samples[cfg.scenes:]
+    init = out_dir / "init"   # the random initialisation and the tokenizer, saved once so a resume rebuilds nothing
+    torch.manual_seed(cfg.seed)
+    if not (init / "config.json").is_file():
+        corpus = [s.description for s in samples] + [s.edit_text for s in samples] + [s.conclusion for s in samples]
+        corpus += [s.cot for s in samples] + list(PROMPTS.values()) * 50
+        model, processor = build_random_backbone(cfg.shape, corpus, vocab_size=cfg.vocab_size, seed=cfg.seed)
+        add_cir_tokens(model, processor)
+        save_backbone(model, processor, init.with_name("init.tmp"))
+        os.replace(init.with_name("init.tmp"), init)
+    model, processor = load_backbone(init, dtype="float32", device="cpu" if not torch.cuda.is_available() else None)
+    model.train()
+    m = CirCoTModel(model, processor)
+    tcfg = cfg.train_config()
+    metrics_file = out_dir / "metrics.jsonl"
+    done = _checkpoint_step(out_dir / "train")
+    t0 = time.monotonic()
+    result = None
+    while done < cfg.steps:
+        stop = min(cfg.steps, (done // cfg.eval_every + 1) * cfg.eval_every)
+        result = train(m, examples(train_samples), tcfg, out_dir / "train", progress=say, stop_after=stop)
+        done = result.history[-1]["step"] if result.history else stop
+        p = perception(m, heldout)
+        row = {"step": done, **{k: result.history[-1][k] for k in result.history[-1] if k != "step"},
+               "train_seconds": round(result.seconds, 1), **p}
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        say(f"pretrain step {done}/{cfg.steps}: caption exact {p['caption_exact']:.3f}, object F1 "
+            f"{p['caption_object_f1']:.3f}; edit exact {p['edit_exact']:.3f}; text->image R@1 "
+            f"{p['text_to_image_R@1']:.3f} (eval {p['eval_seconds']:.0f}s)")
+        if minutes is not None and time.monotonic() - t0 > minutes * 60 and done < cfg.steps:
+            say(f"pretrain: stopping after {minutes} minutes at step {done}; the same command resumes")
+            return None
+    model_dir = save_bf16(model, processor, out_dir / "model")
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    plot_perception(rows, out_dir / "perception.png")
+    history = json.loads((out_dir / "train" / "checkpoint" / "history.json").read_text())
+    record = PretrainRecord(path=str(model_dir), version=checkpoint_version(model_dir),
+                            config=dataclasses.asdict(cfg), steps=cfg.steps,
+                            seconds=round(sum(r.get("train_seconds", 0) for r in rows), 1),
+                            perception=rows[-1] if rows else {}, history_last=history[-1])
+    record.write(out_dir / "base.json")
+    return record
+
+
+def save_bf16(model, processor, path: str | os.PathLike) -> Path:
+    """The checkpoint folder with bf16 weights (half the bytes; loaded back as float32 on a CPU)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp, state_dict={k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()})
+    processor.save_pretrained(tmp)
+    from model_code.common import replace_dir
+
+    replace_dir(tmp, path)
+    return path
+
+
+def export_checkpoint(out_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """The model as of ``out_dir``'s last training checkpoint, as a checkpoint folder at ``dest``
+    (bf16): to fine-tune or inspect a pretraining that is still running."""
+    from model_code.model.backbone import load_backbone
+
+    out_dir = Path(out_dir)
+    state = torch.load(out_dir / "train" / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
+    model, processor = load_backbone(out_dir / "init", dtype="float32", device="cpu")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name.removeprefix("cirmodel.model.")].copy_(value)
+    return save_bf16(model, processor, dest)
+
+
+def _checkpoint_step(train_dir: Path) -> int:
+    history = train_dir / "checkpoint" / "history.json"
+    return len(json.loads(history.read_text())) if history.is_file() else 0
+
+
+def plot_perception(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """The perception metrics and the caption loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for k in ("caption_exact", "caption_object_f1", "edit_exact", "text_to_image_R@1"):
+        a1.plot(steps, [r[k] for r in rows], marker=".", label=k)
+    a1.set_ylim(0, 1)
+    a1.set_xlabel("step")
+    a1.legend(fontsize=7)
+    for k in ("cap", "edit", "info"):
+        a2.plot(steps, [r.get(k, float("nan")) for r in rows], marker=".", label=k)
+    a2.set_xlabel("step")
+    a2.set_ylabel("loss")
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m model_code.model.pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="artifacts/pretrain/tiny84", help="the run's folder (resumed when present)")
+    p.add_argument("--steps", type=int, help="total optimizer steps (default: the config's)")
+    p.add_argument("--minutes", type=float, help="stop at the first evaluation after this many minutes")
+    p.add_argument("--exclude", default="data/raw/synthetic",
+                   help="a cir-shapes benchmark folder whose scenes are never used ('' to skip)")
+    p.add_argument("--scenes", type=int)
+    p.add_argument("--heldout", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--export", metavar="DEST",
+                   help="only write the model as of the last checkpoint to DEST (a checkpoint folder) and exit")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.export:
+        print(export_checkpoint(args.out, args.export))
+        return 0
+    cfg = PretrainConfig()
+    for name in ("steps", "scenes", "heldout", "batch_size", "eval_every"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    exclude = args.exclude or None
+    if exclude and not Path(exclude).is_dir():
+        p.error(f"--exclude {exclude}: no such folder (run `make run` once, or give --exclude '')")
+    record = pretrain(cfg, args.out, exclude_root=exclude, minutes=args.minutes)
+    if record is not None:
+        print(json.dumps(record.to_dict(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""The embedded base's pretraining job: its own scenes (never the benchmark's), perception measured in
+generated text, and an interrupted run that resumes to exactly the uninterrupted result."""
+
+import json
+
+import pytest
+import torch
+
+from model_code.model import backbone, pretrain
+from model_code.model.pretrain import PretrainConfig
+
+
+@pytest.fixture
+def micro_shape(monkeypatch):
+    monkeypatch.setitem(backbone.SHAPES, "micro", backbone.BackboneShape(
+        text_hidden=64, text_layers=2, text_heads=2, text_kv_heads=1, text_intermediate=128, vision_embed=32,
+        vision_depth=2, vision_heads=2, image_size=56, patch_size=7))
+    return "micro"
+
+
+def _config(shape: str, **kw) -> PretrainConfig:
+    return PretrainConfig(**{"shape": shape, "vocab_size": 400, "scenes": 24, "heldout": 4, "steps": 4, "batch_size": 4,
+                             "eval_every": 2, "warmup_steps": 1, "mixed_precision": "no", **kw})
+
+
+def test_no_scene_of_the_benchmark_is_pretrained_on(tmp_path, tiny_synthetic):
+    from model_code.synthetic import scenes
+
+    bench = pretrain._benchmark_scenes(tiny_synthetic)
+    assert len(bench) > 50
+    cfg = _config("tiny", scenes=20, heldout=2)
+    first = pretrain.make_samples(cfg, tmp_path / "a")
+    # the generator's first scene, declared a benchmark image: it is skipped, the next ones come instead
+    samples = pretrain.make_samples(cfg, tmp_path / "b", exclude=bench | {first[0].scene})
+    keys = [s.scene for s in samples]
+    assert first[0].scene not in keys and not set(keys) & bench
+    assert len(samples) == 22 and len(set(keys)) == 22
+    assert keys[:3] == [s.scene for s in first[1:4]]
+    # each image is its scene, and each text edit's answer states the edited scene's objects
+    from model_code.synthetic.oracle import scene_from_text
+
+    s = samples[0]
+    assert scenes.scene_key(scenes.make_scene(scenes.Obj(*o) for o in s.scene)) == s.scene
+    assert scene_from_text(s.conclusion) == set(s.edited) and scene_from_text(s.description) == set(s.scene)
+    assert "Modification: " in s.edit_text and s.image.is_file()
+
+
+def test_perception_scores_read_generated_text_back_into_objects():
+    truth = (("star", "red", "small", 0, 0), ("circle", "blue", "large", 2, 2))
+    right = "<caption>There are two objects: a small red star in the top left corner and a big blue circle in " \
+            "the lower right corner.</caption>"
+    half = "<caption>A scene with two shapes: a small red star in the top left corner and a small blue circle " \
+           "in the centre.</caption>"
+    exact, f1 = pretrain._scores([right, half, "nonsense"], [truth] * 3)
+    assert exact == pytest.approx(1 / 3)
+    assert f1 == pytest.approx((1 + 0.5 + 0) / 3)
+
+
+def test_an_interrupted_pretraining_resumes_to_the_uninterrupted_result(tmp_path, micro_shape):
+    cfg = _config(micro_shape)
+    whole = pretrain.pretrain(cfg, tmp_path / "whole")
+    assert whole is not None and whole.steps == 4
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    for key in ("caption_exact", "caption_object_f1", "edit_exact", "text_to_image_R@1", "cap", "edit", "info"):
+        assert key in rows[-1]
+    assert (tmp_path / "whole" / "perception.png").is_file()
+
+    # stopped at the first evaluation point (minutes=0), then the same call again
+    assert pretrain.pretrain(cfg, tmp_path / "split", minutes=0) is None
+    assert not (tmp_path / "split" / "model").exists()
+    resumed = pretrain.pretrain(cfg, tmp_path / "split")
+    assert resumed.version == whole.version
+
+    # a finished run is not trained again; another configuration in the same folder is refused
+    assert pretrain.pretrain(cfg, tmp_path / "split").version == whole.version
+    pretrain.pretrain(cfg, tmp_path / "unfinished", minutes=0)
+    with pytest.raises(ValueError, match="another configuration"):
+        pretrain.pretrain(_config(micro_shape, lr=0.5), tmp_path / "unfinished")
+
+
+def test_the_exported_checkpoint_loads_like_any_other(tmp_path, micro_shape):
+    from model_code.model.backbone import checkpoint_version, load_backbone
+
+    cfg = _config(micro_shape, steps=2)
+    record = pretrain.pretrain(cfg, tmp_path / "run")
+    exported = pretrain.export_checkpoint(tmp_path / "run", tmp_path / "exported")
+    assert checkpoint_version(exported) == record.version   # the last checkpoint is the final model
+    model, processor = load_backbone(exported, device="cpu")
+    assert next(model.parameters()).dtype == torch.float32 and "<emb>" in processor.tokenizer.get_vocab()
+    weights = exported / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
