@@ -1,7 +1,8 @@
 """The Dagster code location: ``dagster dev`` (``[tool.dagster]`` in pyproject.toml) loads ``defs``.
 
 The jobs and the Definitions; the resources come from the environment through
-``assets.resources.resources_from_environment`` (its docstring lists every variable).
+``assets.resources.resources_from_environment`` (its docstring lists every variable); the schedule
+and the sensors from ``orchestration.operations``.
 """
 
 from __future__ import annotations
@@ -48,8 +49,14 @@ def build_definitions(*, project_dir: str | None = None, artifacts_root: str | N
         description="Evaluate the latest model on one dataset; the gate decides its promotion; the production model "
                     "embeds the gallery index",
     )
+    from orchestration.operations import build_automation
+
+    schedules, sensors = build_automation(pipeline, training_job, evaluation_job,
+                                          train_datasets=training_module.TRAIN_DATASETS)
     return dg.Definitions(
         assets=[*data_assets, *model_assets, *eval_assets],
+        schedules=schedules,
+        sensors=sensors,
         asset_checks=[*dg.load_asset_checks_from_modules(data_modules), evaluation_module.promotion_gate,
                       gallery_index_module.index_recall],
         jobs=[pipeline, training_job, evaluation_job],

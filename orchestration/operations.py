@@ -1,0 +1,251 @@
+"""How the system runs by itself: a retraining schedule, a data-change sensor, the sensors that chain
+the jobs, and failure alerts. All are Dagster's own idioms, shipped stopped except the alerts, so a
+fresh ``dagster dev`` does nothing unasked (turn them on in the UI: Automation).
+
+- ``retrain_schedule`` (cron ``CIRCOT_RETRAIN_CRON``, default weekly, Monday 03:00): runs the
+  ``training`` job, tagged with why; skipped while a training run is still queued or running, so
+  overlapping ticks never train twice at once. Unchanged inputs reuse what exists (the training
+  assets key their runs by their inputs).
+- ``dataset_change_sensor``: notices a new version of a dataset partition (the DVC hash of
+  ``data/raw/synthetic`` in ``dvc.lock``; for a real dataset its ``<root>.dvc`` hash, else a
+  fingerprint of the files under ``CIRCOT_<D>_ROOT``: names, sizes, modification times) and runs
+  ``cir_pipeline`` for that partition only. Its cursor holds each partition's last fingerprint: no
+  change, no run; a run key per fingerprint, so nothing is triggered twice. A partition seen for the
+  first time runs only if it was never materialised. An unreadable folder is reported and skipped.
+- ``after_data_pipeline``: a finished ``cir_pipeline[d]`` retrains (``d`` a training dataset) or
+  re-evaluates ``d`` (evaluation -> gate -> promoted model -> gallery index -> Bento);
+  ``after_training``: a finished ``training`` evaluates every dataset partition that has annotations.
+- ``failure_alert``: a failed run posts ``{job, partition, failed_step, error, run_url, kind}`` as JSON
+  to ``CIRCOT_ALERT_WEBHOOK`` (logged when unset); a run stopped by the promotion gate is reported
+  as ``kind: promotion_blocked`` with the gate's verdict lines, not as a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from assets.common import DATASETS
+from assets.resources import DatasetRoots, DvcResource
+
+DEFAULT_CRON = "0 3 * * 1"
+ACTIVE = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+          dg.DagsterRunStatus.STARTED)
+TRIGGER_TAG = "circot/trigger"
+REASON_TAG = "circot/reason"
+
+
+class DatasetUnreadable(Exception):
+    """A configured dataset folder that cannot be read (missing, not a folder, no permission)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset versions
+
+
+def _dvc_out_md5(dvc_file: Path, out_path: str | None = None) -> str | None:
+    import yaml
+
+    data = yaml.safe_load(dvc_file.read_text()) or {}
+    outs = data.get("outs") or [o for stage in (data.get("stages") or {}).values() for o in stage.get("outs", [])]
+    for out in outs:
+        if out_path is None or out.get("path") == out_path:
+            return out.get("md5")
+    return None
+
+
+def folder_fingerprint(root: Path) -> str:
+    """md5 over the relative path, size and modification time of every file under ``root``:
+    cheap (no file is read), and it changes when a file is added, removed, replaced or edited."""
+    if not root.is_dir():
+        raise DatasetUnreadable(f"{root} is not a readable folder")
+    h = hashlib.md5()
+    try:
+        for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = Path(dirpath) / name
+                st = p.stat()
+                h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except OSError as e:
+        raise DatasetUnreadable(f"{root} cannot be read: {e}") from None
+    return h.hexdigest()
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
+def dataset_fingerprint(dataset: str, roots: DatasetRoots, project_dir: str | os.PathLike) -> str | None:
+    """The version of ``dataset`` now: None when it is not configured (nothing to watch)."""
+    project = Path(project_dir)
+    if dataset == "synthetic":
+        lock = project / "dvc.lock"
+        return _dvc_out_md5(lock, "data/raw/synthetic") if lock.is_file() else None
+    value = getattr(roots, dataset, None)
+    if not value:
+        return None
+    root = Path(value).expanduser()
+    if not root.is_absolute():
+        root = project / root
+    dvc_file = root.with_name(root.name + ".dvc")
+    if dvc_file.is_file():
+        md5 = _dvc_out_md5(dvc_file)
+        if md5:
+            return f"dvc:{md5}"
+    return f"files:{folder_fingerprint(root)}"
+
+
+def _materialised(instance: dg.DagsterInstance, asset: str, partition: str) -> bool:
+    return bool(instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records)
+
+
+def _active_runs(instance: dg.DagsterInstance, job_name: str) -> list:
+    return list(instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=list(ACTIVE)), limit=5))
+
+
+# ---------------------------------------------------------------------------------------------
+# the alert
+
+
+def failure_message(run: dg.DagsterRun, instance: dg.DagsterInstance, step_failures=(), base_url: str | None = None
+                    ) -> dict:
+    """The alert for a failed run: what failed, where, why, and a link to it in the UI."""
+    base_url = (base_url or os.environ.get("CIRCOT_DAGSTER_URL") or "http://127.0.0.1:3000").rstrip("/")
+    message = {"job": run.job_name, "partition": run.tags.get("dagster/partition"), "run_id": run.run_id,
+               "run_url": f"{base_url}/runs/{run.run_id}", "kind": "failure", "failed_step": None, "error": None}
+    for event in step_failures:
+        message["failed_step"] = event.step_key
+        error = getattr(event.event_specific_data, "error", None)
+        while error is not None and error.cause is not None:  # Dagster wraps the asset's own exception
+            error = error.cause
+        message["error"] = (error.message.strip() if error else event.message or "")[:2000]
+        break
+    gate = _blocked_gate(instance, run.run_id)
+    if gate is not None:
+        message.update(kind="promotion_blocked", failed_step=message["failed_step"] or "promotion_gate",
+                       error=f"the promotion gate refused model {gate['model_version']}", verdict=gate["verdict"])
+    return message
+
+
+def _blocked_gate(instance: dg.DagsterInstance, run_id: str) -> dict | None:
+    for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        ev = record.dagster_event.event_specific_data
+        if ev.check_name == "promotion_gate" and not ev.passed:
+            meta = ev.metadata
+            verdict = meta.get("verdict")
+            version = meta.get("model_version")
+            return {"verdict": (verdict.value if verdict else ev.description or "").strip().splitlines(),
+                    "model_version": version.value if version else "?"}
+    return None
+
+
+def send_alert(message: dict, log, url: str | None = None, timeout: float = 10) -> bool:
+    """POST ``message`` as JSON to ``url`` (default ``CIRCOT_ALERT_WEBHOOK``); log it when there is
+    none or the post fails. True when it was delivered."""
+    import urllib.request
+
+    url = url or os.environ.get("CIRCOT_ALERT_WEBHOOK")
+    text = json.dumps(message)
+    if not url:
+        log.warning(f"run failed (set CIRCOT_ALERT_WEBHOOK to post this): {text}")
+        return False
+    request = urllib.request.Request(url, data=text.encode(), headers={"Content-Type": "application/json"},
+                                     method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            ok = 200 <= response.status < 300
+    except OSError as e:
+        log.error(f"the alert could not be posted to the webhook ({e}): {text}")
+        return False
+    if not ok:
+        log.error(f"the webhook answered {response.status}: {text}")
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# the definitions
+
+
+def build_automation(pipeline_job, training_job, evaluation_job, *, train_datasets: list[str]):
+    """(schedules, sensors) over the three jobs."""
+    cron = os.environ.get("CIRCOT_RETRAIN_CRON", DEFAULT_CRON)
+
+    @dg.schedule(job=training_job, cron_schedule=cron, default_status=dg.DefaultScheduleStatus.STOPPED,
+                 description=f"Retrain (cron {cron!r}, CIRCOT_RETRAIN_CRON); a finished training is then evaluated, "
+                             "gated and promoted, and the gallery index and the Bento refreshed")
+    def retrain_schedule(context: dg.ScheduleEvaluationContext):
+        running = _active_runs(context.instance, training_job.name)
+        if running:
+            return dg.SkipReason(f"training run {running[0].run_id} is still in progress: not starting another")
+        when = context.scheduled_execution_time
+        stamp = when.isoformat() if when else "manual"
+        return dg.RunRequest(run_key=f"retrain-{stamp}",
+                             tags={TRIGGER_TAG: "schedule", REASON_TAG: f"scheduled retraining ({cron}) at {stamp}"})
+
+    @dg.sensor(job=pipeline_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED,
+               description="A new version of a dataset (DVC hash or its files) runs cir_pipeline for that partition")
+    def dataset_change_sensor(context: dg.SensorEvaluationContext, datasets: DatasetRoots, dvc: DvcResource):
+        seen = json.loads(context.cursor) if context.cursor else {}
+        requests, notes = [], []
+        for dataset in DATASETS:
+            try:
+                fingerprint = dataset_fingerprint(dataset, datasets, dvc.project_dir)
+            except (DatasetUnreadable, OSError, ValueError) as e:
+                context.log.warning(f"{dataset}: skipped, its data cannot be read: {e}")
+                notes.append(f"{dataset} unreadable")
+                continue
+            if fingerprint is None or fingerprint == seen.get(dataset):
+                continue
+            first = dataset not in seen
+            seen[dataset] = fingerprint
+            if first and _materialised(context.instance, "raw_dataset", dataset):
+                notes.append(f"{dataset}: now watching version {fingerprint}")
+                continue
+            requests.append(dg.RunRequest(
+                run_key=f"{dataset}:{fingerprint}", partition_key=dataset,
+                tags={TRIGGER_TAG: "data-change", REASON_TAG: f"{dataset} changed: version {fingerprint}"}))
+        context.update_cursor(json.dumps(seen, sort_keys=True))
+        if requests:
+            return requests
+        return dg.SkipReason("; ".join(notes) or "no dataset changed")
+
+    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[pipeline_job],
+                          request_jobs=[training_job, evaluation_job], default_status=dg.DefaultSensorStatus.STOPPED,
+                          description="After cir_pipeline[d]: retrain (a training dataset) or re-evaluate d")
+    def after_data_pipeline(context: dg.RunStatusSensorContext):
+        run = context.dagster_run
+        dataset = run.tags.get("dagster/partition")
+        if dataset is None:
+            return dg.SkipReason("the run had no partition")
+        tags = {TRIGGER_TAG: "data-pipeline", REASON_TAG: f"new {dataset} data (run {run.run_id})"}
+        if dataset in train_datasets:
+            return dg.RunRequest(run_key=f"train-after-{run.run_id}", job_name=training_job.name, tags=tags)
+        return dg.RunRequest(run_key=f"evaluate-after-{run.run_id}", job_name=evaluation_job.name,
+                             partition_key=dataset, tags=tags)
+
+    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[training_job],
+                          request_job=evaluation_job, default_status=dg.DefaultSensorStatus.STOPPED,
+                          description="After training: evaluate, gate and promote on every dataset with annotations")
+    def after_training(context: dg.RunStatusSensorContext):
+        run = context.dagster_run
+        ready = [d for d in DATASETS if _materialised(context.instance, "cot_annotations", d)]
+        if not ready:
+            return dg.SkipReason("no dataset partition has annotations to evaluate on")
+        return [dg.RunRequest(run_key=f"evaluate-{d}-after-{run.run_id}", partition_key=d,
+                              tags={TRIGGER_TAG: "training", REASON_TAG: f"new model from run {run.run_id}"})
+                for d in ready]
+
+    @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING,
+                           description="Posts a failed run (job, partition, step, error, link) to "
+                                       "CIRCOT_ALERT_WEBHOOK; a blocked promotion gate is reported as such")
+    def failure_alert(context: dg.RunFailureSensorContext):
+        message = failure_message(context.dagster_run, context.instance, context.get_step_failure_events())
+        send_alert(message, context.log)
+
+    return [retrain_schedule], [dataset_change_sensor, after_data_pipeline, after_training, failure_alert]

@@ -1,0 +1,186 @@
+"""The schedule, the sensors and the failure alert, evaluated with Dagster's test helpers on an
+instance in a temporary folder (issue 14)."""
+
+import datetime as dt
+import http.server
+import json
+import threading
+
+import dagster as dg
+import pytest
+
+from assets.resources import DatasetRoots, DvcResource
+from orchestration import operations
+from orchestration.definitions import defs
+
+
+def _by_name(name):
+    repo = defs.get_repository_def()
+    return next(d for d in [*repo.schedule_defs, *repo.sensor_defs] if d.name == name)
+
+
+@pytest.fixture
+def instance(tmp_path):
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as inst:
+        yield inst
+
+
+def test_the_definitions_hold_the_schedule_and_sensors_shipped_stopped_but_the_alert():
+    repo = defs.get_repository_def()
+    assert {s.name for s in repo.schedule_defs} == {"retrain_schedule"}
+    assert {s.name for s in repo.sensor_defs} == {"dataset_change_sensor", "after_data_pipeline", "after_training",
+                                                  "failure_alert"}
+    assert _by_name("retrain_schedule").default_status == dg.DefaultScheduleStatus.STOPPED
+    assert _by_name("retrain_schedule").cron_schedule == operations.DEFAULT_CRON
+    for name in ("dataset_change_sensor", "after_data_pipeline", "after_training"):
+        assert _by_name(name).default_status == dg.DefaultSensorStatus.STOPPED
+    assert _by_name("failure_alert").default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_the_schedule_retrains_with_its_reason_and_never_twice_at_once(instance):
+    schedule = _by_name("retrain_schedule")
+    when = dt.datetime(2026, 11, 30, 3, 0, tzinfo=dt.timezone.utc)
+    request = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+    assert isinstance(request, dg.RunRequest)
+    assert request.run_key == f"retrain-{when.isoformat()}"
+    assert request.tags[operations.TRIGGER_TAG] == "schedule" and "scheduled retraining" in request.tags[
+        operations.REASON_TAG]
+    instance.add_run(dg.DagsterRun(job_name="training", run_id="a" * 36, status=dg.DagsterRunStatus.STARTED))
+    skipped = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+    assert isinstance(skipped, dg.SkipReason) and "still in progress" in skipped.skip_message
+
+
+def _lock(project, md5):
+    (project / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  synthetic:\n    cmd: python -m model_code.synthetic\n    outs:\n"
+        f"    - path: data/raw/synthetic\n      hash: md5\n      md5: {md5}.dir\n")
+
+
+def _evaluate(sensor, instance, cursor, roots, project):
+    context = dg.build_sensor_context(instance=instance, cursor=cursor,
+                                      resources={"datasets": roots, "dvc": DvcResource(project_dir=str(project))})
+    result = sensor(context)
+    requests = result if isinstance(result, list) else ([] if isinstance(result, dg.SkipReason) else [result])
+    return requests, context.cursor
+
+
+def test_the_data_sensor_runs_only_the_partition_that_changed_and_only_once(instance, tmp_path):
+    sensor = _by_name("dataset_change_sensor")
+    project, cirr = tmp_path / "project", tmp_path / "cirr"
+    project.mkdir()
+    (cirr / "dev").mkdir(parents=True)
+    (cirr / "dev" / "a.png").write_bytes(b"x")
+    _lock(project, "1111")
+    roots = DatasetRoots(cirr=str(cirr), fashioniq=str(tmp_path / "nowhere"))   # fashioniq: unreadable
+
+    # first sight: both partitions were never materialised, so both run; the unreadable one is skipped
+    requests, cursor = _evaluate(sensor, instance, None, roots, project)
+    assert sorted(r.partition_key for r in requests) == ["cirr", "synthetic"]
+    assert all(r.tags[operations.TRIGGER_TAG] == "data-change" for r in requests)
+
+    # nothing changed: no run at all
+    again, cursor2 = _evaluate(sensor, instance, cursor, roots, project)
+    assert again == [] and json.loads(cursor2) == json.loads(cursor)
+
+    # a new gallery image under CIRCOT_CIRR_ROOT: cirr alone
+    (cirr / "dev" / "b.png").write_bytes(b"y")
+    requests, cursor = _evaluate(sensor, instance, cursor2, roots, project)
+    assert [r.partition_key for r in requests] == ["cirr"] and requests[0].run_key.startswith("cirr:files:")
+
+    # a new DVC hash of data/raw/synthetic: synthetic alone
+    _lock(project, "2222")
+    requests, cursor = _evaluate(sensor, instance, cursor, roots, project)
+    assert [(r.partition_key, r.run_key) for r in requests] == [("synthetic", "synthetic:2222.dir")]
+    assert _evaluate(sensor, instance, cursor, roots, project)[0] == []
+
+
+def test_a_partition_already_materialised_is_watched_from_its_current_version(instance, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    _lock(project, "1111")
+    instance.report_runless_asset_event(dg.AssetMaterialization("raw_dataset", partition="synthetic"))
+    requests, cursor = _evaluate(_by_name("dataset_change_sensor"), instance, None, DatasetRoots(), project)
+    assert requests == [] and json.loads(cursor) == {"synthetic": "1111.dir"}
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Receiver.received.append((self.headers["Content-Type"], json.loads(body)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook(monkeypatch):
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Receiver.received = []
+    monkeypatch.setenv("CIRCOT_ALERT_WEBHOOK", f"http://127.0.0.1:{server.server_port}/hook")
+    monkeypatch.setenv("CIRCOT_DAGSTER_URL", "http://dagster.example:3000")
+    yield _Receiver.received
+    server.shutdown()
+
+
+def _failed_run(instance, defs_):
+    job = defs_.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE)
+    return dg.build_run_status_sensor_context(sensor_name="failure_alert", dagster_instance=instance,
+                                              dagster_run=result.dagster_run, dagster_event=failure).for_run_failure()
+
+
+def test_a_failed_run_is_posted_to_the_webhook_with_its_step_error_and_link(instance, webhook):
+    @dg.asset
+    def broken():
+        raise RuntimeError("the annotations file is malformed at row 7")
+
+    _by_name("failure_alert")(_failed_run(instance, dg.Definitions(assets=[broken])))
+    (kind, message), = webhook
+    assert kind == "application/json"
+    assert message["kind"] == "failure" and message["failed_step"] == "broken"
+    assert "malformed at row 7" in message["error"]
+    assert message["run_url"] == f"http://dagster.example:3000/runs/{message['run_id']}"
+
+
+def test_a_blocked_promotion_gate_is_reported_as_such_with_its_verdict(instance, webhook):
+    @dg.asset
+    def evaluation():
+        return 1
+
+    @dg.asset_check(asset=evaluation, blocking=True)
+    def promotion_gate():
+        return dg.AssetCheckResult(passed=False, metadata={
+            "verdict": dg.MetadataValue.md("R@10 0.018 < floor 0.10: FAILED\nCoT >= no-CoT: FAILED"),
+            "model_version": "abc123"})
+
+    @dg.asset(deps=[evaluation])
+    def promoted_model():
+        return 2
+
+    _by_name("failure_alert")(_failed_run(instance, dg.Definitions(assets=[evaluation, promoted_model],
+                                                                    asset_checks=[promotion_gate])))
+    (_, message), = webhook
+    assert message["kind"] == "promotion_blocked" and "abc123" in message["error"]
+    assert message["verdict"] == ["R@10 0.018 < floor 0.10: FAILED", "CoT >= no-CoT: FAILED"]
+
+
+def test_without_a_webhook_the_alert_is_logged(instance, monkeypatch, caplog):
+    monkeypatch.delenv("CIRCOT_ALERT_WEBHOOK", raising=False)
+
+    class Log:
+        lines = []
+
+        def warning(self, text):
+            self.lines.append(text)
+
+    log = Log()
+    assert operations.send_alert({"job": "training", "error": "boom"}, log) is False
+    assert "CIRCOT_ALERT_WEBHOOK" in log.lines[0] and '"error": "boom"' in log.lines[0]
