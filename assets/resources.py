@@ -142,6 +142,38 @@ class TrainingResource(dg.ConfigurableResource):
 
     profile: str = "embedded"
     base_model_path: str | None = None  # a local Qwen2-VL-family checkpoint folder (profile gpu)
+    # where cir_cot_model trains: in the run's own process (the embedded default), in `processes`
+    # local processes launched through Dagster Pipes (torchrun; GPUs when present), or in a Kubernetes
+    # pod launched through dagster-k8s's Pipes client (image, namespace and GPUs below)
+    launcher: str = "in_process"        # in_process | subprocess | kubernetes
+    processes: int = 1
+    k8s_image: str | None = None
+    k8s_namespace: str = "default"
+    k8s_gpus: int = 1
+    k8s_cpu: str = "8"
+    k8s_memory: str = "64Gi"
+    k8s_artifacts_volume: str | None = None   # a PersistentVolumeClaim holding the artifacts root, mounted at it
+
+    def pod_spec(self, command: list[str], artifacts_root: str) -> dict:
+        """The training pod's spec for dagster-k8s's ``PipesK8sClient`` (``base_pod_spec``)."""
+        if not self.k8s_image:
+            raise dg.Failure(description="launcher 'kubernetes' needs an image: set CIRCOT_K8S_IMAGE "
+                                         "(e.g. the project's image built from its Bento or Dockerfile)")
+        container = {
+            "name": "train", "image": self.k8s_image, "command": command, "workingDir": "/app",
+            "resources": {"limits": {"nvidia.com/gpu": str(self.k8s_gpus), "cpu": self.k8s_cpu,
+                                     "memory": self.k8s_memory},
+                          "requests": {"nvidia.com/gpu": str(self.k8s_gpus), "cpu": self.k8s_cpu,
+                                       "memory": self.k8s_memory}},
+            "env": [{"name": "CIRCOT_ARTIFACTS", "value": artifacts_root}, {"name": "HF_HUB_OFFLINE", "value": "1"}],
+        }
+        spec = {"restartPolicy": "Never", "containers": [container],
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+        if self.k8s_artifacts_volume:
+            container["volumeMounts"] = [{"name": "artifacts", "mountPath": artifacts_root}]
+            spec["volumes"] = [{"name": "artifacts",
+                                "persistentVolumeClaim": {"claimName": self.k8s_artifacts_volume}}]
+        return spec
 
     def spec(self):
         from model_code.model.recipes import PROFILES
@@ -234,6 +266,15 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
     CIRCOT_TEACHER_API_KEY_ENV  variable holding the API key     OPENAI_API_KEY
     CIRCOT_PROFILE         training profile: embedded | gpu      embedded
     CIRCOT_BASE_MODEL_PATH local Qwen2-VL-family checkpoint      unset (embedded: the tiny base)
+    CIRCOT_TRAINING_LAUNCHER  in_process|subprocess|kubernetes   in_process
+    CIRCOT_TRAINING_PROCESSES processes (GPUs) of a launch       1
+    CIRCOT_K8S_IMAGE       training pod image (kubernetes)       unset
+    CIRCOT_K8S_NAMESPACE   training pod namespace                default
+    CIRCOT_K8S_GPUS        GPUs of the training pod              1
+    CIRCOT_K8S_ARTIFACTS_PVC  volume claim of the artifacts root  unset
+    CIRCOT_RETRAIN_CRON    retraining schedule (cron)            ``0 3 * * 1`` (Mondays 03:00)
+    CIRCOT_ALERT_WEBHOOK   URL a failed run is posted to (JSON)  unset: logged
+    CIRCOT_DAGSTER_URL     the UI's address, for alert links     http://127.0.0.1:3000
     CIRCOT_GATE_FLOORS     gate floors, JSON {metric: floor} or   built-in synthetic floors
                            {dataset: {metric: floor}}
     CIRCOT_GATE_COT_NOT_WORSE  require cot >= no_cot (1/0)       1
@@ -259,8 +300,12 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
             kind=env.get("CIRCOT_TEACHER", "auto"), local_model_path=env.get("CIRCOT_TEACHER_MODEL_PATH"),
             remote_base_url=env.get("CIRCOT_TEACHER_URL"), remote_model=env.get("CIRCOT_TEACHER_MODEL"),
             api_key_env=env.get("CIRCOT_TEACHER_API_KEY_ENV", "OPENAI_API_KEY")),
-        "training": training or TrainingResource(profile=env.get("CIRCOT_PROFILE", "embedded"),
-                                                 base_model_path=env.get("CIRCOT_BASE_MODEL_PATH")),
+        "training": training or TrainingResource(
+            profile=env.get("CIRCOT_PROFILE", "embedded"), base_model_path=env.get("CIRCOT_BASE_MODEL_PATH"),
+            launcher=env.get("CIRCOT_TRAINING_LAUNCHER", "in_process"),
+            processes=int(_env_number("CIRCOT_TRAINING_PROCESSES", 1)),
+            k8s_image=env.get("CIRCOT_K8S_IMAGE"), k8s_namespace=env.get("CIRCOT_K8S_NAMESPACE", "default"),
+            k8s_gpus=int(_env_number("CIRCOT_K8S_GPUS", 1)), k8s_artifacts_volume=env.get("CIRCOT_K8S_ARTIFACTS_PVC")),
         "index": IndexResource(uri=env.get("CIRCOT_INDEX_URI") or None),
         "gate": gate or GateResource(
             floors=env.get("CIRCOT_GATE_FLOORS") or None, env_errors=errors,
@@ -272,7 +317,8 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
 
 
 NUMBER_VARIABLES = {"CIRCOT_GATE_COT_TOLERANCE": (0.0, None), "CIRCOT_GATE_COT_CONFIDENCE": (0.0, 0.9999),
-                    "CIRCOT_GATE_MAX_REGRESSION": (0.0, None)}
+                    "CIRCOT_GATE_MAX_REGRESSION": (0.0, None), "CIRCOT_TRAINING_PROCESSES": (1, None),
+                    "CIRCOT_K8S_GPUS": (0, None)}
 
 
 def _env_number(name: str, default: float) -> float:

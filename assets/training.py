@@ -10,6 +10,7 @@ one is not repeated.
 """
 
 import dataclasses
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -88,7 +89,7 @@ class CirCoTModelConfig(dg.Config):
 )
 def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, training: TrainingResource,
                   artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from model_code.model.recipes import BaseModelRecord, pair_examples, train_cir_cot
+    from model_code.model.recipes import BaseModelRecord, TrainedModel, pair_examples, train_cir_cot
 
     profile = training.spec()
     if config.align_steps is not None:
@@ -96,21 +97,31 @@ def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, 
     if config.cot_steps is not None:
         profile.cot.steps = config.cot_steps
     base = BaseModelRecord.from_dict(latest_record(context, base_model))
-    train_pairs, val_pairs, versions = [], [], {}
+    train_pairs, val_pairs, versions, inputs = [], [], {}, []
     for dataset in TRAIN_DATASETS:
         bench, ann, tables, annotations = _dataset_inputs(context, dataset)
         train_pairs += pair_examples(bench.triplets, bench.images, tables.root, "train", ann)
         val_pairs += pair_examples(bench.triplets, bench.images, tables.root, "val", ann)
         versions[dataset] = {"raw": tables.raw_version, "annotations": annotations.version,
                              "teacher": annotations.teacher, "prompt_version": annotations.prompt_version}
+        inputs.append((tables.folder, annotations.path))
+    # the run folder is keyed by the inputs, whichever launcher trains: an interrupted run resumes
     run = artifacts.dir("cir_cot_model", "runs", json_key(base.version, versions, profile.to_dict()))
-    trained = train_cir_cot(base, train_pairs, val_pairs, profile, run, progress=context.log.info)
+    reported = {}
+    if training.launcher == "in_process":
+        trained = train_cir_cot(base, train_pairs, val_pairs, profile, run, progress=context.log.info)
+    elif training.launcher in ("subprocess", "kubernetes"):
+        reported = _launch(context, training, artifacts, base, inputs, run, config)
+        trained = TrainedModel.read(run / "summary.json")
+    else:
+        raise dg.Failure(description=f"unknown training launcher {training.launcher!r}: in_process, subprocess "
+                                     "or kubernetes (CIRCOT_TRAINING_LAUNCHER)")
     trained.data = versions
     trained.write(run / "summary.json")
     align, cot = trained.stage("align"), trained.stage("cot")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(trained.version),
-        metadata={
+        metadata={**reported,
             "record": dg.MetadataValue.json(trained.to_dict()),
             "path": dg.MetadataValue.path(trained.path), "model_version": trained.version,
             "base_version": trained.base_version, "data_versions": dg.MetadataValue.json(versions),
@@ -123,3 +134,33 @@ def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, 
             "val_in_batch_accuracy_cot": cot.val["acc"] if cot.val else None,
             "plot": png_markdown(trained.plot, "training curves"),
         })
+
+
+def _launch(context, training: TrainingResource, artifacts: ArtifactStore, base, inputs, run, config) -> dict:
+    """Train outside this process through Dagster Pipes: ``training.processes`` local processes
+    (torchrun), or a Kubernetes pod (dagster-k8s). The child streams its log lines here and reports
+    the model it wrote; a child that dies fails the run with its last lines, and its checkpoints stay
+    in ``run`` for the next run to resume from. Returns the metadata the child reported."""
+    from model_code.model.recipes import launch_command
+
+    command = launch_command([t for t, _ in inputs], [a for _, a in inputs], base.path, training.profile, str(run),
+                             processes=training.processes, align_steps=config.align_steps,
+                             cot_steps=config.cot_steps,
+                             python=None if training.launcher == "subprocess" else "python")
+    context.log.info(f"training through Pipes ({training.launcher}): {' '.join(command)}")
+    if training.launcher == "subprocess":
+        client = dg.PipesSubprocessClient(cwd=str(Path.cwd()))
+        invocation = client.run(command=command, context=context)
+    else:
+        try:
+            from dagster_k8s import PipesK8sClient
+        except ImportError:
+            raise dg.Failure(description="launcher 'kubernetes' needs dagster-k8s in the Dagster deployment's image: "
+                                         "pip install dagster-k8s==0.29.27 (the release paired with dagster 1.13.27)"
+                             ) from None
+        invocation = PipesK8sClient().run(context=context, image=training.k8s_image, namespace=training.k8s_namespace,
+                                          base_pod_spec=training.pod_spec(command, artifacts.root))
+    results = invocation.get_results()
+    if not results:
+        raise dg.Failure(description="the training process ended without reporting a model (see its log lines)")
+    return {k: v for k, v in results[-1].metadata.items() if k not in ("summary",)}

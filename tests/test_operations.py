@@ -184,3 +184,23 @@ def test_without_a_webhook_the_alert_is_logged(instance, monkeypatch, caplog):
     log = Log()
     assert operations.send_alert({"job": "training", "error": "boom"}, log) is False
     assert "CIRCOT_ALERT_WEBHOOK" in log.lines[0] and '"error": "boom"' in log.lines[0]
+
+
+def test_the_kubernetes_training_pod_is_built_from_configuration():
+    from assets.resources import TrainingResource
+    from model_code.model.recipes import launch_command
+
+    command = launch_command(["/artifacts/triplets/synthetic/versions/v1"], ["/artifacts/ann.parquet"], "/models/qwen",
+                             "gpu", "/artifacts/cir_cot_model/runs/k", processes=8, python="python")
+    assert command[:7] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8", "-m"]
+    assert command[-1] == "--pipes"
+    training = TrainingResource(profile="gpu", launcher="kubernetes", k8s_image="registry.example/circot:1",
+                                k8s_gpus=8, k8s_artifacts_volume="circot-artifacts")
+    spec = training.pod_spec(command, "/artifacts")
+    (container,) = spec["containers"]
+    assert container["image"] == "registry.example/circot:1" and container["command"] == command
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8" and spec["restartPolicy"] == "Never"
+    assert container["volumeMounts"] == [{"name": "artifacts", "mountPath": "/artifacts"}]
+    assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "circot-artifacts"
+    with pytest.raises(dg.Failure, match="CIRCOT_K8S_IMAGE"):
+        TrainingResource(launcher="kubernetes").pod_spec(command, "/artifacts")

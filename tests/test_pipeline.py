@@ -270,3 +270,67 @@ def test_gpu_profile_needs_a_checkpoint_and_registers_one(dvc_project, tmp_path,
         "artifacts": build_definitions(artifacts_root=str(artifacts)).resources["artifacts"]})
     meta = result.asset_materializations_for_node("base_model")[0].metadata
     assert meta["kind"].value == "checkpoint" and meta["path"].value == str(micro_base.resolve())
+
+
+def _kill_training_when(path, stop):
+    """Kill the launched training processes (torchrun and its workers) once ``path`` exists."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    while not stop.is_set():
+        if path.exists():
+            time.sleep(0.5)
+            for p in psutil.Process().children(recursive=True):
+                if "model_code.model.recipes" in " ".join(p.cmdline()):
+                    os.kill(p.pid, signal.SIGKILL)
+            return
+        time.sleep(0.2)
+
+
+def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_project, tmp_path, instance):
+    """cir_cot_model as an external process (PipesSubprocessClient + torchrun, two CPU processes on
+    gloo): killed after its first checkpoint, the run fails; the next run resumes from that
+    checkpoint, and the child's progress and result come back as logs and metadata."""
+    import threading
+
+    artifacts = tmp_path / "artifacts"
+    defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
+                             training=TrainingResource(profile="smoke", launcher="subprocess", processes=2))
+    assert _materialise(defs, "synthetic", instance=instance)[0].success
+    config = {"ops": {"cir_cot_model": {"config": {"align_steps": 12}}}}
+    stop = threading.Event()
+    runs = artifacts / "cir_cot_model" / "runs"
+    watcher = threading.Thread(target=lambda: _kill_training_when_any(runs, stop), daemon=True)
+    watcher.start()
+    run, _, mats, failures = _execute(defs, TRAINING_JOB, run_config=config, instance=instance)
+    stop.set()
+    assert not run.success and "cir_cot_model" not in mats, failures
+    causes = []
+    for event in run.all_events:
+        error = event.event_specific_data.error if event.is_step_failure else None
+        while error is not None:
+            causes.append(error.message)
+            error = error.cause
+    assert any("External execution process failed with code -9" in c for c in causes), causes
+    (run_dir,) = runs.iterdir()
+    assert (run_dir / "align" / "checkpoint" / "state.pt").is_file()      # what the next run resumes from
+
+    run, _, mats, failures = _execute(defs, TRAINING_JOB, run_config=config, instance=instance)
+    assert run.success, failures
+    meta = mats["cir_cot_model"].metadata
+    assert meta["launched_processes"].value == 2 and meta["align_steps"].value == 12
+    assert meta["model_version"].value == meta["record"].value["version"]
+    logs = [r.user_message for r in instance.all_logs(run.run_id)]
+    assert any("resuming from the checkpoint at step" in m for m in logs), logs[-20:]
+
+
+def _kill_training_when_any(runs, stop):
+    import time
+
+    while not stop.is_set() and not (runs.is_dir() and any(runs.iterdir())):
+        time.sleep(0.2)
+    if not stop.is_set():
+        _kill_training_when(next(runs.iterdir()) / "align" / "checkpoint" / "state.pt", stop)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -322,6 +323,24 @@ def _positive(text: str) -> int:
     return value
 
 
+def launch_command(tables: Sequence[str], annotations: Sequence[str], base: str, profile: str, out: str, *,
+                   processes: int = 1, align_steps: int | None = None, cot_steps: int | None = None,
+                   pipes: bool = True, python: str | None = None) -> list[str]:
+    """The command line that trains in ``processes`` processes (torchrun; ``accelerate`` reads its
+    environment), e.g. launched by Dagster Pipes: what ``cir_cot_model`` runs outside its own process."""
+    import sys
+
+    cmd = [python or sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(processes), "-m", "model_code.model.recipes", "--base", base, "--profile", profile, "--out", out]
+    for t, a in zip(tables, annotations, strict=True):
+        cmd += ["--tables", t, "--annotations", a]
+    if align_steps is not None:
+        cmd += ["--align-steps", str(align_steps)]
+    if cot_steps is not None:
+        cmd += ["--cot-steps", str(cot_steps)]
+    return cmd + (["--pipes"] if pipes else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train the CIR-CoT model outside Dagster, e.g. across GPUs:
 
@@ -330,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
             --base /models/Qwen2-VL-2B-Instruct --profile gpu --out artifacts/cir_cot_model/runs/manual
 
     Every process runs this; in-batch negatives are gathered across them; process 0 writes the model.
+    ``--tables``/``--annotations`` may be repeated (one pair per training dataset). With ``--pipes``
+    (a launch by Dagster Pipes), process 0 sends its progress and the result to the asset that
+    launched it.
     """
     import argparse
     import logging as _logging
@@ -339,16 +361,19 @@ def main(argv: list[str] | None = None) -> int:
     from model_code.data.tables import TablesRecord
 
     p = argparse.ArgumentParser(prog="python -m model_code.model.recipes", description=main.__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--tables", required=True, help="a triplets folder written by the pipeline (triplets/images parquet, meta.json)"
-    )
-    p.add_argument("--annotations", required=True, help="an annotations.parquet written by the pipeline")
+    p.add_argument("--tables", required=True, action="append",
+                   help="a triplets folder written by the pipeline (triplets/images parquet, meta.json)")
+    p.add_argument("--annotations", required=True, action="append",
+                   help="an annotations.parquet written by the pipeline (one per --tables)")
     p.add_argument("--base", required=True, help="the base model folder (a checkpoint, or the bootstrapped tiny model)")
     p.add_argument("--profile", default="gpu", choices=sorted(PROFILES))
     p.add_argument("--out", required=True)
     p.add_argument("--align-steps", type=_positive, help="stage-1 steps (default: the profile's)")
     p.add_argument("--cot-steps", type=_positive, help="stage-2 steps (default: the profile's)")
+    p.add_argument("--pipes", action="store_true", help="report to the Dagster asset that launched this (Pipes)")
     args = p.parse_args(argv)
+    if len(args.tables) != len(args.annotations):
+        p.error("give one --annotations per --tables")
     _logging.basicConfig(level=_logging.INFO, format="%(asctime)s %(message)s")
 
     profile = PROFILES[args.profile].copy()
@@ -356,11 +381,29 @@ def main(argv: list[str] | None = None) -> int:
         profile.align.steps = args.align_steps
     if args.cot_steps is not None:
         profile.cot.steps = args.cot_steps
-    root = TablesRecord.load(args.tables).root
-    bench, ann = read_tables(args.tables), read_annotations(args.annotations)
-    trained = train_cir_cot(register_checkpoint(args.base),
-                            pair_examples(bench.triplets, bench.images, root, "train", ann),
-                            pair_examples(bench.triplets, bench.images, root, "val", ann), profile, args.out)
+    train_pairs, val_pairs = [], []
+    for tables, annotation_file in zip(args.tables, args.annotations):
+        root = TablesRecord.load(tables).root
+        bench, ann = read_tables(tables), read_annotations(annotation_file)
+        train_pairs += pair_examples(bench.triplets, bench.images, root, "train", ann)
+        val_pairs += pair_examples(bench.triplets, bench.images, root, "val", ann)
+    with contextlib.ExitStack() as stack:
+        pipes = None
+        if args.pipes and rank() == 0:   # torchrun gives every process the Pipes environment; one reports
+            from dagster_pipes import open_dagster_pipes
+
+            pipes = stack.enter_context(open_dagster_pipes())
+        progress = pipes.log.info if pipes else None
+        trained = train_cir_cot(register_checkpoint(args.base), train_pairs, val_pairs, profile, args.out,
+                                progress=progress)
+        if pipes:
+            align, cot = trained.stage("align"), trained.stage("cot")
+            pipes.report_asset_materialization(data_version=trained.version, metadata={
+                "model_version": trained.version, "summary": str(Path(args.out) / "summary.json"),
+                "launched_processes": int(os.environ.get("WORLD_SIZE", "1")),
+                "align_loss": f"{align.first['loss']:.3f} -> {align.last['loss']:.3f}",
+                "cot_loss": f"{cot.first['loss']:.3f} -> {cot.last['loss']:.3f}",
+                "wall_time_s": round(align.seconds + cot.seconds, 1)})
     if rank() == 0:
         print(json.dumps({"path": trained.path, "version": trained.version}))
     return 0
