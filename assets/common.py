@@ -35,6 +35,20 @@ TABLE_CHECKS = ("triplets_suite", "images_suite")  # the blocking checks a tripl
 ANNOTATION_CHECKS = ("annotations_suite",)
 
 
+@dg.success_hook(name="push_artifacts")
+def push_artifacts(context: dg.HookContext) -> None:
+    """After each asset's step: upload the folders its record names to the object store (when the
+    artifacts root is one), so a stage on another machine can pull them."""
+    from assets.resources import sync_record_paths
+
+    for record in context.instance.all_logs(context.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+        if record.dagster_event.step_key != context.step_key:
+            continue
+        metadata = record.dagster_event.event_specific_data.materialization.metadata
+        if "record" in metadata:
+            sync_record_paths(metadata["record"].value, "push")
+
+
 def publish_version(staging: Path, folder: Path) -> Path:
     """Move a freshly written ``staging`` folder to ``folder`` (named by its content version). A
     version already published holds the same bytes: it is kept (with its check results) and the
@@ -54,7 +68,12 @@ def record_check(folder: str | Path, check: str, passed: bool, **details) -> Non
     """Note beside a version's files whether the blocking check ``check`` passed on it."""
     from model_code.common import atomic_write_json
 
+    from assets.resources import active_store
+
     atomic_write_json(Path(folder) / CHECKS_FOLDER / f"{check}.json", {"passed": passed, **details})
+    store = active_store()
+    if store is not None:
+        store.push(Path(folder) / CHECKS_FOLDER / f"{check}.json")
 
 
 def checks_passed(folder: str | Path, checks: tuple[str, ...]) -> bool:
@@ -91,6 +110,9 @@ def latest_record(context, asset, partition: str | None = None, *, passed: tuple
             raise dg.Failure(description=f"the newest materialisation of {label} carries no record (made by an "
                                          f"older version of the pipeline): materialise it again")
         record = metadata["record"].value
+        from assets.resources import sync_record_paths
+
+        sync_record_paths(record, "pull")   # another machine may have written it (an object-store root)
         if not passed:
             return record
         folder = Path(str(record[folder_field]))

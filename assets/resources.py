@@ -56,22 +56,149 @@ class DvcResource(dg.ConfigurableResource):
         return DvcProject(Path(self.project_dir), self.remote, echo)
 
 
+_ACTIVE_STORE = None
+
+
+def active_store():
+    """The artifact store of the run executing in this process (None outside a run)."""
+    return _ACTIVE_STORE
+
+
+def sync_record_paths(record: dict, direction: str) -> None:
+    """Pull (``"pull"``) or push (``"push"``) every file or folder a record names under the
+    artifacts root (a no-op for a local root): how a stage on one machine sees what a stage on
+    another wrote. A file inside a version folder brings its folder (its check results live there)."""
+    store = _ACTIVE_STORE
+    if store is None or not store.remote:
+        return
+    root = store.local_root()
+    for value in _strings(record):
+        path = Path(value)
+        if not path.is_absolute():
+            continue
+        try:
+            path.relative_to(root)
+        except ValueError:
+            continue
+        sync = store.pull if direction == "pull" else store.push
+        sync(path)
+        if path.suffix:   # a file in a version folder: that version's check results too
+            sync(path.parent / "checks")
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
 class ArtifactStore(dg.ConfigurableResource):
-    """Where pipeline artifacts live (DESIGN.md §7): ``<root>/<stage>/<dataset>/...``."""
+    """Where pipeline artifacts live (DESIGN.md §7): ``<root>/<stage>/<dataset>/...``.
+
+    ``root`` is a local folder (the default) or an object-store URI (``s3://bucket/circot``,
+    ``gs://…``, any fsspec URL; ``memory://`` and ``file://`` in tests), shared by every machine
+    that runs the pipeline. With a URI, the stages work in a local copy (``cache``: default
+    ``~/.cache/circot/artifacts/<hash of the root>``; give it the same path on every pod, e.g. an
+    emptyDir at ``/cache/circot``): each stage :meth:`pull` s the folders its inputs' records name
+    and :meth:`push` es the folders it wrote, so a stage on another machine finds them."""
 
     root: str = "artifacts"
+    cache: str | None = None
+
+    def setup_for_execution(self, context) -> None:
+        global _ACTIVE_STORE
+        _ACTIVE_STORE = self   # what assets.common's lineage helpers sync records' folders through
+
+    @property
+    def remote(self) -> bool:
+        return "://" in self.root
+
+    def local_root(self) -> Path:
+        if not self.remote:
+            return Path(self.root).expanduser().resolve()
+        if self.cache:
+            return Path(self.cache).expanduser().resolve()
+        import hashlib
+
+        return Path.home() / ".cache" / "circot" / "artifacts" / hashlib.md5(self.root.encode()).hexdigest()[:12]
 
     def path(self, *parts: str) -> Path:
-        """A file under the root; its folder is created."""
-        p = Path(self.root).expanduser().resolve().joinpath(*parts)
+        """A file under the (local) root; its folder is created."""
+        p = self.local_root().joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
     def dir(self, *parts: str) -> Path:
-        """A folder under the root, created."""
-        p = Path(self.root).expanduser().resolve().joinpath(*parts)
+        """A folder under the (local) root, created."""
+        p = self.local_root().joinpath(*parts)
         p.mkdir(parents=True, exist_ok=True)
         return p
+
+    def _remote_of(self, local: Path):
+        """(filesystem, remote path) of a local path under the local root; None when there is no
+        object store or the path is elsewhere (e.g. a user's checkpoint folder)."""
+        if not self.remote:
+            return None
+        try:
+            rel = Path(local).resolve().relative_to(self.local_root())
+        except ValueError:
+            return None
+        from fsspec.core import url_to_fs
+
+        fs, base = url_to_fs(self.root)
+        return fs, f"{base.rstrip('/')}/{rel.as_posix()}" if rel.parts else base
+
+    def push(self, local: str | Path) -> int:
+        """Upload a file or folder written under the local root to the object store (large files
+        already there with the same size are skipped: weights and tables live in versioned folders
+        and never change; small ones, e.g. a verdict, are always sent). Returns the files sent."""
+        target = self._remote_of(Path(local))
+        if target is None:
+            return 0
+        fs, remote = target
+        local = Path(local)
+        if not local.exists():
+            return 0
+        files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.is_file())
+        sent = 0
+        for f in files:
+            dest = remote if f == local else f"{remote}/{f.relative_to(local).as_posix()}"
+            size = f.stat().st_size
+            if size > 2**20 and fs.exists(dest) and fs.size(dest) == size:
+                continue
+            fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(f), dest)
+            sent += 1
+        return sent
+
+    def pull(self, local: str | Path) -> Path:
+        """Make a file or folder the object store holds present in the local copy (what another
+        machine's stage wrote); a no-op for a local root or a path outside it. Returns ``local``."""
+        local = Path(local)
+        target = self._remote_of(local)
+        if target is None:
+            return local
+        fs, remote = target
+        if not fs.exists(remote):
+            return local
+        if fs.isfile(remote):
+            items = [(remote, local)]
+        else:
+            items = [(f, local / Path(f[len(remote.rstrip("/")) + 1:])) for f in fs.find(remote)]
+        for src, dest in items:
+            size = fs.size(src)
+            if size > 2**20 and dest.is_file() and dest.stat().st_size == size:
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".part")
+            fs.get_file(src, str(tmp))
+            tmp.replace(dest)
+        return local
 
 
 class AnnotatorResource(dg.ConfigurableResource):
@@ -154,8 +281,10 @@ class TrainingResource(dg.ConfigurableResource):
     k8s_memory: str = "64Gi"
     k8s_artifacts_volume: str | None = None   # a PersistentVolumeClaim holding the artifacts root, mounted at it
 
-    def pod_spec(self, command: list[str], artifacts_root: str) -> dict:
-        """The training pod's spec for dagster-k8s's ``PipesK8sClient`` (``base_pod_spec``)."""
+    def pod_spec(self, command: list[str], artifacts_root: str, mount_path: str | None = None) -> dict:
+        """The training pod's spec for dagster-k8s's ``PipesK8sClient`` (``base_pod_spec``): the
+        artifacts root in its environment, the volume claim (if any) mounted at ``mount_path``
+        (default the root itself: a local root shared through the claim)."""
         if not self.k8s_image:
             raise dg.Failure(description="launcher 'kubernetes' needs an image: set CIRCOT_K8S_IMAGE "
                                          "(e.g. the project's image built from its Bento or Dockerfile)")
@@ -170,7 +299,7 @@ class TrainingResource(dg.ConfigurableResource):
         spec = {"restartPolicy": "Never", "containers": [container],
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
         if self.k8s_artifacts_volume:
-            container["volumeMounts"] = [{"name": "artifacts", "mountPath": artifacts_root}]
+            container["volumeMounts"] = [{"name": "artifacts", "mountPath": mount_path or artifacts_root}]
             spec["volumes"] = [{"name": "artifacts",
                                 "persistentVolumeClaim": {"claimName": self.k8s_artifacts_volume}}]
         return spec
@@ -201,7 +330,10 @@ class IndexResource(dg.ConfigurableResource):
     def open(self, dataset: str, artifacts: ArtifactStore):
         from model_code.index import GalleryIndex
 
-        return GalleryIndex(self.uri or str(artifacts.dir("lancedb")), dataset, exact_below=self.exact_below)
+        # LanceDB opens s3://, gs:// and az:// itself; other roots keep the index in the local copy
+        shared = artifacts.remote and artifacts.root.split("://")[0] in ("s3", "gs", "az")
+        uri = self.uri or (f"{artifacts.root.rstrip('/')}/lancedb" if shared else str(artifacts.dir("lancedb")))
+        return GalleryIndex(uri, dataset, exact_below=self.exact_below)
 
 
 class GateResource(dg.ConfigurableResource):
@@ -255,7 +387,8 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
     ====================== ===================================== ==============================
     CIRCOT_PROJECT_DIR     DVC project (dvc.yaml, params.yaml)   current directory
     CIRCOT_DVC_REMOTE      DVC remote to push to / pull from     the project's default remote
-    CIRCOT_ARTIFACTS       artifacts root                        ``artifacts``
+    CIRCOT_ARTIFACTS       artifacts root (folder or fsspec URI) ``artifacts``
+    CIRCOT_ARTIFACTS_CACHE local copy of a URI root               ~/.cache/circot/artifacts/<hash>
     CIRCOT_FASHIONIQ_ROOT  FashionIQ root (official layout)      unset: partition fails, says how
     CIRCOT_CIRR_ROOT       CIRR root                             unset
     CIRCOT_CIRCO_ROOT      CIRCO root                            unset
@@ -295,7 +428,8 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
         "datasets": DatasetRoots(**{k: v for k, v in roots.items() if v}),
         "dvc": DvcResource(project_dir=project_dir or env.get("CIRCOT_PROJECT_DIR", os.getcwd()),
                            remote=dvc_remote or env.get("CIRCOT_DVC_REMOTE"), push=dvc_push),
-        "artifacts": ArtifactStore(root=artifacts_root or env.get("CIRCOT_ARTIFACTS", "artifacts")),
+        "artifacts": ArtifactStore(root=artifacts_root or env.get("CIRCOT_ARTIFACTS", "artifacts"),
+                                   cache=env.get("CIRCOT_ARTIFACTS_CACHE") or None),
         "annotator": annotator or AnnotatorResource(
             kind=env.get("CIRCOT_TEACHER", "auto"), local_model_path=env.get("CIRCOT_TEACHER_MODEL_PATH"),
             remote_base_url=env.get("CIRCOT_TEACHER_URL"), remote_model=env.get("CIRCOT_TEACHER_MODEL"),

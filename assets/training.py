@@ -159,7 +159,8 @@ def _launch(context, training: TrainingResource, artifacts: ArtifactStore, base,
                                          "pip install dagster-k8s==0.29.27 (the release paired with dagster 1.13.27)"
                              ) from None
         invocation = PipesK8sClient().run(context=context, image=training.k8s_image, namespace=training.k8s_namespace,
-                                          base_pod_spec=training.pod_spec(command, artifacts.root))
+                                          base_pod_spec=training.pod_spec(command, artifacts.root,
+                                                                                str(artifacts.local_root())))
     results = invocation.get_results()
     if not results:
         raise dg.Failure(description="the training process ended without reporting a model (see its log lines)")

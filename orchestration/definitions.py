@@ -35,16 +35,20 @@ def build_definitions(*, project_dir: str | None = None, artifacts_root: str | N
     data_modules = [raw_dataset_module, triplets_module, cot_annotations_module]
     data_assets = dg.load_assets_from_modules(data_modules)
     model_assets = [training_module.base_model, training_module.cir_cot_model]
+    from assets.common import push_artifacts
+
     pipeline = dg.define_asset_job(PIPELINE_JOB, selection=dg.AssetSelection.assets(*data_assets),
+                                   hooks={push_artifacts},
                                    partitions_def=dataset_partitions,
                                    description="Raw data, normalised triplets and CoT annotations of one dataset")
     training_job = dg.define_asset_job(TRAINING_JOB, selection=dg.AssetSelection.assets(*model_assets),
+                                       hooks={push_artifacts},
                                        description="Bootstrap or register the base model, then train the CIR-CoT model")
     eval_assets = [evaluation_module.evaluation, evaluation_module.promoted_model, gallery_index_module.gallery_index,
                    bento_module.bento]
     evaluation_job = dg.define_asset_job(
         EVALUATION_JOB,
-        selection=dg.AssetSelection.assets(*eval_assets),
+        selection=dg.AssetSelection.assets(*eval_assets), hooks={push_artifacts},
         partitions_def=dataset_partitions,
         description="Evaluate the latest model on one dataset; the gate decides its promotion; the production model "
                     "embeds the gallery index",

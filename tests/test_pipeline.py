@@ -3,6 +3,7 @@
 import contextlib
 import json
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -334,3 +335,37 @@ def _kill_training_when_any(runs, stop):
         time.sleep(0.2)
     if not stop.is_set():
         _kill_training_when(next(runs.iterdir()) / "align" / "checkpoint" / "state.pt", stop)
+
+
+def test_an_object_store_artifacts_root_lets_each_stage_run_on_another_machine(dvc_project, tmp_path, instance,
+                                                                             monkeypatch):
+    """The artifacts root as an fsspec URI (``memory://`` here, ``s3://`` in a deployment): every
+    stage runs on a "machine" whose local copy starts empty, and finds what the others wrote."""
+    import uuid
+
+    import fsspec
+
+    root, cache = f"memory://circot-{uuid.uuid4().hex[:8]}", tmp_path / "pod-cache"
+    monkeypatch.setenv("CIRCOT_ARTIFACTS_CACHE", str(cache))
+    defs = build_definitions(project_dir=str(dvc_project), artifacts_root=root, dataset_roots={},
+                             training=TrainingResource(profile="smoke"),
+                             gate=GateResource(floors='{"synthetic": {"R@50": 0.0}}', cot_not_worse=False))
+    result, _, mats, failures = _materialise(defs, "synthetic", instance=instance)
+    assert result.success, failures
+    fs, _ = fsspec.core.url_to_fs(root)
+    folder = mats["triplets"].metadata["record"].value["folder"]
+    remote = root.split("://")[1] + "/" + str(Path(folder).relative_to(cache))
+    assert fs.exists(remote + "/triplets.parquet") and fs.exists(remote + "/checks/triplets_suite.json")
+
+    shutil.rmtree(cache)   # the training pod: the same mount point, an empty disk
+    run, _, mats, failures = _execute(defs, TRAINING_JOB, instance=instance)
+    assert run.success, failures
+    model_dir = Path(mats["cir_cot_model"].metadata["record"].value["path"])
+
+    shutil.rmtree(cache)   # the evaluation pod
+    eval_config = {"ops": {"evaluation": {"config": {"limit": 6, "max_new_tokens": 8, "batch_size": 8}}}}
+    run, checks, mats, failures = _execute(defs, EVALUATION_JOB, "synthetic", eval_config, instance)
+    assert run.success, failures
+    assert (model_dir / "circot.json").is_file() and checks["promotion_gate"].passed
+    assert mats["gallery_index"].metadata["model_version"].value == mats["evaluation"].metadata["record"].value[
+        "model_version"]
