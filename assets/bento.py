@@ -29,6 +29,13 @@ def bento(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     if prod is None:
         raise dg.Failure(description=f"no production model of {name}: nothing to package")
     spec = yaml.safe_load((REPO / "bentofile.yaml").read_text())
+    tag = f"circot:{prod['version']}"
+    try:   # built before for this model (a re-run: new gallery images, a sensor): rebuilt from today's code
+        bentoml.bentos.get(tag)
+        bentoml.bentos.delete(tag)
+        context.log.info(f"bento[{name}]: {tag} existed; building it again")
+    except bentoml.exceptions.NotFound:
+        pass
     built = bentoml.bentos.build(spec.pop("service"), **spec, version=prod["version"], models=[prod["tag"]],
                                  build_ctx=str(REPO), labels={"dataset": name, "model_version": prod["version"]})
     size = sum(f.stat().st_size for f in Path(built.path).rglob("*") if f.is_file())

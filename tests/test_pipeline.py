@@ -243,6 +243,10 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     bento = mats["bento"].metadata
     assert bento["tag"].value == f"circot:{trained['version']}" and bento["size_mib"].value > 0
     assert bento["model"].value == f"cir-cot:{trained['version']}"
+    # evaluated again with the same production model (new gallery images, a sensor): the Bento is rebuilt
+    run, _, mats, failures = _execute(lenient, EVALUATION_JOB, "synthetic", eval_config, instance)
+    assert run.success, failures
+    assert mats["bento"].metadata["tag"].value == f"circot:{trained['version']}"
     prod = registry.production("synthetic")
     assert prod["version"] == trained["version"] and prod["labels"]["stage_synthetic"] == "production"
     assert prod["labels"]["data_synthetic"] == trained["data"]["synthetic"]["raw"]
