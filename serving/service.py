@@ -126,6 +126,17 @@ async def _call(method, *args):
             log.warning("encoder connection dropped (%s); retrying", type(e).__name__)
 
 
+def _production(dataset: str) -> dict:
+    """The production entry of ``dataset`` in the model store, or a LookupError saying what to run."""
+    from model_code import registry
+
+    prod = registry.production(dataset)
+    if prod is None:
+        raise LookupError(f"no production model of {dataset} in the model store at "
+                          f"{registry.store_path()}: run `make run` (or promote one) first")
+    return prod
+
+
 def _int_env(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
@@ -203,10 +214,7 @@ class CirCoTEncoder:
         try:
             from model_code import registry
 
-            prod = registry.production(self.dataset)
-            if prod is None:
-                raise LookupError(f"no production model of {self.dataset} in the model store at "
-                                  f"{registry.store_path()}: run `make run` (or promote one) first")
+            prod = _production(self.dataset)
             self.model, self.version = registry.load_promoted(dataset=self.dataset), prod["version"]
             log.info("encoder: model %s of %s loaded", self.version, self.dataset)
         except Exception as e:  # noqa: BLE001 - reported through state()
@@ -276,13 +284,9 @@ class CirCoTService:
 
     def _load(self) -> None:
         try:
-            from model_code import registry
             from model_code.index import GalleryIndex
 
-            prod = registry.production(self.dataset)
-            if prod is None:
-                raise LookupError(f"no production model of {self.dataset} in the model store at "
-                                  f"{registry.store_path()}: run `make run` (or promote one) first")
+            prod = _production(self.dataset)
             uri = os.environ.get("CIRCOT_INDEX_URI") or str(Path(os.environ.get("CIRCOT_ARTIFACTS", "artifacts"))
                                                              / "lancedb")
             index = GalleryIndex(uri, self.dataset)
