@@ -47,13 +47,13 @@ class BaseModelConfig(dg.Config):
                 dg.AssetDep(cot_annotations, partition_mapping=_training_partitions)])
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, training: TrainingResource,
                artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from model_code.model.recipes import bootstrap_tiny, register_checkpoint
+    from model_code.model.recipes import bootstrap_tiny, register_checkpoint, register_embedded
 
     profile = training.spec()
     spec = profile.base
-    if spec.kind == "checkpoint":
+    if spec.kind in ("checkpoint", "embedded"):
         try:
-            record = register_checkpoint(spec.checkpoint_path)
+            record = register_checkpoint(spec.checkpoint_path) if spec.kind == "checkpoint" else register_embedded()
         except FileNotFoundError as e:
             raise dg.Failure(description=str(e)) from None
     else:
@@ -66,7 +66,11 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, train
         record = bootstrap_tiny("synthetic", tables.root, bench.triplets, ann, spec, run, progress=context.log.info)
     metadata = {"record": dg.MetadataValue.json(record.to_dict()), "path": dg.MetadataValue.path(record.path),
                 "kind": record.kind, "model_version": record.version}
-    if record.training:
+    if record.kind == "embedded":   # what its pretraining measured (model_code/model/embedded_base/PRETRAINING.json)
+        metadata.update({"pretraining_steps": record.training["steps"],
+                         "pretraining_perception": dg.MetadataValue.json(record.training["perception"] or {}),
+                         "pretraining_command": record.training["command"]})
+    elif record.training:
         t = record.training
         metadata.update({
             "parameters": record.parameters["total"], "steps": t["steps"], "wall_time_s": t["seconds"],

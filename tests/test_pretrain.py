@@ -93,3 +93,21 @@ def test_the_exported_checkpoint_loads_like_any_other(tmp_path, micro_shape):
 
     with safe_open(weights, "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_the_published_base_is_registered_and_a_damaged_one_refused(tmp_path, micro_shape):
+    from model_code.model.recipes import register_embedded
+
+    pretrain.pretrain(_config(micro_shape, steps=2), tmp_path / "run")
+    dest = pretrain.publish(tmp_path / "run", tmp_path / "embedded_base", "make pretrain")
+    meta = json.loads((dest / "PRETRAINING.json").read_text())
+    assert meta["steps"] == 2 and meta["command"] == "make pretrain" and [r["step"] for r in meta["curve"]] == [2]
+    assert "caption_exact" in meta["perception"]
+    record = register_embedded(dest)
+    assert record.kind == "embedded" and record.version == meta["version"]
+    weights = dest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(FileNotFoundError, match="changed or damaged"):
+        register_embedded(dest)
+    with pytest.raises(FileNotFoundError, match="make pretrain"):
+        register_embedded(tmp_path / "nowhere")

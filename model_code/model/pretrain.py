@@ -315,6 +315,31 @@ def export_checkpoint(out_dir: str | os.PathLike, dest: str | os.PathLike) -> Pa
     return save_bf16(model, processor, dest)
 
 
+def publish(out_dir: str | os.PathLike, dest: str | os.PathLike, command: str) -> Path:
+    """Copy a finished pretraining's model to ``dest`` (the embedded base folder committed to git)
+    with ``PRETRAINING.json``: its version, configuration, steps, perception figures and the command
+    that made it."""
+    import shutil
+
+    out_dir, dest = Path(out_dir), Path(dest)
+    record = PretrainRecord.read(out_dir / "base.json")
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(record.path, tmp)
+    atomic_write_json(tmp / "PRETRAINING.json", {
+        "version": record.version, "command": command, "config": record.config, "steps": record.steps,
+        "seconds": record.seconds, "perception": {k: v for k, v in record.perception.items()
+                                                  if not k.startswith("example") and k != "truth"},
+        "curve": [{k: r[k] for k in ("step", "cap", "edit", "info", "caption_exact", "caption_object_f1",
+                                     "edit_exact", "text_to_image_R@1") if k in r} for r in rows]})
+    from model_code.common import replace_dir
+
+    replace_dir(tmp, dest)
+    return dest
+
+
 def _checkpoint_step(train_dir: Path) -> int:
     history = train_dir / "checkpoint" / "history.json"
     return len(json.loads(history.read_text())) if history.is_file() else 0
@@ -359,12 +384,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-every", type=int)
+    p.add_argument("--publish", metavar="DEST", nargs="?", const="model_code/model/embedded_base",
+                   help="copy the finished model to DEST (default: the embedded base folder committed to git)")
     p.add_argument("--export", metavar="DEST",
                    help="only write the model as of the last checkpoint to DEST (a checkpoint folder) and exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.export:
         print(export_checkpoint(args.out, args.export))
+        return 0
+    if args.publish:
+        if not (Path(args.out) / "base.json").is_file():
+            p.error(f"{args.out} holds no finished pretraining (base.json): run it to the end first")
+        print(publish(args.out, args.publish, "make pretrain  # python -m model_code.model.pretrain "
+                                               f"--out {args.out}"))
         return 0
     cfg = PretrainConfig()
     for name in ("steps", "scenes", "heldout", "batch_size", "eval_every"):

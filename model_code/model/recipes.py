@@ -82,7 +82,7 @@ def description_examples(dataset: str, root: str | os.PathLike, split: str = "tr
 class BaseSpec:
     """Where the base model comes from: ``tiny`` (built and bootstrapped here) or a local checkpoint."""
 
-    kind: Literal["tiny", "checkpoint"] = "tiny"
+    kind: Literal["tiny", "checkpoint", "embedded"] = "tiny"   # embedded: the pretrained base shipped in git
     checkpoint_path: str | None = None
     dtype: str = "auto"
     device: str | None = None
@@ -164,7 +164,7 @@ class BaseModelRecord(Record):
     """What the ``base_model`` stage hands on: a checkpoint folder and its content version."""
 
     path: str
-    kind: Literal["tiny", "checkpoint"]
+    kind: Literal["tiny", "checkpoint", "embedded"]
     version: str
     parameters: dict = dataclasses.field(default_factory=dict)
     training: dict | None = None   # tiny: steps, seconds, first / last history row, val, plot
@@ -234,6 +234,28 @@ def register_checkpoint(path: str | os.PathLike) -> BaseModelRecord:
 
     path = Path(path)
     return BaseModelRecord(path=str(path.resolve()), kind="checkpoint", version=checkpoint_version(path))
+
+
+EMBEDDED_BASE = Path(__file__).resolve().parent / "embedded_base"   # written by `make pretrain` + publish
+
+
+def register_embedded(path: str | os.PathLike = EMBEDDED_BASE) -> BaseModelRecord:
+    """The pretrained base shipped with the project (``model_code/model/embedded_base``): checked
+    against the version its pretraining recorded, so a damaged or half-copied checkpoint is refused."""
+    from model_code.model.backbone import checkpoint_version
+
+    path = Path(path)
+    record_file = path / "PRETRAINING.json"
+    if not record_file.is_file():
+        raise FileNotFoundError(f"no pretrained embedded base at {path} (PRETRAINING.json missing): "
+                                "run `make pretrain` and publish it")
+    recorded = json.loads(record_file.read_text())
+    version = checkpoint_version(path)
+    if version != recorded["version"]:
+        raise FileNotFoundError(f"the embedded base at {path} has version {version}, its pretraining recorded "
+                                f"{recorded['version']}: the checkpoint was changed or damaged (git checkout it)")
+    return BaseModelRecord(path=str(path), kind="embedded", version=version,
+                           training={k: recorded.get(k) for k in ("steps", "seconds", "perception", "command")})
 
 
 def train_cir_cot(base: BaseModelRecord, train_pairs: Sequence[TrainExample], val_pairs: Sequence[TrainExample],
