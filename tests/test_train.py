@@ -313,3 +313,14 @@ def test_two_processes_train_together_and_one_writes_the_model(micro_base, bench
     loaded = CirCoTModel.load(tmp_path / "run" / "model", device="cpu")
     assert loaded.version == summary["version"]
     assert proc.stdout.count('"version"') == 1  # one process reported and wrote
+
+
+def test_a_fully_fine_tuned_model_saves_and_loads_with_its_processor(micro_base, tmp_path):
+    """Full-parameter fine-tuning (the profile's ``lora=False``) writes the whole model: it loads back
+    with the tokenizer that holds the CoT tokens and gives the same embeddings."""
+    m = _model(micro_base, lora=False)
+    version = m.save(tmp_path / "full")
+    loaded = CirCoTModel.load(tmp_path / "full", device="cpu")
+    assert loaded.version == version and loaded.emb_id == m.emb_id
+    texts = ["a small red star in the centre"]
+    assert torch.allclose(loaded.embed_texts(texts), m.embed_texts(texts), atol=1e-5)

@@ -298,6 +298,8 @@ class CirCoTModel(torch.nn.Module):
         is_peft = hasattr(self.model, "peft_config")
         weights = path / ("adapter" if is_peft else "model")
         self.model.save_pretrained(weights)
+        if not is_peft:  # full weights load like any checkpoint folder: config, weights and processor
+            self.processor.save_pretrained(weights)
         if is_peft and self.base_version is None:
             if self.base_path is None:
                 raise ValueError("an adapter model needs its base model's path or version to be saved")
