@@ -51,7 +51,7 @@ class PretrainConfig:
     seed: int = 0
     scenes: int = 20000             # training scenes (each with one text edit)
     heldout: int = 200              # scenes kept apart for the perception metrics
-    steps: int = 3000
+    steps: int = 2400
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 50

@@ -111,16 +111,12 @@ class TrainingProfile:
 
 
 PROFILES = {
-    # CPU, the tiny base: bootstrap plus both stages in about 13 minutes on 2 cores. The bootstrap gets
-    # most of it: its description -> image alignment stays at chance for ~60 steps, then climbs
-    # (validation in-batch accuracy 0.12 after 110 steps, 0.73 after 330); without the identity
-    # queries a step is 23 % cheaper, and 240 steps reach 0.32 (README, "Why the tiny model falls short")
+    # CPU: the pretrained base shipped in model_code/model/embedded_base (`make pretrain`), fine-tuned
+    # with LoRA: both stages and the evaluation in about 8 minutes on 2 cores
+    # (bench/finetune_embedded.py; README, "The pretrained embedded base")
     "embedded": TrainingProfile(
-        base=BaseSpec(kind="tiny", vocab_size=1024, bootstrap=TrainConfig(
-            stage="bootstrap", steps=240, batch_size=64, lr=1e-3, warmup_steps=10, caption_fraction=0.25,
-            identity_queries=False,
-            checkpoint_every=25, log_every=10)),
-        lora_r=16, lora_alpha=32,
+        base=BaseSpec(kind="embedded"),
+        lora=True, lora_r=16, lora_alpha=32,
         align=TrainConfig(stage="align", steps=70, batch_size=48, lr=2e-3, warmup_steps=5, hard_negatives=1,
                           checkpoint_every=25, log_every=10),
         cot=TrainConfig(stage="cot", steps=100, batch_size=24, lr=2e-3, warmup_steps=5, hard_negatives=1,
