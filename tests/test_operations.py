@@ -172,7 +172,7 @@ def test_a_blocked_promotion_gate_is_reported_as_such_with_its_verdict(instance,
     assert message["verdict"] == ["R@10 0.018 < floor 0.10: FAILED", "CoT >= no-CoT: FAILED"]
 
 
-def test_without_a_webhook_the_alert_is_logged(instance, monkeypatch, caplog):
+def test_without_a_webhook_the_alert_is_logged(monkeypatch):
     monkeypatch.delenv("CIRCOT_ALERT_WEBHOOK", raising=False)
 
     class Log:

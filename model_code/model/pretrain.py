@@ -174,13 +174,13 @@ def _generate(m, prompts: Sequence[str], images, stop: str, max_new_tokens: int,
 
 
 def _scores(texts: Sequence[str], truths: Sequence[tuple]) -> tuple[float, float]:
-    from model_code.synthetic.oracle import scene_from_text
+    from model_code.synthetic.oracle import object_match, scene_from_text
 
     exact, f1 = 0, 0.0
     for text, truth in zip(texts, truths):
-        stated, truth = scene_from_text(text), set(truth)
-        exact += stated == truth
-        f1 += 2 * len(stated & truth) / (len(stated) + len(truth)) if stated or truth else 1.0
+        same, score = object_match(scene_from_text(text), set(truth))
+        exact += same
+        f1 += score
     n = max(len(texts), 1)
     return exact / n, f1 / n
 
@@ -261,9 +261,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
     done = _checkpoint_step(out_dir / "train")
     t0 = time.monotonic()
     result = None
+    train_examples = examples(train_samples)
     while done < cfg.steps:
         stop = min(cfg.steps, (done // cfg.eval_every + 1) * cfg.eval_every)
-        result = train(m, examples(train_samples), tcfg, out_dir / "train", progress=say, stop_after=stop)
+        result = train(m, train_examples, tcfg, out_dir / "train", progress=say, stop_after=stop)
         done = result.history[-1]["step"] if result.history else stop
         p = perception(m, heldout)
         row = {"step": done, **{k: result.history[-1][k] for k in result.history[-1] if k != "step"},

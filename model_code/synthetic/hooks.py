@@ -10,7 +10,7 @@ from pathlib import Path
 
 from model_code.datasets import DatasetHooks, register
 from model_code.synthetic import scenes
-from model_code.synthetic.oracle import describe, scene_from_text
+from model_code.synthetic.oracle import describe, object_match, scene_from_text
 
 
 def image_descriptions(root: str | os.PathLike, split: str = "train") -> list[tuple[str, Path, str]]:
@@ -34,10 +34,9 @@ def reasoning_correctness(root: str | os.PathLike, split: str, queries, reasonin
         r = reasoning.get(qid) or {}
         cot = r.get("cot")
         truth = {scenes.scene_key((o,))[0] for o in scenes.scene_from_json(graphs[targets[0]])}
-        stated = scene_from_text(cot.conclusion) if cot is not None else set()
-        exact += stated == truth
-        hit = len(stated & truth)
-        f1s.append(2 * hit / (len(stated) + len(truth)) if stated or truth else 1.0)
+        same, f1 = object_match(scene_from_text(cot.conclusion) if cot is not None else set(), truth)
+        exact += same
+        f1s.append(f1)
     n = max(len(queries), 1)
     return {"conclusion_exact": exact / n, "conclusion_object_f1": sum(f1s) / n}
 

@@ -179,6 +179,13 @@ def scene_from_text(text: str) -> set[tuple]:
     return {(shape, color, sizes[size], *cells[place]) for size, color, shape, place in pattern.findall(text.lower())}
 
 
+def object_match(stated: set, truth: set) -> tuple[bool, float]:
+    """Whether a description states exactly the true objects, and the F1 of its objects against them
+    (1.0 when both are empty)."""
+    hit = len(stated & truth)
+    return stated == truth, (2 * hit / (len(stated) + len(truth)) if stated or truth else 1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # the annotator
 
