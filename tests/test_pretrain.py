@@ -111,3 +111,57 @@ def test_the_published_base_is_registered_and_a_damaged_one_refused(tmp_path, mi
         register_embedded(dest)
     with pytest.raises(FileNotFoundError, match="make pretrain"):
         register_embedded(tmp_path / "nowhere")
+
+
+def test_several_edits_per_scene_share_its_image_and_keep_its_first_edit(tmp_path):
+    from model_code.annotation.cot import parse
+    from model_code.synthetic.oracle import scene_from_text
+
+    one = pretrain.make_samples(_config("tiny", scenes=6, heldout=2), tmp_path / "one")
+    three = pretrain.make_samples(_config("tiny", scenes=6, heldout=2, edits_per_scene=3), tmp_path / "three")
+    assert len(three) == 3 * len(one) == 24
+    for n, s in enumerate(one):
+        group = three[3 * n:3 * n + 3]
+        assert {g.image.name for g in group} == {s.image.name} and {g.scene for g in group} == {s.scene}
+        assert (group[0].edit_text, group[0].edited, group[0].cot) == (s.edit_text, s.edited, s.cot)
+    assert len({s.edit_text for s in three}) > len(one) + 6   # the extra edits are other modifications
+    # the "chain" answer: the oracle's reasoning, then a conclusion that states the edited scene
+    answer = pretrain.edit_target(three[4], "chain")
+    assert answer.startswith("<reasoning>") and answer.endswith("</conclusion>")
+    conclusion = answer.split("<conclusion>")[1]
+    assert scene_from_text(conclusion) == set(three[4].edited)
+    assert parse(three[4].cot).reasoning in answer
+    assert pretrain.edit_target(three[4]) == f"<conclusion>{three[4].conclusion}</conclusion>"
+    with pytest.raises(ValueError, match="edit_answer"):
+        _config("tiny", edit_answer="essay")
+
+
+def test_pretraining_continues_from_a_checkpoint_with_a_text_heavy_batch(tmp_path, micro_shape, monkeypatch):
+    from model_code.model.backbone import load_backbone
+    from model_code.model.cir_cot import CirCoTModel
+
+    first = pretrain.pretrain(_config(micro_shape, steps=2), tmp_path / "first")
+    sizes = []
+    gallery_inputs = CirCoTModel.gallery_inputs
+    monkeypatch.setattr(CirCoTModel, "gallery_inputs", lambda self, c: sizes.append(len(c)) or gallery_inputs(self, c))
+    cfg = _config(micro_shape, steps=2, init=first.path, edit_answer="chain", edits_per_scene=2, align_size=2,
+                  batch_size=6, edit_fraction=1.0)
+    # the starting point is the checkpoint itself (its weights and its tokenizer), not a new model
+    start = {k: v.clone() for k, v in load_backbone(first.path, device="cpu")[0].state_dict().items()}
+    record = pretrain.pretrain(cfg, tmp_path / "second")
+    init = load_backbone(tmp_path / "second" / "init", device="cpu")[0].state_dict()
+    assert all(torch.equal(init[k], v) for k, v in start.items())
+    assert record.version != first.version and record.config["init"] == first.path
+    assert set(sizes[:2]) == {2}            # two images aligned per step, of a batch of six text edits
+    assert "edit_exact" in record.perception
+
+    # published with its lineage: the phase it continued (a run folder, or a published base with its own)
+    base1 = pretrain.publish(tmp_path / "first", tmp_path / "base1", "phase one")
+    base2 = pretrain.publish(tmp_path / "second", tmp_path / "base2", "phase two", earlier=[base1])
+    meta = json.loads((base2 / "PRETRAINING.json").read_text())
+    assert [p["command"] for p in meta["earlier"]] == ["phase one"] and meta["config"]["edit_answer"] == "chain"
+    assert meta["earlier"][0]["version"] == first.version and meta["curve"][-1]["device"] == "cpu"
+    from_folder = pretrain.publish(tmp_path / "second", tmp_path / "base3", "x", earlier=[tmp_path / "first", base2])
+    phases = json.loads((from_folder / "PRETRAINING.json").read_text())["earlier"]
+    assert [p["steps"] for p in phases] == [2, 2, 2] and phases[0]["config"]["init"] == ""
+    assert [p.get("command") for p in phases[1:]] == ["phase one", "phase two"]

@@ -61,6 +61,19 @@ class PretrainConfig:
     mixed_precision: str = "bf16"   # bf16 autocast: 24 % less time per step on this CPU (issue 9's figures)
     eval_every: int = 100
     checkpoint_every: int = 25
+    # text edits: "conclusion" answers with the edited description alone; "chain" with the oracle's
+    # reasoning (which object each phrase means, one edit at a time) and then that conclusion, in the
+    # chain's tags: the step the fine-tuned chain takes between its caption and its conclusion
+    edit_answer: str = "conclusion"
+    align_size: int = 0             # images aligned (and captioned from) per step; 0: the whole batch
+    edits_per_scene: int = 1        # text edits drawn per scene (text is cheap; images are rendered once)
+    init: str = ""                  # a checkpoint folder to continue from (its tokenizer too); "" = random
+
+    def __post_init__(self):
+        if self.edit_answer not in ("conclusion", "chain"):
+            raise ValueError(f"edit_answer must be 'conclusion' or 'chain', not {self.edit_answer!r}")
+        if self.edits_per_scene < 1:
+            raise ValueError("edits_per_scene must be at least 1")
 
     def train_config(self) -> TrainConfig:
         import math
@@ -70,6 +83,7 @@ class PretrainConfig:
                            warmup_steps=self.warmup_steps, caption_fraction=self.caption_fraction,
                            edit_fraction=self.edit_fraction, identity_queries=self.identity_queries,
                            mixed_precision=self.mixed_precision, hard_negatives=0, seed=self.seed,
+                           align_size=self.align_size,
                            checkpoint_every=math.gcd(self.checkpoint_every, self.eval_every), log_every=10)
 
 
@@ -100,8 +114,9 @@ def _benchmark_scenes(root: str | os.PathLike | None) -> set[tuple]:
 
 def make_samples(cfg: PretrainConfig, folder: str | os.PathLike, *, exclude: set[tuple] = frozenset(),
                  progress: Callable[[str], None] | None = None) -> list[PretrainSample]:
-    """``cfg.scenes + cfg.heldout`` scenes (the held-out ones last), each with one to three edits;
-    images rendered into ``folder`` (kept across runs: rendering is skipped for files present)."""
+    """``cfg.scenes + cfg.heldout`` scenes (the held-out ones last), each as ``cfg.edits_per_scene``
+    consecutive samples (one modification of one to three edits each; the first is the same whatever
+    the count); images rendered into ``folder`` (kept across runs: rendering is skipped for files present)."""
     from model_code.common import Progress
     from model_code.synthetic import scenes
     from model_code.synthetic.edits import sample_modification
@@ -114,7 +129,7 @@ def make_samples(cfg: PretrainConfig, folder: str | os.PathLike, *, exclude: set
     seen = set(exclude)
     bar = Progress(total, "pretraining scenes", say=progress, every_s=15)
     i = 0
-    while len(out) < total:
+    while len(out) < total * cfg.edits_per_scene:
         rng = random.Random(f"{SCENE_SEED}/{cfg.seed}/{i}")
         i += 1
         oid = iter(range(1000))
@@ -125,26 +140,43 @@ def make_samples(cfg: PretrainConfig, folder: str | os.PathLike, *, exclude: set
         if made is None:
             continue
         seen.add(scenes.scene_key(scene))
-        edited, edits, modification = made
         description = describe(scene, random.Random(f"describe/{i}"), result=False)
-        n = len(out)
+        n = len(out) // cfg.edits_per_scene
         path = folder / f"{n:06d}.png"
         if not path.is_file():
             tmp = path.with_suffix(".tmp.png")
             scenes.render_scene(scene).save(tmp)
             os.replace(tmp, path)
-        out.append(PretrainSample(
-            image=path, scene=scenes.scene_key(scene), description=description,
-            edit_text=f"Description: {description}\nModification: {modification}", edited=scenes.scene_key(edited),
-            conclusion=describe(edited, random.Random(f"conclude/{i}"), result=True),
-            cot=oracle_cot(f"pretrain/{i}", scene, edits).render()))
+        for j in range(cfg.edits_per_scene):
+            while made is None:   # the scene admits some modification (the first draw found one)
+                made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), lambda: next(oid))
+            edited, edits, modification = made
+            tag = f"{i}" if j == 0 else f"{i}/{j}"
+            out.append(PretrainSample(
+                image=path, scene=scenes.scene_key(scene), description=description,
+                edit_text=f"Description: {description}\nModification: {modification}",
+                edited=scenes.scene_key(edited),
+                conclusion=describe(edited, random.Random(f"conclude/{tag}"), result=True),
+                cot=oracle_cot(f"pretrain/{tag}", scene, edits).render()))
+            made = None
         bar.step()
     return out
 
 
-def examples(samples: Sequence[PretrainSample]) -> list[TrainExample]:
-    return [TrainExample(s.image.stem, None, s.description, s.image,
-                         edit=(s.edit_text, f"<conclusion>{s.conclusion}</conclusion>")) for s in samples]
+def edit_target(s: PretrainSample, answer: str = "conclusion") -> str:
+    """The answer a text edit is trained to write: the edited description in ``<conclusion>`` tags,
+    after the oracle's ``<reasoning>`` when ``answer`` is "chain" (the chain's own conclusion then)."""
+    if answer == "chain":
+        from model_code.annotation.cot import parse
+
+        c = parse(s.cot)
+        return f"<reasoning>{c.reasoning}</reasoning>\n<conclusion>{c.conclusion}</conclusion>"
+    return f"<conclusion>{s.conclusion}</conclusion>"
+
+
+def examples(samples: Sequence[PretrainSample], answer: str = "conclusion") -> list[TrainExample]:
+    return [TrainExample(f"{s.image.stem}-{k}", None, s.description, s.image,
+                         edit=(s.edit_text, edit_target(s, answer))) for k, s in enumerate(samples)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,8 +184,11 @@ def examples(samples: Sequence[PretrainSample]) -> list[TrainExample]:
 
 
 @torch.inference_mode()
-def _generate(m, prompts: Sequence[str], images, stop: str, max_new_tokens: int, batch_size: int = 50) -> list[str]:
-    """Greedy continuations of ``prompts`` up to the token ``stop``, as text."""
+def _generate(m, prompts: Sequence[str], images, stop: str, max_new_tokens: int,
+              batch_size: int | None = None) -> list[str]:
+    """Greedy continuations of ``prompts`` up to the token ``stop``, as text (in batches of 50 on a
+    CPU, 200 on a GPU, where a decoding step costs about the same at either size)."""
+    batch_size = batch_size or (200 if m.device.type == "cuda" else 50)
     tok = m.tokenizer
     stop_id = tok.convert_tokens_to_ids(stop)
     was = m.model.training
@@ -185,14 +220,18 @@ def _scores(texts: Sequence[str], truths: Sequence[tuple]) -> tuple[float, float
     return exact / n, f1 / n
 
 
-def perception(m, heldout: Sequence[PretrainSample], *, max_new_tokens: int = 96) -> dict:
-    """Caption exactness / object F1, text-edit exactness and description -> image R@1 on ``heldout``."""
+def perception(m, heldout: Sequence[PretrainSample], *, max_new_tokens: int = 96,
+               edit_answer: str = "conclusion") -> dict:
+    """Caption exactness / object F1, text-edit exactness and description -> image R@1 on ``heldout``
+    (one sample per scene). An edit is scored on its ``<conclusion>`` (the reasoning before it, when
+    ``edit_answer`` is "chain", states objects too)."""
     t0 = time.monotonic()
     images = [s.image for s in heldout]
     captions = _generate(m, [m.prompt("describe")] * len(heldout), images, "</caption>", max_new_tokens)
     cap_exact, cap_f1 = _scores(captions, [s.scene for s in heldout])
     edited = _generate(m, [m.prompt("edit", s.edit_text, image=False) for s in heldout], None, "</conclusion>",
-                       max_new_tokens)
+                       max_new_tokens * (4 if edit_answer == "chain" else 1))
+    edited = [t.rsplit("<conclusion>", 1)[-1] if edit_answer == "chain" else t for t in edited]
     edit_exact, edit_f1 = _scores(edited, [s.edited for s in heldout])
     q = m.embed_texts([s.description for s in heldout])
     g = m.embed_images(images)
@@ -235,7 +274,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
         return PretrainRecord.read(out_dir / "base.json")
     config_file = out_dir / "config.json"
     if config_file.is_file():
-        saved = json.loads(config_file.read_text())
+        saved = {**dataclasses.asdict(PretrainConfig()), **json.loads(config_file.read_text())}
         free = ("steps", "eval_every", "checkpoint_every")  # may change on a resume (steps: the rest of the schedule)
         if {k: v for k, v in saved.items() if k not in free} != {
                 k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}:
@@ -243,10 +282,16 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
                              "give a new --out or the same settings")
     atomic_write_json(config_file, dataclasses.asdict(cfg))
     samples = make_samples(cfg, out_dir / "scenes", exclude=_benchmark_scenes(exclude_root), progress=say)
-    train_samples, heldout = samples[:cfg.scenes], samples[cfg.scenes:]
-    init = out_dir / "init"   # the random initialisation and the tokenizer, saved once so a resume rebuilds nothing
+    k = cfg.edits_per_scene
+    train_samples, heldout = samples[:cfg.scenes * k], samples[cfg.scenes * k::k]
+    init = out_dir / "init"   # the initial weights and the tokenizer, saved once so a resume rebuilds nothing
     torch.manual_seed(cfg.seed)
-    if not (init / "config.json").is_file():
+    if cfg.init and not (init / "config.json").is_file():
+        model, processor = load_backbone(cfg.init, dtype="float32", device="cpu")
+        add_cir_tokens(model, processor)
+        save_backbone(model, processor, init.with_name("init.tmp"))
+        os.replace(init.with_name("init.tmp"), init)
+    elif not (init / "config.json").is_file():
         corpus = [s.description for s in samples] + [s.edit_text for s in samples] + [s.conclusion for s in samples]
         corpus += [s.cot for s in samples] + list(PROMPTS.values()) * 50
         model, processor = build_random_backbone(cfg.shape, corpus, vocab_size=cfg.vocab_size, seed=cfg.seed)
@@ -261,14 +306,14 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
     done = _checkpoint_step(out_dir / "train")
     t0 = time.monotonic()
     result = None
-    train_examples = examples(train_samples)
+    train_examples = examples(train_samples, cfg.edit_answer)
     while done < cfg.steps:
         stop = min(cfg.steps, (done // cfg.eval_every + 1) * cfg.eval_every)
         result = train(m, train_examples, tcfg, out_dir / "train", progress=say, stop_after=stop)
         done = result.history[-1]["step"] if result.history else stop
-        p = perception(m, heldout)
+        p = perception(m, heldout, edit_answer=cfg.edit_answer)
         row = {"step": done, **{k: result.history[-1][k] for k in result.history[-1] if k != "step"},
-               "train_seconds": round(result.seconds, 1), **p}
+               "train_seconds": round(result.seconds, 1), "device": m.device.type, **p}
         with open(metrics_file, "a") as f:
             f.write(json.dumps(row) + "\n")
         say(f"pretrain step {done}/{cfg.steps}: caption exact {p['caption_exact']:.3f}, object F1 "
@@ -316,15 +361,40 @@ def export_checkpoint(out_dir: str | os.PathLike, dest: str | os.PathLike) -> Pa
     return save_bf16(model, processor, dest)
 
 
-def publish(out_dir: str | os.PathLike, dest: str | os.PathLike, command: str) -> Path:
+CURVE_KEYS = ("step", "cap", "edit", "info", "caption_exact", "caption_object_f1", "edit_exact", "edit_object_f1",
+              "text_to_image_R@1", "device")
+
+
+def _curve(rows: Sequence[dict]) -> list[dict]:
+    return [{k: r[k] for k in CURVE_KEYS if k in r} for r in rows]
+
+
+def _phases(source: str | os.PathLike) -> list[dict]:
+    """The pretraining phases behind a model: a published base's ``PRETRAINING.json`` (its own earlier
+    phases, then itself) or a run's folder (``config.json`` and ``metrics.jsonl``, e.g. one packed by
+    ``bench/pretrain_budget.py`` on another machine)."""
+    source = Path(source)
+    if source.is_file() or (source / "PRETRAINING.json").is_file():
+        meta = json.loads((source if source.is_file() else source / "PRETRAINING.json").read_text())
+        return [*meta.get("earlier", []), {k: meta[k] for k in ("version", "command", "config", "steps", "curve")
+                                           if k in meta}]
+    config = json.loads((source / "config.json").read_text())
+    rows = [json.loads(line) for line in (source / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{"config": config, "steps": rows[-1]["step"] if rows else 0, "curve": _curve(rows)}]
+
+
+def publish(out_dir: str | os.PathLike, dest: str | os.PathLike, command: str,
+            earlier: Sequence[str | os.PathLike] = ()) -> Path:
     """Copy a finished pretraining's model to ``dest`` (the embedded base folder committed to git)
-    with ``PRETRAINING.json``: its version, configuration, steps, perception figures and the command
-    that made it."""
+    with ``PRETRAINING.json``: its version, configuration, steps, perception figures, the command
+    that made it and, for a pretraining that continued another model (``init``), the ``earlier``
+    phases in order (see ``_phases``)."""
     import shutil
 
     out_dir, dest = Path(out_dir), Path(dest)
     record = PretrainRecord.read(out_dir / "base.json")
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    phases = [phase for source in earlier for phase in _phases(source)]
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -333,8 +403,7 @@ def publish(out_dir: str | os.PathLike, dest: str | os.PathLike, command: str) -
         "version": record.version, "command": command, "config": record.config, "steps": record.steps,
         "seconds": record.seconds, "perception": {k: v for k, v in record.perception.items()
                                                   if not k.startswith("example") and k != "truth"},
-        "curve": [{k: r[k] for k in ("step", "cap", "edit", "info", "caption_exact", "caption_object_f1",
-                                     "edit_exact", "text_to_image_R@1") if k in r} for r in rows]})
+        "curve": _curve(rows), **({"earlier": phases} if phases else {})})
     from model_code.common import replace_dir
 
     replace_dir(tmp, dest)
@@ -385,8 +454,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-every", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--caption-fraction", type=float)
+    p.add_argument("--edit-fraction", type=float)
+    p.add_argument("--edit-answer", choices=("conclusion", "chain"),
+                   help="what a text edit writes: the edited description, or the reasoning and then it")
+    p.add_argument("--edits-per-scene", type=int)
+    p.add_argument("--align-size", type=int, help="images aligned per step (default: the whole batch)")
+    p.add_argument("--init", help="continue from this checkpoint folder (e.g. the embedded base) instead of "
+                                  "random weights")
     p.add_argument("--publish", metavar="DEST", nargs="?", const="model_code/model/embedded_base",
                    help="copy the finished model to DEST (default: the embedded base folder committed to git)")
+    p.add_argument("--earlier", action="append", default=[], metavar="SOURCE",
+                   help="with --publish: an earlier phase of this model (a published base folder or a run's "
+                        "folder with config.json and metrics.jsonl), oldest first; repeat for several")
+    p.add_argument("--command", help="with --publish: the command(s) that made the model, as recorded")
     p.add_argument("--export", metavar="DEST",
                    help="only write the model as of the last checkpoint to DEST (a checkpoint folder) and exit")
     args = p.parse_args(argv)
@@ -397,11 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish:
         if not (Path(args.out) / "base.json").is_file():
             p.error(f"{args.out} holds no finished pretraining (base.json): run it to the end first")
-        print(publish(args.out, args.publish, "make pretrain  # python -m model_code.model.pretrain "
-                                               f"--out {args.out}"))
+        command = args.command or f"make pretrain  # python -m model_code.model.pretrain --out {args.out}"
+        print(publish(args.out, args.publish, command, args.earlier))
         return 0
     cfg = PretrainConfig()
-    for name in ("steps", "scenes", "heldout", "batch_size", "eval_every"):
+    for name in ("steps", "scenes", "heldout", "batch_size", "eval_every", "lr", "warmup_steps", "caption_fraction",
+                 "edit_fraction", "edit_answer", "edits_per_scene", "align_size", "init"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     exclude = args.exclude or None

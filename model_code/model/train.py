@@ -64,6 +64,8 @@ class TrainConfig:
     caption_fraction: float = 0.25       # bootstrap, pretrain: share of the batch also trained to caption
     edit_fraction: float = 0.0           # pretrain: share of the batch also trained on its text edit
     identity_queries: bool = True        # bootstrap: also align each image's no-change query with its gallery <emb>
+    align_size: int = 0                  # bootstrap, pretrain: align only the batch's first N images (0: all),
+                                         # so a batch of many text edits does not process as many images
     seed: int = 0
     mixed_precision: Literal["no", "bf16"] = "no"
     gradient_checkpointing: bool = False
@@ -122,6 +124,7 @@ class TrainStep(torch.nn.Module):
         """The stage decides the inputs; the losses are model_code.model.loss's."""
         m, cfg = self.cirmodel, self.cfg
         pre = cfg.stage in ("bootstrap", "pretrain")
+        edit_batch, batch = batch, (batch[:cfg.align_size] if pre and cfg.align_size else batch)
         if pre:
             q_inputs = m.text_inputs([ex.text for ex in batch])
         else:
@@ -151,7 +154,7 @@ class TrainStep(torch.nn.Module):
             c_inputs = m.encode([m.prompt("describe")] * k, [wrap(ex.text) for ex in batch[:k]],
                                 [ex.target for ex in batch[:k]], train_answer=True)
             out["txt"] = out["cap"] = answer_ce(m.hidden_states(c_inputs), c_inputs["labels"], lm_head)
-        edits = [ex.edit for ex in batch if ex.edit][:int(len(batch) * cfg.edit_fraction)]
+        edits = [ex.edit for ex in edit_batch if ex.edit][:int(len(edit_batch) * cfg.edit_fraction)]
         if cfg.stage == "pretrain" and edits:
             e_inputs = m.encode([m.prompt("edit", q, image=False) for q, _ in edits], [a for _, a in edits], None,
                                 train_answer=True)
