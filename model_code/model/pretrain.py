@@ -21,6 +21,12 @@ Each evaluation is a line of ``metrics.jsonl`` beside the checkpoint and a log l
     python -m model_code.model.pretrain --out artifacts/pretrain/tiny84 [--steps N] [--minutes M]
 
 (``make pretrain``). Interrupt it at any time; the same command resumes from the last checkpoint.
+
+A later phase continues a model (``--init``) on what it lacks: the shipped base was continued on text
+edits answered as the chain answers them (``--edit-answer chain``: the oracle's reasoning, then the
+conclusion), several per scene (``--edits-per-scene``) with few images per step (``--align-size``);
+``--publish --earlier ...`` records every phase in ``PRETRAINING.json``. ``bench/pretrain_budget.py``
+fits such a run to a time budget (how the GPU phases were sized).
 """
 
 from __future__ import annotations
