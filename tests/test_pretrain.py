@@ -165,3 +165,17 @@ def test_pretraining_continues_from_a_checkpoint_with_a_text_heavy_batch(tmp_pat
     phases = json.loads((from_folder / "PRETRAINING.json").read_text())["earlier"]
     assert [p["steps"] for p in phases] == [2, 2, 2] and phases[0]["config"]["init"] == ""
     assert [p.get("command") for p in phases[1:]] == ["phase one", "phase two"]
+
+
+def test_the_pretraining_imports_without_pydantic():
+    """The GPU image has torch, transformers and accelerate but no pydantic: the pretraining (and the
+    scene generator, oracle and training loop it uses) must import there without it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import model_code.model.pretrain, model_code.model.train, model_code.model.cir_cot\n"
+            "import model_code.synthetic.oracle, model_code.synthetic.edits, model_code.synthetic.scenes\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pydantic'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

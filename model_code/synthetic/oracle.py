@@ -15,7 +15,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from model_code.synthetic import generate, scenes
+from model_code.synthetic import scenes
 from model_code.synthetic.edits import apply_edit, not_phrase, scene_changes
 from model_code.annotation.cot import CoT
 from model_code.annotation.judge import Annotation, AnnotationRequest, judge, rejection
@@ -200,6 +200,8 @@ class OracleAnnotator:
     default_min_acceptance = 1.0
 
     def __init__(self, root: str | os.PathLike):
+        from model_code.synthetic import generate  # pydantic: not imported by the pretraining (the GPU image has none)
+
         self.root = Path(root)
         self._queries, self._graphs = {}, {}
         for split in generate.SPLITS:
