@@ -2,7 +2,7 @@
 the measurement behind the embedded profile's recipe (issue 9, README "The embedded model").
 
     .venv/bin/python bench/finetune_embedded.py --base artifacts/pretrain/tiny84/model \\
-        [--align-steps 100] [--cot-steps 150] [--full] [--queries 500] [--out /tmp/ft]
+        [--align-steps 100] [--cot-steps 150] [--full] [--seed 1] [--queries 500] [--out /tmp/ft]
 
 Reads the benchmark at ``--data`` (default ``data/raw/synthetic``, what ``make run`` generates) and
 writes the oracle's chains of thought itself (the annotations ``make run`` accepts for cir-shapes),
@@ -47,6 +47,7 @@ def main() -> int:
     p.add_argument("--cot-steps", type=int)
     p.add_argument("--full", action="store_true", help="fine-tune every parameter instead of LoRA")
     p.add_argument("--lr", type=float, help="both stages' learning rate")
+    p.add_argument("--seed", type=int, help="both stages' seed (LoRA initialisation, batches)")
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--methods", nargs="+", default=["cot", "no_cot", "image_only"])
     p.add_argument("--out", default=None)
@@ -69,6 +70,8 @@ def main() -> int:
             cfg.steps = steps
         if args.lr:
             cfg.lr = args.lr
+        if args.seed is not None:
+            cfg.seed = args.seed
     bench = read_dataset("synthetic", root)
     ann = oracle_annotations(root)
     t0 = time.monotonic()
