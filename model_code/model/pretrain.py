@@ -292,15 +292,13 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
     train_samples, heldout = samples[:cfg.scenes * k], samples[cfg.scenes * k::k]
     init = out_dir / "init"   # the initial weights and the tokenizer, saved once so a resume rebuilds nothing
     torch.manual_seed(cfg.seed)
-    if cfg.init and not (init / "config.json").is_file():
-        model, processor = load_backbone(cfg.init, dtype="float32", device="cpu")
-        add_cir_tokens(model, processor)
-        save_backbone(model, processor, init.with_name("init.tmp"))
-        os.replace(init.with_name("init.tmp"), init)
-    elif not (init / "config.json").is_file():
-        corpus = [s.description for s in samples] + [s.edit_text for s in samples] + [s.conclusion for s in samples]
-        corpus += [s.cot for s in samples] + list(PROMPTS.values()) * 50
-        model, processor = build_random_backbone(cfg.shape, corpus, vocab_size=cfg.vocab_size, seed=cfg.seed)
+    if not (init / "config.json").is_file():
+        if cfg.init:
+            model, processor = load_backbone(cfg.init, dtype="float32", device="cpu")
+        else:
+            corpus = [s.description for s in samples] + [s.edit_text for s in samples]
+            corpus += [s.conclusion for s in samples] + [s.cot for s in samples] + list(PROMPTS.values()) * 50
+            model, processor = build_random_backbone(cfg.shape, corpus, vocab_size=cfg.vocab_size, seed=cfg.seed)
         add_cir_tokens(model, processor)
         save_backbone(model, processor, init.with_name("init.tmp"))
         os.replace(init.with_name("init.tmp"), init)
@@ -329,7 +327,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
             say(f"pretrain: stopping after {minutes} minutes at step {done}; the same command resumes")
             return None
     model_dir = save_bf16(model, processor, out_dir / "model")
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    rows = read_metrics(out_dir)
     plot_perception(rows, out_dir / "perception.png")
     history = json.loads((out_dir / "train" / "checkpoint" / "history.json").read_text())
     record = PretrainRecord(path=str(model_dir), version=checkpoint_version(model_dir),
@@ -371,6 +369,11 @@ CURVE_KEYS = ("step", "cap", "edit", "info", "caption_exact", "caption_object_f1
               "text_to_image_R@1", "device")
 
 
+def read_metrics(folder: str | os.PathLike) -> list[dict]:
+    """The evaluation rows of a pretraining's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _curve(rows: Sequence[dict]) -> list[dict]:
     return [{k: r[k] for k in CURVE_KEYS if k in r} for r in rows]
 
@@ -385,7 +388,7 @@ def _phases(source: str | os.PathLike) -> list[dict]:
         return [*meta.get("earlier", []), {k: meta[k] for k in ("version", "command", "config", "steps", "curve")
                                            if k in meta}]
     config = json.loads((source / "config.json").read_text())
-    rows = [json.loads(line) for line in (source / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(source)
     return [{"config": config, "steps": rows[-1]["step"] if rows else 0, "curve": _curve(rows)}]
 
 
@@ -399,7 +402,7 @@ def publish(out_dir: str | os.PathLike, dest: str | os.PathLike, command: str,
 
     out_dir, dest = Path(out_dir), Path(dest)
     record = PretrainRecord.read(out_dir / "base.json")
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(out_dir)
     phases = [phase for source in earlier for phase in _phases(source)]
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
@@ -489,11 +492,9 @@ def main(argv: list[str] | None = None) -> int:
         command = args.command or f"make pretrain  # python -m model_code.model.pretrain --out {args.out}"
         print(publish(args.out, args.publish, command, args.earlier))
         return 0
-    cfg = PretrainConfig()
-    for name in ("steps", "scenes", "heldout", "batch_size", "eval_every", "lr", "warmup_steps", "caption_fraction",
-                 "edit_fraction", "edit_answer", "edits_per_scene", "align_size", "init"):
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
+    names = ("steps", "scenes", "heldout", "batch_size", "eval_every", "lr", "warmup_steps", "caption_fraction",
+             "edit_fraction", "edit_answer", "edits_per_scene", "align_size", "init")
+    cfg = PretrainConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})  # validated
     exclude = args.exclude or None
     if exclude and not Path(exclude).is_dir():
         p.error(f"--exclude {exclude}: no such folder (run `make run` once, or give --exclude '')")
