@@ -81,6 +81,33 @@ def test_forward_backward_reaches_only_trainable_parameters(micro_base, pairs):
     assert 0 < counts["trainable"] < counts["total"] / 3
 
 
+def test_rehearsal_trains_the_chains_halves_in_the_pretraining_prompts(micro_base, pairs, monkeypatch):
+    from model_code.annotation.cot import parse
+    from model_code.model.cir_cot import unwrap
+    from model_code.model.train import edit_answer, edit_request
+
+    m = _model(micro_base)
+    cfg = _cfg(rehearse_fraction=0.5)
+    batch, negatives = sample_batch(pairs, cfg, 0, 0, 0, 1)
+    step = TrainStep(m, cfg)
+    out = step(batch, negatives)
+    assert set(out) == {"info", "acc", "txt", "rehearse", "loss"} and torch.isfinite(out["rehearse"])
+    seen = []
+    encode = m.encode
+    monkeypatch.setattr(m, "encode", lambda p, a, i, train_answer=False: (seen.append((p, a, i)),
+                                                                          encode(p, a, i, train_answer))[1])
+    step.rehearse(batch[:3], unwrap(m.model).lm_head)
+    (cap_prompts, cap_answers, cap_images), (edit_prompts, edit_answers, edit_images) = seen
+    first = parse(batch[0].cot)
+    assert len(cap_prompts) == 3 and cap_prompts[0] == m.prompt("describe") and cap_images[0] == batch[0].reference
+    assert cap_answers[0] == f"<caption>{first.caption}</caption>"
+    assert edit_images is None and edit_prompts[0] == m.prompt("edit", edit_request(first.caption, batch[0].text),
+                                                                 image=False)
+    assert edit_answers[0] == edit_answer(first.reasoning, first.conclusion)
+    out["loss"].backward()      # the rehearsal reaches the adapters
+    assert any(float(p.grad.abs().sum()) > 0 for n, p in m.named_parameters() if "lora" in n and p.grad is not None)
+
+
 def test_padding_does_not_change_an_embedding(micro_base, pairs):
     m = _model(micro_base)
     refs, texts, cots = [p.reference for p in pairs[:5]], [p.text for p in pairs[:5]], [p.cot for p in pairs[:5]]

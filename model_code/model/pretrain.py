@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from model_code.common import Record, atomic_write_json
-from model_code.model.train import TrainConfig, TrainExample, train
+from model_code.model.train import TrainConfig, TrainExample, edit_answer, edit_request, train
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def make_samples(cfg: PretrainConfig, folder: str | os.PathLike, *, exclude: set
             tag = f"{i}" if j == 0 else f"{i}/{j}"
             out.append(PretrainSample(
                 image=path, scene=scenes.scene_key(scene), description=description,
-                edit_text=f"Description: {description}\nModification: {modification}",
+                edit_text=edit_request(description, modification),
                 edited=scenes.scene_key(edited),
                 conclusion=describe(edited, random.Random(f"conclude/{tag}"), result=True),
                 cot=oracle_cot(f"pretrain/{tag}", scene, edits).render()))
@@ -176,8 +176,8 @@ def edit_target(s: PretrainSample, answer: str = "conclusion") -> str:
         from model_code.annotation.cot import parse
 
         c = parse(s.cot)
-        return f"<reasoning>{c.reasoning}</reasoning>\n<conclusion>{c.conclusion}</conclusion>"
-    return f"<conclusion>{s.conclusion}</conclusion>"
+        return edit_answer(c.reasoning, c.conclusion)
+    return edit_answer(None, s.conclusion)
 
 
 def examples(samples: Sequence[PretrainSample], answer: str = "conclusion") -> list[TrainExample]:

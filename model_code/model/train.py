@@ -63,6 +63,9 @@ class TrainConfig:
     reference_negatives: bool = True     # the references as extra gallery candidates
     caption_fraction: float = 0.25       # bootstrap, pretrain: share of the batch also trained to caption
     edit_fraction: float = 0.0           # pretrain: share of the batch also trained on its text edit
+    rehearse_fraction: float = 0.0       # cot: share of the batch also trained on its chain's two halves in the
+                                         # base's pretraining prompts (caption the reference; the text edit of
+                                         # that caption), so joining them in the chain does not unlearn them
     identity_queries: bool = True        # bootstrap: also align each image's no-change query with its gallery <emb>
     align_size: int = 0                  # bootstrap, pretrain: align only the batch's first N images (0: all),
                                          # so a batch of many text edits does not process as many images
@@ -113,6 +116,17 @@ def caption_answer(description: str) -> str:
     return f"<caption>{description}</caption>"
 
 
+def edit_request(description: str, modification: str) -> str:
+    """The text of a text edit's prompt (``PROMPTS["edit"]``): a scene description and a modification."""
+    return f"Description: {description}\nModification: {modification}"
+
+
+def edit_answer(reasoning: str | None, conclusion: str) -> str:
+    """A text edit's answer as the chain writes its second half: reasoning (when given), then conclusion."""
+    head = f"<reasoning>{reasoning}</reasoning>\n" if reasoning is not None else ""
+    return f"{head}<conclusion>{conclusion}</conclusion>"
+
+
 class TrainStep(torch.nn.Module):
     """Computes the losses of one micro-batch (the module ``accelerate`` wraps)."""
 
@@ -155,6 +169,9 @@ class TrainStep(torch.nn.Module):
                                 [ex.target for ex in batch[:k]], train_answer=True)
             out["txt"] = out["cap"] = answer_ce(m.hidden_states(c_inputs), c_inputs["labels"], lm_head)
         edits = [ex.edit for ex in edit_batch if ex.edit][:int(len(edit_batch) * cfg.edit_fraction)]
+        if cfg.stage == "cot" and cfg.rehearse_fraction > 0:
+            out["rehearse"] = self.rehearse(batch[:max(1, int(len(batch) * cfg.rehearse_fraction))], lm_head)
+            out["txt"] = out["txt"] + out["rehearse"]
         if cfg.stage == "pretrain" and edits:
             e_inputs = m.encode([m.prompt("edit", q, image=False) for q, _ in edits], [a for _, a in edits], None,
                                 train_answer=True)
@@ -162,6 +179,22 @@ class TrainStep(torch.nn.Module):
             out["txt"] = out.get("txt", 0) + out["edit"]
         out["loss"] = joint_loss(l_info, out.get("txt"), lambda_info=cfg.lambda_info, lambda_txt=cfg.lambda_txt)
         return out
+
+    def rehearse(self, batch: Sequence[TrainExample], lm_head) -> torch.Tensor:
+        """Cross-entropy of the chains' two halves asked the way pretraining asked them: the
+        reference's caption (describe prompt, with the image) and, from that caption and the
+        modification, the reasoning and conclusion (edit prompt, text only); their mean."""
+        from model_code.annotation.cot import parse
+
+        m = self.cirmodel
+        cots = [parse(ex.cot) for ex in batch]
+        c_inputs = m.encode([m.prompt("describe")] * len(batch), [caption_answer(c.caption) for c in cots],
+                            [ex.reference for ex in batch], train_answer=True)
+        e_inputs = m.encode([m.prompt("edit", edit_request(c.caption, ex.text), image=False)
+                             for c, ex in zip(cots, batch)],
+                            [edit_answer(c.reasoning, c.conclusion) for c in cots], None, train_answer=True)
+        return (answer_ce(m.hidden_states(c_inputs), c_inputs["labels"], lm_head)
+                + answer_ce(m.hidden_states(e_inputs), e_inputs["labels"], lm_head)) / 2
 
 
 def sample_batch(examples: Sequence[TrainExample], cfg: TrainConfig, step: int, micro: int, rank: int,
