@@ -14,6 +14,11 @@ The figures of README's "Why the tiny model falls short" come from these command
 - ``bootstrap-more``: continue the base model's bootstrap; validation in-batch accuracy before/after.
 - ``stage1``: stage 1 again from the base, with LoRA or (``--full``) all parameters trainable.
 - ``cot-more``: more stage-2 steps on the newest model, then its evaluation.
+- ``skills [--model FOLDER] [--data data/raw/synthetic]``: the chain's two halves asked apart, in
+  the prompts the base was pretrained on (the reference's caption; the text edit of the oracle's
+  caption by the modification), exact per edit count, and, for a fine-tuned model, the same two
+  inside its own chains: whether fine-tuning joined the base's skills or unlearned them.
+  ``--model`` is a saved model (``circot.json``) or a base checkpoint (``model_code/model/embedded_base``).
 
 Reads what a finished ``make run`` made, as the Dagster instance of ``$DAGSTER_HOME`` records it
 (``.dagster`` under ``make``; run with ``DAGSTER_HOME=$PWD/.dagster``); writes only under ``--out``
@@ -185,15 +190,84 @@ def cot_more(args, artifacts, out: Path):
     _evaluate(model, bench, root, args.queries)
 
 
+def skills(args, artifacts):
+    import json
+    import random
+
+    from model_code.data import read_dataset
+    from model_code.model.backbone import load_backbone
+    from model_code.model.cir_cot import CirCoTModel
+    from model_code.model.pretrain import _generate
+    from model_code.model.train import edit_request
+    from model_code.synthetic import scenes
+    from model_code.synthetic.oracle import describe, object_match, scene_from_text
+
+    path = Path(args.model or _latest(artifacts)["path"])
+    tuned = (path / "circot.json").is_file()
+    model = CirCoTModel.load(path) if tuned else CirCoTModel(*load_backbone(path, dtype="float32", device="cpu"))
+    root = Path(args.data)
+    bench = read_dataset("synthetic", root)
+    graphs = json.loads((root / "scene_graphs" / "test.json").read_text())
+    queries = json.loads((root / "captions" / "cap.test.json").read_text())[:args.queries]
+    image = {i: root / p for s, i, p in zip(bench.images.split, bench.images.image_id, bench.images.path)
+             if s == "test"}
+    refs = [set(scenes.scene_key(scenes.scene_from_json(graphs[q["reference"]]))) for q in queries]
+    targets = [set(scenes.scene_key(scenes.scene_from_json(graphs[q["target"]]))) for q in queries]
+    descriptions = [describe(scenes.scene_from_json(graphs[q["reference"]]), random.Random(q["query_id"]),
+                             result=False) for q in queries]
+    images = [image[q["reference"]] for q in queries]
+
+    def exact(texts, truths):
+        return [object_match(scene_from_text(t), truth)[0] for t, truth in zip(texts, truths)]
+
+    rows = {"caption (describe prompt)": exact(_generate(
+        model, [model.prompt("describe")] * len(queries), images, "</caption>", 96), refs)}
+    edited = _generate(model, [model.prompt("edit", edit_request(d, q["modification"]), image=False)
+                               for d, q in zip(descriptions, queries)], None, "</conclusion>", 384)
+    rows["edit of the true caption (edit prompt)"] = exact([t.rsplit("<conclusion>", 1)[-1] for t in edited], targets)
+    if tuned:
+        _, chains = model.infer_queries(images, [q["modification"] for q in queries], "cot", batch_size=50)
+        cots = [c["cot"] for c in chains]
+        rows["caption in the chain"] = cap = exact([c.caption if c else "" for c in cots], refs)
+        rows["conclusion in the chain"] = con = exact([c.conclusion if c else "" for c in cots], targets)
+        rows["conclusion, of chains whose caption is right"] = [c for c, ok in zip(con, cap) if ok]
+        # what retrieval the chain would give were it right: the oracle's chain teacher-forced
+        from model_code.synthetic.oracle import oracle_cot
+
+        t, ref_paths, score = _scorer(model, bench, root, args.queries)
+        by_id = {q["query_id"]: q for q in queries}
+        oracle = [oracle_cot(q, scenes.scene_from_json(graphs[by_id[q]["reference"]]), by_id[q]["edits"]).render()
+                  for q in t.query_id]
+        score("cot (generated chain)", model.infer_queries(ref_paths, list(t.modification), "cot", batch_size=50)[0])
+        score("cot with the oracle's chain teacher-forced", model.embed_queries(ref_paths, list(t.modification),
+                                                                                oracle, batch_size=50))
+        score("no_cot", model.embed_queries(ref_paths, list(t.modification), None, batch_size=50))
+    edits = [q["n_edits"] for q in queries]
+    print(f"\n{path} ({len(queries)} test queries; exact = the stated scene is the true one)\n")
+    print("| | all | 1 edit | 2 edits | 3 edits |\n|---|---|---|---|---|")
+    for name, ok in rows.items():
+        cells = [f"{sum(ok) / max(len(ok), 1):.3f}"]
+        if len(ok) == len(queries):
+            for k in (1, 2, 3):
+                sel = [o for o, e in zip(ok, edits) if e == k]
+                cells.append(f"{sum(sel) / max(len(sel), 1):.3f} (n={len(sel)})")
+        else:
+            cells += [f"n={len(ok)}", "", ""]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["upper-bounds", "decoding", "bootstrap-more", "stage1", "cot-more"])
+    p.add_argument("what", choices=["upper-bounds", "decoding", "bootstrap-more", "stage1", "cot-more",
+                                          "skills"])
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--queries", type=int, default=128, help="first test queries evaluated")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float)
     p.add_argument("--full", action="store_true", help="stage1: all parameters trainable instead of LoRA")
     p.add_argument("--out", help="where training writes (default: a temporary folder)")
+    p.add_argument("--model", help="skills: a saved model or base checkpoint folder (default: the newest model)")
+    p.add_argument("--data", default="data/raw/synthetic", help="skills: the generated cir-shapes benchmark")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -201,7 +275,7 @@ def main() -> int:
     out = Path(args.out or tempfile.mkdtemp(prefix="circot-diagnose-"))
     {"upper-bounds": lambda: upper_bounds(args, artifacts), "decoding": lambda: decoding(args, artifacts),
      "bootstrap-more": lambda: bootstrap_more(args, artifacts, out), "stage1": lambda: stage1(args, artifacts, out),
-     "cot-more": lambda: cot_more(args, artifacts, out)}[args.what]()
+     "cot-more": lambda: cot_more(args, artifacts, out), "skills": lambda: skills(args, artifacts)}[args.what]()
     return 0
 
 

@@ -2,12 +2,15 @@
 the measurement behind the embedded profile's recipe (issue 9, README "The embedded model").
 
     .venv/bin/python bench/finetune_embedded.py --base artifacts/pretrain/tiny84/model \\
-        [--align-steps 100] [--cot-steps 150] [--full] [--seed 1] [--queries 500] [--out /tmp/ft]
+        [--align-steps 100] [--cot-steps 150] [--full] [--seed 1] [--queries 500] [--out /tmp/ft] \\
+        [--set cot.lambda_info=0.1 --set cot.lr=5e-4 ...] [--reasoning-out chains.jsonl]
+    .venv/bin/python bench/finetune_embedded.py --model /tmp/ft/run/model     # evaluate only
 
 Reads the benchmark at ``--data`` (default ``data/raw/synthetic``, what ``make run`` generates) and
 writes the oracle's chains of thought itself (the annotations ``make run`` accepts for cir-shapes),
-so it needs nothing but the data and the base. Prints the stage summaries, the wall time and the
-evaluation table (the first ``--queries`` test queries against the whole 2,000-image test gallery).
+so it needs nothing but the data and the base. Prints the stage summaries, the wall time, the
+evaluation table (the first ``--queries`` test queries against the whole 2,000-image test gallery)
+and, on all 500, the gate's verdict as ``make run`` would give it.
 """
 
 import argparse
@@ -40,7 +43,9 @@ def oracle_annotations(root: Path):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", required=True, help="a base checkpoint folder")
+    base = p.add_mutually_exclusive_group(required=True)
+    base.add_argument("--base", help="a base checkpoint folder")
+    base.add_argument("--model", help="no training: evaluate this saved model (an earlier run's <out>/run/model)")
     p.add_argument("--data", default="data/raw/synthetic")
     p.add_argument("--profile", default="embedded")
     p.add_argument("--align-steps", type=int)
@@ -48,9 +53,12 @@ def main() -> int:
     p.add_argument("--full", action="store_true", help="fine-tune every parameter instead of LoRA")
     p.add_argument("--lr", type=float, help="both stages' learning rate")
     p.add_argument("--seed", type=int, help="both stages' seed (LoRA initialisation, batches)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                   help="any stage hyperparameter, e.g. --set cot.lr=5e-4 --set align.steps=40 (repeatable)")
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--methods", nargs="+", default=["cot", "no_cot", "image_only"])
     p.add_argument("--out", default=None)
+    p.add_argument("--reasoning-out", help="write every cot query's generated text and parse here (JSON lines)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -72,23 +80,48 @@ def main() -> int:
             cfg.lr = args.lr
         if args.seed is not None:
             cfg.seed = args.seed
+    for item in args.set:
+        key, _, value = item.partition("=")
+        stage, _, field = key.partition(".")
+        cfg = getattr(profile, stage, None)
+        if cfg is None or not hasattr(cfg, field):
+            p.error(f"--set {item}: no such stage field (stages: align, cot; fields: TrainConfig's)")
+        old = getattr(cfg, field)
+        setattr(cfg, field, value.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(value))
     bench = read_dataset("synthetic", root)
-    ann = oracle_annotations(root)
-    t0 = time.monotonic()
-    trained = train_cir_cot(register_checkpoint(args.base),
-                            pair_examples(bench.triplets, bench.images, root, "train", ann),
-                            pair_examples(bench.triplets, bench.images, root, "val", ann), profile, out / "run")
-    train_s = time.monotonic() - t0
-    model = CirCoTModel.load(trained.path, device="cpu")
+    stages, train_s = {}, 0.0
+    if args.base:
+        ann = oracle_annotations(root)
+        t0 = time.monotonic()
+        trained = train_cir_cot(register_checkpoint(args.base),
+                                pair_examples(bench.triplets, bench.images, root, "train", ann),
+                                pair_examples(bench.triplets, bench.images, root, "val", ann), profile, out / "run")
+        train_s, stages = time.monotonic() - t0, trained.stages
+    model = CirCoTModel.load(trained.path if args.base else args.model, device="cpu")
     t0 = time.monotonic()
     ev = evaluate(model, bench, root, "synthetic", "test", methods=args.methods, limit=args.queries)
     eval_s = time.monotonic() - t0
-    for name, s in trained.stages.items():
+    for name, s in stages.items():
         print(f"# {name}: {s['steps']} steps, {s['seconds']:.0f}s, loss {s['first']['loss']:.3f} -> "
               f"{s['last']['loss']:.3f}, val {json.dumps(s['val'])}")
     print(f"# lora={profile.lora} training {train_s:.0f}s, evaluation {eval_s:.0f}s ({args.queries} queries)")
     print(markdown_table(ev))
     print(json.dumps(ev.metrics, indent=1))
+    if args.queries >= 500:   # the gate's verdict, as make run would give it (no production model yet)
+        from model_code.evaluation.gate import DEFAULT_FLOORS, GateConfig, gate
+
+        verdict = gate(ev.metrics, ev.headline, GateConfig(floors=DEFAULT_FLOORS["synthetic"]),
+                       per_query=ev.per_query, strata=ev.strata)
+        print(f"# gate: {'PASS' if verdict.passed else 'REFUSE'}")
+        for c in verdict.checks:
+            print(f"- {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")
+    if args.reasoning_out:
+        with open(args.reasoning_out, "w") as f:
+            for row in ev.queries.to_dict("records"):
+                r = ev.reasoning.get(row["query_id"], {})
+                f.write(json.dumps({"query_id": row["query_id"], "reference_id": row["reference_id"],
+                                    "modification": row["modification"],
+                                    "text": r.get("text"), "error": r.get("error")}, default=str) + "\n")
     return 0
 
 
