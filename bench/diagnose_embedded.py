@@ -135,15 +135,16 @@ def decoding(args, artifacts):
 def bootstrap_more(args, artifacts, out: Path):
     from model_code.model.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel
-    from model_code.model.recipes import description_examples, PROFILES
-    from model_code.model.train import evaluate_in_batch, train
+    from model_code.model.recipes import description_examples
+    from model_code.model.train import TrainConfig, evaluate_in_batch, train
 
     root, _, _ = _load(artifacts)
     base = _record("base_model")
     model, processor = load_backbone(base["path"])
     m = CirCoTModel(model.train(), processor)
-    cfg = dataclasses.replace(PROFILES["embedded"].base.bootstrap, steps=args.steps, seed=1, warmup_steps=5,
-                              checkpoint_every=10**6, log_every=20)
+    # the withdrawn in-run bootstrap's settings (the embedded profile now starts from a pretrained base)
+    cfg = TrainConfig(stage="bootstrap", steps=args.steps, batch_size=64, lr=1e-3, caption_fraction=0.25,
+                      identity_queries=False, seed=1, warmup_steps=5, checkpoint_every=10**6, log_every=20)
     val = description_examples("synthetic", root, "val")
     print("before", evaluate_in_batch(m, val, cfg, 3), flush=True)
     train(m, description_examples("synthetic", root, "train"), cfg, out / "bootstrap-more")
