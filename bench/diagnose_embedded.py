@@ -87,21 +87,28 @@ def _scorer(model, bench, root, n: int):
     return t, [paths[r] for r in t.reference_id], score
 
 
-def upper_bounds(args, artifacts):
+def _oracle(bench, root, t) -> tuple[dict, list[str]]:
+    """The oracle's annotation of each query of ``t`` (what the pipeline accepts for cir-shapes), by
+    query id, and their rendered chains in ``t``'s order."""
+    from model_code.annotation.cot import CoT
     from model_code.annotation.store import annotation_requests
     from model_code.synthetic.oracle import OracleAnnotator
-    from model_code.annotation.cot import CoT
+
+    test = bench.triplets[bench.triplets.query_id.isin(set(t.query_id))]
+    oracle = {
+        a.query_id: a for a in OracleAnnotator(root).annotate(annotation_requests(test, bench.images, root, ["test"]))
+    }
+    return oracle, [CoT(oracle[q].caption, oracle[q].reasoning, oracle[q].conclusion).render() for q in t.query_id]
+
+
+def upper_bounds(args, artifacts):
     from model_code.model.cir_cot import CirCoTModel
 
     root, bench, _ = _load(artifacts)
     model = CirCoTModel.load(_latest(artifacts)["path"])
     _evaluate(model, bench, root, args.queries)
     t, refs, score = _scorer(model, bench, root, args.queries)
-    test = bench.triplets[bench.triplets.query_id.isin(set(t.query_id))]
-    oracle = {
-        a.query_id: a for a in OracleAnnotator(root).annotate(annotation_requests(test, bench.images, root, ["test"]))
-    }
-    chains = [CoT(oracle[q].caption, oracle[q].reasoning, oracle[q].conclusion).render() for q in t.query_id]
+    oracle, chains = _oracle(bench, root, t)
     score("oracle chain teacher-forced", model.embed_queries(refs, list(t.modification), chains, batch_size=64))
     score("oracle conclusion as text", model.embed_texts([oracle[q].conclusion for q in t.query_id]))
 
@@ -209,7 +216,9 @@ def skills(args, artifacts):
     root = Path(args.data)
     bench = read_dataset("synthetic", root)
     graphs = json.loads((root / "scene_graphs" / "test.json").read_text())
-    queries = json.loads((root / "captions" / "cap.test.json").read_text())[:args.queries]
+    by_id = {q["query_id"]: q for q in json.loads((root / "captions" / "cap.test.json").read_text())}
+    t = bench.triplets[bench.triplets.split == "test"].iloc[:args.queries]   # _scorer's queries, in its order
+    queries = [by_id[q] for q in t.query_id]
     image = {i: root / p for s, i, p in zip(bench.images.split, bench.images.image_id, bench.images.path)
              if s == "test"}
     refs = [set(scenes.scene_key(scenes.scene_from_json(graphs[q["reference"]]))) for q in queries]
@@ -217,32 +226,28 @@ def skills(args, artifacts):
     descriptions = [describe(scenes.scene_from_json(graphs[q["reference"]]), random.Random(q["query_id"]),
                              result=False) for q in queries]
     images = [image[q["reference"]] for q in queries]
+    texts = [q["modification"] for q in queries]
 
     def exact(texts, truths):
         return [object_match(scene_from_text(t), truth)[0] for t, truth in zip(texts, truths)]
 
     rows = {"caption (describe prompt)": exact(_generate(
         model, [model.prompt("describe")] * len(queries), images, "</caption>", 96), refs)}
-    edited = _generate(model, [model.prompt("edit", edit_request(d, q["modification"]), image=False)
-                               for d, q in zip(descriptions, queries)], None, "</conclusion>", 384)
+    edited = _generate(model, [model.prompt("edit", edit_request(d, m), image=False)
+                               for d, m in zip(descriptions, texts)], None, "</conclusion>", 384)
     rows["edit of the true caption (edit prompt)"] = exact([t.rsplit("<conclusion>", 1)[-1] for t in edited], targets)
     if tuned:
-        _, chains = model.infer_queries(images, [q["modification"] for q in queries], "cot", batch_size=50)
+        embeddings, chains = model.infer_queries(images, texts, "cot", batch_size=50)   # written once
         cots = [c["cot"] for c in chains]
         rows["caption in the chain"] = cap = exact([c.caption if c else "" for c in cots], refs)
         rows["conclusion in the chain"] = con = exact([c.conclusion if c else "" for c in cots], targets)
         rows["conclusion, of chains whose caption is right"] = [c for c, ok in zip(con, cap) if ok]
         # what retrieval the chain would give were it right: the oracle's chain teacher-forced
-        from model_code.synthetic.oracle import oracle_cot
-
-        t, ref_paths, score = _scorer(model, bench, root, args.queries)
-        by_id = {q["query_id"]: q for q in queries}
-        oracle = [oracle_cot(q, scenes.scene_from_json(graphs[by_id[q]["reference"]]), by_id[q]["edits"]).render()
-                  for q in t.query_id]
-        score("cot (generated chain)", model.infer_queries(ref_paths, list(t.modification), "cot", batch_size=50)[0])
-        score("cot with the oracle's chain teacher-forced", model.embed_queries(ref_paths, list(t.modification),
-                                                                                oracle, batch_size=50))
-        score("no_cot", model.embed_queries(ref_paths, list(t.modification), None, batch_size=50))
+        _, _, score = _scorer(model, bench, root, args.queries)
+        score("cot (generated chain)", embeddings)
+        score("cot with the oracle's chain teacher-forced",
+              model.embed_queries(images, texts, _oracle(bench, root, t)[1], batch_size=50))
+        score("no_cot", model.embed_queries(images, texts, None, batch_size=50))
     edits = [q["n_edits"] for q in queries]
     print(f"\n{path} ({len(queries)} test queries; exact = the stated scene is the true one)\n")
     print("| | all | 1 edit | 2 edits | 3 edits |\n|---|---|---|---|---|")
@@ -259,8 +264,7 @@ def skills(args, artifacts):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["upper-bounds", "decoding", "bootstrap-more", "stage1", "cot-more",
-                                          "skills"])
+    p.add_argument("what", choices=["upper-bounds", "decoding", "bootstrap-more", "stage1", "cot-more", "skills"])
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--queries", type=int, default=128, help="first test queries evaluated")
     p.add_argument("--steps", type=int, default=100)
