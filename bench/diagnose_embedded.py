@@ -200,7 +200,6 @@ def cot_more(args, artifacts, out: Path):
 
 def skills(args, artifacts):
     import json
-    import random
 
     from model_code.data import read_dataset
     from model_code.model.backbone import load_backbone
@@ -223,8 +222,7 @@ def skills(args, artifacts):
              if s == "test"}
     refs = [set(scenes.scene_key(scenes.scene_from_json(graphs[q["reference"]]))) for q in queries]
     targets = [set(scenes.scene_key(scenes.scene_from_json(graphs[q["target"]]))) for q in queries]
-    descriptions = [describe(scenes.scene_from_json(graphs[q["reference"]]), random.Random(q["query_id"]),
-                             result=False) for q in queries]
+    descriptions = [describe(scenes.scene_from_json(graphs[q["reference"]])) for q in queries]
     images = [image[q["reference"]] for q in queries]
     texts = [q["modification"] for q in queries]
 

@@ -70,7 +70,7 @@ def test_a_conclusion_is_read_back_into_the_objects_it_states():
     for _ in range(50):
         scene = scenes.random_scene(rng, iter(range(100)).__next__)
         truth = {scenes.scene_key((o,))[0] for o in scene}
-        assert scene_from_text(describe(scene, rng, result=True)) == truth
+        assert scene_from_text(describe(scene)) == truth
     assert scene_from_text("a big Red circle in the upper left corner, then nonsense") == {
         ("circle", "red", "large", 0, 0)
     }

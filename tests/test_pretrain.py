@@ -28,6 +28,14 @@ def test_no_scene_of_the_benchmark_is_pretrained_on(tmp_path, tiny_synthetic):
 
     bench = pretrain._benchmark_scenes(tiny_synthetic)
     assert len(bench) > 50
+    # every image of the evaluated splits is excluded; of the train split, all but the one-object scenes
+    # (the benchmark's train split holds every one of them: excluding them would leave none to caption)
+    for split in ("train", "val", "test"):
+        graphs = json.loads((tiny_synthetic / "scene_graphs" / f"{split}.json").read_text()).values()
+        keys = {scenes.scene_key(scenes.scene_from_json(g)) for g in graphs}
+        assert {k for k in keys if split != "train" or len(k) > 1} <= bench
+        assert not {k for k in keys if split == "train" and len(k) == 1} & bench
+        assert split != "train" or any(len(k) == 1 for k in keys)
     cfg = _config("tiny", scenes=20, heldout=2)
     first = pretrain.make_samples(cfg, tmp_path / "a")
     # the generator's first scene, declared a benchmark image: it is skipped, the next ones come instead
@@ -179,3 +187,39 @@ def test_the_pretraining_imports_without_pydantic():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pydantic'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_held_out_scenes_hold_every_object_count_and_are_never_trained_on(tmp_path):
+    cfg = _config("tiny", scenes=40, heldout=8)
+    samples = pretrain.make_samples(cfg, tmp_path / "s")
+    train, heldout = samples[:40], samples[40:]
+    assert sorted(len(s.scene) for s in heldout) == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert not {s.scene for s in train} & {s.scene for s in heldout}
+    assert all(len(s.ops) in (1, 2, 3) and set(s.ops) <= set(pretrain.EDIT_OPS) for s in samples)
+
+
+def test_the_curriculum_holds_single_edits_until_they_are_right_then_takes_every_count(tmp_path, micro_shape,
+                                                                                         monkeypatch):
+    cfg = _config(micro_shape, steps=6, scenes=30, start_edits=1, advance_at=0.8, oversample_ops=("swap", "move"),
+                  oversample=3)
+    samples = pretrain.make_samples(cfg, tmp_path / "s")[:30]
+    exs = pretrain.examples(samples)
+    pool = pretrain.curriculum_pool(samples, exs, cfg, 1)
+    weak = [s for s in samples if len(s.ops) == 1 and set(s.ops) & {"swap", "move"}]
+    assert len(pool) == sum(len(s.ops) == 1 for s in samples) + 2 * len(weak)
+    assert len(pretrain.curriculum_pool(samples, exs, cfg, 3)) == len(samples) + 2 * sum(
+        bool(set(s.ops) & {"swap", "move"}) for s in samples)
+
+    # what each chunk trains on: single edits while they score 0.5, 0.7; every count once they score 0.85
+    pools, scores = [], iter([0.5, 0.85, 0.9])
+    train = pretrain.train
+    monkeypatch.setattr(pretrain, "train", lambda m, ex, *a, **k: pools.append(len(ex)) or train(m, ex, *a, **k))
+    monkeypatch.setattr(pretrain, "perception", lambda *a, **k: {
+        "caption_exact": 1.0, "caption_object_f1": 1.0, "edit_exact": 0.5, "text_to_image_R@1": 1.0,
+        "eval_seconds": 0.0, "edit_exact[edits=1]": next(scores)})
+    pretrain.pretrain(cfg, tmp_path / "run")
+    rows = pretrain.read_metrics(tmp_path / "run")
+    assert [r["trained_max_edits"] for r in rows] == [1, 1, 3] and [r["max_edits"] for r in rows] == [1, 3, 3]
+    assert pools[0] == pools[1] < pools[2]
+    with pytest.raises(ValueError, match="oversample_ops"):
+        _config("tiny", oversample_ops=("teleport",))

@@ -200,7 +200,7 @@ class CirCoTModel(torch.nn.Module):
         images: Sequence,
         texts: Sequence[str],
         *,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = 320,
         batch_size: int = 16,
         static_cache: bool | None = None,
     ) -> tuple[torch.Tensor, list[list[int]]]:
@@ -253,7 +253,7 @@ class CirCoTModel(torch.nn.Module):
         tags = tok.convert_tokens_to_ids(list(CIR_TOKENS[:6]))
         return CoTFormat(tags, self.emb_id, ends, newline[0] if len(newline) == 1 else None, prompt_length, budget)
 
-    def generate_cots(self, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 256,
+    def generate_cots(self, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 320,
                       batch_size: int = 16, static_cache: bool | None = None) -> list[str]:
         """The chain of thought the model writes for each query (see :meth:`reason_and_embed`), as
         text without ``<emb>``."""
@@ -262,7 +262,7 @@ class CirCoTModel(torch.nn.Module):
         return [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in chains]
 
     def infer_queries(self, images: Sequence, texts: Sequence[str], mode: str = "cot", *,
-                      max_new_tokens: int = 256, batch_size: int = 16) -> tuple[torch.Tensor, list[dict]]:
+                      max_new_tokens: int = 320, batch_size: int = 16) -> tuple[torch.Tensor, list[dict]]:
         """Query embeddings in ``mode`` ``cot`` (the model writes its reasoning and ``<emb>``, whose
         hidden state is the embedding: :meth:`reason_and_embed`) or ``no_cot`` (the prompt goes to
         ``<emb>`` at once). Returns the embeddings and, per query, ``{"text": raw reasoning, "ids":

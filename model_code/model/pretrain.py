@@ -48,6 +48,8 @@ from model_code.model.train import TrainConfig, TrainExample, edit_answer, edit_
 log = logging.getLogger(__name__)
 
 SCENE_SEED = "circot-pretrain"  # scenes are drawn from random.Random(f"{SCENE_SEED}/{seed}/{i}")
+# the edit ops a modification is made of, as the scores by op name them ("set" split by attribute)
+EDIT_OPS = ("color", "shape", "size", "move", "add", "remove", "swap", "copy", "remove_where", "set_where")
 
 
 @dataclasses.dataclass
@@ -74,12 +76,30 @@ class PretrainConfig:
     align_size: int = 0             # images aligned (and captioned from) per step; 0: the whole batch
     edits_per_scene: int = 1        # text edits drawn per scene (text is cheap; images are rendered once)
     init: str = ""                  # a checkpoint folder to continue from (its tokenizer too); "" = random
+    # curriculum: train on modifications of at most `start_edits` edits until the held-out single
+    # edits are right `advance_at` of the time, then on every count (0: no curriculum)
+    start_edits: int = 0
+    advance_at: float = 0.8
+    advance_by_step: int = 0        # and from this step on whatever they score (0: only on the score)
+    # modifications holding one of these ops (the weakest, measured) are drawn `oversample` times as often
+    oversample_ops: tuple[str, ...] = ()
+    oversample: int = 1
 
     def __post_init__(self):
         if self.edit_answer not in ("conclusion", "chain"):
             raise ValueError(f"edit_answer must be 'conclusion' or 'chain', not {self.edit_answer!r}")
         if self.edits_per_scene < 1:
             raise ValueError("edits_per_scene must be at least 1")
+        if self.start_edits not in (0, 1, 2, 3):
+            raise ValueError(f"start_edits must be 0 (no curriculum) or 1-3, not {self.start_edits!r}")
+        if not 0 < self.advance_at <= 1:
+            raise ValueError(f"advance_at must be in (0, 1], not {self.advance_at!r}")
+        if self.oversample < 1:
+            raise ValueError("oversample must be at least 1")
+        self.oversample_ops = tuple(self.oversample_ops)
+        unknown = set(self.oversample_ops) - set(EDIT_OPS)
+        if unknown:
+            raise ValueError(f"oversample_ops: unknown ops {sorted(unknown)} (known: {', '.join(EDIT_OPS)})")
 
     def train_config(self) -> TrainConfig:
         import math
@@ -102,27 +122,53 @@ class PretrainSample:
     edited: tuple         # the scene after the edit
     conclusion: str       # its description, as a chain's conclusion words it
     cot: str              # the oracle chain of this (scene, edit): tokenizer corpus only
+    ops: tuple[str, ...] = ()   # the modification's edits, one name of EDIT_OPS each
+
+
+def op_name(edit: dict) -> str:
+    """The edit's op as ``EDIT_OPS`` names it (a "set" by the attribute it sets)."""
+    return edit["attr"] if edit["op"] == "set" else edit["op"]
 
 
 def _benchmark_scenes(root: str | os.PathLike | None) -> set[tuple]:
-    """The scene keys of every image of a cir-shapes benchmark folder (none when ``root`` is None)."""
+    """The scene keys of a cir-shapes benchmark folder that pretraining must never use (none when
+    ``root`` is None): every image of the evaluated splits, and every image of the train split but
+    its one-object scenes. There are only 648 one-object scenes and the benchmark's train split holds
+    all of them as images (no query's reference or target among val and test has one object), so
+    excluding them would leave the base unable to caption a one-object image at all."""
     from model_code.synthetic import scenes
 
     if root is None:
         return set()
     out = set()
     for f in sorted((Path(root) / "scene_graphs").glob("*.json")):
-        out |= {scenes.scene_key(scenes.scene_from_json(g)) for g in json.loads(f.read_text()).values()}
+        keys = {scenes.scene_key(scenes.scene_from_json(g)) for g in json.loads(f.read_text()).values()}
+        out |= {k for k in keys if len(k) > 1} if f.stem == "train" else keys
     if not out:
         raise FileNotFoundError(f"no scene graphs under {root}/scene_graphs: cannot exclude the benchmark's scenes")
     return out
+
+
+def _scene_with(rng: random.Random, n_objects: int | None, next_oid) -> tuple:
+    """A random scene (of exactly ``n_objects`` objects when given: drawn until the count matches)."""
+    from model_code.synthetic import scenes
+
+    while True:
+        scene = scenes.random_scene(rng, next_oid)
+        if n_objects is None or len(scene) == n_objects:
+            return scene
 
 
 def make_samples(cfg: PretrainConfig, folder: str | os.PathLike, *, exclude: set[tuple] = frozenset(),
                  progress: Callable[[str], None] | None = None) -> list[PretrainSample]:
     """``cfg.scenes + cfg.heldout`` scenes (the held-out ones last), each as ``cfg.edits_per_scene``
     consecutive samples (one modification of one to three edits each; the first is the same whatever
-    the count); images rendered into ``folder`` (kept across runs: rendering is skipped for files present)."""
+    the count). The held-out scenes are drawn first, from a stream of their own, in equal numbers of
+    every object count (one-object scenes included: there are only 648 of them, and the training
+    scenes would otherwise take them all). Images are rendered into ``folder`` under a name given by
+    their scene (kept across runs: rendering is skipped for files present)."""
+    import hashlib
+
     from model_code.common import Progress
     from model_code.synthetic import scenes
     from model_code.synthetic.edits import sample_modification
@@ -130,43 +176,57 @@ def make_samples(cfg: PretrainConfig, folder: str | os.PathLike, *, exclude: set
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    total = cfg.scenes + cfg.heldout
-    out: list[PretrainSample] = []
     seen = set(exclude)
-    bar = Progress(total, "pretraining scenes", say=progress, every_s=15)
-    i = 0
-    while len(out) < total * cfg.edits_per_scene:
-        rng = random.Random(f"{SCENE_SEED}/{cfg.seed}/{i}")
-        i += 1
-        oid = iter(range(1000))
-        scene = scenes.random_scene(rng, lambda: next(oid))
-        if scenes.scene_key(scene) in seen:
-            continue
-        made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), lambda: next(oid))
-        if made is None:
-            continue
-        seen.add(scenes.scene_key(scene))
-        description = describe(scene, random.Random(f"describe/{i}"), result=False)
-        n = len(out) // cfg.edits_per_scene
-        path = folder / f"{n:06d}.png"
-        if not path.is_file():
-            tmp = path.with_suffix(".tmp.png")
-            scenes.render_scene(scene).save(tmp)
-            os.replace(tmp, path)
-        for j in range(cfg.edits_per_scene):
-            while made is None:   # the scene admits some modification (the first draw found one)
-                made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), lambda: next(oid))
-            edited, edits, modification = made
-            tag = f"{i}" if j == 0 else f"{i}/{j}"
-            out.append(PretrainSample(
-                image=path, scene=scenes.scene_key(scene), description=description,
-                edit_text=edit_request(description, modification),
-                edited=scenes.scene_key(edited),
-                conclusion=describe(edited, random.Random(f"conclude/{tag}"), result=True),
-                cot=oracle_cot(f"pretrain/{tag}", scene, edits).render()))
-            made = None
-        bar.step()
-    return out
+    bar = Progress(cfg.scenes + cfg.heldout, "pretraining scenes", say=progress, every_s=15)
+
+    def draw(stream: str, count: int, n_objects) -> list[PretrainSample]:
+        out: list[PretrainSample] = []
+        i = 0
+        while len(out) < count * cfg.edits_per_scene:
+            rng = random.Random(f"{SCENE_SEED}/{cfg.seed}/{stream}{i}")
+            i += 1
+            oid = iter(range(1000))
+            scene = _scene_with(rng, n_objects(len(out) // cfg.edits_per_scene), lambda: next(oid))
+            if scenes.scene_key(scene) in seen:
+                continue
+            made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), lambda: next(oid))
+            if made is None:
+                continue
+            seen.add(scenes.scene_key(scene))
+            key = scenes.scene_key(scene)
+            path = folder / f"{hashlib.sha1(repr(key).encode()).hexdigest()[:16]}.png"
+            if not path.is_file():
+                tmp = path.with_suffix(".tmp.png")
+                scenes.render_scene(scene).save(tmp)
+                os.replace(tmp, path)
+            for j in range(cfg.edits_per_scene):
+                while made is None:   # the scene admits some modification (the first draw found one)
+                    made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), lambda: next(oid))
+                edited, edits, modification = made
+                tag = f"{stream}{i}" if j == 0 else f"{stream}{i}/{j}"
+                out.append(PretrainSample(
+                    image=path, scene=key, description=describe(scene),
+                    edit_text=edit_request(describe(scene), modification), edited=scenes.scene_key(edited),
+                    conclusion=describe(edited), cot=oracle_cot(f"pretrain/{tag}", scene, edits).render(),
+                    ops=tuple(op_name(e) for e in edits)))
+                made = None
+            bar.step()
+        return out
+
+    heldout = draw("heldout/", cfg.heldout, lambda n: 1 + n % scenes.MAX_OBJECTS)
+    return draw("", cfg.scenes, lambda n: None) + heldout
+
+
+def curriculum_pool(samples: Sequence[PretrainSample], examples: Sequence[TrainExample], cfg: PretrainConfig,
+                    max_edits: int) -> list[TrainExample]:
+    """The training examples of the curriculum's current level: the modifications of at most
+    ``max_edits`` edits, those holding an op of ``cfg.oversample_ops`` repeated ``cfg.oversample`` times."""
+    weak = set(cfg.oversample_ops)
+    pool = []
+    for s, ex in zip(samples, examples):
+        if len(s.ops) <= max_edits:
+            pool += [ex] * (cfg.oversample if weak & set(s.ops) else 1)
+    return pool
 
 
 def edit_target(s: PretrainSample, answer: str = "conclusion") -> str:
@@ -214,37 +274,56 @@ def _generate(m, prompts: Sequence[str], images, stop: str, max_new_tokens: int,
     return out
 
 
-def _scores(texts: Sequence[str], truths: Sequence[tuple]) -> tuple[float, float]:
+def _matches(texts: Sequence[str], truths: Sequence[tuple]) -> list[tuple[bool, float]]:
     from model_code.synthetic.oracle import object_match, scene_from_text
 
-    exact, f1 = 0, 0.0
-    for text, truth in zip(texts, truths):
-        same, score = object_match(scene_from_text(text), set(truth))
-        exact += same
-        f1 += score
-    n = max(len(texts), 1)
-    return exact / n, f1 / n
+    return [object_match(scene_from_text(text), set(truth)) for text, truth in zip(texts, truths)]
+
+
+def _scores(texts: Sequence[str], truths: Sequence[tuple]) -> tuple[float, float]:
+    hits = _matches(texts, truths)
+    n = max(len(hits), 1)
+    return sum(same for same, _ in hits) / n, sum(f1 for _, f1 in hits) / n
+
+
+def _by(keys: Sequence, hits: Sequence[tuple[bool, float]], prefix: str) -> dict[str, float]:
+    """Exactness per key (e.g. ``edit_exact[edits=2]``), and the count behind it (``n[...]``)."""
+    out = {}
+    for key in sorted(set(keys)):
+        mine = [same for k, (same, _) in zip(keys, hits) if k == key]
+        out[f"{prefix}[{key}]"] = round(sum(mine) / len(mine), 4)
+        out[f"n[{key}]"] = len(mine)
+    return out
 
 
 def perception(m, heldout: Sequence[PretrainSample], *, max_new_tokens: int = 96,
                edit_answer: str = "conclusion") -> dict:
     """Caption exactness / object F1, text-edit exactness and description -> image R@1 on ``heldout``
-    (one sample per scene). An edit is scored on its ``<conclusion>`` (the reasoning before it, when
-    ``edit_answer`` is "chain", states objects too)."""
+    (one sample per scene); captions by object count (``caption_exact[objects=N]``), edits by number
+    of edits (``edit_exact[edits=N]``) and single edits by op (``edit_exact[op=...]``). An edit is
+    scored on its ``<conclusion>`` (the reasoning before it, when ``edit_answer`` is "chain", states
+    objects too)."""
     t0 = time.monotonic()
     images = [s.image for s in heldout]
     captions = _generate(m, [m.prompt("describe")] * len(heldout), images, "</caption>", max_new_tokens)
-    cap_exact, cap_f1 = _scores(captions, [s.scene for s in heldout])
+    caption_hits = _matches(captions, [s.scene for s in heldout])
     edited = _generate(m, [m.prompt("edit", s.edit_text, image=False) for s in heldout], None, "</conclusion>",
                        max_new_tokens * (4 if edit_answer == "chain" else 1))
     edited = [t.rsplit("<conclusion>", 1)[-1] if edit_answer == "chain" else t for t in edited]
-    edit_exact, edit_f1 = _scores(edited, [s.edited for s in heldout])
+    edit_hits = _matches(edited, [s.edited for s in heldout])
     q = m.embed_texts([s.description for s in heldout])
     g = m.embed_images(images)
     r1 = float((q @ g.T).argmax(dim=1).eq(torch.arange(len(heldout))).float().mean())
-    return {"caption_exact": round(cap_exact, 4), "caption_object_f1": round(cap_f1, 4),
-            "edit_exact": round(edit_exact, 4), "edit_object_f1": round(edit_f1, 4),
+    n = max(len(heldout), 1)
+    single = [(s.ops[0], hit) for s, hit in zip(heldout, edit_hits) if len(s.ops) == 1]
+    return {"caption_exact": round(sum(h for h, _ in caption_hits) / n, 4),
+            "caption_object_f1": round(sum(f for _, f in caption_hits) / n, 4),
+            "edit_exact": round(sum(h for h, _ in edit_hits) / n, 4),
+            "edit_object_f1": round(sum(f for _, f in edit_hits) / n, 4),
             "text_to_image_R@1": round(r1, 4), "eval_seconds": round(time.monotonic() - t0, 1),
+            **_by([f"objects={len(s.scene)}" for s in heldout], caption_hits, "caption_exact"),
+            **_by([f"edits={len(s.ops)}" for s in heldout], edit_hits, "edit_exact"),
+            **_by([f"op={op}" for op, _ in single], [hit for _, hit in single], "edit_exact"),
             "example_caption": captions[0][:300], "truth": heldout[0].description}
 
 
@@ -283,7 +362,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
         saved = {**dataclasses.asdict(PretrainConfig()), **json.loads(config_file.read_text())}
         free = ("steps", "eval_every", "checkpoint_every")  # may change on a resume (steps: the rest of the schedule)
         if {k: v for k, v in saved.items() if k not in free} != {
-                k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}:
+                k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in free}:
             raise ValueError(f"{out_dir} holds a pretraining with another configuration ({saved}); "
                              "give a new --out or the same settings")
     atomic_write_json(config_file, dataclasses.asdict(cfg))
@@ -311,18 +390,27 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
     t0 = time.monotonic()
     result = None
     train_examples = examples(train_samples, cfg.edit_answer)
+    rows = read_metrics(out_dir) if metrics_file.is_file() else []
+    level = rows[-1].get("max_edits", 3) if rows else (cfg.start_edits or 3)
     while done < cfg.steps:
         stop = min(cfg.steps, (done // cfg.eval_every + 1) * cfg.eval_every)
-        result = train(m, train_examples, tcfg, out_dir / "train", progress=say, stop_after=stop)
+        pool = curriculum_pool(train_samples, train_examples, cfg, level)
+        result = train(m, pool, tcfg, out_dir / "train", progress=say, stop_after=stop)
         done = result.history[-1]["step"] if result.history else stop
         p = perception(m, heldout, edit_answer=cfg.edit_answer)
+        trained_on = level
+        if level < 3 and (p.get("edit_exact[edits=1]", 0.0) >= cfg.advance_at
+                          or 0 < cfg.advance_by_step <= done):
+            level = 3   # single edits are right often enough (or the curriculum's time is up): every count
         row = {"step": done, **{k: result.history[-1][k] for k in result.history[-1] if k != "step"},
-               "train_seconds": round(result.seconds, 1), "device": m.device.type, **p}
+               "train_seconds": round(result.seconds, 1), "device": m.device.type, "trained_max_edits": trained_on,
+               "max_edits": level, **p}
         with open(metrics_file, "a") as f:
             f.write(json.dumps(row) + "\n")
         say(f"pretrain step {done}/{cfg.steps}: caption exact {p['caption_exact']:.3f}, object F1 "
-            f"{p['caption_object_f1']:.3f}; edit exact {p['edit_exact']:.3f}; text->image R@1 "
-            f"{p['text_to_image_R@1']:.3f} (eval {p['eval_seconds']:.0f}s)")
+            f"{p['caption_object_f1']:.3f}; edit exact {p['edit_exact']:.3f} (single "
+            f"{p.get('edit_exact[edits=1]', float('nan')):.3f}); text->image R@1 {p['text_to_image_R@1']:.3f} "
+            f"(eval {p['eval_seconds']:.0f}s); curriculum: up to {level} edits")
         if minutes is not None and time.monotonic() - t0 > minutes * 60 and done < cfg.steps:
             say(f"pretrain: stopping after {minutes} minutes at step {done}; the same command resumes")
             return None
@@ -471,6 +559,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="what a text edit writes: the edited description, or the reasoning and then it")
     p.add_argument("--edits-per-scene", type=int)
     p.add_argument("--align-size", type=int, help="images aligned per step (default: the whole batch)")
+    p.add_argument("--start-edits", type=int, choices=(0, 1, 2, 3),
+                   help="curriculum: modifications of at most this many edits until single edits are right "
+                        "--advance-at of the time on held-out scenes, then every count (0: no curriculum)")
+    p.add_argument("--advance-at", type=float, help="the held-out single-edit exactness that ends the curriculum")
+    p.add_argument("--advance-by-step", type=int, help="end the curriculum at this step whatever the score")
+    p.add_argument("--oversample-ops", nargs="*", metavar="OP",
+                   help="modifications holding one of these ops are drawn --oversample times as often "
+                        f"({', '.join(EDIT_OPS)})")
+    p.add_argument("--oversample", type=int)
     p.add_argument("--init", help="continue from this checkpoint folder (e.g. the embedded base) instead of "
                                   "random weights")
     p.add_argument("--publish", metavar="DEST", nargs="?", const="model_code/model/embedded_base",
@@ -493,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         print(publish(args.out, args.publish, command, args.earlier))
         return 0
     names = ("steps", "scenes", "heldout", "batch_size", "eval_every", "lr", "warmup_steps", "caption_fraction",
-             "edit_fraction", "edit_answer", "edits_per_scene", "align_size", "init")
+             "edit_fraction", "edit_answer", "edits_per_scene", "align_size", "init", "start_edits", "advance_at",
+             "advance_by_step", "oversample_ops", "oversample")
     cfg = PretrainConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})  # validated
     exclude = args.exclude or None
     if exclude and not Path(exclude).is_dir():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 from model_code.datasets import DatasetHooks, register
@@ -19,7 +18,7 @@ def image_descriptions(root: str | os.PathLike, split: str = "train") -> list[tu
     graphs = json.loads((root / "scene_graphs" / f"{split}.json").read_text())
     paths = json.loads((root / "image_splits" / f"split.{split}.json").read_text())
     return [(image_id, root / paths[image_id],
-             describe(scenes.scene_from_json(graph), random.Random(f"describe/{image_id}"), result=False))
+             describe(scenes.scene_from_json(graph)))
             for image_id, graph in graphs.items()]
 
 

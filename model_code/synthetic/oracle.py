@@ -1,62 +1,58 @@
 """The oracle chain of thought for cir-shapes: written from the scene graphs and the structured edits.
 
-The caption describes the reference; the reasoning takes each edit in turn, says which object a
-phrase refers to (resolving "the leftmost shape" or "the colour of the square" against the scene),
-what it becomes, and finally what stays unchanged; the conclusion describes the whole resulting
-scene. Wording varies (several templates per sentence), chosen by a generator seeded with the query
-id, so the same query always gets the same text.
+Everything the model writes on cir-shapes has one canonical wording (the modification text, the
+model's input, keeps all its variety):
+
+- an object is its cell, then its size, colour and shape: ``top left: large red circle``;
+- a scene is its objects row by row, joined by ``; `` (the caption and the conclusion alike, so an
+  object an edit leaves alone is a literal copy): ``top left: large red circle; centre: small blue star.``;
+- the reasoning takes each edit in turn with one sentence per kind of edit: which object each phrase
+  means (resolving "the leftmost shape" or "the colour of the square" against the scene) and what it
+  becomes, then, after every edit but the last, the whole scene as it now stands (``Now: <scene>``);
+  the conclusion is the final scene.
+
+No wording is drawn at random: the same scene and edits always give the same text. (Measured with
+the shipped base: the template and synonym choices of the earlier wording carried 0.10 nats per
+token, all of the caption loss and half of the edit loss, and reordered or re-bound objects were
+where the edits failed.)
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from model_code.synthetic import scenes
-from model_code.synthetic.edits import apply_edit, not_phrase, scene_changes
+from model_code.synthetic.edits import apply_edit, not_phrase
 from model_code.annotation.cot import CoT
 from model_code.annotation.judge import Annotation, AnnotationRequest, judge, rejection
 
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+# one name per cell, as the model writes it (the modification texts use scenes.CELL_NAMES' variety)
+CELLS = {
+    (0, 0): "top left", (0, 1): "top centre", (0, 2): "top right",
+    (1, 0): "middle left", (1, 1): "centre", (1, 2): "middle right",
+    (2, 0): "bottom left", (2, 1): "bottom centre", (2, 2): "bottom right",
+}
 
 
-def _desc(o: scenes.Obj, rng: random.Random, article: str = "a") -> str:
-    return f"{article} {o.size} {o.color} {o.shape} in the {rng.choice(scenes.CELL_NAMES[o.cell])}"
+def item(o: scenes.Obj) -> str:
+    """One object, cell first: 'top left: large red circle'."""
+    return f"{CELLS[o.cell]}: {o.size} {o.color} {o.shape}"
 
 
-def _listing(objs, rng: random.Random, article: str = "a") -> str:
-    parts = [_desc(o, rng, article) for o in objs]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+def _items(objs: Iterable[scenes.Obj]) -> str:
+    return " and ".join(item(o) for o in objs)
 
 
-def describe(scene: scenes.Scene, rng: random.Random, *, result: bool) -> str:
-    """A full description of a scene: the caption (``result`` False) or the conclusion (True)."""
-    n = len(scene)
-    items = _listing(scene, rng)
-    if n == 1:
-        templates = (["The result is {items} and nothing else.", "The edited scene holds just {items}.",
-                      "So the image should contain only {items}."] if result else
-                     ["The image shows one shape: {items}.", "There is only {items}.",
-                      "A plain background with {items}."])
-    else:
-        templates = (["The result shows {n} shapes: {items}.", "The edited scene has {n} objects: {items}.",
-                      "So the image should contain {items}.", "The final scene contains {n} objects: {items}."]
-                     if result else
-                     ["The image shows {n} shapes: {items}.", "There are {n} objects: {items}.",
-                      "A scene with {n} shapes: {items}."])
-    return rng.choice(templates).format(n=NUMBER_WORDS[n], items=items)
+def describe(scene: scenes.Scene) -> str:
+    """A whole scene, row by row: the caption of a reference and the conclusion of a chain."""
+    return "; ".join(item(o) for o in scene) + "."
 
 
 def _cap(text: str) -> str:
     return text[0].upper() + text[1:]
-
-
-def _resolve(phrase: str, o: scenes.Obj, rng: random.Random) -> str:
-    """'the leftmost shape is the small red circle in the top left corner'."""
-    return rng.choice(["{p} is {d}", "{p} refers to {d}", "{p} means {d}"]).format(p=phrase, d=_desc(o, rng, "the"))
 
 
 def _class_words(attr: str, value, plural: bool = True) -> str:
@@ -65,53 +61,37 @@ def _class_words(attr: str, value, plural: bool = True) -> str:
     return f"{value} objects" if plural else f"{value} object"
 
 
-def _edit_sentence(edit: dict, scene: scenes.Scene, new: scenes.Scene, rng: random.Random) -> str:
+def _after(scene: scenes.Scene, new: scenes.Scene, objs: Sequence[scenes.Obj]) -> list[scenes.Obj]:
+    """What ``objs`` of ``scene`` are in ``new`` (an object keeps its id through an edit)."""
+    by_id = {o.oid: o for o in new}
+    return [by_id[o.oid] for o in objs]
+
+
+def _edit_sentence(edit: dict, scene: scenes.Scene, new: scenes.Scene) -> str:
+    """One sentence per kind of edit: what each phrase refers to, then what it becomes."""
     op = edit["op"]
     refers = edit.get("refers", [])
     if op in ("set", "copy", "move", "remove"):
         o = next(x for x in scene if x.cell == tuple(edit["cell"]))
-        who = _resolve(refers[0], o, rng)
-    if op == "set":
-        attr, v = edit["attr"], edit["value"]
-        change = {"color": f"it becomes {v}", "shape": f"it becomes a {o.size} {o.color} {v}",
-                  "size": f"it becomes {'large' if v == 'large' else 'small'}"}[attr]
-        return rng.choice(["{w}, so {c}.", "{w}; {c}.", "{w}, and {c}."]).format(w=who, c=change)
+        who = f"{refers[0]} is {item(o)}"
+    if op in ("set", "move"):
+        return f"{_cap(who)}; it becomes {item(_after(scene, new, [o])[0])}."
     if op == "copy":
-        attr = edit["attr"]
         src = next(x for x in scene if x.cell == tuple(edit["source"]))
-        value = getattr(src, attr)
-        word = {"color": "colour", "shape": "shape", "size": "size"}[attr]
-        source = _cap(_resolve(refers[1], src, rng))
-        becomes = f"a {value}" if attr == "shape" else value
-        return rng.choice([
-            "{w}. {s}, whose {word} is {v}; so the {t} takes that {word} and becomes {b}.",
-            "{w}. {s}, which is {b}; so the {t} becomes {b} as well.",
-        ]).format(w=who, s=source, word=word, v=value, b=becomes, t=o.shape)
-    if op == "move":
-        to = scenes.CELL_NAMES[tuple(edit["to"])][0]
-        return rng.choice(
-            ["{w}; it moves from the {a} to the {b}.", "{w}, so it goes from the {a} to the {b}."]
-        ).format(w=who, a=scenes.CELL_NAMES[o.cell][0], b=to)
+        word = {"color": "colour", "shape": "shape", "size": "size"}[edit["attr"]]
+        return (f"{_cap(who)}; {refers[1]} is {item(src)}; taking its {word}, it becomes "
+                f"{item(_after(scene, new, [o])[0])}.")
     if op == "remove":
-        return rng.choice(["{w}; it is removed.", "{w}, and it disappears.", "{w}; that object goes away."]).format(
-            w=who
-        )
+        return f"{_cap(who)}; it is removed."
     if op == "add":
-        d = edit["object"]
-        o = scenes.Obj(d["shape"], d["color"], d["size"], d["row"], d["col"])
-        d = _desc(o, rng)
-        return rng.choice(["A new {n} is added.", "{D} appears.", "We add {d}."]).format(n=d[2:], d=d, D=_cap(d))
+        added = next(x for x in new if x.cell == (edit["object"]["row"], edit["object"]["col"]))
+        return f"Added: {item(added)}."
     if op == "swap":
         a = next(x for x in scene if x.cell == tuple(edit["cells"][0]))
         b = next(x for x in scene if x.cell == tuple(edit["cells"][1]))
-        ra, rb = _resolve(refers[0], a, rng), _resolve(refers[1], b, rng)
-        if edit["attr"] == "position":
-            return f"{_cap(ra)} and {rb}; they trade places, so the {a.shape} goes to the " \
-                   f"{scenes.CELL_NAMES[b.cell][0]} and the {b.shape} to the {scenes.CELL_NAMES[a.cell][0]}."
-        attr = edit["attr"]
-        word = "colours" if attr == "color" else "shapes"
-        return (f"{_cap(ra)} and {rb}; swapping their {word}, the first becomes "
-                f"{getattr(b, attr)} and the second {getattr(a, attr)}.")
+        word = {"color": "colours", "shape": "shapes", "position": "places"}[edit["attr"]]
+        return (f"{_cap(refers[0])} is {item(a)}; {refers[1]} is {item(b)}; swapping their {word}, they become "
+                f"{_items(_after(scene, new, [a, b]))}.")
     if op in ("remove_where", "set_where"):
         attr, value = edit["where"], edit["value"]
         if op == "remove_where":
@@ -123,60 +103,44 @@ def _edit_sentence(edit: dict, scene: scenes.Scene, new: scenes.Scene, rng: rand
         else:
             hit = [o for o in scene if getattr(o, attr) == value]
             cls = (_class_words(attr, value), _class_words(attr, value, False))
-            what = f"{'they all become' if len(hit) > 1 else 'it becomes'} {edit['to']}"
-        listing = _listing(hit, rng, "the")
+            what = f"{'they become' if len(hit) > 1 else 'it becomes'} {_items(_after(scene, new, hit))}"
         if len(hit) > 1:
-            return rng.choice(["The {c} are {l}; {w}.", "Looking at the scene, the {c} are {l}; {w}."]).format(
-                c=cls[0], l=listing, w=what)
-        return rng.choice(["The only {c} is {l}; {w}.", "Looking at the scene, the only {c} is {l}; {w}."]).format(
-            c=cls[1], l=listing, w=what)
+            return f"The {cls[0]} are {_items(hit)}; {what}."
+        return f"The only {cls[1]} is {_items(hit)}; {what}."
     raise ValueError(f"unknown edit op {op!r}")
 
 
 def oracle_cot(query_id: str, reference: scenes.Scene, edits: list[dict]) -> CoT:
-    """The chain of thought for one query from its reference scene graph and its edits."""
-    rng = random.Random(f"oracle/{query_id}")
-    caption = describe(reference, rng, result=False)
-    scene, touched, sentences = reference, set(), []
-    openers = ["First, ", "Then ", "Finally, "] if len(edits) > 1 else [""]
-    if len(edits) == 2:
-        openers = ["First, ", rng.choice(["Then ", "Next, "])]
+    """The chain of thought for one query from its reference scene graph and its edits
+    (``query_id`` is kept for the annotator's interface: the wording does not depend on it)."""
+    scene, sentences = reference, []
     for i, edit in enumerate(edits):
         new = apply_edit(scene, edit)
-        text = _edit_sentence(edit, scene, new, rng)
-        opener = openers[i]
-        sentences.append(opener + text[0].lower() + text[1:] if opener else _cap(text))
-        touched |= {oid for oid, _ in scene_changes(scene, new)}
+        sentences.append(_edit_sentence(edit, scene, new))
+        if i < len(edits) - 1:
+            sentences.append(f"Now: {describe(new)}")
         scene = new
-    kept = [o for o in reference if o.oid not in touched]
-    if kept:
-        kept_text = _listing(kept, rng, "the")
-        sentences.append(rng.choice([
-            "Everything else stays as it is: {k}.", "Unchanged: {k}.",
-            "The rest keeps its place, colour and size: {k}."]).format(k=kept_text))
-    else:
-        sentences.append(rng.choice(["No object of the reference is left untouched.",
-                                     "Every original object is affected."]))
-    return CoT(caption, " ".join(sentences), describe(scene, rng, result=True))
+    return CoT(describe(reference), " ".join(sentences), describe(scene))
 
 
 def scene_from_text(text: str) -> set[tuple]:
     """The objects a description states, as ``synthetic.scene_key`` tuples (shape, colour, size, row,
-    col): every "<size> <colour> <shape> in the <place>" in ``text``. Used to check whether a
-    generated conclusion describes the target scene."""
+    col): every "<cell>: <size> <colour> <shape>" in ``text`` and, in the wording of earlier oracle
+    versions, every "<size> <colour> <shape> in the <place>". Used to check whether a generated
+    conclusion describes the target scene."""
     import re
 
     sizes = {w: s for s, words in scenes.SIZE_WORDS.items() for w in words}
     cells = {name: cell for cell, names in scenes.CELL_NAMES.items() for name in names}
-    pattern = re.compile(
-        r"\b({})\s+({})\s+({})\s+in\s+the\s+({})\b".format(
-            "|".join(sizes),
-            "|".join(scenes.COLORS),
-            "|".join(scenes.SHAPES),
-            "|".join(sorted(cells, key=len, reverse=True)),
-        )
-    )
-    return {(shape, color, sizes[size], *cells[place]) for size, color, shape, place in pattern.findall(text.lower())}
+    size, color, shape = ("|".join(sizes), "|".join(scenes.COLORS), "|".join(scenes.SHAPES))
+    canonical = {name: cell for cell, name in CELLS.items()}
+    text = text.lower()
+    places = "|".join(sorted(cells, key=len, reverse=True))
+    old = re.compile(rf"\b({size})\s+({color})\s+({shape})\s+in\s+the\s+({places})\b")
+    places = "|".join(sorted(canonical, key=len, reverse=True))
+    new = re.compile(rf"\b({places}):\s*({size})\s+({color})\s+({shape})\b")
+    return ({(sh, co, sizes[si], *cells[place]) for si, co, sh, place in old.findall(text)}
+            | {(sh, co, sizes[si], *canonical[place]) for place, si, co, sh in new.findall(text)})
 
 
 def object_match(stated: set, truth: set) -> tuple[bool, float]:
@@ -189,7 +153,7 @@ def object_match(stated: set, truth: set) -> tuple[bool, float]:
 # ---------------------------------------------------------------------------------------------
 # the annotator
 
-ORACLE_VERSION = "oracle-v1"
+ORACLE_VERSION = "oracle-v2"  # v2: the canonical wording, the scene restated after each edit
 
 
 class OracleAnnotator:
