@@ -30,11 +30,10 @@ class GalleryIndexConfig(dg.Config):
 def _production(dataset: str) -> dict:
     from model_code import registry
 
-    prod = registry.production(dataset)
-    if prod is None:
-        raise dg.Failure(description=f"no production model of {dataset} in the model store: the gallery is embedded "
-                                     f"by the production model, so promote one first (evaluate_and_promote)")
-    return prod
+    try:
+        return registry.require_production(dataset)
+    except LookupError as e:
+        raise dg.Failure(description=f"{e}: the gallery is embedded by the production model") from None
 
 
 def _gallery(dataset: str, bench, root: str):

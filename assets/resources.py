@@ -328,11 +328,9 @@ class IndexResource(dg.ConfigurableResource):
     exact_below: int = 50_000
 
     def open(self, dataset: str, artifacts: ArtifactStore):
-        from model_code.index import GalleryIndex
+        from model_code.index import GalleryIndex, index_uri
 
-        # LanceDB opens s3://, gs:// and az:// itself; other roots keep the index in the local copy
-        shared = artifacts.remote and artifacts.root.split("://")[0] in ("s3", "gs", "az")
-        uri = self.uri or (f"{artifacts.root.rstrip('/')}/lancedb" if shared else str(artifacts.dir("lancedb")))
+        uri = index_uri(artifacts.root, self.uri, artifacts.local_root())
         return GalleryIndex(uri, dataset, exact_below=self.exact_below)
 
 

@@ -35,6 +35,25 @@ DEFAULT_EXACT_BELOW = 50_000          # rows: exact in-memory search below, ANN 
 NORM_TOLERANCE = 1e-3
 
 
+SHARED_SCHEMES = ("s3", "gs", "az")   # object stores LanceDB opens itself
+
+
+def index_uri(artifacts_root: str, override: str | None = None, local_copy: str | os.PathLike | None = None) -> str:
+    """Where the gallery indexes live, for the pipeline and the service alike: ``override`` when set
+    (``CIRCOT_INDEX_URI``); under an artifacts root on an object store LanceDB opens (s3, gs, az),
+    ``<root>/lancedb`` as a URI; else ``lancedb`` in the local root, or in ``local_copy`` (the local
+    copy the pipeline works in for other remote roots, e.g. ``memory://``)."""
+    if override:
+        return override
+    if "://" in artifacts_root:
+        if artifacts_root.split("://", 1)[0] in SHARED_SCHEMES:
+            return f"{artifacts_root.rstrip('/')}/lancedb"
+        if local_copy is None:
+            raise GalleryIndexError(f"the artifacts root {artifacts_root} is not a store LanceDB opens "
+                                    f"({', '.join(SHARED_SCHEMES)}): set CIRCOT_INDEX_URI to the index's URI")
+    return str(Path(local_copy or artifacts_root).expanduser() / "lancedb")
+
+
 class GalleryIndexError(ValueError):
     """A bad query, an index that does not exist, a build that cannot go on: the message says which."""
 

@@ -120,6 +120,16 @@ def production(dataset: str) -> dict | None:
             "metadata": dict(m.info.metadata), "path": m.path}
 
 
+def require_production(dataset: str) -> dict:
+    """The production entry of ``dataset``, or a LookupError that says what to run (the service and
+    the gallery index both start from it)."""
+    prod = production(dataset)
+    if prod is None:
+        raise LookupError(f"no production model of {dataset} in the model store at {store_path()}: run "
+                          "`make run` (or promote one with the evaluate_and_promote job) first")
+    return prod
+
+
 def production_metrics(dataset: str, split: str) -> dict | None:
     """``{"version", "metrics"}`` of ``dataset``'s production model on ``dataset``/``split`` (the
     gate's regression baseline), or None."""

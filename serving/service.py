@@ -126,17 +126,6 @@ async def _call(method, *args):
             log.warning("encoder connection dropped (%s); retrying", type(e).__name__)
 
 
-def _production(dataset: str) -> dict:
-    """The production entry of ``dataset`` in the model store, or a LookupError saying what to run."""
-    from model_code import registry
-
-    prod = registry.production(dataset)
-    if prod is None:
-        raise LookupError(f"no production model of {dataset} in the model store at "
-                          f"{registry.store_path()}: run `make run` (or promote one) first")
-    return prod
-
-
 def _int_env(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))
@@ -214,7 +203,7 @@ class CirCoTEncoder:
         try:
             from model_code import registry
 
-            prod = _production(self.dataset)
+            prod = registry.require_production(self.dataset)
             self.model, self.version = registry.load_promoted(dataset=self.dataset), prod["version"]
             log.info("encoder: model %s of %s loaded", self.version, self.dataset)
         except Exception as e:  # noqa: BLE001 - reported through state()
@@ -284,11 +273,11 @@ class CirCoTService:
 
     def _load(self) -> None:
         try:
-            from model_code.index import GalleryIndex
+            from model_code import registry
+            from model_code.index import GalleryIndex, index_uri
 
-            prod = _production(self.dataset)
-            uri = os.environ.get("CIRCOT_INDEX_URI") or str(Path(os.environ.get("CIRCOT_ARTIFACTS", "artifacts"))
-                                                             / "lancedb")
+            prod = registry.require_production(self.dataset)
+            uri = index_uri(os.environ.get("CIRCOT_ARTIFACTS") or "artifacts", os.environ.get("CIRCOT_INDEX_URI"))
             index = GalleryIndex(uri, self.dataset)
             self.paths = index.paths(prod["version"])    # fails, saying so, when no index was built for it
             self.index, self.version = index, prod["version"]   # ready once the encoder has loaded the same model

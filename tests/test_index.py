@@ -198,3 +198,18 @@ def test_two_builds_of_one_table_at_once_are_refused(gallery, tmp_path):
         index.build(embed, images, model_version="v1")
     lock.write_text("999999999")  # a build that died: its lock is taken over
     assert index.build(embed, images, model_version="v1").rows == 200
+
+
+def test_the_pipeline_and_the_service_find_the_index_at_one_uri(tmp_path):
+    from model_code.index import index_uri
+
+    # an object store LanceDB opens itself: the URI keeps its scheme and both slashes
+    assert index_uri("s3://bucket/circot") == "s3://bucket/circot/lancedb"
+    assert index_uri("gs://bucket/circot/", local_copy=tmp_path) == "gs://bucket/circot/lancedb"
+    # a local root, and the pipeline's local copy of a store LanceDB cannot open
+    assert index_uri("artifacts") == str(Path("artifacts") / "lancedb")
+    assert index_uri("memory://x", local_copy=tmp_path) == str(tmp_path / "lancedb")
+    with pytest.raises(GalleryIndexError, match="CIRCOT_INDEX_URI"):
+        index_uri("memory://x")
+    # an explicit index URI wins everywhere
+    assert index_uri("s3://bucket/circot", "s3://other/index") == "s3://other/index"
