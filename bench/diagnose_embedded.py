@@ -204,7 +204,7 @@ def skills(args, artifacts):
     from model_code.data import read_dataset
     from model_code.model.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel
-    from model_code.model.pretrain import _generate
+    from model_code.model.decoding import generate_until
     from model_code.model.train import edit_request
     from model_code.synthetic import scenes
     from model_code.synthetic.oracle import describe, object_match, scene_from_text
@@ -229,9 +229,9 @@ def skills(args, artifacts):
     def exact(texts, truths):
         return [object_match(scene_from_text(t), truth)[0] for t, truth in zip(texts, truths)]
 
-    rows = {"caption (describe prompt)": exact(_generate(
+    rows = {"caption (describe prompt)": exact(generate_until(
         model, [model.prompt("describe")] * len(queries), images, "</caption>", 96), refs)}
-    edited = _generate(model, [model.prompt("edit", edit_request(d, m), image=False)
+    edited = generate_until(model, [model.prompt("edit", edit_request(d, m), image=False)
                                for d, m in zip(descriptions, texts)], None, "</conclusion>", 384)
     rows["edit of the true caption (edit prompt)"] = exact([t.rsplit("<conclusion>", 1)[-1] for t in edited], targets)
     if tuned:

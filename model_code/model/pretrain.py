@@ -249,31 +249,6 @@ def examples(samples: Sequence[PretrainSample], answer: str = "conclusion") -> l
 # perception, measured in generated text
 
 
-@torch.inference_mode()
-def _generate(m, prompts: Sequence[str], images, stop: str, max_new_tokens: int,
-              batch_size: int | None = None) -> list[str]:
-    """Greedy continuations of ``prompts`` up to the token ``stop``, as text (in batches of 50 on a
-    CPU, 200 on a GPU, where a decoding step costs about the same at either size)."""
-    batch_size = batch_size or (200 if m.device.type == "cuda" else 50)
-    tok = m.tokenizer
-    stop_id = tok.convert_tokens_to_ids(stop)
-    was = m.model.training
-    m.model.eval()
-    out = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            inputs = m.encode(prompts[i:i + batch_size], [""] * len(prompts[i:i + batch_size]),
-                              images[i:i + batch_size] if images is not None else None)
-            inputs = {k: v.to(m.device) for k, v in inputs.items()}
-            ids = m.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                   eos_token_id=[stop_id, tok.convert_tokens_to_ids("<|im_end|>")],
-                                   pad_token_id=tok.pad_token_id)
-            out += tok.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
-    finally:
-        m.model.train(was)
-    return out
-
-
 def _matches(texts: Sequence[str], truths: Sequence[tuple]) -> list[tuple[bool, float]]:
     from model_code.synthetic.oracle import object_match, scene_from_text
 
@@ -303,11 +278,13 @@ def perception(m, heldout: Sequence[PretrainSample], *, max_new_tokens: int = 96
     of edits (``edit_exact[edits=N]``) and single edits by op (``edit_exact[op=...]``). An edit is
     scored on its ``<conclusion>`` (the reasoning before it, when ``edit_answer`` is "chain", states
     objects too)."""
+    from model_code.model.decoding import generate_until
+
     t0 = time.monotonic()
     images = [s.image for s in heldout]
-    captions = _generate(m, [m.prompt("describe")] * len(heldout), images, "</caption>", max_new_tokens)
+    captions = generate_until(m, [m.prompt("describe")] * len(heldout), images, "</caption>", max_new_tokens)
     caption_hits = _matches(captions, [s.scene for s in heldout])
-    edited = _generate(m, [m.prompt("edit", s.edit_text, image=False) for s in heldout], None, "</conclusion>",
+    edited = generate_until(m, [m.prompt("edit", s.edit_text, image=False) for s in heldout], None, "</conclusion>",
                        max_new_tokens * (4 if edit_answer == "chain" else 1))
     edited = [t.rsplit("<conclusion>", 1)[-1] if edit_answer == "chain" else t for t in edited]
     edit_hits = _matches(edited, [s.edited for s in heldout])
