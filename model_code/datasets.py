@@ -6,6 +6,9 @@ benchmark registered, or does without. A benchmark package fills the registry in
 
 - ``image_descriptions(root, split)`` → ``[(image_id, image path, description)]``: a text that
   fully describes each image of a split (the tiny base model's image-text pretraining).
+- ``pretraining``: the embedded base's pretraining corpus (a module or object with ``EDIT_OPS``,
+  ``make_samples(cfg, folder, exclude=, progress=)``, ``excluded_scenes(root)`` and
+  ``matches(texts, truths)``; see ``model_code.model.pretrain``).
 - ``reasoning_correctness(root, split, queries, reasoning)`` → ``{metric: value}``: whether the
   generated conclusions state what the target images show (the evaluation's reasoning metrics).
 """
@@ -23,6 +26,7 @@ PLUGINS = ("model_code.synthetic.hooks",)
 class DatasetHooks:
     image_descriptions: Callable | None = None
     reasoning_correctness: Callable | None = None
+    pretraining: object | None = None
 
 
 _REGISTRY: dict[str, DatasetHooks] = {}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model_code.model import backbone, pretrain
+from model_code.synthetic import pretraining
 from model_code.model.pretrain import PretrainConfig
 
 
@@ -26,7 +27,7 @@ def _config(shape: str, **kw) -> PretrainConfig:
 def test_no_scene_of_the_benchmark_is_pretrained_on(tmp_path, tiny_synthetic):
     from model_code.synthetic import scenes
 
-    bench = pretrain._benchmark_scenes(tiny_synthetic)
+    bench = pretraining.excluded_scenes(tiny_synthetic)
     assert len(bench) > 50
     # every image of the evaluated splits is excluded; of the train split, all but the one-object scenes
     # (the benchmark's train split holds every one of them: excluding them would leave none to caption)
@@ -195,7 +196,7 @@ def test_held_out_scenes_hold_every_object_count_and_are_never_trained_on(tmp_pa
     train, heldout = samples[:40], samples[40:]
     assert sorted(len(s.scene) for s in heldout) == [1, 1, 2, 2, 3, 3, 4, 4]
     assert not {s.scene for s in train} & {s.scene for s in heldout}
-    assert all(len(s.ops) in (1, 2, 3) and set(s.ops) <= set(pretrain.EDIT_OPS) for s in samples)
+    assert all(len(s.ops) in (1, 2, 3) and set(s.ops) <= set(pretraining.EDIT_OPS) for s in samples)
 
 
 def test_the_curriculum_holds_single_edits_until_they_are_right_then_takes_every_count(tmp_path, micro_shape,

@@ -35,7 +35,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,17 +42,15 @@ from pathlib import Path
 import torch
 
 from model_code.common import Record, atomic_write_json
-from model_code.model.train import TrainConfig, TrainExample, edit_answer, edit_request, train
+from model_code.model.train import TrainConfig, TrainExample, edit_answer, train
 
 log = logging.getLogger(__name__)
 
-SCENE_SEED = "circot-pretrain"  # scenes are drawn from random.Random(f"{SCENE_SEED}/{seed}/{i}")
-# the edit ops a modification is made of, as the scores by op name them ("set" split by attribute)
-EDIT_OPS = ("color", "shape", "size", "move", "add", "remove", "swap", "copy", "remove_where", "set_where")
 
 
 @dataclasses.dataclass
 class PretrainConfig:
+    corpus: str = "synthetic"       # the dataset whose ``pretraining`` hook makes the corpus (model_code.datasets)
     shape: str = "tiny84"
     vocab_size: int = 1024
     seed: int = 0
@@ -97,9 +94,10 @@ class PretrainConfig:
         if self.oversample < 1:
             raise ValueError("oversample must be at least 1")
         self.oversample_ops = tuple(self.oversample_ops)
-        unknown = set(self.oversample_ops) - set(EDIT_OPS)
+        ops = _corpus(self.corpus).EDIT_OPS
+        unknown = set(self.oversample_ops) - set(ops)
         if unknown:
-            raise ValueError(f"oversample_ops: unknown ops {sorted(unknown)} (known: {', '.join(EDIT_OPS)})")
+            raise ValueError(f"oversample_ops: unknown ops {sorted(unknown)} (known: {', '.join(ops)})")
 
     def train_config(self) -> TrainConfig:
         import math
@@ -122,99 +120,30 @@ class PretrainSample:
     edited: tuple         # the scene after the edit
     conclusion: str       # its description, as a chain's conclusion words it
     cot: str              # the oracle chain of this (scene, edit): tokenizer corpus only
-    ops: tuple[str, ...] = ()   # the modification's edits, one name of EDIT_OPS each
+    ops: tuple[str, ...] = ()   # the modification's edits, one name of the corpus's EDIT_OPS each
 
 
-def op_name(edit: dict) -> str:
-    """The edit's op as ``EDIT_OPS`` names it (a "set" by the attribute it sets)."""
-    return edit["attr"] if edit["op"] == "set" else edit["op"]
+def _corpus(name: str):
+    """The pretraining corpus a dataset registered (``model_code.datasets``: hook ``pretraining``)."""
+    from model_code.datasets import hooks
+
+    corpus = hooks(name).pretraining
+    if corpus is None:
+        raise ValueError(f"dataset {name!r} registers no pretraining corpus")
+    return corpus
 
 
-def _benchmark_scenes(root: str | os.PathLike | None) -> set[tuple]:
-    """The scene keys of a cir-shapes benchmark folder that pretraining must never use (none when
-    ``root`` is None): every image of the evaluated splits, and every image of the train split but
-    its one-object scenes. There are only 648 one-object scenes and the benchmark's train split holds
-    all of them as images (no query's reference or target among val and test has one object), so
-    excluding them would leave the base unable to caption a one-object image at all."""
-    from model_code.synthetic import scenes
-
-    if root is None:
-        return set()
-    out = set()
-    for f in sorted((Path(root) / "scene_graphs").glob("*.json")):
-        keys = {scenes.scene_key(scenes.scene_from_json(g)) for g in json.loads(f.read_text()).values()}
-        out |= {k for k in keys if len(k) > 1} if f.stem == "train" else keys
-    if not out:
-        raise FileNotFoundError(f"no scene graphs under {root}/scene_graphs: cannot exclude the benchmark's scenes")
-    return out
-
-
-def _scene_with(rng: random.Random, n_objects: int | None, next_oid) -> tuple:
-    """A random scene (of exactly ``n_objects`` objects when given: drawn until the count matches)."""
-    from model_code.synthetic import scenes
-
-    while True:
-        scene = scenes.random_scene(rng, next_oid)
-        if n_objects is None or len(scene) == n_objects:
-            return scene
-
-
-def make_samples(cfg: PretrainConfig, folder: str | os.PathLike, *, exclude: set[tuple] = frozenset(),
+def make_samples(cfg: PretrainConfig, folder: str | os.PathLike, *, exclude: set = frozenset(),
                  progress: Callable[[str], None] | None = None) -> list[PretrainSample]:
-    """``cfg.scenes + cfg.heldout`` scenes (the held-out ones last), each as ``cfg.edits_per_scene``
-    consecutive samples (one modification of one to three edits each; the first is the same whatever
-    the count). The held-out scenes are drawn first, from a stream of their own, in equal numbers of
-    every object count (one-object scenes included: there are only 648 of them, and the training
-    scenes would otherwise take them all). Images are rendered into ``folder`` under a name given by
-    their scene (kept across runs: rendering is skipped for files present)."""
-    import hashlib
+    """``cfg.scenes + cfg.heldout`` scenes of ``cfg.corpus`` (the held-out ones last), each as
+    ``cfg.edits_per_scene`` consecutive samples, none of them in ``exclude`` (see the corpus's
+    ``make_samples``: on cir-shapes, ``model_code.synthetic.pretraining``)."""
+    return _corpus(cfg.corpus).make_samples(cfg, folder, exclude=exclude, progress=progress)
 
-    from model_code.common import Progress
-    from model_code.synthetic import scenes
-    from model_code.synthetic.edits import sample_modification
-    from model_code.synthetic.oracle import describe, oracle_cot
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    seen = set(exclude)
-    bar = Progress(cfg.scenes + cfg.heldout, "pretraining scenes", say=progress, every_s=15)
-
-    def draw(stream: str, count: int, n_objects) -> list[PretrainSample]:
-        out: list[PretrainSample] = []
-        i = 0
-        while len(out) < count * cfg.edits_per_scene:
-            rng = random.Random(f"{SCENE_SEED}/{cfg.seed}/{stream}{i}")
-            i += 1
-            oid = iter(range(1000))
-            scene = _scene_with(rng, n_objects(len(out) // cfg.edits_per_scene), lambda: next(oid))
-            if scenes.scene_key(scene) in seen:
-                continue
-            made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), lambda: next(oid))
-            if made is None:
-                continue
-            seen.add(scenes.scene_key(scene))
-            key = scenes.scene_key(scene)
-            path = folder / f"{hashlib.sha1(repr(key).encode()).hexdigest()[:16]}.png"
-            if not path.is_file():
-                tmp = path.with_suffix(".tmp.png")
-                scenes.render_scene(scene).save(tmp)
-                os.replace(tmp, path)
-            for j in range(cfg.edits_per_scene):
-                while made is None:   # the scene admits some modification (the first draw found one)
-                    made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), lambda: next(oid))
-                edited, edits, modification = made
-                tag = f"{stream}{i}" if j == 0 else f"{stream}{i}/{j}"
-                out.append(PretrainSample(
-                    image=path, scene=key, description=describe(scene),
-                    edit_text=edit_request(describe(scene), modification), edited=scenes.scene_key(edited),
-                    conclusion=describe(edited), cot=oracle_cot(f"pretrain/{tag}", scene, edits).render(),
-                    ops=tuple(op_name(e) for e in edits)))
-                made = None
-            bar.step()
-        return out
-
-    heldout = draw("heldout/", cfg.heldout, lambda n: 1 + n % scenes.MAX_OBJECTS)
-    return draw("", cfg.scenes, lambda n: None) + heldout
+def excluded_scenes(cfg: PretrainConfig, root: str | os.PathLike | None) -> set:
+    """What of the benchmark at ``root`` the corpus must never hold (nothing when ``root`` is None)."""
+    return _corpus(cfg.corpus).excluded_scenes(root) if root is not None else set()
 
 
 def curriculum_pool(samples: Sequence[PretrainSample], examples: Sequence[TrainExample], cfg: PretrainConfig,
@@ -249,10 +178,8 @@ def examples(samples: Sequence[PretrainSample], answer: str = "conclusion") -> l
 # perception, measured in generated text
 
 
-def _matches(texts: Sequence[str], truths: Sequence[tuple]) -> list[tuple[bool, float]]:
-    from model_code.synthetic.oracle import object_match, scene_from_text
-
-    return [object_match(scene_from_text(text), set(truth)) for text, truth in zip(texts, truths)]
+def _matches(texts: Sequence[str], truths: Sequence[tuple], corpus: str = "synthetic") -> list[tuple[bool, float]]:
+    return _corpus(corpus).matches(texts, truths)
 
 
 def _scores(texts: Sequence[str], truths: Sequence[tuple]) -> tuple[float, float]:
@@ -272,7 +199,7 @@ def _by(keys: Sequence, hits: Sequence[tuple[bool, float]], prefix: str) -> dict
 
 
 def perception(m, heldout: Sequence[PretrainSample], *, max_new_tokens: int = 96,
-               edit_answer: str = "conclusion") -> dict:
+               edit_answer: str = "conclusion", corpus: str = "synthetic") -> dict:
     """Caption exactness / object F1, text-edit exactness and description -> image R@1 on ``heldout``
     (one sample per scene); captions by object count (``caption_exact[objects=N]``), edits by number
     of edits (``edit_exact[edits=N]``) and single edits by op (``edit_exact[op=...]``). An edit is
@@ -283,11 +210,11 @@ def perception(m, heldout: Sequence[PretrainSample], *, max_new_tokens: int = 96
     t0 = time.monotonic()
     images = [s.image for s in heldout]
     captions = generate_until(m, [m.prompt("describe")] * len(heldout), images, "</caption>", max_new_tokens)
-    caption_hits = _matches(captions, [s.scene for s in heldout])
+    caption_hits = _matches(captions, [s.scene for s in heldout], corpus)
     edited = generate_until(m, [m.prompt("edit", s.edit_text, image=False) for s in heldout], None, "</conclusion>",
                        max_new_tokens * (4 if edit_answer == "chain" else 1))
     edited = [t.rsplit("<conclusion>", 1)[-1] if edit_answer == "chain" else t for t in edited]
-    edit_hits = _matches(edited, [s.edited for s in heldout])
+    edit_hits = _matches(edited, [s.edited for s in heldout], corpus)
     q = m.embed_texts([s.description for s in heldout])
     g = m.embed_images(images)
     r1 = float((q @ g.T).argmax(dim=1).eq(torch.arange(len(heldout))).float().mean())
@@ -343,7 +270,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
             raise ValueError(f"{out_dir} holds a pretraining with another configuration ({saved}); "
                              "give a new --out or the same settings")
     atomic_write_json(config_file, dataclasses.asdict(cfg))
-    samples = make_samples(cfg, out_dir / "scenes", exclude=_benchmark_scenes(exclude_root), progress=say)
+    samples = make_samples(cfg, out_dir / "scenes", exclude=excluded_scenes(cfg, exclude_root), progress=say)
     k = cfg.edits_per_scene
     train_samples, heldout = samples[:cfg.scenes * k], samples[cfg.scenes * k::k]
     init = out_dir / "init"   # the initial weights and the tokenizer, saved once so a resume rebuilds nothing
@@ -374,7 +301,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
         pool = curriculum_pool(train_samples, train_examples, cfg, level)
         result = train(m, pool, tcfg, out_dir / "train", progress=say, stop_after=stop)
         done = result.history[-1]["step"] if result.history else stop
-        p = perception(m, heldout, edit_answer=cfg.edit_answer)
+        p = perception(m, heldout, edit_answer=cfg.edit_answer, corpus=cfg.corpus)
         trained_on = level
         if level < 3 and (p.get("edit_exact[edits=1]", 0.0) >= cfg.advance_at
                           or 0 < cfg.advance_by_step <= done):
@@ -543,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--advance-by-step", type=int, help="end the curriculum at this step whatever the score")
     p.add_argument("--oversample-ops", nargs="*", metavar="OP",
                    help="modifications holding one of these ops are drawn --oversample times as often "
-                        f"({', '.join(EDIT_OPS)})")
+                        f"({', '.join(_corpus('synthetic').EDIT_OPS)})")
     p.add_argument("--oversample", type=int)
     p.add_argument("--init", help="continue from this checkpoint folder (e.g. the embedded base) instead of "
                                   "random weights")

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from model_code.datasets import DatasetHooks, register
-from model_code.synthetic import scenes
+from model_code.synthetic import pretraining, scenes
 from model_code.synthetic.oracle import describe, object_match, scene_from_text
 
 
@@ -40,4 +40,5 @@ def reasoning_correctness(root: str | os.PathLike, split: str, queries, reasonin
     return {"conclusion_exact": exact / n, "conclusion_object_f1": sum(f1s) / n}
 
 
-register("synthetic", DatasetHooks(image_descriptions=image_descriptions, reasoning_correctness=reasoning_correctness))
+register("synthetic", DatasetHooks(image_descriptions=image_descriptions, reasoning_correctness=reasoning_correctness,
+                                   pretraining=pretraining))

@@ -1,0 +1,116 @@
+"""The embedded base's pretraining corpus on cir-shapes (``model_code.datasets`` hook ``pretraining``):
+scenes of its own, never the benchmark's, each with its caption, its image and text edits written in
+the oracle's canonical wording; and the parser that reads generated text back into objects.
+
+The generic job (``model_code.model.pretrain``) reaches this through ``hooks("synthetic").pretraining``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from model_code.model.train import edit_request
+from model_code.synthetic import scenes
+
+SCENE_SEED = "circot-pretrain"  # scenes are drawn from random.Random(f"{SCENE_SEED}/{seed}/{i}")
+# the edit ops a modification is made of, as the scores by op name them ("set" split by attribute)
+EDIT_OPS = ("color", "shape", "size", "move", "add", "remove", "swap", "copy", "remove_where", "set_where")
+
+
+def op_name(edit: dict) -> str:
+    """The edit's op as ``EDIT_OPS`` names it (a "set" by the attribute it sets)."""
+    return edit["attr"] if edit["op"] == "set" else edit["op"]
+
+
+def excluded_scenes(root: str | os.PathLike | None) -> set[tuple]:
+    """The scene keys of a cir-shapes benchmark folder that pretraining must never use (none when
+    ``root`` is None): every image of the evaluated splits, and every image of the train split but
+    its one-object scenes. There are only 648 one-object scenes and the benchmark's train split holds
+    all of them as images (no query's reference or target among val and test has one object), so
+    excluding them would leave the base unable to caption a one-object image at all."""
+    if root is None:
+        return set()
+    out = set()
+    for f in sorted((Path(root) / "scene_graphs").glob("*.json")):
+        keys = {scenes.scene_key(scenes.scene_from_json(g)) for g in json.loads(f.read_text()).values()}
+        out |= {k for k in keys if len(k) > 1} if f.stem == "train" else keys
+    if not out:
+        raise FileNotFoundError(f"no scene graphs under {root}/scene_graphs: cannot exclude the benchmark's scenes")
+    return out
+
+
+def _scene_with(rng: random.Random, n_objects: int | None, next_oid) -> tuple:
+    """A random scene (of exactly ``n_objects`` objects when given: drawn until the count matches)."""
+    while True:
+        scene = scenes.random_scene(rng, next_oid)
+        if n_objects is None or len(scene) == n_objects:
+            return scene
+
+
+def make_samples(cfg, folder: str | os.PathLike, *, exclude: set[tuple] = frozenset(),
+                 progress: Callable[[str], None] | None = None) -> list:
+    """``cfg.scenes + cfg.heldout`` scenes (the held-out ones last), each as ``cfg.edits_per_scene``
+    consecutive samples (one modification of one to three edits each; the first is the same whatever
+    the count). The held-out scenes are drawn first, from a stream of their own, in equal numbers of
+    every object count (one-object scenes included: there are only 648 of them, and the training
+    scenes would otherwise take them all). Images are rendered into ``folder`` under a name given by
+    their scene (kept across runs: rendering is skipped for files present)."""
+    import hashlib
+
+    from model_code.common import Progress
+    from model_code.model.pretrain import PretrainSample
+    from model_code.synthetic.edits import sample_modification
+    from model_code.synthetic.oracle import describe, oracle_cot
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    seen = set(exclude)
+    bar = Progress(cfg.scenes + cfg.heldout, "pretraining scenes", say=progress, every_s=15)
+
+    def draw(stream: str, count: int, n_objects) -> list:
+        out: list[PretrainSample] = []
+        i = 0
+        while len(out) < count * cfg.edits_per_scene:
+            rng = random.Random(f"{SCENE_SEED}/{cfg.seed}/{stream}{i}")
+            i += 1
+            oid = iter(range(1000))
+            scene = _scene_with(rng, n_objects(len(out) // cfg.edits_per_scene), lambda: next(oid))
+            if scenes.scene_key(scene) in seen:
+                continue
+            made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), lambda: next(oid))
+            if made is None:
+                continue
+            seen.add(scenes.scene_key(scene))
+            key = scenes.scene_key(scene)
+            path = folder / f"{hashlib.sha1(repr(key).encode()).hexdigest()[:16]}.png"
+            if not path.is_file():
+                tmp = path.with_suffix(".tmp.png")
+                scenes.render_scene(scene).save(tmp)
+                os.replace(tmp, path)
+            for j in range(cfg.edits_per_scene):
+                while made is None:   # the scene admits some modification (the first draw found one)
+                    made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), lambda: next(oid))
+                edited, edits, modification = made
+                tag = f"{stream}{i}" if j == 0 else f"{stream}{i}/{j}"
+                out.append(PretrainSample(
+                    image=path, scene=key, description=describe(scene),
+                    edit_text=edit_request(describe(scene), modification), edited=scenes.scene_key(edited),
+                    conclusion=describe(edited), cot=oracle_cot(f"pretrain/{tag}", scene, edits).render(),
+                    ops=tuple(op_name(e) for e in edits)))
+                made = None
+            bar.step()
+        return out
+
+    heldout = draw("heldout/", cfg.heldout, lambda n: 1 + n % scenes.MAX_OBJECTS)
+    return draw("", cfg.scenes, lambda n: None) + heldout
+
+
+def matches(texts: Sequence[str], truths: Sequence[tuple]) -> list[tuple[bool, float]]:
+    """Per text: whether it states exactly the true objects (scene keys), and its object F1."""
+    from model_code.synthetic.oracle import object_match, scene_from_text
+
+    return [object_match(scene_from_text(text), set(truth)) for text, truth in zip(texts, truths)]
