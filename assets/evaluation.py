@@ -53,7 +53,7 @@ def evaluation(
     context: dg.AssetExecutionContext, config: EvaluationConfig, artifacts: ArtifactStore
 ) -> dg.MaterializeResult:
     from model_code.data import HIDDEN_SPLITS, read_tables
-    from model_code.data.tables import TablesRecord
+    from model_code.data.tables import TablesRecord, image_paths
     from model_code.evaluation.evaluate import SCORED_SPLIT, SUBMISSION_SPLIT, EvaluationRecord, evaluate
     from model_code.evaluation.report import write_report
     from model_code.model.cir_cot import CirCoTModel
@@ -73,10 +73,10 @@ def evaluation(
     cache = artifacts.dir("evaluation", name, "cache")
     kwargs = {"methods": config.methods, "batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens,
               "cache_dir": cache, "limit": config.limit, "say": context.log.info}
-    image_paths = {i: f"{root}/{p}" for i, p in zip(bench.images["image_id"], bench.images["path"])}
+    paths = {i: p for (_, i), p in image_paths(bench.images, root).items()}
     ev = evaluate(model, bench, root, name, split, **kwargs)
     out = evaluation_dir(artifacts, name, split)
-    written = write_report(ev, out, image_paths)
+    written = write_report(ev, out, paths)
     submission_files = []
     hidden_split = SUBMISSION_SPLIT.get(name)
     if config.submissions and hidden_split and hidden_split in set(bench.triplets["split"]):

@@ -48,17 +48,9 @@ def _gallery(dataset: str, bench, root: str):
     return [GalleryImage(i, s, Path(root) / p) for i, s, p in zip(rows["image_id"], rows["split"], rows["path"])]
 
 
-def _image_paths(bench, root: str) -> dict:
-    """(split, image id) -> the image file."""
-    from pathlib import Path
-
-    return {(s, i): Path(root) / p for s, i, p in zip(bench.images["split"], bench.images["image_id"],
-                                                       bench.images["path"])}
-
-
 def _example(model, index, bench, root: str, dataset: str, version: str) -> str:
     """One query of the scored split answered through the index: its reasoning and top 5."""
-
+    from model_code.data.tables import image_paths
     from model_code.evaluation.evaluate import SCORED_SPLIT
     from model_code.evaluation.metrics import reference_exclusions
     from model_code.retrieval import answer
@@ -66,8 +58,8 @@ def _example(model, index, bench, root: str, dataset: str, version: str) -> str:
     split = SCORED_SPLIT[dataset]
     q = bench.triplets[bench.triplets["split"] == split].iloc[0]
     exclude = reference_exclusions(dataset, [q.reference_id])
-    a = answer(model, index, version, _image_paths(bench, root)[(split, q.reference_id)], q.modification, 5, "cot",
-               exclude=exclude[0] if exclude else None)
+    reference = image_paths(bench.images, root)[(split, q.reference_id)]
+    a = answer(model, index, version, reference, q.modification, 5, "cot", exclude=exclude[0] if exclude else None)
     targets = set(q.target_ids)
     lines = [f"query {q.query_id}: reference {q.reference_id}, \"{q.modification}\"",
              f"reasoning: {a.reasoning['raw'][:400]}", "top 5:"]
@@ -125,7 +117,7 @@ def index_recall(context: dg.AssetCheckExecutionContext, config: IndexRecallConf
 
     from model_code import registry
     from model_code.data import read_tables
-    from model_code.data.tables import TablesRecord
+    from model_code.data.tables import TablesRecord, image_paths
     from model_code.evaluation.evaluate import SCORED_SPLIT
     from model_code.evaluation.metrics import reference_exclusions
     from model_code.index import exact_topk
@@ -136,7 +128,7 @@ def index_recall(context: dg.AssetCheckExecutionContext, config: IndexRecallConf
     bench = read_tables(tables.folder)
     split = SCORED_SPLIT[name]
     queries = bench.triplets[bench.triplets["split"] == split].iloc[:config.sample]
-    paths = _image_paths(bench, tables.root)
+    paths = image_paths(bench.images, tables.root)
     model = registry.load_promoted(tag=f"cir-cot:{record['model_version']}")
     emb = model.embed_queries([paths[(split, r)] for r in queries["reference_id"]],
                               list(queries["modification"])).numpy()

@@ -202,6 +202,7 @@ def skills(args, artifacts):
     import json
 
     from model_code.data import read_dataset
+    from model_code.data.tables import image_paths
     from model_code.model.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel
     from model_code.model.decoding import generate_until
@@ -218,8 +219,7 @@ def skills(args, artifacts):
     by_id = {q["query_id"]: q for q in json.loads((root / "captions" / "cap.test.json").read_text())}
     t = bench.triplets[bench.triplets.split == "test"].iloc[:args.queries]   # _scorer's queries, in its order
     queries = [by_id[q] for q in t.query_id]
-    image = {i: root / p for s, i, p in zip(bench.images.split, bench.images.image_id, bench.images.path)
-             if s == "test"}
+    image = {i: p for (s, i), p in image_paths(bench.images, root).items() if s == "test"}
     refs = [set(scenes.scene_key(scenes.scene_from_json(graphs[q["reference"]]))) for q in queries]
     targets = [set(scenes.scene_key(scenes.scene_from_json(graphs[q["target"]]))) for q in queries]
     descriptions = [describe(scenes.scene_from_json(graphs[q["reference"]])) for q in queries]

@@ -14,6 +14,8 @@ import os
 import time
 from pathlib import Path
 
+from model_code.annotation.cot import is_blank
+
 MODES = ("cot", "no_cot")
 MAX_TEXT_CHARS = 1000
 MAX_IMAGE_BYTES = 20 * 2**20
@@ -39,7 +41,7 @@ class Answer:
 
 
 def check_text(text) -> str:
-    if not isinstance(text, str) or not text.strip():
+    if is_blank(text):
         raise QueryError("the modification text is empty: say how the target differs from the reference")
     if len(text) > MAX_TEXT_CHARS:
         raise QueryError(f"the modification text has {len(text)} characters; at most {MAX_TEXT_CHARS}")

@@ -134,3 +134,30 @@ def test_repair_leaves_good_text_alone_and_refuses_hopeless_text():
         with pytest.raises(CoTFormatError) as err:
             repair(text)
         assert err.value.reason == reason, text
+
+
+def test_one_notion_of_empty_and_of_repeats_for_every_script():
+    from model_code.annotation.cot import is_blank, normalised_text, word_count
+    from model_code.annotation.judge import judge
+
+    # nothing but spaces of any script and format characters (zero-width, BOM, bidi marks) is empty
+    for blank in ("", " \t\n", "\u200b\u200c\u200d\u2060\ufeff", "\u00ad\u200e\u200f\u202a", "\u3000\u00a0", None):
+        assert is_blank(blank)
+    assert not is_blank("赤") and not is_blank("🟥")
+    with pytest.raises(CoTFormatError, match="empty_section"):
+        CoT("a red circle", "\u200b\u2060\u200e", "a blue circle")
+    # chains in other scripts are accepted; a conclusion repeats its caption only when it says the same
+    chains = {
+        "chinese": ("一个红色的圆", "把红色改成蓝色", "一个蓝色的圆"),
+        "arabic": ("دائرة حمراء", "اللون يصبح أزرق", "دائرة زرقاء"),
+        "russian": ("Красный круг", "цвет меняется на синий", "Синий круг"),
+        "emoji": ("a 🟥 circle", "the colour changes", "a 🟦 circle"),
+    }
+    for name, (cap, reasoning, con) in chains.items():
+        assert judge("q", "t", "v", CoT(cap, reasoning, con).render()).ok, name
+        assert judge("q", "t", "v", CoT(cap, reasoning, cap + " !").render()).reject_reason == \
+            "conclusion_repeats_caption", name
+    assert normalised_text("Ａ  Red\u200bCircle!") == normalised_text("a red circle")
+    # words: spaces where a script has them, each ideograph or kana where it has none
+    assert word_count("make the circle red") == 4
+    assert word_count("把红色改成蓝色") == 7 and word_count("colour 赤い circle") == 4

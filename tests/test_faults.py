@@ -367,6 +367,12 @@ def bad_step_counts(ctx: Ctx):
 # ---- 11: pathological chains of thought ------------------------------------------------------------------------
 
 
+def invisible_query(ctx: Ctx):
+    from model_code.retrieval import check_text
+
+    return check_text("\u200b\u200c\u2060\u00ad")
+
+
 def repair_timing(ctx: Ctx):
     from model_code.annotation.cot import CoTFormatError, repair
 
@@ -437,6 +443,11 @@ FAULTS = [
     ("FashionIQ captions ['', ' ']",
      lambda c: _fiq(c, [{"candidate": "B000", "target": "B001", "captions": ["", " "]}]),
      Error(Exception, r"cap\.dress\.val\.json: entry 0: field 'captions': both captions are empty")),
+    ("FashionIQ captions of only zero-width and bidi characters",
+     lambda c: _fiq(c, [{"candidate": "B000", "target": "B001", "captions": ["\u200b\u2060", "\u200e\ufeff"]}]),
+     Error(Exception, r"cap\.dress\.val\.json: entry 0: field 'captions': both captions are empty")),
+    ("a query whose modification is only zero-width characters", invisible_query,
+     Error(Exception, r"the modification text is empty")),
     ("FashionIQ captions ['', 'is red']",
      lambda c: _fiq(c, [{"candidate": "B000", "target": "B001", "captions": ["", "is red"]}]),
      Outcome(lambda b: b.triplets.modification.tolist() == ["is red"] or pytest.fail(str(b.triplets.modification)))),

@@ -12,14 +12,66 @@ deviations of teacher models, reporting each repair it made.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import unicodedata
 
 SECTIONS = ("caption", "reasoning", "conclusion")
 MAX_SECTION_CHARS = 1500
 # the longest answer repair() reads: three full sections, their tags, and as much again of chatter
 MAX_TEXT_CHARS = 6 * MAX_SECTION_CHARS
-# characters that show nothing: a section made of them (and whitespace) is empty
-_INVISIBLE = dict.fromkeys(map(ord, "\x00\u200b\u200c\u200d\u2060\ufeff\u00ad"))
+# kana and CJK ideographs: scripts written without spaces, where each character counts as a word
+_UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def visible(text: str) -> str:
+    """``text`` without what shows nothing: spaces and separators of any script, control and format
+    characters (zero-width spaces and joiners, the BOM, soft hyphens, bidi marks)."""
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "ZC" and not ch.isspace())
+
+
+@functools.cache
+def visible_pattern() -> str:
+    """A regular expression that finds a character :func:`visible` keeps (for checks that take a
+    regex, e.g. Great Expectations'): a text it does not match is blank."""
+    hidden, start = [], None
+    for code in range(0x10000):
+        ch = chr(code)
+        invisible = unicodedata.category(ch)[0] in "ZC" or ch.isspace()
+        if invisible and start is None:
+            start = code
+        elif not invisible and start is not None:
+            hidden.append((start, code - 1))
+            start = None
+    if start is not None:
+        hidden.append((start, 0xFFFF))
+    hidden += [(0x1D173, 0x1D17A), (0xE0001, 0xE0001), (0xE0020, 0xE007F)]   # astral format characters
+    return "[^" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in hidden) + "]"
+
+
+def is_blank(text) -> bool:
+    """Whether ``text`` is not a string or shows nothing (see :func:`visible`): one notion of empty for
+    modification texts, captions and chain sections alike."""
+    return not isinstance(text, str) or not visible(text)
+
+
+def normalised_text(text: str) -> str:
+    """``text`` reduced to what it says, in any script: NFKC, case-folded, letters, digits and symbols
+    (emoji too) kept, punctuation, spaces and invisible characters between them reduced to one space.
+    Two texts that normalise alike say the same thing ("conclusion repeats caption")."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    kept = "".join(ch if unicodedata.category(ch)[0] in "LNSM" else " " for ch in text)
+    return " ".join(kept.split())
+
+
+def word_count(text: str) -> int:
+    """Words in ``text``: runs of letters or digits, each kana or CJK ideograph one word (those scripts
+    put no spaces between words)."""
+    words = 0
+    for run in normalised_text(text).split():
+        unspaced = len(_UNSPACED.findall(run))
+        words += unspaced + (1 if len(_UNSPACED.sub("", run)) else 0)
+    return words
 _TAG = re.compile(r"<(/?)(caption|reasoning|conclusion)>", re.IGNORECASE)
 
 
@@ -42,7 +94,7 @@ class CoT:
     def __post_init__(self):
         for name in SECTIONS:
             text = getattr(self, name)
-            if not isinstance(text, str) or not text.translate(_INVISIBLE).strip():
+            if is_blank(text):
                 raise CoTFormatError("empty_section", f"<{name}> is empty")
             if _TAG.search(text):
                 raise CoTFormatError("tag_in_section", f"<{name}> contains a section tag")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from model_code.annotation.cot import CoT, CoTFormatError, repair
+from model_code.annotation.cot import CoT, CoTFormatError, is_blank, normalised_text, repair
 
 # Phrases that betray that the annotator saw the target image.
 LEAKAGE_PATTERNS = (
@@ -57,10 +57,6 @@ class Annotation:
         return CoT(self.caption, self.reasoning, self.conclusion)
 
 
-def normalised_text(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
-
-
 def leakage(text: str) -> str | None:
     """The first phrase in ``text`` that reveals a target image was seen, or None."""
     m = _LEAKAGE.search(text)
@@ -76,7 +72,7 @@ def judge(query_id: str, teacher: str, prompt_version: str, raw: str) -> Annotat
     def rejected(reason: str) -> Annotation:
         return rejection(query_id, teacher, prompt_version, raw, reason)
 
-    if not isinstance(raw, str) or not raw.strip():
+    if is_blank(raw):
         return rejected("empty_answer")
     try:
         fixed = repair(raw)

@@ -30,6 +30,7 @@ import pandas as pd
 from model_code.annotation.judge import Annotation, AnnotationRequest, Annotator
 from model_code.common import FileDigests, Record, atomic_path
 from model_code.data import nulls_as_none
+from model_code.data.tables import image_paths
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def annotation_requests(triplets: pd.DataFrame, images: pd.DataFrame, root: str 
     digest = FileDigests()
 
     rows = triplets if splits is None else triplets[triplets["split"].isin(list(splits))]
-    paths = {(s, i): p for s, i, p in zip(images["split"], images["image_id"], images["path"])}
+    paths = image_paths(images)
     out = []
     for q, split, ref, targets, text in zip(rows["query_id"], rows["split"], rows["reference_id"],
                                             rows["target_ids"], rows["modification"]):

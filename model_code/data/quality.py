@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from model_code.annotation.cot import is_blank, visible_pattern
 from model_code.data import HIDDEN_SPLITS, LIST_COLUMNS, SPLITS, nulls_as_none
 
 MAX_EXAMPLES = 5
@@ -157,7 +158,7 @@ def _list_form(value) -> str:
         return f"not a list: {type(value).__name__} {value!r:.60}"
     if not all(isinstance(v, str) for v in value):
         return f"non-string member in {value!r:.60}"
-    if any(not v.strip() for v in value):
+    if any(is_blank(v) for v in value):
         return f"empty id in {json.dumps(value):.60}"
     if len(set(value)) != len(value):
         return f"repeated id in {json.dumps(value):.60}"
@@ -207,7 +208,8 @@ def validate_triplets(triplets: pd.DataFrame, images: pd.DataFrame) -> QualityRe
             (E.ExpectColumnValuesToNotBeNull(column="query_id"), "every query has an id"),
             (E.ExpectColumnValuesToBeUnique(column="query_id"), "query ids are unique"),
             (E.ExpectColumnValuesToNotBeNull(column="modification"), "every query has a modification text"),
-            (E.ExpectColumnValuesToMatchRegex(column="modification", regex=r"\S"), "modification texts are not empty"),
+            (E.ExpectColumnValuesToMatchRegex(column="modification", regex=visible_pattern()),
+             "modification texts are not empty"),
             (E.ExpectColumnValuesToNotBeNull(column="reference_id"), "every query has a reference image"),
             (E.ExpectColumnValuesToBeInSet(column="split", value_set=known), f"split is one of {', '.join(known)}"),
             *((E.ExpectColumnValuesToBeInSet(column=f"{c}_form", value_set=["ok"]),
@@ -307,8 +309,8 @@ def validate_annotations(annotations: pd.DataFrame, triplets: pd.DataFrame | Non
 
     import great_expectations as gx
 
-    from model_code.annotation.judge import LEAKAGE_PATTERNS, normalised_text as norm
-    from model_code.annotation.cot import SECTIONS
+    from model_code.annotation.cot import SECTIONS, normalised_text as norm, word_count
+    from model_code.annotation.judge import LEAKAGE_PATTERNS
 
     E = gx.expectations
     bounds = {**DEFAULT_LENGTH_BOUNDS, **(length_bounds or {})}
@@ -339,7 +341,7 @@ def validate_annotations(annotations: pd.DataFrame, triplets: pd.DataFrame | Non
         acc = pd.DataFrame({"query_id": ok["query_id"]})
         for s in SECTIONS:
             acc[s] = ok[s]
-            acc[f"{s}_words"] = [len(str(t).split()) if t is not None else 0 for t in ok[s]]
+            acc[f"{s}_words"] = [word_count(str(t)) if t is not None else 0 for t in ok[s]]
         asks_change = pd.Series(True, index=ok.index)
         if triplets is not None:
             mods = dict(zip(triplets["query_id"], triplets["modification"]))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from model_code.annotation.cot import is_blank
 from model_code.data.formats import (CircoEntry, CircoImageInfo, CirrEntry, FashionIQEntry, SyntheticEntry, validate,
                                      validate_entries)
 from model_code.data.tables import (DATASETS, FASHIONIQ_CATEGORIES, HIDDEN_SPLITS, LIST_COLUMNS, SPLITS, Benchmark,
@@ -158,7 +159,7 @@ def _read_fashioniq(root: Path, split: str, category: str | None) -> Benchmark:
                 raise DataError(f"{path}: entry {i}: field 'target' is missing or null; expected the target's ASIN "
                                 f"(only the hidden test split has none)")
             # the benchmark's "{c1} and {c2}", without the empty parts
-            parts = [cap.strip() for cap in e.captions if cap.strip()]
+            parts = [cap.strip() for cap in e.captions if not is_blank(cap)]
             if not parts:
                 raise DataError(f"{path}: entry {i}: field 'captions': both captions are empty; "
                                 f"expected at least one modification text")

@@ -86,6 +86,12 @@ def normalise_triplets(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def image_paths(images: pd.DataFrame, root: str | os.PathLike = "") -> dict[tuple[str, str], Path]:
+    """(split, image id) -> the image file under ``root`` (the images table's paths are relative to it)."""
+    root = Path(root)
+    return {(s, i): root / p for s, i, p in zip(images["split"], images["image_id"], images["path"])}
+
+
 def images_frame(rows: list[dict]) -> pd.DataFrame:
     return normalise_images(pd.DataFrame(rows, columns=IMAGE_COLUMNS))
 

@@ -23,6 +23,7 @@ import torch
 
 from model_code.model.cir_cot import CirCoTModel
 from model_code.common import Record
+from model_code.data.tables import image_paths
 from model_code.datasets import hooks
 from model_code.model.loss import rank
 from model_code.model.train import TrainConfig, TrainExample, evaluate_in_batch, plot_history, train
@@ -39,7 +40,7 @@ def pair_examples(triplets, images, root: str | os.PathLike, split: str = "train
 
     root = Path(root)
     rows = triplets[triplets["split"] == split]
-    path = {(s, i): root / p for s, i, p in zip(images["split"], images["image_id"], images["path"])}
+    path = image_paths(images, root)
     cots = {}
     if annotations is not None:
         ok = annotations[annotations["status"] == "ok"]
