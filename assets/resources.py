@@ -347,26 +347,15 @@ class GateResource(dg.ConfigurableResource):
     max_regression: float = 0.01
 
     def config(self, dataset: str):
-        import json
-
-        from model_code.evaluation.gate import DEFAULT_FLOORS, GateConfig
+        from model_code.evaluation.gate import GateConfig
 
         if self.env_errors:
             raise dg.Failure(description="the promotion gate is misconfigured: " + "; ".join(self.env_errors))
-        floors = DEFAULT_FLOORS.get(dataset, {})
-        if self.floors:
-            try:
-                given = json.loads(self.floors)
-            except json.JSONDecodeError as e:
-                raise dg.Failure(description=f"gate floors are not valid JSON ({e}): {self.floors!r}") from None
-            if not isinstance(given, dict) or not all(isinstance(v, (int, float, dict)) for v in given.values()):
-                raise dg.Failure(
-                    description="gate floors must be {metric: floor} or {dataset: {metric: floor}}: "
-                    f"{self.floors!r}"
-                )
-            nested = any(isinstance(v, dict) for v in given.values())
-            floors = given.get(dataset, {}) if nested else given
-        return GateConfig(floors={k: float(v) for k, v in floors.items()}, cot_not_worse=self.cot_not_worse,
+        try:
+            floors = gate_floors(dataset, self.floors)
+        except ValueError as e:
+            raise dg.Failure(description=f"gate floors {self.floors!r} {e}") from None
+        return GateConfig(floors=floors, cot_not_worse=self.cot_not_worse,
                           cot_tolerance=self.cot_tolerance, cot_confidence=self.cot_confidence or None,
                           max_regression=self.max_regression)
 
@@ -426,7 +415,7 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
         "datasets": DatasetRoots(**{k: v for k, v in roots.items() if v}),
         "dvc": DvcResource(project_dir=project_dir or env.get("CIRCOT_PROJECT_DIR", os.getcwd()),
                            remote=dvc_remote or env.get("CIRCOT_DVC_REMOTE"), push=dvc_push),
-        "artifacts": ArtifactStore(root=artifacts_root or env.get("CIRCOT_ARTIFACTS", "artifacts"),
+        "artifacts": ArtifactStore(root=artifacts_root or (env.get("CIRCOT_ARTIFACTS") or "artifacts"),
                                    cache=env.get("CIRCOT_ARTIFACTS_CACHE") or None),
         "annotator": annotator or AnnotatorResource(
             kind=env.get("CIRCOT_TEACHER", "auto"), local_model_path=env.get("CIRCOT_TEACHER_MODEL_PATH"),
@@ -441,7 +430,7 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
         "index": IndexResource(uri=env.get("CIRCOT_INDEX_URI") or None),
         "gate": gate or GateResource(
             floors=env.get("CIRCOT_GATE_FLOORS") or None, env_errors=errors,
-            cot_not_worse=env.get("CIRCOT_GATE_COT_NOT_WORSE", "1").lower() not in ("0", "false", "no"),
+            cot_not_worse=_env_bool("CIRCOT_GATE_COT_NOT_WORSE", True),
             cot_tolerance=_env_number("CIRCOT_GATE_COT_TOLERANCE", 0.0),
             cot_confidence=_env_number("CIRCOT_GATE_COT_CONFIDENCE", 0.95),
             max_regression=_env_number("CIRCOT_GATE_MAX_REGRESSION", 0.01)),
@@ -449,35 +438,110 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
 
 
 NUMBER_VARIABLES = {"CIRCOT_GATE_COT_TOLERANCE": (0.0, None), "CIRCOT_GATE_COT_CONFIDENCE": (0.0, 0.9999),
-                    "CIRCOT_GATE_MAX_REGRESSION": (0.0, None), "CIRCOT_TRAINING_PROCESSES": (1, None),
-                    "CIRCOT_K8S_GPUS": (0, None)}
+                    "CIRCOT_GATE_MAX_REGRESSION": (0.0, None)}
+INTEGER_VARIABLES = {"CIRCOT_TRAINING_PROCESSES": 1, "CIRCOT_K8S_GPUS": 0}     # name -> least value
+BOOLEAN_VARIABLES = ("CIRCOT_GATE_COT_NOT_WORSE",)
+BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                 "off": False}
+NON_EMPTY_VARIABLES = ("CIRCOT_ARTIFACTS", "CIRCOT_PROFILE", "CIRCOT_TRAINING_LAUNCHER", "CIRCOT_TEACHER")
 
 
 def _env_number(name: str, default: float) -> float:
-    """The variable as a number, or ``default`` when unset or unreadable (:func:`environment_errors`
-    reports the unreadable ones; nothing raises while the definitions load)."""
+    """The variable as a number, or ``default`` when unset or unusable (:func:`environment_errors`
+    reports the unusable ones; nothing raises while the definitions load)."""
+    import math
     import os
 
     try:
-        return float(os.environ[name]) if os.environ.get(name, "").strip() else default
+        value = float(os.environ[name]) if os.environ.get(name, "").strip() else default
     except ValueError:
         return default
+    return value if math.isfinite(value) else default
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    import os
+
+    return BOOLEAN_WORDS.get(os.environ.get(name, "").strip().lower(), default)
+
+
+def parse_floors(text: str) -> dict:
+    """``CIRCOT_GATE_FLOORS``: JSON ``{metric: floor}`` (every dataset) and/or ``{dataset: {metric:
+    floor}}``, each floor a finite number from 0 to 1. Returns ``{"": global floors, dataset: floors}``;
+    a ValueError says what is wrong."""
+    import json
+    import math
+
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not valid JSON ({e})") from None
+    if not isinstance(given, dict):
+        raise ValueError("must be a JSON object: {metric: floor} or {dataset: {metric: floor}}")
+
+    def floor(where: str, metric: str, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not 0 <= value <= 1:
+            raise ValueError(f"{where}{metric!r}: {value!r} is not a number from 0 to 1")
+        return float(value)
+
+    out: dict[str, dict[str, float]] = {"": {}}
+    for key, value in given.items():
+        if isinstance(value, dict):
+            out[key] = {m: floor(f"{key}.", m, v) for m, v in value.items()}
+        else:
+            out[""][key] = floor("", key, value)
+    return out
+
+
+def gate_floors(dataset: str, text: str | None) -> dict[str, float]:
+    """The floors of ``dataset``: the built-in ones, then the configured floors for every dataset,
+    then those for ``dataset``, each over the one before (merged, never replacing the whole set)."""
+    from model_code.evaluation.gate import DEFAULT_FLOORS
+
+    given = parse_floors(text) if text else {"": {}}
+    return {**DEFAULT_FLOORS.get(dataset, {}), **given[""], **given.get(dataset, {})}
 
 
 def environment_errors() -> list[str]:
-    """Every setting in the environment that cannot be used, each naming its variable."""
+    """Every setting in the environment that cannot be used, each naming its variable, its value and
+    what is expected (checked when a run starts, before anything is trained)."""
+    import math
     import os
 
     errors = []
+
+    def raw(name: str) -> str | None:
+        value = os.environ.get(name)
+        return None if value is None or not value.strip() else value.strip()
+
     for name, (low, high) in NUMBER_VARIABLES.items():
-        raw = os.environ.get(name, "").strip()
-        if not raw:
+        if (text := raw(name)) is None:
             continue
         try:
-            value = float(raw)
+            value = float(text)
         except ValueError:
-            errors.append(f"{name}={raw!r} is not a number")
+            errors.append(f"{name}={text!r} is not a number")
             continue
-        if value < low or (high is not None and value > high):
-            errors.append(f"{name}={raw!r} is out of range (from {low}" + (f" to {high})" if high else ")"))
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            errors.append(f"{name}={text!r} is out of range (a number from {low}" + (f" to {high})" if high else ")"))
+    for name, low in INTEGER_VARIABLES.items():
+        if (text := raw(name)) is not None and not (text.isdigit() and int(text) >= low):
+            errors.append(f"{name}={text!r} is not a whole number of at least {low}")
+    for name in BOOLEAN_VARIABLES:
+        if (text := raw(name)) is not None and text.lower() not in BOOLEAN_WORDS:
+            errors.append(f"{name}={text!r} is not one of {', '.join(BOOLEAN_WORDS)}")
+    for name in NON_EMPTY_VARIABLES:
+        if name in os.environ and raw(name) is None:
+            errors.append(f"{name} is set but empty: unset it for the default, or give a value")
+    if (text := raw("CIRCOT_GATE_FLOORS")) is not None:
+        try:
+            parse_floors(text)
+        except ValueError as e:
+            errors.append(f"CIRCOT_GATE_FLOORS={text!r} {e}")
+    if (text := raw("CIRCOT_RETRAIN_CRON")) is not None:
+        from dagster._utils.schedules import is_valid_cron_string
+
+        if not is_valid_cron_string(text):
+            errors.append(f"CIRCOT_RETRAIN_CRON={text!r} is not a cron expression (five fields, e.g. '0 3 * * 1')")
     return errors

@@ -91,16 +91,15 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
 
 def run(dataset: str, definitions=None, *, annotations_only: bool = False, train: bool | None = None,
         evaluate: bool | None = None, dagster_instance=None) -> int:
-    import dagster as dg
-
-    from orchestration.definitions import EVALUATION_JOB, PIPELINE_JOB, TRAINING_JOB
-
     from assets.resources import environment_errors
 
-    errors = environment_errors()
+    errors = environment_errors()   # before the definitions load: they read the environment too
     if errors:
         print("The configuration cannot be used:\n" + "\n".join(f"- {e}" for e in errors))
         return 2
+    import dagster as dg
+
+    from orchestration.definitions import EVALUATION_JOB, PIPELINE_JOB, TRAINING_JOB
     dagster_instance = dagster_instance or instance()
     config = {"ops": {"triplets": {"config": {"require_images": False}}}} if annotations_only else None
     if not run_job(PIPELINE_JOB, dataset, definitions, config, dagster_instance):

@@ -174,7 +174,11 @@ def send_alert(message: dict, log, url: str | None = None, timeout: float = 10) 
 
 def build_automation(pipeline_job, training_job, evaluation_job, *, train_datasets: list[str]):
     """(schedules, sensors) over the three jobs."""
-    cron = os.environ.get("CIRCOT_RETRAIN_CRON", DEFAULT_CRON)
+    cron = os.environ.get("CIRCOT_RETRAIN_CRON", "").strip() or DEFAULT_CRON
+    from dagster._utils.schedules import is_valid_cron_string
+
+    if not is_valid_cron_string(cron):
+        raise ValueError(f"CIRCOT_RETRAIN_CRON={cron!r} is not a cron expression (five fields, e.g. '0 3 * * 1')")
 
     @dg.schedule(job=training_job, cron_schedule=cron, default_status=dg.DefaultScheduleStatus.STOPPED,
                  description=f"Retrain (cron {cron!r}, CIRCOT_RETRAIN_CRON); a finished training is then evaluated, "

@@ -500,3 +500,47 @@ def test_fault(name, action, expected, tmp_path, tiny_synthetic, micro_base, emp
 
 def test_every_row_is_named_once():
     assert len({f[0] for f in FAULTS}) == len(FAULTS)
+
+
+@pytest.mark.parametrize("name,value,says", [
+    ("CIRCOT_GATE_COT_CONFIDENCE", "nan", "is out of range"),
+    ("CIRCOT_GATE_COT_TOLERANCE", "nan", "is out of range"),
+    ("CIRCOT_GATE_MAX_REGRESSION", "inf", "is out of range"),
+    ("CIRCOT_GATE_MAX_REGRESSION", "-0.1", "is out of range"),
+    ("CIRCOT_TRAINING_PROCESSES", "2.7", "is not a whole number of at least 1"),
+    ("CIRCOT_TRAINING_PROCESSES", "0", "is not a whole number of at least 1"),
+    ("CIRCOT_K8S_GPUS", "0.5", "is not a whole number of at least 0"),
+    ("CIRCOT_GATE_COT_NOT_WORSE", "perhaps", "is not one of 1, true"),
+    ("CIRCOT_ARTIFACTS", "", "is set but empty"),
+    ("CIRCOT_GATE_FLOORS", '{"synthetic": {"R@10": "high"}}', "synthetic.'R@10': 'high' is not a number from 0 to 1"),
+    ("CIRCOT_GATE_FLOORS", '{"R@10": NaN}', "'R@10': nan is not a number from 0 to 1"),
+    ("CIRCOT_GATE_FLOORS", '[0.5]', "must be a JSON object"),
+    ("CIRCOT_GATE_FLOORS", '{"R@10": ', "is not valid JSON"),
+    ("CIRCOT_RETRAIN_CRON", "every monday", "is not a cron expression"),
+])
+def test_every_unusable_setting_is_named_with_its_value_before_a_run(monkeypatch, name, value, says):
+    from assets.resources import environment_errors
+
+    monkeypatch.setenv(name, value)
+    errors = environment_errors()
+    assert len(errors) == 1 and errors[0].startswith(name) and says in errors[0], errors
+
+
+def test_usable_settings_pass_and_floors_merge_over_the_defaults(monkeypatch):
+    from assets.resources import environment_errors, gate_floors
+    from model_code.evaluation.gate import DEFAULT_FLOORS
+
+    for name, value in (("CIRCOT_GATE_COT_NOT_WORSE", "off"), ("CIRCOT_TRAINING_PROCESSES", "2"),
+                        ("CIRCOT_GATE_COT_CONFIDENCE", "0.9"), ("CIRCOT_RETRAIN_CRON", "0 4 * * *"),
+                        ("CIRCOT_GATE_FLOORS", '{"R@50": 0.2, "cirr": {"Avg": 0.6}}')):
+        monkeypatch.setenv(name, value)
+    assert environment_errors() == []
+    # a floor for another dataset, or for every dataset, never removes the built-in ones
+    synthetic = DEFAULT_FLOORS["synthetic"]
+    assert gate_floors("synthetic", '{"cirr": {"Avg": 0.6}}') == synthetic
+    assert gate_floors("synthetic", '{"R@50": 0.2, "cirr": {"Avg": 0.6}}') == {**synthetic, "R@50": 0.2}
+    assert gate_floors("cirr", '{"R@50": 0.2, "cirr": {"Avg": 0.6}}') == {"R@50": 0.2, "Avg": 0.6}
+    assert gate_floors("synthetic", '{"synthetic": {"R@1": 0.3}}') == {**synthetic, "R@1": 0.3}
+    from assets.resources import _env_bool
+
+    assert _env_bool("CIRCOT_GATE_COT_NOT_WORSE", True) is False

@@ -200,16 +200,17 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     )
     assert emb.shape == (1, 256) and torch.isfinite(emb).all()
 
-    # evaluation, the blocking gate, promotion: a floor the model cannot reach stops the promotion...
+    # evaluation, the blocking gate, promotion: a floor the model cannot reach (on a metric cir-shapes does
+    # not measure) stops the promotion...
     for entry in registry.list_models():
         import bentoml
 
         bentoml.models.delete(entry["tag"])
     eval_config = {"ops": {"evaluation": {"config": {"limit": 6, "max_new_tokens": 8, "batch_size": 8}}}}
     strict = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
-                               training=TrainingResource(profile="smoke"), gate=GateResource(floors='{"R@1": 1.01}'))
+                               training=TrainingResource(profile="smoke"), gate=GateResource(floors='{"R@3": 0.5}'))
     run, checks, mats, _ = _execute(strict, EVALUATION_JOB, "synthetic", eval_config, instance)
-    assert [c.passed for c in checks.values()] == [False] and "floor R@1" in checks["promotion_gate"].description
+    assert [c.passed for c in checks.values()] == [False] and "floor R@3" in checks["promotion_gate"].description
     assert "promoted_model" not in mats and registry.production("synthetic") is None
     ev = mats["evaluation"].metadata
     assert set(ev["metrics"].value) == {"cot", "no_cot", "image_only", "text_only"} and ev["queries"].value == 6
@@ -224,11 +225,12 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
 
     assert not run_job(EVALUATION_JOB, "synthetic", strict, eval_config, instance)
     out = capsys.readouterr().out
-    assert "- FAIL floor R@1:" in out and "| image_only |" in out
+    assert "- FAIL floor R@3:" in out and "| image_only |" in out
     # ...and with floors it reaches, the model is promoted into the BentoML store, labelled with its lineage
     lenient = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
                                 training=TrainingResource(profile="smoke"),
-                                gate=GateResource(floors='{"synthetic": {"R@50": 0.5}}', cot_not_worse=False))
+                                gate=GateResource(floors='{"synthetic": {"R@10": 0.0, "R@50": 0.5}}',
+                                                  cot_not_worse=False))
     run, checks, mats, failures = _execute(lenient, EVALUATION_JOB, "synthetic", eval_config, instance)
     assert run.success, failures
     # ...and the production model's gallery index is built, tagged with its version, and checked
