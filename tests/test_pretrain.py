@@ -224,3 +224,16 @@ def test_the_curriculum_holds_single_edits_until_they_are_right_then_takes_every
     assert pools[0] == pools[1] < pools[2]
     with pytest.raises(ValueError, match="oversample_ops"):
         _config("tiny", oversample_ops=("teleport",))
+
+
+def test_a_curriculum_run_resumes_at_the_level_it_reached(tmp_path, micro_shape, monkeypatch):
+    cfg = _config(micro_shape, steps=6, scenes=30, start_edits=1)
+    monkeypatch.setattr(pretrain, "perception", lambda *a, **k: {
+        "caption_exact": 1.0, "caption_object_f1": 1.0, "edit_exact": 0.5, "text_to_image_R@1": 1.0,
+        "eval_seconds": 0.0, "edit_exact[edits=1]": 0.9})
+    whole = pretrain.pretrain(cfg, tmp_path / "whole")
+    assert pretrain.pretrain(cfg, tmp_path / "split", minutes=0) is None      # stopped after the first chunk
+    assert [r["max_edits"] for r in pretrain.read_metrics(tmp_path / "split")] == [3]
+    resumed = pretrain.pretrain(cfg, tmp_path / "split")
+    assert resumed.version == whole.version
+    assert [r["trained_max_edits"] for r in pretrain.read_metrics(tmp_path / "split")] == [1, 3, 3]
