@@ -1,7 +1,9 @@
-"""base_model and cir_cot_model: the backbone, then the LoRA-tuned CIR-CoT model (DESIGN.md §5).
+"""base_model and cir_cot_model: the backbone, then the fine-tuned CIR-CoT model.
 
-``base_model`` bootstraps the tiny Qwen2-VL on cir-shapes (profile ``embedded``) or registers a
-local checkpoint (profile ``gpu``); ``cir_cot_model`` trains the two LoRA stages on the accepted
+``base_model`` registers the pretrained embedded base shipped in the repository (profile
+``embedded``) or a local checkpoint (profile ``gpu``; the test profile ``smoke`` still builds a tiny
+base in the run); ``cir_cot_model`` trains the two stages
+(every parameter of the embedded base, LoRA on a real checkpoint) on the accepted
 annotations of the training datasets. Each reads its inputs' records through Dagster's lineage (the
 newest materialisation of the upstream asset) and hands its own on as ``record`` metadata
 (``BaseModelRecord``, ``TrainedModel``). Runs are keyed by their inputs and configuration under the
@@ -88,7 +90,7 @@ class CirCoTModelConfig(dg.Config):
 @dg.asset(
     group_name="model",
     kinds={"pytorch"},
-    description="The CIR-CoT model: LoRA stage 1 (no CoT) then stage 2 (CoT, joint loss)",
+    description="The CIR-CoT model: stage 1 (no CoT) then stage 2 (CoT, joint loss); LoRA or every parameter",
     deps=[base_model, dg.AssetDep(cot_annotations, partition_mapping=_training_partitions)],
 )
 def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, training: TrainingResource,

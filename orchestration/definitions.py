@@ -43,7 +43,7 @@ def build_definitions(*, project_dir: str | None = None, artifacts_root: str | N
                                    description="Raw data, normalised triplets and CoT annotations of one dataset")
     training_job = dg.define_asset_job(TRAINING_JOB, selection=dg.AssetSelection.assets(*model_assets),
                                        hooks={push_artifacts},
-                                       description="Bootstrap or register the base model, then train the CIR-CoT model")
+                                       description="Register the base model, then train the CIR-CoT model")
     eval_assets = [evaluation_module.evaluation, evaluation_module.promoted_model, gallery_index_module.gallery_index,
                    bento_module.bento]
     evaluation_job = dg.define_asset_job(

@@ -5,7 +5,8 @@
 - :func:`bootstrap_tiny`: build the tiny base model and pretrain all of it on a dataset's image
   descriptions (a hook of the dataset: ``model_code.datasets``); :func:`register_checkpoint`: a
   local checkpoint as the base.
-- :func:`train_cir_cot`: LoRA stage 1 (``align``) then stage 2 (``cot``) on the base.
+- :func:`train_cir_cot`: stage 1 (``align``) then stage 2 (``cot``) on the base, with LoRA or, where the
+  profile says so (``lora=False``: the embedded base), every parameter.
 - ``python -m model_code.model.recipes``: the same outside Dagster, e.g. under ``accelerate launch``.
 """
 
@@ -261,7 +262,8 @@ def register_embedded(path: str | os.PathLike = EMBEDDED_BASE) -> BaseModelRecor
 def train_cir_cot(base: BaseModelRecord, train_pairs: Sequence[TrainExample], val_pairs: Sequence[TrainExample],
                   profile: TrainingProfile, out_dir: str | os.PathLike, *,
                   progress: Callable[[str], None] | None = None) -> TrainedModel:
-    """LoRA on the base model: stage 1 (``align``, no CoT), then stage 2 (``cot``, the joint loss on
+    """The base model tuned (LoRA, or every parameter when ``profile.lora`` is off): stage 1 (``align``,
+    no CoT), then stage 2 (``cot``, the joint loss on
     the pairs that have an accepted chain of thought). Saves the model to ``out_dir/model``.
     Each stage resumes from its checkpoint."""
     from model_code.model.backbone import load_backbone
