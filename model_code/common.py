@@ -3,6 +3,8 @@
 - :func:`atomic_path` / :func:`atomic_write_text` / :func:`atomic_write_json`: a file is written
   under a temporary name and renamed into place, so a reader (or a crash) never sees half of it.
 - :func:`replace_dir`: the same for a folder built beside its destination.
+- :func:`writing`: a write that fails on a full disk says so, naming the path, and leaves no
+  temporary file or folder behind.
 - :func:`file_md5`, :func:`content_hash`, :func:`json_key`: versions from bytes, never from paths.
 - :class:`Progress`: count, rate and ETA of a long loop, at most every few seconds.
 - :class:`Record`: the base of the typed records one stage hands the next (a dataclass, JSON on
@@ -42,6 +44,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+DISK_FULL_BELOW = 64 << 20   # free bytes under which a failed write is put down to a full disk
+
+
+class DiskFullError(OSError):
+    """A write failed because the disk holding its path is full (the message names the path)."""
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, *temporaries: str | os.PathLike) -> Iterator[None]:
+    """Guard a write under ``path``: on any failure, remove ``temporaries`` (files or folders) and, when
+    the disk holding ``path`` is (nearly) full, raise :class:`DiskFullError` naming the path and the
+    free space instead of the writer's own message (torch's zip writer says "enforce fail at
+    inline_container.cc"; safetensors and pyarrow have theirs)."""
+    import errno
+
+    try:
+        yield
+    except BaseException as e:
+        for t in temporaries:
+            t = Path(t)
+            if t.is_dir():
+                shutil.rmtree(t, ignore_errors=True)
+            elif t.exists():
+                t.unlink()
+        probe = Path(path)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if isinstance(e, Exception) and (free < DISK_FULL_BELOW or getattr(e, "errno", None) == errno.ENOSPC):
+            raise DiskFullError(errno.ENOSPC, f"no space left on the device holding {path} ({free >> 20} MB free): "
+                                              f"free some space and run again (nothing was replaced)") from e
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -544,3 +544,33 @@ def test_usable_settings_pass_and_floors_merge_over_the_defaults(monkeypatch):
     from assets.resources import _env_bool
 
     assert _env_bool("CIRCOT_GATE_COT_NOT_WORSE", True) is False
+
+
+def test_a_full_disk_is_named_as_such_and_leaves_no_temporary_checkpoint(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    import torch
+
+    from model_code.common import DiskFullError
+    from model_code.model import train
+
+    layer = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(layer.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ckpt = tmp_path / "run" / "checkpoint"
+    train._save_checkpoint(ckpt, layer, opt, sched, 1, [{"step": 1}])      # a good checkpoint to keep
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(DiskFullError, match=r"no space left on the device holding .*checkpoint \(1 MB free\)"):
+        train._save_checkpoint(ckpt, layer, opt, sched, 2, [{"step": 1}, {"step": 2}])
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["checkpoint"]          # no .tmp left
+    assert json.loads((ckpt / "history.json").read_text()) == [{"step": 1}]         # the last good one kept
+    # the same failure with room on the disk is the writer's own error, unchanged
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 1 << 30, 9 << 30))
+    with pytest.raises(RuntimeError, match="inline_container"):
+        train._save_checkpoint(ckpt, layer, opt, sched, 2, [{"step": 1}, {"step": 2}])

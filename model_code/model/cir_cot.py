@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model_code.common import atomic_write_json, file_md5
+from model_code.common import atomic_write_json, file_md5, writing
 
 from model_code.model.loss import IGNORE
 
@@ -245,12 +245,13 @@ class CirCoTModel(torch.nn.Module):
         model saved again after loading has the same version. Returns the version."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.processor.save_pretrained(path / "processor")
         is_peft = hasattr(self.model, "peft_config")
         weights = path / ("adapter" if is_peft else "model")
-        self.model.save_pretrained(weights)
-        if not is_peft:  # full weights load like any checkpoint folder: config, weights and processor
-            self.processor.save_pretrained(weights)
+        with writing(path):           # a full disk says so, naming the folder
+            self.processor.save_pretrained(path / "processor")
+            self.model.save_pretrained(weights)
+            if not is_peft:  # full weights load like any checkpoint folder: config, weights and processor
+                self.processor.save_pretrained(weights)
         if is_peft and self.base_version is None:
             if self.base_path is None:
                 raise ValueError("an adapter model needs its base model's path or version to be saved")

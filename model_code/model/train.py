@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from model_code.common import replace_dir
+from model_code.common import replace_dir, writing
 from model_code.model.cir_cot import CirCoTModel, compile_decoder_layers, unwrap
 from model_code.model.loss import answer_ce, image_keys, info_nce, joint_loss
 
@@ -231,18 +231,19 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    torch.save(
-        {
-            "params": _trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "step": step,
-        },
-        tmp / "state.pt",
-    )
-    (tmp / "history.json").write_text(json.dumps(history))
-    replace_dir(tmp, path)
+    with writing(path, tmp):          # a full disk says so, and leaves no half-written checkpoint behind
+        torch.save(
+            {
+                "params": _trainable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+            },
+            tmp / "state.pt",
+        )
+        (tmp / "history.json").write_text(json.dumps(history))
+        replace_dir(tmp, path)
 
 
 def _load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
