@@ -102,10 +102,22 @@ def _stages(labels: dict) -> dict[str, str]:
     return {k[len("stage_"):]: v for k, v in labels.items() if k.startswith("stage_")}
 
 
+def health(entry_path: str | os.PathLike, *, hashes: bool = False) -> str:
+    """"ok", or what is wrong with a stored entry's model folder (a file missing, or not as saved:
+    its size, and its content when ``hashes``)."""
+    from model_code.model.cir_cot import ModelFolderError, check_model_folder
+
+    try:
+        check_model_folder(Path(entry_path) / "model", hashes=hashes)
+    except ModelFolderError as e:
+        return f"damaged: {e}"
+    return "ok"
+
+
 def list_models() -> list[dict]:
     """Every stored ``cir-cot`` entry, newest promotion first: tag, stages per dataset, labels, path."""
     out = [{"tag": str(m.tag), "version": m.tag.version, "stages": _stages(m.info.labels),
-            "labels": dict(m.info.labels), "path": m.path} for m in _entries()]
+            "labels": dict(m.info.labels), "path": m.path, "health": health(m.path)} for m in _entries()]
     newest = lambda d: max((v for k, v in d["labels"].items() if k.startswith("promoted_at_")), default="")  # noqa: E731
     return sorted(out, key=newest, reverse=True)
 
@@ -151,9 +163,13 @@ def promote(model_dir: str | os.PathLike, *, version: str, dataset: str, labels:
         raise ValueError(f"stage must be 'production' or 'candidate', not {stage!r}")
     bentoml = _bentoml()
     model_dir = Path(model_dir)
-    from model_code.model.cir_cot import check_model_folder
+    from model_code.model.cir_cot import ModelFolderError, check_model_folder
 
-    check_model_folder(model_dir)  # every file the model names is there, before any label changes
+    # every file the model names is there and is what was saved, before any label changes
+    meta, _ = check_model_folder(model_dir, hashes=True)
+    if meta.get("version") != version:
+        raise ValueError(f"the model at {model_dir} is version {meta.get('version')}, not {version}: "
+                         "promote it under its own version")
     tag = f"{MODEL_NAME}:{version}"
     key = stage_label(dataset)
     previous = production(dataset)
@@ -162,9 +178,19 @@ def promote(model_dir: str | os.PathLike, *, version: str, dataset: str, labels:
     except bentoml.exceptions.NotFound:
         existing = None
     unchanged = {"tag": tag, "changed": False, "previous": previous["tag"] if previous else None}
+    repaired = ""
+    if existing is not None:
+        try:
+            check_model_folder(Path(existing.path) / "model", hashes=True)
+        except ModelFolderError as e:   # a damaged entry is restored from this good copy, whatever its stage
+            log.warning("model store: %s is damaged (%s); restoring it from %s", tag, e, model_dir)
+            shutil.rmtree(Path(existing.path) / "model", ignore_errors=True)
+            _copy_model(model_dir, Path(existing.path))
+            repaired = f"{tag} was damaged ({e}) and is restored from {model_dir}; "
+            unchanged = {**unchanged, "changed": True}
     current = existing.info.labels.get(key) if existing is not None else None
     if current == stage:
-        return {**unchanged, "stage": stage, "reason": f"{tag} is already {stage} for {dataset}"}
+        return {**unchanged, "stage": stage, "reason": f"{repaired}{tag} is already {stage} for {dataset}"}
     if current == "production" and stage != "production" and not force:
         return {**unchanged, "stage": current,
                 "reason": f"{tag} is the production model of {dataset}: making it {stage} would leave {dataset} "
@@ -215,6 +241,10 @@ def rollback(dataset: str) -> dict:
     if not archived:
         raise LookupError(f"no archived {MODEL_NAME} model of {dataset} to roll back to")
     target = archived[0]
+    state = health(target.path)
+    if state != "ok":
+        raise LookupError(f"cannot roll {dataset} back to {target.tag}: it is {state} "
+                          "(promote a good copy of it again to repair it)")
     now = _now()
     if prod is not None:
         _rewrite_info(_bentoml().models.get(prod["tag"]), labels={key: "rolled_back", f"rolled_back_at_{dataset}": now})

@@ -138,6 +138,8 @@ def show_models() -> int:
         for dataset, stage in sorted(r["stages"].items()):
             print(f"{r['tag']:<32} {dataset:<10} {stage:<12} {labels.get(f'promoted_at_{dataset}', ''):<28} "
                   f"{labels.get(f'headline_{dataset}', '')} on {labels.get(f'evaluated_on_{dataset}', '?')}")
+        if r["health"] != "ok":
+            print(f"{r['tag']:<32} DAMAGED: {r['health']} (promote a good copy of it again to repair it)")
     return 0
 
 

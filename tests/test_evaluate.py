@@ -417,6 +417,47 @@ def test_promotion_is_idempotent_archives_the_previous_model_and_rolls_back(stor
         store.promote(path_a.parent, version="nope", dataset="synthetic", labels=labels)
 
 
+def test_the_store_verifies_content_and_a_damaged_entry_is_reported_and_repaired(store, saved_models, tmp_path):
+    import shutil
+
+    from model_code.model.cir_cot import ModelFolderError
+
+    (path_a, ver_a), (path_b, ver_b) = saved_models["A"], saved_models["B"]
+    labels = {"model_version": "x"}
+    # a folder whose weights were truncated after saving is refused before any label changes
+    bad = tmp_path / "bad"
+    shutil.copytree(path_a, bad)
+    weights = next((bad / "adapter").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelFolderError, match=r"damaged: adapter/adapter_model\.safetensors has 100 bytes"):
+        store.promote(bad, version=ver_a, dataset="synthetic", labels=labels)
+    assert store.production("synthetic") is None
+    # another model's version for a folder is refused too
+    with pytest.raises(ValueError, match=f"is version {ver_a}, not {ver_b}"):
+        store.promote(path_a, version=ver_b, dataset="synthetic", labels=labels)
+    store.promote(path_a, version=ver_a, dataset="synthetic", labels=labels)
+    store.promote(path_b, version=ver_b, dataset="synthetic", labels=labels)
+    # the production entry damaged in the store: listed as such, its load says so, rollback to it refused...
+    stored = pathlib.Path(store.production("synthetic")["path"]) / "model" / "adapter" / "adapter_model.safetensors"
+    good = stored.read_bytes()
+    stored.write_bytes(good[:-10])
+    row = next(r for r in store.list_models() if r["version"] == ver_b)
+    assert row["health"].startswith("damaged: ") and "adapter_model.safetensors" in row["health"]
+    with pytest.raises(ModelFolderError, match="damaged"):
+        store.load_promoted(dataset="synthetic", device="cpu")
+    # ...and promoting a good copy again repairs it
+    again = store.promote(path_b, version=ver_b, dataset="synthetic", labels=labels)
+    assert again["changed"] and "is restored from" in again["reason"]
+    assert stored.read_bytes() == good and all(r["health"] == "ok" for r in store.list_models())
+    assert store.load_promoted(dataset="synthetic", device="cpu").version == ver_b
+    # an archived entry damaged is not rolled back to
+    archived = pathlib.Path(next(r for r in store.list_models() if r["version"] == ver_a)["path"]) / "model" / "circot.json"
+    other = next(p for p in archived.parent.rglob("*.json") if p.name != "circot.json")
+    other.write_text(other.read_text() + " ")
+    with pytest.raises(LookupError, match="cannot roll synthetic back"):
+        store.rollback("synthetic")
+
+
 def test_production_is_per_dataset(store, saved_models):
     """Promoting on a second dataset leaves the first dataset's production model alone, and each
     dataset's regression baseline is its own production model (regression test: one production

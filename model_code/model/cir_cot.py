@@ -265,6 +265,7 @@ class CirCoTModel(torch.nn.Module):
         h.update(str(self.base_version if is_peft else "").encode())
         version = h.hexdigest()[:16]
         meta = {"format": 1, "weights": "adapter" if is_peft else "full", "base_model": self.base_path,
+                "files": file_manifest(path),
                 "base_version": self.base_version if is_peft else None,
                 "prompt_version": self.prompt_version, "prompts": PROMPTS, "emb_token": EMB_TOKEN,
                 "cir_tokens": list(CIR_TOKENS), "hidden_size": self.hidden_size, "version": version}
@@ -303,14 +304,39 @@ class CirCoTModel(torch.nn.Module):
 
 
 class ModelFolderError(FileNotFoundError):
-    """A saved model folder lacks a file it needs; the message names it."""
+    """A saved model folder lacks a file it needs, or a file differs from what was saved; the message
+    names it."""
 
 
-def check_model_folder(path: str | os.PathLike) -> tuple[dict, Path | None]:
+def file_manifest(path: str | os.PathLike) -> dict[str, list]:
+    """``{relative path: [size, md5]}`` of every file under ``path`` but ``circot.json`` (which holds it)."""
+    path = Path(path)
+    return {f.relative_to(path).as_posix(): [f.stat().st_size, file_md5(f)]
+            for f in sorted(path.rglob("*")) if f.is_file() and f.relative_to(path).as_posix() != "circot.json"}
+
+
+def verify_model_files(path: str | os.PathLike, meta: dict, *, hashes: bool = True) -> None:
+    """Check the files of a saved model against the manifest it recorded when saved (sizes, and the
+    content when ``hashes``); :class:`ModelFolderError` names the first file that differs. Models
+    saved before manifests existed have none and pass."""
+    path = Path(path)
+    for rel, (size, md5) in (meta.get("files") or {}).items():
+        f = path / rel
+        if not f.is_file():
+            raise ModelFolderError(f"the model at {path} is damaged: {rel} is missing")
+        if f.stat().st_size != size:
+            raise ModelFolderError(f"the model at {path} is damaged: {rel} has {f.stat().st_size} bytes, "
+                                   f"{size} when saved")
+        if hashes and file_md5(f) != md5:
+            raise ModelFolderError(f"the model at {path} is damaged: {rel} differs from what was saved (md5)")
+
+
+def check_model_folder(path: str | os.PathLike, *, hashes: bool = False) -> tuple[dict, Path | None]:
     """Check that a folder written by :meth:`CirCoTModel.save` holds every file it needs (its
     ``circot.json``, the processor, the weights, and for an adapter its base model's config and
-    weights) and return its metadata and resolved base path; :class:`ModelFolderError` names the
-    first file missing."""
+    weights), each as big as when it was saved (and with the same content when ``hashes``), and return
+    its metadata and resolved base path; :class:`ModelFolderError` names the first file missing or
+    damaged."""
     path = Path(path)
 
     def need(file: Path, what: str) -> None:
@@ -323,6 +349,7 @@ def check_model_folder(path: str | os.PathLike) -> tuple[dict, Path | None]:
         weights = meta["weights"]
     except (ValueError, KeyError) as e:
         raise ModelFolderError(f"the model at {path} has an unreadable circot.json ({e})") from None
+    verify_model_files(path, meta, hashes=hashes)
     need(path / "processor" / "tokenizer.json", "the processor's tokenizer")
     settings = [path / "processor" / n for n in ("processor_config.json", "preprocessor_config.json")]
     need(next((f for f in settings if f.is_file()), settings[0]), "the processor's settings")
