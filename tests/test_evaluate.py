@@ -451,8 +451,8 @@ def test_the_store_verifies_content_and_a_damaged_entry_is_reported_and_repaired
     assert stored.read_bytes() == good and all(r["health"] == "ok" for r in store.list_models())
     assert store.load_promoted(dataset="synthetic", device="cpu").version == ver_b
     # an archived entry damaged is not rolled back to
-    archived = pathlib.Path(next(r for r in store.list_models() if r["version"] == ver_a)["path"]) / "model" / "circot.json"
-    other = next(p for p in archived.parent.rglob("*.json") if p.name != "circot.json")
+    archived = pathlib.Path(next(r for r in store.list_models() if r["version"] == ver_a)["path"]) / "model"
+    other = next(p for p in archived.rglob("*.json") if p.name != "circot.json")
     other.write_text(other.read_text() + " ")
     with pytest.raises(LookupError, match="cannot roll synthetic back"):
         store.rollback("synthetic")

@@ -349,7 +349,6 @@ def check_model_folder(path: str | os.PathLike, *, hashes: bool = False) -> tupl
         weights = meta["weights"]
     except (ValueError, KeyError) as e:
         raise ModelFolderError(f"the model at {path} has an unreadable circot.json ({e})") from None
-    verify_model_files(path, meta, hashes=hashes)
     need(path / "processor" / "tokenizer.json", "the processor's tokenizer")
     settings = [path / "processor" / n for n in ("processor_config.json", "preprocessor_config.json")]
     need(next((f for f in settings if f.is_file()), settings[0]), "the processor's settings")
@@ -357,6 +356,7 @@ def check_model_folder(path: str | os.PathLike, *, hashes: bool = False) -> tupl
         need(path / "model" / "config.json", "the model's config")
         if not list((path / "model").glob("*.safetensors")):
             raise ModelFolderError(f"the model at {path} is incomplete: no weights (*.safetensors) in {path / 'model'}")
+        verify_model_files(path, meta, hashes=hashes)
         return meta, None
     need(path / "adapter" / "adapter_config.json", "the adapter's config")
     need(path / "adapter" / "adapter_model.safetensors", "the adapter's weights")
@@ -368,6 +368,7 @@ def check_model_folder(path: str | os.PathLike, *, hashes: bool = False) -> tupl
     if not list(base.glob("*.safetensors")):
         raise ModelFolderError(f"the model at {path} is incomplete: its base model {base} has no weights "
                                f"(*.safetensors)")
+    verify_model_files(path, meta, hashes=hashes)
     return meta, base
 
 
