@@ -314,14 +314,15 @@ class CirCoTService:
 
     @bentoml.api
     async def search(self, image: Path, modification: str, k: int = 10, mode: str = "cot",
-               dataset: str = "synthetic") -> SearchResponse:
-        """The top-k gallery images for a reference image and a modification, with the reasoning."""
+               dataset: str = "") -> SearchResponse:
+        """The top-k gallery images for a reference image and a modification, with the reasoning.
+        ``dataset``, when given, must be the one this deployment serves (default: that one)."""
         import time
 
         from model_code.retrieval import MODES, QueryError, check_text, open_image, search
 
         self._need_ready()
-        if dataset != self.dataset:
+        if dataset and dataset != self.dataset:
             raise ApiError(f"this service serves {self.dataset}, not {dataset!r}", 404)
         if not 1 <= k <= min(self.max_k, len(self.paths)):
             raise ApiError(f"k must be from 1 to {min(self.max_k, len(self.paths))}, not {k}", 400)
