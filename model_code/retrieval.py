@@ -70,7 +70,7 @@ def open_image(data: bytes | str | os.PathLike, *, max_bytes: int = MAX_IMAGE_BY
         raise QueryError(f"the upload is not a readable image ({type(e).__name__}: {e})") from None
 
 
-def infer(model, images, texts, mode: str = "cot", *, max_new_tokens: int = 320):
+def infer(model, images, texts, mode: str = "cot", *, max_new_tokens: int = 256):
     """Query embeddings [n, hidden] (numpy) of a batch of checked queries and, in ``cot`` mode, each
     one's chain of thought as ``{"caption", "reasoning", "conclusion", "raw", "error"}`` (None in
     ``no_cot``). The batch is decoded together (the service batches the queries that arrive together)."""
@@ -98,7 +98,7 @@ def search(index, model_version: str, embeddings, k: int, *, exclude: set[str] |
 
 
 def answer(model, index, model_version: str, image, text: str, k: int = 10, mode: str = "cot", *,
-           exclude: set[str] | None = None, max_new_tokens: int = 320) -> Answer:
+           exclude: set[str] | None = None, max_new_tokens: int = 256) -> Answer:
     """Answer one query: ``image`` a PIL image or path, ``text`` the modification."""
     if mode not in MODES:
         raise QueryError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")

@@ -152,7 +152,7 @@ def embed_method(
     gallery: torch.Tensor,
     *,
     batch_size: int = 32,
-    max_new_tokens: int = 320,
+    max_new_tokens: int = 256,
     say: Callable[[str], None] = print,
 ) -> tuple[torch.Tensor, list[dict] | None]:
     """Query embeddings [n, hidden] of ``group`` for ``method``, and for ``cot`` the reasoning per query."""
@@ -186,7 +186,7 @@ def embed_method(
 
 
 def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *, methods: Sequence[str] = METHODS,
-             batch_size: int = 32, max_new_tokens: int = 320, cache_dir: str | os.PathLike | None = None,
+             batch_size: int = 32, max_new_tokens: int = 256, cache_dir: str | os.PathLike | None = None,
              limit: int | None = None, say: Callable[[str], None] = print) -> Evaluation:
     """Embed the gallery and the queries of ``split`` with ``model`` and score every method
     (nothing to score where the split hides its targets: rankings only)."""

@@ -194,7 +194,7 @@ class CirCoTModel(torch.nn.Module):
 
     # ---- inference with reasoning ------------------------------------------------------------
 
-    def reason_and_embed(self, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 320,
+    def reason_and_embed(self, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 256,
                          batch_size: int = 16, static_cache: bool | None = None
                          ) -> tuple[torch.Tensor, list[list[int]]]:
         """Each query's chain of thought, written greedily in the chain's format, and its ``<emb>``
@@ -204,7 +204,7 @@ class CirCoTModel(torch.nn.Module):
         return reason_and_embed(self, images, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                 static_cache=static_cache)
 
-    def generate_cots(self, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 320,
+    def generate_cots(self, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 256,
                       batch_size: int = 16, static_cache: bool | None = None) -> list[str]:
         """The chain of thought the model writes for each query (see :meth:`reason_and_embed`), as
         text without ``<emb>``."""
@@ -213,7 +213,7 @@ class CirCoTModel(torch.nn.Module):
         return [self.tokenizer.decode(ids, skip_special_tokens=False) for ids in chains]
 
     def infer_queries(self, images: Sequence, texts: Sequence[str], mode: str = "cot", *,
-                      max_new_tokens: int = 320, batch_size: int = 16) -> tuple[torch.Tensor, list[dict]]:
+                      max_new_tokens: int = 256, batch_size: int = 16) -> tuple[torch.Tensor, list[dict]]:
         """Query embeddings in ``mode`` ``cot`` (the model writes its reasoning and ``<emb>``, whose
         hidden state is the embedding: :meth:`reason_and_embed`) or ``no_cot`` (the prompt goes to
         ``<emb>`` at once). Returns the embeddings and, per query, ``{"text": raw reasoning, "ids":

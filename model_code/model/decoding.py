@@ -27,7 +27,7 @@ def _eval_mode(model):
 
 
 @torch.inference_mode()
-def reason_and_embed(m, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 320, batch_size: int = 16,
+def reason_and_embed(m, images: Sequence, texts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 16,
                      static_cache: bool | None = None) -> tuple[torch.Tensor, list[list[int]]]:
     """Write each query's chain of thought greedily and embed it, in one decoding pass (``m`` a
     :class:`~model_code.model.cir_cot.CirCoTModel`).
