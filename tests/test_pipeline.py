@@ -355,7 +355,7 @@ def test_an_object_store_artifacts_root_lets_each_stage_run_on_another_machine(d
     monkeypatch.setenv("CIRCOT_ARTIFACTS_CACHE", str(cache))
     defs = build_definitions(project_dir=str(dvc_project), artifacts_root=root, dataset_roots={},
                              training=TrainingResource(profile="smoke"),
-                             gate=GateResource(floors='{"synthetic": {"R@50": 0.0}}', cot_not_worse=False))
+                             gate=GateResource(floors='{"synthetic": {"R@10": 0.0, "R@50": 0.0}}', cot_not_worse=False))
     result, _, mats, failures = _materialise(defs, "synthetic", instance=instance)
     assert result.success, failures
     fs, _ = fsspec.core.url_to_fs(root)
