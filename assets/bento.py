@@ -1,4 +1,4 @@
-"""bento[d]: the service packaged as a Bento with the dataset's production model (DESIGN.md §3, §8).
+"""bento[d]: the service packaged as a Bento with the dataset's production model (docs/architecture.md §3, §8).
 
 Built through BentoML's API from ``bentofile.yaml`` (the service, its code, requirements pinned as
 in constraints.txt), with the production model of ``d`` added by tag; the Bento is tagged

@@ -1,4 +1,4 @@
-"""What the per-dataset assets share: the dataset partitions (DESIGN.md §3) and the way a
+"""What the per-dataset assets share: the dataset partitions (docs/architecture.md §3) and the way a
 data-quality report becomes an asset check result."""
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""evaluation[d], its promotion gate, and promoted_model[d] (DESIGN.md §3, §6, §7).
+"""evaluation[d], its promotion gate, and promoted_model[d] (docs/architecture.md §3, §6, §7).
 
 ``evaluation`` embeds the gallery and the queries of the dataset's scored split with the CIR-CoT
 model of the newest ``cir_cot_model`` materialisation (Dagster's lineage) and reports CIR-CoT, the

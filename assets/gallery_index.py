@@ -1,4 +1,4 @@
-"""gallery_index[d]: the dataset's gallery embedded by its production model into LanceDB (DESIGN.md §3, §7).
+"""gallery_index[d]: the dataset's gallery embedded by its production model into LanceDB (docs/architecture.md §3, §7).
 
 After ``promoted_model[d]``: the images of the scored split (and of the split with hidden targets,
 where the tables have one) are embedded by the production model of ``d`` into the table

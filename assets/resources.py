@@ -98,7 +98,7 @@ def _strings(value):
 
 
 class ArtifactStore(dg.ConfigurableResource):
-    """Where pipeline artifacts live (DESIGN.md §7): ``<root>/<stage>/<dataset>/...``.
+    """Where pipeline artifacts live (docs/architecture.md §7): ``<root>/<stage>/<dataset>/...``.
 
     ``root`` is a local folder (the default) or an object-store URI (``s3://bucket/circot``,
     ``gs://…``, any fsspec URL; ``memory://`` and ``file://`` in tests), shared by every machine
@@ -320,7 +320,7 @@ class TrainingResource(dg.ConfigurableResource):
 
 
 class IndexResource(dg.ConfigurableResource):
-    """Where the gallery indexes live (DESIGN.md §7): a LanceDB URI, default ``<artifacts>/lancedb``;
+    """Where the gallery indexes live (docs/architecture.md §7): a LanceDB URI, default ``<artifacts>/lancedb``;
     any LanceDB URI works (``s3://bucket/path``, ``gs://...``). ``exact_below``: galleries smaller
     than this are searched exactly in memory, larger ones through an ANN index."""
 

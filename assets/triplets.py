@@ -1,4 +1,4 @@
-"""triplets[d]: the benchmark in the normalised tables of DESIGN.md §4, gated by data-quality suites.
+"""triplets[d]: the benchmark in the normalised tables of docs/architecture.md §4, gated by data-quality suites.
 
 Writes ``<artifacts>/triplets/<d>/{triplets,images}.parquet`` and ``meta.json`` (its
 ``TablesRecord``: where the tables are and the raw data version they were built from, also the

@@ -1,4 +1,4 @@
-"""The promoted models in the BentoML model store (DESIGN.md §7): model ``cir-cot``.
+"""The promoted models in the BentoML model store (docs/architecture.md §7): model ``cir-cot``.
 
 Each promoted model is one store entry tagged ``cir-cot:<model version>`` holding the saved model
 folder (``CirCoTModel.save``) plus, for an adapter, its base model's files, so the entry is

@@ -1,1 +1,1 @@
-"""Dagster Definitions: jobs, resource wiring, run-config profiles (DESIGN.md §2)."""
+"""Dagster Definitions: jobs, resource wiring, run-config profiles (docs/architecture.md §2)."""

@@ -78,7 +78,7 @@ def test_the_asset_graph_as_a_person_sees_it(webserver, tmp_path):
     try:
         browser.send("Page.enable")
         browser.send("Page.navigate", url=webserver + "/asset-groups")
-        # the global asset graph: the five groups of DESIGN §3 (collapsed at first)
+        # the global asset graph: the five groups of docs/architecture.md §3 (collapsed at first)
         browser.until("['data', 'annotation', 'model', 'evaluation', 'serving'].every(g => "
                       "document.body.innerText.split('\\n').includes(g))", timeout=120)
         # a fresh instance asks to join the community: skip it, as a person would

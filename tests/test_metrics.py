@@ -1,4 +1,4 @@
-"""Metrics against values computed by hand (DESIGN.md §6)."""
+"""Metrics against values computed by hand (docs/architecture.md §6)."""
 
 import pytest
 import torch

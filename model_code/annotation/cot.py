@@ -1,4 +1,4 @@
-"""The three-part chain of thought of CIR-CoT (DESIGN.md §1) and its text form.
+"""The three-part chain of thought of CIR-CoT (docs/architecture.md §1) and its text form.
 
     <caption>a long blue dress with short sleeves</caption>
     <reasoning>the text asks for red instead of blue and no sleeves; length stays</reasoning>

@@ -1,7 +1,7 @@
 """What every annotator produces and how its answers are judged.
 
 An annotator turns :class:`AnnotationRequest` s (reference image, target image, modification text)
-into :class:`Annotation` rows of the annotations table (DESIGN.md §4). Every raw answer goes through
+into :class:`Annotation` rows of the annotations table (docs/architecture.md §4). Every raw answer goes through
 :func:`judge`: parsed strictly, else repaired leniently, and rejected with a reason when it is not a
 usable chain of thought (bad format, leakage of the target image, a conclusion that only repeats
 the caption). Rejections are recorded, never dropped.

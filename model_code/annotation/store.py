@@ -1,4 +1,4 @@
-"""The annotations table (DESIGN.md §4), stored so that it survives interruption.
+"""The annotations table (docs/architecture.md §4), stored so that it survives interruption.
 
 Rows are keyed by (``content_key``, ``teacher``, ``prompt_version``), where the content key is a
 hash of what the teacher was shown: the reference image's bytes, the target image's bytes and the

@@ -1,4 +1,4 @@
-"""Readers that bring every benchmark into the normalised tables of DESIGN.md §4.
+"""Readers that bring every benchmark into the normalised tables of docs/architecture.md §4.
 
 ``read_benchmark(name, root, split)`` returns ``Benchmark(triplets, images)``; one reader per
 benchmark understands its official layout:

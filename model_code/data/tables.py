@@ -1,4 +1,4 @@
-"""The normalised tables of DESIGN.md §4 (triplets, images) as pandas frames and Parquet files.
+"""The normalised tables of docs/architecture.md §4 (triplets, images) as pandas frames and Parquet files.
 
 ``Benchmark(triplets, images)`` is what every reader returns; :func:`write_tables` /
 :func:`read_tables` store it with the contract's Arrow schema. Columns beyond the contract, all

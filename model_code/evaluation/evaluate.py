@@ -1,4 +1,4 @@
-"""Evaluation of a CIR-CoT model on one benchmark split, in the benchmark's own terms (DESIGN.md §6).
+"""Evaluation of a CIR-CoT model on one benchmark split, in the benchmark's own terms (docs/architecture.md §6).
 
 One gallery per evaluation group (the split's images; FashionIQ: one per category), embedded once;
 then the queries of each method, side by side on the same model:

@@ -1,4 +1,4 @@
-"""Retrieval metrics exactly as the benchmarks define them (DESIGN.md §6), values in [0, 1].
+"""Retrieval metrics exactly as the benchmarks define them (docs/architecture.md §6), values in [0, 1].
 
 The metric functions take rankings that already exclude whatever the benchmark excludes;
 :func:`rank_gallery` makes such rankings from embeddings and applies each benchmark's

@@ -374,7 +374,7 @@ def check_model_folder(path: str | os.PathLike, *, hashes: bool = False) -> tupl
 
 def apply_lora(model, processor, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
                fp32_adapters: bool = True):
-    """Wrap ``model`` with LoRA adapters on the language model's linear layers (DESIGN.md §5) and
+    """Wrap ``model`` with LoRA adapters on the language model's linear layers (docs/architecture.md §5) and
     trainable rows for the added tokens in the input embeddings and the LM head. ``fp32_adapters``
     False keeps the adapters in the base model's dtype (bf16 on a GPU): no casts around every
     adapted layer, at some cost in precision of the adapter updates."""

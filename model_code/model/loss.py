@@ -1,4 +1,4 @@
-"""Every loss of CIR-CoT training, in one place (DESIGN.md §5):
+"""Every loss of CIR-CoT training, in one place (docs/architecture.md §5):
 
     L = λ_txt · CE(chain-of-thought tokens) + λ_info · InfoNCE(query <emb>, target <emb>)
 

@@ -1,4 +1,4 @@
-"""Pretraining of the embedded base model (DESIGN §5): general skills on cir-shapes scenes of its own.
+"""Pretraining of the embedded base model (docs/architecture.md §5): general skills on cir-shapes scenes of its own.
 
 The embedded base is a pretrained checkpoint like any other. This job makes it, once, for hours
 on a CPU (minutes on a GPU), resumable across sittings; the pipeline only fine-tunes it. It never
