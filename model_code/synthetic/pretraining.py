@@ -91,14 +91,15 @@ def make_samples(cfg, folder: str | os.PathLike, *, exclude: set[tuple] = frozen
                 tmp = path.with_suffix(".tmp.png")
                 scenes.render_scene(scene).save(tmp)
                 os.replace(tmp, path)
+            description = describe(scene)
             for j in range(cfg.edits_per_scene):
                 while made is None:   # the scene admits some modification (the first draw found one)
                     made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), lambda: next(oid))
                 edited, edits, modification = made
                 tag = f"{stream}{i}" if j == 0 else f"{stream}{i}/{j}"
                 out.append(PretrainSample(
-                    image=path, scene=key, description=describe(scene),
-                    edit_text=edit_request(describe(scene), modification), edited=scenes.scene_key(edited),
+                    image=path, scene=key, description=description,
+                    edit_text=edit_request(description, modification), edited=scenes.scene_key(edited),
                     conclusion=describe(edited), cot=oracle_cot(f"pretrain/{tag}", scene, edits).render(),
                     ops=tuple(op_name(e) for e in edits)))
                 made = None
