@@ -26,7 +26,7 @@ from model_code.annotation.store import (
 )
 from model_code.data import HIDDEN_SPLITS, read_tables
 from model_code.data.tables import TablesRecord
-from model_code.data.quality import validate_annotations
+from model_code.annotation.quality import validate_annotations
 
 
 class AnnotationConfig(dg.Config):

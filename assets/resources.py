@@ -12,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from model_code.data.versioning import DvcProject
+from model_code.datasets import hooks
 
 ROOT_ENV = {"fashioniq": "CIRCOT_FASHIONIQ_ROOT", "cirr": "CIRCOT_CIRR_ROOT", "circo": "CIRCOT_CIRCO_ROOT"}
 ROOT_LAYOUT = {
@@ -223,7 +224,7 @@ class AnnotatorResource(dg.ConfigurableResource):
     def resolve_kind(self, dataset: str) -> str:
         if self.kind != "auto":
             return self.kind
-        if dataset == "synthetic":
+        if hooks(dataset).annotator is not None:
             return "oracle"
         if self.local_model_path:
             return "local"
@@ -240,11 +241,11 @@ class AnnotatorResource(dg.ConfigurableResource):
 
         kind = self.resolve_kind(dataset)
         if kind == "oracle":
-            if dataset != "synthetic":
-                raise dg.Failure(description="The oracle annotator knows only the synthetic benchmark's scene graphs.")
-            from model_code.synthetic.oracle import OracleAnnotator
-
-            return OracleAnnotator(raw_root)
+            oracle = hooks(dataset).annotator
+            if oracle is None:
+                raise dg.Failure(description=f"Dataset '{dataset}' has no oracle annotator (only a benchmark whose "
+                                             f"ground truth describes its images has one, e.g. synthetic).")
+            return oracle(raw_root)
         if kind == "local":
             if not self.local_model_path:
                 raise dg.Failure(

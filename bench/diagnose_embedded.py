@@ -90,7 +90,7 @@ def _scorer(model, bench, root, n: int):
 def _oracle(bench, root, t) -> tuple[dict, list[str]]:
     """The oracle's annotation of each query of ``t`` (what the pipeline accepts for cir-shapes), by
     query id, and their rendered chains in ``t``'s order."""
-    from model_code.annotation.cot import CoT
+    from model_code.chain import CoT
     from model_code.annotation.store import annotation_requests
     from model_code.synthetic.oracle import OracleAnnotator
 
@@ -114,7 +114,7 @@ def upper_bounds(args, artifacts):
 
 
 def decoding(args, artifacts):
-    from model_code.annotation.cot import CoTFormatError, parse
+    from model_code.chain import CoTFormatError, parse
     from model_code.model.cir_cot import CirCoTModel
 
     root, bench, _ = _load(artifacts)
@@ -140,7 +140,7 @@ def decoding(args, artifacts):
 
 
 def bootstrap_more(args, artifacts, out: Path):
-    from model_code.model.backbone import load_backbone
+    from model_code.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel
     from model_code.model.recipes import description_examples
     from model_code.model.train import TrainConfig, evaluate_in_batch, train
@@ -159,7 +159,7 @@ def bootstrap_more(args, artifacts, out: Path):
 
 
 def stage1(args, artifacts, out: Path):
-    from model_code.model.backbone import load_backbone
+    from model_code.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel, add_cir_tokens, apply_lora
     from model_code.model.recipes import pair_examples, PROFILES
     from model_code.model.train import train
@@ -203,7 +203,7 @@ def skills(args, artifacts):
 
     from model_code.data import read_dataset
     from model_code.data.tables import image_paths
-    from model_code.model.backbone import load_backbone
+    from model_code.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel
     from model_code.model.decoding import generate_until
     from model_code.model.train import edit_request

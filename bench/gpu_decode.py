@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench._common import print_table, random_image  # noqa: E402
-from model_code.model.backbone import SHAPES, build_random_backbone, resolve_device  # noqa: E402
+from model_code.backbone import SHAPES, build_random_backbone, resolve_device  # noqa: E402
 from model_code.model.cir_cot import CirCoTModel, add_cir_tokens  # noqa: E402
 
 MODES = ("dynamic", "static", "static+compile")

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench._common import print_table, random_image  # noqa: E402
-from model_code.model.backbone import (
+from model_code.backbone import (
     SHAPES,
     BackboneShape,
     build_model,

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from bench._common import print_table, random_image  # noqa: E402
 from model_code.annotation.judge import AnnotationRequest
 from model_code.annotation.teachers import LocalTeacher
-from model_code.model.backbone import SHAPES, build_random_backbone, resolve_device  # noqa: E402
+from model_code.backbone import SHAPES, build_random_backbone, resolve_device  # noqa: E402
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -9,6 +9,8 @@ benchmark registered, or does without. A benchmark package fills the registry in
 - ``pretraining``: the embedded base's pretraining corpus (a module or object with ``EDIT_OPS``,
   ``make_samples(cfg, folder, exclude=, progress=)``, ``excluded_scenes(root)`` and
   ``matches(texts, truths)``; see ``model_code.model.pretrain``).
+- ``annotator(raw_root)`` → an ``Annotator`` (``model_code.annotation.judge``) that writes true chains
+  from the benchmark's own ground truth (the oracle teacher of a synthetic benchmark).
 - ``reasoning_correctness(root, split, queries, reasoning)`` → ``{metric: value}``: whether the
   generated conclusions state what the target images show (the evaluation's reasoning metrics).
 """
@@ -27,6 +29,7 @@ class DatasetHooks:
     image_descriptions: Callable | None = None
     reasoning_correctness: Callable | None = None
     pretraining: object | None = None
+    annotator: Callable | None = None
 
 
 _REGISTRY: dict[str, DatasetHooks] = {}

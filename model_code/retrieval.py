@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from model_code.annotation.cot import is_blank
+from model_code.chain import is_blank
 
 MODES = ("cot", "no_cot")
 MAX_TEXT_CHARS = 1000

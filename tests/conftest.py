@@ -83,7 +83,7 @@ def make_dvc_project(path: Path, params: dict = TINY_PARAMS) -> Path:
 def micro_base(tmp_path_factory, tiny_synthetic) -> Path:
     """A very small random Qwen2-VL (a few hundred thousand parameters, 56 px images: 4 image
     tokens) with the CIR tokens, saved as a checkpoint folder, for fast model and training tests."""
-    from model_code.model.backbone import BackboneShape, build_random_backbone, save_backbone
+    from model_code.backbone import BackboneShape, build_random_backbone, save_backbone
     from model_code.data import read_dataset
     from model_code.model.cir_cot import PROMPTS, add_cir_tokens
 

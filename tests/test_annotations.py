@@ -10,7 +10,7 @@ from model_code.annotation.store import (AnnotationStore, annotate_missing, anno
 from model_code.annotation.judge import Annotation, judge
 from model_code.synthetic.oracle import OracleAnnotator
 from model_code.data import read_dataset
-from model_code.data.quality import LengthBounds, validate_annotations
+from model_code.annotation.quality import LengthBounds, validate_annotations
 
 
 @pytest.fixture

@@ -96,7 +96,7 @@ def test_teacher_prompt_shows_both_images_and_forbids_mentioning_the_target():
 
 @pytest.fixture(scope="module")
 def tiny_teacher_path(tmp_path_factory):
-    from model_code.model.backbone import build_random_backbone, save_backbone
+    from model_code.backbone import build_random_backbone, save_backbone
 
     corpus = ["make the red circle blue", "a small green star in the top left corner"] * 50
     model, processor = build_random_backbone("tiny", corpus, vocab_size=400)

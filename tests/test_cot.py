@@ -5,7 +5,7 @@ import string
 
 import pytest
 
-from model_code.annotation.cot import MAX_SECTION_CHARS, CoT, CoTFormatError, parse, repair
+from model_code.chain import MAX_SECTION_CHARS, CoT, CoTFormatError, parse, repair
 
 OK = "<caption>a red circle</caption>\n<reasoning>make it blue</reasoning>\n<conclusion>a blue circle</conclusion>"
 
@@ -137,7 +137,7 @@ def test_repair_leaves_good_text_alone_and_refuses_hopeless_text():
 
 
 def test_one_notion_of_empty_and_of_repeats_for_every_script():
-    from model_code.annotation.cot import is_blank, normalised_text, word_count
+    from model_code.chain import is_blank, normalised_text, word_count
     from model_code.annotation.judge import judge
 
     # nothing but spaces of any script and format characters (zero-width, BOM, bidi marks) is empty

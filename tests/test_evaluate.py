@@ -82,7 +82,7 @@ def test_a_conclusion_is_read_back_into_the_objects_it_states():
 
 @pytest.fixture(scope="module")
 def micro_model(micro_base):
-    from model_code.model.backbone import load_backbone
+    from model_code.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel, apply_lora
 
     torch.manual_seed(0)

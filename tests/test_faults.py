@@ -154,7 +154,7 @@ def _dot_and_file_refused_previous_output_replaced(result):
 def _saved_model(ctx: Ctx, name: str = "m", seed: int = 0) -> tuple[Path, str]:
     import torch
 
-    from model_code.model.backbone import load_backbone
+    from model_code.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel, apply_lora
 
     torch.manual_seed(seed)
@@ -374,7 +374,7 @@ def invisible_query(ctx: Ctx):
 
 
 def repair_timing(ctx: Ctx):
-    from model_code.annotation.cot import CoTFormatError, repair
+    from model_code.chain import CoTFormatError, repair
 
     out = {}
     for name, text in (("9k blanks", " " * 9000), ("32k blanks", " \t" * 16000), ("1 MB", "x " * 500_000)):
@@ -392,7 +392,7 @@ def _fast_and_bounded(result):
 
 
 def invisible_sections(ctx: Ctx):
-    from model_code.annotation.cot import parse
+    from model_code.chain import parse
 
     return parse("<caption>\x00\x00</caption><reasoning>\u200b \u200d</reasoning><conclusion>c</conclusion>")
 

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from model_code.model import backbone, pretrain
+from model_code import backbone
+from model_code.model import pretrain
 from model_code.synthetic import pretraining
 from model_code.model.pretrain import PretrainConfig
 
@@ -89,7 +90,7 @@ def test_an_interrupted_pretraining_resumes_to_the_uninterrupted_result(tmp_path
 
 
 def test_the_exported_checkpoint_loads_like_any_other(tmp_path, micro_shape):
-    from model_code.model.backbone import checkpoint_version, load_backbone
+    from model_code.backbone import checkpoint_version, load_backbone
 
     cfg = _config(micro_shape, steps=2)
     record = pretrain.pretrain(cfg, tmp_path / "run")
@@ -123,7 +124,7 @@ def test_the_published_base_is_registered_and_a_damaged_one_refused(tmp_path, mi
 
 
 def test_several_edits_per_scene_share_its_image_and_keep_its_first_edit(tmp_path):
-    from model_code.annotation.cot import parse
+    from model_code.chain import parse
     from model_code.synthetic.oracle import scene_from_text
 
     one = pretrain.make_samples(_config("tiny", scenes=6, heldout=2), tmp_path / "one")
@@ -146,7 +147,7 @@ def test_several_edits_per_scene_share_its_image_and_keep_its_first_edit(tmp_pat
 
 
 def test_pretraining_continues_from_a_checkpoint_with_a_text_heavy_batch(tmp_path, micro_shape, monkeypatch):
-    from model_code.model.backbone import load_backbone
+    from model_code.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel
 
     first = pretrain.pretrain(_config(micro_shape, steps=2), tmp_path / "first")

@@ -96,7 +96,7 @@ def served(tmp_path_factory, micro_base, tiny_synthetic):
     """A model store with the micro model in production, its index, and the environment to serve them."""
     import torch
 
-    from model_code.model.backbone import load_backbone
+    from model_code.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel, apply_lora
 
     home = tmp_path_factory.mktemp("serve")

@@ -6,7 +6,7 @@ import torch
 
 from model_code.synthetic.oracle import OracleAnnotator
 from model_code.annotation.store import annotation_requests
-from model_code.model.backbone import load_backbone
+from model_code.backbone import load_backbone
 from model_code.data import read_dataset
 from model_code.model.cir_cot import CIR_TOKENS, CirCoTModel, apply_lora, parameter_counts
 from model_code.model.train import sample_batch, train, TrainConfig, TrainStep
@@ -82,7 +82,7 @@ def test_forward_backward_reaches_only_trainable_parameters(micro_base, pairs):
 
 
 def test_rehearsal_trains_the_chains_halves_in_the_pretraining_prompts(micro_base, pairs, monkeypatch):
-    from model_code.annotation.cot import parse
+    from model_code.chain import parse
     from model_code.model.cir_cot import unwrap
     from model_code.model.train import edit_answer, edit_request
 
@@ -287,7 +287,7 @@ def test_cot_embedding_is_the_hidden_state_at_the_generated_emb(micro_base, pair
     batched, _ = m.reason_and_embed(refs, texts, max_new_tokens=4, batch_size=3)
     torch.testing.assert_close(alone[0], batched[0], atol=1e-4, rtol=1e-4)
     # a chain written in the right form parses
-    from model_code.annotation.cot import CoT
+    from model_code.chain import CoT
 
     good = CoT("a red circle", "make it blue", "a blue circle").render()
     assert m.embed_queries(refs[:1], texts[:1], [good]).shape == (1, 64)

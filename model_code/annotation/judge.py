@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from model_code.annotation.cot import CoT, CoTFormatError, is_blank, normalised_text, repair
+from model_code.chain import CoT, CoTFormatError, is_blank, normalised_text, repair
 
 # Phrases that betray that the annotator saw the target image.
 LEAKAGE_PATTERNS = (

@@ -106,7 +106,7 @@ class LocalTeacher:
         import torch
 
         if self.model is None:
-            from model_code.model.backbone import load_backbone
+            from model_code.backbone import load_backbone
 
             self.model, self.processor = load_backbone(self.model_path, **self._load_args)
         tok = self.processor.tokenizer

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from model_code.annotation.cot import is_blank
+from model_code.chain import is_blank
 from model_code.data.formats import (CircoEntry, CircoImageInfo, CirrEntry, FashionIQEntry, SyntheticEntry, validate,
                                      validate_entries)
 from model_code.data.tables import (DATASETS, FASHIONIQ_CATEGORIES, HIDDEN_SPLITS, LIST_COLUMNS, SPLITS, Benchmark,

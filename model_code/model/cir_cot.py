@@ -219,7 +219,7 @@ class CirCoTModel(torch.nn.Module):
         ``<emb>`` at once). Returns the embeddings and, per query, ``{"text": raw reasoning, "ids":
         its token ids, "cot": CoT or None, "error": why it did not parse or None}`` (empty dicts in
         ``no_cot``)."""
-        from model_code.annotation.cot import CoTFormatError, parse
+        from model_code.chain import CoTFormatError, parse
 
         if mode == "no_cot":
             return self.embed_queries(images, texts, None, batch_size=batch_size), [{} for _ in texts]
@@ -255,7 +255,7 @@ class CirCoTModel(torch.nn.Module):
         if is_peft and self.base_version is None:
             if self.base_path is None:
                 raise ValueError("an adapter model needs its base model's path or version to be saved")
-            from model_code.model.backbone import checkpoint_version
+            from model_code.backbone import checkpoint_version
 
             self.base_version = checkpoint_version(self.base_path)
         h = hashlib.md5()
@@ -280,7 +280,7 @@ class CirCoTModel(torch.nn.Module):
         A relative base model path (a model store entry's ``../base``) is resolved against ``path``."""
         from transformers import AutoProcessor
 
-        from model_code.model.backbone import load_backbone
+        from model_code.backbone import load_backbone
 
         path = Path(path)
         meta, base_path = check_model_folder(path)

@@ -162,7 +162,7 @@ def edit_target(s: PretrainSample, answer: str = "conclusion") -> str:
     """The answer a text edit is trained to write: the edited description in ``<conclusion>`` tags,
     after the oracle's ``<reasoning>`` when ``answer`` is "chain" (the chain's own conclusion then)."""
     if answer == "chain":
-        from model_code.annotation.cot import parse
+        from model_code.chain import parse
 
         c = parse(s.cot)
         return edit_answer(c.reasoning, c.conclusion)
@@ -253,7 +253,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
     """Pretrain (or resume pretraining) the embedded base into ``out_dir``. With ``minutes``, stop
     at the first evaluation point after that much time (resume later with the same call); returns
     None then, else the record of the finished model (``out_dir/model``, a checkpoint folder)."""
-    from model_code.model.backbone import build_random_backbone, checkpoint_version, load_backbone, save_backbone
+    from model_code.backbone import build_random_backbone, checkpoint_version, load_backbone, save_backbone
     from model_code.model.cir_cot import PROMPTS, CirCoTModel, add_cir_tokens
 
     say = progress or log.info
@@ -345,7 +345,7 @@ def save_bf16(model, processor, path: str | os.PathLike) -> Path:
 def export_checkpoint(out_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """The model as of ``out_dir``'s last training checkpoint, as a checkpoint folder at ``dest``
     (bf16): to fine-tune or inspect a pretraining that is still running."""
-    from model_code.model.backbone import load_backbone
+    from model_code.backbone import load_backbone
 
     out_dir = Path(out_dir)
     state = torch.load(out_dir / "train" / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)

@@ -37,7 +37,7 @@ def pair_examples(triplets, images, root: str | os.PathLike, split: str = "train
                   annotations=None) -> list[TrainExample]:
     """Training pairs of ``split``: reference, modification, first target, hard negatives and, when
     ``annotations`` (the accepted rows of the annotations table) has one, the rendered chain of thought."""
-    from model_code.annotation.cot import CoT
+    from model_code.chain import CoT
 
     root = Path(root)
     rows = triplets[triplets["split"] == split]
@@ -148,7 +148,7 @@ PROFILES = {
 def tiny_corpus(triplets, annotations, descriptions: Sequence[TrainExample]) -> list[str]:
     """The text a tiny tokenizer is trained on: modifications, chains of thought, scene
     descriptions and the prompts."""
-    from model_code.annotation.cot import CoT
+    from model_code.chain import CoT
     from model_code.model.cir_cot import PROMPTS
 
     ok = annotations[annotations["status"] == "ok"] if annotations is not None else None
@@ -204,7 +204,7 @@ def bootstrap_tiny(dataset: str, root: str | os.PathLike, triplets, annotations,
     """Build the tiny base model (tokenizer trained on the corpus, random Qwen2-VL) and pretrain all
     of it on ``dataset``'s images and their descriptions. Resumes an interrupted run; returns
     the record of a finished one without training again."""
-    from model_code.model.backbone import build_random_backbone, checkpoint_version, save_backbone
+    from model_code.backbone import build_random_backbone, checkpoint_version, save_backbone
     from model_code.model.cir_cot import add_cir_tokens, parameter_counts
 
     out_dir = Path(out_dir)
@@ -231,7 +231,7 @@ def bootstrap_tiny(dataset: str, root: str | os.PathLike, triplets, annotations,
 
 def register_checkpoint(path: str | os.PathLike) -> BaseModelRecord:
     """A local checkpoint folder as the base model: checked, versioned by its content."""
-    from model_code.model.backbone import checkpoint_version
+    from model_code.backbone import checkpoint_version
 
     path = Path(path)
     return BaseModelRecord(path=str(path.resolve()), kind="checkpoint", version=checkpoint_version(path))
@@ -243,7 +243,7 @@ EMBEDDED_BASE = Path(__file__).resolve().parent / "embedded_base"   # written by
 def register_embedded(path: str | os.PathLike = EMBEDDED_BASE) -> BaseModelRecord:
     """The pretrained base shipped with the project (``model_code/model/embedded_base``): checked
     against the version its pretraining recorded, so a damaged or half-copied checkpoint is refused."""
-    from model_code.model.backbone import checkpoint_version
+    from model_code.backbone import checkpoint_version
 
     path = Path(path)
     record_file = path / "PRETRAINING.json"
@@ -266,7 +266,7 @@ def train_cir_cot(base: BaseModelRecord, train_pairs: Sequence[TrainExample], va
     no CoT), then stage 2 (``cot``, the joint loss on
     the pairs that have an accepted chain of thought). Saves the model to ``out_dir/model``.
     Each stage resumes from its checkpoint."""
-    from model_code.model.backbone import load_backbone
+    from model_code.backbone import load_backbone
     from model_code.model.cir_cot import add_cir_tokens, apply_lora, parameter_counts
 
     out_dir = Path(out_dir)

@@ -184,7 +184,7 @@ class TrainStep(torch.nn.Module):
         """Cross-entropy of the chains' two halves asked the way pretraining asked them: the
         reference's caption (describe prompt, with the image) and, from that caption and the
         modification, the reasoning and conclusion (edit prompt, text only); their mean."""
-        from model_code.annotation.cot import parse
+        from model_code.chain import parse
 
         m = self.cirmodel
         cots = [parse(ex.cot) for ex in batch]

@@ -1,5 +1,6 @@
 """What cir-shapes lends generic code (``model_code.datasets``): full scene descriptions of its
-images, and the correctness of a generated conclusion read back into objects."""
+images, the pretraining corpus of the embedded base, the oracle annotator, and the correctness of a
+generated conclusion read back into objects."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from model_code.datasets import DatasetHooks, register
 from model_code.synthetic import pretraining, scenes
-from model_code.synthetic.oracle import describe, object_match, scene_from_text
+from model_code.synthetic.oracle import OracleAnnotator, describe, object_match, scene_from_text
 
 
 def image_descriptions(root: str | os.PathLike, split: str = "train") -> list[tuple[str, Path, str]]:
@@ -41,4 +42,4 @@ def reasoning_correctness(root: str | os.PathLike, split: str, queries, reasonin
 
 
 register("synthetic", DatasetHooks(image_descriptions=image_descriptions, reasoning_correctness=reasoning_correctness,
-                                   pretraining=pretraining))
+                                   pretraining=pretraining, annotator=OracleAnnotator))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from model_code.synthetic import scenes
 from model_code.synthetic.edits import apply_edit, not_phrase
-from model_code.annotation.cot import CoT
+from model_code.chain import CoT
 from model_code.annotation.judge import Annotation, AnnotationRequest, judge, rejection
 
 # one name per cell, as the model writes it (the modification texts use scenes.CELL_NAMES' variety)
