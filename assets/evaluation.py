@@ -21,6 +21,7 @@ from assets.common import TABLE_CHECKS, dataset_partitions, latest_record, png_m
 from assets.resources import ArtifactStore, GateResource
 from assets.training import cir_cot_model
 from assets.triplets import triplets
+from model_code.benchmarks import benchmark
 
 
 class EvaluationConfig(dg.Config):
@@ -54,7 +55,7 @@ def evaluation(
 ) -> dg.MaterializeResult:
     from model_code.data import HIDDEN_SPLITS, read_tables
     from model_code.data.tables import TablesRecord, image_paths
-    from model_code.evaluation.evaluate import SCORED_SPLIT, SUBMISSION_SPLIT, EvaluationRecord, evaluate
+    from model_code.evaluation.evaluate import EvaluationRecord, evaluate
     from model_code.evaluation.report import write_report
     from model_code.model.cir_cot import CirCoTModel
     from model_code.model.recipes import TrainedModel
@@ -65,7 +66,7 @@ def evaluation(
     bench = read_tables(tables.folder)
     root = tables.root
     model = CirCoTModel.load(trained.path, dtype=config.dtype, device=config.device)
-    split = config.split or SCORED_SPLIT[name]
+    split = config.split or benchmark(name).scored_split
     if (name, split) in HIDDEN_SPLITS:
         raise dg.Failure(
             description=f"{name}/{split} hides its targets: nothing to score (choose a split with targets)"
@@ -78,7 +79,7 @@ def evaluation(
     out = evaluation_dir(artifacts, name, split)
     written = write_report(ev, out, paths)
     submission_files = []
-    hidden_split = SUBMISSION_SPLIT.get(name)
+    hidden_split = benchmark(name).submission_split
     if config.submissions and hidden_split and hidden_split in set(bench.triplets["split"]):
         hidden = evaluate(model, bench, root, name, hidden_split, **{**kwargs, "methods": [
             m for m in config.methods if m in ("cot", "no_cot")]})

@@ -16,6 +16,7 @@ from assets.common import TABLE_CHECKS, dataset_partitions, latest_record
 from assets.evaluation import promoted_model
 from assets.resources import ArtifactStore, IndexResource
 from assets.triplets import triplets
+from model_code.benchmarks import benchmark
 
 MIN_RECALL = 0.95
 
@@ -40,10 +41,9 @@ def _gallery(dataset: str, bench, root: str):
     """The images of the scored split, and of the split with hidden targets where there is one."""
     from pathlib import Path
 
-    from model_code.evaluation.evaluate import SCORED_SPLIT, SUBMISSION_SPLIT
     from model_code.index import GalleryImage
 
-    splits = {SCORED_SPLIT[dataset], SUBMISSION_SPLIT.get(dataset)}
+    splits = {benchmark(dataset).scored_split, benchmark(dataset).submission_split}
     rows = bench.images[bench.images["split"].isin(splits)]
     return [GalleryImage(i, s, Path(root) / p) for i, s, p in zip(rows["image_id"], rows["split"], rows["path"])]
 
@@ -51,11 +51,10 @@ def _gallery(dataset: str, bench, root: str):
 def _example(model, index, bench, root: str, dataset: str, version: str) -> str:
     """One query of the scored split answered through the index: its reasoning and top 5."""
     from model_code.data.tables import image_paths
-    from model_code.evaluation.evaluate import SCORED_SPLIT
     from model_code.evaluation.metrics import reference_exclusions
     from model_code.retrieval import answer
 
-    split = SCORED_SPLIT[dataset]
+    split = benchmark(dataset).scored_split
     q = bench.triplets[bench.triplets["split"] == split].iloc[0]
     exclude = reference_exclusions(dataset, [q.reference_id])
     reference = image_paths(bench.images, root)[(split, q.reference_id)]
@@ -118,7 +117,6 @@ def index_recall(context: dg.AssetCheckExecutionContext, config: IndexRecallConf
     from model_code import registry
     from model_code.data import read_tables
     from model_code.data.tables import TablesRecord, image_paths
-    from model_code.evaluation.evaluate import SCORED_SPLIT
     from model_code.evaluation.metrics import reference_exclusions
     from model_code.index import exact_topk
 
@@ -126,7 +124,7 @@ def index_recall(context: dg.AssetCheckExecutionContext, config: IndexRecallConf
     record = latest_record(context, gallery_index, name)
     tables = TablesRecord.from_dict(latest_record(context, triplets, name, passed=TABLE_CHECKS))
     bench = read_tables(tables.folder)
-    split = SCORED_SPLIT[name]
+    split = benchmark(name).scored_split
     queries = bench.triplets[bench.triplets["split"] == split].iloc[:config.sample]
     paths = image_paths(bench.images, tables.root)
     model = registry.load_promoted(tag=f"cir-cot:{record['model_version']}")

@@ -11,11 +11,11 @@ is the asset's ``record`` metadata, which the stages downstream read through Dag
 import dagster as dg
 
 from assets.common import dataset_partitions
-from assets.resources import ROOT_LAYOUT, ArtifactStore, DatasetRoots, DvcResource
+from assets.resources import ArtifactStore, DatasetRoots, DvcResource
+from model_code.benchmarks import benchmark
 from model_code.data import annotation_files, available_splits
 from model_code.common import content_hash
 
-SYNTHETIC_STAGE = "synthetic"
 
 @dg.asset(partitions_def=dataset_partitions, group_name="data", kinds={"dvc"},
           description=__doc__.split("\n\n")[0])
@@ -23,12 +23,13 @@ def raw_dataset(context: dg.AssetExecutionContext, datasets: DatasetRoots, dvc: 
                 artifacts: ArtifactStore) -> dg.MaterializeResult:
     name = context.partition_key
     project = dvc.project(echo=context.log.info)
-    if name == "synthetic":
-        (out,) = project.reproduce(SYNTHETIC_STAGE)
+    stage = benchmark(name).dvc_stage
+    if stage:
+        (out,) = project.reproduce(stage)
         if dvc.push:
-            project.push(SYNTHETIC_STAGE)
+            project.push(stage)
         root = project.root / out.path
-        record = {"version": out.md5, "versioned_by": f"dvc stage '{SYNTHETIC_STAGE}'", "nfiles": out.nfiles,
+        record = {"version": out.md5, "versioned_by": f"dvc stage '{stage}'", "nfiles": out.nfiles,
                   "size_bytes": out.size}
     else:
         root = datasets.root(name, must_exist=False)
@@ -38,7 +39,8 @@ def raw_dataset(context: dg.AssetExecutionContext, datasets: DatasetRoots, dvc: 
         root = datasets.root(name)
         files = annotation_files(name, root)
         if not files:
-            raise dg.Failure(description=f"{name}: no annotation files under {root}; expected {ROOT_LAYOUT[name]}")
+            raise dg.Failure(description=f"{name}: no annotation files under {root}; "
+                                         f"expected {benchmark(name).root_layout}")
         record = (
             {"version": tracked, "versioned_by": f"dvc file {root.name}.dvc"}
             if tracked

@@ -12,15 +12,10 @@ from pathlib import Path
 import dagster as dg
 
 from model_code.data.versioning import DvcProject
+from model_code.benchmarks import BENCHMARKS, benchmark
 from model_code.datasets import hooks
+from model_code.evaluation.gate import gate_floors, parse_floors
 
-ROOT_ENV = {"fashioniq": "CIRCOT_FASHIONIQ_ROOT", "cirr": "CIRCOT_CIRR_ROOT", "circo": "CIRCOT_CIRCO_ROOT"}
-ROOT_LAYOUT = {
-    "fashioniq": "the folder holding captions/, image_splits/ and images/",
-    "cirr": "the folder holding captions/ and image_splits/ (or cirr/captions/ ...) and the image folders dev/, "
-            "test1/, train/",
-    "circo": "the folder holding annotations/ and COCO2017_unlabeled/unlabeled2017/",
-}
 
 
 class DatasetRoots(dg.ConfigurableResource):
@@ -32,12 +27,13 @@ class DatasetRoots(dg.ConfigurableResource):
 
     def root(self, dataset: str, *, must_exist: bool = True) -> Path:
         value = getattr(self, dataset, None)
+        spec = benchmark(dataset)
         if not value:
             raise dg.Failure(
                 description=(
                     f"Dataset partition '{dataset}' has no data root configured. Put the benchmark's "
-                    f"official files in a folder ({ROOT_LAYOUT[dataset]}) and either set "
-                    f"{ROOT_ENV[dataset]}=/path/to/it before starting Dagster, or configure the "
+                    f"official files in a folder ({spec.root_layout}) and either set "
+                    f"{spec.root_env}=/path/to/it before starting Dagster, or configure the "
                     f"'datasets' resource's '{dataset}' field. To version it with DVC, run "
                     f"`dvc add <folder>` inside the project and point the root at that folder."))
         path = Path(value).expanduser()
@@ -411,7 +407,9 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
 
     env = os.environ
     errors = environment_errors()
-    roots = dataset_roots if dataset_roots is not None else {d: env.get(v) for d, v in ROOT_ENV.items()}
+    if dataset_roots is None:
+        dataset_roots = {name: env.get(spec.root_env) for name, spec in BENCHMARKS.items() if spec.root_env}
+    roots = dataset_roots
     return {
         "datasets": DatasetRoots(**{k: v for k, v in roots.items() if v}),
         "dvc": DvcResource(project_dir=project_dir or env.get("CIRCOT_PROJECT_DIR", os.getcwd()),
@@ -464,44 +462,6 @@ def _env_bool(name: str, default: bool) -> bool:
     import os
 
     return BOOLEAN_WORDS.get(os.environ.get(name, "").strip().lower(), default)
-
-
-def parse_floors(text: str) -> dict:
-    """``CIRCOT_GATE_FLOORS``: JSON ``{metric: floor}`` (every dataset) and/or ``{dataset: {metric:
-    floor}}``, each floor a finite number from 0 to 1. Returns ``{"": global floors, dataset: floors}``;
-    a ValueError says what is wrong."""
-    import json
-    import math
-
-    try:
-        given = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"is not valid JSON ({e})") from None
-    if not isinstance(given, dict):
-        raise ValueError("must be a JSON object: {metric: floor} or {dataset: {metric: floor}}")
-
-    def floor(where: str, metric: str, value) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not 0 <= value <= 1:
-            raise ValueError(f"{where}{metric!r}: {value!r} is not a number from 0 to 1")
-        return float(value)
-
-    out: dict[str, dict[str, float]] = {"": {}}
-    for key, value in given.items():
-        if isinstance(value, dict):
-            out[key] = {m: floor(f"{key}.", m, v) for m, v in value.items()}
-        else:
-            out[""][key] = floor("", key, value)
-    return out
-
-
-def gate_floors(dataset: str, text: str | None) -> dict[str, float]:
-    """The floors of ``dataset``: the built-in ones, then the configured floors for every dataset,
-    then those for ``dataset``, each over the one before (merged, never replacing the whole set)."""
-    from model_code.evaluation.gate import DEFAULT_FLOORS
-
-    given = parse_floors(text) if text else {"": {}}
-    return {**DEFAULT_FLOORS.get(dataset, {}), **given[""], **given.get(dataset, {})}
 
 
 def environment_errors() -> list[str]:

@@ -21,9 +21,10 @@ from assets.common import ANNOTATION_CHECKS, TABLE_CHECKS, latest_record, png_ma
 from assets.cot_annotations import cot_annotations
 from assets.resources import ArtifactStore, TrainingResource
 from assets.triplets import triplets
+from model_code.benchmarks import names
 from model_code.common import json_key
 
-TRAIN_DATASETS = ["synthetic"]  # the partitions whose annotations the model trains on
+TRAIN_DATASETS = list(names(lambda spec: spec.trains))  # the partitions whose annotations the model trains on
 _training_partitions = dg.SpecificPartitionsPartitionMapping(TRAIN_DATASETS)
 
 

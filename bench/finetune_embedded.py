@@ -108,9 +108,10 @@ def main() -> int:
     print(markdown_table(ev))
     print(json.dumps(ev.metrics, indent=1))
     if args.queries >= 500:   # the gate's verdict, as make run would give it (no production model yet)
-        from model_code.evaluation.gate import DEFAULT_FLOORS, GateConfig, gate
+        from model_code.benchmarks import benchmark
+        from model_code.evaluation.gate import GateConfig, gate
 
-        verdict = gate(ev.metrics, ev.headline, GateConfig(floors=DEFAULT_FLOORS["synthetic"]),
+        verdict = gate(ev.metrics, ev.headline, GateConfig(floors=dict(benchmark("synthetic").gate_floors)),
                        per_query=ev.per_query, strata=ev.strata)
         print(f"# gate: {'PASS' if verdict.passed else 'REFUSE'}")
         for c in verdict.checks:

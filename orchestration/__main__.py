@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 
+from model_code.benchmarks import BENCHMARKS, benchmark
+
 SHOWN = (
     "data_version",
     "dagster/row_count",
@@ -104,7 +106,7 @@ def run(dataset: str, definitions=None, *, annotations_only: bool = False, train
     config = {"ops": {"triplets": {"config": {"require_images": False}}}} if annotations_only else None
     if not run_job(PIPELINE_JOB, dataset, definitions, config, dagster_instance):
         return 1
-    if train if train is not None else dataset == "synthetic":
+    if train if train is not None else benchmark(dataset).trains:
         if not run_job(TRAINING_JOB, None, definitions, None, dagster_instance):
             return 1
     if evaluate is None:  # default: evaluate when there is a trained model to evaluate
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m orchestration")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="materialise the data pipeline for one dataset partition, then train")
-    r.add_argument("--dataset", default="synthetic", choices=["synthetic", "fashioniq", "cirr", "circo"])
+    r.add_argument("--dataset", default="synthetic", choices=list(BENCHMARKS))
     r.add_argument("--annotations-only", action="store_true",
                    help="read a real benchmark's annotations without its images (they are not checked)")
     r.add_argument("--train", dest="train", action="store_true", default=None,
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the evaluation job (evaluation, promotion gate, promoted model)")
     sub.add_parser("models", help="list the cir-cot models in the BentoML store and their stages")
     rb = sub.add_parser("rollback", help="make a dataset's previous production model its production model again")
-    rb.add_argument("--dataset", default="synthetic", choices=["synthetic", "fashioniq", "cirr", "circo"])
+    rb.add_argument("--dataset", default="synthetic", choices=list(BENCHMARKS))
     args = p.parse_args(argv)
     project_homes()
     if args.command == "models":

@@ -31,6 +31,7 @@ import dagster as dg
 
 from assets.common import DATASETS
 from assets.resources import DatasetRoots, DvcResource
+from model_code.benchmarks import benchmark
 
 DEFAULT_CRON = "0 3 * * 1"
 ACTIVE = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
@@ -83,9 +84,10 @@ def _raise(error: OSError) -> None:
 def dataset_fingerprint(dataset: str, roots: DatasetRoots, project_dir: str | os.PathLike) -> str | None:
     """The version of ``dataset`` now: None when it is not configured (nothing to watch)."""
     project = Path(project_dir)
-    if dataset == "synthetic":
+    spec = benchmark(dataset)
+    if spec.dvc_out:
         lock = project / "dvc.lock"
-        return _dvc_out_md5(lock, "data/raw/synthetic") if lock.is_file() else None
+        return _dvc_out_md5(lock, spec.dvc_out) if lock.is_file() else None
     value = getattr(roots, dataset, None)
     if not value:
         return None

@@ -527,8 +527,9 @@ def test_every_unusable_setting_is_named_with_its_value_before_a_run(monkeypatch
 
 
 def test_usable_settings_pass_and_floors_merge_over_the_defaults(monkeypatch):
-    from assets.resources import environment_errors, gate_floors
-    from model_code.evaluation.gate import DEFAULT_FLOORS
+    from assets.resources import environment_errors
+    from model_code.evaluation.gate import gate_floors
+    from model_code.benchmarks import benchmark
 
     for name, value in (("CIRCOT_GATE_COT_NOT_WORSE", "off"), ("CIRCOT_TRAINING_PROCESSES", "2"),
                         ("CIRCOT_GATE_COT_CONFIDENCE", "0.9"), ("CIRCOT_RETRAIN_CRON", "0 4 * * *"),
@@ -536,7 +537,7 @@ def test_usable_settings_pass_and_floors_merge_over_the_defaults(monkeypatch):
         monkeypatch.setenv(name, value)
     assert environment_errors() == []
     # a floor for another dataset, or for every dataset, never removes the built-in ones
-    synthetic = DEFAULT_FLOORS["synthetic"]
+    synthetic = dict(benchmark("synthetic").gate_floors)
     assert gate_floors("synthetic", '{"cirr": {"Avg": 0.6}}') == synthetic
     assert gate_floors("synthetic", '{"R@50": 0.2, "cirr": {"Avg": 0.6}}') == {**synthetic, "R@50": 0.2}
     assert gate_floors("cirr", '{"R@50": 0.2, "cirr": {"Avg": 0.6}}') == {"R@50": 0.2, "Avg": 0.6}

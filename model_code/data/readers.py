@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from model_code.chain import is_blank
+from model_code.benchmarks import BENCHMARKS
 from model_code.data.formats import (CircoEntry, CircoImageInfo, CirrEntry, FashionIQEntry, SyntheticEntry, validate,
                                      validate_entries)
 from model_code.data.tables import (DATASETS, FASHIONIQ_CATEGORIES, HIDDEN_SPLITS, LIST_COLUMNS, SPLITS, Benchmark,
@@ -97,7 +98,7 @@ def _captions_and_split(ann: Path, stem: str) -> tuple[Path, list, dict]:
     return path, entries, paths
 
 
-def _read_synthetic(root: Path, split: str) -> Benchmark:
+def read_synthetic(root: Path, split: str, category: str | None = None) -> Benchmark:
     path, entries, paths = _captions_and_split(root, split)
     rows = []
     for e in validate_entries(SyntheticEntry, entries, path):
@@ -120,7 +121,7 @@ def _cirr_annotation_dir(root: Path) -> Path:
     return root if (root / "captions").is_dir() else root / "cirr"
 
 
-def _read_cirr(root: Path, split: str) -> Benchmark:
+def read_cirr(root: Path, split: str, category: str | None = None) -> Benchmark:
     path, entries, paths = _captions_and_split(_cirr_annotation_dir(root), f"rc2.{split}")
     rows = []
     for i, e in enumerate(validate_entries(CirrEntry, entries, path)):
@@ -143,7 +144,7 @@ def _fashioniq_image_path(root: Path, asin: str, on_disk: set[str] | None) -> st
     return f"images/{asin}.png"
 
 
-def _read_fashioniq(root: Path, split: str, category: str | None) -> Benchmark:
+def read_fashioniq(root: Path, split: str, category: str | None = None) -> Benchmark:
     categories = FASHIONIQ_CATEGORIES if category is None else (category,)
     for c in categories:
         if c not in FASHIONIQ_CATEGORIES:
@@ -185,7 +186,7 @@ def _circo_image_dir(root: Path) -> tuple[Path, str]:
     return root / "COCO2017_unlabeled/unlabeled2017", "COCO2017_unlabeled/unlabeled2017"
 
 
-def _read_circo(root: Path, split: str) -> Benchmark:
+def read_circo(root: Path, split: str, category: str | None = None) -> Benchmark:
     path = root / "annotations" / f"{split}.json"
     entries = _as_list(_load_json(path), path)
     rows = []
@@ -243,14 +244,7 @@ def read_benchmark(name: str, root: str | os.PathLike, split: str, *, category: 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{name}: dataset root {root} does not exist")
-    if name == "synthetic":
-        bench = _read_synthetic(root, split)
-    elif name == "cirr":
-        bench = _read_cirr(root, split)
-    elif name == "fashioniq":
-        bench = _read_fashioniq(root, split, category)
-    else:
-        bench = _read_circo(root, split)
+    bench = BENCHMARKS[name].read(root, split, category)
     _check_paths(name, bench.images)
     if require_images:
         _check_images(name, root, bench.images, bench.triplets)

@@ -31,17 +31,12 @@ import torch
 from model_code.data import HIDDEN_SPLITS
 from model_code.evaluation.metrics import map_at_k, rank_gallery, recall_at_k, recall_subset_at_k, reference_exclusions
 from model_code.common import FileDigests, Progress, Record, atomic_path, json_key
+from model_code.benchmarks import benchmark
 from model_code.datasets import hooks
 
 METHODS = ("cot", "no_cot", "image_only", "text_only")
 MODEL_METHODS = ("cot", "no_cot")  # the model's own query modes; the other two are baselines
-KS = {"synthetic": (1, 5, 10, 50), "cirr": (1, 5, 10, 50), "fashioniq": (10, 50), "circo": (5, 10, 25, 50)}
 SUBSET_KS = (1, 2, 3)
-# the one number per benchmark that the gate's regression check and the model labels use
-HEADLINE = {"synthetic": "R@10", "cirr": "Avg", "fashioniq": "Avg", "circo": "mAP@10"}
-# the split each benchmark is scored on, and its split with hidden targets (submission files)
-SCORED_SPLIT = {"synthetic": "test", "cirr": "val", "fashioniq": "val", "circo": "val"}
-SUBMISSION_SPLIT = {"cirr": "test1", "circo": "test"}
 TOP = 50  # ranking depth kept (the largest K, and what the evaluation servers take)
 
 
@@ -74,7 +69,7 @@ class Evaluation:
 
     @property
     def headline(self) -> str:
-        return HEADLINE[self.dataset]
+        return benchmark(self.dataset).headline
 
 
 @dataclasses.dataclass
@@ -277,52 +272,48 @@ def _recall_keys(values: dict[int, float], prefix: str = "R") -> dict[str, float
 
 def score(dataset: str, per_group: list[tuple[Group, dict[str, list[list[str]]]]], methods: Sequence[str]) -> dict:
     """``{method: {metric: value}}`` for ``dataset`` from full rankings (reference already excluded)."""
-    ks = KS[dataset]
-    out = {}
-    for method in methods:
-        m: dict[str, float] = {}
-        if dataset == "fashioniq":
-            for group, ranked in per_group:
-                for k, v in recall_at_k(ranked[method], list(group.queries["target_ids"]), ks).items():
-                    m[f"{group.name}/R@{k}"] = v
-            for k in ks:
-                m[f"R@{k}"] = sum(m[f"{g.name}/R@{k}"] for g, _ in per_group) / len(per_group)
-            m["Avg"] = sum(m[f"R@{k}"] for k in ks) / len(ks)
-        else:
-            (group, ranked), = per_group
-            targets = list(group.queries["target_ids"])
-            if dataset == "circo":
-                m.update(_recall_keys(map_at_k(ranked[method], targets, ks), "mAP"))
-            else:
-                m.update(_recall_keys(recall_at_k(ranked[method], targets, ks)))
-            if dataset == "cirr":
-                m.update(_recall_keys(recall_subset_at_k(ranked[method], targets, list(group.queries["subset_ids"]),
-                                                         SUBSET_KS), "R_subset"))
-                m["Avg"] = (m["R@5"] + m["R_subset@1"]) / 2
-            m.update(breakdown(group.queries, ranked[method]))
-        out[method] = m
-    return out
+    return {method: _score_method(dataset, per_group, method) for method in methods}
+
+
+def _score_method(dataset: str, per_group, method: str, *, breakdowns: bool = True) -> dict[str, float]:
+    ks = benchmark(dataset).ks
+    m: dict[str, float] = {}
+    if dataset == "fashioniq":
+        for group, ranked in per_group:
+            for k, v in recall_at_k(ranked[method], list(group.queries["target_ids"]), ks).items():
+                m[f"{group.name}/R@{k}"] = v
+        for k in ks:
+            m[f"R@{k}"] = sum(m[f"{g.name}/R@{k}"] for g, _ in per_group) / len(per_group)
+        m["Avg"] = sum(m[f"R@{k}"] for k in ks) / len(ks)
+        return m
+    (group, ranked), = per_group
+    targets = list(group.queries["target_ids"])
+    if dataset == "circo":
+        m.update(_recall_keys(map_at_k(ranked[method], targets, ks), "mAP"))
+    else:
+        m.update(_recall_keys(recall_at_k(ranked[method], targets, ks)))
+    if dataset == "cirr":
+        m.update(_recall_keys(recall_subset_at_k(ranked[method], targets, list(group.queries["subset_ids"]),
+                                                 SUBSET_KS), "R_subset"))
+        m["Avg"] = (m["R@5"] + m["R_subset@1"]) / 2
+    if breakdowns:
+        m.update(breakdown(group.queries, ranked[method]))
+    return m
 
 
 def headline_per_query(dataset: str, per_group: list[tuple[Group, dict[str, list[list[str]]]]],
                        method: str) -> dict[str, float]:
-    """Each query's share of the headline metric, scored alone by the metric functions: what a
-    paired comparison of two methods needs. Their mean is the headline; for FashionIQ the mean of
-    each category's mean (``Evaluation.strata`` groups the queries)."""
+    """Each query's share of the headline metric: the query scored alone by :func:`score`'s own
+    rules (what a paired comparison of two methods needs). Their mean is the headline; for FashionIQ
+    the mean of each category's mean (``Evaluation.strata`` groups the queries)."""
+    headline = benchmark(dataset).headline
     out = {}
     for group, ranked in per_group:
         q = group.queries
-        for i, (qid, targets) in enumerate(zip(q["query_id"], q["target_ids"])):
-            r, gt = [ranked[method][i]], [targets]
-            if dataset == "synthetic":
-                value = recall_at_k(r, gt, [10])[10]
-            elif dataset == "cirr":
-                value = (recall_at_k(r, gt, [5])[5] + recall_subset_at_k(r, gt, [q["subset_ids"].iloc[i]], [1])[1]) / 2
-            elif dataset == "fashioniq":
-                value = sum(recall_at_k(r, gt, KS["fashioniq"]).values()) / len(KS["fashioniq"])
-            else:
-                value = map_at_k(r, gt, [10])[10]
-            out[qid] = value
+        for i, qid in enumerate(q["query_id"]):
+            alone = dataclasses.replace(group, queries=q.iloc[[i]])
+            out[qid] = _score_method(dataset, [(alone, {method: [ranked[method][i]]})], method,
+                                     breakdowns=False)[headline]
     return out
 
 

@@ -15,14 +15,43 @@ Three rules, each reported with its numbers so the verdict explains itself:
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 
-# Floors of the embedded default, on the synthetic test split: what its recipe on the 2026-11-29 base
-# clears over two seeds with a margin of 0.07-0.12 (CIR-CoT R@10 0.770 / 0.718, R@50 0.888 / 0.876:
-# `make run` on a fresh clone, `bench/finetune_embedded.py --base model_code/model/embedded_base
-# --seed 1`), far above chance (R@10 of a random ranking of its 2,000 images is 0.005) and above
-# copying the reference (image-only R@10 0.624 / 0.588, R@50 0.794 / 0.774); real datasets start
-# without floors (configure them: CIRCOT_GATE_FLOORS) and rely on the other two rules.
-DEFAULT_FLOORS = {"synthetic": {"R@10": 0.65, "R@50": 0.80}}
+from model_code.benchmarks import benchmark
+
+
+def parse_floors(text: str) -> dict:
+    """``CIRCOT_GATE_FLOORS``: JSON ``{metric: floor}`` (every dataset) and/or ``{dataset: {metric:
+    floor}}``, each floor a finite number from 0 to 1. Returns ``{"": global floors, dataset: floors}``;
+    a ValueError says what is wrong."""
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not valid JSON ({e})") from None
+    if not isinstance(given, dict):
+        raise ValueError("must be a JSON object: {metric: floor} or {dataset: {metric: floor}}")
+
+    def floor(where: str, metric: str, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not 0 <= value <= 1:
+            raise ValueError(f"{where}{metric!r}: {value!r} is not a number from 0 to 1")
+        return float(value)
+
+    out: dict[str, dict[str, float]] = {"": {}}
+    for key, value in given.items():
+        if isinstance(value, dict):
+            out[key] = {m: floor(f"{key}.", m, v) for m, v in value.items()}
+        else:
+            out[""][key] = floor("", key, value)
+    return out
+
+
+def gate_floors(dataset: str, text: str | None) -> dict[str, float]:
+    """The floors of ``dataset``: the built-in ones, then the configured floors for every dataset,
+    then those for ``dataset``, each over the one before (merged, never replacing the whole set)."""
+    given = parse_floors(text) if text else {"": {}}
+    return {**benchmark(dataset).gate_floors, **given[""], **given.get(dataset, {})}
 
 
 @dataclasses.dataclass

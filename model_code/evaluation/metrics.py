@@ -2,7 +2,7 @@
 
 The metric functions take rankings that already exclude whatever the benchmark excludes;
 :func:`rank_gallery` makes such rankings from embeddings and applies each benchmark's
-reference-exclusion rule (:data:`EXCLUDES_REFERENCE`).
+reference-exclusion rule (``BenchmarkSpec.excludes_reference``, ``model_code.benchmarks``).
 
 - Recall@K: the share of queries with a ground-truth target in the top K. A query whose targets are
   not in the gallery still counts (as a miss); a ranking shorter than K is read in full.
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-# Benchmarks whose protocol removes the query's reference image from its ranking.
-EXCLUDES_REFERENCE = {"cirr": True, "synthetic": True, "fashioniq": False, "circo": False}
+from model_code.benchmarks import benchmark
+
 
 
 def _check(rankings, *others) -> None:
@@ -88,6 +88,4 @@ def rank_gallery(query_embeddings, gallery_embeddings, gallery_ids: Sequence[str
 
 def reference_exclusions(dataset: str, reference_ids: Sequence[str]) -> list[set[str]] | None:
     """What :func:`rank_gallery` must exclude for ``dataset``: each query's reference, or nothing."""
-    if dataset not in EXCLUDES_REFERENCE:
-        raise ValueError(f"unknown dataset {dataset!r}")
-    return [{r} for r in reference_ids] if EXCLUDES_REFERENCE[dataset] else None
+    return [{r} for r in reference_ids] if benchmark(dataset).excludes_reference else None

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 
 from model_code.common import atomic_write_json
-from model_code.evaluation.evaluate import KS, MODEL_METHODS, Evaluation
+from model_code.benchmarks import benchmark
+from model_code.evaluation.evaluate import MODEL_METHODS, Evaluation
 
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -52,7 +53,7 @@ def plot_recall(ev: Evaluation, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     prefix = "mAP" if ev.dataset == "circo" else "R"
-    ks = KS[ev.dataset]
+    ks = benchmark(ev.dataset).ks
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for method, m in ev.metrics.items():
         ax.plot(ks, [m[f"{prefix}@{k}"] for k in ks], marker="o", label=method)

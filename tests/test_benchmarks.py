@@ -1,0 +1,62 @@
+"""The benchmark specs (model_code.benchmarks): each one coherent, and the facts the pipeline reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from model_code.benchmarks import BENCHMARKS, UnknownBenchmarkError, benchmark, names
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_spec_is_coherent(name):
+    spec = benchmark(name)
+    assert spec.name == name
+    assert spec.scored_split in spec.splits and spec.scored_split not in spec.hidden_splits
+    assert set(spec.hidden_splits) <= set(spec.splits)
+    assert spec.submission_split is None or spec.submission_split in spec.hidden_splits
+    assert list(spec.ks) == sorted(set(spec.ks)) and spec.ks[-1] <= 50
+    assert (spec.root_env is None) != (spec.dvc_stage is None), "a benchmark is either configured or generated"
+    module, function = spec.reader.split(":")
+    assert callable(getattr(__import__(module, fromlist=[function]), function))
+    assert all(0 <= v <= 1 for v in spec.gate_floors.values())
+
+
+def test_unknown_benchmark_names_the_known_ones():
+    with pytest.raises(UnknownBenchmarkError, match="known: synthetic, fashioniq, cirr, circo"):
+        benchmark("coco")
+
+
+def test_specs_are_read_only():
+    with pytest.raises(TypeError):
+        BENCHMARKS["synthetic"].gate_floors["R@10"] = 0.0
+    with pytest.raises(AttributeError):
+        BENCHMARKS["synthetic"].headline = "R@1"
+
+
+def test_views_follow_the_specs():
+    from model_code.data import DATASETS, HIDDEN_SPLITS, SPLITS
+    from model_code.evaluation.metrics import reference_exclusions
+
+    assert DATASETS == names() and names(lambda s: s.trains) == ("synthetic",)
+    assert SPLITS["circo"] == ("val", "test") and ("cirr", "test1") in HIDDEN_SPLITS
+    assert reference_exclusions("cirr", ["a"]) == [{"a"}] and reference_exclusions("circo", ["a"]) is None
+
+
+def test_headline_per_query_averages_to_the_headline():
+    """The per-query headline (the gate's paired test) is the same computation as the headline."""
+    import pandas as pd
+
+    from model_code.evaluation.evaluate import Group, headline_per_query, score
+
+    queries = pd.DataFrame({"query_id": ["q1", "q2", "q3"], "target_ids": [["a"], ["b"], ["c"]],
+                            "subset_ids": [["a", "x"], ["b", "y"], ["z", "c"]],
+                            "n_edits": [None] * 3, "reference_dependent": [None] * 3})
+    ranked = {"cot": [["x", "a"], ["b"], ["z", "y", "x", "w", "v", "c"]]}
+    for dataset in ("synthetic", "cirr", "circo"):
+        per_group = [(Group("", queries, [], []), ranked)]
+        headline = benchmark(dataset).headline
+        per_query = headline_per_query(dataset, per_group, "cot")
+        assert sum(per_query.values()) / 3 == pytest.approx(score(dataset, per_group, ["cot"])["cot"][headline])
+    # CIRR by hand: q1 R@5 1, R_subset@1 0 (x first); q2 1, 1; q3 0 (c at rank 6), R_subset@1 0 (z first)
+    assert headline_per_query("cirr", [(Group("", queries, [], []), ranked)], "cot") == {"q1": 0.5, "q2": 1.0,
+                                                                                       "q3": 0.0}
