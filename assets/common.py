@@ -35,18 +35,27 @@ TABLE_CHECKS = ("triplets_suite", "images_suite")  # the blocking checks a tripl
 ANNOTATION_CHECKS = ("annotations_suite",)
 
 
-@dg.success_hook(name="push_artifacts")
+def artifact_store(context):
+    """The run's artifact store (the ``artifacts`` resource, which every asset and check that reads
+    or writes artifacts declares)."""
+    store = getattr(context.resources, "artifacts", None)
+    if store is None:
+        raise dg.DagsterInvariantViolationError("this step reads artifacts but does not declare the 'artifacts' "
+                                                "resource (add `artifacts: ArtifactStore` to its parameters)")
+    return store
+
+
+@dg.success_hook(name="push_artifacts", required_resource_keys={"artifacts"})
 def push_artifacts(context: dg.HookContext) -> None:
     """After each asset's step: upload the folders its record names to the object store (when the
     artifacts root is one), so a stage on another machine can pull them."""
-    from assets.resources import sync_record_paths
-
+    store = artifact_store(context)
     for record in context.instance.all_logs(context.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
         if record.dagster_event.step_key != context.step_key:
             continue
         metadata = record.dagster_event.event_specific_data.materialization.metadata
         if "record" in metadata:
-            sync_record_paths(metadata["record"].value, "push")
+            store.sync_record_paths(metadata["record"].value, "push")
 
 
 def publish_version(staging: Path, folder: Path) -> Path:
@@ -64,16 +73,13 @@ def publish_version(staging: Path, folder: Path) -> Path:
 
 
 
-def record_check(folder: str | Path, check: str, passed: bool, **details) -> None:
-    """Note beside a version's files whether the blocking check ``check`` passed on it."""
+def record_check(context, folder: str | Path, check: str, passed: bool, **details) -> None:
+    """Note beside a version's files whether the blocking check ``check`` passed on it (and send the
+    note to the object store, when the artifacts root is one)."""
     from model_code.common import atomic_write_json
 
-    from assets.resources import active_store
-
     atomic_write_json(Path(folder) / CHECKS_FOLDER / f"{check}.json", {"passed": passed, **details})
-    store = active_store()
-    if store is not None:
-        store.push(Path(folder) / CHECKS_FOLDER / f"{check}.json")
+    artifact_store(context).push(Path(folder) / CHECKS_FOLDER / f"{check}.json")
 
 
 def checks_passed(folder: str | Path, checks: tuple[str, ...]) -> bool:
@@ -96,6 +102,7 @@ def latest_record(context, asset, partition: str | None = None, *, passed: tuple
     says the upstream is, not whichever file a run wrote last. With ``passed`` (blocking checks),
     the newest materialisation whose version passed all of them: one rejected by a check never
     replaces the one that passed (each version keeps its own folder, ``record[folder_field]``)."""
+    store = artifact_store(context)
     key = asset if isinstance(asset, dg.AssetKey) else getattr(asset, "key", None) or dg.AssetKey(asset)
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None),
@@ -110,9 +117,7 @@ def latest_record(context, asset, partition: str | None = None, *, passed: tuple
             raise dg.Failure(description=f"the newest materialisation of {label} carries no record (made by an "
                                          f"older version of the pipeline): materialise it again")
         record = metadata["record"].value
-        from assets.resources import sync_record_paths
-
-        sync_record_paths(record, "pull")   # another machine may have written it (an object-store root)
+        store.sync_record_paths(record, "pull")   # another machine may have written it (an object-store root)
         if not passed:
             return record
         folder = Path(str(record[folder_field]))

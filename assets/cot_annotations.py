@@ -118,14 +118,14 @@ def cot_annotations(context: dg.AssetExecutionContext, config: AnnotationConfig,
     description="Annotation gate (Great Expectations): acceptance rate, sections, lengths, leakage, "
     "caption vs conclusion",
 )
-def annotations_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+def annotations_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStore) -> dg.AssetCheckResult:
     name = context.partition_key
     record = AnnotationsRecord.from_dict(latest_record(context, cot_annotations, name))
     table = read_annotations(record.path)
     tables = TablesRecord.from_dict(latest_record(context, triplets, name, passed=TABLE_CHECKS))
     bench = read_tables(tables.folder)
     report = validate_annotations(table, bench.triplets, min_acceptance=record.min_acceptance)
-    record_check(Path(record.path).parent, "annotations_suite", report.success)
+    record_check(context, Path(record.path).parent, "annotations_suite", report.success)
     if not report.success:
         context.log.error(report.to_text())
     return check_result(report, min_acceptance=record.min_acceptance)

@@ -121,7 +121,8 @@ def _verdict_path(record) -> Path:
     partitions_def=dataset_partitions,
     description="Promotion gate: metric floors, CoT not worse than no-CoT, no regression against production",
 )
-def promotion_gate(context: dg.AssetCheckExecutionContext, gate: GateResource) -> dg.AssetCheckResult:
+def promotion_gate(context: dg.AssetCheckExecutionContext, gate: GateResource,
+                   artifacts: ArtifactStore) -> dg.AssetCheckResult:
     from model_code import registry
     from model_code.common import atomic_write_json
     from model_code.evaluation.evaluate import EvaluationRecord
@@ -160,7 +161,8 @@ class PromotionConfig(dg.Config):
     description="The gated model in the BentoML model store as cir-cot, production for this dataset, "
     "with lineage labels",
 )
-def promoted_model(context: dg.AssetExecutionContext, config: PromotionConfig) -> dg.MaterializeResult:
+def promoted_model(context: dg.AssetExecutionContext, config: PromotionConfig,
+                   artifacts: ArtifactStore) -> dg.MaterializeResult:
     from model_code import registry
     from model_code.evaluation.evaluate import EvaluationRecord
     from model_code.model.recipes import TrainedModel

@@ -12,9 +12,10 @@ from pathlib import Path
 import dagster as dg
 
 from model_code.data.versioning import DvcProject
-from model_code.benchmarks import BENCHMARKS, benchmark
+from model_code.benchmarks import benchmark
 from model_code.datasets import hooks
-from model_code.evaluation.gate import gate_floors, parse_floors
+from model_code.evaluation.gate import gate_floors
+from model_code.settings import PipelineSettings, load
 
 
 
@@ -53,36 +54,6 @@ class DvcResource(dg.ConfigurableResource):
         return DvcProject(Path(self.project_dir), self.remote, echo)
 
 
-_ACTIVE_STORE = None
-
-
-def active_store():
-    """The artifact store of the run executing in this process (None outside a run)."""
-    return _ACTIVE_STORE
-
-
-def sync_record_paths(record: dict, direction: str) -> None:
-    """Pull (``"pull"``) or push (``"push"``) every file or folder a record names under the
-    artifacts root (a no-op for a local root): how a stage on one machine sees what a stage on
-    another wrote. A file inside a version folder brings its folder (its check results live there)."""
-    store = _ACTIVE_STORE
-    if store is None or not store.remote:
-        return
-    root = store.local_root()
-    for value in _strings(record):
-        path = Path(value)
-        if not path.is_absolute():
-            continue
-        try:
-            path.relative_to(root)
-        except ValueError:
-            continue
-        sync = store.pull if direction == "pull" else store.push
-        sync(path)
-        if path.suffix:   # a file in a version folder: that version's check results too
-            sync(path.parent / "checks")
-
-
 def _strings(value):
     if isinstance(value, str):
         yield value
@@ -106,10 +77,13 @@ class ArtifactStore(dg.ConfigurableResource):
 
     root: str = "artifacts"
     cache: str | None = None
+    # unusable settings in the environment (model_code.settings): every run refuses to start with them
+    configuration_errors: list[str] = []
 
     def setup_for_execution(self, context) -> None:
-        global _ACTIVE_STORE
-        _ACTIVE_STORE = self   # what assets.common's lineage helpers sync records' folders through
+        if self.configuration_errors:
+            raise dg.Failure(description="The configuration cannot be used (docs/configuration.md):\n"
+                                         + "\n".join(f"- {e}" for e in self.configuration_errors))
 
     @property
     def remote(self) -> bool:
@@ -149,6 +123,26 @@ class ArtifactStore(dg.ConfigurableResource):
 
         fs, base = url_to_fs(self.root)
         return fs, f"{base.rstrip('/')}/{rel.as_posix()}" if rel.parts else base
+
+    def sync_record_paths(self, record: dict, direction: str) -> None:
+        """Pull (``"pull"``) or push (``"push"``) every file or folder a record names under the
+        artifacts root (a no-op for a local root): how a stage on one machine sees what a stage on
+        another wrote. A file inside a version folder brings its folder (its check results live there)."""
+        if not self.remote:
+            return
+        root = self.local_root()
+        sync = self.pull if direction == "pull" else self.push
+        for value in _strings(record):
+            path = Path(value)
+            if not path.is_absolute():
+                continue
+            try:
+                path.relative_to(root)
+            except ValueError:
+                continue
+            sync(path)
+            if path.suffix:   # a file in a version folder: that version's check results too
+                sync(path.parent / "checks")
 
     def push(self, local: str | Path) -> int:
         """Upload a file or folder written under the local root to the object store (large files
@@ -337,7 +331,6 @@ class GateResource(dg.ConfigurableResource):
     synthetic benchmark and none elsewhere."""
 
     floors: str | None = None
-    env_errors: list[str] = []  # settings from the environment that could not be read (reported at run time)
     cot_not_worse: bool = True
     cot_tolerance: float = 0.0
     cot_confidence: float | None = 0.95  # None or 0: compare the means, not a paired test over the queries
@@ -346,8 +339,6 @@ class GateResource(dg.ConfigurableResource):
     def config(self, dataset: str):
         from model_code.evaluation.gate import GateConfig
 
-        if self.env_errors:
-            raise dg.Failure(description="the promotion gate is misconfigured: " + "; ".join(self.env_errors))
         try:
             floors = gate_floors(dataset, self.floors)
         except ValueError as e:
@@ -361,148 +352,30 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
                                dataset_roots: dict[str, str] | None = None, dvc_remote: str | None = None,
                                dvc_push: bool = True, annotator: AnnotatorResource | None = None,
                                training: TrainingResource | None = None, gate: GateResource | None = None) -> dict:
-    """The resources, each from its argument when given, else from the environment, with defaults
-    that run the embedded profile:
-
-    Resources are configured here from the environment, with defaults that run the embedded profile:
-
-    ====================== ===================================== ==============================
-    variable               meaning                               default
-    ====================== ===================================== ==============================
-    CIRCOT_PROJECT_DIR     DVC project (dvc.yaml, params.yaml)   current directory
-    CIRCOT_DVC_REMOTE      DVC remote to push to / pull from     the project's default remote
-    CIRCOT_ARTIFACTS       artifacts root (folder or fsspec URI) ``artifacts``
-    CIRCOT_ARTIFACTS_CACHE local copy of a URI root               ~/.cache/circot/artifacts/<hash>
-    CIRCOT_FASHIONIQ_ROOT  FashionIQ root (official layout)      unset: partition fails, says how
-    CIRCOT_CIRR_ROOT       CIRR root                             unset
-    CIRCOT_CIRCO_ROOT      CIRCO root                            unset
-    CIRCOT_TEACHER         annotator: auto|oracle|local|remote   auto (oracle for synthetic)
-    CIRCOT_TEACHER_MODEL_PATH  local Qwen2-VL-family teacher      unset
-    CIRCOT_TEACHER_URL     OpenAI-compatible endpoint (…/v1)     unset
-    CIRCOT_TEACHER_MODEL   model name at that endpoint           unset
-    CIRCOT_TEACHER_API_KEY_ENV  variable holding the API key     OPENAI_API_KEY
-    CIRCOT_PROFILE         training profile: embedded | gpu      embedded
-    CIRCOT_BASE_MODEL_PATH local Qwen2-VL-family checkpoint      unset (embedded: the tiny base)
-    CIRCOT_TRAINING_LAUNCHER  in_process|subprocess|kubernetes   in_process
-    CIRCOT_TRAINING_PROCESSES processes (GPUs) of a launch       1
-    CIRCOT_K8S_IMAGE       training pod image (kubernetes)       unset
-    CIRCOT_K8S_NAMESPACE   training pod namespace                default
-    CIRCOT_K8S_GPUS        GPUs of the training pod              1
-    CIRCOT_K8S_ARTIFACTS_PVC  volume claim of the artifacts root  unset
-    CIRCOT_RETRAIN_CRON    retraining schedule (cron)            ``0 3 * * 1`` (Mondays 03:00)
-    CIRCOT_ALERT_WEBHOOK   URL a failed run is posted to (JSON)  unset: logged
-    CIRCOT_DAGSTER_URL     the UI's address, for alert links     http://127.0.0.1:3000
-    CIRCOT_GATE_FLOORS     gate floors, JSON {metric: floor} or   built-in synthetic floors
-                           {dataset: {metric: floor}}
-    CIRCOT_GATE_COT_NOT_WORSE  require cot >= no_cot (1/0)       1
-    CIRCOT_GATE_COT_TOLERANCE  how far cot may trail no_cot      0.0
-    CIRCOT_GATE_COT_CONFIDENCE paired test: fail when cot is     0.95 (0: compare means)
-                           worse at this confidence
-    CIRCOT_GATE_MAX_REGRESSION headline drop vs production       0.01
-    CIRCOT_INDEX_URI       LanceDB URI of the gallery indexes     <artifacts>/lancedb
-    BENTOML_HOME           BentoML store (promoted models)        ~/bentoml (make: ./.bentoml)
-    ====================== ===================================== ==============================
-    """
+    """The resources, each from its argument when given, else from the environment
+    (:class:`model_code.settings.PipelineSettings`: every variable, its default and meaning are in
+    docs/configuration.md). An unusable variable never stops the definitions from loading: its
+    default is used here, and every run refuses to start while it is set (the artifacts resource
+    carries the messages)."""
     import os
 
-    env = os.environ
-    errors = environment_errors()
-    if dataset_roots is None:
-        dataset_roots = {name: env.get(spec.root_env) for name, spec in BENCHMARKS.items() if spec.root_env}
-    roots = dataset_roots
+    s, errors = load(PipelineSettings)
     return {
-        "datasets": DatasetRoots(**{k: v for k, v in roots.items() if v}),
-        "dvc": DvcResource(project_dir=project_dir or env.get("CIRCOT_PROJECT_DIR", os.getcwd()),
-                           remote=dvc_remote or env.get("CIRCOT_DVC_REMOTE"), push=dvc_push),
-        "artifacts": ArtifactStore(root=artifacts_root or (env.get("CIRCOT_ARTIFACTS") or "artifacts"),
-                                   cache=env.get("CIRCOT_ARTIFACTS_CACHE") or None),
+        "datasets": DatasetRoots(**(s.dataset_roots() if dataset_roots is None else
+                                    {k: v for k, v in dataset_roots.items() if v})),
+        "dvc": DvcResource(project_dir=project_dir or s.project_dir or os.getcwd(),
+                           remote=dvc_remote or s.dvc_remote, push=dvc_push),
+        "artifacts": ArtifactStore(root=artifacts_root or s.artifacts, cache=s.artifacts_cache,
+                                   configuration_errors=errors),
         "annotator": annotator or AnnotatorResource(
-            kind=env.get("CIRCOT_TEACHER", "auto"), local_model_path=env.get("CIRCOT_TEACHER_MODEL_PATH"),
-            remote_base_url=env.get("CIRCOT_TEACHER_URL"), remote_model=env.get("CIRCOT_TEACHER_MODEL"),
-            api_key_env=env.get("CIRCOT_TEACHER_API_KEY_ENV", "OPENAI_API_KEY")),
+            kind=s.teacher, local_model_path=s.teacher_model_path, remote_base_url=s.teacher_url,
+            remote_model=s.teacher_model, api_key_env=s.teacher_api_key_env),
         "training": training or TrainingResource(
-            profile=env.get("CIRCOT_PROFILE", "embedded"), base_model_path=env.get("CIRCOT_BASE_MODEL_PATH"),
-            launcher=env.get("CIRCOT_TRAINING_LAUNCHER", "in_process"),
-            processes=int(_env_number("CIRCOT_TRAINING_PROCESSES", 1)),
-            k8s_image=env.get("CIRCOT_K8S_IMAGE"), k8s_namespace=env.get("CIRCOT_K8S_NAMESPACE", "default"),
-            k8s_gpus=int(_env_number("CIRCOT_K8S_GPUS", 1)), k8s_artifacts_volume=env.get("CIRCOT_K8S_ARTIFACTS_PVC")),
-        "index": IndexResource(uri=env.get("CIRCOT_INDEX_URI") or None),
+            profile=s.profile, base_model_path=s.base_model_path, launcher=s.training_launcher,
+            processes=s.training_processes, k8s_image=s.k8s_image, k8s_namespace=s.k8s_namespace,
+            k8s_gpus=s.k8s_gpus, k8s_artifacts_volume=s.k8s_artifacts_pvc),
+        "index": IndexResource(uri=s.index_uri),
         "gate": gate or GateResource(
-            floors=env.get("CIRCOT_GATE_FLOORS") or None, env_errors=errors,
-            cot_not_worse=_env_bool("CIRCOT_GATE_COT_NOT_WORSE", True),
-            cot_tolerance=_env_number("CIRCOT_GATE_COT_TOLERANCE", 0.0),
-            cot_confidence=_env_number("CIRCOT_GATE_COT_CONFIDENCE", 0.95),
-            max_regression=_env_number("CIRCOT_GATE_MAX_REGRESSION", 0.01)),
+            floors=s.gate_floors, cot_not_worse=s.gate_cot_not_worse, cot_tolerance=s.gate_cot_tolerance,
+            cot_confidence=s.gate_cot_confidence, max_regression=s.gate_max_regression),
     }
-
-
-NUMBER_VARIABLES = {"CIRCOT_GATE_COT_TOLERANCE": (0.0, None), "CIRCOT_GATE_COT_CONFIDENCE": (0.0, 0.9999),
-                    "CIRCOT_GATE_MAX_REGRESSION": (0.0, None)}
-INTEGER_VARIABLES = {"CIRCOT_TRAINING_PROCESSES": 1, "CIRCOT_K8S_GPUS": 0}     # name -> least value
-BOOLEAN_VARIABLES = ("CIRCOT_GATE_COT_NOT_WORSE",)
-BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-                 "off": False}
-NON_EMPTY_VARIABLES = ("CIRCOT_ARTIFACTS", "CIRCOT_PROFILE", "CIRCOT_TRAINING_LAUNCHER", "CIRCOT_TEACHER")
-
-
-def _env_number(name: str, default: float) -> float:
-    """The variable as a number, or ``default`` when unset or unusable (:func:`environment_errors`
-    reports the unusable ones; nothing raises while the definitions load)."""
-    import math
-    import os
-
-    try:
-        value = float(os.environ[name]) if os.environ.get(name, "").strip() else default
-    except ValueError:
-        return default
-    return value if math.isfinite(value) else default
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    import os
-
-    return BOOLEAN_WORDS.get(os.environ.get(name, "").strip().lower(), default)
-
-
-def environment_errors() -> list[str]:
-    """Every setting in the environment that cannot be used, each naming its variable, its value and
-    what is expected (checked when a run starts, before anything is trained)."""
-    import math
-    import os
-
-    errors = []
-
-    def raw(name: str) -> str | None:
-        value = os.environ.get(name)
-        return None if value is None or not value.strip() else value.strip()
-
-    for name, (low, high) in NUMBER_VARIABLES.items():
-        if (text := raw(name)) is None:
-            continue
-        try:
-            value = float(text)
-        except ValueError:
-            errors.append(f"{name}={text!r} is not a number")
-            continue
-        if not math.isfinite(value) or value < low or (high is not None and value > high):
-            errors.append(f"{name}={text!r} is out of range (a number from {low}" + (f" to {high})" if high else ")"))
-    for name, low in INTEGER_VARIABLES.items():
-        if (text := raw(name)) is not None and not (text.isdigit() and int(text) >= low):
-            errors.append(f"{name}={text!r} is not a whole number of at least {low}")
-    for name in BOOLEAN_VARIABLES:
-        if (text := raw(name)) is not None and text.lower() not in BOOLEAN_WORDS:
-            errors.append(f"{name}={text!r} is not one of {', '.join(BOOLEAN_WORDS)}")
-    for name in NON_EMPTY_VARIABLES:
-        if name in os.environ and raw(name) is None:
-            errors.append(f"{name} is set but empty: unset it for the default, or give a value")
-    if (text := raw("CIRCOT_GATE_FLOORS")) is not None:
-        try:
-            parse_floors(text)
-        except ValueError as e:
-            errors.append(f"CIRCOT_GATE_FLOORS={text!r} {e}")
-    if (text := raw("CIRCOT_RETRAIN_CRON")) is not None:
-        from dagster._utils.schedules import is_valid_cron_string
-
-        if not is_valid_cron_string(text):
-            errors.append(f"CIRCOT_RETRAIN_CRON={text!r} is not a cron expression (five fields, e.g. '0 3 * * 1')")
-    return errors

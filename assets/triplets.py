@@ -73,11 +73,11 @@ def triplets(
 
 @dg.asset_check(asset=triplets, blocking=True, partitions_def=dataset_partitions,
                 description="Great Expectations suite on the triplets table (ids, texts, splits, lists, named images)")
-def triplets_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+def triplets_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStore) -> dg.AssetCheckResult:
     record = TablesRecord.from_dict(latest_record(context, triplets, context.partition_key))
     bench = read_tables(record.folder)
     report = validate_triplets(bench.triplets, bench.images)
-    record_check(record.folder, "triplets_suite", report.success)
+    record_check(context, record.folder, "triplets_suite", report.success)
     if not report.success:
         context.log.error(report.to_text())
     return check_result(report)
@@ -88,11 +88,11 @@ def triplets_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResul
     partitions_def=dataset_partitions,
     description="Great Expectations suite on the images table (ids, paths; files present, decodable, sized)",
 )
-def images_suite(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+def images_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactStore) -> dg.AssetCheckResult:
     record = TablesRecord.from_dict(latest_record(context, triplets, context.partition_key))
     bench = read_tables(record.folder)
     report = validate_images(bench.images, record.root if record.require_images else None)
-    record_check(record.folder, "images_suite", report.success)
+    record_check(context, record.folder, "images_suite", report.success)
     if not report.success:
         context.log.error(report.to_text())
     return check_result(report)

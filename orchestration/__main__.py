@@ -93,7 +93,7 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
 
 def run(dataset: str, definitions=None, *, annotations_only: bool = False, train: bool | None = None,
         evaluate: bool | None = None, dagster_instance=None) -> int:
-    from assets.resources import environment_errors
+    from model_code.settings import environment_errors
 
     errors = environment_errors()   # before the definitions load: they read the environment too
     if errors:

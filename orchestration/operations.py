@@ -32,8 +32,8 @@ import dagster as dg
 from assets.common import DATASETS
 from assets.resources import DatasetRoots, DvcResource
 from model_code.benchmarks import benchmark
+from model_code.settings import PipelineSettings, load
 
-DEFAULT_CRON = "0 3 * * 1"
 ACTIVE = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
           dg.DagsterRunStatus.STARTED)
 TRIGGER_TAG = "circot/trigger"
@@ -118,7 +118,7 @@ def _active_runs(instance: dg.DagsterInstance, job_name: str) -> list:
 def failure_message(run: dg.DagsterRun, instance: dg.DagsterInstance, step_failures=(), base_url: str | None = None
                     ) -> dict:
     """The alert for a failed run: what failed, where, why, and a link to it in the UI."""
-    base_url = (base_url or os.environ.get("CIRCOT_DAGSTER_URL") or "http://127.0.0.1:3000").rstrip("/")
+    base_url = (base_url or load(PipelineSettings)[0].dagster_url).rstrip("/")
     message = {"job": run.job_name, "partition": run.tags.get("dagster/partition"), "run_id": run.run_id,
                "run_url": f"{base_url}/runs/{run.run_id}", "kind": "failure", "failed_step": None, "error": None}
     for event in step_failures:
@@ -152,7 +152,7 @@ def send_alert(message: dict, log, url: str | None = None, timeout: float = 10) 
     none or the post fails. True when it was delivered."""
     import urllib.request
 
-    url = url or os.environ.get("CIRCOT_ALERT_WEBHOOK")
+    url = url or load(PipelineSettings)[0].alert_webhook
     text = json.dumps(message)
     if not url:
         log.warning(f"run failed (set CIRCOT_ALERT_WEBHOOK to post this): {text}")
@@ -176,11 +176,7 @@ def send_alert(message: dict, log, url: str | None = None, timeout: float = 10) 
 
 def build_automation(pipeline_job, training_job, evaluation_job, *, train_datasets: list[str]):
     """(schedules, sensors) over the three jobs."""
-    cron = os.environ.get("CIRCOT_RETRAIN_CRON", "").strip() or DEFAULT_CRON
-    from dagster._utils.schedules import is_valid_cron_string
-
-    if not is_valid_cron_string(cron):
-        raise ValueError(f"CIRCOT_RETRAIN_CRON={cron!r} is not a cron expression (five fields, e.g. '0 3 * * 1')")
+    cron = load(PipelineSettings)[0].retrain_cron   # an unusable one: the default (runs refuse to start)
 
     @dg.schedule(job=training_job, cron_schedule=cron, default_status=dg.DefaultScheduleStatus.STOPPED,
                  description=f"Retrain (cron {cron!r}, CIRCOT_RETRAIN_CRON); a finished training is then evaluated, "

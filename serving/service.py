@@ -10,10 +10,11 @@
 - ``GET /ui``: a page to ask a query and see the reasoning and the result thumbnails.
 - ``/livez``, ``/healthz`` (alive), ``/readyz`` (200 once the model and the index are loaded).
 
-Settings (environment): ``CIRCOT_SERVE_DATASET`` (default ``synthetic``), ``BENTOML_HOME`` (the
-model store), ``CIRCOT_ARTIFACTS`` / ``CIRCOT_INDEX_URI`` (the gallery index),
-``CIRCOT_API_TOKEN`` (when set, every call but the health endpoints needs ``Authorization: Bearer
-<token>``), ``CIRCOT_MAX_IMAGE_BYTES``, ``CIRCOT_MAX_IMAGE_PIXELS``, ``CIRCOT_MAX_K``.
+Settings (environment; ``model_code.settings.ServiceSettings``, listed in docs/configuration.md):
+``CIRCOT_SERVE_DATASET`` (default ``synthetic``), ``BENTOML_HOME`` (the model store),
+``CIRCOT_ARTIFACTS`` / ``CIRCOT_INDEX_URI`` (the gallery index), ``CIRCOT_API_TOKEN`` (when set,
+every call but the health endpoints needs ``Authorization: Bearer <token>``),
+``CIRCOT_MAX_IMAGE_BYTES``, ``CIRCOT_MAX_IMAGE_PIXELS``, ``CIRCOT_MAX_K``.
 It imports ``model_code`` only; what it serves is what the pipeline promoted.
 
 Two BentoML services (model composition): ``CirCoTService`` (the API, the page, auth, input checks
@@ -26,7 +27,6 @@ load test's baseline). ``bentoml serve`` starts both; on Kubernetes each scales 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -39,10 +39,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from model_code.settings import ServiceSettings, load
+
 log = logging.getLogger("circot.service")
 
+# the settings (model_code.settings.ServiceSettings; docs/configuration.md): unusable values are
+# logged and their defaults used, and /readyz reports them
+SETTINGS, SETTINGS_ERRORS = load(ServiceSettings)
 # adaptive batching of the encoder (CIRCOT_ADAPTIVE_BATCHING=0 turns it off: the load test's baseline)
-BATCHING = os.environ.get("CIRCOT_ADAPTIVE_BATCHING", "1").lower() not in ("0", "false", "no")
+BATCHING = SETTINGS.adaptive_batching
 OPEN_PATHS = ("/livez", "/healthz", "/readyz", "/metrics", "/ui", "/ui/")
 API_PATHS = ("/search", "/embed_image")
 HERE = Path(__file__).resolve().parent
@@ -126,20 +131,12 @@ async def _call(method, *args):
             log.warning("encoder connection dropped (%s); retrying", type(e).__name__)
 
 
-def _int_env(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        log.error("%s=%r is not a whole number; using %d", name, os.environ.get(name), default)
-        return default
-
-
 class _Guard(BaseHTTPMiddleware):
     """The bearer token (when ``CIRCOT_API_TOKEN`` is set), then readiness: an API call before the
     model and the index are loaded gets 503 with the reason (BentoML would hide a 5xx's message)."""
 
     async def dispatch(self, request: Request, call_next):
-        token = os.environ.get("CIRCOT_API_TOKEN")
+        token = SETTINGS.api_token
         if token and request.url.path not in OPEN_PATHS:
             if request.headers.get("authorization", "") != f"Bearer {token}":
                 return JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
@@ -195,7 +192,7 @@ class CirCoTEncoder:
     batches (inputs were checked by the front service)."""
 
     def __init__(self) -> None:
-        self.dataset = os.environ.get("CIRCOT_SERVE_DATASET", "synthetic")
+        self.dataset = SETTINGS.serve_dataset
         self.model = self.version = self.error = None
         threading.Thread(target=self._load, daemon=True).start()
 
@@ -259,14 +256,15 @@ class CirCoTService:
     encoder = bentoml.depends(CirCoTEncoder)
 
     def __init__(self) -> None:
-        self.dataset = os.environ.get("CIRCOT_SERVE_DATASET", "synthetic")
-        self.max_bytes = _int_env("CIRCOT_MAX_IMAGE_BYTES", 20 * 2**20)
-        self.max_pixels = _int_env("CIRCOT_MAX_IMAGE_PIXELS", 40_000_000)
-        self.max_k = _int_env("CIRCOT_MAX_K", 100)
-        self.ready, self.error = False, None
+        self.dataset = SETTINGS.serve_dataset
+        self.max_bytes, self.max_pixels = SETTINGS.max_image_bytes, SETTINGS.max_image_pixels
+        self.max_k = SETTINGS.max_k
+        self.ready = False
+        # an unusable setting keeps the service from becoming ready, saying which (its default is not guessed)
+        self.error = "unusable settings: " + "; ".join(SETTINGS_ERRORS) if SETTINGS_ERRORS else None
         self.index = self.version = None
         self.paths: dict[str, Path] = {}
-        if not os.environ.get("CIRCOT_API_TOKEN"):
+        if not SETTINGS.api_token:
             log.warning("CIRCOT_API_TOKEN is not set: the API is open to anyone who can reach it")
         _running["service"] = self
         threading.Thread(target=self._load, daemon=True).start()
@@ -277,7 +275,7 @@ class CirCoTService:
             from model_code.index import GalleryIndex, index_uri
 
             prod = registry.require_production(self.dataset)
-            uri = index_uri(os.environ.get("CIRCOT_ARTIFACTS") or "artifacts", os.environ.get("CIRCOT_INDEX_URI"))
+            uri = index_uri(SETTINGS.artifacts, SETTINGS.index_uri)
             index = GalleryIndex(uri, self.dataset)
             self.paths = index.paths(prod["version"])    # fails, saying so, when no index was built for it
             self.index, self.version = index, prod["version"]   # ready once the encoder has loaded the same model

@@ -519,7 +519,7 @@ def test_every_row_is_named_once():
     ("CIRCOT_RETRAIN_CRON", "every monday", "is not a cron expression"),
 ])
 def test_every_unusable_setting_is_named_with_its_value_before_a_run(monkeypatch, name, value, says):
-    from assets.resources import environment_errors
+    from model_code.settings import environment_errors
 
     monkeypatch.setenv(name, value)
     errors = environment_errors()
@@ -527,7 +527,7 @@ def test_every_unusable_setting_is_named_with_its_value_before_a_run(monkeypatch
 
 
 def test_usable_settings_pass_and_floors_merge_over_the_defaults(monkeypatch):
-    from assets.resources import environment_errors
+    from model_code.settings import environment_errors
     from model_code.evaluation.gate import gate_floors
     from model_code.benchmarks import benchmark
 
@@ -542,9 +542,9 @@ def test_usable_settings_pass_and_floors_merge_over_the_defaults(monkeypatch):
     assert gate_floors("synthetic", '{"R@50": 0.2, "cirr": {"Avg": 0.6}}') == {**synthetic, "R@50": 0.2}
     assert gate_floors("cirr", '{"R@50": 0.2, "cirr": {"Avg": 0.6}}') == {"R@50": 0.2, "Avg": 0.6}
     assert gate_floors("synthetic", '{"synthetic": {"R@1": 0.3}}') == {**synthetic, "R@1": 0.3}
-    from assets.resources import _env_bool
+    from model_code.settings import PipelineSettings, load
 
-    assert _env_bool("CIRCOT_GATE_COT_NOT_WORSE", True) is False
+    assert load(PipelineSettings)[0].gate_cot_not_worse is False
 
 
 def test_a_full_disk_is_named_as_such_and_leaves_no_temporary_checkpoint(tmp_path, monkeypatch):

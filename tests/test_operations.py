@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 
 from assets.resources import DatasetRoots, DvcResource
+from model_code.settings import DEFAULT_CRON
 from orchestration import operations
 from orchestration.definitions import defs
 
@@ -32,7 +33,7 @@ def test_the_definitions_hold_the_schedule_and_sensors_shipped_stopped_but_the_a
     assert {s.name for s in repo.sensor_defs} == {"dataset_change_sensor", "after_data_pipeline", "after_training",
                                                   "failure_alert"}
     assert _by_name("retrain_schedule").default_status == dg.DefaultScheduleStatus.STOPPED
-    assert _by_name("retrain_schedule").cron_schedule == operations.DEFAULT_CRON
+    assert _by_name("retrain_schedule").cron_schedule == DEFAULT_CRON
     for name in ("dataset_change_sensor", "after_data_pipeline", "after_training"):
         assert _by_name(name).default_status == dg.DefaultSensorStatus.STOPPED
     assert _by_name("failure_alert").default_status == dg.DefaultSensorStatus.RUNNING

@@ -149,11 +149,12 @@ def test_real_annotations_only_partition_and_a_failing_gate(dvc_project, tmp_pat
         from types import SimpleNamespace
 
         from assets.common import TABLE_CHECKS, latest_record
+        from assets.resources import ArtifactStore
 
         bad = mats["triplets"].metadata["record"].value
         assert bad["folder"] != good["folder"] and bad["version"] != good["version"]
         assert read_tables(good["folder"]).triplets.modification.str.strip().ne("").all()
-        ctx = SimpleNamespace(instance=instance)
+        ctx = SimpleNamespace(instance=instance, resources=SimpleNamespace(artifacts=ArtifactStore(root=str(tmp_path))))
         assert latest_record(ctx, "triplets", "circo")["version"] == bad["version"]
         assert latest_record(ctx, "triplets", "circo", passed=TABLE_CHECKS)["version"] == good["version"]
 

@@ -1,0 +1,229 @@
+"""Every setting a deployment gives through the environment, typed and checked (pydantic-settings).
+
+:class:`PipelineSettings` is what the Dagster code location reads (``assets.resources`` builds the
+resources from it); :class:`ServiceSettings` is what the BentoML service reads. Each field is the
+variable ``CIRCOT_<FIELD NAME>``; its description is the one line ``docs/configuration.md`` shows
+(that page is generated from these classes: ``python -m model_code.settings > docs/configuration.md``,
+and a test fails when the two differ).
+
+:func:`load` never raises: it returns the settings, with the default in place of each unusable value,
+and one message per unusable value naming the variable, its value and what is expected, so that a
+run can refuse to start with all of them while the Dagster UI still loads.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal, TypeVar
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model_code.benchmarks import BENCHMARKS
+
+PREFIX = "CIRCOT_"
+DEFAULT_CRON = "0 3 * * 1"
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value, info):
+        """An empty optional variable means unset; an empty required one is an error (below)."""
+        field = cls.model_fields[info.field_name]
+        if isinstance(value, str) and not value.strip():
+            if not field.is_required() and field.default is None:
+                return None
+            raise ValueError("is set but empty: unset it for the default, or give a value")
+        return value.strip() if isinstance(value, str) else value
+
+
+class PipelineSettings(_Settings):
+    project_dir: str | None = Field(None, description="the DVC project (dvc.yaml, params.yaml); unset: the current "
+                                                      "directory")
+    dvc_remote: str | None = Field(None, description="the DVC remote data is pushed to and pulled from; unset: the "
+                                                     "project's default remote")
+    artifacts: str = Field("artifacts", description="the artifacts root: a folder, or an object-store URI "
+                                                    "(s3://bucket/circot, gs://..., any fsspec URL)")
+    artifacts_cache: str | None = Field(None, description="the local copy of an object-store artifacts root; unset: "
+                                                          "~/.cache/circot/artifacts/<hash of the root>")
+    fashioniq_root: str | None = Field(None, description="FashionIQ's folder (captions/, image_splits/, images/); "
+                                                         "unset: its partition fails and says how to set it")
+    cirr_root: str | None = Field(None, description="CIRR's folder (captions/, image_splits/, dev/, test1/, train/)")
+    circo_root: str | None = Field(None, description="CIRCO's folder (annotations/, COCO2017_unlabeled/)")
+    teacher: Literal["auto", "oracle", "local", "remote"] = Field(
+        "auto", description="the annotator: auto (the dataset's oracle when it has one, else local or remote as "
+                            "configured), oracle, local or remote")
+    teacher_model_path: str | None = Field(None, description="a local Qwen2-VL-family teacher checkpoint folder")
+    teacher_url: str | None = Field(None, description="an OpenAI-compatible teacher endpoint (e.g. vLLM's "
+                                                      "http://host:8000/v1)")
+    teacher_model: str | None = Field(None, description="the model name at that endpoint")
+    teacher_api_key_env: str = Field("OPENAI_API_KEY", description="the variable that holds the endpoint's API key")
+    profile: str = Field("embedded", description="the training profile: embedded (CPU, the shipped base) or gpu "
+                                                 "(a local Qwen2-VL-2B-class checkpoint)")
+    base_model_path: str | None = Field(None, description="a local Qwen2-VL-family checkpoint folder as the base "
+                                                          "model (profile gpu); nothing is downloaded")
+    training_launcher: Literal["in_process", "subprocess", "kubernetes"] = Field(
+        "in_process", description="where cir_cot_model trains: in the run's process, in local processes "
+                                  "(torchrun through Dagster Pipes), or in a Kubernetes pod (Pipes)")
+    training_processes: int = Field(1, ge=1, description="processes (GPUs) of a subprocess launch")
+    k8s_image: str | None = Field(None, description="the training pod's image (launcher kubernetes)")
+    k8s_namespace: str = Field("default", description="the training pod's namespace")
+    k8s_gpus: int = Field(1, ge=0, description="GPUs of the training pod")
+    k8s_artifacts_pvc: str | None = Field(None, description="a volume claim holding the artifacts root, mounted in "
+                                                            "the training pod")
+    retrain_cron: str = Field(DEFAULT_CRON, description="the retraining schedule (cron, five fields; the schedule "
+                                                        "starts stopped)")
+    alert_webhook: str | None = Field(None, description="a URL a failed run's alert is posted to (JSON); unset: the "
+                                                        "alert is logged")
+    dagster_url: str = Field("http://127.0.0.1:3000", description="the Dagster UI's address, for links in alerts")
+    gate_floors: str | None = Field(None, description="the gate's floors, JSON {metric: floor} (every dataset) "
+                                                      "and/or {dataset: {metric: floor}}, merged over the built-in "
+                                                      "floors (synthetic: R@10 0.65, R@50 0.80)")
+    gate_cot_not_worse: bool = Field(True, description="the gate requires CoT not worse than no-CoT (1/0, "
+                                                       "true/false, yes/no, on/off)")
+    gate_cot_tolerance: float = Field(0.0, ge=0, allow_inf_nan=False,
+                                      description="how far CoT may trail no-CoT on the headline (absolute)")
+    gate_cot_confidence: float = Field(0.95, ge=0, le=0.9999, allow_inf_nan=False,
+                                       description="the paired test fails CoT only when it is worse at this "
+                                                   "confidence (0: compare the means)")
+    gate_max_regression: float = Field(0.01, ge=0, allow_inf_nan=False,
+                                       description="how far the headline may fall below the production model's")
+    index_uri: str | None = Field(None, description="the LanceDB URI of the gallery indexes; unset: "
+                                                    "<artifacts>/lancedb")
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from dagster._utils.schedules import is_valid_cron_string
+
+        if not is_valid_cron_string(value):
+            raise ValueError("is not a cron expression (five fields, e.g. '0 3 * * 1')")
+        return value
+
+    @field_validator("gate_floors")
+    @classmethod
+    def _floors(cls, value: str | None) -> str | None:
+        if value is not None:
+            from model_code.evaluation.gate import parse_floors
+
+            parse_floors(value)  # a ValueError says what is wrong
+        return value
+
+    def dataset_roots(self) -> dict[str, str]:
+        """``{dataset: root}`` of the real benchmarks that have one configured."""
+        return {name: getattr(self, spec.root_env.removeprefix(PREFIX).lower())
+                for name, spec in BENCHMARKS.items()
+                if spec.root_env and getattr(self, spec.root_env.removeprefix(PREFIX).lower())}
+
+
+class ServiceSettings(_Settings):
+    serve_dataset: str = Field("synthetic", description="the dataset whose production model and gallery index the "
+                                                        "service serves")
+    api_token: str | None = Field(None, description="when set, every call but the health endpoints needs "
+                                                    "Authorization: Bearer <token>")
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="the largest image upload, in bytes")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="the largest image, in pixels (width x height)")
+    max_k: int = Field(100, ge=1, description="the most results one /search may ask for")
+    adaptive_batching: bool = Field(True, description="the encoder batches concurrent requests (0: off, the load "
+                                                      "test's baseline)")
+    artifacts: str = Field("artifacts", description="the artifacts root (where the gallery index lives unless "
+                                                    "CIRCOT_INDEX_URI says otherwise)")
+    index_uri: str | None = Field(None, description="the LanceDB URI of the gallery indexes")
+
+    @field_validator("serve_dataset")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in BENCHMARKS:
+            raise ValueError(f"is not a benchmark ({', '.join(BENCHMARKS)})")
+        return value
+
+
+S = TypeVar("S", bound=_Settings)
+
+
+BOOLEAN_WORDS = "1, true, yes, on, 0, false, no, off"
+
+
+def _bounds(cls: type[_Settings], field: str) -> tuple[float | None, float | None]:
+    low = high = None
+    for m in cls.model_fields[field].metadata:
+        low = getattr(m, "ge", low)
+        high = getattr(m, "le", high)
+    return low, high
+
+
+def _reason(cls: type[_Settings], field: str, error: dict) -> str:
+    """What an error means, in the words of the configuration reference."""
+    kind = error["type"]
+    low, high = _bounds(cls, field) if field in cls.model_fields else (None, None)
+    if kind in ("int_parsing", "int_from_float", "int_type") or (
+            kind == "greater_than_equal" and cls.model_fields[field].annotation is int):
+        return "is not a whole number" + (f" of at least {low}" if low is not None else "")
+    if kind in ("finite_number", "greater_than_equal", "less_than_equal"):
+        return f"is out of range (a number from {low}" + (f" to {high})" if high is not None else ")")
+    if kind == "float_parsing":
+        return "is not a number"
+    if kind == "bool_parsing":
+        return f"is not one of {BOOLEAN_WORDS}"
+    if kind == "literal_error":
+        return f"is not one of {error['ctx']['expected']}"
+    return error["msg"].removeprefix("Value error, ")
+
+
+def _messages(cls: type[_Settings], error: ValidationError) -> tuple[list[str], set[str]]:
+    import os
+
+    messages, fields = [], set()
+    for e in error.errors():
+        field = str(e["loc"][0]) if e["loc"] else ""
+        fields.add(field)
+        name = PREFIX + field.upper()
+        messages.append(f"{name}={os.environ.get(name, '')!r} {_reason(cls, field, e)}")
+    return messages, fields
+
+
+def load(cls: type[S]) -> tuple[S, list[str]]:
+    """``(settings, errors)`` from the environment: each unusable variable is one message, and its
+    default is used in its place."""
+    try:
+        return cls(), []
+    except ValidationError as e:
+        messages, fields = _messages(cls, e)
+    return cls(**{f: cls.model_fields[f].default for f in fields if f in cls.model_fields}), messages
+
+
+def environment_errors() -> list[str]:
+    """Every unusable setting of the pipeline in the environment (checked before a run starts)."""
+    return load(PipelineSettings)[1]
+
+
+def reference() -> str:
+    """docs/configuration.md: every variable with its default and meaning, from the classes above."""
+    lines = ["# Configuration", "",
+             "Every setting is an environment variable. This page is generated from `model_code/settings.py`",
+             "(`python -m model_code.settings > docs/configuration.md`); a test fails when it is out of date.",
+             "An unusable value (a word where a number goes, a value out of range, an empty variable) stops a",
+             "run before it starts, with one line per variable naming its value and what is expected.", ""]
+    for title, cls in (("The pipeline (Dagster)", PipelineSettings), ("The service (BentoML)", ServiceSettings)):
+        lines += [f"## {title}", "", "| variable | default | meaning |", "|---|---|---|"]
+        for name, field in cls.model_fields.items():
+            default = field.default
+            shown = "unset" if default is None else f"`{default if isinstance(default, str) else json.dumps(default)}`"
+            lines.append(f"| `{PREFIX}{name.upper()}` | {shown} | {field.description} |")
+        lines.append("")
+    lines += ["## Set by the Makefile", "",
+              "| variable | value | why |", "|---|---|---|",
+              "| `DAGSTER_HOME` | `./.dagster` | the Dagster instance (runs, schedules) of this checkout |",
+              "| `BENTOML_HOME` | `./.bentoml` | the BentoML store: promoted models and Bentos |",
+              "| `HF_HUB_OFFLINE` | `1` | nothing is downloaded from the Hugging Face hub: a base or teacher "
+              "model is a local folder, never a hub id |",
+              "| `GX_ANALYTICS_ENABLED` | `false` | Great Expectations sends no usage data |",
+              "| `DVC_NO_ANALYTICS` | `1` | DVC sends no usage data |", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference(), end="")
