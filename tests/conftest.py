@@ -1,12 +1,16 @@
-"""Shared fixtures: offline, isolated homes, a tiny synthetic benchmark, a throwaway DVC project."""
+"""Shared fixtures: offline, isolated homes, a tiny synthetic benchmark, a throwaway DVC project, a free port,
+a headless Chromium page (Playwright driving the system's chromium)."""
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Page, sync_playwright
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = Path(os.environ.get("CIRCOT_SHARED_BENCHMARKS", REPO.parent / "shared" / "benchmarks"))
@@ -93,3 +97,40 @@ def micro_base(tmp_path_factory, tiny_synthetic) -> Path:
     model, processor = build_random_backbone(shape, corpus * 3, vocab_size=400)
     add_cir_tokens(model, processor)
     return save_backbone(model, processor, tmp_path_factory.mktemp("micro") / "micro-qwen2-vl")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chromium_path() -> str:
+    """The chromium the browser tests drive: ``$CIRCOT_CHROMIUM``, else ``chromium`` or ``chromium-browser`` on
+    PATH (Debian's package; Playwright never downloads one). Missing, the test skips with the reason, or fails
+    where ``CIRCOT_REQUIRE_BROWSER=1`` (set by ``.ci/run``, where the browser tests must run)."""
+    if configured := os.environ.get("CIRCOT_CHROMIUM"):
+        found = configured if os.path.isfile(configured) and os.access(configured, os.X_OK) else None
+        reason = f"chromium not found at CIRCOT_CHROMIUM={configured}"
+    else:
+        found = shutil.which("chromium") or shutil.which("chromium-browser")
+        reason = "chromium not found: apt-get install chromium (or set CIRCOT_CHROMIUM to its path)"
+    if found:
+        return found
+    if os.environ.get("CIRCOT_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason}; CIRCOT_REQUIRE_BROWSER=1 says the browser tests must run", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def page() -> Iterator[Page]:
+    """A page of a fresh headless chromium (1280 x 1400), launched by its path; waits time out after 90 s."""
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.set_default_timeout(90_000)
+            yield page
+        finally:
+            browser.close()

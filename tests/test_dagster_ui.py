@@ -1,5 +1,5 @@
 """The Dagster webserver on loopback: the definitions load with every job, schedule and sensor (its
-GraphQL API), and the asset graph as a person sees it (a headless-Chromium screenshot)."""
+GraphQL API), and the asset graph as a person sees it (headless Chromium driven by Playwright)."""
 
 import json
 import os
@@ -9,9 +9,10 @@ import time
 import urllib.request
 
 import pytest
+from PIL import Image
+from playwright.sync_api import Page, expect
 
-from tests.browser import Chromium, free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 QUERY = """{ repositoriesOrError { ... on RepositoryConnection { nodes { name
   jobs { name } schedules { name cronSchedule scheduleState { status } } sensors { name sensorState { status } }
@@ -71,30 +72,24 @@ def test_the_definitions_load_with_every_job_schedule_and_sensor(webserver):
     assert assets["evaluation"] is not None and assets["base_model"] is None   # dataset partitions where they belong
 
 
-def test_the_asset_graph_as_a_person_sees_it(webserver, tmp_path):
-    import base64
-
-    browser = Chromium(tmp_path)
-    try:
-        browser.send("Page.enable")
-        browser.send("Page.navigate", url=webserver + "/asset-groups")
-        # the global asset graph: the five groups of docs/architecture.md §3 (collapsed at first)
-        browser.until("['data', 'annotation', 'model', 'evaluation', 'serving'].every(g => "
-                      "document.body.innerText.split('\\n').includes(g))", timeout=120)
-        # a fresh instance asks to join the community: skip it, as a person would
-        skip = "[...document.querySelectorAll('button')].filter(b => b.textContent.trim() === 'Skip')"
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not browser.js(f"{skip}.length"):
-            time.sleep(0.5)
-        browser.js(f"{skip}.forEach(b => b.click())")
-        browser.until(f"{skip}.length === 0")
-        time.sleep(2)  # the graph's layout settles
-        shot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
-        (tmp_path / "dagster-asset-graph.png").write_bytes(shot)
-        from PIL import Image
-
-        with Image.open(tmp_path / "dagster-asset-graph.png") as im:   # a whole picture of a page, not a stub
-            colors = im.getcolors(1 << 20)          # None: more than a million colours
-            assert im.width >= 800 and im.height >= 600 and (colors is None or len(colors) > 50)
-    finally:
-        browser.close()
+def test_the_asset_graph_as_a_person_sees_it(webserver, page: Page, tmp_path):
+    page.goto(webserver + "/asset-groups")
+    graph = page.locator("svg foreignObject")   # the graph's nodes, not the sidebar's list of groups
+    # the global asset graph: the five groups of docs/architecture.md §3, collapsed at first
+    for group in ("data", "annotation", "model", "evaluation", "serving"):
+        expect(graph.locator(f'[data-tooltip="{group}"]')).to_be_visible(timeout=120_000)
+    expect(graph.get_by_text("gallery_index", exact=True)).to_have_count(0)
+    # a fresh instance asks to join the community: skip it, as a person would
+    skip = page.get_by_role("button", name="Skip")
+    skip.click(timeout=30_000)
+    expect(skip).to_have_count(0)
+    page.wait_for_timeout(2000)   # the graph's layout settles
+    shot = tmp_path / "dagster-asset-graph.png"
+    page.screenshot(path=shot)
+    with Image.open(shot) as im:   # a whole picture of a page, not a blank one
+        colors = im.getcolors(1 << 20)          # None: more than a million colours
+        assert im.size == (1280, 1400) and (colors is None or len(colors) > 50)
+    # a group opens onto its assets
+    graph.locator('[data-tooltip="serving"]').click()
+    for asset in ("gallery_index", "bento"):
+        expect(graph.get_by_text(asset, exact=True)).to_be_visible(timeout=30_000)

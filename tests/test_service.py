@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Page, expect
 
-from tests.browser import Chromium, free_port as _free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 SETUP = """
 import sys
@@ -35,7 +35,7 @@ print(m.version)
 
 class Server:
     def __init__(self, env: dict, log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:CirCoTService",
@@ -218,37 +218,37 @@ def test_without_a_production_model_it_is_alive_but_not_ready(served):
         s.stop()
 
 
-def test_the_page_answers_a_query_with_reasoning_and_thumbnails(server, served, tmp_path):
-    import base64
+def test_the_page_answers_a_query_with_reasoning_and_thumbnails(server, served, page: Page, tmp_path):
+    from PIL import Image
 
-    _, _, image, _ = served
+    _, version, image, _ = served
+    code, body = server.search(image, "make the star red", k=3, mode="cot")   # what the page must show
+    assert code == 200, body
+    answer = json.loads(body)
     reference = tmp_path / "reference.png"
     reference.write_bytes(image)
-    browser = Chromium(tmp_path)
-    try:
-        browser.send("Page.enable")
-        browser.send("Page.navigate", url=server.url + "/ui/")
-        browser.until("document.readyState === 'complete' && !!document.getElementById('query')")
-        root = browser.send("DOM.getDocument")["root"]["nodeId"]
-        file_input = browser.send("DOM.querySelector", nodeId=root, selector="#image")["nodeId"]
-        browser.send("DOM.setFileInputFiles", files=[str(reference)], nodeId=file_input)
-        browser.until("!!document.querySelector('#preview img')")          # the reference is shown
-        browser.js("document.getElementById('modification').value = 'make the star red';"
-                   "document.getElementById('k').value = '3'; document.getElementById('submit').click();")
-        browser.until("document.querySelectorAll('#results figure img').length === 3 && [...document"
-                      ".querySelectorAll('#results figure img')].every(i => i.complete && i.naturalWidth > 0)")
-        sections = browser.js("[...document.querySelectorAll('#reasoning .section b')].map(b => b.textContent)")
-        assert sections == ["caption", "reasoning", "conclusion"]
-        assert "model " in browser.js("document.getElementById('status').textContent")
-        shot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
-        (tmp_path / "ui-search.png").write_bytes(shot)
-        from PIL import Image
-
-        with Image.open(tmp_path / "ui-search.png") as im:
-            colors = im.getcolors(1 << 20)          # None: more than a million colours
-            assert im.width >= 800 and (colors is None or len(colors) > 50)
-    finally:
-        browser.close()
+    with Image.open(reference) as im:
+        side = im.width   # the benchmark's images are square, all of one size
+    page.goto(server.url + "/ui/")
+    page.set_input_files("#image", reference)
+    expect(page.locator("#preview img")).to_have_js_property("naturalWidth", side)   # the reference is shown
+    page.fill("#modification", "make the star red")
+    page.fill("#k", "3")
+    page.click("#submit")
+    expect(page.locator("#status")).to_contain_text(f"model {version} · cot · ", timeout=120_000)
+    expect(page.locator("#reasoning .section b")).to_have_text(["caption", "reasoning", "conclusion"])
+    expect(page.locator("#reasoning .section span")).to_have_text(
+        [answer["reasoning"][part] for part in ("caption", "reasoning", "conclusion")])
+    thumbnails = page.locator("#results figure img")
+    expect(thumbnails).to_have_count(3)
+    for thumbnail, hit in zip(thumbnails.all(), answer["results"]):   # the service's ranking, each image loaded
+        expect(thumbnail).to_have_attribute("alt", hit["image_id"])
+        expect(thumbnail).to_have_js_property("naturalWidth", min(side, 128))
+    shot = tmp_path / "ui-search.png"
+    page.screenshot(path=shot)
+    with Image.open(shot) as im:   # a whole picture of a page, not a blank one
+        colors = im.getcolors(1 << 20)          # None: more than a million colours
+        assert im.width == 1280 and (colors is None or len(colors) > 50)
 
 
 def test_the_services_requirements_are_pinned_as_in_constraints():
