@@ -7,14 +7,13 @@
   temporary file or folder behind.
 - :func:`file_md5`, :func:`content_hash`, :func:`json_key`: versions from bytes, never from paths.
 - :class:`Progress`: count, rate and ETA of a long loop, at most every few seconds.
-- :class:`Record`: the base of the typed records one stage hands the next (a dataclass, JSON on
-  disk and in the Dagster asset's metadata).
+- :class:`Record`: the base of the typed records one stage hands the next (a pydantic model, JSON
+  on disk and in the Dagster asset's metadata).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -23,6 +22,8 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+import pydantic
 
 log = logging.getLogger(__name__)
 
@@ -154,17 +155,20 @@ def json_key(*parts, length: int = 12) -> str:
 # records handed from one stage to the next
 
 
-class Record:
-    """Mixin for dataclasses that one stage hands the next: ``to_dict`` / ``from_dict`` (unknown
-    keys ignored, so a newer writer does not break an older reader), ``write`` / ``read`` as JSON."""
+class Record(pydantic.BaseModel):
+    """Base of the typed records one stage hands the next (pydantic models: each field is checked
+    against its type when a record is made, read or assigned): ``to_dict`` / ``from_dict``
+    (unknown keys ignored, so a newer writer does not break an older reader), ``write`` / ``read``
+    as JSON."""
+
+    model_config = pydantic.ConfigDict(extra="ignore", validate_assignment=True, protected_namespaces=())
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, data: dict):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls.model_validate(data)
 
     def write(self, path: str | os.PathLike) -> Path:
         return atomic_write_json(path, self.to_dict())

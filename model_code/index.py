@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +155,13 @@ class AnnConfig:
 
 class GalleryIndex:
     def __init__(self, uri: str | os.PathLike, dataset: str, *, exact_below: int = DEFAULT_EXACT_BELOW,
-                 ann: AnnConfig | None = None):
+                 ann: AnnConfig | None = None, lock_timeout_s: float = 0.0):
         import lancedb
 
         self.uri, self.dataset = str(uri), dataset
         self.table_name = f"gallery_{dataset}"
         self.exact_below, self.ann = exact_below, ann or AnnConfig()
+        self.lock_timeout_s = lock_timeout_s  # how long a build waits for another build of the table
         if "://" not in self.uri:
             Path(self.uri).mkdir(parents=True, exist_ok=True)
         self.db = lancedb.connect(self.uri)
@@ -187,34 +189,25 @@ class GalleryIndex:
 
     @contextlib.contextmanager
     def _build_lock(self):
-        """One build of a table at a time (local folders; object stores rely on the orchestrator)."""
+        """One build of a table at a time on a local folder (object stores rely on the orchestrator):
+        an OS lock on ``.<table>.build.lock``, which the OS drops when its holder ends, so the lock of
+        a build that was killed never blocks the next one. Another build waits ``lock_timeout_s``
+        at most for it, then gets a GalleryIndexError naming the lock."""
         if "://" in self.uri:
             yield
             return
-        lock = Path(self.uri) / f".{self.table_name}.build.lock"
-        for _ in range(2):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                break
-            except FileExistsError:
-                try:
-                    pid = int(lock.read_text() or 0)
-                    os.kill(pid, 0)
-                except (ValueError, ProcessLookupError, FileNotFoundError):
-                    lock.unlink(missing_ok=True)  # left by a build that died: take it over
-                    continue
-                except PermissionError:
-                    pass
-                raise GalleryIndexError(f"another build of {self.table_name} is running (process {pid}, lock "
-                                        f"{lock}); wait for it to finish") from None
-        else:
-            raise GalleryIndexError(f"could not take the build lock {lock}")
+        path = Path(self.uri) / f".{self.table_name}.build.lock"
+        lock = FileLock(path, timeout=self.lock_timeout_s)
         try:
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
+            lock.acquire()
+        except Timeout:
+            waited = f" (waited {self.lock_timeout_s:g} s)" if self.lock_timeout_s > 0 else ""
+            raise GalleryIndexError(f"another build of {self.table_name} is running: it holds the lock {path}"
+                                    f"{waited}; wait for it to finish") from None
+        try:
             yield
         finally:
-            lock.unlink(missing_ok=True)
+            lock.release()
 
     def _rows_of(self, table, model_version: str) -> set[str]:
         if table is None or table.count_rows() == 0:

@@ -6,13 +6,15 @@ import json
 import re
 import threading
 import time
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from model_code.synthetic import generate
 from model_code.annotation.store import annotation_requests
-from model_code.annotation.teachers import LocalTeacher, PROMPT_VERSION, RemoteTeacher, teacher_messages
+from model_code.annotation.teachers import (
+    LocalTeacher, PROMPT_VERSION, RemoteTeacher, TeacherRequestError, retry_after_s, teacher_messages)
 from model_code.synthetic.oracle import OracleAnnotator
 from model_code.annotation.judge import judge
 from model_code.data import read_dataset
@@ -162,6 +164,10 @@ class _ChatHandler(BaseHTTPRequestHandler):
             return self._send(404, {"error": "not found"})
         if tag.startswith("rate") and n == 1:
             return self._send(429, {"error": "slow down"}, {"Retry-After": "0"})
+        if tag.startswith("later") and n == 1:
+            return self._send(503, {"error": "maintenance"}, {"Retry-After": "7"})
+        if tag.startswith("later") and n == 2:  # an HTTP date 30 s ahead
+            return self._send(429, {"error": "slow down"}, {"Retry-After": formatdate(time.time() + 30, usegmt=True)})
         if tag.startswith("flaky") and n <= 2:
             return self._send(503, {"error": "overloaded"})
         if tag.startswith("bad"):
@@ -223,3 +229,55 @@ def test_remote_teacher_without_a_key_sends_no_authorization(chat_server, reques
     teacher = RemoteTeacher(f"http://127.0.0.1:{chat_server.server_address[1]}/v1", "m", backoff_s=0.01)
     assert teacher.annotate(_tagged(requests_, ["ok"]))[0].ok
     assert chat_server.auth == {None}
+
+
+def _complete(teacher: RemoteTeacher, request) -> tuple[str | TeacherRequestError, list[float]]:
+    """One request through ``teacher.complete``: its answer (or error) and the waits between attempts."""
+    import httpx
+
+    waits: list[float] = []
+    teacher.sleep = waits.append  # record the waits instead of sleeping them
+    with httpx.Client() as client:
+        try:
+            return teacher.complete(request, client), waits
+        except TeacherRequestError as e:
+            return e, waits
+
+
+def test_remote_teacher_waits_what_retry_after_asks_in_seconds_or_as_a_date(chat_server, requests_):
+    teacher = RemoteTeacher(f"http://127.0.0.1:{chat_server.server_address[1]}/v1", "m", backoff_s=0.01)
+    answer, waits = _complete(teacher, _tagged(requests_, ["later1"])[0])
+    assert answer == GOOD and chat_server.calls["later1"] == 3  # 503, then 429, then the answer
+    assert waits[0] == 7.0 and 25 <= waits[1] <= 30  # the backoff alone would wait about 0.01 and 0.02 s
+    assert retry_after_s("1.5") == 1.5 and retry_after_s(None) is None and retry_after_s("soon") is None
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date already past: at once
+
+
+def test_remote_teacher_backs_off_exponentially_with_jitter_then_gives_up_with_the_last_error(chat_server, requests_):
+    teacher = RemoteTeacher(f"http://127.0.0.1:{chat_server.server_address[1]}/v1", "m", max_retries=4, backoff_s=1.0)
+    runs = []
+    for tag in ("down1", "down2"):
+        error, waits = _complete(teacher, _tagged(requests_, [tag])[0])
+        assert isinstance(error, TeacherRequestError) and chat_server.calls[tag] == 5  # the first try and 4 retries
+        assert str(error).endswith("gave up after 5 attempts; last: HTTP 500: {\"error\": \"broken\"}")
+        assert len(waits) == 4 and all(0.5 <= w / 2 ** i < 1.5 for i, w in enumerate(waits)), waits
+        runs.append(waits)
+    assert runs[0] != runs[1]  # jittered: two requests that fail alike do not retry in step
+
+
+def test_remote_teacher_fails_at_once_on_other_statuses_and_retries_connection_errors(chat_server, requests_):
+    import socket
+
+    teacher = RemoteTeacher(f"http://127.0.0.1:{chat_server.server_address[1]}/v1", "m", max_retries=3, backoff_s=0.01)
+    error, waits = _complete(teacher, _tagged(requests_, ["bad1"])[0])
+    assert str(error).endswith("HTTP 400: {\"error\": \"bad request\"}") and "gave up" not in str(error)
+    assert chat_server.calls["bad1"] == 1 and waits == []  # a 4xx other than 429 is final
+    answer, waits = _complete(teacher, _tagged(requests_, ["flaky1"])[0])
+    assert answer == GOOD and chat_server.calls["flaky1"] == 3 and len(waits) == 2  # two 503s, then the answer
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    error, waits = _complete(RemoteTeacher(f"http://127.0.0.1:{closed}/v1", "m", max_retries=3, backoff_s=0.01),
+                             requests_[0])
+    assert isinstance(error, TeacherRequestError) and len(waits) == 3
+    assert "gave up after 4 attempts; last: ConnectError" in str(error)

@@ -1,10 +1,14 @@
 """The gallery index (model_code/index.py): LanceDB tables versioned by model, exact and ANN search."""
 
-import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from model_code.index import AnnConfig, GalleryImage, GalleryIndex, GalleryIndexError, exact_topk
 
@@ -105,7 +109,8 @@ def test_an_interrupted_build_resumes_and_a_grown_catalogue_embeds_only_new_imag
 
     with pytest.raises(KeyboardInterrupt):
         index.build(crashing, images[:150], model_version="v1", batch_size=20)
-    assert not (Path(index.uri) / ".gallery_synthetic.build.lock").exists()  # the lock is released
+    with FileLock(Path(index.uri) / ".gallery_synthetic.build.lock", timeout=0):
+        pass  # the lock is released
     embed.calls = 0
     info = index.build(embed, images[:150], model_version="v1", batch_size=20)
     assert embed.calls == 150 - 40 and info.embedded == 110 and info.rows == 150  # two batches were kept
@@ -189,15 +194,56 @@ def test_bad_images_fail_with_their_id_or_are_skipped_by_choice(gallery, tmp_pat
     assert info.skipped == ["i005", "i007"] and info.rows == 198
 
 
-def test_two_builds_of_one_table_at_once_are_refused(gallery, tmp_path):
+def _hold_lock(path: Path, seconds: float = 60.0) -> subprocess.Popen:
+    """Another process that takes the build lock ``path``, says so, and keeps it ``seconds``."""
+    code = ("import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(float(sys.argv[2]))")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_two_builds_of_one_table_at_once_are_refused_and_a_killed_builds_lock_blocks_nothing(gallery, tmp_path):
     images, vectors, embed = gallery
     index = GalleryIndex(tmp_path / "db", "synthetic")
     lock = Path(index.uri) / ".gallery_synthetic.build.lock"
-    lock.write_text(str(os.getppid()))  # a live process holds it
-    with pytest.raises(GalleryIndexError, match="another build of gallery_synthetic is running"):
-        index.build(embed, images, model_version="v1")
-    lock.write_text("999999999")  # a build that died: its lock is taken over
+    holder = _hold_lock(lock)  # another process's build of the same table
+    try:
+        with pytest.raises(GalleryIndexError, match=f"another build of gallery_synthetic is running: it holds the "
+                                                    f"lock {re.escape(str(lock))}; wait for it to finish"):
+            index.build(embed, images, model_version="v1")
+        assert embed.calls == 0 and index.versions() == {}  # refused before anything was embedded
+    finally:
+        holder.kill()  # the build dies without releasing its lock: the OS drops it with the process
+        holder.wait()
+    assert lock.exists()  # its file stays behind, and does not block the next build
     assert index.build(embed, images, model_version="v1").rows == 200
+    lock.write_text("999999999")  # a lock file left by the pid-file lock of an older version blocks nothing either
+    assert index.build(embed, images, model_version="v1").rows == 200
+
+
+def test_a_build_in_the_same_process_is_refused_too_and_one_with_a_timeout_waits_for_the_other(gallery, tmp_path):
+    images, vectors, embed = gallery
+    lock = tmp_path / "db" / ".gallery_synthetic.build.lock"
+    index = GalleryIndex(tmp_path / "db", "synthetic")
+    with FileLock(lock):  # e.g. another thread's build
+        with pytest.raises(GalleryIndexError, match="another build of gallery_synthetic is running"):
+            index.build(embed, images, model_version="v1")
+    patient = GalleryIndex(tmp_path / "db", "synthetic", lock_timeout_s=0.3)
+    holder = _hold_lock(lock, seconds=30)
+    try:
+        start = time.monotonic()
+        with pytest.raises(GalleryIndexError, match=r"holds the lock .* \(waited 0.3 s\)"):
+            patient.build(embed, images, model_version="v1")
+        assert time.monotonic() - start >= 0.3  # it waited its timeout before giving up
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = _hold_lock(lock, seconds=1.0)  # a build that ends within the wait
+    start = time.monotonic()
+    assert GalleryIndex(tmp_path / "db", "synthetic", lock_timeout_s=30).build(
+        embed, images, model_version="v1").rows == 200
+    assert time.monotonic() - start >= 0.5 and holder.wait() == 0  # it waited for the other, then built
 
 
 def test_the_pipeline_and_the_service_find_the_index_at_one_uri(tmp_path):

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
+import pydantic
 
 from model_code.annotation.judge import Annotation, AnnotationRequest, Annotator
 from model_code.common import FileDigests, Record, atomic_path
@@ -262,7 +263,6 @@ def annotation_requests(triplets: pd.DataFrame, images: pd.DataFrame, root: str 
     return out
 
 
-@dataclasses.dataclass
 class AnnotationsRecord(Record):
     """What the ``cot_annotations`` stage hands on (``meta.json`` beside ``annotations.parquet``)."""
 
@@ -273,6 +273,6 @@ class AnnotationsRecord(Record):
     version: str                # content hash of the rows
     raw_version: str            # the raw data they were made from
     min_acceptance: float = 1.0
-    splits: list = dataclasses.field(default_factory=list)
+    splits: list = pydantic.Field(default_factory=list)
     ok: int = 0
     rejected: int = 0

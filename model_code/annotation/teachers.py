@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
+import email.utils
 import io
 import logging
 import os
-import random
+import re
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import tenacity
 
 from model_code.annotation.judge import Annotation, AnnotationRequest, judge
 
@@ -140,6 +144,29 @@ class TeacherRequestError(RuntimeError):
     """A request to the remote teacher failed for good (after retries, or a non-retryable status)."""
 
 
+class _Retryable(Exception):
+    """A failed attempt worth another one; ``retry_after``: the seconds the server asked to wait."""
+
+    def __init__(self, problem: str, retry_after: float | None = None):
+        super().__init__(problem)
+        self.retry_after = retry_after
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """The seconds a ``Retry-After`` header asks for: a number of seconds, or an HTTP date (a date
+    already past: 0); None when absent or unreadable."""
+    value = (value or "").strip()
+    if re.fullmatch(r"\d+(\.\d*)?", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
 def image_data_url(path: Path, max_side: int | None = None) -> str:
     """The image as a base64 ``data:`` URL (PNG stays PNG, anything else becomes JPEG)."""
     from PIL import Image
@@ -161,6 +188,7 @@ class RemoteTeacher:
 
     prompt_version = PROMPT_VERSION
     default_min_acceptance = 0.95
+    sleep = staticmethod(time.sleep)  # how a retry waits (tests record the waits instead)
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 8,
                  timeout_s: float = 120.0, max_retries: int = 5, backoff_s: float = 1.0, max_tokens: int = 512,
@@ -187,34 +215,51 @@ class RemoteTeacher:
         key = os.environ.get(self.api_key_env)
         return {"Authorization": f"Bearer {key}"} if key else {}
 
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        """Seconds before the next attempt: what the server asked for (``Retry-After``), else
+        ``backoff_s`` x 2^(retry - 1) x a uniform jitter in [0.5, 1.5)."""
+        asked = getattr(state.outcome.exception(), "retry_after", None)
+        if asked is not None:
+            return asked
+        half = tenacity.wait_exponential(multiplier=self.backoff_s / 2)
+        return (half + tenacity.wait_random_exponential(multiplier=self.backoff_s))(state)
+
     def complete(self, r: AnnotationRequest, client) -> str:
+        """The teacher's answer to one request, retried as the class says; a TeacherRequestError
+        at once on another status or a malformed answer, and after the last attempt."""
         import httpx
 
         body = self.payload(r)
         url = f"{self.base_url}/chat/completions"
-        for attempt in range(self.max_retries + 1):
-            wait = None
+
+        def attempt() -> str:
             try:
                 resp = client.post(url, json=body, headers=self._headers(), timeout=self.timeout_s)
-            except (httpx.TimeoutException, httpx.TransportError) as e:
-                problem, wait = f"{type(e).__name__}: {e}", None
-            else:
-                if resp.status_code == 200:
-                    try:
-                        return resp.json()["choices"][0]["message"]["content"] or ""
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        raise TeacherRequestError(f"{r.query_id}: malformed response {resp.text[:200]!r}") from None
-                problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                if resp.status_code != 429 and resp.status_code < 500:
-                    raise TeacherRequestError(f"{r.query_id}: {problem}")
-                retry_after = resp.headers.get("retry-after")
-                wait = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
-            if attempt == self.max_retries:
-                raise TeacherRequestError(f"{r.query_id}: gave up after {attempt + 1} attempts; last: {problem}")
-            delay = wait if wait is not None else self.backoff_s * 2 ** attempt * (0.5 + random.random())
-            log.warning("teacher request %s failed (%s); retry %d in %.1fs", r.query_id, problem, attempt + 1, delay)
-            time.sleep(delay)
-        raise AssertionError("unreachable")
+            except httpx.TransportError as e:  # connection errors and timeouts
+                raise _Retryable(f"{type(e).__name__}: {e}") from e
+            if resp.status_code == 200:
+                try:
+                    return resp.json()["choices"][0]["message"]["content"] or ""
+                except (ValueError, KeyError, IndexError, TypeError):
+                    raise TeacherRequestError(f"{r.query_id}: malformed response {resp.text[:200]!r}") from None
+            problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            if resp.status_code == 429 or resp.status_code >= 500:
+                raise _Retryable(problem, retry_after_s(resp.headers.get("retry-after")))
+            raise TeacherRequestError(f"{r.query_id}: {problem}")
+
+        def say(state: tenacity.RetryCallState) -> None:
+            log.warning("teacher request %s failed (%s); retry %d in %.1fs", r.query_id, state.outcome.exception(),
+                        state.attempt_number, state.next_action.sleep)
+
+        retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(self.max_retries + 1),
+                                     retry=tenacity.retry_if_exception_type(_Retryable), wait=self._wait,
+                                     sleep=self.sleep, before_sleep=say)
+        try:
+            return retrying(attempt)
+        except tenacity.RetryError as e:
+            last = e.last_attempt
+            raise TeacherRequestError(f"{r.query_id}: gave up after {last.attempt_number} attempts; "
+                                      f"last: {last.exception()}") from None
 
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation | None]:
         import httpx

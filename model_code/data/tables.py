@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import pandas as pd
+import pydantic
 
 from model_code.benchmarks import BENCHMARKS
 from model_code.common import Record, atomic_path
@@ -142,7 +143,6 @@ def read_tables(out_dir: str | os.PathLike) -> Benchmark:
                      normalise_images(pq.read_table(out_dir / "images.parquet").to_pandas()))
 
 
-@dataclasses.dataclass
 class TablesRecord(Record):
     """What the ``triplets`` stage hands on: where the tables are and what they were built from.
     Written as ``meta.json`` beside the tables and carried in the asset's metadata."""
@@ -154,10 +154,10 @@ class TablesRecord(Record):
     version: str = ""           # content hash of the two tables
     require_images: bool = True
     category: str | None = None
-    queries: dict = dataclasses.field(default_factory=dict)   # split -> count
-    images: dict = dataclasses.field(default_factory=dict)    # split -> count
+    queries: dict = pydantic.Field(default_factory=dict)   # split -> count
+    images: dict = pydantic.Field(default_factory=dict)    # split -> count
 
-    META = "meta.json"
+    META: ClassVar[str] = "meta.json"
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> TablesRecord:

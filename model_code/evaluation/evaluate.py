@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pydantic
 import torch
 
 from model_code.data import HIDDEN_SPLITS
@@ -72,7 +73,6 @@ class Evaluation:
         return benchmark(self.dataset).headline
 
 
-@dataclasses.dataclass
 class EvaluationRecord(Record):
     """What the ``evaluation`` stage hands on to the gate and the promotion: the scores of one model
     on one split, and which model it was. The per-query headline scores (the gate's paired test)
@@ -88,7 +88,7 @@ class EvaluationRecord(Record):
     timings: dict
     raw_version: str = ""
     queries: int = 0
-    submissions: list = dataclasses.field(default_factory=list)
+    submissions: list = pydantic.Field(default_factory=list)
 
     def per_query(self) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
         """({method: {query_id: headline score}}, {query_id: group}) of the scored queries."""

@@ -235,7 +235,6 @@ def perception(m, heldout: Sequence[PretrainSample], *, max_new_tokens: int = 96
 # the job
 
 
-@dataclasses.dataclass
 class PretrainRecord(Record):
     """What a finished pretraining leaves in ``<out>/base.json`` (and the shipped checkpoint's README)."""
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
+import pydantic
 import torch
 
 from model_code.model.cir_cot import CirCoTModel
@@ -160,18 +161,16 @@ def tiny_corpus(triplets, annotations, descriptions: Sequence[TrainExample]) -> 
     return list(triplets["modification"]) + cots + [d.text for d in descriptions] + list(PROMPTS.values()) * 50
 
 
-@dataclasses.dataclass
 class BaseModelRecord(Record):
     """What the ``base_model`` stage hands on: a checkpoint folder and its content version."""
 
     path: str
     kind: Literal["tiny", "checkpoint", "embedded"]
     version: str
-    parameters: dict = dataclasses.field(default_factory=dict)
+    parameters: dict = pydantic.Field(default_factory=dict)
     training: dict | None = None   # tiny: steps, seconds, first / last history row, val, plot
 
 
-@dataclasses.dataclass
 class StageSummary(Record):
     steps: int
     seconds: float
@@ -181,7 +180,6 @@ class StageSummary(Record):
     val: dict | None = None         # in-batch metrics on the validation pairs
 
 
-@dataclasses.dataclass
 class TrainedModel(Record):
     """What the ``cir_cot_model`` stage hands on: the saved model, its version and how it was made."""
 
@@ -192,7 +190,7 @@ class TrainedModel(Record):
     parameters: dict
     stages: dict                    # stage name -> StageSummary as a dict
     plot: str | None = None
-    data: dict = dataclasses.field(default_factory=dict)  # dataset -> {raw, annotations, teacher, prompt_version}
+    data: dict = pydantic.Field(default_factory=dict)  # dataset -> {raw, annotations, teacher, prompt_version}
 
     def stage(self, name: str) -> StageSummary:
         return StageSummary.from_dict(self.stages[name])
