@@ -246,21 +246,27 @@ def skills(args, artifacts):
         score("cot with the oracle's chain teacher-forced",
               model.embed_queries(images, texts, _oracle(bench, root, t)[1], batch_size=50))
         score("no_cot", model.embed_queries(images, texts, None, batch_size=50))
-    edits = [q["n_edits"] for q in queries]
     print(f"\n{path} ({len(queries)} test queries; exact = the stated scene is the true one)\n")
-    print("| | all | 1 edit | 2 edits | 3 edits |\n|---|---|---|---|---|")
+    print(skills_table(rows, [q["n_edits"] for q in queries]))
+
+
+def skills_table(rows: dict[str, list[bool]], edits: list[int]) -> str:
+    """``skills``' markdown table: each row's exact share, over all queries and per edit count
+    (``edits``: each query's); a row over a subset of the queries gives its size instead."""
+    lines = ["| | all | 1 edit | 2 edits | 3 edits |", "|---|---|---|---|---|"]
     for name, ok in rows.items():
         cells = [f"{sum(ok) / max(len(ok), 1):.3f}"]
-        if len(ok) == len(queries):
+        if len(ok) == len(edits):
             for k in (1, 2, 3):
                 sel = [o for o, e in zip(ok, edits) if e == k]
                 cells.append(f"{sum(sel) / max(len(sel), 1):.3f} (n={len(sel)})")
         else:
             cells += [f"n={len(ok)}", "", ""]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["upper-bounds", "decoding", "bootstrap-more", "stage1", "cot-more", "skills"])
     p.add_argument("--artifacts", default="artifacts")
@@ -271,7 +277,11 @@ def main() -> int:
     p.add_argument("--out", help="where training writes (default: a temporary folder)")
     p.add_argument("--model", help="skills: a saved model or base checkpoint folder (default: the newest model)")
     p.add_argument("--data", default="data/raw/synthetic", help="skills: the generated cir-shapes benchmark")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     artifacts = Path(args.artifacts)

@@ -41,7 +41,7 @@ def oracle_annotations(root: Path):
     return pd.DataFrame(rows)
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     base = p.add_mutually_exclusive_group(required=True)
     base.add_argument("--base", help="a base checkpoint folder")
@@ -59,18 +59,13 @@ def main() -> int:
     p.add_argument("--methods", nargs="+", default=["cot", "no_cot", "image_only"])
     p.add_argument("--out", default=None)
     p.add_argument("--reasoning-out", help="write every cot query's generated text and parse here (JSON lines)")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return p
 
-    from model_code.data import read_dataset
-    from model_code.evaluation.evaluate import evaluate
-    from model_code.evaluation.report import markdown_table
-    from model_code.model.cir_cot import CirCoTModel
-    from model_code.model.recipes import PROFILES, pair_examples, register_checkpoint, train_cir_cot
 
-    root = Path(args.data).resolve()
-    out = Path(args.out or tempfile.mkdtemp(prefix="finetune-"))
-    profile = PROFILES[args.profile].copy()
+def configure(profile, args: argparse.Namespace):
+    """``profile`` (a copy of a training profile) with the command line's stage settings applied:
+    ``--align-steps``, ``--cot-steps``, ``--lr``, ``--seed``, ``--full`` and each ``--set``. A
+    ``--set`` naming no stage field raises ValueError."""
     profile.lora = profile.lora and not args.full
     for stage, steps in (("align", args.align_steps), ("cot", args.cot_steps)):
         cfg = getattr(profile, stage)
@@ -85,9 +80,32 @@ def main() -> int:
         stage, _, field = key.partition(".")
         cfg = getattr(profile, stage, None)
         if cfg is None or not hasattr(cfg, field):
-            p.error(f"--set {item}: no such stage field (stages: align, cot; fields: TrainConfig's)")
+            raise ValueError(f"--set {item}: no such stage field (stages: align, cot; fields: TrainConfig's)")
         old = getattr(cfg, field)
-        setattr(cfg, field, value.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(value))
+        try:
+            setattr(cfg, field, value.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(value))
+        except ValueError as e:  # e.g. --set cot.lr=abc
+            raise ValueError(f"--set {item}: {e}") from None
+    return profile
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from model_code.data import read_dataset
+    from model_code.evaluation.evaluate import evaluate
+    from model_code.evaluation.report import markdown_table
+    from model_code.model.cir_cot import CirCoTModel
+    from model_code.model.recipes import PROFILES, pair_examples, register_checkpoint, train_cir_cot
+
+    root = Path(args.data).resolve()
+    out = Path(args.out or tempfile.mkdtemp(prefix="finetune-"))
+    try:
+        profile = configure(PROFILES[args.profile].copy(), args)
+    except ValueError as e:
+        p.error(str(e))
     bench = read_dataset("synthetic", root)
     stages, train_s = {}, 0.0
     if args.base:

@@ -32,12 +32,22 @@ from model_code.model.cir_cot import CirCoTModel, add_cir_tokens  # noqa: E402
 MODES = ("dynamic", "static", "static+compile")
 
 
+def mode_kwargs(mode: str) -> dict:
+    """What ``generate`` is given for a mode: the cache, and whether compilation is off."""
+    extra = {}
+    if mode != "dynamic":
+        extra["cache_implementation"] = "static"
+    if mode == "static":
+        extra["disable_compile"] = True
+    return extra
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="qwen2-vl-2b", choices=sorted(SHAPES))
     p.add_argument("--batch-size", type=int, default=32)
@@ -45,7 +55,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed generate calls per mode, after the warm-up")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--device", default=None)
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -68,11 +82,7 @@ def main() -> int:
 
     rows = []
     for mode in args.modes:
-        extra = {}
-        if mode != "dynamic":
-            extra["cache_implementation"] = "static"
-        if mode == "static":
-            extra["disable_compile"] = True
+        extra = mode_kwargs(mode)
 
         def generate():
             _sync(device)

@@ -73,7 +73,7 @@ def naive_losses(m: CirCoTModel, batch, cfg: TrainConfig) -> torch.Tensor:
     return out.loss + l_info + 0.0 * g_out.logits.float().mean()  # the gallery logits are computed either way
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="qwen2-vl-2b", choices=sorted(SHAPES))
     p.add_argument("--image-size", type=int, default=448)
@@ -85,7 +85,11 @@ def main() -> int:
     p.add_argument(
         "--profile", action="store_true", help="print the top operators of one step per mode (torch.profiler)"
     )
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     device = resolve_device()
     cuda = device.startswith("cuda")

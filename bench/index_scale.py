@@ -42,7 +42,7 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=256)
@@ -51,7 +51,11 @@ def main() -> int:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--configs", nargs="+", default=["ivf_pq:1024:32:32:20", "ivf_pq:1024:32:64:40"],
                    help="type:partitions:sub_vectors:nprobes:refine (ivf_pq, or ivf_hnsw_sq: sub_vectors unused)")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     import pyarrow as pa
     import torch

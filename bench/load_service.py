@@ -93,7 +93,7 @@ def locust(url: str, target: str, users: int, seconds: int, image: str, workdir:
             "p99": float(total["99%"]), "n": int(total["Request Count"]), "failures": int(total["Failure Count"])}
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--image", required=True, help="a reference image to upload")
     p.add_argument("--dataset", default="synthetic")
@@ -104,7 +104,11 @@ def main() -> int:
     p.add_argument("--model", help="serve this saved model (promoted in a temporary store) instead")
     p.add_argument("--gallery", default="data/raw/synthetic", help="with --model: the dataset folder to index")
     p.add_argument("--cot-users", type=int, nargs="+", default=[1, 8], help="client counts of search_cot")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     workdir = Path(tempfile.mkdtemp())
     base_env = setup_store(args.model, args.gallery, args.dataset, workdir) if args.model else dict(os.environ)
     rows = []
@@ -120,16 +124,23 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    print("\n| endpoint | adaptive batching | clients | requests/s | p50 ms | p95 ms | p99 ms | requests | failures |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(summary(rows))
+    return 0
+
+
+def summary(rows: list[tuple[str, str, int, dict]]) -> str:
+    """The closing table, a row per (endpoint, batching "on"/"off", clients, :func:`locust`'s figures), and
+    per endpoint and client count measured both ways, the throughput with batching over without."""
+    lines = ["\n| endpoint | adaptive batching | clients | requests/s | p50 ms | p95 ms | p99 ms | requests "
+             "| failures |", "|---|---|---|---|---|---|---|---|---|"]
     for target, batching, users, r in rows:
-        print(f"| {target} | {batching} | {users} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} "
-              f"| {r['n']} | {r['failures']} |")
+        lines.append(f"| {target} | {batching} | {users} | {r['rps']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} "
+                     f"| {r['p99']:.0f} | {r['n']} | {r['failures']} |")
     on = {(t, u): r["rps"] for t, b, u, r in rows if b == "on"}
     off = {(t, u): r["rps"] for t, b, u, r in rows if b == "off"}
     for t, u in sorted(on.keys() & off.keys()):
-        print(f"# {t}, {u} clients: batching on / off = {on[t, u] / max(off[t, u], 1e-9):.2f}x")
-    return 0
+        lines.append(f"# {t}, {u} clients: batching on / off = {on[t, u] / max(off[t, u], 1e-9):.2f}x")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

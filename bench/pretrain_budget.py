@@ -26,6 +26,10 @@ import time
 from pathlib import Path
 
 
+# what the probe changes of the configuration (besides its own folder and step count): a small scene set
+PROBE = {"scenes": 400, "heldout": 8, "warmup_steps": 1}
+
+
 def _main_args(extra: list[str], **override) -> list[str]:
     args = list(extra)
     for key, value in override.items():
@@ -54,7 +58,7 @@ def probe_seconds_per_step(extra: list[str], out: Path, steps: int = 20) -> floa
     handler.emit = emit
     logging.getLogger().addHandler(handler)
     try:
-        pretrain.main(_main_args(extra, out=out, scenes=400, heldout=8, steps=steps, eval_every=steps, warmup_steps=1))
+        pretrain.main(_main_args(extra, out=out, steps=steps, eval_every=steps, **PROBE))
     finally:
         logging.getLogger().removeHandler(handler)
     history = json.loads((out / "train" / "checkpoint" / "history.json").read_text())
@@ -68,17 +72,22 @@ def probe_seconds_per_step(extra: list[str], out: Path, steps: int = 20) -> floa
     return (t1 - t0) / (s1 - s0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+def parser() -> argparse.ArgumentParser:
+    """This script's own options (those before ``--``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, required=True, help="training time to fill (evaluations excluded)")
     p.add_argument("--out", required=True)
     p.add_argument("--eval-every", type=int, default=0, help="default: a quarter of the run")
     p.add_argument("--max-steps", type=int, default=100000)
     p.add_argument("--pack", help="a folder to write model.tgz, metrics.jsonl, base.json, perception.png into")
-    args = p.parse_args(own)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    args = parser().parse_args(own)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     from model_code.model import pretrain
 

@@ -28,14 +28,19 @@ from model_code.annotation.judge import AnnotationRequest
 from model_code.annotation.teachers import LocalTeacher
 from model_code.backbone import SHAPES, build_random_backbone, resolve_device  # noqa: E402
 
-def main() -> int:
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="qwen2-vl-2b", choices=sorted(SHAPES))
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     p.add_argument("--requests", type=int, default=64, help="timed requests per batch size")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--device", default=None)
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

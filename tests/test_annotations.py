@@ -7,7 +7,7 @@ import pytest
 
 from model_code.annotation.store import (AnnotationStore, annotate_missing, annotation_requests, annotation_version,
                                     read_annotations, write_annotations)
-from model_code.annotation.judge import Annotation, judge
+from model_code.annotation.judge import judge
 from model_code.synthetic.oracle import OracleAnnotator
 from model_code.data import read_dataset
 from model_code.annotation.quality import LengthBounds, validate_annotations
@@ -164,7 +164,7 @@ def test_all_rejected_teacher_fails_the_gate_on_acceptance(tiny_synthetic, reque
     rows = [judge(r.query_id, "local:tiny", "teacher-v1", "random tokens") for r in requests_]
     table = pd.DataFrame([dataclasses.asdict(r) for r in rows])
     assert _failed(validate_annotations(table, bench.triplets, min_acceptance=0.95)) == {"acceptance rate at least 95%"}
-    assert isinstance(rows[0], Annotation)
+    assert {(r.status, r.reject_reason, r.raw) for r in rows} == {("rejected", "missing_section", "random tokens")}
 
 
 def test_a_regenerated_dataset_is_annotated_again_not_served_stale_chains(tmp_path):

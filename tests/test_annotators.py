@@ -9,7 +9,9 @@ import time
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from model_code.synthetic import generate
 from model_code.annotation.store import annotation_requests
@@ -18,6 +20,7 @@ from model_code.annotation.teachers import (
 from model_code.synthetic.oracle import OracleAnnotator
 from model_code.annotation.judge import judge
 from model_code.data import read_dataset
+from tests._png import pixels
 
 GOOD = "<caption>a red circle</caption><reasoning>the circle turns blue; nothing else changes</reasoning>" \
        "<conclusion>a blue circle</conclusion>"
@@ -214,7 +217,11 @@ def test_remote_teacher_speaks_the_protocol_with_retries_and_bounded_concurrency
     assert body["model"] == "qwen2-vl-72b" and body["temperature"] == 0.0
     images = [c["image_url"]["url"] for c in body["messages"][-1]["content"] if c["type"] == "image_url"]
     assert len(images) == 2 and all(u.startswith("data:image/png;base64,") for u in images)
-    assert base64.b64decode(images[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    # the request's own reference and target, in that order, pixel for pixel
+    asked = reqs[tags.index(re.search(r"\[(\w+)\]", body["messages"][-1]["content"][-1]["text"]).group(1))]
+    for url, path in zip(images, (asked.reference_path, asked.target_path)):
+        with Image.open(path) as im:
+            np.testing.assert_array_equal(pixels(base64.b64decode(url.split(",", 1)[1])), np.asarray(im.convert("RGB")))
 
 
 def test_remote_teacher_keeps_at_most_max_concurrency_requests_in_flight(chat_server, requests_):

@@ -15,6 +15,7 @@ from model_code.evaluation.evaluate import evaluate, Evaluation, Group, score
 from model_code.evaluation.report import markdown_table, submissions, write_report
 from model_code.evaluation.gate import GateConfig, gate
 from model_code.synthetic.oracle import describe, scene_from_text
+from tests._png import drawn, pixels
 
 
 def _group(rows: list[dict], gallery: list[str], name: str = "") -> Group:
@@ -100,9 +101,15 @@ def test_evaluation_scores_every_method_writes_the_report_and_resumes_from_its_c
                   cache_dir=cache, say=lambda s: None)
     test = bench.triplets[bench.triplets.split == "test"]
     assert set(ev.metrics) == {"cot", "no_cot", "image_only", "text_only"} and not ev.hidden
+    gallery = set(bench.images[bench.images.split == "test"].image_id)
+    assert len(gallery) < 50
     for method, m in ev.metrics.items():
-        assert all(0.0 <= m[f"R@{k}"] <= 1.0 for k in (1, 5, 10, 50)), method
-        assert m["R@50"] == 1.0  # the tiny gallery is smaller than 50 and holds every target
+        ranked = ev.rankings[method]
+        for q in test.itertuples():  # under 50 images, the top 50 is the whole gallery but the reference
+            assert sorted(ranked[q.query_id]) == sorted(gallery - {q.reference_id}), method
+        for k in (1, 5, 10, 50):  # recall by hand: the share of queries with a target among their first k
+            hits = [bool(set(q.target_ids) & set(ranked[q.query_id][:k])) for q in test.itertuples()]
+            assert m[f"R@{k}"] == pytest.approx(sum(hits) / len(hits)), (method, k)
     # the reference is excluded from its own ranking (CIRR's rule, which cir-shapes follows)
     for q in test.itertuples():
         assert q.reference_id not in ev.rankings["no_cot"][q.query_id]
@@ -117,8 +124,15 @@ def test_evaluation_scores_every_method_writes_the_report_and_resumes_from_its_c
     assert json.loads(written["metrics.json"].read_text()) == json.loads(json.dumps(ev.metrics))
     table = written["table.md"].read_text()
     assert all(f"| {m} |" in table for m in ev.metrics) and "queries/s" in table
-    for png in ("recall.png", "qualitative.png"):
-        assert written[png].read_bytes()[:4] == b"\x89PNG"
+    recall = pixels(written["recall.png"])
+    assert recall.shape == (324, 495, 3)  # 5.5 x 3.6 in at 90 dpi
+    colours = [f"C{i}" for i in range(len(ev.metrics) + 1)]  # one line (and legend entry) per method, no more
+    assert [drawn(recall, c) > 20 for c in colours] == [True] * len(ev.metrics) + [False]
+    grid = pixels(written["qualitative.png"])
+    assert grid.shape == (832, 1280, 3)  # 4 queries, a row of 16 x 2.6 in each at 80 dpi
+    assert drawn(grid, scenes.BACKGROUND) > 24 * 1000  # the reference and 5 results of each row are shown
+    framed = any(set(q.target_ids) & set(ev.rankings["cot"][q.query_id][:5]) for q in test.iloc[:4].itertuples())
+    assert (drawn(grid, "green") > 500) == framed  # a target among a row's results is framed in green
     lines = [json.loads(x) for x in written["queries.jsonl"].read_text().splitlines()]
     assert len(lines) == len(test) and "reasoning" in lines[0] and len(lines[0]["top10"]["cot"]) == 10
 
@@ -260,7 +274,12 @@ def test_a_changed_gallery_is_embedded_again_and_an_unsaved_model_is_not_cached(
     finally:
         del micro_model.embed_images
     assert sum(calls) == len(test_images)  # embedded again, not read from the stale cache
-    assert second.metrics["no_cot"].keys() == first.metrics["no_cot"].keys()
+    # the two images now look alike: every ranking holding both holds them side by side
+    a_id, b_id = test_images.image_id.iloc[:2]
+    for method in ("image_only", "no_cot"):
+        pairs = [(r.index(a_id), r.index(b_id)) for r in second.rankings[method].values() if {a_id, b_id} <= set(r)]
+        assert pairs and all(abs(i - j) == 1 for i, j in pairs), (method, pairs)
+        assert second.rankings[method] != first.rankings[method]
     # a model without a version (never saved) writes no cache at all
     version, micro_model.version = micro_model.version, None
     try:

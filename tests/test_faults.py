@@ -414,7 +414,7 @@ def models_outside_make(ctx: Ctx):
     del env["BENTOML_HOME"]  # as a user's shell has it: no BENTOML_HOME, in the project folder
     listed = subprocess.run([sys.executable, "-m", "orchestration", "models"], cwd=project,
                             env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
-    assert registry  # the session's store is untouched by this row
+    assert registry.list_models() == []  # the session's store (emptied for each row) is untouched by this row
     return listed, version, project
 
 

@@ -10,6 +10,7 @@ from model_code import backbone
 from model_code.model import pretrain
 from model_code.synthetic import pretraining
 from model_code.model.pretrain import PretrainConfig
+from tests._png import drawn, pixels
 
 
 @pytest.fixture
@@ -74,7 +75,10 @@ def test_an_interrupted_pretraining_resumes_to_the_uninterrupted_result(tmp_path
     assert [r["step"] for r in rows] == [2, 4]
     for key in ("caption_exact", "caption_object_f1", "edit_exact", "text_to_image_R@1", "cap", "edit", "info"):
         assert key in rows[-1]
-    assert (tmp_path / "whole" / "perception.png").is_file()
+    plot = pixels(tmp_path / "whole" / "perception.png")
+    assert plot.shape == (324, 900, 3)  # 10 x 3.6 in at 90 dpi
+    left = plot[:, :450]  # the perception metrics' panel: a line of each of the 4 metrics
+    assert all(drawn(left, f"C{i}", 20) > 20 for i in range(4)), [drawn(left, f"C{i}", 20) for i in range(4)]
 
     # stopped at the first evaluation point (minutes=0), then the same call again
     assert pretrain.pretrain(cfg, tmp_path / "split", minutes=0) is None

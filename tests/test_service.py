@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
+from tests._png import pixels
 from tests.conftest import REPO, free_port
 
 SETUP = """
@@ -133,7 +134,11 @@ def _error(body: bytes) -> str:
 
 
 def test_search_in_both_modes_with_reasoning_and_thumbnails(server, served):
-    _, version, image, _ = served
+    from PIL import Image
+
+    from model_code.data import read_dataset
+
+    _, version, image, home = served
     code, body = server.search(image, k=4, mode="cot")
     assert code == 200, body
     answer = json.loads(body)
@@ -146,7 +151,13 @@ def test_search_in_both_modes_with_reasoning_and_thumbnails(server, served):
     code, body = server.search(image, k=3, mode="no_cot")
     assert code == 200 and json.loads(body)["reasoning"] is None and len(json.loads(body)["results"]) == 3
     code, png = server.request("GET", answer["results"][0]["url"] + "?size=32")
-    assert code == 200 and png[:4] == b"\x89PNG"
+    assert code == 200
+    gallery = read_dataset("synthetic", home / "cir-shapes").images.set_index("image_id").path
+    with Image.open(home / "cir-shapes" / gallery[answer["results"][0]["image_id"]]) as im:
+        im = im.convert("RGB")
+        assert im.size == (64, 64)
+        im.thumbnail((32, 32))  # the hit's own gallery image, shrunk to the size asked for
+    assert pixels(png).shape == (32, 32, 3) and pixels(png).tobytes() == im.tobytes()
     code, body = server.request("POST", "/embed_image", files={"images": ("a.png", image)})
     assert code == 200 and len(json.loads(body)[0]) == 64
     code, page = server.request("GET", "/ui/")

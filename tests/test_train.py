@@ -12,6 +12,7 @@ from model_code.model.cir_cot import CIR_TOKENS, CirCoTModel, apply_lora, parame
 from model_code.model.train import sample_batch, train, TrainConfig, TrainStep
 from model_code.model.loss import info_nce
 from model_code.model.recipes import pair_examples
+from tests._png import drawn, pixels
 
 
 @pytest.fixture
@@ -134,7 +135,10 @@ def test_loss_decreases_and_only_adapters_and_new_token_rows_change(micro_base, 
     losses = [h["loss"] for h in result.history]
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
     assert sum(h["acc"] for h in result.history[-5:]) / 5 > 0.4
-    assert result.plot.is_file() and result.plot.stat().st_size > 1000
+    plot = pixels(result.plot)
+    assert plot.shape == (324, 900, 3)  # 10 x 3.6 in at 90 dpi
+    assert drawn(plot[:, :450], "C0", 20) > 20  # the loss curve (its legend entry at least: InfoNCE lies on it here)
+    assert drawn(plot[:, 450:], "tab:green", 20) > 100  # the accuracy curve
     for n, p in m.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p.detach(), base_before[n]), f"frozen parameter {n} changed"
