@@ -152,8 +152,9 @@ def test_the_library_objects_the_scripts_use_keep_the_members_they_read():
     from model_code.model.cir_cot import CirCoTModel
     from model_code.model.recipes import TrainedModel, TrainingProfile
 
-    def fields(cls):
-        return {f.name for f in dataclasses.fields(cls)}
+    def fields(cls):   # a dataclass or a pydantic model (the typed records)
+        model_fields = getattr(cls, "model_fields", None)
+        return set(model_fields) if model_fields is not None else {f.name for f in dataclasses.fields(cls)}
 
     for method in ("embed_queries", "embed_texts", "embed_images", "generate_cots", "infer_queries", "prompt",
                    "encode", "query_inputs", "gallery_inputs", "emb"):
@@ -248,7 +249,7 @@ def test_each_decoding_mode_asks_generate_for_its_cache():
 
 def test_the_training_benchs_chain_of_thought_parses_with_the_words_asked_for():
     from bench.gpu_train import cot_text
-    from model_code.annotation.cot import parse
+    from model_code.chain import parse
 
     cot = parse(cot_text(random.Random(0), 40))
     assert [len(part.split()) for part in (cot.caption, cot.reasoning, cot.conclusion)] == [10, 20, 10]
