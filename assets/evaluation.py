@@ -178,19 +178,7 @@ def promoted_model(context: dg.AssetExecutionContext, config: PromotionConfig,
     if not verdict["passed"]:
         raise dg.Failure(description=f"model {record.model_version} failed the promotion gate on {name}")
     trained = TrainedModel.from_dict(record.model)  # exactly the model that was evaluated
-    cot = record.metrics.get("cot", {})
-    labels = {"model_version": trained.version, "base_version": trained.base_version,
-              f"evaluated_on_{name}": f"{name}/{record.split}",
-              f"headline_{name}": f"{record.headline}={cot.get(record.headline, float('nan')):.4f}"}
-    for metric in ("R@1", "R@10", "Avg", "mAP@10"):
-        if metric in cot:
-            labels[f"cot_{metric}_{name}"] = f"{cot[metric]:.4f}"
-    for dataset, v in trained.data.items():
-        labels[f"data_{dataset}"] = v["raw"]
-        labels[f"annotations_{dataset}"] = v["annotations"]
-        labels[f"teacher_{dataset}"] = f"{v['teacher']}/{v['prompt_version']}"
-    metadata = {"evaluations": {f"{name}/{record.split}": cot}, "all_metrics": {name: record.metrics},
-                "gates": {name: verdict}, "training": trained.stages}
+    labels, metadata = registry.lineage(trained, record, verdict)
     result = registry.promote(trained.path, version=trained.version, dataset=name, labels=labels, metadata=metadata,
                               stage=config.stage, force=config.force)
     context.log.info(f"promoted_model: {result['reason']}")

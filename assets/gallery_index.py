@@ -118,7 +118,6 @@ def index_recall(context: dg.AssetCheckExecutionContext, config: IndexRecallConf
     from model_code.data import read_tables
     from model_code.data.tables import TablesRecord, image_paths
     from model_code.evaluation.metrics import reference_exclusions
-    from model_code.index import exact_topk
 
     name = context.partition_key
     record = latest_record(context, gallery_index, name)
@@ -130,16 +129,11 @@ def index_recall(context: dg.AssetCheckExecutionContext, config: IndexRecallConf
     model = registry.load_promoted(tag=f"cir-cot:{record['model_version']}")
     emb = model.embed_queries([paths[(split, r)] for r in queries["reference_id"]],
                               list(queries["modification"])).numpy()
-    index_ = index.open(name, artifacts)
     exclude = reference_exclusions(name, list(queries["reference_id"]))
-    k = 10
-    found, _ = index_.search(emb, k, model_version=record["model_version"], exclude=exclude)
-    ids, vectors = index_.vectors(record["model_version"])
-    exact, _ = exact_topk(emb, vectors, ids, k, exclude=exclude)
-    recall = sum(len(set(a) & set(b)) for a, b in zip(found, exact)) / (k * len(exact))
+    recall = index.open(name, artifacts).recall_against_exact(emb, 10, record["model_version"], exclude=exclude)
     passed = recall >= MIN_RECALL
     return dg.AssetCheckResult(
         passed=passed, severity=dg.AssetCheckSeverity.ERROR,
-        description=f"recall@10 against exact search {recall:.3f} over {len(exact)} queries "
+        description=f"recall@10 against exact search {recall:.3f} over {len(emb)} queries "
                     f"({record['index_type']}; floor {MIN_RECALL})",
-        metadata={"recall_at_10": recall, "queries": len(exact), "index_type": record["index_type"]})
+        metadata={"recall_at_10": recall, "queries": len(emb), "index_type": record["index_type"]})

@@ -368,6 +368,15 @@ class GalleryIndex:
             out_scores.append([1.0 - d for d in found.column("_distance").to_pylist()])
         return out_ids, out_scores
 
+    def recall_against_exact(self, query_vectors, k: int, model_version: str, *,
+                             exclude: Sequence[Iterable[str]] | None = None) -> float:
+        """Recall@k of :meth:`search` against exact search over the same vectors: the share of the
+        exact top ``k`` that the index returns (1.0 for exact search; what an ANN index loses)."""
+        found, _ = self.search(query_vectors, k, model_version=model_version, exclude=exclude)
+        ids, vectors = self.vectors(model_version)
+        exact, _ = exact_topk(np.asarray(query_vectors, dtype=np.float32), vectors, ids, k, exclude=exclude)
+        return sum(len(set(a) & set(b)) for a, b in zip(found, exact)) / (k * len(exact))
+
 
 def _quote(text: str) -> str:
     return str(text).replace("'", "''")

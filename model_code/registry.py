@@ -39,6 +39,28 @@ def _bentoml():
     return bentoml
 
 
+def lineage(trained, evaluation, verdict: dict) -> tuple[dict[str, str], dict]:
+    """The labels and metadata a promoted entry carries: the model and base versions, where it was
+    evaluated and its headline, the data, annotations and teacher of every training dataset, and
+    (metadata) the metrics, the gate verdict and the training stages. ``trained`` is the
+    ``TrainedModel`` record, ``evaluation`` the ``EvaluationRecord`` that evaluated it."""
+    name, split = evaluation.dataset, evaluation.split
+    cot = evaluation.metrics.get("cot", {})
+    labels = {"model_version": trained.version, "base_version": trained.base_version,
+              f"evaluated_on_{name}": f"{name}/{split}",
+              f"headline_{name}": f"{evaluation.headline}={cot.get(evaluation.headline, float('nan')):.4f}"}
+    for metric in ("R@1", "R@10", "Avg", "mAP@10"):
+        if metric in cot:
+            labels[f"cot_{metric}_{name}"] = f"{cot[metric]:.4f}"
+    for dataset, v in trained.data.items():
+        labels[f"data_{dataset}"] = v["raw"]
+        labels[f"annotations_{dataset}"] = v["annotations"]
+        labels[f"teacher_{dataset}"] = f"{v['teacher']}/{v['prompt_version']}"
+    metadata = {"evaluations": {f"{name}/{split}": cot}, "all_metrics": {name: evaluation.metrics},
+                "gates": {name: verdict}, "training": trained.stages}
+    return labels, metadata
+
+
 def stage_label(dataset: str) -> str:
     return f"stage_{dataset}"
 

@@ -559,3 +559,20 @@ def test_the_command_line_lists_models_and_rolls_back(store, saved_models, capsy
     assert lines[1].split()[:3] == [f"cir-cot:{ver_a}", "synthetic", "archived"]
     assert main(["rollback", "--dataset", "synthetic"]) == 0
     assert f"production of synthetic is now cir-cot:{ver_a}" in capsys.readouterr().out
+
+
+def test_lineage_labels_name_the_model_its_data_and_its_headline():
+    from types import SimpleNamespace
+
+    from model_code.registry import lineage
+
+    trained = SimpleNamespace(version="m1", base_version="b1", stages={"cot": {}},
+                              data={"synthetic": {"raw": "d1", "annotations": "a1", "teacher": "oracle",
+                                                  "prompt_version": "oracle-v2"}})
+    evaluation = SimpleNamespace(dataset="cirr", split="val", headline="Avg",
+                                 metrics={"cot": {"R@1": 0.25, "Avg": 0.5, "R@5": 0.75}, "no_cot": {"Avg": 0.4}})
+    labels, metadata = lineage(trained, evaluation, {"passed": True})
+    assert labels == {"model_version": "m1", "base_version": "b1", "evaluated_on_cirr": "cirr/val",
+                      "headline_cirr": "Avg=0.5000", "cot_R@1_cirr": "0.2500", "cot_Avg_cirr": "0.5000",
+                      "data_synthetic": "d1", "annotations_synthetic": "a1", "teacher_synthetic": "oracle/oracle-v2"}
+    assert metadata["gates"] == {"cirr": {"passed": True}} and metadata["all_metrics"]["cirr"]["no_cot"]["Avg"] == 0.4

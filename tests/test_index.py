@@ -157,6 +157,7 @@ def test_ann_index_above_the_threshold_with_recall_against_exact(tmp_path, kind)
     exact, _ = exact_topk(queries, vectors, [im.image_id for im in images], 10, exclude=exclude)
     recall = sum(len(set(f) & set(e)) for f, e in zip(found, exact)) / 400
     assert recall >= 0.9, recall
+    assert index.recall_against_exact(queries, 10, "v1", exclude=exclude) == recall  # what index_recall checks
     assert all(len(f) == 10 and f"g{j}" not in f for j, f in enumerate(found))
 
 
