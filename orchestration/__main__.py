@@ -59,8 +59,12 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
         from orchestration.definitions import defs as definitions
     job = definitions.resolve_job_def(job_name)
     dagster_instance = dagster_instance or instance()
+    from orchestration.operations import fail_dead_runs, process_tags
+
+    for run_id in fail_dead_runs(dagster_instance):
+        print(f"run {run_id}: its process is gone (killed or crashed); marked failed")
     result = job.execute_in_process(partition_key=partition, instance=dagster_instance, raise_on_error=False,
-                                    run_config=run_config)
+                                    run_config=run_config, tags=process_tags())
     label = f"{job_name} [{partition}]" if partition else job_name
     print(f"\n== {label}: {'succeeded' if result.success else 'FAILED'} (run {result.run_id})")
     checks_ok = True

@@ -15,6 +15,9 @@ fresh ``dagster dev`` does nothing unasked (turn them on in the UI: Automation).
 - ``after_data_pipeline``: a finished ``cir_pipeline[d]`` retrains (``d`` a training dataset) or
   re-evaluates ``d`` (evaluation -> gate -> promoted model -> gallery index -> Bento);
   ``after_training``: a finished ``training`` evaluates every dataset partition that has annotations.
+- ``dead_run_sensor`` (running): a started run whose process is gone (killed, crashed) is marked
+  failed, so that the schedule does not skip forever and the alert fires (``fail_dead_runs``; the
+  command line runs it too before it starts a run).
 - ``failure_alert``: a failed run posts ``{job, partition, failed_step, error, run_url, kind}`` as JSON
   to ``CIRCOT_ALERT_WEBHOOK`` (logged when unset); a run stopped by the promotion gate is reported
   as ``kind: promotion_blocked`` with the gate's verdict lines, not as a crash.
@@ -38,6 +41,7 @@ ACTIVE = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.Dagste
           dg.DagsterRunStatus.STARTED)
 TRIGGER_TAG = "circot/trigger"
 REASON_TAG = "circot/reason"
+PID_TAG, HOST_TAG = "circot/pid", "circot/host"   # the process that executes a run in-process (the CLI)
 
 
 class DatasetUnreadable(Exception):
@@ -112,15 +116,75 @@ def _active_runs(instance: dg.DagsterInstance, job_name: str) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
+# runs whose process died
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming this process, for a run it executes itself (``python -m orchestration run``)."""
+    import socket
+
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _run_worker(instance: dg.DagsterInstance, run: dg.DagsterRun) -> int | None:
+    """The pid of the process executing ``run`` on this host: the CLI's tags, or the run worker that
+    Dagster's default launcher started (its "Started process for run" event); None when unknown or
+    on another host (a Kubernetes launcher has run monitoring of its own)."""
+    import socket
+
+    if PID_TAG in run.tags:
+        return int(run.tags[PID_TAG]) if run.tags.get(HOST_TAG) == socket.gethostname() else None
+    for record in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+        pid = record.dagster_event.event_specific_data.metadata.get("pid")
+        if pid is not None and "Started process for run" in (record.dagster_event.message or ""):
+            return int(pid.value)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True    # another user's process: alive
+    try:   # a zombie (dead, not yet reaped by its parent) counts as dead
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def fail_dead_runs(instance: dg.DagsterInstance, log=None) -> list[str]:
+    """Mark failed every started run whose process on this host is gone (killed, out of memory, a
+    reboot): Dagster would keep it STARTED for good, the retraining schedule would skip forever, and
+    no alert would fire. Returns their run ids; each gets a failure event that says why (the
+    failure alert then reports it)."""
+    dead = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED,
+                                                                 dg.DagsterRunStatus.STARTING])):
+        pid = _run_worker(instance, run)
+        if pid is None or _alive(pid):
+            continue
+        instance.report_run_failed(run, f"the process executing this run (pid {pid}) is gone: it was killed or "
+                                        f"crashed; marked failed so that the schedule and the alerts go on")
+        dead.append(run.run_id)
+        if log is not None:
+            log.warning(f"run {run.run_id} ({run.job_name}): its process {pid} is gone; marked failed")
+    return dead
+
+
+# ---------------------------------------------------------------------------------------------
 # the alert
 
 
-def failure_message(run: dg.DagsterRun, instance: dg.DagsterInstance, step_failures=(), base_url: str | None = None
-                    ) -> dict:
+def failure_message(run: dg.DagsterRun, instance: dg.DagsterInstance, step_failures=(), base_url: str | None = None,
+                    run_failure=None) -> dict:
     """The alert for a failed run: what failed, where, why, and a link to it in the UI."""
     base_url = (base_url or load(PipelineSettings)[0].dagster_url).rstrip("/")
     message = {"job": run.job_name, "partition": run.tags.get("dagster/partition"), "run_id": run.run_id,
                "run_url": f"{base_url}/runs/{run.run_id}", "kind": "failure", "failed_step": None, "error": None}
+    if run_failure is not None:
+        message["error"] = (run_failure.message or "")[:2000]
     for event in step_failures:
         message["failed_step"] = event.step_key
         error = getattr(event.event_specific_data, "error", None)
@@ -247,7 +311,16 @@ def build_automation(pipeline_job, training_job, evaluation_job, *, train_datase
                            description="Posts a failed run (job, partition, step, error, link) to "
                                        "CIRCOT_ALERT_WEBHOOK; a blocked promotion gate is reported as such")
     def failure_alert(context: dg.RunFailureSensorContext):
-        message = failure_message(context.dagster_run, context.instance, context.get_step_failure_events())
+        message = failure_message(context.dagster_run, context.instance, context.get_step_failure_events(),
+                                  run_failure=context.failure_event)
         send_alert(message, context.log)
 
-    return [retrain_schedule], [dataset_change_sensor, after_data_pipeline, after_training, failure_alert]
+    @dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Marks failed a started run whose process died (killed, crashed), so the schedule "
+                           "runs again and the failure alert fires")
+    def dead_run_sensor(context: dg.SensorEvaluationContext):
+        dead = fail_dead_runs(context.instance, context.log)
+        return dg.SkipReason(f"marked failed: {', '.join(dead)}" if dead else "no run lost its process")
+
+    return [retrain_schedule], [dataset_change_sensor, after_data_pipeline, after_training, failure_alert,
+                                dead_run_sensor]

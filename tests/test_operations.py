@@ -31,12 +31,13 @@ def test_the_definitions_hold_the_schedule_and_sensors_shipped_stopped_but_the_a
     repo = defs.get_repository_def()
     assert {s.name for s in repo.schedule_defs} == {"retrain_schedule"}
     assert {s.name for s in repo.sensor_defs} == {"dataset_change_sensor", "after_data_pipeline", "after_training",
-                                                  "failure_alert"}
+                                                  "failure_alert", "dead_run_sensor"}
     assert _by_name("retrain_schedule").default_status == dg.DefaultScheduleStatus.STOPPED
     assert _by_name("retrain_schedule").cron_schedule == DEFAULT_CRON
     for name in ("dataset_change_sensor", "after_data_pipeline", "after_training"):
         assert _by_name(name).default_status == dg.DefaultSensorStatus.STOPPED
     assert _by_name("failure_alert").default_status == dg.DefaultSensorStatus.RUNNING
+    assert _by_name("dead_run_sensor").default_status == dg.DefaultSensorStatus.RUNNING
 
 
 def test_the_schedule_retrains_with_its_reason_and_never_twice_at_once(instance):
@@ -205,3 +206,63 @@ def test_the_kubernetes_training_pod_is_built_from_configuration():
     assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "circot-artifacts"
     with pytest.raises(dg.Failure, match="CIRCOT_K8S_IMAGE"):
         TrainingResource(launcher="kubernetes").pod_spec(command, "/artifacts")
+
+
+KILLED_RUN = """
+import sys, time
+import dagster as dg
+from orchestration.operations import process_tags
+
+@dg.op
+def wait_forever():
+    time.sleep(600)
+
+@dg.job(name="training")
+def training():
+    wait_forever()
+
+training.execute_in_process(instance=dg.DagsterInstance.get(), tags=process_tags())
+"""
+
+
+def test_a_run_whose_process_was_killed_is_marked_failed_and_alerted_and_the_schedule_goes_on(tmp_path, monkeypatch):
+    """kill -9 of the process executing a run: Dagster would keep it STARTED for good (the schedule
+    then skips forever); the dead-run sensor marks it failed, and the failure alert says why."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_RUN], env=env, cwd=str(operations.Path(__file__).parents[1]))
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as instance:
+        try:
+            deadline = time.time() + 120
+            while not instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+                assert child.poll() is None and time.time() < deadline, "the run never started"
+                time.sleep(0.5)
+            run, = instance.get_runs()
+            assert operations.fail_dead_runs(instance) == []          # alive: left alone
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        schedule = _by_name("retrain_schedule")
+        when = dt.datetime(2026, 11, 30, 3, 0, tzinfo=dt.timezone.utc)
+        skipped = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+        assert isinstance(skipped, dg.SkipReason) and run.run_id in skipped.skip_message   # the bug this fixes
+
+        result = _by_name("dead_run_sensor")(dg.build_sensor_context(instance=instance))
+        assert isinstance(result, dg.SkipReason) and run.run_id in result.skip_message
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert operations.fail_dead_runs(instance) == []          # once only
+        failure, = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        message = operations.failure_message(instance.get_run_by_id(run.run_id), instance,
+                                             run_failure=failure.dagster_event)
+        assert f"(pid {child.pid}) is gone" in message["error"] and message["kind"] == "failure"
+        request = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+        assert isinstance(request, dg.RunRequest)                 # the schedule goes on
