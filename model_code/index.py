@@ -176,14 +176,61 @@ class GalleryIndex:
             return self.db.open_table(self.table_name)
         except (ValueError, FileNotFoundError):
             return None
+        except Exception as e:  # noqa: BLE001 - e.g. a manifest that cannot be read
+            if not (Path(self.uri) / f"{self.table_name}.lance").exists() and "://" not in self.uri:
+                return None
+            raise self._damaged(e) from None
 
     def versions(self) -> dict[str, int]:
         """Model version -> table version, for every model the index was built with."""
         table = self._open()
         if table is None:
             return {}
+        try:
+            tags = table.tags.list()
+        except Exception as e:  # noqa: BLE001 - lance raises many kinds: one clear error instead
+            raise self._damaged(e) from None
         return {name[len("model-"):]: int(v["version"] if isinstance(v, dict) else v.version)
-                for name, v in table.tags.list().items() if name.startswith("model-")}
+                for name, v in tags.items() if name.startswith("model-")}
+
+    def _damaged(self, error: Exception) -> GalleryIndexError:
+        return GalleryIndexError(f"the gallery index {self.table_name} at {self.uri} is damaged "
+                                 f"({type(error).__name__}: {str(error)[:300]}); it is derived data: the next run of "
+                                 f"the gallery_index asset rebuilds it from the production model")
+
+    def check(self) -> None:
+        """Read every part of the table (its tags, each tagged version's rows): a GalleryIndexError
+        saying it is damaged when any cannot be read."""
+        table = self._open()
+        if table is None:
+            return
+        try:
+            for version in self.versions().values():
+                table.checkout(version)
+                table.to_arrow()
+            table.checkout_latest()
+            table.to_arrow()
+        except GalleryIndexError:
+            raise
+        except Exception as e:  # noqa: BLE001 - lance raises many kinds: one clear error instead
+            raise self._damaged(e) from None
+
+    def _drop_damaged(self, say: Callable[[str], None]) -> None:
+        """Remove a table that cannot be read (derived data: rebuilt next)."""
+        try:
+            self.check()
+            return
+        except GalleryIndexError as e:
+            say(f"{e}: removing it to rebuild")
+        try:
+            self.db.drop_table(self.table_name)
+        except Exception:  # noqa: BLE001 - a manifest too damaged to drop: remove its folder
+            if "://" in self.uri:
+                raise
+            import shutil
+
+            shutil.rmtree(Path(self.uri) / f"{self.table_name}.lance", ignore_errors=True)
+        self._cache.clear()
 
     # ---- building ----------------------------------------------------------------------------
 
@@ -234,6 +281,8 @@ class GalleryIndex:
             raise GalleryIndexError(f"{self.dataset}: no gallery images to index")
         start = time.monotonic()
         with self._build_lock():
+            say = progress or log.info
+            self._drop_damaged(say)
             table = self._open()
             tagged = self.versions().get(model_version)
             if table is not None and tagged is not None and not self._rows_of(table, model_version):
@@ -242,7 +291,6 @@ class GalleryIndex:
                 table.restore(tagged)
             done = self._rows_of(table, model_version)
             todo = [im for im in images if im.image_id not in done]
-            say = progress or log.info
             say(f"gallery index {self.table_name}: {len(todo)} of {len(images)} images to embed "
                 f"with model {model_version}")
             bar = Progress(len(todo), f"embedding {self.table_name}", say=say, every_s=10)
@@ -310,22 +358,31 @@ class GalleryIndex:
                 f"no gallery index of {self.dataset} for model {model_version}"
                 + (f" (built for: {', '.join(sorted(built))})" if built else " (none built yet)")
                 + ": build it (the gallery_index asset) first")
-        table.checkout(built[model_version])
+        try:
+            table.checkout(built[model_version])
+        except Exception as e:  # noqa: BLE001 - lance raises many kinds: one clear error instead
+            raise self._damaged(e) from None
         return table
 
     def paths(self, model_version: str) -> dict[str, Path]:
         """Image id -> image path of the index built for ``model_version`` (what a service shows)."""
-        data = self._version_table(model_version).to_arrow().select(["image_id", "path"])
+        data = self._read(self._version_table(model_version), ["image_id", "path"])
         return dict(zip(data.column("image_id").to_pylist(), map(Path, data.column("path").to_pylist())))
 
     def vectors(self, model_version: str) -> tuple[list[str], np.ndarray]:
         """The ids and vectors [n, d] of the index built for ``model_version`` (what exact search reads)."""
         return self._vectors(self._version_table(model_version))
 
+    def _read(self, table, columns: list[str]):
+        try:
+            return table.to_arrow().select(columns)
+        except Exception as e:  # noqa: BLE001 - lance raises many kinds: one clear error instead
+            raise self._damaged(e) from None
+
     def _vectors(self, table) -> tuple[list[str], np.ndarray]:
         key = table.version
         if key not in self._cache:
-            data = table.to_arrow().select(["image_id", "vector"])
+            data = self._read(table, ["image_id", "vector"])
             vectors = np.asarray(data.column("vector").combine_chunks().flatten(), dtype=np.float32)
             self._cache = {key: (data.column("image_id").to_pylist(), vectors.reshape(data.num_rows, -1))}
         return self._cache[key]

@@ -260,3 +260,41 @@ def test_the_pipeline_and_the_service_find_the_index_at_one_uri(tmp_path):
         index_uri("memory://x")
     # an explicit index URI wins everywhere
     assert index_uri("s3://bucket/circot", "s3://other/index") == "s3://other/index"
+
+
+def _damage_data(db):
+    f = sorted((db / "gallery_synthetic.lance" / "data").glob("*.lance"))[-1]
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+
+
+def _damage_manifest(db):
+    for f in (db / "gallery_synthetic.lance" / "_versions").glob("*.manifest"):
+        f.write_bytes(b"\0garbage")
+
+
+def _damage_tag(db):
+    for f in (db / "gallery_synthetic.lance" / "_refs" / "tags").glob("*.json"):
+        f.write_text("{not json")
+
+
+@pytest.mark.parametrize("damage", [_damage_data, _damage_manifest, _damage_tag])
+def test_a_damaged_index_is_named_as_such_and_the_next_build_rebuilds_it(gallery, tmp_path, damage):
+    """The index is derived data: a damaged table is a clear error where it is read, and the next
+    build (the gallery_index asset) replaces it without anyone deleting folders."""
+    images, vectors, embed = gallery
+    db = tmp_path / "db"
+    GalleryIndex(db, "synthetic").build(embed, images, model_version="v1")
+    damage(db)
+    index = GalleryIndex(db, "synthetic")
+    with pytest.raises(GalleryIndexError, match="gallery_synthetic at .* is damaged .*rebuilds it"):
+        index.check()
+    with pytest.raises(GalleryIndexError, match="is damaged"):
+        index.search(vectors[:2], 5, model_version="v1")
+    said = []
+    info = GalleryIndex(db, "synthetic").build(embed, images, model_version="v1", progress=said.append)
+    assert info.rows == len(images) and info.embedded == len(images)
+    assert any("is damaged" in line and "removing it to rebuild" in line for line in said)
+    rebuilt = GalleryIndex(db, "synthetic")
+    rebuilt.check()
+    found, _ = rebuilt.search(vectors[:2], 1, model_version="v1")
+    assert [f[0] for f in found] == [images[0].image_id, images[1].image_id]
