@@ -148,6 +148,22 @@ def _dot_and_file_refused_previous_output_replaced(result):
     assert first.returncode == 0 and again.returncode == 0  # its own previous output is replaced
 
 
+def person_file_in_previous_output(ctx: Ctx):
+    """A person's file inside a previous output: its meta.json vouches for what that run wrote, not
+    for the whole folder."""
+    first = _generate("bench", ctx.tmp)
+    (ctx.tmp / "bench" / "notes.txt").write_text("mine")
+    (ctx.tmp / "bench" / "images" / "train" / "extra.png").write_bytes(b"not the generator's")
+    return first, _generate("bench", ctx.tmp), ctx.tmp / "bench"
+
+
+def _refused_naming_the_foreign_files(result):
+    first, again, out = result
+    assert first.returncode == 0 and again.returncode == 2, again.stderr
+    assert "holds files this generator did not write (images/train/extra.png, notes.txt)" in again.stderr
+    assert (out / "notes.txt").read_text() == "mine" and (out / "meta.json").is_file()
+
+
 # ---- 4, 6: the model store ---------------------------------------------------------------------------------
 
 
@@ -433,6 +449,8 @@ FAULTS = [
     ("synthetic --out X/a/.. where X holds other files", out_through_dotdot, Outcome(_refused_and_nothing_deleted)),
     ("synthetic --out . / a file / its own previous output", out_is_cwd_or_file,
      Outcome(_dot_and_file_refused_previous_output_replaced)),
+    ("synthetic --out over its previous output holding a person's files", person_file_in_previous_output,
+     Outcome(_refused_naming_the_foreign_files)),
     # 4, 6: the model store
     ("a truncated model.yaml in the model store", truncated_model_yaml, Outcome(_broken_entry_reported_rest_works)),
     ("promote a folder with only circot.json / an adapter whose base is gone", promote_unloadable,

@@ -203,3 +203,16 @@ def test_reader_returns_every_query_and_image(tiny_synthetic):
             q["query_id"], q["reference"], q["modification"], [q["target"]])
         assert row.n_edits == q["n_edits"] and bool(row.reference_dependent) == q["reference_dependent"]
         assert row.hard_negative_ids == q["hard_negatives"]
+
+
+def test_an_output_that_recorded_no_file_list_is_judged_by_its_layout(tmp_path):
+    from model_code.synthetic.generate import foreign_files
+
+    for rel in ("meta.json", "images/train/q1.png", "scene_graphs/train.json", "captions/cap.val.json",
+                "image_splits/split.test.json", "images/train/notes.txt", "README.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    assert foreign_files(tmp_path, {"format": "cir-shapes/1"}) == ["README.md", "images/train/notes.txt"]
+    assert foreign_files(tmp_path, {"files": ["images/train/q1.png"]}) == [
+        "README.md", "captions/cap.val.json", "image_splits/split.test.json", "images/train/notes.txt",
+        "scene_graphs/train.json"]

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -176,13 +177,33 @@ def output_folder(out: str | os.PathLike) -> Path:
     if path.is_dir() and any(path.iterdir()):
         meta = path / "meta.json"
         try:
-            ours = json.loads(meta.read_text()).get("format", "").startswith("cir-shapes/")
+            meta = json.loads(meta.read_text())
+            ours = meta.get("format", "").startswith("cir-shapes/")
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
             raise OutputFolderError(f"--out {out!r} ({path}) is a non-empty folder that is not a cir-shapes benchmark "
                                     f"(no meta.json of this generator): refusing to replace it")
+        foreign = foreign_files(path, meta)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise OutputFolderError(f"--out {out!r} ({path}) holds files this generator did not write ({shown}): "
+                                    f"refusing to replace it; move them out, or name another folder")
     return path
+
+
+# what an output holds when its meta.json lists no files (written before the list was kept)
+_LAYOUT = re.compile(r"meta\.json|images/\w+/[\w-]+\.png|scene_graphs/\w+\.json|captions/cap\.\w+\.json"
+                     r"|image_splits/split\.\w+\.json")
+
+
+def foreign_files(path: Path, meta: dict) -> list[str]:
+    """The files under ``path`` that the run which wrote ``meta`` did not record as its own (its
+    ``files``), relative and sorted; for an output that recorded none, those outside its layout."""
+    recorded = set(meta.get("files") or ())
+    found = (f.relative_to(path).as_posix() for f in sorted(path.rglob("*")) if not f.is_dir())
+    return [rel for rel in found
+            if rel != "meta.json" and not (rel in recorded if recorded else _LAYOUT.fullmatch(rel))]
 
 
 def generate(params: SyntheticParams, out: str | os.PathLike) -> dict:
@@ -217,7 +238,9 @@ def generate(params: SyntheticParams, out: str | os.PathLike) -> dict:
         _dump_json(paths, tmp / "image_splits" / f"split.{split}.json")
         counts[split] = {"images": len(data.images), "queries": len(data.queries),
                          "reference_dependent": sum(q["reference_dependent"] for q in data.queries)}
-    _dump_json({"format": FORMAT_VERSION, "params": params.model_dump(), "counts": counts}, tmp / "meta.json")
+    files = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file() and f.name != GENERATING)
+    _dump_json({"format": FORMAT_VERSION, "params": params.model_dump(), "counts": counts, "files": files},
+               tmp / "meta.json")
     (tmp / GENERATING).unlink()
     replace_dir(tmp, out)
     return counts
