@@ -106,6 +106,33 @@ def corrupt_part(ctx: Ctx):
     return stats, again, len(requests)
 
 
+def foreign_part_and_folder(ctx: Ctx):
+    """A Parquet file of another table, and a folder, both named like parts: neither is read as rows
+    (an all-null annotation) nor crashes compaction."""
+    import pandas as pd
+
+    from model_code.annotation.store import AnnotationStore, annotate_missing, annotation_requests
+    from model_code.data import read_dataset
+    from model_code.synthetic.oracle import OracleAnnotator
+
+    bench = read_dataset("synthetic", ctx.tiny_synthetic)
+    requests = annotation_requests(bench.triplets, bench.images, ctx.tiny_synthetic)
+    store = AnnotationStore(ctx.tmp / "store")
+    annotate_missing(store, OracleAnnotator(ctx.tiny_synthetic), requests, chunk_size=10, progress=lambda s: None)
+    pd.DataFrame({"image_id": ["a"], "width": [3]}).to_parquet(store.root / "part-00000000000000000002-1-x.parquet")
+    (store.root / "part-00000000000000000003-1-dir.parquet").mkdir()
+    again = AnnotationStore(store.root)
+    again.compact()
+    return again, len(requests)
+
+
+def _foreign_quarantined_rows_intact(result):
+    store, n = result
+    table = store.table()
+    assert len(table) == n and table["status"].notna().all() and len(store.parts()) == 1
+    assert sorted(q.name.split("-")[-1] for q in store.quarantined) == ["dir.parquet", "x.parquet"]
+
+
 def _quarantined_and_reannotated(result):
     stats, store, n = result
     assert stats.annotated == 10  # the truncated part's rows, annotated again
@@ -445,6 +472,8 @@ FAULTS = [
     # 1, 2: the annotation store
     ("two annotation runs write one store at once", two_writers_at_once, Outcome(_all_rows_kept)),
     ("a truncated and a zero-byte part in the annotation store", corrupt_part, Outcome(_quarantined_and_reannotated)),
+    ("another table's Parquet file and a folder named like annotation parts", foreign_part_and_folder,
+     Outcome(_foreign_quarantined_rows_intact)),
     # 3: the generator never deletes what it did not make
     ("synthetic --out X/a/.. where X holds other files", out_through_dotdot, Outcome(_refused_and_nothing_deleted)),
     ("synthetic --out . / a file / its own previous output", out_is_cwd_or_file,

@@ -216,3 +216,14 @@ def test_an_output_that_recorded_no_file_list_is_judged_by_its_layout(tmp_path):
     assert foreign_files(tmp_path, {"files": ["images/train/q1.png"]}) == [
         "README.md", "captions/cap.val.json", "image_splits/split.test.json", "images/train/notes.txt",
         "scene_graphs/train.json"]
+
+
+def test_more_modifications_than_a_reference_allows_is_an_error_not_fewer_queries(tmp_path):
+    from model_code.synthetic.generate import GenerationError, SplitSize, SyntheticParams, generate
+
+    params = SyntheticParams(train=SplitSize(references=1, modifications_per_reference=500),
+                             val=SplitSize(references=1), test=SplitSize(references=1))
+    with pytest.raises(GenerationError, match=r"train: reference train_000000 allowed only \d+ distinct "
+                                              r"modifications in 200 attempts, not the 500 asked for"):
+        generate(params, tmp_path / "out")
+    assert not list(tmp_path.iterdir())  # nothing half-written left behind

@@ -52,8 +52,9 @@ class AnnotationStore:
     Safe for several writers at once (two annotation runs on one store): every part has a name of
     its own (``part-<time ns>-<pid>-<random>.parquet``, ordered by time) and is published by a hard
     link that fails rather than replace an existing file, so no writer overwrites another's rows.
-    A part that cannot be read (truncated, empty, not Parquet) is moved aside into ``quarantine/``
-    with a warning naming it; its rows are then missing, so the next run annotates them again."""
+    A part that cannot be read (truncated, empty, not Parquet, another table's columns, a folder) is
+    moved aside into ``quarantine/`` with a warning naming it; its rows are then missing, so the next
+    run annotates them again."""
 
     STALE_TMP_S = 3600  # a temporary file this old is a crashed writer's, not a live one's
 
@@ -68,6 +69,8 @@ class AnnotationStore:
                     stale.unlink()
 
     def parts(self) -> list[Path]:
+        """The part files, oldest first (anything else named like a part, e.g. a folder, is read as an
+        unusable part and quarantined)."""
         return sorted(self.root.glob("part-*.parquet"))
 
     def _publish(self, table, name: str) -> Path:
@@ -105,7 +108,13 @@ class AnnotationStore:
         read, frames = [], []
         for part in self.parts():
             try:
-                frames.append(pq.read_table(part).to_pandas())
+                if not part.is_file():
+                    raise IsADirectoryError("not a file")
+                table = pq.read_table(part)
+                missing = sorted(set(ANNOTATION_COLUMNS) - {"content_key"} - set(table.column_names))
+                if missing:   # another table's file: its rows would read as empty annotations
+                    raise ValueError(f"not an annotation part (no column {', '.join(missing)})")
+                frames.append(table.to_pandas())
                 read.append(part)
             except FileNotFoundError:
                 continue  # compacted away by another process meanwhile: its rows are in the new part
@@ -113,6 +122,8 @@ class AnnotationStore:
                 quarantine = self.root / "quarantine"
                 quarantine.mkdir(exist_ok=True)
                 target = quarantine / part.name
+                if target.exists():
+                    target = quarantine / f"{part.name}.{uuid.uuid4().hex[:8]}"
                 with contextlib.suppress(FileNotFoundError):
                     part.rename(target)
                     self.quarantined.append(target)

@@ -146,6 +146,10 @@ def generate_split(params: SyntheticParams, split: str, used: set) -> SplitData:
             })
             siblings.append(target_id)
             made += 1
+        if made < size.modifications_per_reference:
+            raise GenerationError(f"{split}: reference {ref_id} allowed only {made} distinct modifications in "
+                                  f"{attempts} attempts, not the {size.modifications_per_reference} asked for "
+                                  f"(modifications_per_reference): ask for fewer")
         # other targets made from the same reference are natural hard negatives too
         for q in queries[len(queries) - made:]:
             q["hard_negatives"] = q["hard_negatives"] + [s for s in siblings if s != q["target"]]
@@ -161,6 +165,10 @@ GENERATING = ".cir-shapes-generating"  # marks a folder this generator is writin
 
 class OutputFolderError(ValueError):
     """``--out`` names something the generator must not replace."""
+
+
+class GenerationError(ValueError):
+    """The parameters ask for what the scenes cannot give (e.g. more modifications than a reference allows)."""
 
 
 def output_folder(out: str | os.PathLike) -> Path:
@@ -218,7 +226,11 @@ def generate(params: SyntheticParams, out: str | os.PathLike) -> dict:
     tmp.mkdir(parents=True)
     (tmp / GENERATING).touch()
     used: set = set()
-    splits = {s: generate_split(params, s, used) for s in SPLITS}
+    try:
+        splits = {s: generate_split(params, s, used) for s in SPLITS}
+    except GenerationError:
+        shutil.rmtree(tmp)
+        raise
     total = sum(len(d.images) for d in splits.values())
     progress = Progress(total, "rendering cir-shapes images", say=log.info)
     counts: dict[str, dict[str, int]] = {}
@@ -283,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     try:
         counts = generate(params, args.out)
-    except OutputFolderError as e:
+    except (OutputFolderError, GenerationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     log.info("wrote %s in %.1fs: %s", args.out, time.monotonic() - start, json.dumps(counts))
