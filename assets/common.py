@@ -76,6 +76,27 @@ def record_check(folder: str | Path, check: str, passed: bool, **details) -> Non
         store.push(Path(folder) / CHECKS_FOLDER / f"{check}.json")
 
 
+def write_model_card(record, verdict: dict, log=None) -> Path | None:
+    """The model card (``README.md``, model_code/model_card.py) beside the model ``record`` (an
+    ``EvaluationRecord``) evaluated, with the gate's ``verdict`` and the model's other evaluations;
+    uploaded when the artifacts root is an object store. None when the model folder is not here."""
+    from model_code.model_card import card_for_evaluation
+
+    from assets.resources import active_store
+
+    path = card_for_evaluation(record, verdict)
+    if path is None:
+        if log is not None:
+            log.warning(f"model {record.model_version}: its folder is not on this machine; no model card written")
+        return None
+    store = active_store()
+    if store is not None:
+        store.push(path)
+    if log is not None:
+        log.info(f"model card: {path}")
+    return path
+
+
 def checks_passed(folder: str | Path, checks: tuple[str, ...]) -> bool:
     import json
 
