@@ -1,5 +1,6 @@
 """Diagnostics of the embedded (tiny, CPU) CIR-CoT model: where its retrieval quality is lost.
-The figures of README's "Why the tiny model falls short" come from these commands.
+The figures of docs/experiments/ (earlier-default-runs.md, 2026-11-27-embedded-recipe.md,
+2026-11-29-canonical-wording.md) and of docs/model-card-embedded-base.md come from these commands.
 
     .venv/bin/python bench/diagnose_embedded.py upper-bounds [--artifacts artifacts] [--queries 128]
     .venv/bin/python bench/diagnose_embedded.py decoding     [--artifacts artifacts] [--queries 128]
@@ -17,7 +18,8 @@ The figures of README's "Why the tiny model falls short" come from these command
 - ``skills [--model FOLDER] [--data data/raw/synthetic]``: the chain's two halves asked apart, in
   the prompts the base was pretrained on (the reference's caption; the text edit of the oracle's
   caption by the modification), exact per edit count, and, for a fine-tuned model, the same two
-  inside its own chains: whether fine-tuning joined the base's skills or unlearned them.
+  inside its own chains: whether fine-tuning joined the base's skills or unlearned them; also by the
+  reference's number of objects and, for single edits, by the edit's op.
   ``--model`` is a saved model (``circot.json``) or a base checkpoint (``model_code/model/embedded_base``).
 
 Reads what a finished ``make run`` made, as the Dagster instance of ``$DAGSTER_HOME`` records it
@@ -258,6 +260,25 @@ def skills(args, artifacts):
         else:
             cells += [f"n={len(ok)}", "", ""]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    # the same per query, by the reference's number of objects and, for single edits, by the edit's op
+    objects = [len(r) for r in refs]
+    ops = [_op_name(q["edits"][0]) if len(q["edits"]) == 1 else None for q in queries]
+    for title, keys in (("objects in the reference", objects), ("op of a single edit", ops)):
+        groups = sorted({k for k in keys if k is not None}, key=str)
+        print(f"\nBy {title}:\n\n| | " + " | ".join(map(str, groups)) + " |\n|---" * 1 + "|---" * len(groups) + "|")
+        for name, ok in rows.items():
+            if len(ok) != len(queries):
+                continue
+            cells = []
+            for g in groups:
+                sel = [o for o, k in zip(ok, keys) if k == g]
+                cells.append(f"{sum(sel) / len(sel):.3f} (n={len(sel)})")
+            print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def _op_name(edit: dict) -> str:
+    """An edit's kind as the pretraining's scores name it: ``set`` edits by the attribute they set."""
+    return {"color": "colour"}.get(edit.get("attr"), edit.get("attr")) if edit["op"] == "set" else edit["op"]
 
 
 def main() -> int:
