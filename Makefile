@@ -1,5 +1,7 @@
 # The two commands of the README: `make run` and `make test`. Both create .venv and install the
 # project (pinned by constraints.txt) when missing or when pyproject.toml/constraints.txt changed.
+# `make` alone (or `make help`) lists the documented targets: each `## ` comment documents the
+# target that follows it.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,8 +16,19 @@ export DVC_NO_ANALYTICS = 1
 export HF_HUB_OFFLINE = 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test install dagster-ui serve pretrain clean
+PRETRAIN_OUT ?= artifacts/pretrain/tiny84
 
+.PHONY: help run test install dagster-ui serve pretrain clean
+
+## list the documented targets and what each does (this list)
+help:
+	@echo "circot: composed image retrieval with chain-of-thought (README.md, docs/). Targets:"
+	@awk '/^## /{doc = doc (doc == "" ? "" : " ") substr($$0, 4); next} \
+	     /^[a-zA-Z0-9_-]+:/ && doc != "" {split($$0, t, ":"); printf "  make %-11s %s\n", t[1], doc} \
+	     {doc = ""}' $(firstword $(MAKEFILE_LIST))
+	@echo "Variables: DATASET (default synthetic), PYTHON (python3), PRETRAIN_OUT, PRETRAIN_ARGS."
+
+## create .venv (Python >= 3.11) and install the project pinned by constraints.txt (run and test do it too)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -43,12 +56,13 @@ dagster-ui: $(STAMP)
 serve: $(STAMP)
 	CIRCOT_SERVE_DATASET=$(DATASET) $(BIN)/bentoml serve serving.service:CirCoTService --host 127.0.0.1 --port 3100
 
-## pretrain the embedded base model (hours on 2 CPU cores; stop it any time, the same command resumes).
+## pretrain the embedded base's first phase again (about an hour on 2 CPU cores; stop it any time, the same
+## command resumes; docs/embedded-base.md).
 ## Its scenes exclude every image of the synthetic benchmark, generated first when missing.
-PRETRAIN_OUT ?= artifacts/pretrain/tiny84
 pretrain: $(STAMP)
 	test -d data/raw/synthetic || $(BIN)/python -m dvc repro synthetic
 	$(BIN)/python -m model_code.model.pretrain --out $(PRETRAIN_OUT) $(PRETRAIN_ARGS)
 
+## remove what the pipeline made: artifacts/, the Dagster instance .dagster/ and the model store .bentoml/
 clean:
 	rm -rf artifacts .dagster .bentoml

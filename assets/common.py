@@ -82,6 +82,21 @@ def record_check(context, folder: str | Path, check: str, passed: bool, **detail
     artifact_store(context).push(Path(folder) / CHECKS_FOLDER / f"{check}.json")
 
 
+def write_model_card(context, record, verdict: dict) -> Path | None:
+    """The model card (``README.md``, model_code/model_card.py) beside the model ``record`` (an
+    ``EvaluationRecord``) evaluated, with the gate's ``verdict`` and the model's other evaluations;
+    uploaded when the artifacts root is an object store. None when the model folder is not here."""
+    from model_code.model_card import card_for_evaluation
+
+    path = card_for_evaluation(record, verdict)
+    if path is None:
+        context.log.warning(f"model {record.model_version}: its folder is not on this machine; no model card written")
+        return None
+    artifact_store(context).push(path)
+    context.log.info(f"model card: {path}")
+    return path
+
+
 def checks_passed(folder: str | Path, checks: tuple[str, ...]) -> bool:
     import json
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from assets.common import TABLE_CHECKS, dataset_partitions, latest_record, png_markdown
+from assets.common import TABLE_CHECKS, dataset_partitions, latest_record, png_markdown, write_model_card
 from assets.resources import ArtifactStore, GateResource
 from assets.training import cir_cot_model
 from assets.triplets import triplets
@@ -137,6 +137,8 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, gate: GateResource,
     verdict = run_gate(record.metrics, record.headline, gate.config(name), production, per_query, strata)
     result = {**verdict.to_dict(), "model_version": record.model_version, "split": record.split}
     atomic_write_json(_verdict_path(record), result)
+    artifacts.push(_verdict_path(record))   # promoted_model may run on another machine (an object-store root)
+    write_model_card(context, record, result)   # README.md beside the model: its card, with this verdict
     explanation = verdict.explain()
     (context.log.info if verdict.passed else context.log.error)(f"promotion gate {name}:\n{explanation}")
     return dg.AssetCheckResult(

@@ -1,5 +1,6 @@
 """Diagnostics of the embedded (tiny, CPU) CIR-CoT model: where its retrieval quality is lost.
-The figures of README's "Why the tiny model falls short" come from these commands.
+The figures of docs/experiments/ (earlier-default-runs.md, 2026-11-27-embedded-recipe.md,
+2026-11-29-canonical-wording.md) and of docs/model-card-embedded-base.md come from these commands.
 
     .venv/bin/python bench/diagnose_embedded.py upper-bounds [--artifacts artifacts] [--queries 128]
     .venv/bin/python bench/diagnose_embedded.py decoding     [--artifacts artifacts] [--queries 128]
@@ -17,7 +18,8 @@ The figures of README's "Why the tiny model falls short" come from these command
 - ``skills [--model FOLDER] [--data data/raw/synthetic]``: the chain's two halves asked apart, in
   the prompts the base was pretrained on (the reference's caption; the text edit of the oracle's
   caption by the modification), exact per edit count, and, for a fine-tuned model, the same two
-  inside its own chains: whether fine-tuning joined the base's skills or unlearned them.
+  inside its own chains: whether fine-tuning joined the base's skills or unlearned them; also by the
+  reference's number of objects and, for single edits, by the edit's op.
   ``--model`` is a saved model (``circot.json``) or a base checkpoint (``model_code/model/embedded_base``).
 
 Reads what a finished ``make run`` made, as the Dagster instance of ``$DAGSTER_HOME`` records it
@@ -248,6 +250,10 @@ def skills(args, artifacts):
         score("no_cot", model.embed_queries(images, texts, None, batch_size=50))
     print(f"\n{path} ({len(queries)} test queries; exact = the stated scene is the true one)\n")
     print(skills_table(rows, [q["n_edits"] for q in queries]))
+    # the same per query, by the reference's number of objects and, for single edits, by the edit's op
+    print("\n" + grouped_table(rows, [len(r) for r in refs], "objects in the reference"))
+    print("\n" + grouped_table(rows, [_op_name(q["edits"][0]) if len(q["edits"]) == 1 else None for q in queries],
+                                "op of a single edit"))
 
 
 def skills_table(rows: dict[str, list[bool]], edits: list[int]) -> str:
@@ -264,6 +270,27 @@ def skills_table(rows: dict[str, list[bool]], edits: list[int]) -> str:
             cells += [f"n={len(ok)}", "", ""]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def grouped_table(rows: dict[str, list[bool]], keys: list, title: str) -> str:
+    """Each row's exact share per value of ``keys`` (one per query; None: left out), for rows over
+    every query: e.g. by the reference's number of objects, or by the op of a single edit."""
+    groups = sorted({k for k in keys if k is not None}, key=str)
+    lines = [f"By {title}:", "", "| | " + " | ".join(map(str, groups)) + " |", "|---" * (len(groups) + 1) + "|"]
+    for name, ok in rows.items():
+        if len(ok) != len(keys):
+            continue
+        cells = []
+        for g in groups:
+            sel = [o for o, k in zip(ok, keys) if k == g]
+            cells.append(f"{sum(sel) / len(sel):.3f} (n={len(sel)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _op_name(edit: dict) -> str:
+    """An edit's kind as the pretraining's scores name it: ``set`` edits by the attribute they set."""
+    return {"color": "colour"}.get(edit.get("attr"), edit.get("attr")) if edit["op"] == "set" else edit["op"]
 
 
 def parser() -> argparse.ArgumentParser:

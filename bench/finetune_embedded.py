@@ -1,5 +1,5 @@
 """Fine-tune a base checkpoint the way the embedded profile does, then evaluate it on cir-shapes:
-the measurement behind the embedded profile's recipe (issue 9, README "The embedded model").
+the measurement behind the embedded profile's recipe (docs/experiments/2026-11-27-embedded-recipe.md).
 
     .venv/bin/python bench/finetune_embedded.py --base artifacts/pretrain/tiny84/model \\
         [--align-steps 100] [--cot-steps 150] [--full] [--seed 1] [--queries 500] [--out /tmp/ft] \\

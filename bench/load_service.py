@@ -8,8 +8,8 @@
 ``--model`` serves a saved model (a folder ``CirCoTModel.save`` wrote) instead: it is promoted in a
 temporary model store and the test split of ``--gallery`` indexed for it.
 
-Serves the production model of ``--dataset`` (it and its gallery index must exist: ``make run``,
-with the gate lowered for the tiny model as README shows) on 127.0.0.1, once with adaptive batching
+Serves the production model of ``--dataset`` (it and its gallery index must exist: ``make run``
+makes them when the gate promotes; docs/troubleshooting.md) on 127.0.0.1, once with adaptive batching
 and once without (``CIRCOT_ADAPTIVE_BATCHING=0``: the encoder takes one request at a time), and runs
 headless Locust against ``/embed_image``, no-CoT ``/search`` and CoT ``/search`` for ``--seconds``
 per setting (bounded in time; nothing but loopback is contacted). Prints requests/s, p50/p95/p99,

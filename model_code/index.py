@@ -125,7 +125,7 @@ class IndexInfo:
 @dataclasses.dataclass
 class AnnConfig:
     """The ANN index built at or above ``exact_below`` rows, and how it is searched (chosen by
-    bench/index_scale.py; README has the figures)."""
+    bench/index_scale.py; docs/experiments/2026-11-27-index-scale.md has the figures)."""
 
     index_type: str = "IVF_RQ"            # on 1M vectors: IVF_PQ's recall and latency, built 2.5x faster
     num_partitions: int | None = None     # None: about sqrt(rows)

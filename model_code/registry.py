@@ -1,12 +1,13 @@
 """The promoted models in the BentoML model store (docs/architecture.md §7): model ``cir-cot``.
 
 Each promoted model is one store entry tagged ``cir-cot:<model version>`` holding the saved model
-folder (``CirCoTModel.save``) plus, for an adapter, its base model's files, so the entry is
-self-contained. A deployment serves one dataset's model, so stages are per dataset: the label
-``stage_<dataset>`` is ``production``, ``candidate``, ``archived`` (production moved past it) or
-``rolled_back`` (an operator rolled it back), with ``promoted_at_<dataset>``,
-``evaluated_on_<dataset>`` and ``headline_<dataset>`` beside it; the data / annotation / model
-versions are labels too, and the metadata holds each dataset's evaluation metrics and gate verdict.
+folder (``CirCoTModel.save``, with its model card ``README.md``: model_code/model_card.py) plus, for
+an adapter, its base model's files, so the entry is self-contained. A deployment serves one
+dataset's model, so stages are per dataset: the label ``stage_<dataset>`` is ``production``,
+``candidate``, ``archived`` (production moved past it) or ``rolled_back`` (an operator rolled it
+back), with ``promoted_at_<dataset>``, ``evaluated_on_<dataset>`` and ``headline_<dataset>`` beside
+it; the data / annotation / model versions are labels too, and the metadata holds each dataset's
+evaluation metrics and gate verdict.
 
 Per dataset exactly one entry is ``production`` at a time. Promoting a new model on a dataset
 archives that dataset's previous production model (it stays in the store, and stays production on
@@ -210,6 +211,8 @@ def promote(model_dir: str | os.PathLike, *, version: str, dataset: str, labels:
             _copy_model(model_dir, Path(existing.path))
             repaired = f"{tag} was damaged ({e}) and is restored from {model_dir}; "
             unchanged = {**unchanged, "changed": True}
+    if existing is not None:
+        _copy_card(model_dir, Path(existing.path))
     current = existing.info.labels.get(key) if existing is not None else None
     if current == stage:
         return {**unchanged, "stage": stage, "reason": f"{repaired}{tag} is already {stage} for {dataset}"}
@@ -251,6 +254,19 @@ def _copy_model(model_dir: Path, dest: Path) -> None:
             shutil.copytree(base, dest / "base", dirs_exist_ok=True)
             meta["base_model"] = "../base"  # relative to the model folder: resolved by CirCoTModel.load
             (dest / "model" / "circot.json").write_text(json.dumps(meta, indent=1))
+
+
+def _copy_card(model_dir: Path, entry: Path) -> None:
+    """The model card (``README.md``, rewritten after each evaluation of the model) into a stored entry
+    that already holds the model, so the entry's card lists every evaluation and verdict known. The
+    card is outside the model's file manifest: this never makes an entry look damaged."""
+    from model_code.common import atomic_path
+    from model_code.model_card import CARD_NAME
+
+    card = model_dir / CARD_NAME
+    if card.is_file() and (entry / "model").is_dir():
+        with atomic_path(entry / "model" / CARD_NAME) as tmp:
+            shutil.copyfile(card, tmp)
 
 
 def rollback(dataset: str) -> dict:

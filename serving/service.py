@@ -238,7 +238,7 @@ class CirCoTEncoder:
     def reason(self, queries: list[EncodedQuery]) -> list[EncodedAnswer]:
         return self._infer(queries, "cot")
 
-    # 32 per batch within 1 s: measured with bench/load_service.py (README); at 200 ms BentoML's dispatcher
+    # 32 per batch within 1 s: measured with bench/load_service.py (docs/experiments/); at 200 ms BentoML's dispatcher
     # shed 3.5 % of the requests of 32 clients with 503s
     @bentoml.api(batchable=BATCHING, max_batch_size=32, max_latency_ms=1000)
     def embed_images(self, images: list[str]) -> list[list[float]]:

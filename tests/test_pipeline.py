@@ -256,6 +256,13 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     assert prod["labels"]["annotations_synthetic"] == trained["data"]["synthetic"]["annotations"]
     assert prod["labels"]["evaluated_on_synthetic"] == "synthetic/test"
     assert prod["labels"]["headline_synthetic"].startswith("R@10=")
+    # the gate wrote the model card beside the model, with this evaluation and verdict; promotion carried it
+    card = (Path(trained["path"]) / "README.md").read_text()
+    r10 = mats["evaluation"].metadata["metrics"].value["cot"]["R@10"]
+    assert card.startswith("---\n") and f"# cir-cot:{trained['version']}" in card
+    assert f"{r10:.3f}" in card and "### synthetic / test: passed" in card
+    assert (Path(prod["path"]) / "model" / "README.md").read_text() == card
+    assert registry.health(prod["path"], hashes=True) == "ok"
     # the evaluation reads the model Dagster's lineage names: a fresh instance has none, and says so
     run, _, _, failures = _execute(lenient, EVALUATION_JOB, "synthetic", eval_config)
     assert not run.success and any("cir_cot_model has not been materialised" in f for f in failures)

@@ -308,11 +308,16 @@ class ModelFolderError(FileNotFoundError):
     names it."""
 
 
+# files of a model folder outside its manifest: the description that holds the manifest, and the model
+# card (model_code/model_card.py), which is written after the evaluation and rewritten after each one
+UNMANIFESTED = ("circot.json", "README.md")
+
+
 def file_manifest(path: str | os.PathLike) -> dict[str, list]:
-    """``{relative path: [size, md5]}`` of every file under ``path`` but ``circot.json`` (which holds it)."""
+    """``{relative path: [size, md5]}`` of every file under ``path`` but those in :data:`UNMANIFESTED`."""
     path = Path(path)
     return {f.relative_to(path).as_posix(): [f.stat().st_size, file_md5(f)]
-            for f in sorted(path.rglob("*")) if f.is_file() and f.relative_to(path).as_posix() != "circot.json"}
+            for f in sorted(path.rglob("*")) if f.is_file() and f.relative_to(path).as_posix() not in UNMANIFESTED}
 
 
 def verify_model_files(path: str | os.PathLike, meta: dict, *, hashes: bool = True) -> None:

@@ -1,0 +1,267 @@
+"""The model card of a saved CIR-CoT model: ``README.md`` in its folder, in the Hugging Face model-card
+format (YAML front matter, then Markdown), so that the folder explains itself wherever it is copied
+(the BentoML store, a Bento, a hub).
+
+- :func:`render_model_card` is a pure function of the records: the ``TrainedModel``
+  (model_code/model/recipes.py), the ``EvaluationRecord`` s (model_code/evaluation/evaluate.py) and
+  the promotion gate's verdicts (model_code/evaluation/gate.py, as ``Verdict.to_dict()`` or the
+  ``gate.json`` written beside an evaluation). Each may be given as its record or as its dict.
+- :func:`write_model_card` writes it into the model folder; :func:`card_for_evaluation` is what the
+  promotion gate calls: the card of the evaluated model with every evaluation of that model version
+  found beside this one (``<artifacts>/evaluation/<dataset>/<split>/record.json`` and ``gate.json``).
+
+The card is not part of the model's file manifest (``file_manifest`` in model_code/model/cir_cot.py
+leaves it out), so writing it after training, or again after another evaluation, never makes a
+model look damaged; promotion copies it into the store entry (model_code/registry.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from model_code.common import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CARD_NAME = "README.md"
+PAPER = "https://arxiv.org/abs/2510.08003"
+TAGS = ["circot", "cir-cot", "composed-image-retrieval", "chain-of-thought", "image-retrieval", "qwen2-vl"]
+# reasoning-quality figures of the cot method, shown apart from the retrieval table
+REASONING_METRICS = ("cot_parsed", "conclusion_exact", "conclusion_object_f1")
+
+
+def _as_dict(value) -> dict:
+    if value is None:
+        return {}
+    return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+
+def _number(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.3f}" if isinstance(value, float) else f"{value:,}"
+
+
+def _count(n) -> str:
+    if not isinstance(n, (int, float)):
+        return "?"
+    return f"{n / 1e6:.1f} M" if n >= 100_000 else f"{n:,}"
+
+
+def _front_matter(meta: dict) -> str:
+    import yaml
+
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _weights_kind(trained: dict, weights: str | None) -> str:
+    """``adapter`` (LoRA over the base) or ``full`` (every parameter): from circot.json when given,
+    else from the parameter counts (a LoRA model trains a small part of its parameters)."""
+    if weights in ("adapter", "full"):
+        return weights
+    counts = trained.get("parameters") or {}
+    total, trainable = counts.get("total"), counts.get("trainable")
+    if isinstance(total, int) and isinstance(trainable, int) and trainable < total:
+        return "adapter"
+    return "full"
+
+
+METHOD_ORDER = ("cot", "no_cot", "image_only", "text_only")
+METRIC_ORDER = ("R", "R_subset", "mAP")
+
+
+def _metric_key(name: str) -> tuple:
+    """Recall@K, then Recall_subset@K, then mAP@K, each by K; metrics without a K (Avg) last. (Records
+    come back from Dagster's metadata with their keys sorted as text: R@10 before R@5.)"""
+    prefix, _, k = name.partition("@")
+    known = METRIC_ORDER.index(prefix) if prefix in METRIC_ORDER else len(METRIC_ORDER)
+    return (not k.isdigit(), known, prefix, int(k) if k.isdigit() else 0)
+
+
+def _metric_table(metrics: dict[str, dict[str, float]]) -> list[str]:
+    """One row per method; the columns every method has (breakdowns ``R@1[edits=2]``, per-category
+    ``dress/R@10`` and group sizes left to the evaluation's own report)."""
+    methods = sorted(metrics, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m))
+    if not methods:
+        return ["(no metrics: the split hides its targets)"]
+    columns = sorted((k for k in metrics[methods[0]]
+                      if "[" not in k and "/" not in k and k not in REASONING_METRICS
+                      and all(k in metrics[m] for m in methods)), key=_metric_key)
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(_number(metrics[m][c]) for c in columns) + " |" for m in methods]
+    cot = metrics.get("cot", {})
+    reasoning = [(k, cot[k]) for k in REASONING_METRICS if k in cot]
+    if reasoning:
+        lines += ["", "Reasoning written by `cot`: " + ", ".join(f"{k} {_number(v)}" for k, v in reasoning)
+                  + " (`cot_parsed`: share of chains that parse; `conclusion_exact`: share whose conclusion "
+                    "states the target exactly)."]
+    return lines
+
+
+def render_model_card(trained, evaluations: Iterable[tuple[object, object]] = (), *, base_model: str | None = None,
+                      weights: str | None = None, license: str = "other") -> str:
+    """The card (front matter and Markdown) of the model ``trained`` (a ``TrainedModel`` or its
+    dict) with ``evaluations``: ``(EvaluationRecord or dict, gate verdict dict / Verdict or None)``
+    pairs. ``base_model``: the base's hub id or name (default: the base folder's name); ``weights``:
+    ``adapter`` or ``full`` as ``circot.json`` says (default: read from the parameter counts)."""
+    t = _as_dict(trained)
+    pairs = [(_as_dict(r), _as_dict(v) or None) for r, v in evaluations]
+    pairs.sort(key=lambda p: (p[0].get("dataset", ""), p[0].get("split", "")))
+    kind = _weights_kind(t, weights)
+    base_name = base_model or Path(str(t.get("base", "") or "unknown")).name or "unknown"
+    data = t.get("data") or {}
+    datasets = sorted(set(data) | {r.get("dataset") for r, _ in pairs if r.get("dataset")})
+    front = {
+        "license": license,
+        "library_name": "peft" if kind == "adapter" else "transformers",
+        "base_model": base_name,
+        "base_model_relation": "adapter" if kind == "adapter" else "finetune",
+        "tags": TAGS,
+        "datasets": datasets,
+    }
+    version = t.get("version") or "unsaved"
+    out = [_front_matter(front), f"# cir-cot:{version}", "",
+           "A CIR-CoT model for composed image retrieval, trained by the circot pipeline. Given a reference "
+           "image and a modification text, it writes a caption of the reference, its reasoning and a conclusion "
+           "describing the target (`<caption>…</caption><reasoning>…</reasoning><conclusion>…</conclusion>`), then "
+           "embeds the query at `<emb>`; gallery images are embedded by the same model and ranked by cosine "
+           f"similarity. Method: Lin et al., 2025, CIR-CoT ([arXiv 2510.08003]({PAPER})).", ""]
+
+    counts = t.get("parameters") or {}
+    out += ["## Base", "", "| | |", "|---|---|",
+            f"| base model | `{base_name}` |",
+            f"| base version | `{t.get('base_version', '?')}` |",
+            f"| base folder when trained | `{t.get('base', '?')}` |",
+            "| weights | " + ("a LoRA adapter over the base (`adapter/`)" if kind == "adapter"
+                              else "every parameter fine-tuned (`model/`)") + " |",
+            f"| parameters | {_count(counts.get('total'))} in all, {_count(counts.get('trainable'))} trained |",
+            ""]
+
+    out += ["## Data versions", ""]
+    if data:
+        out += ["| dataset | raw data | annotations | teacher / prompt |", "|---|---|---|---|"]
+        out += [f"| {d} | `{v.get('raw', '?')}` | `{v.get('annotations', '?')}` | "
+                f"`{v.get('teacher', '?')}/{v.get('prompt_version', '?')}` |" for d, v in sorted(data.items())]
+    else:
+        out += ["(not recorded)"]
+    out += [""]
+
+    out += ["## Recipe", ""]
+    if t.get("profile"):
+        out += [f"Profile `{t['profile']}`.", ""]
+    stages = t.get("stages") or {}
+    if stages:
+        out += ["| stage | steps | examples | seconds | loss (first → last) | validation in-batch accuracy |",
+                "|---|---|---|---|---|---|"]
+        for name, s in stages.items():
+            first, last, val = s.get("first") or {}, s.get("last") or {}, s.get("val") or {}
+            out.append(f"| {name} | {s.get('steps', '?')} | {s.get('examples', '?')} | {s.get('seconds', '?')} | "
+                       f"{_number(first.get('loss', '?'))} → {_number(last.get('loss', '?'))} | "
+                       f"{_number(val['acc']) if 'acc' in val else '-'} |")
+        out += ["", "Stage `align`: the query without a chain against its target (InfoNCE); stage `cot`: the chain "
+                "teacher-forced, `L = λ_txt·CE + λ_info·InfoNCE`."]
+    else:
+        out += ["(not recorded)"]
+    out += [""]
+
+    out += ["## Evaluation", ""]
+    if not pairs:
+        out += ["Not evaluated yet.", ""]
+    for r, _ in pairs:
+        out += [f"### {r.get('dataset', '?')} / {r.get('split', '?')}", "",
+                f"{r.get('queries', '?')} queries; headline metric `{r.get('headline', '?')}`; the full report "
+                f"(per-query reasoning, plots, breakdowns) was written to `{r.get('folder', '?')}`.", ""]
+        out += _metric_table(r.get("metrics") or {}) + [""]
+
+    out += ["## Gate verdict", ""]
+    if not pairs:
+        out += ["No verdict yet.", ""]
+    for r, v in pairs:
+        where = f"{r.get('dataset', '?')} / {r.get('split', '?')}"
+        if not v:
+            out += [f"- {where}: not judged", ""]
+            continue
+        value = v.get("value")
+        said = "passed, promotable" if v.get("passed") else "refused, not promoted"
+        out += [f"### {where}: {said} ({v.get('headline', '?')} {_number(value)})", ""]
+        out += [f"- {'PASS' if c.get('passed') else 'FAIL'} {c.get('name', '?')}: {c.get('detail', '')}"
+                for c in v.get("checks", [])] + [""]
+
+    out += ["## Use", "", "```python",
+            "from model_code.model.cir_cot import CirCoTModel",
+            "",
+            "model = CirCoTModel.load(\"<this folder>\")   # device / dtype: see its docstring",
+            "gallery = model.embed_images(image_paths)                      # L2-normalised",
+            "queries, reasoning = model.infer_queries(images, texts, \"cot\")  # the chain, then <emb>",
+            "```", "",
+            "Intended for composed image retrieval on the benchmark it was evaluated on above; its reasoning is "
+            "checked for format, and for content only where the benchmark can tell a right conclusion from a "
+            "wrong one (the synthetic benchmark). It was not evaluated outside the data named here.", ""]
+    return "\n".join(out)
+
+
+def base_model_name(base: str | os.PathLike) -> str:
+    """A base model's hub id where its folder names one (``_name_or_path`` of its config, ``org/name``),
+    else the folder's name (the embedded base: ``embedded_base``)."""
+    path = Path(base)
+    try:
+        named = json.loads((path / "config.json").read_text()).get("_name_or_path", "")
+    except (OSError, ValueError):
+        named = ""
+    if isinstance(named, str) and named.count("/") == 1 and not named.startswith((".", "/")):
+        return named
+    return path.name or str(base)
+
+
+def write_model_card(model_dir: str | os.PathLike, trained, evaluations: Sequence[tuple[object, object]] = ()) -> Path:
+    """Write ``README.md`` (the card) into the saved model folder ``model_dir``. Returns its path."""
+    model_dir = Path(model_dir)
+    t = _as_dict(trained)
+    try:
+        weights = json.loads((model_dir / "circot.json").read_text()).get("weights")
+    except (OSError, ValueError):
+        weights = None
+    text = render_model_card(t, evaluations, base_model=base_model_name(t.get("base", "")), weights=weights)
+    return atomic_write_text(model_dir / CARD_NAME, text)
+
+
+def evaluations_of(model_version: str, evaluation_root: str | os.PathLike) -> list[tuple[dict, dict | None]]:
+    """The evaluations of ``model_version`` under ``evaluation_root`` (``<dataset>/<split>/record.json``)
+    with the gate's verdict on each (``gate.json`` beside it, when it judged this version)."""
+    found = []
+    for path in sorted(Path(evaluation_root).glob("*/*/record.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("model_version") != model_version:
+            continue
+        try:
+            verdict = json.loads(path.with_name("gate.json").read_text())
+        except (OSError, ValueError):
+            verdict = None
+        if verdict is not None and verdict.get("model_version") != model_version:
+            verdict = None
+        found.append((record, verdict))
+    return found
+
+
+def card_for_evaluation(record, verdict) -> Path | None:
+    """The card of the model ``record`` (an ``EvaluationRecord``) evaluated, with ``verdict`` (the
+    gate's, as written to ``gate.json``) and every other evaluation of the same model version beside
+    it. Returns the card's path, or None when the model folder is not on this machine."""
+    r = _as_dict(record)
+    trained = r.get("model") or {}
+    model_dir = Path(str(trained.get("path", "")))
+    if not trained.get("path") or not (model_dir / "circot.json").is_file():
+        log.warning("no model folder at %r: its model card is not written", trained.get("path"))
+        return None
+    here = (r.get("dataset"), r.get("split"))
+    folder = Path(str(r.get("folder", "")))
+    found = evaluations_of(r.get("model_version", ""), folder.parents[1]) if len(folder.parents) > 1 else []
+    others = [(o, v) for o, v in found if (o.get("dataset"), o.get("split")) != here]
+    return write_model_card(model_dir, trained, [*others, (r, verdict)])
