@@ -125,7 +125,7 @@ def _gate(record: EvaluationRecord, **gate):
 
     from assets.common import dataset_partitions
     from assets.evaluation import promotion_gate
-    from assets.resources import GateResource
+    from assets.resources import ArtifactStore, GateResource
 
     Path(record.folder).mkdir(parents=True, exist_ok=True)
     record.write(Path(record.folder) / "record.json")
@@ -134,8 +134,9 @@ def _gate(record: EvaluationRecord, **gate):
     def evaluated() -> dg.MaterializeResult:
         return dg.MaterializeResult(metadata={"record": dg.MetadataValue.json(record.to_dict())})
 
+    resources = {"gate": GateResource(**gate), "artifacts": ArtifactStore(root=str(Path(record.folder).parent))}
     result = dg.materialize([evaluated, promotion_gate], partition_key=record.dataset, raise_on_error=False,
-                            instance=dg.DagsterInstance.ephemeral(), resources={"gate": GateResource(**gate)})
+                            instance=dg.DagsterInstance.ephemeral(), resources=resources)
     (check,) = result.get_asset_check_evaluations()
     return check
 
