@@ -53,8 +53,9 @@ def main() -> int:
     p.add_argument("--full", action="store_true", help="fine-tune every parameter instead of LoRA")
     p.add_argument("--lr", type=float, help="both stages' learning rate")
     p.add_argument("--seed", type=int, help="both stages' seed (LoRA initialisation, batches)")
-    p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
-                   help="any stage hyperparameter, e.g. --set cot.lr=5e-4 --set align.steps=40 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="[PART.]FIELD=VALUE",
+                   help="any value of the profile, e.g. --set cot.lr=5e-4 --set align.steps=40 --set lora=true "
+                        "(repeatable)")
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--methods", nargs="+", default=["cot", "no_cot", "image_only"])
     p.add_argument("--out", default=None)
@@ -70,24 +71,15 @@ def main() -> int:
 
     root = Path(args.data).resolve()
     out = Path(args.out or tempfile.mkdtemp(prefix="finetune-"))
-    profile = PROFILES[args.profile].copy()
-    profile.lora = profile.lora and not args.full
-    for stage, steps in (("align", args.align_steps), ("cot", args.cot_steps)):
-        cfg = getattr(profile, stage)
-        if steps:
-            cfg.steps = steps
-        if args.lr:
-            cfg.lr = args.lr
-        if args.seed is not None:
-            cfg.seed = args.seed
-    for item in args.set:
-        key, _, value = item.partition("=")
-        stage, _, field = key.partition(".")
-        cfg = getattr(profile, stage, None)
-        if cfg is None or not hasattr(cfg, field):
-            p.error(f"--set {item}: no such stage field (stages: align, cot; fields: TrainConfig's)")
-        old = getattr(cfg, field)
-        setattr(cfg, field, value.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(value))
+    stage = {k: v for k, v in (("lr", args.lr), ("seed", args.seed)) if v is not None}
+    profile = PROFILES[args.profile].with_overrides(
+        align={**stage, **({"steps": args.align_steps} if args.align_steps else {})},
+        cot={**stage, **({"steps": args.cot_steps} if args.cot_steps else {})},
+        **({"lora": False} if args.full else {}))
+    try:
+        profile = profile.with_settings(args.set)
+    except ValueError as e:
+        p.error(f"--set: {e}")
     bench = read_dataset("synthetic", root)
     stages, train_s = {}, 0.0
     if args.base:
