@@ -255,11 +255,11 @@ class AnnotatorResource(dg.ConfigurableResource):
 
 
 class TrainingResource(dg.ConfigurableResource):
-    """Which training profile runs (``embedded``: CPU and the tiny base; ``gpu``: a
-    Qwen2-VL-2B-class checkpoint in bf16) and, for a checkpoint base, where it is."""
+    """Which training profile runs (``embedded``: CPU and the shipped base; ``gpu``: a Qwen2-VL-2B-class
+    checkpoint in bf16; ``smoke``: the embedded recipe in a few steps) and, for a checkpoint base, where it is."""
 
     profile: str = "embedded"
-    base_model_path: str | None = None  # a local Qwen2-VL-family checkpoint folder (profile gpu)
+    base_model_path: str | None = None  # a local Qwen2-VL-family checkpoint folder (profiles gpu, smoke)
     # where cir_cot_model trains: in the run's own process (the embedded default), in `processes`
     # local processes launched through Dagster Pipes (torchrun; GPUs when present), or in a Kubernetes
     # pod launched through dagster-k8s's Pipes client (image, namespace and GPUs below)
@@ -300,13 +300,13 @@ class TrainingResource(dg.ConfigurableResource):
 
         if self.profile not in PROFILES:
             raise dg.Failure(description=f"unknown training profile {self.profile!r}; known: {', '.join(PROFILES)}")
-        profile = PROFILES[self.profile].copy()
+        profile = PROFILES[self.profile]
         if self.base_model_path:
-            profile.base.kind, profile.base.checkpoint_path = "checkpoint", self.base_model_path
+            profile = profile.with_overrides(base={"kind": "checkpoint", "checkpoint_path": self.base_model_path})
         if profile.base.kind == "checkpoint" and not profile.base.checkpoint_path:
             raise dg.Failure(description=(
-                f"Training profile '{self.profile}' trains a downloaded checkpoint: set CIRCOT_BASE_MODEL_PATH to a "
-                f"local Qwen2-VL-family folder (e.g. Qwen2-VL-2B-Instruct with config.json and *.safetensors)."))
+                f"Training profile '{self.profile}' trains a checkpoint given as its base: set CIRCOT_BASE_MODEL_PATH "
+                f"to a local Qwen2-VL-family folder (e.g. Qwen2-VL-2B-Instruct with config.json and *.safetensors)."))
         return profile
 
 

@@ -1,9 +1,8 @@
 """base_model and cir_cot_model: the backbone, then the fine-tuned CIR-CoT model.
 
 ``base_model`` registers the pretrained embedded base shipped in the repository (profile
-``embedded``) or a local checkpoint (profile ``gpu``; the test profile ``smoke`` still builds a tiny
-base in the run); ``cir_cot_model`` trains the two stages
-(every parameter of the embedded base, LoRA on a real checkpoint) on the accepted
+``embedded``) or a local checkpoint (profiles ``gpu`` and ``smoke``); ``cir_cot_model`` trains the
+two stages (every parameter of the embedded base, LoRA on a real checkpoint) on the accepted
 annotations of the training datasets. Each reads its inputs' records through Dagster's lineage (the
 newest materialisation of the upstream asset) and hands its own on as ``record`` metadata
 (``BaseModelRecord``, ``TrainedModel``). Runs are keyed by their inputs and configuration under the
@@ -11,7 +10,6 @@ artifacts root, so an interrupted materialisation resumes from its last checkpoi
 one is not repeated.
 """
 
-import dataclasses
 from pathlib import Path
 
 import dagster as dg
@@ -40,46 +38,21 @@ def _dataset_inputs(context, dataset: str):
     return read_tables(tables.folder), read_annotations(annotations.path), tables, annotations
 
 
-class BaseModelConfig(dg.Config):
-    bootstrap_steps: int | None = Field(default=None, ge=1,
-                                        description="Override the profile's bootstrap steps (tiny).")
+@dg.asset(group_name="model", kinds={"pytorch"}, description=__doc__.split("\n\n")[0])
+def base_model(training: TrainingResource) -> dg.MaterializeResult:
+    from model_code.model.recipes import register_checkpoint, register_embedded
 
-
-@dg.asset(group_name="model", kinds={"pytorch"}, description=__doc__.split("\n\n")[0],
-          deps=[dg.AssetDep(triplets, partition_mapping=_training_partitions),
-                dg.AssetDep(cot_annotations, partition_mapping=_training_partitions)])
-def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, training: TrainingResource,
-               artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from model_code.model.recipes import bootstrap_tiny, register_checkpoint, register_embedded
-
-    profile = training.spec()
-    spec = profile.base
-    if spec.kind in ("checkpoint", "embedded"):
-        try:
-            record = register_checkpoint(spec.checkpoint_path) if spec.kind == "checkpoint" else register_embedded()
-        except FileNotFoundError as e:
-            raise dg.Failure(description=str(e)) from None
-    else:
-        if config.bootstrap_steps is not None:
-            spec.bootstrap.steps = config.bootstrap_steps
-        bench, ann, tables, annotations = _dataset_inputs(context, "synthetic")
-        run = artifacts.dir(
-            "base_model", f"tiny-{json_key(tables.raw_version, annotations.version, dataclasses.asdict(spec))}"
-        )
-        record = bootstrap_tiny("synthetic", tables.root, bench.triplets, ann, spec, run, progress=context.log.info)
+    spec = training.spec().base
+    try:
+        record = register_checkpoint(spec.checkpoint_path) if spec.kind == "checkpoint" else register_embedded()
+    except FileNotFoundError as e:
+        raise dg.Failure(description=str(e)) from None
     metadata = {"record": dg.MetadataValue.json(record.to_dict()), "path": dg.MetadataValue.path(record.path),
                 "kind": record.kind, "model_version": record.version}
     if record.kind == "embedded":   # what its pretraining measured (model_code/model/embedded_base/PRETRAINING.json)
         metadata.update({"pretraining_steps": record.training["steps"],
                          "pretraining_perception": dg.MetadataValue.json(record.training["perception"] or {}),
                          "pretraining_command": record.training["command"]})
-    elif record.training:
-        t = record.training
-        metadata.update({
-            "parameters": record.parameters["total"], "steps": t["steps"], "wall_time_s": t["seconds"],
-            "loss_first": t["first"]["loss"], "loss_last": t["last"]["loss"],
-            "val_in_batch_accuracy": t["val"]["acc"], "plot": png_markdown(t.get("plot"), "training curves"),
-        })
     return dg.MaterializeResult(data_version=dg.DataVersion(record.version), metadata=metadata)
 
 
@@ -92,17 +65,16 @@ class CirCoTModelConfig(dg.Config):
     group_name="model",
     kinds={"pytorch"},
     description="The CIR-CoT model: stage 1 (no CoT) then stage 2 (CoT, joint loss); LoRA or every parameter",
-    deps=[base_model, dg.AssetDep(cot_annotations, partition_mapping=_training_partitions)],
+    deps=[base_model, dg.AssetDep(triplets, partition_mapping=_training_partitions),
+          dg.AssetDep(cot_annotations, partition_mapping=_training_partitions)],
 )
 def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, training: TrainingResource,
                   artifacts: ArtifactStore) -> dg.MaterializeResult:
     from model_code.model.recipes import BaseModelRecord, TrainedModel, pair_examples, train_cir_cot
 
-    profile = training.spec()
-    if config.align_steps is not None:
-        profile.align.steps = config.align_steps
-    if config.cot_steps is not None:
-        profile.cot.steps = config.cot_steps
+    profile = training.spec().with_overrides(
+        align={"steps": config.align_steps} if config.align_steps is not None else None,
+        cot={"steps": config.cot_steps} if config.cot_steps is not None else None)
     base = BaseModelRecord.from_dict(latest_record(context, base_model))
     train_pairs, val_pairs, versions, inputs = [], [], {}, []
     for dataset in TRAIN_DATASETS:
@@ -118,7 +90,7 @@ def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, 
     if training.launcher == "in_process":
         trained = train_cir_cot(base, train_pairs, val_pairs, profile, run, progress=context.log.info)
     elif training.launcher in ("subprocess", "kubernetes"):
-        reported = _launch(context, training, artifacts, base, inputs, run, config)
+        reported = _launch(context, training, artifacts, base, inputs, run, profile)
         trained = TrainedModel.read(run / "summary.json")
     else:
         raise dg.Failure(description=f"unknown training launcher {training.launcher!r}: in_process, subprocess "
@@ -143,16 +115,17 @@ def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, 
         })
 
 
-def _launch(context, training: TrainingResource, artifacts: ArtifactStore, base, inputs, run, config) -> dict:
+def _launch(context, training: TrainingResource, artifacts: ArtifactStore, base, inputs, run, profile) -> dict:
     """Train outside this process through Dagster Pipes: ``training.processes`` local processes
-    (torchrun), or a Kubernetes pod (dagster-k8s). The child streams its log lines here and reports
-    the model it wrote; a child that dies fails the run with its last lines, and its checkpoints stay
-    in ``run`` for the next run to resume from. Returns the metadata the child reported."""
+    (torchrun), or a Kubernetes pod (dagster-k8s). The child reads ``profile`` (overrides applied)
+    from ``run/profile.json``, streams its log lines here and reports the model it wrote; a child that
+    dies fails the run with its last lines, and its checkpoints stay in ``run`` for the next run to
+    resume from. Returns the metadata the child reported."""
     from model_code.model.recipes import launch_command
 
-    command = launch_command([t for t, _ in inputs], [a for _, a in inputs], base.path, training.profile, str(run),
-                             processes=training.processes, align_steps=config.align_steps,
-                             cot_steps=config.cot_steps,
+    profile_file = profile.save(run / "profile.json")
+    command = launch_command([t for t, _ in inputs], [a for _, a in inputs], base.path, str(profile_file), str(run),
+                             processes=training.processes,
                              python=None if training.launcher == "subprocess" else "python")
     context.log.info(f"training through Pipes ({training.launcher}): {' '.join(command)}")
     if training.launcher == "subprocess":

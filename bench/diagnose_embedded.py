@@ -4,7 +4,6 @@ The figures of docs/experiments/ (earlier-default-runs.md, 2026-11-27-embedded-r
 
     .venv/bin/python bench/diagnose_embedded.py upper-bounds [--artifacts artifacts] [--queries 128]
     .venv/bin/python bench/diagnose_embedded.py decoding     [--artifacts artifacts] [--queries 128]
-    .venv/bin/python bench/diagnose_embedded.py bootstrap-more --steps 220 [--artifacts artifacts]
     .venv/bin/python bench/diagnose_embedded.py stage1 --full --steps 100 --lr 5e-4 [--queries 256]
     .venv/bin/python bench/diagnose_embedded.py cot-more --steps 150 [--queries 128]
 
@@ -12,7 +11,6 @@ The figures of docs/experiments/ (earlier-default-runs.md, 2026-11-27-embedded-r
   with perfect reasoning (the oracle's chain teacher-forced before ``<emb>``) and with the oracle's
   conclusion alone as a text query.
 - ``decoding``: the ``cot`` method under greedy decoding and two anti-repetition settings.
-- ``bootstrap-more``: continue the base model's bootstrap; validation in-batch accuracy before/after.
 - ``stage1``: stage 1 again from the base, with LoRA or (``--full``) all parameters trainable.
 - ``cot-more``: more stage-2 steps on the newest model, then its evaluation.
 - ``skills [--model FOLDER] [--data data/raw/synthetic]``: the chain's two halves asked apart, in
@@ -141,25 +139,6 @@ def decoding(args, artifacts):
     model.model.generate = generate
 
 
-def bootstrap_more(args, artifacts, out: Path):
-    from model_code.backbone import load_backbone
-    from model_code.model.cir_cot import CirCoTModel
-    from model_code.model.recipes import description_examples
-    from model_code.model.train import TrainConfig, evaluate_in_batch, train
-
-    root, _, _ = _load(artifacts)
-    base = _record("base_model")
-    model, processor = load_backbone(base["path"])
-    m = CirCoTModel(model.train(), processor)
-    # the withdrawn in-run bootstrap's settings (the embedded profile now starts from a pretrained base)
-    cfg = TrainConfig(stage="bootstrap", steps=args.steps, batch_size=64, lr=1e-3, caption_fraction=0.25,
-                      identity_queries=False, seed=1, warmup_steps=5, checkpoint_every=10**6, log_every=20)
-    val = description_examples("synthetic", root, "val")
-    print("before", evaluate_in_batch(m, val, cfg, 3), flush=True)
-    train(m, description_examples("synthetic", root, "train"), cfg, out / "bootstrap-more")
-    print("after", evaluate_in_batch(m, val, cfg, 3), flush=True)
-
-
 def stage1(args, artifacts, out: Path):
     from model_code.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel, add_cir_tokens, apply_lora
@@ -206,9 +185,8 @@ def skills(args, artifacts):
     from model_code.data import read_dataset
     from model_code.data.tables import image_paths
     from model_code.backbone import load_backbone
-    from model_code.model.cir_cot import CirCoTModel
+    from model_code.model.cir_cot import CirCoTModel, edit_request
     from model_code.model.decoding import generate_until
-    from model_code.model.train import edit_request
     from model_code.synthetic import scenes
     from model_code.synthetic.oracle import describe, object_match, scene_from_text
 
@@ -295,7 +273,7 @@ def _op_name(edit: dict) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["upper-bounds", "decoding", "bootstrap-more", "stage1", "cot-more", "skills"])
+    p.add_argument("what", choices=["upper-bounds", "decoding", "stage1", "cot-more", "skills"])
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--queries", type=int, default=128, help="first test queries evaluated")
     p.add_argument("--steps", type=int, default=100)
@@ -314,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = Path(args.artifacts)
     out = Path(args.out or tempfile.mkdtemp(prefix="circot-diagnose-"))
     {"upper-bounds": lambda: upper_bounds(args, artifacts), "decoding": lambda: decoding(args, artifacts),
-     "bootstrap-more": lambda: bootstrap_more(args, artifacts, out), "stage1": lambda: stage1(args, artifacts, out),
+     "stage1": lambda: stage1(args, artifacts, out),
      "cot-more": lambda: cot_more(args, artifacts, out), "skills": lambda: skills(args, artifacts)}[args.what]()
     return 0
 

@@ -53,8 +53,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="fine-tune every parameter instead of LoRA")
     p.add_argument("--lr", type=float, help="both stages' learning rate")
     p.add_argument("--seed", type=int, help="both stages' seed (LoRA initialisation, batches)")
-    p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
-                   help="any stage hyperparameter, e.g. --set cot.lr=5e-4 --set align.steps=40 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="[PART.]FIELD=VALUE",
+                   help="any value of the profile, e.g. --set cot.lr=5e-4 --set align.steps=40 --set lora=true "
+                        "(repeatable)")
     p.add_argument("--queries", type=int, default=500)
     p.add_argument("--methods", nargs="+", default=["cot", "no_cot", "image_only"])
     p.add_argument("--out", default=None)
@@ -63,30 +64,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def configure(profile, args: argparse.Namespace):
-    """``profile`` (a copy of a training profile) with the command line's stage settings applied:
-    ``--align-steps``, ``--cot-steps``, ``--lr``, ``--seed``, ``--full`` and each ``--set``. A
-    ``--set`` naming no stage field raises ValueError."""
-    profile.lora = profile.lora and not args.full
-    for stage, steps in (("align", args.align_steps), ("cot", args.cot_steps)):
-        cfg = getattr(profile, stage)
-        if steps:
-            cfg.steps = steps
-        if args.lr:
-            cfg.lr = args.lr
-        if args.seed is not None:
-            cfg.seed = args.seed
-    for item in args.set:
-        key, _, value = item.partition("=")
-        stage, _, field = key.partition(".")
-        cfg = getattr(profile, stage, None)
-        if cfg is None or not hasattr(cfg, field):
-            raise ValueError(f"--set {item}: no such stage field (stages: align, cot; fields: TrainConfig's)")
-        old = getattr(cfg, field)
-        try:
-            setattr(cfg, field, value.lower() in ("1", "true", "yes") if isinstance(old, bool) else type(old)(value))
-        except ValueError as e:  # e.g. --set cot.lr=abc
-            raise ValueError(f"--set {item}: {e}") from None
-    return profile
+    """``profile`` with the command line's settings applied (a new profile: profiles are frozen):
+    ``--align-steps``, ``--cot-steps``, ``--lr``, ``--seed``, ``--full``, then each ``--set``
+    (``[base.|align.|cot.]FIELD=VALUE``). A setting naming no field raises ValueError."""
+    stage = {k: v for k, v in (("lr", args.lr), ("seed", args.seed)) if v is not None}
+    profile = profile.with_overrides(
+        align={**stage, **({"steps": args.align_steps} if args.align_steps else {})},
+        cot={**stage, **({"steps": args.cot_steps} if args.cot_steps else {})},
+        **({"lora": False} if args.full else {}))
+    try:
+        return profile.with_settings(args.set)
+    except ValueError as e:
+        raise ValueError(f"--set: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.data).resolve()
     out = Path(args.out or tempfile.mkdtemp(prefix="finetune-"))
     try:
-        profile = configure(PROFILES[args.profile].copy(), args)
+        profile = configure(PROFILES[args.profile], args)
     except ValueError as e:
         p.error(str(e))
     bench = read_dataset("synthetic", root)

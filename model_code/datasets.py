@@ -4,8 +4,6 @@ Generic code never imports a benchmark's package; it asks ``hooks(dataset)`` and
 benchmark registered, or does without. A benchmark package fills the registry in when imported
 (``register``); the packages to import are listed in ``PLUGINS`` (the one place that names them).
 
-- ``image_descriptions(root, split)`` → ``[(image_id, image path, description)]``: a text that
-  fully describes each image of a split (the tiny base model's image-text pretraining).
 - ``pretraining``: the embedded base's pretraining corpus (a module or object with ``EDIT_OPS``,
   ``make_samples(cfg, folder, exclude=, progress=)``, ``excluded_scenes(root)`` and
   ``matches(texts, truths)``; see ``model_code.model.pretrain``).
@@ -26,7 +24,6 @@ PLUGINS = ("model_code.synthetic.hooks",)
 
 @dataclasses.dataclass(frozen=True)
 class DatasetHooks:
-    image_descriptions: Callable | None = None
     reasoning_correctness: Callable | None = None
     pretraining: object | None = None
     annotator: Callable | None = None

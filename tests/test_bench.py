@@ -221,17 +221,17 @@ def test_the_fine_tuning_options_set_the_profiles_stages():
     args = parser().parse_args(["--base", "b", "--align-steps", "7", "--seed", "3", "--lr", "0.002",
                                 "--set", "cot.lambda_info=0.5", "--set", "align.identity_queries=no",
                                 "--set", "cot.steps=11"])
-    profile = configure(PROFILES["embedded"].copy(), args)
+    profile = configure(PROFILES["embedded"], args)
     assert (profile.align.steps, profile.align.seed, profile.align.lr) == (7, 3, 0.002)
     assert (profile.cot.steps, profile.cot.seed, profile.cot.lr, profile.cot.lambda_info) == (11, 3, 0.002, 0.5)
     assert profile.align.identity_queries is False and PROFILES["embedded"].align.identity_queries is True
-    with_lora = dataclasses.replace(PROFILES["embedded"].copy(), lora=True)
-    assert configure(with_lora.copy(), parser().parse_args(["--base", "b"])).lora is True
-    assert configure(with_lora.copy(), parser().parse_args(["--base", "b", "--full"])).lora is False
-    with pytest.raises(ValueError, match="--set cot.nosuch=1: no such stage field"):
-        configure(PROFILES["embedded"].copy(), parser().parse_args(["--base", "b", "--set", "cot.nosuch=1"]))
-    with pytest.raises(ValueError, match="--set cot.lr=fast: could not convert"):
-        configure(PROFILES["embedded"].copy(), parser().parse_args(["--base", "b", "--set", "cot.lr=fast"]))
+    with_lora = PROFILES["embedded"].with_overrides(lora=True)
+    assert configure(with_lora, parser().parse_args(["--base", "b"])).lora is True
+    assert configure(with_lora, parser().parse_args(["--base", "b", "--full"])).lora is False
+    with pytest.raises(ValueError, match="--set: 'cot.nosuch=1': TrainConfig has no field 'nosuch'"):
+        configure(PROFILES["embedded"], parser().parse_args(["--base", "b", "--set", "cot.nosuch=1"]))
+    with pytest.raises(ValueError, match="--set: 'cot.lr=fast'"):
+        configure(PROFILES["embedded"], parser().parse_args(["--base", "b", "--set", "cot.lr=fast"]))
     with pytest.raises(SystemExit) as stop:  # the command line says so and stops before reading any data
         main(["--base", "b", "--data", "/nonexistent", "--set", "stage3.lr=1"])
     assert stop.value.code == 2

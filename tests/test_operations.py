@@ -193,7 +193,8 @@ def test_the_kubernetes_training_pod_is_built_from_configuration():
     from model_code.model.recipes import launch_command
 
     command = launch_command(["/artifacts/triplets/synthetic/versions/v1"], ["/artifacts/ann.parquet"], "/models/qwen",
-                             "gpu", "/artifacts/cir_cot_model/runs/k", processes=8, python="python")
+                             "/artifacts/cir_cot_model/runs/k/profile.json", "/artifacts/cir_cot_model/runs/k",
+                             processes=8, python="python")
     assert command[:7] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8", "-m"]
     assert command[-1] == "--pipes"
     training = TrainingResource(profile="gpu", launcher="kubernetes", k8s_image="registry.example/circot:1",

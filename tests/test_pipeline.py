@@ -173,23 +173,25 @@ def instance():
         yield inst
 
 
-def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, capsys, instance):
+def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, capsys, instance, micro_base):
     import torch
 
     from model_code import registry
     from model_code.model.cir_cot import CirCoTModel
 
     artifacts = tmp_path / "artifacts"
+    smoke = TrainingResource(profile="smoke", base_model_path=str(micro_base))
     defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
-                             training=TrainingResource(profile="smoke"))
+                             training=smoke)
     result, _, mats_first, failures = _materialise(defs, "synthetic", instance=instance)
     assert result.success, failures
     run, _, mats, failures = _execute(defs, TRAINING_JOB, instance=instance)
     assert run.success, failures
     base, model = mats["base_model"].metadata, mats["cir_cot_model"].metadata
-    assert base["kind"].value == "tiny" and base["steps"].value == 3 and "data:image/png;base64" in base["plot"].value
+    assert base["kind"].value == "checkpoint" and base["path"].value == str(micro_base.resolve())
     assert model["align_steps"].value == 3 and model["cot_steps"].value == 3
-    assert 0 < model["parameters_trainable"].value < model["parameters_total"].value
+    assert model["base_version"].value == base["model_version"].value
+    assert model["parameters_trainable"].value == model["parameters_total"].value   # the embedded recipe: in full
     assert mats["cir_cot_model"].tags["dagster/data_version"] == model["model_version"].value
     # the trained model's record is in the materialisation (the lineage the evaluation reads), not a latest.json
     trained = model["record"].value
@@ -199,7 +201,7 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     emb = loaded.embed_images(
         [next((tmp_path / "project" / "data" / "raw" / "synthetic" / "images" / "test").glob("*.png"))]
     )
-    assert emb.shape == (1, 256) and torch.isfinite(emb).all()
+    assert emb.shape == (1, 64) and torch.isfinite(emb).all()      # the micro base's hidden size
 
     # evaluation, the blocking gate, promotion: a floor the model cannot reach (on a metric cir-shapes does
     # not measure) stops the promotion...
@@ -209,7 +211,7 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
         bentoml.models.delete(entry["tag"])
     eval_config = {"ops": {"evaluation": {"config": {"limit": 6, "max_new_tokens": 8, "batch_size": 8}}}}
     strict = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
-                               training=TrainingResource(profile="smoke"), gate=GateResource(floors='{"R@3": 0.5}'))
+                               training=smoke, gate=GateResource(floors='{"R@3": 0.5}'))
     run, checks, mats, _ = _execute(strict, EVALUATION_JOB, "synthetic", eval_config, instance)
     assert [c.passed for c in checks.values()] == [False] and "floor R@3" in checks["promotion_gate"].description
     assert "promoted_model" not in mats and registry.production("synthetic") is None
@@ -229,7 +231,7 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     assert "- FAIL floor R@3:" in out and "| image_only |" in out
     # ...and with floors it reaches, the model is promoted into the BentoML store, labelled with its lineage
     lenient = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
-                                training=TrainingResource(profile="smoke"),
+                                training=smoke,
                                 gate=GateResource(floors='{"synthetic": {"R@10": 0.0, "R@50": 0.5}}',
                                                   cot_not_worse=False))
     run, checks, mats, failures = _execute(lenient, EVALUATION_JOB, "synthetic", eval_config, instance)
@@ -305,7 +307,8 @@ def _kill_training_when(path, stop):
         time.sleep(0.2)
 
 
-def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_project, tmp_path, instance):
+def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_project, tmp_path, instance,
+                                                                           micro_base):
     """cir_cot_model as an external process (PipesSubprocessClient + torchrun, two CPU processes on
     gloo): killed after its first checkpoint, the run fails; the next run resumes from that
     checkpoint, and the child's progress and result come back as logs and metadata."""
@@ -313,7 +316,8 @@ def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_p
 
     artifacts = tmp_path / "artifacts"
     defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
-                             training=TrainingResource(profile="smoke", launcher="subprocess", processes=2))
+                             training=TrainingResource(profile="smoke", base_model_path=str(micro_base),
+                                                       launcher="subprocess", processes=2))
     assert _materialise(defs, "synthetic", instance=instance)[0].success
     config = {"ops": {"cir_cot_model": {"config": {"align_steps": 12}}}}
     stop = threading.Event()
@@ -332,6 +336,11 @@ def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_p
     assert any("External execution process failed with code -9" in c for c in causes), causes
     (run_dir,) = runs.iterdir()
     assert (run_dir / "align" / "checkpoint" / "state.pt").is_file()      # what the next run resumes from
+    from model_code.model.recipes import PROFILES, TrainingProfile
+
+    # the processes were handed the whole profile, the run's override applied, as one file
+    handed = TrainingProfile.load(run_dir / "profile.json")
+    assert handed == PROFILES["smoke"].with_overrides(base={"checkpoint_path": str(micro_base)}, align={"steps": 12})
 
     run, _, mats, failures = _execute(defs, TRAINING_JOB, run_config=config, instance=instance)
     assert run.success, failures
@@ -352,7 +361,7 @@ def _kill_training_when_any(runs, stop):
 
 
 def test_an_object_store_artifacts_root_lets_each_stage_run_on_another_machine(dvc_project, tmp_path, instance,
-                                                                             monkeypatch):
+                                                                             monkeypatch, micro_base):
     """The artifacts root as an fsspec URI (``memory://`` here, ``s3://`` in a deployment): every
     stage runs on a "machine" whose local copy starts empty, and finds what the others wrote."""
     import uuid
@@ -362,7 +371,7 @@ def test_an_object_store_artifacts_root_lets_each_stage_run_on_another_machine(d
     root, cache = f"memory://circot-{uuid.uuid4().hex[:8]}", tmp_path / "pod-cache"
     monkeypatch.setenv("CIRCOT_ARTIFACTS_CACHE", str(cache))
     defs = build_definitions(project_dir=str(dvc_project), artifacts_root=root, dataset_roots={},
-                             training=TrainingResource(profile="smoke"),
+                             training=TrainingResource(profile="smoke", base_model_path=str(micro_base)),
                              gate=GateResource(floors='{"synthetic": {"R@10": 0.0, "R@50": 0.0}}', cot_not_worse=False))
     result, _, mats, failures = _materialise(defs, "synthetic", instance=instance)
     assert result.success, failures

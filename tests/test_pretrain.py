@@ -21,6 +21,13 @@ def micro_shape(monkeypatch):
     return "micro"
 
 
+# the keys of config.json as pretraining runs wrote it before PretrainConfig extended TrainConfig
+EARLIER_CONFIG_KEYS = ("corpus", "shape", "vocab_size", "seed", "scenes", "heldout", "steps", "batch_size", "lr",
+                       "warmup_steps", "caption_fraction", "edit_fraction", "identity_queries", "mixed_precision",
+                       "eval_every", "checkpoint_every", "edit_answer", "align_size", "edits_per_scene", "init",
+                       "start_edits", "advance_at", "advance_by_step", "oversample_ops", "oversample")
+
+
 def _config(shape: str, **kw) -> PretrainConfig:
     return PretrainConfig(**{"shape": shape, "vocab_size": 400, "scenes": 24, "heldout": 4, "steps": 4, "batch_size": 4,
                              "eval_every": 2, "warmup_steps": 1, "mixed_precision": "no", **kw})
@@ -80,9 +87,12 @@ def test_an_interrupted_pretraining_resumes_to_the_uninterrupted_result(tmp_path
     left = plot[:, :450]  # the perception metrics' panel: a line of each of the 4 metrics
     assert all(drawn(left, f"C{i}", 20) > 20 for i in range(4)), [drawn(left, f"C{i}", 20) for i in range(4)]
 
-    # stopped at the first evaluation point (minutes=0), then the same call again
+    # stopped at the first evaluation point (minutes=0), then the same call again; the stopped run's
+    # config.json as earlier versions wrote it (pretraining's own keys and the stage fields they set)
     assert pretrain.pretrain(cfg, tmp_path / "split", minutes=0) is None
     assert not (tmp_path / "split" / "model").exists()
+    written = json.loads((tmp_path / "split" / "config.json").read_text())
+    (tmp_path / "split" / "config.json").write_text(json.dumps({k: written[k] for k in EARLIER_CONFIG_KEYS}))
     resumed = pretrain.pretrain(cfg, tmp_path / "split")
     assert resumed.version == whole.version
 
@@ -242,3 +252,30 @@ def test_a_curriculum_run_resumes_at_the_level_it_reached(tmp_path, micro_shape,
     resumed = pretrain.pretrain(cfg, tmp_path / "split")
     assert resumed.version == whole.version
     assert [r["trained_max_edits"] for r in pretrain.read_metrics(tmp_path / "split")] == [1, 3, 3]
+
+
+def test_the_configurations_pretraining_runs_wrote_still_load_and_train_as_they_did():
+    """The shipped base's PRETRAINING.json holds the configuration of each of its phases as the code of
+    its day wrote it (five generations of keys): each loads, and trains the stage the code of its day
+    built from it (written out here as it was)."""
+    import math
+
+    from model_code.model.recipes import EMBEDDED_BASE
+    from model_code.model.train import TrainConfig
+
+    meta = json.loads((EMBEDDED_BASE / "PRETRAINING.json").read_text())
+    saved = [p["config"] for p in meta["earlier"]] + [meta["config"]]
+    assert len({tuple(sorted(c)) for c in saved}) >= 4 and all(set(c) <= set(EARLIER_CONFIG_KEYS) for c in saved)
+    for c in saved:
+        cfg = PretrainConfig.from_saved(c)
+        assert all(getattr(cfg, k) == (tuple(v) if isinstance(v, list) else v) for k, v in c.items())
+        assert cfg.train_config() == TrainConfig(
+            stage="pretrain", steps=c["steps"], batch_size=c["batch_size"], lr=c["lr"], warmup_steps=c["warmup_steps"],
+            caption_fraction=c["caption_fraction"], edit_fraction=c["edit_fraction"],
+            identity_queries=c["identity_queries"], mixed_precision=c["mixed_precision"], hard_negatives=0,
+            seed=c["seed"], align_size=c.get("align_size", 0),
+            checkpoint_every=math.gcd(c["checkpoint_every"], c["eval_every"]), log_every=10)
+    # and a stage field pretraining never set before is now the run's to set
+    assert PretrainConfig(temperature=0.1).train_config().temperature == 0.1
+    with pytest.raises(ValueError, match="stage is 'pretrain'"):
+        PretrainConfig(stage="cot")

@@ -26,7 +26,7 @@ def _records() -> list:
         AnnotationsRecord(dataset="synthetic", path="a/annotations.parquet", teacher="oracle", prompt_version="p1",
                           version="a1", raw_version="r1", min_acceptance=0.95, splits=["train", "val"], ok=3,
                           rejected=1),
-        BaseModelRecord(path="bases/tiny", kind="tiny", version="b1", parameters={"total": 10},
+        BaseModelRecord(path="bases/tiny", kind="embedded", version="b1", parameters={"total": 10},
                         training={"steps": 5, "history": [{"loss": 1.0}]}),
         StageSummary(**STAGE),
         trained,

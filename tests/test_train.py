@@ -1,6 +1,8 @@
 """The CIR-CoT model and its training on a very small random Qwen2-VL (CPU)."""
 
 import dataclasses
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -84,20 +86,19 @@ def test_forward_backward_reaches_only_trainable_parameters(micro_base, pairs):
 
 def test_rehearsal_trains_the_chains_halves_in_the_pretraining_prompts(micro_base, pairs, monkeypatch):
     from model_code.chain import parse
-    from model_code.model.cir_cot import unwrap
-    from model_code.model.train import edit_answer, edit_request
+    from model_code.model.cir_cot import edit_answer, edit_request, unwrap
+    from model_code.model.loss import rehearsal_ce
 
     m = _model(micro_base)
     cfg = _cfg(rehearse_fraction=0.5)
     batch, negatives = sample_batch(pairs, cfg, 0, 0, 0, 1)
-    step = TrainStep(m, cfg)
-    out = step(batch, negatives)
+    out = TrainStep(m, cfg)(batch, negatives)
     assert set(out) == {"info", "acc", "txt", "rehearse", "loss"} and torch.isfinite(out["rehearse"])
     seen = []
     encode = m.encode
     monkeypatch.setattr(m, "encode", lambda p, a, i, train_answer=False: (seen.append((p, a, i)),
                                                                           encode(p, a, i, train_answer))[1])
-    step.rehearse(batch[:3], unwrap(m.model).lm_head)
+    rehearsal_ce(m, batch[:3], unwrap(m.model).lm_head)
     (cap_prompts, cap_answers, cap_images), (edit_prompts, edit_answers, edit_images) = seen
     first = parse(batch[0].cot)
     assert len(cap_prompts) == 3 and cap_prompts[0] == m.prompt("describe") and cap_images[0] == batch[0].reference
@@ -107,6 +108,25 @@ def test_rehearsal_trains_the_chains_halves_in_the_pretraining_prompts(micro_bas
     assert edit_answers[0] == edit_answer(first.reasoning, first.conclusion)
     out["loss"].backward()      # the rehearsal reaches the adapters
     assert any(float(p.grad.abs().sum()) > 0 for n, p in m.named_parameters() if "lora" in n and p.grad is not None)
+
+
+def test_each_stage_computes_its_own_objective(micro_base, pairs):
+    """TrainStep runs the objective of its config's stage (model_code.model.loss.OBJECTIVES), and a
+    stage without one is refused."""
+    from model_code.model import loss
+
+    assert set(loss.OBJECTIVES) == {"pretrain", "align", "cot"}
+    m = _model(micro_base)
+    for stage, objective in loss.OBJECTIVES.items():
+        assert TrainStep(m, _cfg(stage=stage)).objective is objective
+    batch, negatives = sample_batch(pairs, _cfg(stage="align"), 0, 0, 0, 1)
+    align = TrainStep(m, _cfg(stage="align"))(batch, negatives)
+    assert set(align) == {"info", "acc", "loss"}
+    torch.testing.assert_close(align["loss"], align["info"])     # InfoNCE alone, weight 1
+    cot = TrainStep(m, _cfg(stage="cot", lambda_info=0.1))(batch, negatives)
+    torch.testing.assert_close(cot["loss"], 0.1 * cot["info"] + cot["txt"])
+    with pytest.raises(ValueError, match="stage must be one of"):
+        TrainConfig(stage="bootstrap", steps=1)
 
 
 def test_padding_does_not_change_an_embedding(micro_base, pairs):
@@ -185,7 +205,7 @@ def test_two_queries_with_the_same_target_are_not_each_others_negatives(micro_ba
     the other row, as a negative of each."""
     import torch.nn.functional as F
 
-    from model_code.model import train as train_module
+    from model_code.model import loss as loss_module
     from model_code.model.loss import image_keys, info_nce
 
     g = torch.Generator().manual_seed(0)
@@ -206,7 +226,7 @@ def test_two_queries_with_the_same_target_are_not_each_others_negatives(micro_ba
         seen["keys"] = candidate_keys
         return info_nce(queries, candidates, n_pairs, temperature, candidate_keys=candidate_keys)
 
-    monkeypatch.setattr(train_module, "info_nce", spy)
+    monkeypatch.setattr(loss_module, "info_nce", spy)
     m = _model(micro_base)
     cfg = TrainConfig(stage="align", steps=1, batch_size=2)
     twin = dataclasses.replace(pairs[1], target=pairs[0].target)
@@ -334,13 +354,15 @@ def test_two_processes_train_together_and_one_writes_the_model(micro_base, bench
         str(micro_base),
         "--profile",
         "smoke",
+        "--set",
+        "cot.steps=2",
         "--out",
         str(tmp_path / "run"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["stages"]["align"]["steps"] == 3 and summary["stages"]["cot"]["steps"] == 3
+    assert summary["stages"]["align"]["steps"] == 3 and summary["stages"]["cot"]["steps"] == 2   # --set
     loaded = CirCoTModel.load(tmp_path / "run" / "model", device="cpu")
     assert loaded.version == summary["version"]
     assert proc.stdout.count('"version"') == 1  # one process reported and wrote
@@ -355,3 +377,110 @@ def test_a_fully_fine_tuned_model_saves_and_loads_with_its_processor(micro_base,
     assert loaded.version == version and loaded.emb_id == m.emb_id
     texts = ["a small red star in the centre"]
     assert torch.allclose(loaded.embed_texts(texts), m.embed_texts(texts), atol=1e-5)
+
+
+# ---- profiles: overrides, their JSON, the launched process's reading of it ------------------------
+
+
+def test_a_profile_is_changed_only_through_overrides_that_make_a_new_one():
+    from model_code.model.recipes import PROFILES
+
+    embedded = PROFILES["embedded"]
+    short = embedded.with_overrides(align={"steps": 3}, cot={"steps": 4, "lr": 1e-4}, lora=True)
+    assert (short.align.steps, short.cot.steps, short.cot.lr, short.lora) == (3, 4, 1e-4, True)
+    assert short.cot.lambda_info == embedded.cot.lambda_info == 0.1          # the rest is the profile's
+    assert (embedded.align.steps, embedded.cot.steps, embedded.lora) == (40, 140, False)   # left as it was
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        embedded.align.steps = 3
+    with pytest.raises(ValueError, match="no field stepz"):
+        embedded.with_overrides(align={"stepz": 3})
+    with pytest.raises(ValueError, match="steps, batch_size and grad_accum must be at least 1"):
+        embedded.with_overrides(cot={"steps": 0})
+    with pytest.raises(ValueError, match="stages are align then cot"):
+        embedded.with_overrides(align={"stage": "cot"})
+    # the settings of a command line, each read as the type of the value it replaces
+    set_ = embedded.with_settings(["cot.lr=5e-4", "align.steps=7", "lora=true", "base.device=cpu",
+                                   "cot.reference_negatives=no"])
+    assert (set_.cot.lr, set_.align.steps, set_.lora, set_.base.device, set_.cot.reference_negatives) == (
+        5e-4, 7, True, "cpu", False)
+    for bad, message in (("align.steps=three", "not a int"), ("lora=maybe", "not true or false"),
+                         ("stage2.lr=1", "FIELD=VALUE"), ("cot.lr", "FIELD=VALUE"), ("cot.nope=1", "no field 'nope'")):
+        with pytest.raises(ValueError, match=message):
+            embedded.with_settings([bad])
+
+
+def test_the_smoke_profile_is_the_default_recipe_smaller_on_a_given_checkpoint():
+    from model_code.model.recipes import PROFILES
+
+    smoke, embedded = PROFILES["smoke"], PROFILES["embedded"]
+    assert smoke.base.kind == "checkpoint" and smoke.base.checkpoint_path is None   # the resource's base_model_path
+    assert smoke.lora == embedded.lora is False
+    small = {"steps", "batch_size", "warmup_steps", "checkpoint_every"}
+    for stage in ("align", "cot"):
+        a, b = dataclasses.asdict(getattr(smoke, stage)), dataclasses.asdict(getattr(embedded, stage))
+        assert {k for k in a if a[k] != b[k]} == small and a["steps"] == 3
+
+
+def test_the_launched_process_trains_the_profile_it_is_handed(bench, tiny_synthetic, tmp_path, monkeypatch):
+    """cir_cot_model hands its launch one file: the whole profile, overrides applied; the process's
+    main reads it (and a hand's --set on top) instead of flags for single fields."""
+    import dataclasses as dc
+
+    import pandas as pd
+
+    from model_code.annotation.store import write_annotations
+    from model_code.data import write_tables
+    from model_code.data.tables import TablesRecord
+    from model_code.model import recipes
+
+    write_tables(bench, tmp_path / "tables")
+    TablesRecord(dataset="synthetic", folder=str(tmp_path / "tables"), root=str(tiny_synthetic),
+                 raw_version="test").write(tmp_path / "tables" / TablesRecord.META)
+    rows = OracleAnnotator(tiny_synthetic).annotate(annotation_requests(bench.triplets, bench.images, tiny_synthetic))
+    write_annotations(pd.DataFrame([dc.asdict(r) for r in rows]), tmp_path / "annotations.parquet")
+    profile = recipes.PROFILES["gpu"].with_overrides(align={"steps": 5}, cot={"lambda_info": 0.3}, eval_batches=2)
+    profile_file = profile.save(tmp_path / "run" / "profile.json")
+    command = recipes.launch_command([str(tmp_path / "tables")], [str(tmp_path / "annotations.parquet")], "/base",
+                                     str(profile_file), str(tmp_path / "run"), processes=2)
+    assert command[command.index("--profile-json") + 1] == str(profile_file)
+    assert not {"--align-steps", "--cot-steps", "--profile"} & set(command)
+    handed = []
+    monkeypatch.setattr(recipes, "register_checkpoint", lambda path: path)
+    monkeypatch.setattr(recipes, "train_cir_cot", lambda base, train, val, profile, out, progress=None:
+                        handed.append((base, len(train), len(val), profile)) or SimpleNamespace(path=out, version="v"))
+    args = command[command.index("--base"):command.index("--pipes")]
+    assert recipes.main(args) == 0
+    n = {split: int((bench.triplets.split == split).sum()) for split in ("train", "val")}
+    assert handed == [("/base", n["train"], n["val"], profile)]
+    assert recipes.main([*args, "--set", "cot.steps=9"]) == 0
+    assert handed[1][3] == profile.with_overrides(cot={"steps": 9})
+    with pytest.raises(SystemExit):        # one profile: a named one or a file, not both
+        recipes.main([*args, "--profile", "smoke"])
+
+
+def test_the_default_recipe_trains_the_shipped_base_end_to_end(bench, tiny_synthetic, tmp_path):
+    """The embedded profile itself (the shipped base, every parameter, stage 1 then stage 2), its steps
+    cut to one and two through the profile's overrides: the path ``make run`` trains, in under a minute."""
+    import pandas as pd
+
+    from model_code.model.recipes import PROFILES, register_embedded, train_cir_cot
+
+    rows = OracleAnnotator(tiny_synthetic).annotate(annotation_requests(bench.triplets, bench.images, tiny_synthetic))
+    ann = pd.DataFrame([dataclasses.asdict(r) for r in rows])
+    train_pairs = pair_examples(bench.triplets, bench.images, tiny_synthetic, "train", ann)
+    val_pairs = pair_examples(bench.triplets, bench.images, tiny_synthetic, "val", ann)
+    profile = PROFILES["embedded"].with_overrides(align={"steps": 1}, cot={"steps": 2})
+    base = register_embedded()
+    trained = train_cir_cot(base, train_pairs, val_pairs, profile, tmp_path / "run")
+    align, cot = trained.stage("align"), trained.stage("cot")
+    assert (align.steps, cot.steps, align.examples) == (1, 2, len(train_pairs))
+    assert trained.parameters["trainable"] == trained.parameters["total"] > 4_000_000   # every parameter
+    assert trained.base_version == base.version and align.val and cot.val
+    # the profile's own hyperparameters ran: lr 3e-4 warmed up over 5 steps; stage 2's InfoNCE weighted 0.1
+    assert align.first["lr"] == cot.first["lr"] == pytest.approx(3e-4 / 5) and cot.last["lr"] == pytest.approx(
+        2 * 3e-4 / 5)
+    assert cot.last["loss"] == pytest.approx(0.1 * cot.last["info"] + cot.last["txt"], abs=1e-5)
+    loaded = CirCoTModel.load(trained.path, device="cpu")
+    assert loaded.version == trained.version
+    emb = loaded.embed_queries([val_pairs[0].reference], [val_pairs[0].text])
+    assert emb.shape == (1, 256) and torch.isfinite(emb).all()

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 from model_code.common import atomic_write_json, file_md5, writing
 
-from model_code.model.loss import IGNORE
-
+IGNORE = -100  # label of the positions no loss is computed on
 CIR_TOKENS = ("<caption>", "</caption>", "<reasoning>", "</reasoning>", "<conclusion>", "</conclusion>", "<emb>")
 EMB_TOKEN = "<emb>"
 PROMPT_VERSION = "circot-prompts-v1"
@@ -38,6 +37,25 @@ PROMPTS = {
     "text": "Description: {text}\nEmbed the image it describes.",
     "edit": "{text}\nDescribe the image after the modification.",  # pretraining's text edits
 }
+IDENTITY_REQUEST = "keep the image exactly as it is"   # pretraining: the no-change query of an image
+
+
+def edit_request(description: str, modification: str) -> str:
+    """The text of a text edit's prompt (``PROMPTS["edit"]``): a scene description and a modification."""
+    return f"Description: {description}\nModification: {modification}"
+
+
+def caption_answer(description: str) -> str:
+    """A caption as the chain of thought writes it (the describe prompt's answer)."""
+    return f"<caption>{description}</caption>"
+
+
+def edit_answer(reasoning: str | None, conclusion: str) -> str:
+    """A text edit's answer as the chain writes its second half: reasoning (when given), then conclusion."""
+    head = f"<reasoning>{reasoning}</reasoning>\n" if reasoning is not None else ""
+    return f"{head}<conclusion>{conclusion}</conclusion>"
+
+
 # LoRA on the language model only: plain names would also hit the vision tower, "all-linear" its Conv3d.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 

@@ -1,15 +1,20 @@
-"""Every loss of CIR-CoT training, in one place (docs/architecture.md §5):
+"""Every loss of CIR-CoT training, and each stage's objective built from them, in one place
+(docs/architecture.md §5):
 
-    L = λ_txt · CE(chain-of-thought tokens) + λ_info · InfoNCE(query <emb>, target <emb>)
+    L = λ_txt · CE(answer tokens) + λ_info · InfoNCE(query <emb>, target <emb>)
 
 - :func:`answer_ce`: cross-entropy on the supervised answer tokens only (the chain of thought and
-  its closing ``<emb>``; captions in the tiny base's pretraining). The LM head runs on just those
+  its closing ``<emb>``; captions and text edits in pretraining). The LM head runs on just those
   positions, never on the whole sequence over the whole vocabulary.
 - :func:`info_nce`: the symmetric InfoNCE over the query and gallery ``<emb>`` embeddings, with the
   in-batch targets as negatives plus any extra gallery candidates (hard negatives, references).
   Candidates that are the query's own target under another row (two queries of the batch with the
   same target image) are positives, not negatives: they are masked out.
 - :func:`joint_loss`: the weighted sum above.
+- The objectives (:data:`OBJECTIVES`, one per stage; each takes the model, a micro-batch, its extra
+  gallery negatives and the stage's ``TrainConfig`` and returns the losses by name, ``loss`` the one
+  optimised): :func:`pretrain_objective` (the embedded base's pretraining), :func:`align_objective`
+  (stage 1) and :func:`cot_objective` (stage 2).
 
 The gathers across processes are separate from the losses (as in open_clip): :func:`gather_with_grad`
 concatenates every process's rows keeping gradients to the local part, so ``accelerate launch`` on
@@ -20,11 +25,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100  # label of the positions no loss is computed on
+from model_code.model.cir_cot import (IDENTITY_REQUEST, IGNORE, CirCoTModel, caption_answer, edit_answer,
+                                      edit_request, unwrap)
+
+if TYPE_CHECKING:
+    from model_code.model.train import TrainConfig, TrainExample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,3 +139,102 @@ def joint_loss(info: torch.Tensor, txt: torch.Tensor | None, *, lambda_info: flo
     if txt is not None:
         loss = loss + lambda_txt * txt
     return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# the objectives: what each stage computes on one micro-batch
+
+
+def gallery_embeddings(m: CirCoTModel, batch: Sequence[TrainExample], negatives: Sequence) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """The gallery ``<emb>`` of the batch's targets, then of the extra negatives [B + E, H], and their
+    :func:`image_keys` (what tells :func:`info_nce` two rows holding one image)."""
+    candidates = [ex.target for ex in batch] + list(negatives)
+    g_inputs = m.gallery_inputs(candidates)
+    gallery = m.emb(g_inputs, m.hidden_states(g_inputs))
+    return gallery, image_keys(candidates, gallery.device)
+
+
+def align_objective(m: CirCoTModel, batch: Sequence[TrainExample], negatives: Sequence,
+                    cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Stage 1: the no-CoT query (reference + modification -> ``<emb>``) against its target; InfoNCE only."""
+    q_inputs = m.query_inputs([ex.reference for ex in batch], [ex.text for ex in batch])
+    queries = m.emb(q_inputs, m.hidden_states(q_inputs))                         # [B, H]
+    gallery, keys = gallery_embeddings(m, batch, negatives)                     # [B + E, H]
+    info, acc = info_nce(queries, gallery, len(batch), cfg.temperature, candidate_keys=keys)
+    return {"info": info, "acc": acc,
+            "loss": joint_loss(info, None, lambda_info=cfg.lambda_info, lambda_txt=cfg.lambda_txt)}
+
+
+def cot_objective(m: CirCoTModel, batch: Sequence[TrainExample], negatives: Sequence,
+                  cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Stage 2: the query with its teacher-forced chain of thought: CE on the chain's tokens (and the
+    closing ``<emb>``) plus InfoNCE of its ``<emb>``; with ``cfg.rehearse_fraction``, part of the batch
+    also rehearses the chain's two halves in the pretraining prompts (:func:`rehearsal_ce`)."""
+    q_inputs = m.query_inputs([ex.reference for ex in batch], [ex.text for ex in batch], [ex.cot for ex in batch],
+                              train_answer=True)
+    q_hidden = m.hidden_states(q_inputs)
+    queries = m.emb(q_inputs, q_hidden)
+    gallery, keys = gallery_embeddings(m, batch, negatives)
+    info, acc = info_nce(queries, gallery, len(batch), cfg.temperature, candidate_keys=keys)
+    lm_head = unwrap(m.model).lm_head
+    out = {"info": info, "acc": acc, "txt": answer_ce(q_hidden, q_inputs["labels"], lm_head)}
+    if cfg.rehearse_fraction > 0:
+        out["rehearse"] = rehearsal_ce(m, batch[:max(1, int(len(batch) * cfg.rehearse_fraction))], lm_head)
+        out["txt"] = out["txt"] + out["rehearse"]
+    out["loss"] = joint_loss(info, out["txt"], lambda_info=cfg.lambda_info, lambda_txt=cfg.lambda_txt)
+    return out
+
+
+def rehearsal_ce(m: CirCoTModel, batch: Sequence[TrainExample], lm_head) -> torch.Tensor:
+    """Cross-entropy of the chains' two halves asked the way pretraining asked them: the
+    reference's caption (describe prompt, with the image) and, from that caption and the
+    modification, the reasoning and conclusion (edit prompt, text only); their mean."""
+    from model_code.chain import parse
+
+    cots = [parse(ex.cot) for ex in batch]
+    c_inputs = m.encode([m.prompt("describe")] * len(batch), [caption_answer(c.caption) for c in cots],
+                        [ex.reference for ex in batch], train_answer=True)
+    e_inputs = m.encode([m.prompt("edit", edit_request(c.caption, ex.text), image=False)
+                         for c, ex in zip(cots, batch)],
+                        [edit_answer(c.reasoning, c.conclusion) for c in cots], None, train_answer=True)
+    return (answer_ce(m.hidden_states(c_inputs), c_inputs["labels"], lm_head)
+            + answer_ce(m.hidden_states(e_inputs), e_inputs["labels"], lm_head)) / 2
+
+
+def pretrain_objective(m: CirCoTModel, batch: Sequence[TrainExample], negatives: Sequence,
+                       cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The embedded base's pretraining (``model_code/model/pretrain.py``), on text-only examples: a
+    scene description's ``<emb>`` against its image (of the batch's first ``cfg.align_size`` rows, or
+    all), the image's no-change query against the same (``cfg.identity_queries``), captioning of the
+    first ``cfg.caption_fraction`` of them (``<caption>`` tags, as the chain writes it) and the text
+    edits of the first ``cfg.edit_fraction`` of the whole batch (``<conclusion>`` the edited description)."""
+    aligned = batch[:cfg.align_size] if cfg.align_size else batch
+    q_inputs = m.text_inputs([ex.text for ex in aligned])
+    queries = m.emb(q_inputs, m.hidden_states(q_inputs))
+    gallery, keys = gallery_embeddings(m, aligned, negatives)
+    info, acc = info_nce(queries, gallery, len(aligned), cfg.temperature, candidate_keys=keys)
+    out = {"info": info, "acc": acc}
+    if cfg.identity_queries:
+        # the query prompt (image + request) and the gallery prompt share one space from the start
+        i_inputs = m.query_inputs([ex.target for ex in aligned], [IDENTITY_REQUEST] * len(aligned))
+        l_img, out["acc_image"] = info_nce(m.emb(i_inputs, m.hidden_states(i_inputs)), gallery, len(aligned),
+                                           cfg.temperature, candidate_keys=keys)
+        out["info"] = info = (info + l_img) / 2
+    lm_head = unwrap(m.model).lm_head
+    if cfg.caption_fraction > 0:
+        k = max(1, int(len(aligned) * cfg.caption_fraction))
+        c_inputs = m.encode([m.prompt("describe")] * k, [caption_answer(ex.text) for ex in aligned[:k]],
+                            [ex.target for ex in aligned[:k]], train_answer=True)
+        out["txt"] = out["cap"] = answer_ce(m.hidden_states(c_inputs), c_inputs["labels"], lm_head)
+    edits = [ex.edit for ex in batch if ex.edit][:int(len(batch) * cfg.edit_fraction)]
+    if edits:
+        e_inputs = m.encode([m.prompt("edit", q, image=False) for q, _ in edits], [a for _, a in edits], None,
+                            train_answer=True)
+        out["edit"] = answer_ce(m.hidden_states(e_inputs), e_inputs["labels"], lm_head)
+        out["txt"] = out.get("txt", 0) + out["edit"]
+    out["loss"] = joint_loss(info, out.get("txt"), lambda_info=cfg.lambda_info, lambda_txt=cfg.lambda_txt)
+    return out
+
+
+OBJECTIVES = {"pretrain": pretrain_objective, "align": align_objective, "cot": cot_objective}

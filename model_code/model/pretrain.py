@@ -26,7 +26,8 @@ A later phase continues a model (``--init``) on what it lacks: the shipped base 
 edits answered as the chain answers them (``--edit-answer chain``: the oracle's reasoning, then the
 conclusion), several per scene (``--edits-per-scene``) with few images per step (``--align-size``);
 ``--publish --earlier ...`` records every phase in ``PRETRAINING.json``. ``bench/pretrain_budget.py``
-fits such a run to a time budget (how the GPU phases were sized).
+fits such a run to a time budget (how the GPU phases were sized). What a run leaves (its record, its
+metrics, the exported and the published model) is ``model_code/model/pretrain_output.py``'s.
 """
 
 from __future__ import annotations
@@ -34,43 +35,50 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from model_code.common import Record, atomic_write_json
-from model_code.model.train import TrainConfig, TrainExample, edit_answer, train
+from model_code.common import atomic_write_json
+from model_code.model.cir_cot import edit_answer
+from model_code.model.pretrain_output import (PretrainRecord, export_checkpoint, plot_perception, publish,
+                                              read_metrics, save_bf16)
+from model_code.model.train import TrainConfig, TrainExample, train
 
 log = logging.getLogger(__name__)
 
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig(TrainConfig):
+    """A pretraining run: the ``pretrain`` stage's ``TrainConfig`` (with the defaults pretraining
+    uses) and what only pretraining has: the corpus, the model it starts from, the evaluation points
+    and the curriculum."""
 
-
-@dataclasses.dataclass
-class PretrainConfig:
-    corpus: str = "synthetic"       # the dataset whose ``pretraining`` hook makes the corpus (model_code.datasets)
-    shape: str = "tiny84"
-    vocab_size: int = 1024
-    seed: int = 0
-    scenes: int = 20000             # training scenes (each with one text edit)
-    heldout: int = 200              # scenes kept apart for the perception metrics
+    # TrainConfig's fields, at pretraining's defaults
+    stage: Literal["pretrain"] = "pretrain"
     steps: int = 2400
-    batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 50
     caption_fraction: float = 0.5
     edit_fraction: float = 0.5
-    identity_queries: bool = True
-    mixed_precision: str = "bf16"   # bf16 autocast: 24 % less time per step on this CPU (issue 9's figures)
-    eval_every: int = 100
+    hard_negatives: int = 0
+    mixed_precision: Literal["no", "bf16"] = "bf16"   # bf16 autocast: 24 % less time per step on this CPU
     checkpoint_every: int = 25
+    # pretraining's own
+    corpus: str = "synthetic"       # the dataset whose ``pretraining`` hook makes the corpus (model_code.datasets)
+    shape: str = "tiny84"
+    vocab_size: int = 1024
+    scenes: int = 20000             # training scenes (each with one text edit)
+    heldout: int = 200              # scenes kept apart for the perception metrics
+    eval_every: int = 100
     # text edits: "conclusion" answers with the edited description alone; "chain" with the oracle's
     # reasoning (which object each phrase means, one edit at a time) and then that conclusion, in the
     # chain's tags: the step the fine-tuned chain takes between its caption and its conclusion
     edit_answer: str = "conclusion"
-    align_size: int = 0             # images aligned (and captioned from) per step; 0: the whole batch
     edits_per_scene: int = 1        # text edits drawn per scene (text is cheap; images are rendered once)
     init: str = ""                  # a checkpoint folder to continue from (its tokenizer too); "" = random
     # curriculum: train on modifications of at most `start_edits` edits until the held-out single
@@ -83,6 +91,9 @@ class PretrainConfig:
     oversample: int = 1
 
     def __post_init__(self):
+        super().__post_init__()
+        if self.stage != "pretrain":
+            raise ValueError(f"a pretraining's stage is 'pretrain', not {self.stage!r}")
         if self.edit_answer not in ("conclusion", "chain"):
             raise ValueError(f"edit_answer must be 'conclusion' or 'chain', not {self.edit_answer!r}")
         if self.edits_per_scene < 1:
@@ -93,22 +104,23 @@ class PretrainConfig:
             raise ValueError(f"advance_at must be in (0, 1], not {self.advance_at!r}")
         if self.oversample < 1:
             raise ValueError("oversample must be at least 1")
-        self.oversample_ops = tuple(self.oversample_ops)
+        object.__setattr__(self, "oversample_ops", tuple(self.oversample_ops))
         ops = _corpus(self.corpus).EDIT_OPS
         unknown = set(self.oversample_ops) - set(ops)
         if unknown:
             raise ValueError(f"oversample_ops: unknown ops {sorted(unknown)} (known: {', '.join(ops)})")
 
-    def train_config(self) -> TrainConfig:
-        import math
+    @classmethod
+    def from_saved(cls, saved: dict) -> PretrainConfig:
+        """The configuration a run folder's ``config.json`` holds, written by this version or an earlier
+        one (whose keys were pretraining's own and the stage fields it set; the rest take their defaults)."""
+        return cls(**{k: tuple(v) if k == "oversample_ops" else v for k, v in saved.items()})
 
-        # every evaluation point is a checkpoint, so stopping there loses nothing
-        return TrainConfig(stage="pretrain", steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                           warmup_steps=self.warmup_steps, caption_fraction=self.caption_fraction,
-                           edit_fraction=self.edit_fraction, identity_queries=self.identity_queries,
-                           mixed_precision=self.mixed_precision, hard_negatives=0, seed=self.seed,
-                           align_size=self.align_size,
-                           checkpoint_every=math.gcd(self.checkpoint_every, self.eval_every), log_every=10)
+    def train_config(self) -> TrainConfig:
+        """The ``pretrain`` stage as the training loop takes it: every evaluation point is a
+        checkpoint, so stopping there loses nothing."""
+        stage = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{**stage, "checkpoint_every": math.gcd(self.checkpoint_every, self.eval_every)})
 
 
 @dataclasses.dataclass
@@ -235,18 +247,6 @@ def perception(m, heldout: Sequence[PretrainSample], *, max_new_tokens: int = 96
 # the job
 
 
-class PretrainRecord(Record):
-    """What a finished pretraining leaves in ``<out>/base.json`` (and the shipped checkpoint's README)."""
-
-    path: str
-    version: str
-    config: dict
-    steps: int
-    seconds: float
-    perception: dict
-    history_last: dict
-
-
 def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: str | os.PathLike | None = None,
              minutes: float | None = None, progress: Callable[[str], None] | None = None) -> PretrainRecord | None:
     """Pretrain (or resume pretraining) the embedded base into ``out_dir``. With ``minutes``, stop
@@ -262,10 +262,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
         return PretrainRecord.read(out_dir / "base.json")
     config_file = out_dir / "config.json"
     if config_file.is_file():
-        saved = {**dataclasses.asdict(PretrainConfig()), **json.loads(config_file.read_text())}
+        saved = PretrainConfig.from_saved(json.loads(config_file.read_text()))
         free = ("steps", "eval_every", "checkpoint_every")  # may change on a resume (steps: the rest of the schedule)
-        if {k: v for k, v in saved.items() if k not in free} != {
-                k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in free}:
+        if dataclasses.replace(saved, **{k: getattr(cfg, k) for k in free}) != cfg:
             raise ValueError(f"{out_dir} holds a pretraining with another configuration ({saved}); "
                              "give a new --out or the same settings")
     atomic_write_json(config_file, dataclasses.asdict(cfg))
@@ -329,116 +328,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
     return record
 
 
-def save_bf16(model, processor, path: str | os.PathLike) -> Path:
-    """The checkpoint folder with bf16 weights (half the bytes; loaded back as float32 on a CPU)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp, state_dict={k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()})
-    processor.save_pretrained(tmp)
-    from model_code.common import replace_dir
-
-    replace_dir(tmp, path)
-    return path
-
-
-def export_checkpoint(out_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """The model as of ``out_dir``'s last training checkpoint, as a checkpoint folder at ``dest``
-    (bf16): to fine-tune or inspect a pretraining that is still running."""
-    from model_code.backbone import load_backbone
-
-    out_dir = Path(out_dir)
-    state = torch.load(out_dir / "train" / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
-    model, processor = load_backbone(out_dir / "init", dtype="float32", device="cpu")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["params"].items():
-            params[name.removeprefix("cirmodel.model.")].copy_(value)
-    return save_bf16(model, processor, dest)
-
-
-CURVE_KEYS = ("step", "cap", "edit", "info", "caption_exact", "caption_object_f1", "edit_exact", "edit_object_f1",
-              "text_to_image_R@1", "device")
-
-
-def read_metrics(folder: str | os.PathLike) -> list[dict]:
-    """The evaluation rows of a pretraining's ``metrics.jsonl``."""
-    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def _curve(rows: Sequence[dict]) -> list[dict]:
-    return [{k: r[k] for k in CURVE_KEYS if k in r} for r in rows]
-
-
-def _phases(source: str | os.PathLike) -> list[dict]:
-    """The pretraining phases behind a model: a published base's ``PRETRAINING.json`` (its own earlier
-    phases, then itself) or a run's folder (``config.json`` and ``metrics.jsonl``, e.g. one packed by
-    ``bench/pretrain_budget.py`` on another machine)."""
-    source = Path(source)
-    if source.is_file() or (source / "PRETRAINING.json").is_file():
-        meta = json.loads((source if source.is_file() else source / "PRETRAINING.json").read_text())
-        return [*meta.get("earlier", []), {k: meta[k] for k in ("version", "command", "config", "steps", "curve")
-                                           if k in meta}]
-    config = json.loads((source / "config.json").read_text())
-    rows = read_metrics(source)
-    return [{"config": config, "steps": rows[-1]["step"] if rows else 0, "curve": _curve(rows)}]
-
-
-def publish(out_dir: str | os.PathLike, dest: str | os.PathLike, command: str,
-            earlier: Sequence[str | os.PathLike] = ()) -> Path:
-    """Copy a finished pretraining's model to ``dest`` (the embedded base folder committed to git)
-    with ``PRETRAINING.json``: its version, configuration, steps, perception figures, the command
-    that made it and, for a pretraining that continued another model (``init``), the ``earlier``
-    phases in order (see ``_phases``)."""
-    import shutil
-
-    out_dir, dest = Path(out_dir), Path(dest)
-    record = PretrainRecord.read(out_dir / "base.json")
-    rows = read_metrics(out_dir)
-    phases = [phase for source in earlier for phase in _phases(source)]
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(record.path, tmp)
-    atomic_write_json(tmp / "PRETRAINING.json", {
-        "version": record.version, "command": command, "config": record.config, "steps": record.steps,
-        "seconds": record.seconds, "perception": {k: v for k, v in record.perception.items()
-                                                  if not k.startswith("example") and k != "truth"},
-        "curve": _curve(rows), **({"earlier": phases} if phases else {})})
-    from model_code.common import replace_dir
-
-    replace_dir(tmp, dest)
-    return dest
-
-
 def _checkpoint_step(train_dir: Path) -> int:
     history = train_dir / "checkpoint" / "history.json"
     return len(json.loads(history.read_text())) if history.is_file() else 0
-
-
-def plot_perception(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """The perception metrics and the caption loss against the step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for k in ("caption_exact", "caption_object_f1", "edit_exact", "text_to_image_R@1"):
-        a1.plot(steps, [r[k] for r in rows], marker=".", label=k)
-    a1.set_ylim(0, 1)
-    a1.set_xlabel("step")
-    a1.legend(fontsize=7)
-    for k in ("cap", "edit", "info"):
-        a2.plot(steps, [r.get(k, float("nan")) for r in rows], marker=".", label=k)
-    a2.set_xlabel("step")
-    a2.set_ylabel("loss")
-    a2.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

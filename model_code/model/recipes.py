@@ -1,10 +1,12 @@
 """Whole training runs and their hyperparameters.
 
-- Profiles (:data:`PROFILES`): ``embedded`` (CPU, the tiny base), ``gpu`` (a Qwen2-VL-2B-class
-  checkpoint in bf16), ``smoke`` (a few steps of everything).
-- :func:`bootstrap_tiny`: build the tiny base model and pretrain all of it on a dataset's image
-  descriptions (a hook of the dataset: ``model_code.datasets``); :func:`register_checkpoint`: a
-  local checkpoint as the base.
+- Profiles (:data:`PROFILES`): ``embedded`` (the default: CPU, the pretrained base shipped in git,
+  fine-tuned in full), ``gpu`` (a Qwen2-VL-2B-class checkpoint in bf16, LoRA) and ``smoke`` (the
+  embedded recipe in a few small steps on a checkpoint given as the base: the test suite's).
+  A profile is frozen; :meth:`TrainingProfile.with_overrides` makes a changed copy, and a profile
+  travels as JSON (:meth:`TrainingProfile.save` / :meth:`TrainingProfile.load`).
+- The base: :func:`register_embedded` (the shipped base) or :func:`register_checkpoint` (a local
+  checkpoint folder).
 - :func:`train_cir_cot`: stage 1 (``align``) then stage 2 (``cot``) on the base, with LoRA or, where the
   profile says so (``lora=False``: the embedded base), every parameter.
 - ``python -m model_code.model.recipes``: the same outside Dagster, e.g. under ``accelerate launch``.
@@ -16,17 +18,16 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 import pydantic
 import torch
 
-from model_code.model.cir_cot import CirCoTModel
-from model_code.common import Record
+from model_code.common import Record, atomic_write_json
 from model_code.data.tables import image_paths
-from model_code.datasets import hooks
+from model_code.model.cir_cot import CirCoTModel
 from model_code.model.loss import rank
 from model_code.model.train import TrainConfig, TrainExample, evaluate_in_batch, plot_history, train
 
@@ -66,36 +67,30 @@ def pair_examples(triplets, images, root: str | os.PathLike, split: str = "train
     return out
 
 
-def description_examples(dataset: str, root: str | os.PathLike, split: str = "train",
-                         limit: int | None = None) -> list[TrainExample]:
-    """Bootstrap pairs: each image of ``split`` (text-only query: its description; target: the
-    image), from the dataset's ``image_descriptions`` hook (model_code.datasets)."""
-    describe = hooks(dataset).image_descriptions
-    if describe is None:
-        raise ValueError(f"dataset {dataset!r} has no image descriptions to pretrain the tiny base model on")
-    items = describe(root, split)[:limit]
-    return [TrainExample(image_id, None, text, path) for image_id, path, text in items]
-
-
 # ---------------------------------------------------------------------------------------------
 # profiles: the hyperparameters of a whole training run
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class BaseSpec:
-    """Where the base model comes from: ``tiny`` (built and bootstrapped here) or a local checkpoint."""
+    """Where the base model comes from and how it is loaded: the pretrained base shipped in git
+    (``embedded``) or a local checkpoint folder (``checkpoint``)."""
 
-    kind: Literal["tiny", "checkpoint", "embedded"] = "tiny"   # embedded: the pretrained base shipped in git
+    kind: Literal["embedded", "checkpoint"] = "embedded"
     checkpoint_path: str | None = None
     dtype: str = "auto"
     device: str | None = None
     attn_implementation: str | None = None
-    vocab_size: int = 1024                # tiny: the tokenizer trained on the corpus
-    bootstrap: TrainConfig | None = None  # tiny: the full-parameter pretraining pass
+
+    def __post_init__(self):
+        if self.kind not in ("embedded", "checkpoint"):
+            raise ValueError(f"base kind must be 'embedded' or 'checkpoint', not {self.kind!r}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainingProfile:
+    """The hyperparameters of a whole training run: the base, then the two stages."""
+
     base: BaseSpec
     align: TrainConfig
     cot: TrainConfig
@@ -104,13 +99,72 @@ class TrainingProfile:
     eval_batches: int = 4
     lora: bool = True             # False: every parameter of the base is fine-tuned (where that measures better)
 
-    def copy(self) -> TrainingProfile:
-        import copy
+    def __post_init__(self):
+        if (self.align.stage, self.cot.stage) != ("align", "cot"):
+            raise ValueError(f"a profile's stages are align then cot, not {self.align.stage}, {self.cot.stage}")
 
-        return copy.deepcopy(self)
+    def with_overrides(self, *, base: Mapping | None = None, align: Mapping | None = None,
+                       cot: Mapping | None = None, **fields) -> TrainingProfile:
+        """This profile with some values changed, e.g. ``with_overrides(align={"steps": 3}, lora=False)``:
+        a new profile, checked as any profile is (the one it came from is left as it was)."""
+        parts = {name: _replace(getattr(self, name), values, name)
+                 for name, values in (("base", base), ("align", align), ("cot", cot)) if values}
+        return _replace(self, {**fields, **parts}, "profile")
+
+    def with_settings(self, settings: Sequence[str]) -> TrainingProfile:
+        """:meth:`with_overrides` from ``[PART.]FIELD=VALUE`` strings (PART: base, align or cot; none:
+        the profile's own field), e.g. ``cot.lr=5e-4``, ``lora=false``; each value is read as the
+        type of the value it replaces."""
+        overrides: dict = {}
+        for item in settings:
+            key, sep, text = item.partition("=")
+            part, _, name = key.strip().rpartition(".")
+            if not sep or part not in ("", "base", "align", "cot"):
+                raise ValueError(f"{item!r}: give [base.|align.|cot.]FIELD=VALUE")
+            holder = getattr(self, part) if part else self
+            if name not in {f.name for f in dataclasses.fields(holder)}:
+                raise ValueError(f"{item!r}: {type(holder).__name__} has no field {name!r}")
+            value = _typed(text.strip(), getattr(holder, name), item)
+            (overrides.setdefault(part, {}) if part else overrides)[name] = value
+        return self.with_overrides(**overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> TrainingProfile:
+        return cls(**{**d, "base": BaseSpec(**d["base"]), "align": TrainConfig(**d["align"]),
+                      "cot": TrainConfig(**d["cot"])})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """The profile as JSON (what a launched training process is handed: ``--profile-json``)."""
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainingProfile:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _replace(obj, values: Mapping, where: str):
+    known = {f.name for f in dataclasses.fields(obj)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: no field {', '.join(unknown)} (fields: {', '.join(sorted(known))})")
+    return dataclasses.replace(obj, **values)
+
+
+def _typed(text: str, current, item: str):
+    """``text`` as a value of ``current``'s type (a string where ``current`` is None)."""
+    if isinstance(current, bool):
+        if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(f"{item!r}: {text!r} is not true or false")
+        return text.lower() in ("1", "true", "yes")
+    if current is None:
+        return None if text.lower() == "none" else text
+    try:
+        return type(current)(text)
+    except ValueError:
+        raise ValueError(f"{item!r}: {text!r} is not a {type(current).__name__}") from None
 
 
 PROFILES = {
@@ -119,7 +173,7 @@ PROFILES = {
     # down (lambda_info 0.1) so the chain's text is learned. Both stages and the evaluation in about
     # 9 minutes on 2 cores. Against the earlier LoRA recipe (r=16, lr 2e-3, 70 + 100 steps, lambda 1):
     # CIR-CoT R@10 0.456 -> 0.568, conclusions 3.2 % -> 7 % exact
-    # (bench/finetune_embedded.py; README, "Fine-tuning the pretrained base")
+    # (bench/finetune_embedded.py; docs/training.md, "Fine-tuning the pretrained base")
     "embedded": TrainingProfile(
         base=BaseSpec(kind="embedded"),
         lora=False,
@@ -140,35 +194,28 @@ PROFILES = {
         eval_batches=8,
     ),
 }
+# the test suite's: the embedded recipe in a few small steps, on the checkpoint given as the base
+# (CIRCOT_BASE_MODEL_PATH; the tests' micro model): the default recipe's code path in seconds
+PROFILES["smoke"] = PROFILES["embedded"].with_overrides(
+    base={"kind": "checkpoint"},
+    align={"steps": 3, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 2},
+    cot={"steps": 3, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 2},
+    eval_batches=1,
+)
 
 
 # ---------------------------------------------------------------------------------------------
-# whole runs: the tiny base model, and the two LoRA stages
-
-
-def tiny_corpus(triplets, annotations, descriptions: Sequence[TrainExample]) -> list[str]:
-    """The text a tiny tokenizer is trained on: modifications, chains of thought, scene
-    descriptions and the prompts."""
-    from model_code.chain import CoT
-    from model_code.model.cir_cot import PROMPTS
-
-    ok = annotations[annotations["status"] == "ok"] if annotations is not None else None
-    cots = (
-        []
-        if ok is None
-        else [CoT(c, r, k).render() for c, r, k in zip(ok["caption"], ok["reasoning"], ok["conclusion"])]
-    )
-    return list(triplets["modification"]) + cots + [d.text for d in descriptions] + list(PROMPTS.values()) * 50
+# whole runs: the base model, then the two stages
 
 
 class BaseModelRecord(Record):
     """What the ``base_model`` stage hands on: a checkpoint folder and its content version."""
 
     path: str
-    kind: Literal["tiny", "checkpoint", "embedded"]
+    kind: Literal["checkpoint", "embedded"]
     version: str
     parameters: dict = pydantic.Field(default_factory=dict)
-    training: dict | None = None   # tiny: steps, seconds, first / last history row, val, plot
+    training: dict | None = None   # embedded: what its pretraining recorded (steps, seconds, perception, command)
 
 
 class StageSummary(Record):
@@ -194,37 +241,6 @@ class TrainedModel(Record):
 
     def stage(self, name: str) -> StageSummary:
         return StageSummary.from_dict(self.stages[name])
-
-
-def bootstrap_tiny(dataset: str, root: str | os.PathLike, triplets, annotations, spec: BaseSpec,
-                   out_dir: str | os.PathLike, *, progress: Callable[[str], None] | None = None,
-                   eval_batches: int = 3) -> BaseModelRecord:
-    """Build the tiny base model (tokenizer trained on the corpus, random Qwen2-VL) and pretrain all
-    of it on ``dataset``'s images and their descriptions. Resumes an interrupted run; returns
-    the record of a finished one without training again."""
-    from model_code.backbone import build_random_backbone, checkpoint_version, save_backbone
-    from model_code.model.cir_cot import add_cir_tokens, parameter_counts
-
-    out_dir = Path(out_dir)
-    if (out_dir / "base.json").is_file():
-        return BaseModelRecord.read(out_dir / "base.json")
-    cfg = spec.bootstrap
-    train_ex, val_ex = description_examples(dataset, root, "train"), description_examples(dataset, root, "val")
-    torch.manual_seed(cfg.seed)
-    model, processor = build_random_backbone("tiny", tiny_corpus(triplets, annotations, train_ex),
-                                             vocab_size=spec.vocab_size, seed=cfg.seed)
-    add_cir_tokens(model, processor)
-    m = CirCoTModel(model, processor)
-    result = train(m, train_ex, cfg, out_dir / "bootstrap", progress=progress)
-    val = evaluate_in_batch(m, val_ex, cfg, eval_batches)
-    model_dir = save_backbone(model, processor, out_dir / "model")
-    record = BaseModelRecord(path=str(model_dir), kind="tiny", version=checkpoint_version(model_dir),
-                             parameters=parameter_counts(model),
-                             training={"steps": result.steps, "seconds": round(result.seconds, 1),
-                                       "first": result.history[0], "last": result.history[-1], "val": val,
-                                       "plot": str(result.plot) if result.plot else None})
-    record.write(out_dir / "base.json")
-    return record
 
 
 def register_checkpoint(path: str | os.PathLike) -> BaseModelRecord:
@@ -313,7 +329,7 @@ def _barrier() -> None:
 
 
 def plot_stages(histories: dict[str, list[dict]], path: str | os.PathLike) -> Path:
-    """Both LoRA stages on one time axis."""
+    """Both stages on one time axis."""
     offset, merged = 0, []
     for stage, history in histories.items():
         merged += [{**h, "step": h["step"] + offset} for h in history]
@@ -322,44 +338,19 @@ def plot_stages(histories: dict[str, list[dict]], path: str | os.PathLike) -> Pa
     merged = [{k: h.get(k, float("nan")) for k in keys} for h in merged]
     return plot_history(merged, path, title=" then ".join(histories))
 
-# a few steps of everything: checks the wiring end to end in seconds (tests, a new machine)
-PROFILES["smoke"] = TrainingProfile(
-    base=BaseSpec(kind="tiny", vocab_size=512, bootstrap=TrainConfig(stage="bootstrap", steps=3, batch_size=8,
-                                                                     warmup_steps=1, checkpoint_every=2)),
-    lora_r=4, lora_alpha=8,
-    align=TrainConfig(stage="align", steps=3, batch_size=8, warmup_steps=1, checkpoint_every=2),
-    cot=TrainConfig(stage="cot", steps=3, batch_size=4, warmup_steps=1, checkpoint_every=2),
-    eval_batches=1,
-)
 
-
-def _positive(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} steps: give at least 1")
-    return value
-
-
-def launch_command(tables: Sequence[str], annotations: Sequence[str], base: str, profile: str, out: str, *,
-                   processes: int = 1, align_steps: int | None = None, cot_steps: int | None = None,
-                   pipes: bool = True, python: str | None = None) -> list[str]:
+def launch_command(tables: Sequence[str], annotations: Sequence[str], base: str, profile_file: str, out: str, *,
+                   processes: int = 1, pipes: bool = True, python: str | None = None) -> list[str]:
     """The command line that trains in ``processes`` processes (torchrun; ``accelerate`` reads its
-    environment), e.g. launched by Dagster Pipes: what ``cir_cot_model`` runs outside its own process."""
+    environment), e.g. launched by Dagster Pipes: what ``cir_cot_model`` runs outside its own process.
+    ``profile_file``: the whole profile, overrides applied (:meth:`TrainingProfile.save`)."""
     import sys
 
     cmd = [python or sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(processes), "-m", "model_code.model.recipes", "--base", base, "--profile", profile, "--out", out]
+           str(processes), "-m", "model_code.model.recipes", "--base", base, "--profile-json", profile_file,
+           "--out", out]
     for t, a in zip(tables, annotations, strict=True):
         cmd += ["--tables", t, "--annotations", a]
-    if align_steps is not None:
-        cmd += ["--align-steps", str(align_steps)]
-    if cot_steps is not None:
-        cmd += ["--cot-steps", str(cot_steps)]
     return cmd + (["--pipes"] if pipes else [])
 
 
@@ -387,22 +378,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="a triplets folder written by the pipeline (triplets/images parquet, meta.json)")
     p.add_argument("--annotations", required=True, action="append",
                    help="an annotations.parquet written by the pipeline (one per --tables)")
-    p.add_argument("--base", required=True, help="the base model folder (a checkpoint, or the bootstrapped tiny model)")
-    p.add_argument("--profile", default="gpu", choices=sorted(PROFILES))
+    p.add_argument("--base", required=True, help="the base model folder (a checkpoint)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--profile", choices=sorted(PROFILES), help="a named profile (default: gpu)")
+    which.add_argument("--profile-json", metavar="FILE",
+                       help="a whole profile as JSON (what cir_cot_model hands the processes it launches)")
+    p.add_argument("--set", action="append", default=[], metavar="[PART.]FIELD=VALUE",
+                   help="change one value of the profile, e.g. --set align.steps=3 --set cot.lr=5e-4 (repeatable)")
     p.add_argument("--out", required=True)
-    p.add_argument("--align-steps", type=_positive, help="stage-1 steps (default: the profile's)")
-    p.add_argument("--cot-steps", type=_positive, help="stage-2 steps (default: the profile's)")
     p.add_argument("--pipes", action="store_true", help="report to the Dagster asset that launched this (Pipes)")
     args = p.parse_args(argv)
     if len(args.tables) != len(args.annotations):
         p.error("give one --annotations per --tables")
     _logging.basicConfig(level=_logging.INFO, format="%(asctime)s %(message)s")
 
-    profile = PROFILES[args.profile].copy()
-    if args.align_steps is not None:
-        profile.align.steps = args.align_steps
-    if args.cot_steps is not None:
-        profile.cot.steps = args.cot_steps
+    profile = TrainingProfile.load(args.profile_json) if args.profile_json else PROFILES[args.profile or "gpu"]
+    try:
+        profile = profile.with_settings(args.set)
+    except ValueError as e:
+        p.error(f"--set: {e}")
     train_pairs, val_pairs = [], []
     for tables, annotation_file in zip(args.tables, args.annotations):
         root = TablesRecord.load(tables).root

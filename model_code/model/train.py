@@ -1,21 +1,20 @@
-"""Training of the CIR-CoT model: one loop, three stages, on ``accelerate``.
+"""Training of the CIR-CoT model: one loop for every stage, on ``accelerate``.
 
     L = λ_txt · CE(answer tokens) + λ_info · InfoNCE(query <emb>, gallery <emb>)
 
-- ``bootstrap`` (the tiny base model only, all parameters): image-text alignment (a scene
-  description's ``<emb>`` against its image's gallery ``<emb>``) plus captioning on part of the batch.
-- ``pretrain`` (the embedded base, ``model_code/model/pretrain.py``): ``bootstrap``'s alignment and
-  captioning (captions inside ``<caption>`` tags, as the chain writes them) plus text-level edits (a
-  description and an edit -> ``<conclusion>`` the edited description), on scenes of its own.
-- ``align`` (stage 1, LoRA): the no-CoT query (reference + modification → ``<emb>``) against the target.
-- ``cot`` (stage 2, LoRA): the query with its teacher-forced chain of thought; CE on the CoT tokens
+A stage is a ``TrainConfig`` and its objective (``model_code/model/loss.py``: ``OBJECTIVES``):
+
+- ``pretrain`` (the embedded base, ``model_code/model/pretrain.py``): a scene description's ``<emb>``
+  against its image's gallery ``<emb>``, captioning (in ``<caption>`` tags, as the chain writes it)
+  and text-level edits (a description and an edit -> ``<conclusion>`` the edited description).
+- ``align`` (stage 1): the no-CoT query (reference + modification → ``<emb>``) against the target.
+- ``cot`` (stage 2): the query with its teacher-forced chain of thought; CE on the CoT tokens
   (and the closing ``<emb>``) plus InfoNCE.
 
-The losses are in ``model_code/model/loss.py``: InfoNCE is symmetric with in-batch negatives,
-gathered across processes (so ``accelerate launch`` on several GPUs sees the global batch), plus each
-query's hard negatives and the references as extra gallery candidates. Batches are drawn from a
-generator seeded by (seed, step), so a run is deterministic and a resumed run continues exactly
-where it stopped.
+InfoNCE is symmetric with in-batch negatives, gathered across processes (so ``accelerate launch`` on
+several GPUs sees the global batch), plus each query's hard negatives and the references as extra
+gallery candidates. Batches are drawn from a generator seeded by (seed, step), so a run is
+deterministic and a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -35,20 +34,21 @@ import numpy as np
 import torch
 
 from model_code.common import replace_dir, writing
-from model_code.model.cir_cot import CirCoTModel, compile_decoder_layers, unwrap
-from model_code.model.loss import answer_ce, image_keys, info_nce, joint_loss
+from model_code.model.cir_cot import CirCoTModel, compile_decoder_layers
+from model_code.model.loss import OBJECTIVES
 
 log = logging.getLogger(__name__)
 
 
-STAGES = ("bootstrap", "pretrain", "align", "cot")
+STAGES = tuple(OBJECTIVES)   # pretrain, align, cot
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters of one stage. (A dataclass, not pydantic: the GPU image has no pydantic.)"""
+    """Hyperparameters of one stage (frozen: ``dataclasses.replace`` makes a changed copy). A
+    dataclass, not pydantic: the GPU image has no pydantic."""
 
-    stage: Literal["bootstrap", "pretrain", "align", "cot"]
+    stage: Literal["pretrain", "align", "cot"]
     steps: int
     batch_size: int = 32                 # queries per process and micro-batch
     grad_accum: int = 1
@@ -61,13 +61,13 @@ class TrainConfig:
     lambda_info: float = 1.0
     hard_negatives: int = 1              # per query, from the benchmark's hard negatives
     reference_negatives: bool = True     # the references as extra gallery candidates
-    caption_fraction: float = 0.25       # bootstrap, pretrain: share of the batch also trained to caption
+    caption_fraction: float = 0.25       # pretrain: share of the batch also trained to caption
     edit_fraction: float = 0.0           # pretrain: share of the batch also trained on its text edit
     rehearse_fraction: float = 0.0       # cot: share of the batch also trained on its chain's two halves in the
                                          # base's pretraining prompts (caption the reference; the text edit of
                                          # that caption), so joining them in the chain does not unlearn them
-    identity_queries: bool = True        # bootstrap: also align each image's no-change query with its gallery <emb>
-    align_size: int = 0                  # bootstrap, pretrain: align only the batch's first N images (0: all),
+    identity_queries: bool = True        # pretrain: also align each image's no-change query with its gallery <emb>
+    align_size: int = 0                  # pretrain: align only the batch's first N images (0: all),
                                          # so a batch of many text edits does not process as many images
     seed: int = 0
     mixed_precision: Literal["no", "bf16"] = "no"
@@ -87,7 +87,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainExample:
-    """One training pair. ``reference`` None means a text-only query (bootstrap, pretrain);
+    """One training pair. ``reference`` None means a text-only query (pretrain);
     ``edit`` (pretrain) is a text edit of the description: (edit prompt text, answer)."""
 
     query_id: str
@@ -108,93 +108,16 @@ class TrainResult:
     plot: Path | None = None
 
 
-IDENTITY_REQUEST = "keep the image exactly as it is"
-
-
-def caption_answer(description: str) -> str:
-    """A caption as the chain of thought writes it (pretraining's captioning target)."""
-    return f"<caption>{description}</caption>"
-
-
-def edit_request(description: str, modification: str) -> str:
-    """The text of a text edit's prompt (``PROMPTS["edit"]``): a scene description and a modification."""
-    return f"Description: {description}\nModification: {modification}"
-
-
-def edit_answer(reasoning: str | None, conclusion: str) -> str:
-    """A text edit's answer as the chain writes its second half: reasoning (when given), then conclusion."""
-    head = f"<reasoning>{reasoning}</reasoning>\n" if reasoning is not None else ""
-    return f"{head}<conclusion>{conclusion}</conclusion>"
-
-
 class TrainStep(torch.nn.Module):
-    """Computes the losses of one micro-batch (the module ``accelerate`` wraps)."""
+    """The objective of ``cfg.stage`` on one micro-batch (the module ``accelerate`` wraps)."""
 
     def __init__(self, model: CirCoTModel, cfg: TrainConfig):
         super().__init__()
         self.cirmodel, self.cfg = model, cfg
+        self.objective = OBJECTIVES[cfg.stage]
 
     def forward(self, batch: Sequence[TrainExample], negatives: Sequence[Path]) -> dict[str, torch.Tensor]:
-        """The stage decides the inputs; the losses are model_code.model.loss's."""
-        m, cfg = self.cirmodel, self.cfg
-        pre = cfg.stage in ("bootstrap", "pretrain")
-        edit_batch, batch = batch, (batch[:cfg.align_size] if pre and cfg.align_size else batch)
-        if pre:
-            q_inputs = m.text_inputs([ex.text for ex in batch])
-        else:
-            cots = [ex.cot for ex in batch] if cfg.stage == "cot" else None
-            q_inputs = m.query_inputs([ex.reference for ex in batch], [ex.text for ex in batch], cots,
-                                      train_answer=cfg.stage == "cot")
-        q_hidden = m.hidden_states(q_inputs)
-        queries = m.emb(q_inputs, q_hidden)                                      # [B, H]
-        candidates = [ex.target for ex in batch] + list(negatives)
-        g_inputs = m.gallery_inputs(candidates)
-        gallery = m.emb(g_inputs, m.hidden_states(g_inputs))                     # [B + E, H]
-        keys = image_keys(candidates, gallery.device)
-        l_info, acc = info_nce(queries, gallery, len(batch), cfg.temperature, candidate_keys=keys)
-        out = {"info": l_info, "acc": acc}
-        if pre and cfg.identity_queries:
-            # the query prompt (image + request) and the gallery prompt share one space from the start
-            i_inputs = m.query_inputs([ex.target for ex in batch], [IDENTITY_REQUEST] * len(batch))
-            l_img, out["acc_image"] = info_nce(m.emb(i_inputs, m.hidden_states(i_inputs)), gallery, len(batch),
-                                               cfg.temperature, candidate_keys=keys)
-            out["info"] = l_info = (l_info + l_img) / 2
-        lm_head = unwrap(m.model).lm_head
-        if cfg.stage == "cot":
-            out["txt"] = answer_ce(q_hidden, q_inputs["labels"], lm_head)
-        elif pre and cfg.caption_fraction > 0:
-            k = max(1, int(len(batch) * cfg.caption_fraction))
-            wrap = caption_answer if cfg.stage == "pretrain" else str
-            c_inputs = m.encode([m.prompt("describe")] * k, [wrap(ex.text) for ex in batch[:k]],
-                                [ex.target for ex in batch[:k]], train_answer=True)
-            out["txt"] = out["cap"] = answer_ce(m.hidden_states(c_inputs), c_inputs["labels"], lm_head)
-        edits = [ex.edit for ex in edit_batch if ex.edit][:int(len(edit_batch) * cfg.edit_fraction)]
-        if cfg.stage == "cot" and cfg.rehearse_fraction > 0:
-            out["rehearse"] = self.rehearse(batch[:max(1, int(len(batch) * cfg.rehearse_fraction))], lm_head)
-            out["txt"] = out["txt"] + out["rehearse"]
-        if cfg.stage == "pretrain" and edits:
-            e_inputs = m.encode([m.prompt("edit", q, image=False) for q, _ in edits], [a for _, a in edits], None,
-                                train_answer=True)
-            out["edit"] = answer_ce(m.hidden_states(e_inputs), e_inputs["labels"], lm_head)
-            out["txt"] = out.get("txt", 0) + out["edit"]
-        out["loss"] = joint_loss(l_info, out.get("txt"), lambda_info=cfg.lambda_info, lambda_txt=cfg.lambda_txt)
-        return out
-
-    def rehearse(self, batch: Sequence[TrainExample], lm_head) -> torch.Tensor:
-        """Cross-entropy of the chains' two halves asked the way pretraining asked them: the
-        reference's caption (describe prompt, with the image) and, from that caption and the
-        modification, the reasoning and conclusion (edit prompt, text only); their mean."""
-        from model_code.chain import parse
-
-        m = self.cirmodel
-        cots = [parse(ex.cot) for ex in batch]
-        c_inputs = m.encode([m.prompt("describe")] * len(batch), [caption_answer(c.caption) for c in cots],
-                            [ex.reference for ex in batch], train_answer=True)
-        e_inputs = m.encode([m.prompt("edit", edit_request(c.caption, ex.text), image=False)
-                             for c, ex in zip(cots, batch)],
-                            [edit_answer(c.reasoning, c.conclusion) for c in cots], None, train_answer=True)
-        return (answer_ce(m.hidden_states(c_inputs), c_inputs["labels"], lm_head)
-                + answer_ce(m.hidden_states(e_inputs), e_inputs["labels"], lm_head)) / 2
+        return self.objective(self.cirmodel, batch, negatives, self.cfg)
 
 
 def sample_batch(examples: Sequence[TrainExample], cfg: TrainConfig, step: int, micro: int, rank: int,
@@ -213,7 +136,7 @@ def sample_batch(examples: Sequence[TrainExample], cfg: TrainConfig, step: int, 
         if pool and cfg.hard_negatives:
             picks = rng.choice(len(pool), size=min(cfg.hard_negatives, len(pool)), replace=False)
             negatives += [pool[i] for i in picks]
-    if cfg.reference_negatives and cfg.stage != "bootstrap":
+    if cfg.reference_negatives:
         negatives += [ex.reference for ex in batch if ex.reference is not None and ex.reference not in targets]
     return batch, list(dict.fromkeys(negatives))
 
@@ -270,6 +193,23 @@ def _accelerator(cfg: TrainConfig):
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
+def _prepare_model(model: CirCoTModel, cfg: TrainConfig) -> None:
+    """Gradient checkpointing and compiled layers as ``cfg`` asks; training mode."""
+    if cfg.gradient_checkpointing:
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.model, "enable_input_require_grads"):
+            model.model.enable_input_require_grads()
+    if cfg.compile_layers:
+        compile_decoder_layers(model.model)
+    model.model.train()
+
+
+def _progress_line(cfg: TrainConfig, totals: dict[str, float], done: int, rate: float) -> str:
+    txt = f", txt {totals['txt']:.4f}" if "txt" in totals else ""
+    return (f"{cfg.stage} step {done}/{cfg.steps}: loss {totals['loss']:.4f} (info {totals['info']:.4f}{txt}), "
+            f"in-batch acc {totals['acc']:.3f}, {1 / rate:.2f} s/step, ETA {(cfg.steps - done) / rate:.0f}s")
+
+
 def train(model: CirCoTModel, examples: Sequence[TrainExample], cfg: TrainConfig, out_dir: str | os.PathLike, *,
           progress: Callable[[str], None] | None = None, stop_after: int | None = None) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` optimizer steps, checkpointing to
@@ -283,13 +223,7 @@ def train(model: CirCoTModel, examples: Sequence[TrainExample], cfg: TrainConfig
     if not examples:
         raise ValueError(f"stage {cfg.stage}: no training examples")
     accelerator = _accelerator(cfg)
-    if cfg.gradient_checkpointing:
-        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model.model, "enable_input_require_grads"):
-            model.model.enable_input_require_grads()
-    if cfg.compile_layers:
-        compile_decoder_layers(model.model)
-    model.model.train()
+    _prepare_model(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
@@ -302,11 +236,9 @@ def train(model: CirCoTModel, examples: Sequence[TrainExample], cfg: TrainConfig
     wrapped, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
     rank, world = accelerator.process_index, accelerator.num_processes
 
-    t0 = time.monotonic()
-    last_log = t0
-    step = start
+    t0 = last_log = time.monotonic()
     for step in range(start, cfg.steps):
-        totals: dict[str, float] = {}
+        totals: dict[str, float] = {}     # the step's losses, averaged over its micro-batches
         for micro in range(cfg.grad_accum):
             batch, negatives = sample_batch(examples, cfg, step, micro, rank, world)
             sync = micro == cfg.grad_accum - 1
@@ -321,17 +253,12 @@ def train(model: CirCoTModel, examples: Sequence[TrainExample], cfg: TrainConfig
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append(
-            {"step": step + 1, "lr": scheduler.get_last_lr()[0], **{k: round(v, 6) for k, v in totals.items()}}
-        )
         done = step + 1
+        history.append({"step": done, "lr": scheduler.get_last_lr()[0], **{k: round(v, 6) for k, v in totals.items()}})
         now = time.monotonic()
         if done % cfg.log_every == 0 or done == cfg.steps or now - last_log > 30:
             last_log = now
-            rate = (done - start) / (now - t0)
-            say(f"{cfg.stage} step {done}/{cfg.steps}: loss {totals['loss']:.4f} (info {totals['info']:.4f}"
-                + (f", txt {totals['txt']:.4f}" if "txt" in totals else "")
-                + f"), in-batch acc {totals['acc']:.3f}, {1 / rate:.2f} s/step, ETA {(cfg.steps - done) / rate:.0f}s")
+            say(_progress_line(cfg, totals, done, (done - start) / (now - t0)))
         if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             _save_checkpoint(ckpt, step_module, optimizer, scheduler, done, history)
         if stop_after is not None and done >= stop_after:

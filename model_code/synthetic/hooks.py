@@ -1,6 +1,6 @@
-"""What cir-shapes lends generic code (``model_code.datasets``): full scene descriptions of its
-images, the pretraining corpus of the embedded base, the oracle annotator, and the correctness of a
-generated conclusion read back into objects."""
+"""What cir-shapes lends generic code (``model_code.datasets``): the pretraining corpus of the
+embedded base, the oracle annotator, and the correctness of a generated conclusion read back into
+objects."""
 
 from __future__ import annotations
 
@@ -10,17 +10,7 @@ from pathlib import Path
 
 from model_code.datasets import DatasetHooks, register
 from model_code.synthetic import pretraining, scenes
-from model_code.synthetic.oracle import OracleAnnotator, describe, object_match, scene_from_text
-
-
-def image_descriptions(root: str | os.PathLike, split: str = "train") -> list[tuple[str, Path, str]]:
-    """Each image of ``split`` with a description of its scene graph (wording seeded by the image id)."""
-    root = Path(root)
-    graphs = json.loads((root / "scene_graphs" / f"{split}.json").read_text())
-    paths = json.loads((root / "image_splits" / f"split.{split}.json").read_text())
-    return [(image_id, root / paths[image_id],
-             describe(scenes.scene_from_json(graph)))
-            for image_id, graph in graphs.items()]
+from model_code.synthetic.oracle import OracleAnnotator, object_match, scene_from_text
 
 
 def reasoning_correctness(root: str | os.PathLike, split: str, queries, reasoning: dict[str, dict]) -> dict[str, float]:
@@ -41,5 +31,5 @@ def reasoning_correctness(root: str | os.PathLike, split: str, queries, reasonin
     return {"conclusion_exact": exact / n, "conclusion_object_f1": sum(f1s) / n}
 
 
-register("synthetic", DatasetHooks(image_descriptions=image_descriptions, reasoning_correctness=reasoning_correctness,
-                                   pretraining=pretraining, annotator=OracleAnnotator))
+register("synthetic", DatasetHooks(reasoning_correctness=reasoning_correctness, pretraining=pretraining,
+                                   annotator=OracleAnnotator))

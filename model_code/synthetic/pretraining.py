@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from model_code.model.train import edit_request
+from model_code.model.cir_cot import edit_request
 from model_code.synthetic import scenes
 
 SCENE_SEED = "circot-pretrain"  # scenes are drawn from random.Random(f"{SCENE_SEED}/{seed}/{i}")
