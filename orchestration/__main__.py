@@ -1,13 +1,14 @@
 """The command line of the pipeline: ``circot`` (the console script the project installs), or
 equivalently ``python -m orchestration``.
 
-``circot run --dataset synthetic`` runs the pipeline in this process, recorded in
-the Dagster instance of ``$DAGSTER_HOME`` (so the runs show in ``dagster dev``), and prints what
-each run produced: the data job for the dataset partition (raw data, triplets, annotations), the
-training job (base model, CIR-CoT model), then the evaluation job (evaluation, promotion gate,
-promoted model), ending with the evaluation table.
+``circot run --dataset synthetic`` runs the pipeline in this process, recorded in the Dagster
+instance of ``$DAGSTER_HOME`` (so the runs show in ``dagster dev``), and prints what each run
+produced: the data job for the dataset partition (raw data, triplets, annotations), the training job
+(base model, CIR-CoT model), then the evaluation job (evaluation, promotion gate, promoted model),
+ending with the evaluation table.
 
-``circot models`` lists the promoted models in the BentoML store; ``circot rollback`` puts the previous production model back.
+``circot models`` lists the promoted models in the BentoML store; ``circot rollback`` puts the
+previous production model back.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """requirements.lock: the exact versions of the project's whole environment, generated from the
 dependencies pyproject.toml declares (all its extras included) by ``uv pip compile``.
 
-    make lock                     # python tools/lock.py: keep the locked versions that still fit pyproject.toml
-    make lock LOCK_ARGS=--upgrade # re-resolve every package to the newest version pyproject.toml allows
+    make lock                      # tools/lock.py compile: keep the locked versions that still fit pyproject.toml
+    make lock LOCK_ARGS=--upgrade  # re-resolve every package to the newest version pyproject.toml allows
     make lock LOCK_ARGS='-P transformers'   # upgrade one package
+    make install                   # tools/lock.py install -e '.[dev]': uv pip install -c requirements.lock ...
 
-uv resolves against the package indexes pip is configured with on this machine (``pip config list``:
+uv resolves and installs against the package indexes pip is configured with on this machine (``pip config list``:
 index-url, extra-index-url, find-links and constraint files), choosing among them as pip does, so the
 lock holds versions ``pip install`` can fetch here. The lock's first line records a digest of
 pyproject.toml's dependency lists; tests/test_packaging.py fails when they changed after the lock
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -46,6 +48,22 @@ def locked_digest(lock: Path = LOCK) -> str | None:
         if line.startswith(DIGEST_PREFIX):
             return line[len(DIGEST_PREFIX):].strip()
     return None
+
+
+def canonical(name: str) -> str:
+    """A distribution's name as package indexes compare them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def locked_versions(lock: Path = LOCK) -> dict[str, str]:
+    """``{canonical name: version}`` of every package the lock pins."""
+    pins = {}
+    for line in lock.read_text().splitlines():
+        requirement = line.split("#", 1)[0].split(";", 1)[0].strip()
+        if "==" in requirement:
+            name, version = requirement.split("==", 1)
+            pins[canonical(name.strip())] = version.strip()
+    return pins
 
 
 def parse_pip_config(listing: str) -> dict[str, list[str]]:
@@ -99,5 +117,20 @@ def compile_lock(extra_args: list[str], lock: Path = LOCK) -> None:
     lock.write_text("\n".join([DIGEST_PREFIX + dependency_digest(), *body]) + "\n")
 
 
+def install(args: list[str]) -> None:
+    """uv pip install into this interpreter's environment with the lock as constraints (``args``:
+    what to install, e.g. ``-e .[dev]``), byte-compiled as pip would: the tests import the stack in
+    many processes, and without .pyc files (or with PYTHONDONTWRITEBYTECODE set) each compiles it again."""
+    cmd = [sys.executable, "-m", "uv", "pip", "install", "--python", sys.executable, "--constraint", str(LOCK),
+           "--compile-bytecode", *pip_sources(), *args]
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in ("compile", "install"):
+        sys.exit("usage: python tools/lock.py compile [uv pip compile options] | install [uv pip install arguments]")
+    (compile_lock if argv[0] == "compile" else install)(argv[1:])
+
+
 if __name__ == "__main__":
-    compile_lock(sys.argv[1:])
+    main(sys.argv[1:])
