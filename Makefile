@@ -1,5 +1,6 @@
 # The two commands of the README: `make run` and `make test`. Both create .venv and install the
-# project (pinned by constraints.txt) when missing or when pyproject.toml/constraints.txt changed.
+# project with the versions of requirements.lock when missing or when pyproject.toml/requirements.lock
+# changed. `make lock` regenerates requirements.lock from pyproject.toml (tools/lock.py).
 # `make` alone (or `make help`) lists the documented targets: each `## ` comment documents the
 # target that follows it.
 
@@ -7,6 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.circot-installed
+LOCK := requirements.lock
 DATASET ?= synthetic
 
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
@@ -18,7 +20,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PRETRAIN_OUT ?= artifacts/pretrain/tiny84
 
-.PHONY: help run test install dagster-ui serve pretrain clean
+.PHONY: help run test install lock dagster-ui serve pretrain clean
 
 ## list the documented targets and what each does (this list)
 help:
@@ -28,19 +30,30 @@ help:
 	     {doc = ""}' $(firstword $(MAKEFILE_LIST))
 	@echo "Variables: DATASET (default synthetic), PYTHON (python3), PRETRAIN_OUT, PRETRAIN_ARGS."
 
-## create .venv (Python >= 3.11) and install the project pinned by constraints.txt (run and test do it too)
+## create .venv (Python >= 3.11) and install the project with the versions of requirements.lock (run and test do it too)
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# uv, at the version the lock pins: it installs the project (in parallel, from its cache: several
+# times faster than pip) and generates the lock
+$(BIN)/uv:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is required (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) uv
+
+# uv pip install -c requirements.lock -e '.[dev]', from the package indexes pip is configured with
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/uv
+	$(BIN)/python tools/lock.py install -e '.[dev]'
 	touch $(STAMP)
+
+## regenerate requirements.lock from pyproject.toml, keeping the locked versions that still fit
+## (LOCK_ARGS=--upgrade: the newest versions pyproject.toml allows; LOCK_ARGS='-P NAME': one package)
+lock: | $(BIN)/uv
+	$(BIN)/python tools/lock.py compile $(LOCK_ARGS)
 
 ## run the pipeline end to end on a dataset partition (default: the embedded synthetic benchmark)
 run: $(STAMP)
 	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/python -m orchestration run --dataset $(DATASET)
+	$(BIN)/circot run --dataset $(DATASET)
 
 ## the linter (ruff, configured in pyproject.toml), then the test suite
 test: $(STAMP)

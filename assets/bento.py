@@ -1,7 +1,7 @@
 """bento[d]: the service packaged as a Bento with the dataset's production model (docs/architecture.md §3, §8).
 
 Built through BentoML's API from ``bentofile.yaml`` (the service, its code, requirements pinned as
-in constraints.txt), with the production model of ``d`` added by tag; the Bento is tagged
+in requirements.lock), with the production model of ``d`` added by tag; the Bento is tagged
 ``circot:<model version>`` and labelled with its dataset (serve it with
 ``CIRCOT_SERVE_DATASET=<d>``). ``bentoml containerize`` turns it into an image (docs/serving.md).
 """

@@ -1,6 +1,6 @@
 """Load test of the service on loopback with Locust: throughput and latency at 1, 8 and 32 clients.
 
-    .venv/bin/pip install -c constraints.txt -e '.[bench]'
+    .venv/bin/python tools/lock.py install -e '.[bench]'   # uv pip install -c requirements.lock
     BENTOML_HOME=$PWD/.bentoml .venv/bin/python bench/load_service.py \
         --image data/raw/synthetic/images/test/test_000000.png
     .venv/bin/python bench/load_service.py --image ... --model artifacts/cir_cot_model/runs/<key>/model

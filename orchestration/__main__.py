@@ -1,13 +1,14 @@
-"""The command line of the pipeline.
+"""The command line of the pipeline: ``circot`` (the console script the project installs), or
+equivalently ``python -m orchestration``.
 
-``python -m orchestration run --dataset synthetic`` runs the pipeline in this process, recorded in
-the Dagster instance of ``$DAGSTER_HOME`` (so the runs show in ``dagster dev``), and prints what
-each run produced: the data job for the dataset partition (raw data, triplets, annotations), the
-training job (base model, CIR-CoT model), then the evaluation job (evaluation, promotion gate,
-promoted model), ending with the evaluation table.
+``circot run --dataset synthetic`` runs the pipeline in this process, recorded in the Dagster
+instance of ``$DAGSTER_HOME`` (so the runs show in ``dagster dev``), and prints what each run
+produced: the data job for the dataset partition (raw data, triplets, annotations), the training job
+(base model, CIR-CoT model), then the evaluation job (evaluation, promotion gate, promoted model),
+ending with the evaluation table.
 
-``python -m orchestration models`` lists the promoted models in the BentoML store;
-``python -m orchestration rollback`` puts the previous production model back.
+``circot models`` lists the promoted models in the BentoML store; ``circot rollback`` puts the
+previous production model back.
 """
 
 from __future__ import annotations
@@ -175,8 +176,8 @@ def project_homes() -> None:
         os.environ["DAGSTER_HOME"] = str(home)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m orchestration")
+def main(argv: list[str] | None = None, prog: str = "circot") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="The CIR-CoT pipeline: run it, list its models, roll one back.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="materialise the data pipeline for one dataset partition, then train")
     r.add_argument("--dataset", default="synthetic", choices=list(BENCHMARKS))
@@ -200,4 +201,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m orchestration"))

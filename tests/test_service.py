@@ -260,12 +260,3 @@ def test_the_page_answers_a_query_with_reasoning_and_thumbnails(server, served, 
     with Image.open(shot) as im:   # a whole picture of a page, not a blank one
         colors = im.getcolors(1 << 20)          # None: more than a million colours
         assert im.width == 1280 and (colors is None or len(colors) > 50)
-
-
-def test_the_services_requirements_are_pinned_as_in_constraints():
-    pins = dict(line.strip().split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
-    pins = {k.lower(): v for k, v in pins.items()}
-    needed = [line.strip() for line in (REPO / "serving" / "requirements.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
-    assert needed and all(pins[name.lower()] == version for name, version in (n.split("==") for n in needed))
