@@ -15,6 +15,13 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from model_code.common import file_md5
+
+# torch, transformers: imported where used (slow to import; the annotation teachers load this module, and
+# checkpoint_version and the shapes need neither)
+
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>", "<|video_pad|>")
 
@@ -67,7 +74,6 @@ SHAPES = {
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 2048, extra_special_tokens: Iterable[str] = ()):
     """A byte-level BPE tokenizer trained on ``corpus``, with Qwen's chat and vision tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     special = list(QWEN_SPECIAL_TOKENS) + [t for t in extra_special_tokens if t not in QWEN_SPECIAL_TOKENS]
@@ -149,8 +155,6 @@ def save_backbone(model, processor, path: str | os.PathLike) -> Path:
 def checkpoint_version(path: str | os.PathLike) -> str:
     """A checkpoint folder's version: md5 over its config and its weights' bytes (never its path),
     so the same weights anywhere have the same version."""
-    from model_code.common import file_md5
-
     path = Path(path)
     config = path / "config.json"
     if not config.is_file():

@@ -13,6 +13,8 @@ import importlib
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
+from model_code.datasets import hooks as dataset_hooks
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkSpec:
@@ -41,9 +43,7 @@ class BenchmarkSpec:
     @property
     def hooks(self):
         """What the benchmark lends generic code (``model_code.datasets.DatasetHooks``)."""
-        from model_code.datasets import hooks
-
-        return hooks(self.name)
+        return dataset_hooks(self.name)
 
 
 def _frozen(**floors: float) -> Mapping[str, float]:

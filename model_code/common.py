@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -60,8 +62,6 @@ def writing(path: str | os.PathLike, *temporaries: str | os.PathLike) -> Iterato
     the disk holding ``path`` is (nearly) full, raise :class:`DiskFullError` naming the path and the
     free space instead of the writer's own message (torch's zip writer says "enforce fail at
     inline_container.cc"; safetensors and pyarrow have theirs)."""
-    import errno
-
     try:
         yield
     except BaseException as e:
@@ -95,8 +95,6 @@ def replace_dir(built: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Put the finished folder ``built`` at ``path``, replacing what was there. The old folder is
     moved aside under a name of this call's own and removed last, so a crash leaves the old or the
     new one, never neither, and nothing but the old folder is ever removed."""
-    import uuid
-
     built, path = Path(built), Path(path)
     old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     if path.exists():

@@ -28,6 +28,12 @@ import os
 import shutil
 from pathlib import Path
 
+from model_code.common import atomic_path
+from model_code.model_card import CARD_NAME
+
+# bentoml, model_code.model.cir_cot (torch): imported where used (slow to import; the command line, the
+# Dagster assets and the service load this module)
+
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "cir-cot"
@@ -260,9 +266,6 @@ def _copy_card(model_dir: Path, entry: Path) -> None:
     """The model card (``README.md``, rewritten after each evaluation of the model) into a stored entry
     that already holds the model, so the entry's card lists every evaluation and verdict known. The
     card is outside the model's file manifest: this never makes an entry look damaged."""
-    from model_code.common import atomic_path
-    from model_code.model_card import CARD_NAME
-
     card = model_dir / CARD_NAME
     if card.is_file() and (entry / "model").is_dir():
         with atomic_path(entry / "model" / CARD_NAME) as tmp:

@@ -14,7 +14,10 @@ import os
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from model_code.chain import is_blank
+from model_code.index import GalleryIndexError
 
 MODES = ("cot", "no_cot")
 MAX_TEXT_CHARS = 1000
@@ -52,8 +55,6 @@ def open_image(data: bytes | str | os.PathLike, *, max_bytes: int = MAX_IMAGE_BY
                max_pixels: int = MAX_IMAGE_PIXELS):
     """The uploaded reference image as RGB, or a QueryError: 413 over the size limits, 400 for
     what is not a whole image."""
-    from PIL import Image
-
     if not isinstance(data, bytes):
         data = Path(data).read_bytes()
     if len(data) > max_bytes:
@@ -89,8 +90,6 @@ def infer(model, images, texts, mode: str = "cot", *, max_new_tokens: int = 256)
 
 def search(index, model_version: str, embeddings, k: int, *, exclude: set[str] | None = None):
     """The top-k (ids, scores) of each query embedding in the index built for ``model_version``."""
-    from model_code.index import GalleryIndexError
-
     try:
         return index.search(embeddings, k, model_version=model_version, exclude=[exclude] if exclude else None)
     except GalleryIndexError as e:

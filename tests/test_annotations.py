@@ -1,6 +1,8 @@
 """The annotation store survives a crash and resumes; the annotation gate catches planted defects."""
 
 import dataclasses
+import os
+import time
 
 import pandas as pd
 import pytest
@@ -11,6 +13,8 @@ from model_code.annotation.judge import judge
 from model_code.synthetic.oracle import OracleAnnotator
 from model_code.data import read_dataset
 from model_code.annotation.quality import LengthBounds, validate_annotations
+from model_code.synthetic.generate import SyntheticParams, generate
+from tests.conftest import TINY_PARAMS
 
 
 @pytest.fixture
@@ -58,9 +62,6 @@ def test_resume_after_a_crash_annotates_only_what_is_missing(tmp_path, tiny_synt
 
     # a half-written part is ignored; one left by a crash long ago is cleaned up, a fresh one (a live
     # writer's, in another process) is left alone
-    import os
-    import time
-
     crashed, live = tmp_path / "store" / ".part-1.parquet.tmp", tmp_path / "store" / ".part-2.parquet.tmp"
     crashed.write_bytes(b"PAR1 garbage")
     live.write_bytes(b"PAR1 garbage")
@@ -171,9 +172,6 @@ def test_a_regenerated_dataset_is_annotated_again_not_served_stale_chains(tmp_pa
     """Query ids are positional: after the data changes (another seed here) the same ids name other
     scenes. Annotations are keyed by content, so every changed query is annotated again and the
     chains describe the new scenes (regression test: they were keyed by query id and reused)."""
-    from model_code.synthetic.generate import SyntheticParams, generate
-    from tests.conftest import TINY_PARAMS
-
     root = tmp_path / "cir-shapes"
     store = AnnotationStore(tmp_path / "store")
 

@@ -4,15 +4,19 @@ against a real OpenAI-compatible HTTP server on loopback."""
 import base64
 import json
 import re
+import socket
 import threading
 import time
+from dataclasses import replace
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from model_code.backbone import build_random_backbone, save_backbone
 from model_code.synthetic import generate
 from model_code.annotation.store import annotation_requests
 from model_code.annotation.teachers import (
@@ -101,8 +105,6 @@ def test_teacher_prompt_shows_both_images_and_forbids_mentioning_the_target():
 
 @pytest.fixture(scope="module")
 def tiny_teacher_path(tmp_path_factory):
-    from model_code.backbone import build_random_backbone, save_backbone
-
     corpus = ["make the red circle blue", "a small green star in the top left corner"] * 50
     model, processor = build_random_backbone("tiny", corpus, vocab_size=400)
     return save_backbone(model, processor, tmp_path_factory.mktemp("teacher") / "tiny-qwen2-vl")
@@ -192,8 +194,6 @@ def chat_server():
 
 
 def _tagged(requests_, tags):
-    from dataclasses import replace
-
     return [replace(r, modification=f"[{t}] {r.modification}") for r, t in zip(requests_, tags)]
 
 
@@ -240,8 +240,6 @@ def test_remote_teacher_without_a_key_sends_no_authorization(chat_server, reques
 
 def _complete(teacher: RemoteTeacher, request) -> tuple[str | TeacherRequestError, list[float]]:
     """One request through ``teacher.complete``: its answer (or error) and the waits between attempts."""
-    import httpx
-
     waits: list[float] = []
     teacher.sleep = waits.append  # record the waits instead of sleeping them
     with httpx.Client() as client:
@@ -273,8 +271,6 @@ def test_remote_teacher_backs_off_exponentially_with_jitter_then_gives_up_with_t
 
 
 def test_remote_teacher_fails_at_once_on_other_statuses_and_retries_connection_errors(chat_server, requests_):
-    import socket
-
     teacher = RemoteTeacher(f"http://127.0.0.1:{chat_server.server_address[1]}/v1", "m", max_retries=3, backoff_s=0.01)
     error, waits = _complete(teacher, _tagged(requests_, ["bad1"])[0])
     assert str(error).endswith("HTTP 400: {\"error\": \"bad request\"}") and "gave up" not in str(error)

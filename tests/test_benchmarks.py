@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from model_code.benchmarks import BENCHMARKS, UnknownBenchmarkError, benchmark, names
+from model_code.data import DATASETS, HIDDEN_SPLITS, SPLITS
+from model_code.evaluation.metrics import reference_exclusions
+
+# model_code.evaluation.evaluate (torch): imported where used (slow to import; the other tests here need none of it)
 
 
 @pytest.mark.parametrize("name", list(BENCHMARKS))
@@ -34,9 +39,6 @@ def test_specs_are_read_only():
 
 
 def test_views_follow_the_specs():
-    from model_code.data import DATASETS, HIDDEN_SPLITS, SPLITS
-    from model_code.evaluation.metrics import reference_exclusions
-
     assert DATASETS == names() and names(lambda s: s.trains) == ("synthetic",)
     assert SPLITS["circo"] == ("val", "test") and ("cirr", "test1") in HIDDEN_SPLITS
     assert reference_exclusions("cirr", ["a"]) == [{"a"}] and reference_exclusions("circo", ["a"]) is None
@@ -44,8 +46,6 @@ def test_views_follow_the_specs():
 
 def test_headline_per_query_averages_to_the_headline():
     """The per-query headline (the gate's paired test) is the same computation as the headline."""
-    import pandas as pd
-
     from model_code.evaluation.evaluate import Group, headline_per_query, score
 
     queries = pd.DataFrame({"query_id": ["q1", "q2", "q3"], "target_ids": [["a"], ["b"], ["c"]],

@@ -5,7 +5,9 @@ import string
 
 import pytest
 
-from model_code.chain import MAX_SECTION_CHARS, CoT, CoTFormatError, parse, repair
+from model_code.annotation.judge import judge
+from model_code.chain import (MAX_SECTION_CHARS, CoT, CoTFormatError, is_blank, normalised_text, parse, repair,
+                              word_count)
 
 OK = "<caption>a red circle</caption>\n<reasoning>make it blue</reasoning>\n<conclusion>a blue circle</conclusion>"
 
@@ -137,9 +139,6 @@ def test_repair_leaves_good_text_alone_and_refuses_hopeless_text():
 
 
 def test_one_notion_of_empty_and_of_repeats_for_every_script():
-    from model_code.chain import is_blank, normalised_text, word_count
-    from model_code.annotation.judge import judge
-
     # nothing but spaces of any script and format characters (zero-width, BOM, bidi marks) is empty
     for blank in ("", " \t\n", "\u200b\u200c\u200d\u2060\ufeff", "\u00ad\u200e\u200f\u202a", "\u3000\u00a0", None):
         assert is_blank(blank)

@@ -4,18 +4,28 @@ BentoML model store (promotion, idempotence, rollback)."""
 import json
 import pathlib
 import random
+import shutil
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
+from model_code import registry
+from model_code.backbone import load_backbone
 from model_code.synthetic import scenes
-from model_code.data import read_dataset
-from model_code.evaluation.evaluate import evaluate, Evaluation, Group, score
+from model_code.data import Benchmark, read_dataset
+from model_code.evaluation.evaluate import evaluate, Evaluation, Group, headline_per_query, score
 from model_code.evaluation.report import markdown_table, submissions, write_report
-from model_code.evaluation.gate import GateConfig, gate
+from model_code.evaluation.gate import GateConfig, gate, paired_bootstrap
+from model_code.model.cir_cot import CirCoTModel, ModelFolderError, apply_lora
+from model_code.registry import lineage
 from model_code.synthetic.oracle import describe, scene_from_text
+from orchestration.__main__ import main
 from tests._png import drawn, pixels
+
+# bentoml: imported where used (slow to import; only the model-store tests need it)
 
 
 def _group(rows: list[dict], gallery: list[str], name: str = "") -> Group:
@@ -83,9 +93,6 @@ def test_a_conclusion_is_read_back_into_the_objects_it_states():
 
 @pytest.fixture(scope="module")
 def micro_model(micro_base):
-    from model_code.backbone import load_backbone
-    from model_code.model.cir_cot import CirCoTModel, apply_lora
-
     torch.manual_seed(0)
     model, processor = load_backbone(micro_base, device="cpu")
     m = CirCoTModel(apply_lora(model, processor, r=4, alpha=8), processor, base_path=str(micro_base))
@@ -184,10 +191,6 @@ def test_circo_submission_maps_query_ids_back_to_the_annotation_ids():
 
 def test_the_evaluation_of_a_cirr_split_gives_subset_rankings_from_the_full_order(micro_model, tmp_path):
     """The subset's top 3 come from the whole ranking, not from the top 50."""
-    from PIL import Image
-
-    from model_code.data import Benchmark
-
     root = tmp_path / "cirr"
     (root / "img").mkdir(parents=True)
     ids = [f"i{k}" for k in range(60)]
@@ -221,10 +224,6 @@ def test_the_evaluation_of_a_cirr_split_gives_subset_rankings_from_the_full_orde
 
 
 def test_fashioniq_is_evaluated_per_category_against_its_own_gallery(micro_model, tmp_path):
-    from PIL import Image
-
-    from model_code.data import Benchmark
-
     root = tmp_path / "fiq"
     (root / "images").mkdir(parents=True)
     rows, images = [], []
@@ -252,8 +251,6 @@ def test_fashioniq_is_evaluated_per_category_against_its_own_gallery(micro_model
 def test_a_changed_gallery_is_embedded_again_and_an_unsaved_model_is_not_cached(micro_model, synthetic_copy, tmp_path):
     """Regression test: the cache was keyed by model version and split only, so a changed gallery
     of the same length reused the old embeddings, and every unsaved model shared one cache."""
-    import shutil
-
     bench = read_dataset("synthetic", synthetic_copy)
     cache = tmp_path / "cache"
     kwargs = {"methods": ["image_only", "no_cot"], "batch_size": 8, "cache_dir": cache, "say": lambda s: None}
@@ -329,8 +326,6 @@ def _per_query(cot_hits: int, no_cot_hits: int, n: int = 400) -> tuple[dict, dic
 def test_paired_test_by_category_reads_the_headline_statistic():
     """FashionIQ's headline averages its categories: the paired test does too (regression test: it
     pooled every query, so the larger category outweighed the smaller)."""
-    from model_code.evaluation.gate import paired_bootstrap
-
     a = [1.0] * 10 + [0.0] * 90          # cot: every query of the small category right
     b = [0.0] * 100                      # no_cot: none
     strata = ["shirt"] * 10 + ["dress"] * 90
@@ -357,8 +352,6 @@ def test_gate_compares_cot_with_no_cot_query_by_query():
     assert not gate(*_per_query(198, 200)[:1], "R@10", GateConfig()).passed
     assert not gate(metrics, "R@10", GateConfig(cot_confidence=None), per_query=per_query).passed
     # the per-query scores average to the headline: evaluation's headline_per_query
-    from model_code.evaluation.evaluate import headline_per_query
-
     g = _group([{"reference_id": "r", "target_ids": ["a"]}, {"reference_id": "r", "target_ids": ["z"]}], ["a"])
     assert headline_per_query("synthetic", [(g, {"m": [["a"], ["a"]]})], "m") == {"0": 1.0, "1": 0.0}
 
@@ -370,8 +363,6 @@ def test_gate_compares_cot_with_no_cot_query_by_query():
 def store():
     """The session's BENTOML_HOME (a temporary folder), emptied of cir-cot models."""
     import bentoml
-
-    from model_code import registry
 
     for entry in registry.list_models():
         bentoml.models.delete(entry["tag"])
@@ -413,8 +404,6 @@ def test_promotion_is_idempotent_archives_the_previous_model_and_rolls_back(stor
     assert _stages(store) == {ver_a: "archived", ver_b: "production"}
 
     # the stored entry is self-contained: it loads (with its copied base) and embeds like the original
-    from model_code.model.cir_cot import CirCoTModel
-
     image = next((tiny_synthetic / "images" / "test").glob("*.png"))
     stored = store.load_promoted(dataset="synthetic", device="cpu")
     assert stored.version == ver_b
@@ -437,10 +426,6 @@ def test_promotion_is_idempotent_archives_the_previous_model_and_rolls_back(stor
 
 
 def test_the_store_verifies_content_and_a_damaged_entry_is_reported_and_repaired(store, saved_models, tmp_path):
-    import shutil
-
-    from model_code.model.cir_cot import ModelFolderError
-
     (path_a, ver_a), (path_b, ver_b) = saved_models["A"], saved_models["B"]
     labels = {"model_version": "x"}
     # a folder whose weights were truncated after saving is refused before any label changes
@@ -508,8 +493,6 @@ def test_production_is_per_dataset(store, saved_models):
 def test_saving_a_loaded_model_again_keeps_its_version_and_files(store, saved_models, tmp_path):
     """The version depends on content only (regression test: it hashed the base model's absolute
     path, and a model loaded from the store saved again pointed at a relative '../base')."""
-    from model_code.model.cir_cot import CirCoTModel
-
     path_a, ver_a = saved_models["A"]
     again = CirCoTModel.load(path_a, device="cpu")
     assert again.save(tmp_path / "again") == ver_a
@@ -525,8 +508,6 @@ def test_saving_a_loaded_model_again_keeps_its_version_and_files(store, saved_mo
     assert (pathlib.Path(meta["base_model"]) / "config.json").is_file()
     assert CirCoTModel.load(tmp_path / "from-store", device="cpu").version == ver_a
     # the same weights under another path: the same version
-    import shutil
-
     moved_base = tmp_path / "elsewhere" / "base"
     shutil.copytree(json.loads((path_a / "circot.json").read_text())["base_model"], moved_base)
     meta = json.loads((path_a / "circot.json").read_text())
@@ -537,8 +518,6 @@ def test_saving_a_loaded_model_again_keeps_its_version_and_files(store, saved_mo
 
 
 def test_rollback_without_a_previous_model_says_so(store, capsys):
-    from orchestration.__main__ import main
-
     with pytest.raises(LookupError, match="no archived"):
         store.rollback("synthetic")
     assert main(["rollback"]) == 1 and "no archived cir-cot model" in capsys.readouterr().out
@@ -546,8 +525,6 @@ def test_rollback_without_a_previous_model_says_so(store, capsys):
 
 
 def test_the_command_line_lists_models_and_rolls_back(store, saved_models, capsys):
-    from orchestration.__main__ import main
-
     (path_a, ver_a), (path_b, ver_b) = saved_models["A"], saved_models["B"]
     labels = {"evaluated_on_synthetic": "synthetic/test"}
     store.promote(path_a, version=ver_a, dataset="synthetic", labels={**labels, "headline_synthetic": "R@10=0.4"})
@@ -562,10 +539,6 @@ def test_the_command_line_lists_models_and_rolls_back(store, saved_models, capsy
 
 
 def test_lineage_labels_name_the_model_its_data_and_its_headline():
-    from types import SimpleNamespace
-
-    from model_code.registry import lineage
-
     trained = SimpleNamespace(version="m1", base_version="b1", stages={"cot": {}},
                               data={"synthetic": {"raw": "d1", "annotations": "a1", "teacher": "oracle",
                                                   "prompt_version": "oracle-v2"}})

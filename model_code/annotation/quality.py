@@ -15,6 +15,8 @@ from model_code.chain import normalised_text as norm
 from model_code.data import nulls_as_none
 from model_code.data.quality import Frame, QualityReport, run_suite
 
+# great_expectations: imported where used (slow to import; the Dagster definitions load this module)
+
 
 @dataclasses.dataclass(frozen=True)
 class LengthBounds:

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pydantic
 
 from model_code.annotation.judge import Annotation, AnnotationRequest, Annotator
@@ -41,8 +43,6 @@ KEY = ["content_key", "teacher", "prompt_version"]
 
 
 def _schema():
-    import pyarrow as pa
-
     return pa.schema([(c, pa.string()) for c in ANNOTATION_COLUMNS])
 
 
@@ -75,8 +75,6 @@ class AnnotationStore:
 
     def _publish(self, table, name: str) -> Path:
         """Write ``table`` as the part ``name``, never replacing an existing file."""
-        import pyarrow.parquet as pq
-
         path = self.root / name
         tmp = self.root / f".{name}.tmp"
         pq.write_table(table, tmp)
@@ -92,8 +90,6 @@ class AnnotationStore:
         return f"part-{stamp:020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
 
     def append(self, rows: Sequence[Annotation]) -> Path | None:
-        import pyarrow as pa
-
         if not rows:
             return None
         if any(not r.content_key for r in rows):
@@ -103,8 +99,6 @@ class AnnotationStore:
 
     def _read_parts(self) -> tuple[list[Path], list[pd.DataFrame]]:
         """The readable parts and their rows; unreadable ones are quarantined."""
-        import pyarrow.parquet as pq
-
         read, frames = [], []
         for part in self.parts():
             try:
@@ -161,8 +155,6 @@ class AnnotationStore:
         """Rewrite the parts as one (the latest row per key); safe to interrupt, and to run beside
         writers: the new part sorts right after the newest part it read, and only the parts it read
         are removed."""
-        import pyarrow as pa
-
         parts, frames = self._read_parts()
         if len(parts) < 2:
             return
@@ -178,9 +170,6 @@ class AnnotationStore:
 
 def write_annotations(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     """One Parquet file of annotation rows (atomically replaced)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = Path(path)
     with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pandas(table[ANNOTATION_COLUMNS], schema=_schema(), preserve_index=False), tmp)

@@ -23,9 +23,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import tenacity
+from PIL import Image
 
 from model_code.annotation.judge import Annotation, AnnotationRequest, judge
+from model_code.backbone import load_backbone
+
+# torch: imported where used (slow to import; the Dagster resources load this module to build a teacher)
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +72,6 @@ def teacher_messages(modification: str) -> list[dict]:
 
 
 def _open_rgb(path: Path):
-    from PIL import Image
-
     with Image.open(path) as im:
         return im.convert("RGB")
 
@@ -110,8 +113,6 @@ class LocalTeacher:
         import torch
 
         if self.model is None:
-            from model_code.backbone import load_backbone
-
             self.model, self.processor = load_backbone(self.model_path, **self._load_args)
         tok = self.processor.tokenizer
         tok.padding_side = "left"
@@ -169,8 +170,6 @@ def retry_after_s(value: str | None) -> float | None:
 
 def image_data_url(path: Path, max_side: int | None = None) -> str:
     """The image as a base64 ``data:`` URL (PNG stays PNG, anything else becomes JPEG)."""
-    from PIL import Image
-
     with Image.open(path) as im:
         if max_side and max(im.size) > max_side:
             im.thumbnail((max_side, max_side))
@@ -227,8 +226,6 @@ class RemoteTeacher:
     def complete(self, r: AnnotationRequest, client) -> str:
         """The teacher's answer to one request, retried as the class says; a TeacherRequestError
         at once on another status or a malformed answer, and after the last attempt."""
-        import httpx
-
         body = self.payload(r)
         url = f"{self.base_url}/chat/completions"
 
@@ -262,8 +259,6 @@ class RemoteTeacher:
                                       f"last: {last.exception()}") from None
 
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation | None]:
-        import httpx
-
         def one(r: AnnotationRequest) -> Annotation | None:
             try:
                 raw = self.complete(r, client)

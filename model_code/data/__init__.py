@@ -3,7 +3,7 @@
 ``model_code.data`` re-exports the tables' and readers' public names (``read_benchmark``,
 ``read_dataset``, ``read_tables``, ``write_tables``, ``Benchmark``, ``DataError``, ...); the Great
 Expectations suites are in ``model_code.data.quality`` and DVC in ``model_code.data.versioning``
-(both imported on use: they are slow to import).
+(imported from those modules; not re-exported here).
 """
 
 from model_code.data.readers import annotation_files, available_splits, read_benchmark, read_dataset

@@ -20,9 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 
 from model_code.chain import is_blank, visible_pattern
 from model_code.data import HIDDEN_SPLITS, LIST_COLUMNS, SPLITS, nulls_as_none
+
+# great_expectations: imported where used (slow to import; the Dagster definitions load this module)
 
 MAX_EXAMPLES = 5
 IMAGE_SIDE_BOUNDS = (16, 8192)
@@ -227,8 +230,6 @@ def validate_triplets(triplets: pd.DataFrame, images: pd.DataFrame) -> QualityRe
 
 def probe_image(path: str | os.PathLike) -> tuple[str, int | None, int | None]:
     """('ok', width, height) when the file exists and decodes fully; else a status saying why."""
-    from PIL import Image
-
     p = Path(path)
     if not p.is_file():
         return "missing", None, None

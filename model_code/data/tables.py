@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import ClassVar, NamedTuple
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pydantic
 
 from model_code.benchmarks import BENCHMARKS
@@ -105,8 +107,6 @@ def normalise_images(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _schemas():
-    import pyarrow as pa
-
     strs = pa.list_(pa.string())
     triplets = pa.schema([("query_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
                           ("category", pa.string()), ("reference_id", pa.string()), ("modification", pa.string()),
@@ -119,9 +119,6 @@ def _schemas():
 
 def write_tables(bench: Benchmark, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``triplets.parquet`` and ``images.parquet`` (atomically) with the contract's schema."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -136,8 +133,6 @@ def write_tables(bench: Benchmark, out_dir: str | os.PathLike) -> dict[str, Path
 
 def read_tables(out_dir: str | os.PathLike) -> Benchmark:
     """Read tables written by :func:`write_tables` back into pandas (lists as Python lists)."""
-    import pyarrow.parquet as pq
-
     out_dir = Path(out_dir)
     return Benchmark(normalise_triplets(pq.read_table(out_dir / "triplets.parquet").to_pandas()),
                      normalise_images(pq.read_table(out_dir / "images.parquet").to_pandas()))

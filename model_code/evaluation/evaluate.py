@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pandas as pd
 import pydantic
 import torch
 
@@ -241,8 +242,6 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
     metrics = {} if hidden else score(dataset, per_group, methods)
     per_query = {} if hidden else {m: headline_per_query(dataset, per_group, m) for m in methods}
     strata = {q: group.name for group, _ in per_group for q in group.queries["query_id"]}
-    import pandas as pd
-
     queries = pd.concat([g.queries for g, _ in per_group], ignore_index=True)
     if "cot" in methods and not hidden:
         metrics["cot"]["cot_parsed"] = sum(reasoning.get(q, {}).get("cot") is not None

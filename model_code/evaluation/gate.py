@@ -18,6 +18,8 @@ import dataclasses
 import json
 import math
 
+import numpy as np
+
 from model_code.benchmarks import benchmark
 
 
@@ -92,8 +94,6 @@ def paired_bootstrap(a: list[float], b: list[float], confidence: float = 0.95, r
     (deterministic under ``seed``). With ``strata`` (a group per item) the statistic is the mean over
     the groups of each group's mean difference, and items are resampled within their group: the
     same statistic as a headline that averages per group (FashionIQ's categories)."""
-    import numpy as np
-
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if d.size == 0:
         raise ValueError("no paired scores")

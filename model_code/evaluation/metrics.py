@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from model_code.benchmarks import benchmark
-
+from model_code.index import exact_topk
 
 
 def _check(rankings, *others) -> None:
@@ -81,8 +81,6 @@ def rank_gallery(query_embeddings, gallery_embeddings, gallery_ids: Sequence[str
     highest first, ties in gallery order; ids in ``exclude[i]`` removed from query i's ranking; at
     most ``top`` ids kept (all when None). The gallery index's exact search
     (:func:`model_code.index.exact_topk`), so evaluation and search rank alike by construction."""
-    from model_code.index import exact_topk
-
     return exact_topk(query_embeddings, gallery_embeddings, gallery_ids, top, exclude=exclude)[0]
 
 

@@ -7,11 +7,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import textwrap
 from pathlib import Path
+
+from PIL import Image
 
 from model_code.common import atomic_write_json
 from model_code.benchmarks import benchmark
 from model_code.evaluation.evaluate import MODEL_METHODS, Evaluation
+
+# matplotlib: imported where used (slow to import, ~0.3 s; only the plots need it, on the Agg backend chosen
+# before pyplot is imported)
+
 
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -75,13 +82,10 @@ def plot_qualitative(ev: Evaluation, image_paths: dict[str, Path], path: str | o
                      method: str = "cot") -> Path:
     """A grid: per query, the reference, the modification and generated reasoning, and the top-5
     results with the target framed in green."""
-    import textwrap
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     method = method if method in ev.rankings else next(iter(ev.rankings))
     rows = ev.queries.iloc[:n]
