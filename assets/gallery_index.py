@@ -27,9 +27,17 @@ class GalleryIndexConfig(dg.Config):
     on_bad_image: str = Field(default="fail", description="fail (stop, naming the image) or skip (leave it out).")
     device: str | None = Field(default=None, description="cuda / cpu; default cuda when present.")
     dtype: str = Field(default="auto", description="auto: bfloat16 on a GPU, float32 on the CPU.")
-    extra_splits: list[str] = Field(
-        default=[], description="More splits to serve, e.g. [\"train\"]: feedback on the train split's images can "
-                                "become training data, on the evaluated splits it never does (docs/feedback.md).")
+    extra_splits: list[str] | None = Field(
+        default=None, description="More splits to serve, e.g. [\"train\"]: feedback on the train split's images can "
+                                  "become training data, on the evaluated splits it never does (docs/feedback.md). "
+                                  "Unset: CIRCOT_GALLERY_EXTRA_SPLITS (none by default).")
+
+
+def served_extra_splits(config: GalleryIndexConfig) -> list[str]:
+    """The splits served beside the evaluated ones: the run's config, else the deployment's setting."""
+    from model_code.settings import PipelineSettings, load
+
+    return config.extra_splits if config.extra_splits is not None else load(PipelineSettings)[0].extra_gallery_splits()
 
 
 def _production(dataset: str) -> dict:
@@ -93,7 +101,7 @@ def gallery_index(context: dg.AssetExecutionContext, config: GalleryIndexConfig,
     gallery_index_ = index.open(name, artifacts)
     try:
         info = gallery_index_.build(lambda paths: model.embed_images(paths, batch_size=config.batch_size),
-                                    _gallery(name, bench, tables.root, config.extra_splits),
+                                    _gallery(name, bench, tables.root, served_extra_splits(config)),
                                     model_version=prod["version"],
                                     batch_size=config.batch_size, on_bad_image=config.on_bad_image,
                                     progress=context.log.info)

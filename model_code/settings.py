@@ -93,6 +93,9 @@ class PipelineSettings(_Settings):
                                        description="how far the headline may fall below the production model's")
     index_uri: str | None = Field(None, description="the LanceDB URI of the gallery indexes; unset: "
                                                     "<artifacts>/lancedb")
+    gallery_extra_splits: str | None = Field(None, description="splits the served gallery index adds to the "
+                                                               "evaluated ones, comma-separated (e.g. train: what "
+                                                               "feedback can train on, docs/feedback.md); unset: none")
     feedback_cap_per_token: int = Field(100, ge=1, description="the most feedback triplets one bearer token "
                                                                "contributes to a dataset (docs/feedback.md)")
     feedback_retrain_after: int = Field(50, ge=1, description="feedback_sensor builds a new feedback set once "
@@ -118,6 +121,19 @@ class PipelineSettings(_Settings):
 
             parse_floors(value)  # a ValueError says what is wrong
         return value
+
+    @field_validator("gallery_extra_splits")
+    @classmethod
+    def _splits(cls, value: str | None) -> str | None:
+        import re
+
+        if value is not None and not all(re.fullmatch(r"[A-Za-z0-9_-]+", s.strip()) for s in value.split(",")):
+            raise ValueError("is not a comma-separated list of split names (e.g. 'train')")
+        return value
+
+    def extra_gallery_splits(self) -> list[str]:
+        """``gallery_extra_splits`` as a list (empty when unset)."""
+        return [s.strip() for s in (self.gallery_extra_splits or "").split(",") if s.strip()]
 
     def dataset_roots(self) -> dict[str, str]:
         """``{dataset: root}`` of the real benchmarks that have one configured."""

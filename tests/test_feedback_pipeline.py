@@ -318,7 +318,13 @@ def test_the_sensor_asks_for_a_feedback_run_once_n_new_triplets_are_accepted_and
     assert _sense(sensor, instance, None, artifacts)[0] == []
 
 
-def test_the_served_gallery_takes_extra_splits_and_refuses_unknown_ones(tables):
+def test_the_served_gallery_takes_extra_splits_and_refuses_unknown_ones(tables, monkeypatch):
+    from assets.gallery_index import GalleryIndexConfig, served_extra_splits
+
+    assert served_extra_splits(GalleryIndexConfig()) == []                      # the default run is unchanged
+    monkeypatch.setenv("CIRCOT_GALLERY_EXTRA_SPLITS", "train, val")      # a deployment's setting
+    assert served_extra_splits(GalleryIndexConfig()) == ["train", "val"]
+    assert served_extra_splits(GalleryIndexConfig(extra_splits=[])) == []      # a run's own config wins
     bench = read_tables(tables.folder)
     default = {g.split for g in _gallery(D, bench, tables.root)}
     assert default == {"test"}                                    # unchanged: the scored split
