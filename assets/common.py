@@ -33,6 +33,7 @@ def png_markdown(path: str | Path | None, alt: str) -> dg.MetadataValue:
 CHECKS_FOLDER = "checks"
 TABLE_CHECKS = ("triplets_suite", "images_suite")  # the blocking checks a triplets version must pass
 ANNOTATION_CHECKS = ("annotations_suite",)
+FEEDBACK_CHECKS = ("feedback_suite",)   # the blocking check a feedback set must pass before training reads it
 
 
 def artifact_store(context):

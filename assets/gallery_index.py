@@ -1,7 +1,8 @@
 """gallery_index[d]: the dataset's gallery embedded by its production model into LanceDB (docs/architecture.md §3, §7).
 
 After ``promoted_model[d]``: the images of the scored split (and of the split with hidden targets,
-where the tables have one) are embedded by the production model of ``d`` into the table
+where the tables have one; more with the ``extra_splits`` option, e.g. the train split for the
+feedback loop) are embedded by the production model of ``d`` into the table
 ``gallery_<d>`` (model_code/index.py), whose version is tagged with the model version. The
 blocking check ``index_recall`` runs a sample of the split's queries through the index and through
 exact search, and fails below recall@10 0.95 against exact.
@@ -26,6 +27,17 @@ class GalleryIndexConfig(dg.Config):
     on_bad_image: str = Field(default="fail", description="fail (stop, naming the image) or skip (leave it out).")
     device: str | None = Field(default=None, description="cuda / cpu; default cuda when present.")
     dtype: str = Field(default="auto", description="auto: bfloat16 on a GPU, float32 on the CPU.")
+    extra_splits: list[str] | None = Field(
+        default=None, description="More splits to serve, e.g. [\"train\"]: feedback on the train split's images can "
+                                  "become training data, on the evaluated splits it never does (docs/feedback.md). "
+                                  "Unset: CIRCOT_GALLERY_EXTRA_SPLITS (none by default).")
+
+
+def served_extra_splits(config: GalleryIndexConfig) -> list[str]:
+    """The splits served beside the evaluated ones: the run's config, else the deployment's setting."""
+    from model_code.settings import PipelineSettings, load
+
+    return config.extra_splits if config.extra_splits is not None else load(PipelineSettings)[0].extra_gallery_splits()
 
 
 def _production(dataset: str) -> dict:
@@ -37,13 +49,18 @@ def _production(dataset: str) -> dict:
         raise dg.Failure(description=f"{e}: the gallery is embedded by the production model") from None
 
 
-def _gallery(dataset: str, bench, root: str):
-    """The images of the scored split, and of the split with hidden targets where there is one."""
+def _gallery(dataset: str, bench, root: str, extra_splits=()):
+    """The images of the scored split, and of the split with hidden targets where there is one, and
+    of ``extra_splits``."""
     from pathlib import Path
 
     from model_code.index import GalleryImage
 
-    splits = {benchmark(dataset).scored_split, benchmark(dataset).submission_split}
+    unknown = sorted(set(extra_splits) - set(bench.images["split"]))
+    if unknown:
+        raise dg.Failure(description=f"extra_splits {unknown}: {dataset} has no such split here (its splits: "
+                                     f"{', '.join(sorted(set(bench.images['split'])))})")
+    splits = {benchmark(dataset).scored_split, benchmark(dataset).submission_split, *extra_splits}
     rows = bench.images[bench.images["split"].isin(splits)]
     return [GalleryImage(i, s, Path(root) / p) for i, s, p in zip(rows["image_id"], rows["split"], rows["path"])]
 
@@ -84,7 +101,8 @@ def gallery_index(context: dg.AssetExecutionContext, config: GalleryIndexConfig,
     gallery_index_ = index.open(name, artifacts)
     try:
         info = gallery_index_.build(lambda paths: model.embed_images(paths, batch_size=config.batch_size),
-                                    _gallery(name, bench, tables.root), model_version=prod["version"],
+                                    _gallery(name, bench, tables.root, served_extra_splits(config)),
+                                    model_version=prod["version"],
                                     batch_size=config.batch_size, on_bad_image=config.on_bad_image,
                                     progress=context.log.info)
     except GalleryIndexError as e:

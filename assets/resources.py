@@ -167,9 +167,11 @@ class ArtifactStore(dg.ConfigurableResource):
             sent += 1
         return sent
 
-    def pull(self, local: str | Path) -> Path:
+    def pull(self, local: str | Path, *, only_missing: bool = False) -> Path:
         """Make a file or folder the object store holds present in the local copy (what another
-        machine's stage wrote); a no-op for a local root or a path outside it. Returns ``local``."""
+        machine's stage wrote); a no-op for a local root or a path outside it. Returns ``local``.
+        ``only_missing``: fetch only the files the local copy lacks (for folders whose files never
+        change once written, e.g. the feedback store's events)."""
         local = Path(local)
         target = self._remote_of(local)
         if target is None:
@@ -182,6 +184,8 @@ class ArtifactStore(dg.ConfigurableResource):
         else:
             items = [(f, local / Path(f[len(remote.rstrip("/")) + 1:])) for f in fs.find(remote)]
         for src, dest in items:
+            if only_missing and dest.is_file():
+                continue
             size = fs.size(src)
             if size > 2**20 and dest.is_file() and dest.stat().st_size == size:
                 continue

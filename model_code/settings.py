@@ -93,6 +93,16 @@ class PipelineSettings(_Settings):
                                        description="how far the headline may fall below the production model's")
     index_uri: str | None = Field(None, description="the LanceDB URI of the gallery indexes; unset: "
                                                     "<artifacts>/lancedb")
+    gallery_extra_splits: str | None = Field(None, description="splits the served gallery index adds to the "
+                                                               "evaluated ones, comma-separated (e.g. train: what "
+                                                               "feedback can train on, docs/feedback.md); unset: none")
+    feedback_cap_per_token: int = Field(100, ge=1, description="the most feedback triplets one bearer token "
+                                                               "contributes to a dataset (docs/feedback.md)")
+    feedback_retrain_after: int = Field(50, ge=1, description="feedback_sensor builds a new feedback set once "
+                                                              "this many new feedback triplets are accepted")
+    feedback_weight: float = Field(1.0, ge=0, allow_inf_nan=False,
+                                   description="how many times a feedback triplet counts in training (0: "
+                                               "feedback is collected but not trained on)")
 
     @field_validator("retrain_cron")
     @classmethod
@@ -111,6 +121,19 @@ class PipelineSettings(_Settings):
 
             parse_floors(value)  # a ValueError says what is wrong
         return value
+
+    @field_validator("gallery_extra_splits")
+    @classmethod
+    def _splits(cls, value: str | None) -> str | None:
+        import re
+
+        if value is not None and not all(re.fullmatch(r"[A-Za-z0-9_-]+", s.strip()) for s in value.split(",")):
+            raise ValueError("is not a comma-separated list of split names (e.g. 'train')")
+        return value
+
+    def extra_gallery_splits(self) -> list[str]:
+        """``gallery_extra_splits`` as a list (empty when unset)."""
+        return [s.strip() for s in (self.gallery_extra_splits or "").split(",") if s.strip()]
 
     def dataset_roots(self) -> dict[str, str]:
         """``{dataset: root}`` of the real benchmarks that have one configured."""
@@ -132,6 +155,9 @@ class ServiceSettings(_Settings):
     artifacts: str = Field("artifacts", description="the artifacts root (where the gallery index lives unless "
                                                     "CIRCOT_INDEX_URI says otherwise)")
     index_uri: str | None = Field(None, description="the LanceDB URI of the gallery indexes")
+    feedback_ttl_hours: float = Field(168.0, gt=0, allow_inf_nan=False,
+                                      description="feedback on a query is taken this long after the answer "
+                                                  "(hours; later: 410)")
 
     @field_validator("serve_dataset")
     @classmethod

@@ -12,6 +12,7 @@ import dagster as dg
 from assets import bento as bento_module
 from assets import cot_annotations as cot_annotations_module
 from assets import evaluation as evaluation_module
+from assets import feedback as feedback_module
 from assets import gallery_index as gallery_index_module
 from assets import raw_dataset as raw_dataset_module
 from assets import training as training_module
@@ -22,6 +23,7 @@ from assets.resources import AnnotatorResource, GateResource, TrainingResource, 
 PIPELINE_JOB = "cir_pipeline"      # per dataset partition: raw data -> triplets -> annotations
 TRAINING_JOB = "training"          # base model -> CIR-CoT model (on the training partitions' annotations)
 EVALUATION_JOB = "evaluate_and_promote"  # per dataset partition: evaluation -> gate -> promoted model
+FEEDBACK_JOB = "feedback"          # per dataset partition: feedback triplets (checked) and the online metrics
 
 
 def build_definitions(*, project_dir: str | None = None, artifacts_root: str | None = None,
@@ -53,17 +55,22 @@ def build_definitions(*, project_dir: str | None = None, artifacts_root: str | N
         description="Evaluate the latest model on one dataset; the gate decides its promotion; the production model "
                     "embeds the gallery index",
     )
+    feedback_assets = [feedback_module.feedback_triplets, feedback_module.online_metrics]
+    feedback_job = dg.define_asset_job(
+        FEEDBACK_JOB, selection=dg.AssetSelection.assets(*feedback_assets), hooks={push_artifacts},
+        partitions_def=dataset_partitions,
+        description="People's answers as checked, versioned training triplets; the online figures per model version")
     from orchestration.operations import build_automation
 
-    schedules, sensors = build_automation(pipeline, training_job, evaluation_job,
+    schedules, sensors = build_automation(pipeline, training_job, evaluation_job, feedback_job=feedback_job,
                                           train_datasets=training_module.TRAIN_DATASETS)
     return dg.Definitions(
-        assets=[*data_assets, *model_assets, *eval_assets],
+        assets=[*data_assets, *model_assets, *eval_assets, *feedback_assets],
         schedules=schedules,
         sensors=sensors,
         asset_checks=[*dg.load_asset_checks_from_modules(data_modules), evaluation_module.promotion_gate,
-                      gallery_index_module.index_recall],
-        jobs=[pipeline, training_job, evaluation_job],
+                      gallery_index_module.index_recall, feedback_module.feedback_suite],
+        jobs=[pipeline, training_job, evaluation_job, feedback_job],
         resources=resources,
     )
 

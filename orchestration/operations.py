@@ -15,6 +15,11 @@ fresh ``dagster dev`` does nothing unasked (turn them on in the UI: Automation).
 - ``after_data_pipeline``: a finished ``cir_pipeline[d]`` retrains (``d`` a training dataset) or
   re-evaluates ``d`` (evaluation -> gate -> promoted model -> gallery index -> Bento);
   ``after_training``: a finished ``training`` evaluates every dataset partition that has annotations.
+- ``feedback_sensor``: counts the feedback triplets each training dataset would accept now
+  (``collect_triplets``' report: leakage guard, cap, de-duplication; no annotation) and, once
+  ``CIRCOT_FEEDBACK_RETRAIN_AFTER`` new ones have arrived since the last feedback set (its cursor, or
+  the newest ``feedback_triplets`` materialisation), runs the ``feedback`` job for that partition,
+  tagged with the reason; the run key names the accepted set, so nothing is triggered twice.
 - ``dead_run_sensor`` (running): a started run whose process is gone (killed, crashed) is marked
   failed, so that the schedule does not skip forever and the alert fires (``fail_dead_runs``; the
   command line runs it too before it starts a run).
@@ -33,7 +38,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.common import DATASETS
-from assets.resources import DatasetRoots, DvcResource
+from assets.resources import ArtifactStore, DatasetRoots, DvcResource
 from model_code.benchmarks import benchmark
 from model_code.settings import PipelineSettings, load
 
@@ -238,8 +243,18 @@ def send_alert(message: dict, log, url: str | None = None, timeout: float = 10) 
 # the definitions
 
 
-def build_automation(pipeline_job, training_job, evaluation_job, *, train_datasets: list[str]):
-    """(schedules, sensors) over the three jobs."""
+def _feedback_baseline(instance: dg.DagsterInstance, dataset: str) -> int:
+    """The accepted count of the newest feedback set of ``dataset`` (0 when none was built)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("feedback_triplets"), asset_partitions=[dataset]), limit=1).records
+    if not records:
+        return 0
+    accepted = records[0].asset_materialization.metadata.get("accepted")
+    return int(accepted.value) if accepted is not None else 0
+
+
+def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job, train_datasets: list[str]):
+    """(schedules, sensors) over the four jobs."""
     cron = load(PipelineSettings)[0].retrain_cron   # an unusable one: the default (runs refuse to start)
 
     @dg.schedule(job=training_job, cron_schedule=cron, default_status=dg.DefaultScheduleStatus.STOPPED,
@@ -307,6 +322,36 @@ def build_automation(pipeline_job, training_job, evaluation_job, *, train_datase
                               tags={TRIGGER_TAG: "training", REASON_TAG: f"new model from run {run.run_id}"})
                 for d in ready]
 
+    @dg.sensor(job=feedback_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED,
+               description="Once CIRCOT_FEEDBACK_RETRAIN_AFTER new feedback triplets are accepted for a training "
+                           "dataset, builds its next feedback set (the feedback job)")
+    def feedback_sensor(context: dg.SensorEvaluationContext, artifacts: ArtifactStore):
+        from assets.feedback import accepted_feedback
+        from model_code.data import DataError
+
+        threshold = load(PipelineSettings)[0].feedback_retrain_after
+        seen = json.loads(context.cursor) if context.cursor else {}
+        requests, notes = [], []
+        for dataset in train_datasets:
+            try:
+                rows, _ = accepted_feedback(context, artifacts, dataset)
+            except (dg.Failure, DataError, OSError) as e:
+                notes.append(f"{dataset}: skipped ({getattr(e, 'description', None) or e})")
+                continue
+            baseline = max(seen.get(dataset, 0), _feedback_baseline(context.instance, dataset))
+            new = len(rows) - baseline
+            if new < threshold:
+                notes.append(f"{dataset}: {max(new, 0)} new accepted feedback triplets of {threshold}")
+                continue
+            seen[dataset] = len(rows)
+            accepted = hashlib.md5("\n".join(sorted(r["query_id"] for r in rows)).encode()).hexdigest()[:16]
+            requests.append(dg.RunRequest(
+                run_key=f"feedback-{dataset}-{accepted}", partition_key=dataset,
+                tags={TRIGGER_TAG: "feedback", REASON_TAG: f"{new} new accepted feedback triplets for {dataset} "
+                                                           f"({len(rows)} in all; threshold {threshold})"}))
+        context.update_cursor(json.dumps(seen, sort_keys=True))
+        return requests or dg.SkipReason("; ".join(notes) or "no training dataset")
+
     @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING,
                            description="Posts a failed run (job, partition, step, error, link) to "
                                        "CIRCOT_ALERT_WEBHOOK; a blocked promotion gate is reported as such")
@@ -322,5 +367,5 @@ def build_automation(pipeline_job, training_job, evaluation_job, *, train_datase
         dead = fail_dead_runs(context.instance, context.log)
         return dg.SkipReason(f"marked failed: {', '.join(dead)}" if dead else "no run lost its process")
 
-    return [retrain_schedule], [dataset_change_sensor, after_data_pipeline, after_training, failure_alert,
-                                dead_run_sensor]
+    return [retrain_schedule], [dataset_change_sensor, after_data_pipeline, after_training, feedback_sensor,
+                                failure_alert, dead_run_sensor]

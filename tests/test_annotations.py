@@ -193,3 +193,19 @@ def test_a_regenerated_dataset_is_annotated_again_not_served_stale_chains(tmp_pa
     fresh = {a.query_id: a.conclusion for a in oracle.annotate(requests_b)}
     assert dict(zip(view_b.query_id, view_b.conclusion)) == fresh                # chains of the new scenes
     assert dict(zip(view_a.query_id, view_a.conclusion)) != fresh
+
+
+def test_an_id_the_oracle_does_not_know_is_not_stored_as_the_content_s_annotation(tmp_path, tiny_synthetic,
+                                                                                   requests_):
+    """A feedback triplet asked of the oracle (which knows queries by id) is rejected as unknown;
+    stored under its content key, that rejection would stand for the benchmark query of the same
+    content, which would then never be annotated (regression test)."""
+    store = AnnotationStore(tmp_path / "store")
+    oracle = OracleAnnotator(tiny_synthetic)
+    stranger = dataclasses.replace(requests_[0], query_id="fb-0123-t-abc")   # the same images and text
+    stats = annotate_missing(store, oracle, [stranger], progress=lambda s: None)
+    assert (stats.unknown, stats.annotated, stats.failed) == (1, 0, 0) and len(store.table()) == 0
+    stats = annotate_missing(store, oracle, [requests_[0]], progress=lambda s: None)
+    assert (stats.annotated, stats.ok) == (1, 1)
+    view = store.view([stranger], oracle.name, oracle.prompt_version)       # now the stranger gets its chain
+    assert list(view.query_id) == [stranger.query_id] and list(view.status) == ["ok"]

@@ -58,16 +58,17 @@ def graphql(url: str, query: str) -> dict:
 
 def test_the_definitions_load_with_every_job_schedule_and_sensor(webserver):
     repo, = graphql(webserver, QUERY)["repositoriesOrError"]["nodes"]
-    assert {"cir_pipeline", "training", "evaluate_and_promote"} <= {j["name"] for j in repo["jobs"]}
+    assert {"cir_pipeline", "training", "evaluate_and_promote", "feedback"} <= {j["name"] for j in repo["jobs"]}
     schedules = {s["name"]: s for s in repo["schedules"]}
     assert schedules["retrain_schedule"]["cronSchedule"] == "0 3 * * 1"
     assert schedules["retrain_schedule"]["scheduleState"]["status"] == "STOPPED"   # nothing runs unasked
     sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
     assert sensors == {"dataset_change_sensor": "STOPPED", "after_data_pipeline": "STOPPED",
-                       "after_training": "STOPPED", "failure_alert": "RUNNING"}
+                       "after_training": "STOPPED", "feedback_sensor": "STOPPED", "failure_alert": "RUNNING",
+                       "dead_run_sensor": "RUNNING"}
     assets = {"/".join(a["assetKey"]["path"]): a["partitionDefinition"] for a in repo["assetNodes"]}
     for name in ("raw_dataset", "triplets", "cot_annotations", "base_model", "cir_cot_model", "evaluation",
-                 "promoted_model", "gallery_index", "bento"):
+                 "promoted_model", "gallery_index", "bento", "feedback_triplets", "online_metrics"):
         assert name in assets
     assert assets["evaluation"] is not None and assets["base_model"] is None   # dataset partitions where they belong
 

@@ -31,10 +31,10 @@ def test_the_definitions_hold_the_schedule_and_sensors_shipped_stopped_but_the_a
     repo = defs.get_repository_def()
     assert {s.name for s in repo.schedule_defs} == {"retrain_schedule"}
     assert {s.name for s in repo.sensor_defs} == {"dataset_change_sensor", "after_data_pipeline", "after_training",
-                                                  "failure_alert", "dead_run_sensor"}
+                                                  "feedback_sensor", "failure_alert", "dead_run_sensor"}
     assert _by_name("retrain_schedule").default_status == dg.DefaultScheduleStatus.STOPPED
     assert _by_name("retrain_schedule").cron_schedule == DEFAULT_CRON
-    for name in ("dataset_change_sensor", "after_data_pipeline", "after_training"):
+    for name in ("dataset_change_sensor", "after_data_pipeline", "after_training", "feedback_sensor"):
         assert _by_name(name).default_status == dg.DefaultSensorStatus.STOPPED
     assert _by_name("failure_alert").default_status == dg.DefaultSensorStatus.RUNNING
     assert _by_name("dead_run_sensor").default_status == dg.DefaultSensorStatus.RUNNING

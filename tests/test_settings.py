@@ -70,3 +70,12 @@ def test_a_run_refuses_to_start_with_an_unusable_setting_while_the_definitions_l
     assert "CIRCOT_RETRAIN_CRON='weekly' is not a cron expression" in failure.value.description
     schedule, = [s for s in defs.schedules if s.name == "retrain_schedule"]
     assert schedule.cron_schedule == "0 3 * * 1"
+
+
+def test_the_gallery_s_extra_splits_are_a_list_of_split_names(monkeypatch):
+    monkeypatch.setenv("CIRCOT_GALLERY_EXTRA_SPLITS", " train ,val")
+    assert load(PipelineSettings)[0].extra_gallery_splits() == ["train", "val"]
+    monkeypatch.setenv("CIRCOT_GALLERY_EXTRA_SPLITS", "train; rm -rf /")
+    settings, errors = load(PipelineSettings)
+    assert settings.extra_gallery_splits() == [] and errors == [
+        "CIRCOT_GALLERY_EXTRA_SPLITS='train; rm -rf /' is not a comma-separated list of split names (e.g. 'train')"]

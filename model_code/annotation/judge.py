@@ -24,6 +24,7 @@ LEAKAGE_PATTERNS = (
     r"\b(?:image|picture|photo) (?:on the right|2|two)\b",
 )
 _LEAKAGE = re.compile("|".join(LEAKAGE_PATTERNS), re.IGNORECASE)
+UNKNOWN_QUERY = "unknown_query"   # the reason of an annotator that knows queries by id and not this one
 
 
 @dataclasses.dataclass(frozen=True)

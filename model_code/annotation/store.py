@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pydantic
 
-from model_code.annotation.judge import Annotation, AnnotationRequest, Annotator
+from model_code.annotation.judge import UNKNOWN_QUERY, Annotation, AnnotationRequest, Annotator
 from model_code.common import FileDigests, Record, atomic_path
 from model_code.data import nulls_as_none
 from model_code.data.tables import image_paths
@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 ANNOTATION_COLUMNS = ["query_id", "teacher", "prompt_version", "caption", "reasoning", "conclusion", "raw",
                       "status", "reject_reason", "repairs", "content_key"]
 KEY = ["content_key", "teacher", "prompt_version"]
+# Rejections that say something about a query's id, not its content: an annotator that knows queries
+# by id (the oracle) was asked about one it does not know (a feedback triplet, say). Stored under the
+# content key, such a row would stand for every query with the same images and text, and a benchmark
+# query of that content would never be annotated; so it is returned but not stored.
+ID_REJECTIONS = frozenset({UNKNOWN_QUERY})
 
 
 def _schema():
@@ -200,6 +205,7 @@ class RunStats:
     ok: int = 0
     rejected: int = 0
     failed: int = 0
+    unknown: int = 0          # rejected for an id the annotator does not know (not stored: ID_REJECTIONS)
     seconds: float = 0.0
 
     @property
@@ -211,7 +217,9 @@ def annotate_missing(store: AnnotationStore, annotator: Annotator, requests: Seq
                      chunk_size: int = 256, progress: Callable[[str], None] | None = None,
                      progress_every_s: float = 10.0) -> RunStats:
     """Annotate the requests the store has no row for (this teacher, this prompt version), a chunk
-    at a time, storing each chunk before the next. Logs progress with rate and ETA."""
+    at a time, storing each chunk before the next. Logs progress with rate and ETA. A rejection of a
+    query's id rather than its content (``ID_REJECTIONS``) is counted (``unknown``) but not stored:
+    the next run asks again."""
     say = progress or log.info
     if any(not r.content_key for r in requests):
         raise ValueError("annotation requests need a content key (build them with annotation_requests)")
@@ -223,10 +231,12 @@ def annotate_missing(store: AnnotationStore, annotator: Annotator, requests: Seq
     for i in range(0, len(todo), chunk_size):
         chunk = todo[i: i + chunk_size]
         results = annotator.annotate(chunk)
-        rows = [dataclasses.replace(a, content_key=r.content_key) for r, a in zip(chunk, results) if a is not None]
+        answered = [dataclasses.replace(a, content_key=r.content_key) for r, a in zip(chunk, results) if a is not None]
+        rows = [a for a in answered if a.reject_reason not in ID_REJECTIONS]
         store.append(rows)
         stats.annotated += len(rows)
-        stats.failed += len(results) - len(rows)
+        stats.unknown += len(answered) - len(rows)
+        stats.failed += len(results) - len(answered)
         stats.ok += sum(a.ok for a in rows)
         stats.rejected += sum(not a.ok for a in rows)
         now = time.monotonic()
@@ -235,7 +245,8 @@ def annotate_missing(store: AnnotationStore, annotator: Annotator, requests: Seq
             last = now
             rate = finished / (now - start)
             say(f"annotated {finished}/{len(todo)} ({rate:.1f}/s, ETA {(len(todo) - finished) / rate:.0f}s; "
-                f"ok {stats.ok}, rejected {stats.rejected}, failed {stats.failed})")
+                f"ok {stats.ok}, rejected {stats.rejected}, failed {stats.failed}"
+                + (f", unknown to the annotator {stats.unknown}" if stats.unknown else "") + ")")
     stats.seconds = time.monotonic() - start
     return stats
 

@@ -78,8 +78,8 @@ def _id_list(value):
 
 def normalise_triplets(df: pd.DataFrame) -> pd.DataFrame:
     """One in-memory form however the table was made: lists as Python lists, nulls as None."""
-    for col in LIST_COLUMNS:
-        df[col] = [_id_list(v) for v in df[col]]
+    for col in LIST_COLUMNS:   # object dtype even when empty (a float column of no rows is no list column)
+        df[col] = pd.Series([_id_list(v) for v in df[col]], index=df.index, dtype=object)
     df["n_edits"] = df["n_edits"].astype("Int64")
     df["reference_dependent"] = df["reference_dependent"].astype("boolean")
     df[["category", "shared_concept"]] = nulls_as_none(df[["category", "shared_concept"]])

@@ -27,7 +27,7 @@ from pathlib import Path
 from model_code.synthetic import scenes
 from model_code.synthetic.edits import apply_edit, not_phrase
 from model_code.chain import CoT
-from model_code.annotation.judge import Annotation, AnnotationRequest, judge, rejection
+from model_code.annotation.judge import UNKNOWN_QUERY, Annotation, AnnotationRequest, judge, rejection
 
 # one name per cell, as the model writes it (the modification texts use scenes.CELL_NAMES' variety)
 CELLS = {
@@ -185,7 +185,7 @@ class OracleAnnotator:
         for r in requests:
             q = self._queries.get(r.query_id)
             if q is None:
-                out.append(rejection(r.query_id, self.name, self.prompt_version, "", "unknown_query"))
+                out.append(rejection(r.query_id, self.name, self.prompt_version, "", UNKNOWN_QUERY))
                 continue
             cot = oracle_cot(r.query_id, scenes.scene_from_json(self._graphs[q["reference"]]), q["edits"])
             out.append(judge(r.query_id, self.name, self.prompt_version, cot.render()))
