@@ -1,12 +1,17 @@
 """What the per-dataset assets share: the dataset partitions (docs/architecture.md §3) and the way a
 data-quality report becomes an asset check result."""
 
+import base64
+import json
+import shutil
 from pathlib import Path
 
 import dagster as dg
 
+from model_code.common import atomic_write_json
 from model_code.data import DATASETS
 from model_code.data.quality import QualityReport
+from model_code.model_card import card_for_evaluation
 
 dataset_partitions = dg.StaticPartitionsDefinition(list(DATASETS))
 
@@ -22,7 +27,6 @@ def check_result(report: QualityReport, **metadata) -> dg.AssetCheckResult:
 
 def png_markdown(path: str | Path | None, alt: str) -> dg.MetadataValue:
     """A PNG inlined in a markdown metadata value (shown in the Dagster UI), or a note without one."""
-    import base64
 
     if not path:
         return dg.MetadataValue.md(f"(no {alt})")
@@ -63,7 +67,6 @@ def publish_version(staging: Path, folder: Path) -> Path:
     """Move a freshly written ``staging`` folder to ``folder`` (named by its content version). A
     version already published holds the same bytes: it is kept (with its check results) and the
     staging copy dropped."""
-    import shutil
 
     if folder.is_dir():
         shutil.rmtree(staging)
@@ -77,7 +80,6 @@ def publish_version(staging: Path, folder: Path) -> Path:
 def record_check(context, folder: str | Path, check: str, passed: bool, **details) -> None:
     """Note beside a version's files whether the blocking check ``check`` passed on it (and send the
     note to the object store, when the artifacts root is one)."""
-    from model_code.common import atomic_write_json
 
     atomic_write_json(Path(folder) / CHECKS_FOLDER / f"{check}.json", {"passed": passed, **details})
     artifact_store(context).push(Path(folder) / CHECKS_FOLDER / f"{check}.json")
@@ -87,7 +89,6 @@ def write_model_card(context, record, verdict: dict) -> Path | None:
     """The model card (``README.md``, model_code/model_card.py) beside the model ``record`` (an
     ``EvaluationRecord``) evaluated, with the gate's ``verdict`` and the model's other evaluations;
     uploaded when the artifacts root is an object store. None when the model folder is not here."""
-    from model_code.model_card import card_for_evaluation
 
     path = card_for_evaluation(record, verdict)
     if path is None:
@@ -99,7 +100,6 @@ def write_model_card(context, record, verdict: dict) -> Path | None:
 
 
 def checks_passed(folder: str | Path, checks: tuple[str, ...]) -> bool:
-    import json
 
     for check in checks:
         path = Path(folder) / CHECKS_FOLDER / f"{check}.json"

@@ -15,6 +15,7 @@ from pydantic import Field
 from assets.common import TABLE_CHECKS, check_result, dataset_partitions, latest_record, record_check
 from assets.resources import AnnotatorResource, ArtifactStore
 from assets.triplets import triplets
+from model_code.annotation.quality import validate_annotations
 from model_code.annotation.store import (
     AnnotationsRecord,
     AnnotationStore,
@@ -26,7 +27,6 @@ from model_code.annotation.store import (
 )
 from model_code.data import HIDDEN_SPLITS, read_tables
 from model_code.data.tables import TablesRecord
-from model_code.annotation.quality import validate_annotations
 
 
 class AnnotationConfig(dg.Config):

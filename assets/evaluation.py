@@ -21,7 +21,12 @@ from assets.common import TABLE_CHECKS, dataset_partitions, latest_record, png_m
 from assets.resources import ArtifactStore, GateResource
 from assets.training import cir_cot_model
 from assets.triplets import triplets
+from model_code import registry
 from model_code.benchmarks import benchmark
+from model_code.common import atomic_write_json
+from model_code.data import HIDDEN_SPLITS, read_tables
+from model_code.data.tables import TablesRecord, image_paths
+from model_code.evaluation.gate import gate as run_gate
 
 
 class EvaluationConfig(dg.Config):
@@ -53,8 +58,6 @@ def evaluation_dir(artifacts: ArtifactStore, dataset: str, split: str):
 def evaluation(
     context: dg.AssetExecutionContext, config: EvaluationConfig, artifacts: ArtifactStore
 ) -> dg.MaterializeResult:
-    from model_code.data import HIDDEN_SPLITS, read_tables
-    from model_code.data.tables import TablesRecord, image_paths
     from model_code.evaluation.evaluate import EvaluationRecord, evaluate
     from model_code.evaluation.report import write_report
     from model_code.model.cir_cot import CirCoTModel
@@ -123,10 +126,7 @@ def _verdict_path(record) -> Path:
 )
 def promotion_gate(context: dg.AssetCheckExecutionContext, gate: GateResource,
                    artifacts: ArtifactStore) -> dg.AssetCheckResult:
-    from model_code import registry
-    from model_code.common import atomic_write_json
     from model_code.evaluation.evaluate import EvaluationRecord
-    from model_code.evaluation.gate import gate as run_gate
 
     name = context.partition_key
     record = EvaluationRecord.from_dict(latest_record(context, evaluation, name))
@@ -165,7 +165,6 @@ class PromotionConfig(dg.Config):
 )
 def promoted_model(context: dg.AssetExecutionContext, config: PromotionConfig,
                    artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from model_code import registry
     from model_code.evaluation.evaluate import EvaluationRecord
     from model_code.model.recipes import TrainedModel
 

@@ -47,6 +47,7 @@ from model_code.common import content_hash
 from model_code.data import DataError, read_tables
 from model_code.data.tables import TablesRecord
 from model_code.feedback import FeedbackStore, collect_triplets
+from model_code.feedback import online_metrics as measure
 from model_code.feedback_tables import (
     TRAIN_SPLIT,
     FeedbackRecord,
@@ -271,7 +272,6 @@ def _plot(online: dict, offline: dict, order: list[str], path: Path) -> Path | N
           description="Per model version, online: share of answered queries picked at rank 1 and in the top 10, "
                       "rate of 'none of these', beside the offline headline")
 def online_metrics(context: dg.AssetExecutionContext, artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from model_code.feedback import online_metrics as measure
 
     name = context.partition_key
     store = feedback_store(artifacts, name)

@@ -9,6 +9,7 @@ exact search, and fails below recall@10 0.95 against exact.
 """
 
 import dataclasses
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -17,7 +18,14 @@ from assets.common import TABLE_CHECKS, dataset_partitions, latest_record
 from assets.evaluation import promoted_model
 from assets.resources import ArtifactStore, IndexResource
 from assets.triplets import triplets
+from model_code import registry
 from model_code.benchmarks import benchmark
+from model_code.data import read_tables
+from model_code.data.tables import TablesRecord, image_paths
+from model_code.evaluation.metrics import reference_exclusions
+from model_code.index import GalleryImage, GalleryIndexError
+from model_code.retrieval import answer
+from model_code.settings import PipelineSettings, load
 
 MIN_RECALL = 0.95
 
@@ -35,13 +43,11 @@ class GalleryIndexConfig(dg.Config):
 
 def served_extra_splits(config: GalleryIndexConfig) -> list[str]:
     """The splits served beside the evaluated ones: the run's config, else the deployment's setting."""
-    from model_code.settings import PipelineSettings, load
 
     return config.extra_splits if config.extra_splits is not None else load(PipelineSettings)[0].extra_gallery_splits()
 
 
 def _production(dataset: str) -> dict:
-    from model_code import registry
 
     try:
         return registry.require_production(dataset)
@@ -52,9 +58,7 @@ def _production(dataset: str) -> dict:
 def _gallery(dataset: str, bench, root: str, extra_splits=()):
     """The images of the scored split, and of the split with hidden targets where there is one, and
     of ``extra_splits``."""
-    from pathlib import Path
 
-    from model_code.index import GalleryImage
 
     unknown = sorted(set(extra_splits) - set(bench.images["split"]))
     if unknown:
@@ -67,9 +71,6 @@ def _gallery(dataset: str, bench, root: str, extra_splits=()):
 
 def _example(model, index, bench, root: str, dataset: str, version: str) -> str:
     """One query of the scored split answered through the index: its reasoning and top 5."""
-    from model_code.data.tables import image_paths
-    from model_code.evaluation.metrics import reference_exclusions
-    from model_code.retrieval import answer
 
     split = benchmark(dataset).scored_split
     q = bench.triplets[bench.triplets["split"] == split].iloc[0]
@@ -88,10 +89,6 @@ def _example(model, index, bench, root: str, dataset: str, version: str) -> str:
           description=__doc__.split("\n\n")[0])
 def gallery_index(context: dg.AssetExecutionContext, config: GalleryIndexConfig, index: IndexResource,
                   artifacts: ArtifactStore) -> dg.MaterializeResult:
-    from model_code import registry
-    from model_code.data import read_tables
-    from model_code.data.tables import TablesRecord
-    from model_code.index import GalleryIndexError
 
     name = context.partition_key
     prod = _production(name)
@@ -132,10 +129,6 @@ class IndexRecallConfig(dg.Config):
 def index_recall(context: dg.AssetCheckExecutionContext, config: IndexRecallConfig, index: IndexResource,
                  artifacts: ArtifactStore) -> dg.AssetCheckResult:
 
-    from model_code import registry
-    from model_code.data import read_tables
-    from model_code.data.tables import TablesRecord, image_paths
-    from model_code.evaluation.metrics import reference_exclusions
 
     name = context.partition_key
     record = latest_record(context, gallery_index, name)

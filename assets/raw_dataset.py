@@ -13,8 +13,8 @@ import dagster as dg
 from assets.common import dataset_partitions
 from assets.resources import ArtifactStore, DatasetRoots, DvcResource
 from model_code.benchmarks import benchmark
-from model_code.data import annotation_files, available_splits
 from model_code.common import content_hash
+from model_code.data import annotation_files, available_splits
 
 
 @dg.asset(partitions_def=dataset_partitions, group_name="data", kinds={"dvc"},

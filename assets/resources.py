@@ -11,12 +11,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from model_code.data.versioning import DvcProject
 from model_code.benchmarks import benchmark
+from model_code.data.versioning import DvcProject
 from model_code.datasets import hooks
 from model_code.evaluation.gate import gate_floors
 from model_code.settings import PipelineSettings, load
-
 
 
 class DatasetRoots(dg.ConfigurableResource):

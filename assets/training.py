@@ -13,24 +13,60 @@ one is not repeated.
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 from pydantic import Field
 
-from assets.common import ANNOTATION_CHECKS, TABLE_CHECKS, latest_record, png_markdown
+from assets.common import ANNOTATION_CHECKS, FEEDBACK_CHECKS, TABLE_CHECKS, latest_record, png_markdown
 from assets.cot_annotations import cot_annotations
+from assets.feedback import feedback_triplets
 from assets.resources import ArtifactStore, TrainingResource
 from assets.triplets import triplets
+from model_code.annotation.store import AnnotationsRecord, read_annotations, write_annotations
 from model_code.benchmarks import names
 from model_code.common import json_key
+from model_code.data import Benchmark, read_tables, write_tables
+from model_code.data.tables import TablesRecord
+from model_code.feedback_tables import FeedbackRecord, read_feedback_tables
+from model_code.settings import PipelineSettings, load
 
 TRAIN_DATASETS = list(names(lambda spec: spec.trains))  # the partitions whose annotations the model trains on
 _training_partitions = dg.SpecificPartitionsPartitionMapping(TRAIN_DATASETS)
 
 
+def _feedback_inputs(context, dataset: str, bench, tables: TablesRecord, run_root: Path, weight: float):
+    """The accepted feedback of ``dataset`` (the newest ``feedback_triplets`` version that passed its
+    check) as a tables folder of its own, each triplet written ``weight`` times (a fraction: that
+    share of them once more) beside the benchmark's images, with its annotations: what training
+    reads as one more (tables, annotations) pair. None when there is none (or ``weight`` is 0)."""
+    if weight <= 0:
+        return None
+    try:
+        record = FeedbackRecord.from_dict(latest_record(context, feedback_triplets, dataset, passed=FEEDBACK_CHECKS))
+    except dg.Failure:   # never materialised, or no version passed its check: no feedback to train on
+        return None
+    feedback = read_feedback_tables(record.folder)
+    if not len(feedback.triplets) or not record.annotations.is_file():
+        return None
+    rows = feedback.triplets
+    whole, part = int(weight), weight - int(weight)
+    weighted = pd.concat([rows] * whole + [rows.iloc[: round(part * len(rows))]], ignore_index=True)
+    weighted["query_id"] = [f"{q}#{i}" for i, q in enumerate(weighted["query_id"])]
+    annotations = read_annotations(record.annotations)
+    by_query = annotations.set_index("query_id")
+    repeated = by_query.reindex([q.split("#")[0] for q in weighted["query_id"]]).reset_index()
+    repeated["query_id"] = list(weighted["query_id"])
+    folder = run_root / "feedback" / dataset / json_key(record.version, weight)
+    write_tables(Benchmark(weighted, pd.concat([bench.images, feedback.images], ignore_index=True)), folder)
+    TablesRecord(dataset=dataset, folder=str(folder), root=tables.root, raw_version=tables.raw_version,
+                 version=record.version).write(folder / TablesRecord.META)
+    write_annotations(repeated.dropna(subset=["status"]), folder / "annotations.parquet")
+    context.log.info(f"{dataset}: training also on {len(rows)} accepted feedback triplets (version "
+                     f"{record.version}, weight {weight:g}: {len(weighted)} examples)")
+    return folder, folder / "annotations.parquet", {"version": record.version, "triplets": len(rows), "weight": weight}
+
+
 def _dataset_inputs(context, dataset: str):
     """The tables, annotations and both records of ``dataset``, as its newest materialisations say."""
-    from model_code.annotation.store import AnnotationsRecord, read_annotations
-    from model_code.data import read_tables
-    from model_code.data.tables import TablesRecord
 
     tables = TablesRecord.from_dict(latest_record(context, triplets, dataset, passed=TABLE_CHECKS))
     annotations = AnnotationsRecord.from_dict(latest_record(context, cot_annotations, dataset,
@@ -66,7 +102,8 @@ class CirCoTModelConfig(dg.Config):
     kinds={"pytorch"},
     description="The CIR-CoT model: stage 1 (no CoT) then stage 2 (CoT, joint loss); LoRA or every parameter",
     deps=[base_model, dg.AssetDep(triplets, partition_mapping=_training_partitions),
-          dg.AssetDep(cot_annotations, partition_mapping=_training_partitions)],
+          dg.AssetDep(cot_annotations, partition_mapping=_training_partitions),
+          dg.AssetDep(feedback_triplets, partition_mapping=_training_partitions)],
 )
 def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, training: TrainingResource,
                   artifacts: ArtifactStore) -> dg.MaterializeResult:
@@ -77,6 +114,7 @@ def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, 
         cot={"steps": config.cot_steps} if config.cot_steps is not None else None)
     base = BaseModelRecord.from_dict(latest_record(context, base_model))
     train_pairs, val_pairs, versions, inputs = [], [], {}, []
+    weight = load(PipelineSettings)[0].feedback_weight
     for dataset in TRAIN_DATASETS:
         bench, ann, tables, annotations = _dataset_inputs(context, dataset)
         train_pairs += pair_examples(bench.triplets, bench.images, tables.root, "train", ann)
@@ -84,6 +122,13 @@ def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, 
         versions[dataset] = {"raw": tables.raw_version, "annotations": annotations.version,
                              "teacher": annotations.teacher, "prompt_version": annotations.prompt_version}
         inputs.append((tables.folder, annotations.path))
+        feedback = _feedback_inputs(context, dataset, bench, tables, artifacts.dir("cir_cot_model"), weight)
+        if feedback is not None:   # people's picks in the service (docs/feedback.md), never of a held-out split
+            folder, annotation_file, versions[dataset]["feedback"] = feedback
+            fb, fb_annotations = read_tables(folder), read_annotations(annotation_file)
+            train_pairs += pair_examples(fb.triplets, fb.images, tables.root, "train", fb_annotations)
+            inputs.append((str(folder), str(annotation_file)))
+            artifacts.push(folder)   # a launched process on another machine reads it (an object-store root)
     # the run folder is keyed by the inputs, whichever launcher trains: an interrupted run resumes
     run = artifacts.dir("cir_cot_model", "runs", json_key(base.version, versions, profile.to_dict()))
     reported = {}

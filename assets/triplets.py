@@ -15,10 +15,11 @@ from pydantic import Field
 from assets.common import check_result, dataset_partitions, latest_record, publish_version, record_check
 from assets.raw_dataset import raw_dataset
 from assets.resources import ArtifactStore
-from model_code.data import DataError, read_dataset, read_tables, write_tables
-from model_code.data.tables import TablesRecord
-from model_code.data.quality import validate_images, validate_triplets
 from model_code.common import content_hash
+from model_code.data import DataError, read_dataset, read_tables, write_tables
+from model_code.data.quality import validate_images, validate_triplets
+from model_code.data.tables import TablesRecord
+
 
 class TripletsConfig(dg.Config):
     require_images: bool = Field(

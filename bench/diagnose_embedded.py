@@ -90,8 +90,8 @@ def _scorer(model, bench, root, n: int):
 def _oracle(bench, root, t) -> tuple[dict, list[str]]:
     """The oracle's annotation of each query of ``t`` (what the pipeline accepts for cir-shapes), by
     query id, and their rendered chains in ``t``'s order."""
-    from model_code.chain import CoT
     from model_code.annotation.store import annotation_requests
+    from model_code.chain import CoT
     from model_code.synthetic.oracle import OracleAnnotator
 
     test = bench.triplets[bench.triplets.query_id.isin(set(t.query_id))]
@@ -142,7 +142,7 @@ def decoding(args, artifacts):
 def stage1(args, artifacts, out: Path):
     from model_code.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel, add_cir_tokens, apply_lora
-    from model_code.model.recipes import pair_examples, PROFILES
+    from model_code.model.recipes import PROFILES, pair_examples
     from model_code.model.train import train
 
     root, bench, _ = _load(artifacts)
@@ -168,7 +168,7 @@ def stage1(args, artifacts, out: Path):
 
 def cot_more(args, artifacts, out: Path):
     from model_code.model.cir_cot import CirCoTModel
-    from model_code.model.recipes import pair_examples, PROFILES
+    from model_code.model.recipes import PROFILES, pair_examples
     from model_code.model.train import train
 
     root, bench, ann = _load(artifacts)
@@ -182,9 +182,9 @@ def cot_more(args, artifacts, out: Path):
 def skills(args, artifacts):
     import json
 
+    from model_code.backbone import load_backbone
     from model_code.data import read_dataset
     from model_code.data.tables import image_paths
-    from model_code.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel, edit_request
     from model_code.model.decoding import generate_until
     from model_code.synthetic import scenes

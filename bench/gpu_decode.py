@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         extra = mode_kwargs(mode)
 
-        def generate():
+        def generate(extra=extra):   # bound to this iteration's mode
             _sync(device)
             t0 = time.perf_counter()
             with torch.inference_mode():

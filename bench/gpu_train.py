@@ -40,8 +40,8 @@ from model_code.backbone import (
     train_tokenizer,
 )  # noqa: E402
 from model_code.model.cir_cot import PROMPTS, CirCoTModel, apply_lora, compile_decoder_layers  # noqa: E402
-from model_code.model.train import TrainConfig, TrainExample, TrainStep
 from model_code.model.loss import info_nce
+from model_code.model.train import TrainConfig, TrainExample, TrainStep
 
 WORDS = ("a small red circle in the top left corner and a large blue square in the centre ; the text asks to "
          "make the circle green and move the square to the right , so the circle becomes green while the star "
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
 
-        def one_step():
+        def one_step(m=m, mode=mode, step_module=step_module, opt=opt):   # bound to this iteration's
             with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda):
                 loss = naive_losses(m, examples, cfg) if mode == "naive" else step_module(examples, [])["loss"]
             loss.backward()

@@ -57,10 +57,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
+    import lancedb
     import pyarrow as pa
     import torch
 
-    import lancedb
     from model_code.index import AnnConfig
 
     rng = np.random.default_rng(0)

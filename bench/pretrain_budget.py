@@ -25,7 +25,6 @@ import tarfile
 import time
 from pathlib import Path
 
-
 # what the probe changes of the configuration (besides its own folder and step count): a small scene set
 PROBE = {"scenes": 400, "heldout": 8, "warmup_steps": 1}
 

@@ -173,7 +173,7 @@ def repair(text: str) -> Repaired:
     markers.sort()
     starts = [(s, e, n, k) for s, e, n, k in markers if k != "close"]
     found: dict[str, str] = {}
-    for i, (s, e, name, kind) in enumerate(starts):
+    for i, (_s, e, name, kind) in enumerate(starts):
         if name in found:
             raise CoTFormatError("repeated_section", f"<{name}> appears more than once")
         nxt = starts[i + 1][0] if i + 1 < len(starts) else len(text)

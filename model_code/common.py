@@ -7,8 +7,9 @@
   temporary file or folder behind.
 - :func:`file_md5`, :func:`content_hash`, :func:`json_key`: versions from bytes, never from paths.
 - :class:`Progress`: count, rate and ETA of a long loop, at most every few seconds.
-- :class:`Record`: the base of the typed records one stage hands the next (a pydantic model, JSON
-  on disk and in the Dagster asset's metadata).
+
+The typed records one stage hands the next are in :mod:`model_code.records` (pydantic, which this
+module does not import: the pretraining runs where pydantic is not installed).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-
-import pydantic
 
 log = logging.getLogger(__name__)
 
@@ -147,33 +146,6 @@ def content_hash(files: Iterable[str | os.PathLike], root: str | os.PathLike) ->
 def json_key(*parts, length: int = 12) -> str:
     """A short stable key for JSON-able values (run folders keyed by their inputs)."""
     return hashlib.md5(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:length]
-
-
-# ---------------------------------------------------------------------------------------------
-# records handed from one stage to the next
-
-
-class Record(pydantic.BaseModel):
-    """Base of the typed records one stage hands the next (pydantic models: each field is checked
-    against its type when a record is made, read or assigned): ``to_dict`` / ``from_dict``
-    (unknown keys ignored, so a newer writer does not break an older reader), ``write`` / ``read``
-    as JSON."""
-
-    model_config = pydantic.ConfigDict(extra="ignore", validate_assignment=True, protected_namespaces=())
-
-    def to_dict(self) -> dict:
-        return self.model_dump()
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        return cls.model_validate(data)
-
-    def write(self, path: str | os.PathLike) -> Path:
-        return atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def read(cls, path: str | os.PathLike):
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 # ---------------------------------------------------------------------------------------------

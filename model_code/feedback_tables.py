@@ -28,9 +28,10 @@ from typing import ClassVar
 import pandas as pd
 import pydantic
 
-from model_code.common import Record, atomic_write_json, file_md5
+from model_code.common import atomic_write_json, file_md5
 from model_code.data import DataError, read_tables, write_tables
 from model_code.data.tables import Benchmark, image_paths, images_frame, triplets_frame
+from model_code.records import Record
 from model_code.retrieval import MAX_TEXT_CHARS
 
 TRAIN_SPLIT = "train"          # feedback becomes training data of this split only

@@ -23,6 +23,8 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import yaml
+
 from model_code.common import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,6 @@ def _count(n) -> str:
 
 
 def _front_matter(meta: dict) -> str:
-    import yaml
 
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 

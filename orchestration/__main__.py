@@ -16,8 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
+from model_code import registry
 from model_code.benchmarks import BENCHMARKS, benchmark
+from model_code.settings import environment_errors
 
 SHOWN = (
     "data_version",
@@ -98,7 +101,6 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
 
 def run(dataset: str, definitions=None, *, annotations_only: bool = False, train: bool | None = None,
         evaluate: bool | None = None, dagster_instance=None) -> int:
-    from model_code.settings import environment_errors
 
     errors = environment_errors()   # before the definitions load: they read the environment too
     if errors:
@@ -119,7 +121,6 @@ def run(dataset: str, definitions=None, *, annotations_only: bool = False, train
             dg.AssetKey("cir_cot_model")) is not None
     if evaluate:
         ok = run_job(EVALUATION_JOB, dataset, definitions, None, dagster_instance)
-        from model_code import registry
 
         prod = registry.production(dataset)
         if not ok:
@@ -132,7 +133,6 @@ def run(dataset: str, definitions=None, *, annotations_only: bool = False, train
 
 
 def show_models() -> int:
-    from model_code import registry
 
     rows = registry.list_models()
     print(f"BentoML model store: {registry.store_path()}")
@@ -151,7 +151,6 @@ def show_models() -> int:
 
 
 def rollback(dataset: str) -> int:
-    from model_code import registry
 
     try:
         moved = registry.rollback(dataset)
@@ -166,7 +165,6 @@ def project_homes() -> None:
     """Where the project keeps its Dagster instance and BentoML store, as ``make`` sets them
     (``.dagster`` and ``.bentoml`` in the current folder), unless the environment says otherwise:
     the command line outside ``make`` reads and writes the same ones."""
-    from pathlib import Path
 
     os.environ.setdefault("BENTOML_HOME", str(Path.cwd() / ".bentoml"))
     if not os.environ.get("DAGSTER_HOME"):

@@ -33,13 +33,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import urllib.request
 from pathlib import Path
 
 import dagster as dg
+import yaml
 
 from assets.common import DATASETS
 from assets.resources import ArtifactStore, DatasetRoots, DvcResource
 from model_code.benchmarks import benchmark
+from model_code.data import DataError
 from model_code.settings import PipelineSettings, load
 
 ACTIVE = (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
@@ -58,7 +62,6 @@ class DatasetUnreadable(Exception):
 
 
 def _dvc_out_md5(dvc_file: Path, out_path: str | None = None) -> str | None:
-    import yaml
 
     data = yaml.safe_load(dvc_file.read_text()) or {}
     outs = data.get("outs") or [o for stage in (data.get("stages") or {}).values() for o in stage.get("outs", [])]
@@ -126,7 +129,6 @@ def _active_runs(instance: dg.DagsterInstance, job_name: str) -> list:
 
 def process_tags() -> dict[str, str]:
     """Tags naming this process, for a run it executes itself (``python -m orchestration run``)."""
-    import socket
 
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
@@ -135,7 +137,6 @@ def _run_worker(instance: dg.DagsterInstance, run: dg.DagsterRun) -> int | None:
     """The pid of the process executing ``run`` on this host: the CLI's tags, or the run worker that
     Dagster's default launcher started (its "Started process for run" event); None when unknown or
     on another host (a Kubernetes launcher has run monitoring of its own)."""
-    import socket
 
     if PID_TAG in run.tags:
         return int(run.tags[PID_TAG]) if run.tags.get(HOST_TAG) == socket.gethostname() else None
@@ -219,7 +220,6 @@ def _blocked_gate(instance: dg.DagsterInstance, run_id: str) -> dict | None:
 def send_alert(message: dict, log, url: str | None = None, timeout: float = 10) -> bool:
     """POST ``message`` as JSON to ``url`` (default ``CIRCOT_ALERT_WEBHOOK``); log it when there is
     none or the post fails. True when it was delivered."""
-    import urllib.request
 
     url = url or load(PipelineSettings)[0].alert_webhook
     text = json.dumps(message)
@@ -327,7 +327,6 @@ def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job
                            "dataset, builds its next feedback set (the feedback job)")
     def feedback_sensor(context: dg.SensorEvaluationContext, artifacts: ArtifactStore):
         from assets.feedback import accepted_feedback
-        from model_code.data import DataError
 
         threshold = load(PipelineSettings)[0].feedback_retrain_after
         seen = json.loads(context.cursor) if context.cursor else {}
@@ -352,6 +351,17 @@ def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job
         context.update_cursor(json.dumps(seen, sort_keys=True))
         return requests or dg.SkipReason("; ".join(notes) or "no training dataset")
 
+    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[feedback_job],
+                          request_job=training_job, default_status=dg.DefaultSensorStatus.STOPPED,
+                          description="After a feedback set of a training dataset passed its check: retrain on it")
+    def after_feedback(context: dg.RunStatusSensorContext):
+        run = context.dagster_run
+        dataset = run.tags.get("dagster/partition")
+        if dataset not in train_datasets:
+            return dg.SkipReason(f"{dataset} is not a training dataset: its feedback is not trained on")
+        return dg.RunRequest(run_key=f"train-after-{run.run_id}", tags={
+            TRIGGER_TAG: "feedback", REASON_TAG: f"new accepted feedback for {dataset} (run {run.run_id})"})
+
     @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING,
                            description="Posts a failed run (job, partition, step, error, link) to "
                                        "CIRCOT_ALERT_WEBHOOK; a blocked promotion gate is reported as such")
@@ -368,4 +378,4 @@ def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job
         return dg.SkipReason(f"marked failed: {', '.join(dead)}" if dead else "no run lost its process")
 
     return [retrain_schedule], [dataset_change_sensor, after_data_pipeline, after_training, feedback_sensor,
-                                failure_alert, dead_run_sensor]
+                                after_feedback, failure_alert, dead_run_sensor]

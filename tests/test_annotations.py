@@ -7,13 +7,19 @@ import time
 import pandas as pd
 import pytest
 
-from model_code.annotation.store import (AnnotationStore, annotate_missing, annotation_requests, annotation_version,
-                                    read_annotations, write_annotations)
 from model_code.annotation.judge import judge
-from model_code.synthetic.oracle import OracleAnnotator
-from model_code.data import read_dataset
 from model_code.annotation.quality import LengthBounds, validate_annotations
+from model_code.annotation.store import (
+    AnnotationStore,
+    annotate_missing,
+    annotation_requests,
+    annotation_version,
+    read_annotations,
+    write_annotations,
+)
+from model_code.data import read_dataset
 from model_code.synthetic.generate import SyntheticParams, generate
+from model_code.synthetic.oracle import OracleAnnotator
 from tests.conftest import TINY_PARAMS
 
 

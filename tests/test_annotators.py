@@ -16,14 +16,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_code.backbone import build_random_backbone, save_backbone
-from model_code.synthetic import generate
+from model_code.annotation.judge import judge
 from model_code.annotation.store import annotation_requests
 from model_code.annotation.teachers import (
-    LocalTeacher, PROMPT_VERSION, RemoteTeacher, TeacherRequestError, retry_after_s, teacher_messages)
-from model_code.synthetic.oracle import OracleAnnotator
-from model_code.annotation.judge import judge
+    PROMPT_VERSION,
+    LocalTeacher,
+    RemoteTeacher,
+    TeacherRequestError,
+    retry_after_s,
+    teacher_messages,
+)
+from model_code.backbone import build_random_backbone, save_backbone
 from model_code.data import read_dataset
+from model_code.synthetic import generate
+from model_code.synthetic.oracle import OracleAnnotator
 from tests._png import pixels
 
 GOOD = "<caption>a red circle</caption><reasoning>the circle turns blue; nothing else changes</reasoning>" \

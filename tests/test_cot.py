@@ -6,8 +6,16 @@ import string
 import pytest
 
 from model_code.annotation.judge import judge
-from model_code.chain import (MAX_SECTION_CHARS, CoT, CoTFormatError, is_blank, normalised_text, parse, repair,
-                              word_count)
+from model_code.chain import (
+    MAX_SECTION_CHARS,
+    CoT,
+    CoTFormatError,
+    is_blank,
+    normalised_text,
+    parse,
+    repair,
+    word_count,
+)
 
 OK = "<caption>a red circle</caption>\n<reasoning>make it blue</reasoning>\n<conclusion>a blue circle</conclusion>"
 

@@ -64,7 +64,8 @@ def test_the_definitions_load_with_every_job_schedule_and_sensor(webserver):
     assert schedules["retrain_schedule"]["scheduleState"]["status"] == "STOPPED"   # nothing runs unasked
     sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
     assert sensors == {"dataset_change_sensor": "STOPPED", "after_data_pipeline": "STOPPED",
-                       "after_training": "STOPPED", "feedback_sensor": "STOPPED", "failure_alert": "RUNNING",
+                       "after_training": "STOPPED", "feedback_sensor": "STOPPED", "after_feedback": "STOPPED",
+                       "failure_alert": "RUNNING",
                        "dead_run_sensor": "RUNNING"}
     assets = {"/".join(a["assetKey"]["path"]): a["partitionDefinition"] for a in repo["assetNodes"]}
     for name in ("raw_dataset", "triplets", "cot_annotations", "base_model", "cir_cot_model", "evaluation",

@@ -6,8 +6,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model_code.data import (DATASETS, Benchmark, DataError, MissingImagesError, available_splits, read_benchmark,
-                             read_dataset, read_tables, write_tables)
+from model_code.data import (
+    DATASETS,
+    Benchmark,
+    DataError,
+    MissingImagesError,
+    available_splits,
+    read_benchmark,
+    read_dataset,
+    read_tables,
+    write_tables,
+)
 from tests.conftest import shared_benchmark
 
 

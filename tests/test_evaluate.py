@@ -14,13 +14,13 @@ from PIL import Image
 
 from model_code import registry
 from model_code.backbone import load_backbone
-from model_code.synthetic import scenes
 from model_code.data import Benchmark, read_dataset
-from model_code.evaluation.evaluate import evaluate, Evaluation, Group, headline_per_query, score
-from model_code.evaluation.report import markdown_table, submissions, write_report
+from model_code.evaluation.evaluate import Evaluation, Group, evaluate, headline_per_query, score
 from model_code.evaluation.gate import GateConfig, gate, paired_bootstrap
+from model_code.evaluation.report import markdown_table, submissions, write_report
 from model_code.model.cir_cot import CirCoTModel, ModelFolderError, apply_lora
 from model_code.registry import lineage
+from model_code.synthetic import scenes
 from model_code.synthetic.oracle import describe, scene_from_text
 from orchestration.__main__ import main
 from tests._png import drawn, pixels

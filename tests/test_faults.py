@@ -574,9 +574,9 @@ def test_every_unusable_setting_is_named_with_its_value_before_a_run(monkeypatch
 
 
 def test_usable_settings_pass_and_floors_merge_over_the_defaults(monkeypatch):
-    from model_code.settings import environment_errors
-    from model_code.evaluation.gate import gate_floors
     from model_code.benchmarks import benchmark
+    from model_code.evaluation.gate import gate_floors
+    from model_code.settings import environment_errors
 
     for name, value in (("CIRCOT_GATE_COT_NOT_WORSE", "off"), ("CIRCOT_TRAINING_PROCESSES", "2"),
                         ("CIRCOT_GATE_COT_CONFIDENCE", "0.9"), ("CIRCOT_RETRAIN_CRON", "0 4 * * *"),

@@ -162,6 +162,26 @@ def test_answers_become_checked_versioned_annotated_triplets_without_leaks_and_c
     # benchmark's own queries
     assert "reasoning" in meta["examples"].value and q0.modification in meta["examples"].value
 
+    # training takes them: the accepted triplets, each counted CIRCOT_FEEDBACK_WEIGHT times (here 1.5)
+    from types import SimpleNamespace
+
+    from assets.training import _feedback_inputs
+    from model_code.model.recipes import pair_examples
+
+    context = SimpleNamespace(instance=instance, log=SimpleNamespace(info=lambda m: None),
+                              resources=SimpleNamespace(artifacts=ArtifactStore(root=str(artifacts))))
+    fed, annotation_file, info = _feedback_inputs(context, D, b.bench, tables, tmp_path / "runs", 1.5)
+    assert info == {"version": meta["version"].value, "triplets": 4, "weight": 1.5}
+    weighted = read_tables(fed)
+    assert len(weighted.triplets) == 6 and all(q.startswith("fb-") for q in weighted.triplets.query_id)
+    examples = pair_examples(weighted.triplets, weighted.images, tables.root, "train",
+                             read_annotations(annotation_file))
+    mine = next(e for e in examples if e.query_id.startswith(f"fb-{picked}"))
+    assert (mine.reference, mine.target, mine.negatives) == (b.paths[q0.reference_id], b.paths[target],
+                                                             (b.paths[wrong],))
+    assert mine.cot is not None and benchmark_chain.conclusion in mine.cot        # its chain comes along
+    assert _feedback_inputs(context, D, b.bench, tables, tmp_path / "runs", 0.0) is None   # weight 0: not trained on
+
     # again with nothing new: the same version, still passed
     again = _materialise([feedback_triplets, feedback_suite], instance, artifacts)
     assert again.asset_materializations_for_node("feedback_triplets")[0].metadata["version"].value == \

@@ -57,9 +57,9 @@ def gallery(tmp_path):
 def test_search_equals_the_evaluations_exact_ranking(micro_base, tiny_synthetic, tmp_path):
     import torch
 
+    from model_code.backbone import load_backbone
     from model_code.data import read_dataset
     from model_code.evaluation.metrics import rank_gallery, reference_exclusions
-    from model_code.backbone import load_backbone
     from model_code.model.cir_cot import CirCoTModel, apply_lora
 
     torch.manual_seed(0)

@@ -31,10 +31,12 @@ def test_the_definitions_hold_the_schedule_and_sensors_shipped_stopped_but_the_a
     repo = defs.get_repository_def()
     assert {s.name for s in repo.schedule_defs} == {"retrain_schedule"}
     assert {s.name for s in repo.sensor_defs} == {"dataset_change_sensor", "after_data_pipeline", "after_training",
-                                                  "feedback_sensor", "failure_alert", "dead_run_sensor"}
+                                                  "feedback_sensor", "after_feedback", "failure_alert",
+                                                  "dead_run_sensor"}
     assert _by_name("retrain_schedule").default_status == dg.DefaultScheduleStatus.STOPPED
     assert _by_name("retrain_schedule").cron_schedule == DEFAULT_CRON
-    for name in ("dataset_change_sensor", "after_data_pipeline", "after_training", "feedback_sensor"):
+    for name in ("dataset_change_sensor", "after_data_pipeline", "after_training", "feedback_sensor",
+                 "after_feedback"):
         assert _by_name(name).default_status == dg.DefaultSensorStatus.STOPPED
     assert _by_name("failure_alert").default_status == dg.DefaultSensorStatus.RUNNING
     assert _by_name("dead_run_sensor").default_status == dg.DefaultSensorStatus.RUNNING
@@ -267,3 +269,20 @@ def test_a_run_whose_process_was_killed_is_marked_failed_and_alerted_and_the_sch
         assert f"(pid {child.pid}) is gone" in message["error"] and message["kind"] == "failure"
         request = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
         assert isinstance(request, dg.RunRequest)                 # the schedule goes on
+
+
+def test_a_successful_feedback_run_of_a_training_dataset_retrains(instance):
+    sensor = _by_name("after_feedback")
+    for dataset, expect_run in (("synthetic", True), ("cirr", False)):
+        run = dg.DagsterRun(job_name="feedback", run_id=f"{dataset:0<36}"[:36], status=dg.DagsterRunStatus.SUCCESS,
+                            tags={"dagster/partition": dataset})
+        instance.add_run(run)
+        event = dg.DagsterEvent(event_type_value="PIPELINE_SUCCESS", job_name="feedback")
+        context = dg.build_run_status_sensor_context(sensor_name="after_feedback", dagster_event=event,
+                                                     dagster_instance=instance, dagster_run=run)
+        result = sensor(context)
+        if expect_run:
+            assert isinstance(result, dg.RunRequest) and result.run_key == f"train-after-{run.run_id}"
+            assert result.tags[operations.TRIGGER_TAG] == "feedback"
+        else:
+            assert isinstance(result, dg.SkipReason) and "not a training dataset" in result.skip_message

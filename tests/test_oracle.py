@@ -13,8 +13,8 @@ def _queries(n: int, seed: int = 0):
     out = []
     while len(out) < n:
         oid = iter(range(1000))
-        scene = scenes.random_scene(rng, lambda: next(oid))
-        made = sample_modification(rng, scene, rng.choice((1, 2, 3)), lambda: next(oid))
+        scene = scenes.random_scene(rng, oid.__next__)
+        made = sample_modification(rng, scene, rng.choice((1, 2, 3)), oid.__next__)
         if made is not None:
             out.append((scene, *made))
     return out
@@ -25,7 +25,7 @@ def test_a_scene_is_written_one_way_cell_first_and_row_by_row():
     assert describe(scene) == "top left: large red circle; centre: small blue star."
     assert len(set(CELLS.values())) == 9
     # the wording is a function of the scene and the edits alone, not of the query's id
-    for reference, target, edits, _ in _queries(30):
+    for reference, _target, edits, _ in _queries(30):
         assert oracle_cot("a", reference, edits) == oracle_cot("b", reference, edits)
 
 

@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from tools.lock import (DIGEST_PREFIX, canonical, dependency_digest, locked_digest, locked_versions,
-                        parse_pip_config, uv_source_args)
+from tools.lock import (
+    DIGEST_PREFIX,
+    canonical,
+    dependency_digest,
+    locked_digest,
+    locked_versions,
+    parse_pip_config,
+    uv_source_args,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]

@@ -9,11 +9,11 @@ import dagster as dg
 import pytest
 import yaml
 
+from assets.resources import GateResource, TrainingResource
 from model_code.annotation.store import read_annotations
 from model_code.data import read_tables
 from model_code.data.versioning import DvcProject
 from orchestration.__main__ import run as run_cli
-from assets.resources import GateResource, TrainingResource
 from orchestration.definitions import EVALUATION_JOB, PIPELINE_JOB, TRAINING_JOB, build_definitions
 from tests.conftest import TINY_PARAMS, make_dvc_project, shared_benchmark
 

@@ -8,8 +8,8 @@ import torch
 
 from model_code import backbone
 from model_code.model import pretrain
-from model_code.synthetic import pretraining
 from model_code.model.pretrain import PretrainConfig
+from model_code.synthetic import pretraining
 from tests._png import drawn, pixels
 
 

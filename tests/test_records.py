@@ -1,4 +1,4 @@
-"""The typed records one stage hands the next (``model_code.common.Record``, pydantic models): JSON
+"""The typed records one stage hands the next (``model_code.records.Record``, pydantic models): JSON
 round trips, files of older and newer versions, and values of the wrong type refused."""
 
 import json

@@ -223,7 +223,12 @@ def test_without_a_production_model_it_is_alive_but_not_ready(served):
     try:
         s.wait(200, "/livez")
         s.wait(503, "/readyz")
-        code, body = s.search(image)
+        deadline = time.time() + 60
+        while True:   # "still loading" until the background load has looked in the store
+            code, body = s.search(image)
+            if "still loading" not in _error(body) or time.time() > deadline:
+                break
+            time.sleep(0.5)
         assert code == 503 and "no production model of synthetic" in _error(body) and "make run" in _error(body)
     finally:
         s.stop()

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model_code.synthetic import edits, generate, scenes
 from model_code.data import read_benchmark
+from model_code.synthetic import edits, generate, scenes
 from tests.conftest import TINY_PARAMS
 
 

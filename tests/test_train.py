@@ -6,14 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model_code.synthetic.oracle import OracleAnnotator
 from model_code.annotation.store import annotation_requests
 from model_code.backbone import load_backbone
 from model_code.data import read_dataset
 from model_code.model.cir_cot import CIR_TOKENS, CirCoTModel, apply_lora, parameter_counts
-from model_code.model.train import sample_batch, train, TrainConfig, TrainStep
 from model_code.model.loss import info_nce
 from model_code.model.recipes import pair_examples
+from model_code.model.train import TrainConfig, TrainStep, sample_batch, train
+from model_code.synthetic.oracle import OracleAnnotator
 from tests._png import drawn, pixels
 
 
@@ -329,8 +329,8 @@ def test_two_processes_train_together_and_one_writes_the_model(micro_base, bench
     import pandas as pd
 
     from model_code.annotation.store import write_annotations
-    from model_code.data.tables import TablesRecord
     from model_code.data import write_tables
+    from model_code.data.tables import TablesRecord
 
     write_tables(bench, tmp_path / "tables")
     TablesRecord(dataset="synthetic", folder=str(tmp_path / "tables"), root=str(tiny_synthetic),

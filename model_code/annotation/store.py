@@ -31,9 +31,10 @@ import pyarrow.parquet as pq
 import pydantic
 
 from model_code.annotation.judge import UNKNOWN_QUERY, Annotation, AnnotationRequest, Annotator
-from model_code.common import FileDigests, Record, atomic_path
+from model_code.common import FileDigests, atomic_path
 from model_code.data import nulls_as_none
 from model_code.data.tables import image_paths
+from model_code.records import Record
 
 log = logging.getLogger(__name__)
 

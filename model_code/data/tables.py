@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 import pydantic
 
 from model_code.benchmarks import BENCHMARKS
-from model_code.common import Record, atomic_path
+from model_code.common import atomic_path
+from model_code.records import Record
 
 # views of the benchmarks' specs (model_code.benchmarks), the one place these facts are kept
 DATASETS = tuple(BENCHMARKS)

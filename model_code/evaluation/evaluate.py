@@ -20,6 +20,7 @@ version (never saved) is not cached at all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -30,11 +31,12 @@ import pandas as pd
 import pydantic
 import torch
 
-from model_code.data import HIDDEN_SPLITS
-from model_code.evaluation.metrics import map_at_k, rank_gallery, recall_at_k, recall_subset_at_k, reference_exclusions
-from model_code.common import FileDigests, Progress, Record, atomic_path, json_key
 from model_code.benchmarks import benchmark
+from model_code.common import FileDigests, Progress, atomic_path, json_key
+from model_code.data import HIDDEN_SPLITS
 from model_code.datasets import hooks
+from model_code.evaluation.metrics import map_at_k, rank_gallery, recall_at_k, recall_subset_at_k, reference_exclusions
+from model_code.records import Record
 
 METHODS = ("cot", "no_cot", "image_only", "text_only")
 MODEL_METHODS = ("cot", "no_cot")  # the model's own query modes; the other two are baselines
@@ -200,7 +202,7 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
         progress = Progress(len(group.gallery_paths), f"gallery{' ' + group.name if group.name else ''}", say=say,
                             every_s=20)
 
-        def embed_gallery():
+        def embed_gallery(group=group, progress=progress):   # called at once, in this iteration
             parts = []
             for s in _chunks(len(group.gallery_paths), batch_size * 2):
                 parts.append(model.embed_images(group.gallery_paths[s], batch_size=batch_size * 2))
@@ -222,9 +224,9 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
             # what changes the result: the content, the method, and for cot the token budget and the decoding
             key = f"{query_key}-{method}" + (
                 f"-{max_new_tokens}tok-{getattr(model, 'decoding', '')}" if method == "cot" else "")
-            (emb, reas), hit = _cached(cache / f"{key}.pt" if cache else None,
-                                lambda: embed_method(model, method, group, gallery, batch_size=batch_size,
-                                                     max_new_tokens=max_new_tokens, say=say))
+            compute = functools.partial(embed_method, model, method, group, gallery, batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens, say=say)
+            (emb, reas), hit = _cached(cache / f"{key}.pt" if cache else None, compute)
             if not hit:
                 _add_timing(timings, method, time.monotonic() - t0, len(group.queries))
             # every metric reads the top 50, except CIRR's subset recall, which needs the whole order

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from model_code.common import atomic_write_json
 from model_code.benchmarks import benchmark
+from model_code.common import atomic_write_json
 from model_code.evaluation.evaluate import MODEL_METHODS, Evaluation
 
 # matplotlib: imported where used (slow to import, ~0.3 s; only the plots need it, on the Agg backend chosen

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from model_code.backbone import checkpoint_version, load_backbone
+from model_code.chain import CoTFormatError, parse
 from model_code.common import atomic_write_json, file_md5, writing
 
 IGNORE = -100  # label of the positions no loss is computed on
@@ -75,7 +78,6 @@ def add_cir_tokens(model, processor) -> list[int]:
 
 
 def _open(image):
-    from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as im:
@@ -237,7 +239,6 @@ class CirCoTModel(torch.nn.Module):
         ``<emb>`` at once). Returns the embeddings and, per query, ``{"text": raw reasoning, "ids":
         its token ids, "cot": CoT or None, "error": why it did not parse or None}`` (empty dicts in
         ``no_cot``)."""
-        from model_code.chain import CoTFormatError, parse
 
         if mode == "no_cot":
             return self.embed_queries(images, texts, None, batch_size=batch_size), [{} for _ in texts]
@@ -273,7 +274,6 @@ class CirCoTModel(torch.nn.Module):
         if is_peft and self.base_version is None:
             if self.base_path is None:
                 raise ValueError("an adapter model needs its base model's path or version to be saved")
-            from model_code.backbone import checkpoint_version
 
             self.base_version = checkpoint_version(self.base_path)
         h = hashlib.md5()
@@ -298,7 +298,6 @@ class CirCoTModel(torch.nn.Module):
         A relative base model path (a model store entry's ``../base``) is resolved against ``path``."""
         from transformers import AutoProcessor
 
-        from model_code.backbone import load_backbone
 
         path = Path(path)
         meta, base_path = check_model_folder(path)

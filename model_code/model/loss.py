@@ -30,8 +30,16 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from model_code.model.cir_cot import (IDENTITY_REQUEST, IGNORE, CirCoTModel, caption_answer, edit_answer,
-                                      edit_request, unwrap)
+from model_code.chain import parse
+from model_code.model.cir_cot import (
+    IDENTITY_REQUEST,
+    IGNORE,
+    CirCoTModel,
+    caption_answer,
+    edit_answer,
+    edit_request,
+    unwrap,
+)
 
 if TYPE_CHECKING:
     from model_code.model.train import TrainConfig, TrainExample
@@ -190,7 +198,6 @@ def rehearsal_ce(m: CirCoTModel, batch: Sequence[TrainExample], lm_head) -> torc
     """Cross-entropy of the chains' two halves asked the way pretraining asked them: the
     reference's caption (describe prompt, with the image) and, from that caption and the
     modification, the reasoning and conclusion (edit prompt, text only); their mean."""
-    from model_code.chain import parse
 
     cots = [parse(ex.cot) for ex in batch]
     c_inputs = m.encode([m.prompt("describe")] * len(batch), [caption_answer(c.caption) for c in cots],

@@ -32,6 +32,7 @@ metrics, the exported and the published model) is ``model_code/model/pretrain_ou
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -44,10 +45,19 @@ from typing import Literal
 
 import torch
 
+from model_code.backbone import build_random_backbone, checkpoint_version, load_backbone, save_backbone
+from model_code.chain import parse
 from model_code.common import atomic_write_json
+from model_code.datasets import hooks
 from model_code.model.cir_cot import edit_answer
-from model_code.model.pretrain_output import (PretrainRecord, export_checkpoint, plot_perception, publish,
-                                              read_metrics, save_bf16)
+from model_code.model.pretrain_output import (
+    PretrainRecord,
+    export_checkpoint,
+    plot_perception,
+    publish,
+    read_metrics,
+    save_bf16,
+)
 from model_code.model.train import TrainConfig, TrainExample, train
 
 log = logging.getLogger(__name__)
@@ -137,7 +147,6 @@ class PretrainSample:
 
 def _corpus(name: str):
     """The pretraining corpus a dataset registered (``model_code.datasets``: hook ``pretraining``)."""
-    from model_code.datasets import hooks
 
     corpus = hooks(name).pretraining
     if corpus is None:
@@ -174,7 +183,6 @@ def edit_target(s: PretrainSample, answer: str = "conclusion") -> str:
     """The answer a text edit is trained to write: the edited description in ``<conclusion>`` tags,
     after the oracle's ``<reasoning>`` when ``answer`` is "chain" (the chain's own conclusion then)."""
     if answer == "chain":
-        from model_code.chain import parse
 
         c = parse(s.cot)
         return edit_answer(c.reasoning, c.conclusion)
@@ -252,7 +260,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
     """Pretrain (or resume pretraining) the embedded base into ``out_dir``. With ``minutes``, stop
     at the first evaluation point after that much time (resume later with the same call); returns
     None then, else the record of the finished model (``out_dir/model``, a checkpoint folder)."""
-    from model_code.backbone import build_random_backbone, checkpoint_version, load_backbone, save_backbone
     from model_code.model.cir_cot import PROMPTS, CirCoTModel, add_cir_tokens
 
     say = progress or log.info
@@ -334,7 +341,6 @@ def _checkpoint_step(train_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
     p = argparse.ArgumentParser(prog="python -m model_code.model.pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="artifacts/pretrain/tiny84", help="the run's folder (resumed when present)")

@@ -8,6 +8,7 @@ kept as the JSON the run wrote.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,11 +17,15 @@ from pathlib import Path
 
 import torch
 
-from model_code.common import Record, atomic_write_json, replace_dir
+from model_code.backbone import load_backbone
+from model_code.common import atomic_write_json, replace_dir
 
 
-class PretrainRecord(Record):
-    """What a finished pretraining leaves in ``<out>/base.json`` (and the shipped checkpoint's README)."""
+@dataclasses.dataclass
+class PretrainRecord:
+    """What a finished pretraining leaves in ``<out>/base.json`` (and the shipped checkpoint's README).
+    A dataclass with the records' ``to_dict`` / ``from_dict`` / ``write`` / ``read``, not a pydantic
+    ``model_code.records.Record``: the pretraining runs on machines without pydantic (the GPU image)."""
 
     path: str
     version: str
@@ -29,6 +34,21 @@ class PretrainRecord(Record):
     seconds: float
     perception: dict
     history_last: dict
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PretrainRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})   # keys of a newer writer ignored
+
+    def write(self, path: str | os.PathLike) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> PretrainRecord:
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def save_bf16(model, processor, path: str | os.PathLike) -> Path:
@@ -44,7 +64,6 @@ def save_bf16(model, processor, path: str | os.PathLike) -> Path:
 def export_checkpoint(out_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """The model as of ``out_dir``'s last training checkpoint, as a checkpoint folder at ``dest``
     (bf16): to fine-tune or inspect a pretraining that is still running."""
-    from model_code.backbone import load_backbone
 
     out_dir = Path(out_dir)
     state = torch.load(out_dir / "train" / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)

@@ -14,22 +14,31 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
+import logging as _logging
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
 import pydantic
 import torch
+from dagster_pipes import open_dagster_pipes
 
-from model_code.common import Record, atomic_write_json
-from model_code.data.tables import image_paths
+from model_code.annotation.store import read_annotations
+from model_code.backbone import checkpoint_version, load_backbone
+from model_code.chain import CoT
+from model_code.common import atomic_write_json
+from model_code.data import read_tables
+from model_code.data.tables import TablesRecord, image_paths
 from model_code.model.cir_cot import CirCoTModel
 from model_code.model.loss import rank
 from model_code.model.train import TrainConfig, TrainExample, evaluate_in_batch, plot_history, train
+from model_code.records import Record
 
 # ---------------------------------------------------------------------------------------------
 # training examples from the pipeline's tables
@@ -39,7 +48,6 @@ def pair_examples(triplets, images, root: str | os.PathLike, split: str = "train
                   annotations=None) -> list[TrainExample]:
     """Training pairs of ``split``: reference, modification, first target, hard negatives and, when
     ``annotations`` (the accepted rows of the annotations table) has one, the rendered chain of thought."""
-    from model_code.chain import CoT
 
     root = Path(root)
     rows = triplets[triplets["split"] == split]
@@ -245,7 +253,6 @@ class TrainedModel(Record):
 
 def register_checkpoint(path: str | os.PathLike) -> BaseModelRecord:
     """A local checkpoint folder as the base model: checked, versioned by its content."""
-    from model_code.backbone import checkpoint_version
 
     path = Path(path)
     return BaseModelRecord(path=str(path.resolve()), kind="checkpoint", version=checkpoint_version(path))
@@ -257,7 +264,6 @@ EMBEDDED_BASE = Path(__file__).resolve().parent / "embedded_base"   # written by
 def register_embedded(path: str | os.PathLike = EMBEDDED_BASE) -> BaseModelRecord:
     """The pretrained base shipped with the project (``model_code/model/embedded_base``): checked
     against the version its pretraining recorded, so a damaged or half-copied checkpoint is refused."""
-    from model_code.backbone import checkpoint_version
 
     path = Path(path)
     record_file = path / "PRETRAINING.json"
@@ -280,7 +286,6 @@ def train_cir_cot(base: BaseModelRecord, train_pairs: Sequence[TrainExample], va
     no CoT), then stage 2 (``cot``, the joint loss on
     the pairs that have an accepted chain of thought). Saves the model to ``out_dir/model``.
     Each stage resumes from its checkpoint."""
-    from model_code.backbone import load_backbone
     from model_code.model.cir_cot import add_cir_tokens, apply_lora, parameter_counts
 
     out_dir = Path(out_dir)
@@ -331,7 +336,7 @@ def _barrier() -> None:
 def plot_stages(histories: dict[str, list[dict]], path: str | os.PathLike) -> Path:
     """Both stages on one time axis."""
     offset, merged = 0, []
-    for stage, history in histories.items():
+    for history in histories.values():
         merged += [{**h, "step": h["step"] + offset} for h in history]
         offset += len(history)
     keys = set.intersection(*(set(h) for h in merged)) | {"txt"}
@@ -344,7 +349,6 @@ def launch_command(tables: Sequence[str], annotations: Sequence[str], base: str,
     """The command line that trains in ``processes`` processes (torchrun; ``accelerate`` reads its
     environment), e.g. launched by Dagster Pipes: what ``cir_cot_model`` runs outside its own process.
     ``profile_file``: the whole profile, overrides applied (:meth:`TrainingProfile.save`)."""
-    import sys
 
     cmd = [python or sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(processes), "-m", "model_code.model.recipes", "--base", base, "--profile-json", profile_file,
@@ -366,12 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     (a launch by Dagster Pipes), process 0 sends its progress and the result to the asset that
     launched it.
     """
-    import argparse
-    import logging as _logging
 
-    from model_code.annotation.store import read_annotations
-    from model_code.data import read_tables
-    from model_code.data.tables import TablesRecord
 
     p = argparse.ArgumentParser(prog="python -m model_code.model.recipes", description=main.__doc__.split("\n\n")[0])
     p.add_argument("--tables", required=True, action="append",
@@ -406,7 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         pipes = None
         if args.pipes and rank() == 0:   # torchrun gives every process the Pipes environment; one reports
-            from dagster_pipes import open_dagster_pipes
 
             pipes = stack.enter_context(open_dagster_pipes())
         progress = pipes.log.info if pipes else None

@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from pydantic import BaseModel, Field
 
 from model_code.common import Progress, replace_dir
@@ -262,7 +263,6 @@ def load_params(path: str | os.PathLike | None) -> SyntheticParams:
     """The ``synthetic`` section of a params.yaml (DVC's parameter file), or the defaults."""
     if path is None:
         return SyntheticParams()
-    import yaml
 
     data = yaml.safe_load(Path(path).read_text()) or {}
     return SyntheticParams.model_validate(data.get("synthetic", {}))

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from model_code.annotation.judge import UNKNOWN_QUERY, Annotation, AnnotationRequest, judge, rejection
+from model_code.benchmarks import BENCHMARKS
+from model_code.chain import CoT
 from model_code.synthetic import scenes
 from model_code.synthetic.edits import apply_edit, not_phrase
-from model_code.chain import CoT
-from model_code.annotation.judge import UNKNOWN_QUERY, Annotation, AnnotationRequest, judge, rejection
 
 # one name per cell, as the model writes it (the modification texts use scenes.CELL_NAMES' variety)
 CELLS = {
@@ -128,7 +130,6 @@ def scene_from_text(text: str) -> set[tuple]:
     col): every "<cell>: <size> <colour> <shape>" in ``text`` and, in the wording of earlier oracle
     versions, every "<size> <colour> <shape> in the <place>". Used to check whether a generated
     conclusion describes the target scene."""
-    import re
 
     sizes = {w: s for s, words in scenes.SIZE_WORDS.items() for w in words}
     cells = {name: cell for cell, names in scenes.CELL_NAMES.items() for name in names}
@@ -164,11 +165,10 @@ class OracleAnnotator:
     default_min_acceptance = 1.0
 
     def __init__(self, root: str | os.PathLike):
-        from model_code.synthetic import generate  # pydantic: not imported by the pretraining (the GPU image has none)
 
         self.root = Path(root)
         self._queries, self._graphs = {}, {}
-        for split in generate.SPLITS:
+        for split in BENCHMARKS["synthetic"].splits:
             captions = self.root / "captions" / f"cap.{split}.json"
             if not captions.is_file():
                 continue

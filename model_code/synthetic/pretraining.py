@@ -7,14 +7,18 @@ The generic job (``model_code.model.pretrain``) reaches this through ``hooks("sy
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from model_code.common import Progress
 from model_code.model.cir_cot import edit_request
 from model_code.synthetic import scenes
+from model_code.synthetic.edits import sample_modification
+from model_code.synthetic.oracle import describe, object_match, oracle_cot, scene_from_text
 
 SCENE_SEED = "circot-pretrain"  # scenes are drawn from random.Random(f"{SCENE_SEED}/{seed}/{i}")
 # the edit ops a modification is made of, as the scores by op name them ("set" split by attribute)
@@ -59,12 +63,8 @@ def make_samples(cfg, folder: str | os.PathLike, *, exclude: set[tuple] = frozen
     every object count (one-object scenes included: there are only 648 of them, and the training
     scenes would otherwise take them all). Images are rendered into ``folder`` under a name given by
     their scene (kept across runs: rendering is skipped for files present)."""
-    import hashlib
 
-    from model_code.common import Progress
     from model_code.model.pretrain import PretrainSample
-    from model_code.synthetic.edits import sample_modification
-    from model_code.synthetic.oracle import describe, oracle_cot
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,10 +78,10 @@ def make_samples(cfg, folder: str | os.PathLike, *, exclude: set[tuple] = frozen
             rng = random.Random(f"{SCENE_SEED}/{cfg.seed}/{stream}{i}")
             i += 1
             oid = iter(range(1000))
-            scene = _scene_with(rng, n_objects(len(out) // cfg.edits_per_scene), lambda: next(oid))
+            scene = _scene_with(rng, n_objects(len(out) // cfg.edits_per_scene), oid.__next__)
             if scenes.scene_key(scene) in seen:
                 continue
-            made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), lambda: next(oid))
+            made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), oid.__next__)
             if made is None:
                 continue
             seen.add(scenes.scene_key(scene))
@@ -94,7 +94,7 @@ def make_samples(cfg, folder: str | os.PathLike, *, exclude: set[tuple] = frozen
             description = describe(scene)
             for j in range(cfg.edits_per_scene):
                 while made is None:   # the scene admits some modification (the first draw found one)
-                    made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), lambda: next(oid))
+                    made = sample_modification(rng, scene, rng.choice((1, 1, 2, 3)), oid.__next__)
                 edited, edits, modification = made
                 tag = f"{stream}{i}" if j == 0 else f"{stream}{i}/{j}"
                 out.append(PretrainSample(
@@ -112,6 +112,5 @@ def make_samples(cfg, folder: str | os.PathLike, *, exclude: set[tuple] = frozen
 
 def matches(texts: Sequence[str], truths: Sequence[tuple]) -> list[tuple[bool, float]]:
     """Per text: whether it states exactly the true objects (scene keys), and its object F1."""
-    from model_code.synthetic.oracle import object_match, scene_from_text
 
     return [object_match(scene_from_text(text), set(truth)) for text, truth in zip(texts, truths)]

@@ -7,8 +7,11 @@ what ``scene_graphs/<split>.json`` holds, and :func:`render_scene` is a pure fun
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Callable, Iterable
+
+from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "diamond")
 COLORS = {
@@ -119,7 +122,6 @@ def random_scene(rng: random.Random, next_oid: Callable[[], int]) -> Scene:
 
 
 def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
-    import math
 
     if shape == "triangle":
         return [(cx + r * math.cos(math.radians(a)), cy + r * math.sin(math.radians(a))) for a in (-90, 30, 150)]
@@ -139,7 +141,6 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
 
 def render_scene(scene: Scene, size: int = 128):
     """Render a scene graph to a PIL RGB image of ``size`` x ``size`` pixels."""
-    from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)
