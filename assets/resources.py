@@ -277,8 +277,8 @@ class TrainingResource(dg.ConfigurableResource):
         artifacts root in its environment, the volume claim (if any) mounted at ``mount_path``
         (default the root itself: a local root shared through the claim)."""
         if not self.k8s_image:
-            raise dg.Failure(description="launcher 'kubernetes' needs an image: set CIRCOT_K8S_IMAGE "
-                                         "(e.g. the project's image built from its Bento or Dockerfile)")
+            raise dg.Failure(description="launcher 'kubernetes' needs an image: set CIRCOT_K8S_IMAGE to the "
+                                         "training image built from docker/train.Dockerfile (docs/training.md)")
         container = {
             "name": "train", "image": self.k8s_image, "command": command, "workingDir": "/app",
             "resources": {"limits": {"nvidia.com/gpu": str(self.k8s_gpus), "cpu": self.k8s_cpu,
