@@ -122,11 +122,24 @@ class PipelineSettings(_Settings):
 class ServiceSettings(_Settings):
     serve_dataset: str = Field("synthetic", description="the dataset whose production model and gallery index the "
                                                         "service serves")
-    api_token: str | None = Field(None, description="when set, every call but the health endpoints needs "
-                                                    "Authorization: Bearer <token>")
+    model_tag: str | None = Field(None, description="the model store tag served (cir-cot:<version>); unset: the "
+                                                    "production model of CIRCOT_SERVE_DATASET (in a Bento's image: "
+                                                    "the model the Bento holds)")
+    api_token: str | None = Field(None, description="when set, every call but the page and the health endpoints "
+                                                    "needs Authorization: Bearer <token>")
+    metrics_open: bool = Field(False, description="/metrics answers without the token (for a scraper inside the "
+                                                  "cluster; 0: it needs the token like the API)")
+    log_json: bool = Field(False, description="log JSON lines (one object per line) instead of text")
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="the largest image upload, in bytes")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="the largest image, in pixels (width x height)")
+    max_image_pixels: int = Field(25_000_000, ge=1, description="the largest image, in pixels (width x height), "
+                                                                "checked before the image is decoded")
+    max_images: int = Field(64, ge=1, description="the most images one /embed_image may carry")
     max_k: int = Field(100, ge=1, description="the most results one /search may ask for")
+    encoder_timeout_s: float = Field(60.0, ge=0.1, allow_inf_nan=False,
+                                     description="the longest a call to the encoder may take (seconds); then 503")
+    shutdown_grace_s: float = Field(3.0, ge=0, allow_inf_nan=False,
+                                    description="after SIGTERM, how long calls in flight may finish (seconds) before "
+                                                "they are answered 503 and the process exits")
     adaptive_batching: bool = Field(True, description="the encoder batches concurrent requests (0: off, the load "
                                                       "test's baseline)")
     artifacts: str = Field("artifacts", description="the artifacts root (where the gallery index lives unless "
