@@ -151,7 +151,8 @@ def _page(_: Request) -> Response:
 def _image(request: Request) -> Response:
     service = _running.get("service")
     if service is None or service.index is None:
-        return JSONResponse({"error": f"not ready: {service.error if service else 'starting'}"}, status_code=503)
+        why = (service.error or "opening the gallery index") if service else "starting"
+        return JSONResponse({"error": f"not ready: {why}"}, status_code=503, headers={"Retry-After": "5"})
     dataset, image_id = request.path_params["dataset"], request.path_params["image_id"]
     if dataset != service.dataset:
         return JSONResponse({"error": f"this service serves {service.dataset}, not {dataset}"}, status_code=404)

@@ -112,7 +112,15 @@ def test_log_lines_are_json_one_per_request_and_a_4xx_is_a_warning_without_a_tra
     _, version, image, _ = served
     assert _search(server, b"no image", "make the star red")[0] == 400
     assert _search(server, image, "make the star red", mode="no_cot", k=2)[0] == 200
-    lines = [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
+
+    def read() -> list[dict]:
+        return [json.loads(line) for line in server.log.read_text().splitlines() if line.startswith("{")]
+
+    deadline = time.monotonic() + 10   # a request's line is written once its answer has gone
+    while time.monotonic() < deadline and not any(
+            line.get("route") == "/search" and line.get("status") == 200 and line.get("timings") for line in read()):
+        time.sleep(0.2)
+    lines = read()
     start = [line["message"] for line in lines if line["logger"] == "circot.service"]
     assert any("gallery index gallery_synthetic version" in m and f"cir-cot:{version}" in m for m in start), start
     assert any(m.startswith(f"ready: serving synthetic with model cir-cot:{version}") for m in start), start
