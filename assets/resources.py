@@ -6,15 +6,20 @@ with defaults that run the embedded profile.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
+from fsspec.core import url_to_fs
 
+from model_code.annotation import teachers
 from model_code.benchmarks import benchmark
 from model_code.data.versioning import DvcProject
 from model_code.datasets import hooks
-from model_code.evaluation.gate import gate_floors
+from model_code.evaluation.gate import GateConfig, gate_floors
+from model_code.index import GalleryIndex, index_uri
 from model_code.settings import PipelineSettings, load
 
 
@@ -93,7 +98,6 @@ class ArtifactStore(dg.ConfigurableResource):
             return Path(self.root).expanduser().resolve()
         if self.cache:
             return Path(self.cache).expanduser().resolve()
-        import hashlib
 
         return Path.home() / ".cache" / "circot" / "artifacts" / hashlib.md5(self.root.encode()).hexdigest()[:12]
 
@@ -118,7 +122,6 @@ class ArtifactStore(dg.ConfigurableResource):
             rel = Path(local).resolve().relative_to(self.local_root())
         except ValueError:
             return None
-        from fsspec.core import url_to_fs
 
         fs, base = url_to_fs(self.root)
         return fs, f"{base.rstrip('/')}/{rel.as_posix()}" if rel.parts else base
@@ -230,7 +233,6 @@ class AnnotatorResource(dg.ConfigurableResource):
             f"(or the variable named by CIRCOT_TEACHER_API_KEY_ENV)."))
 
     def build(self, dataset: str, raw_root: str):
-        from model_code.annotation import teachers
 
         kind = self.resolve_kind(dataset)
         if kind == "oracle":
@@ -280,8 +282,8 @@ class TrainingResource(dg.ConfigurableResource):
         artifacts root in its environment, the volume claim (if any) mounted at ``mount_path``
         (default the root itself: a local root shared through the claim)."""
         if not self.k8s_image:
-            raise dg.Failure(description="launcher 'kubernetes' needs an image: set CIRCOT_K8S_IMAGE "
-                                         "(e.g. the project's image built from its Bento or Dockerfile)")
+            raise dg.Failure(description="launcher 'kubernetes' needs an image: set CIRCOT_K8S_IMAGE to the "
+                                         "training image built from docker/train.Dockerfile (docs/training.md)")
         container = {
             "name": "train", "image": self.k8s_image, "command": command, "workingDir": "/app",
             "resources": {"limits": {"nvidia.com/gpu": str(self.k8s_gpus), "cpu": self.k8s_cpu,
@@ -322,7 +324,6 @@ class IndexResource(dg.ConfigurableResource):
     exact_below: int = 50_000
 
     def open(self, dataset: str, artifacts: ArtifactStore):
-        from model_code.index import GalleryIndex, index_uri
 
         uri = index_uri(artifacts.root, self.uri, artifacts.local_root())
         return GalleryIndex(uri, dataset, exact_below=self.exact_below)
@@ -340,7 +341,6 @@ class GateResource(dg.ConfigurableResource):
     max_regression: float = 0.01
 
     def config(self, dataset: str):
-        from model_code.evaluation.gate import GateConfig
 
         try:
             floors = gate_floors(dataset, self.floors)
@@ -360,7 +360,6 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
     docs/configuration.md). An unusable variable never stops the definitions from loading: its
     default is used here, and every run refuses to start while it is set (the artifacts resource
     carries the messages)."""
-    import os
 
     s, errors = load(PipelineSettings)
     return {

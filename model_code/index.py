@@ -2,7 +2,9 @@
 
 One LanceDB table per dataset (``gallery_<dataset>``) under a URI (default ``<artifacts>/lancedb``;
 any LanceDB URI, e.g. ``s3://bucket/path``), with columns ``image_id``, ``dataset``, ``split``,
-``path``, ``vector`` (fixed-size float32, L2-normalised) and ``model_version``.
+``path``, ``md5`` (the image file's content hash: the service finds an uploaded reference by it),
+``vector`` (fixed-size float32, L2-normalised) and ``model_version``. A table made before ``md5``
+existed is rebuilt by the next build, and read meanwhile with the hashes computed from its paths.
 
 Versions follow the model. A build for model ``v`` embeds the images the table's newest version
 lacks for ``v`` (so an interrupted build resumes, and a grown catalogue embeds only its new images),
@@ -21,14 +23,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from filelock import FileLock, Timeout
+from PIL import Image
+
+from model_code.common import Progress
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,18 @@ def index_uri(artifacts_root: str, override: str | None = None, local_copy: str 
 
 class GalleryIndexError(ValueError):
     """A bad query, an index that does not exist, a build that cannot go on: the message says which."""
+
+
+def content_hash(data: bytes) -> str:
+    """An image's identity by content: the md5 of its bytes (what the index stores per image)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _file_hash(path) -> str | None:
+    try:
+        return content_hash(Path(path).read_bytes())
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +247,6 @@ class GalleryIndex:
         except Exception:  # noqa: BLE001 - a manifest too damaged to drop: remove its folder
             if "://" in self.uri:
                 raise
-            import shutil
 
             shutil.rmtree(Path(self.uri) / f"{self.table_name}.lance", ignore_errors=True)
         self._cache.clear()
@@ -270,9 +289,7 @@ class GalleryIndex:
         an interrupted build and embedding only images the table lacks for ``model_version``; then
         keep only this model's rows, index them, and tag the version. ``on_bad_image``: ``fail``
         (a GalleryIndexError naming the image) or ``skip`` (left out, listed in the result)."""
-        import pyarrow as pa
 
-        from model_code.common import Progress
 
         if on_bad_image not in ("fail", "skip"):
             raise GalleryIndexError(f"on_bad_image must be 'fail' or 'skip', not {on_bad_image!r}")
@@ -284,6 +301,11 @@ class GalleryIndex:
             say = progress or log.info
             self._drop_damaged(say)
             table = self._open()
+            if table is not None and "md5" not in table.schema.names:
+                say(f"gallery index {self.table_name} was built before content hashes: rebuilding it")
+                self.db.drop_table(self.table_name)
+                self._cache.clear()
+                table = None
             tagged = self.versions().get(model_version)
             if table is not None and tagged is not None and not self._rows_of(table, model_version):
                 # a model built before (e.g. production again after a rollback): its tagged version
@@ -303,6 +325,7 @@ class GalleryIndex:
                     rows = pa.table({
                         "image_id": [im.image_id for im in batch], "dataset": [self.dataset] * len(batch),
                         "split": [im.split for im in batch], "path": [str(im.path) for im in batch],
+                        "md5": pa.array([_file_hash(im.path) for im in batch], pa.string()),
                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
                         "model_version": [model_version] * len(batch)})
                     if table is None:
@@ -368,6 +391,24 @@ class GalleryIndex:
         """Image id -> image path of the index built for ``model_version`` (what a service shows)."""
         data = self._read(self._version_table(model_version), ["image_id", "path"])
         return dict(zip(data.column("image_id").to_pylist(), map(Path, data.column("path").to_pylist())))
+
+    def hashes(self, model_version: str) -> dict[str, list[str]]:
+        """Content hash -> the image ids with that content, in the index built for ``model_version``
+        (computed from the image files for a table built before the ``md5`` column; an unreadable
+        file has none)."""
+        table = self._version_table(model_version)
+        if "md5" in table.schema.names:
+            data = self._read(table, ["image_id", "md5"])
+            pairs = zip(data.column("image_id").to_pylist(), data.column("md5").to_pylist())
+        else:
+            log.warning("%s was built before content hashes: hashing its images now (the next build stores them)",
+                        self.table_name)
+            pairs = ((i, _file_hash(p)) for i, p in self.paths(model_version).items())
+        out: dict[str, list[str]] = {}
+        for image_id, digest in pairs:
+            if digest is not None:
+                out.setdefault(digest, []).append(image_id)
+        return out
 
     def vectors(self, model_version: str) -> tuple[list[str], np.ndarray]:
         """The ids and vectors [n, d] of the index built for ``model_version`` (what exact search reads)."""
@@ -444,7 +485,6 @@ def _dimension(table) -> int:
 
 
 def _readable(path: Path) -> bool:
-    from PIL import Image
 
     try:
         with Image.open(path) as im:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from model_code.index import GalleryIndexError
 MODES = ("cot", "no_cot")
 MAX_TEXT_CHARS = 1000
 MAX_IMAGE_BYTES = 20 * 2**20
-MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_PIXELS = 25_000_000
 
 
 class QueryError(ValueError):
@@ -67,8 +68,11 @@ def open_image(data: bytes | str | os.PathLike, *, max_bytes: int = MAX_IMAGE_BY
             return im.convert("RGB")
     except QueryError:
         raise
+    except Image.DecompressionBombError:   # PIL's own limit, far above ours: refused from the header too
+        raise QueryError(f"the image has more than {max_pixels} pixels", 413) from None
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file
-        raise QueryError(f"the upload is not a readable image ({type(e).__name__}: {e})") from None
+        why = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e))   # no internal object text
+        raise QueryError(f"the upload is not a readable image ({type(e).__name__}: {why})") from None
 
 
 def infer(model, images, texts, mode: str = "cot", *, max_new_tokens: int = 256):

@@ -14,6 +14,9 @@ run can refuse to start with all of them while the Dagster UI still loads.
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 from typing import Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator
@@ -117,15 +120,12 @@ class PipelineSettings(_Settings):
     @classmethod
     def _floors(cls, value: str | None) -> str | None:
         if value is not None:
-            from model_code.evaluation.gate import parse_floors
-
             parse_floors(value)  # a ValueError says what is wrong
         return value
 
     @field_validator("gallery_extra_splits")
     @classmethod
     def _splits(cls, value: str | None) -> str | None:
-        import re
 
         if value is not None and not all(re.fullmatch(r"[A-Za-z0-9_-]+", s.strip()) for s in value.split(",")):
             raise ValueError("is not a comma-separated list of split names (e.g. 'train')")
@@ -145,11 +145,24 @@ class PipelineSettings(_Settings):
 class ServiceSettings(_Settings):
     serve_dataset: str = Field("synthetic", description="the dataset whose production model and gallery index the "
                                                         "service serves")
-    api_token: str | None = Field(None, description="when set, every call but the health endpoints needs "
-                                                    "Authorization: Bearer <token>")
+    model_tag: str | None = Field(None, description="the model store tag served (cir-cot:<version>); unset: the "
+                                                    "production model of CIRCOT_SERVE_DATASET (in a Bento's image: "
+                                                    "the model the Bento holds)")
+    api_token: str | None = Field(None, description="when set, every call but the page and the health endpoints "
+                                                    "needs Authorization: Bearer <token>")
+    metrics_open: bool = Field(False, description="/metrics answers without the token (for a scraper inside the "
+                                                  "cluster; 0: it needs the token like the API)")
+    log_json: bool = Field(False, description="log JSON lines (one object per line) instead of text")
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="the largest image upload, in bytes")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="the largest image, in pixels (width x height)")
+    max_image_pixels: int = Field(25_000_000, ge=1, description="the largest image, in pixels (width x height), "
+                                                                "checked before the image is decoded")
+    max_images: int = Field(64, ge=1, description="the most images one /embed_image may carry")
     max_k: int = Field(100, ge=1, description="the most results one /search may ask for")
+    encoder_timeout_s: float = Field(60.0, ge=0.1, allow_inf_nan=False,
+                                     description="the longest a call to the encoder may take (seconds); then 503")
+    shutdown_grace_s: float = Field(3.0, ge=0, allow_inf_nan=False,
+                                    description="after SIGTERM, how long calls in flight may finish (seconds) before "
+                                                "they are answered 503 and the process exits")
     adaptive_batching: bool = Field(True, description="the encoder batches concurrent requests (0: off, the load "
                                                       "test's baseline)")
     artifacts: str = Field("artifacts", description="the artifacts root (where the gallery index lives unless "
@@ -165,6 +178,32 @@ class ServiceSettings(_Settings):
         if value not in BENCHMARKS:
             raise ValueError(f"is not a benchmark ({', '.join(BENCHMARKS)})")
         return value
+
+
+def parse_floors(text: str) -> dict:
+    """``CIRCOT_GATE_FLOORS``: JSON ``{metric: floor}`` (every dataset) and/or ``{dataset: {metric:
+    floor}}``, each floor a finite number from 0 to 1. Returns ``{"": global floors, dataset: floors}``;
+    a ValueError says what is wrong."""
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not valid JSON ({e})") from None
+    if not isinstance(given, dict):
+        raise ValueError("must be a JSON object: {metric: floor} or {dataset: {metric: floor}}")
+
+    def floor(where: str, metric: str, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not 0 <= value <= 1:
+            raise ValueError(f"{where}{metric!r}: {value!r} is not a number from 0 to 1")
+        return float(value)
+
+    out: dict[str, dict[str, float]] = {"": {}}
+    for key, value in given.items():
+        if isinstance(value, dict):
+            out[key] = {m: floor(f"{key}.", m, v) for m, v in value.items()}
+        else:
+            out[""][key] = floor("", key, value)
+    return out
 
 
 S = TypeVar("S", bound=_Settings)
@@ -200,7 +239,6 @@ def _reason(cls: type[_Settings], field: str, error: dict) -> str:
 
 
 def _messages(cls: type[_Settings], error: ValidationError) -> tuple[list[str], set[str]]:
-    import os
 
     messages, fields = [], set()
     for e in error.errors():

@@ -2,56 +2,97 @@
 
     .venv/bin/bentoml serve serving.service:CirCoTService --host 127.0.0.1 --port 3100   (make serve)
 
-- ``POST /search``: a reference image (upload), a modification text, ``k`` and ``mode`` (``cot``,
-  the default, or ``no_cot``) → the reasoning in its three parts (or the raw text and why it does not
-  parse), the top-k gallery ids with cosine scores and image URLs, the model version and timings.
-- ``POST /embed_image``: images → L2-normalised embeddings (adaptive batching).
-- ``GET /images/{dataset}/{image_id}?size=N``: a gallery image as PNG (a thumbnail with ``size``).
-- ``GET /ui``: a page to ask a query and see the reasoning and the result thumbnails.
-- ``/livez``, ``/healthz`` (alive), ``/readyz`` (200 once the model and the index are loaded).
+- ``POST /search``: a reference image (upload), a modification text, ``k``, ``mode`` (``cot``, the
+  default, or ``no_cot``) and optionally ``reference_id`` → the reasoning in its three parts (or the
+  raw text and why it does not parse), the top-k gallery ids with cosine scores and image URLs, the
+  dataset and model version, the ids left out as the reference, and timings. Where the dataset's
+  protocol leaves the reference out of its ranking (``BenchmarkSpec.excludes_reference``), the
+  gallery images with the upload's content (md5) and the ``reference_id`` given are left out, as
+  the evaluation leaves them out.
+- ``POST /embed_image``: images → L2-normalised embeddings (split into encoder batches).
+- ``GET /ui/images/{dataset}/{image_id}?size=N``: a gallery image as PNG (a thumbnail with ``size``).
+- ``GET /ui/``: a page to ask a query and see the reasoning and the result thumbnails.
+- ``/livez``, ``/healthz`` (alive), ``/readyz`` (200 once the model and the index are loaded and the
+  encoder answers; else 503 with the reason), ``/metrics`` (Prometheus).
 
-Settings (environment; ``model_code.settings.ServiceSettings``, listed in docs/configuration.md):
-``CIRCOT_SERVE_DATASET`` (default ``synthetic``), ``BENTOML_HOME`` (the model store),
-``CIRCOT_ARTIFACTS`` / ``CIRCOT_INDEX_URI`` (the gallery index), ``CIRCOT_API_TOKEN`` (when set,
-every call but the health endpoints needs ``Authorization: Bearer <token>``),
-``CIRCOT_MAX_IMAGE_BYTES``, ``CIRCOT_MAX_IMAGE_PIXELS``, ``CIRCOT_MAX_K``.
-It imports ``model_code`` only; what it serves is what the pipeline promoted.
+Settings: ``model_code.settings.ServiceSettings`` (docs/configuration.md). The model is declared
+where BentoML looks for it (``bentoml.models.BentoModel`` on the encoder): ``CIRCOT_MODEL_TAG``, else
+the production model of ``CIRCOT_SERVE_DATASET`` in the model store (in a Bento's image, the model
+the Bento holds), so ``bentoml build`` packs it into the Bento.
 
 Two BentoML services (model composition): ``CirCoTService`` (the API, the page, auth, input checks
-and the gallery index) depends on ``CirCoTEncoder`` (the model), whose three methods are
-``batchable``: BentoML's dispatcher gathers the no-CoT queries, the CoT queries and the gallery
-images that arrive together into one batch each (``CIRCOT_ADAPTIVE_BATCHING=0`` turns it off: the
-load test's baseline). ``bentoml serve`` starts both; on Kubernetes each scales on its own.
+and the gallery index; serving/guard.py and serving/link.py) depends on ``CirCoTEncoder`` (the
+model), whose three methods are ``batchable`` (``CIRCOT_ADAPTIVE_BATCHING=0`` turns it off: the load
+test's baseline). ``bentoml serve`` starts both; on Kubernetes each scales on its own.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
+import sys
 import threading
+import time
 from pathlib import Path
 
 import bentoml
 import numpy as np
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from model_code import registry
+from model_code.benchmarks import benchmark
+from model_code.index import GalleryIndex, content_hash, index_uri
+from model_code.retrieval import MODES, QueryError, check_text, infer, open_image, search
 from model_code.settings import ServiceSettings, load
+from serving.guard import Guard, note
+from serving.link import ApiError, EncoderLink, on_shutdown_signal
+from serving.observability import metrics, setup_logging
 
 log = logging.getLogger("circot.service")
 
-# the settings (model_code.settings.ServiceSettings; docs/configuration.md): unusable values are
-# logged and their defaults used, and /readyz reports them
+# the settings (docs/configuration.md): unusable values are logged and their defaults used, and
+# the service is not ready, saying which
 SETTINGS, SETTINGS_ERRORS = load(ServiceSettings)
-# adaptive batching of the encoder (CIRCOT_ADAPTIVE_BATCHING=0 turns it off: the load test's baseline)
 BATCHING = SETTINGS.adaptive_batching
-OPEN_PATHS = ("/livez", "/healthz", "/readyz", "/metrics", "/ui", "/ui/")
-API_PATHS = ("/search", "/embed_image")
+IMAGE_BATCH = 32          # the encoder's largest batch of gallery images: /embed_image sends at most this many a call
 HERE = Path(__file__).resolve().parent
-_running: dict = {}  # the service instance of this worker, for the page's routes
+_running: dict = {}       # the front's instance in this worker, for the page's routes and the guard
+
+
+def _served_model() -> tuple[str | None, str | None]:
+    """``(tag, None)`` of the model to serve, or ``(None, why there is none)``."""
+
+    try:
+        if SETTINGS.model_tag:
+            try:
+                return str(bentoml.models.get(SETTINGS.model_tag).tag), None
+            except bentoml.exceptions.NotFound:
+                return None, (f"CIRCOT_MODEL_TAG={SETTINGS.model_tag} is not in the model store at "
+                              f"{registry.store_path()}")
+        # serving a Bento that carries its model (its image): BentoML reads the Bento's own store
+        try:
+            stored = bentoml.models.list(registry.MODEL_NAME)
+        except bentoml.exceptions.NotFound:   # none at all
+            stored = []
+        own = [m for m in stored if Path(m.path).resolve().parents[1] != registry.store_path().resolve()]
+        if own:
+            return str(max(own, key=lambda m: m.info.creation_time).tag), None
+        return registry.require_production(SETTINGS.serve_dataset)["tag"], None
+    except Exception as e:  # noqa: BLE001 - reported by /readyz and every call
+        return None, str(e) if isinstance(e, LookupError) else f"{type(e).__name__}: {e}"
+
+
+MODEL_TAG, MODEL_ERROR = _served_model()
+if MODEL_ERROR and sys.argv[1:2] == ["build"] and Path(sys.argv[0]).name in ("bentoml", "__main__.py"):
+    # `bentoml build` imports this module: a Bento without its model would not serve anywhere
+    raise SystemExit(f"no model to put in the Bento: {MODEL_ERROR}")
+MODEL_VERSION = MODEL_TAG.split(":", 1)[1] if MODEL_TAG else None
 
 
 class Reasoning(BaseModel):
@@ -74,7 +115,9 @@ class SearchResponse(BaseModel):
     mode: str
     reasoning: Reasoning | None
     results: list[Hit]
-    timings: dict[str, float]
+    excluded: list[str] = Field(description="gallery ids left out as the reference (same content, or the "
+                                            "reference_id given), where the dataset's protocol leaves it out")
+    timings: dict[str, float | int]
 
 
 class EncodedQuery(BaseModel):
@@ -92,60 +135,15 @@ class EncodedAnswer(BaseModel):
 
 
 def _b64(data: bytes) -> str:
-    import base64
 
     return base64.b64encode(data).decode("ascii")
 
 
 def _unb64(text: str):
-    import base64
-    import io
 
-    from PIL import Image
 
     with Image.open(io.BytesIO(base64.b64decode(text))) as im:
         return im.convert("RGB")
-
-
-class ApiError(bentoml.exceptions.BentoMLException):
-    """A refusal with its HTTP status and a sentence."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        from http import HTTPStatus
-
-        self.error_code = HTTPStatus(status)
-
-
-async def _call(method, *args):
-    """A call to the encoder, retried up to twice when the pooled connection was dropped under it
-    (BentoML's internal client keeps connections alive longer than the server: bentoml/BentoML#4971)."""
-    import aiohttp
-
-    for attempt in range(3):
-        try:
-            return await method(*args)
-        except aiohttp.ClientConnectionError as e:
-            if attempt == 2:
-                raise ApiError(f"the encoder did not answer ({type(e).__name__}); try again", 503) from None
-            log.warning("encoder connection dropped (%s); retrying", type(e).__name__)
-
-
-class _Guard(BaseHTTPMiddleware):
-    """The bearer token (when ``CIRCOT_API_TOKEN`` is set), then readiness: an API call before the
-    model and the index are loaded gets 503 with the reason (BentoML would hide a 5xx's message)."""
-
-    async def dispatch(self, request: Request, call_next):
-        token = SETTINGS.api_token
-        if token and request.url.path not in OPEN_PATHS:
-            if request.headers.get("authorization", "") != f"Bearer {token}":
-                return JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
-                                    status_code=401)
-        service = _running.get("service")
-        if request.url.path in API_PATHS and (service is None or not await service.__is_ready__()):
-            why = service.why_not_ready() if service else "starting"
-            return JSONResponse({"error": f"not ready: {why}"}, status_code=503)
-        return await call_next(request)
 
 
 def _page(_: Request) -> Response:
@@ -154,17 +152,16 @@ def _page(_: Request) -> Response:
 
 def _image(request: Request) -> Response:
     service = _running.get("service")
-    if service is None or not service.ready:
-        return JSONResponse({"error": service.why_not_ready() if service else "starting"}, status_code=503)
+    if service is None or service.index is None:
+        why = (service.error or "opening the gallery index") if service else "starting"
+        return JSONResponse({"error": f"not ready: {why}"}, status_code=503, headers={"Retry-After": "5"})
     dataset, image_id = request.path_params["dataset"], request.path_params["image_id"]
     if dataset != service.dataset:
         return JSONResponse({"error": f"this service serves {service.dataset}, not {dataset}"}, status_code=404)
     path = service.paths.get(image_id)
     if path is None:
         return JSONResponse({"error": f"no image {image_id!r} in the {dataset} gallery"}, status_code=404)
-    import io
 
-    from PIL import Image
 
     try:
         size = int(request.query_params.get("size", 0))
@@ -184,44 +181,56 @@ def _image(request: Request) -> Response:
 
 
 pages = Starlette(routes=[Route("/", _page), Route("/images/{dataset}/{image_id}", _image)])
+# BentoML's own HTTP metrics label requests by their raw URL (a series per URL a client makes up) and
+# its access log would repeat ours: both off; /metrics is the guard's (serving/observability.py)
+_QUIET = {"metrics": {"enabled": False}, "logging": {"access": {"enabled": False}}}
 
 
-@bentoml.service(name="circot-encoder", traffic={"timeout": 300})
+# runner_connection: the front's client replaces its connection pool after max_requests calls or max_age
+# seconds, closing the calls in flight on it (each then retried: the encoder's work done twice); rarely
+@bentoml.service(name="circot-encoder", traffic={"timeout": 300}, runner_connection={"max_requests": 1_000_000,
+                                                                                     "max_age": 86_400.0}, **_QUIET)
 class CirCoTEncoder:
-    """The production model of ``CIRCOT_SERVE_DATASET``, loaded in the background; its methods take
-    batches (inputs were checked by the front service)."""
+    """The model, loaded in the background; its methods take batches (inputs were checked by the front)."""
+
+    if MODEL_TAG:   # where BentoML finds the model: `bentoml build` packs it into the Bento
+        model_entry = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        self.dataset = SETTINGS.serve_dataset
+        setup_logging(SETTINGS.log_json)
         self.model = self.version = self.error = None
+        on_shutdown_signal(lambda: None, SETTINGS.shutdown_grace_s, "encoder")
         threading.Thread(target=self._load, daemon=True).start()
 
     def _load(self) -> None:
         try:
-            from model_code import registry
+            if MODEL_ERROR:
+                raise LookupError(MODEL_ERROR)
+            from model_code.model.cir_cot import CirCoTModel
 
-            prod = registry.require_production(self.dataset)
-            self.model, self.version = registry.load_promoted(dataset=self.dataset), prod["version"]
-            log.info("encoder: model %s of %s loaded", self.version, self.dataset)
+            entry = self.model_entry
+            self.model, self.version = CirCoTModel.load(Path(entry.path) / "model"), entry.tag.version
+            log.info("encoder: model %s loaded from %s", entry.tag, entry.path)
         except Exception as e:  # noqa: BLE001 - reported through state()
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = str(e) if isinstance(e, LookupError) else f"{type(e).__name__}: {e}"
             log.error("encoder not ready: %s", self.error)
 
     def __is_ready__(self) -> bool:
         return self.model is not None
 
     @bentoml.api
-    def state(self) -> dict:
-        """{"version": the loaded model's version or None, "error": why it cannot load or None}."""
+    async def state(self) -> dict:
+        """{"version": the loaded model's version or None, "error": why it cannot load or None}
+        (async: answered at once while a batch runs in its thread)."""
         return {"version": self.version if self.model is not None else None, "error": self.error}
 
+    def _need_model(self) -> None:
+        if self.model is None:   # the front maps a 503 to "overloaded or restarting"
+            raise bentoml.exceptions.ServiceUnavailable(f"not ready: {self.error or 'still loading the model'}")
+
     def _infer(self, queries: list[EncodedQuery], mode: str) -> list[EncodedAnswer]:
-        import time
 
-        from model_code.retrieval import infer
-
-        if self.model is None:
-            raise ApiError(f"not ready: {self.error or 'still loading the model'}", 503)
+        self._need_model()
         t0 = time.perf_counter()
         emb, chains = infer(self.model, [_unb64(q.image) for q in queries], [q.text for q in queries], mode)
         seconds = round(time.perf_counter() - t0, 4)
@@ -240,128 +249,178 @@ class CirCoTEncoder:
 
     # 32 per batch within 1 s: measured with bench/load_service.py (docs/experiments/); at 200 ms BentoML's dispatcher
     # shed 3.5 % of the requests of 32 clients with 503s
-    @bentoml.api(batchable=BATCHING, max_batch_size=32, max_latency_ms=1000)
+    @bentoml.api(batchable=BATCHING, max_batch_size=IMAGE_BATCH, max_latency_ms=1000)
     def embed_images(self, images: list[str]) -> list[list[float]]:
-        if self.model is None:
-            raise ApiError(f"not ready: {self.error or 'still loading the model'}", 503)
+        self._need_model()
         return self.model.embed_images([_unb64(i) for i in images]).tolist()
 
 
 @bentoml.asgi_app(pages, path="/ui")
-@bentoml.service(name="circot", traffic={"timeout": 300})
+@bentoml.service(name="circot", traffic={"timeout": 300}, **_QUIET)
 class CirCoTService:
-    """The API of the production model of ``CIRCOT_SERVE_DATASET``: opens the index built for it and
-    waits for the encoder, in the background; ``/readyz`` answers 200 once both are there."""
+    """The API of the served model: opens the index built for it in the background and answers once
+    the encoder has loaded the same model; the guard (serving/guard.py) refuses calls until then."""
 
     encoder = bentoml.depends(CirCoTEncoder)
 
     def __init__(self) -> None:
+
+        setup_logging(SETTINGS.log_json)
         self.dataset = SETTINGS.serve_dataset
-        self.max_bytes, self.max_pixels = SETTINGS.max_image_bytes, SETTINGS.max_image_pixels
-        self.max_k = SETTINGS.max_k
+        self.excludes_reference = benchmark(self.dataset).excludes_reference
         self.ready = False
         # an unusable setting keeps the service from becoming ready, saying which (its default is not guessed)
         self.error = "unusable settings: " + "; ".join(SETTINGS_ERRORS) if SETTINGS_ERRORS else None
-        self.index = self.version = None
+        self.index = None
+        self.version = MODEL_VERSION
         self.paths: dict[str, Path] = {}
+        self.by_hash: dict[str, list[str]] = {}
+        self.link = EncoderLink(self.encoder, MODEL_VERSION, SETTINGS.encoder_timeout_s)
         if not SETTINGS.api_token:
             log.warning("CIRCOT_API_TOKEN is not set: the API is open to anyone who can reach it")
         _running["service"] = self
+        metrics().ready.labels(self.dataset).set(0)
+        on_shutdown_signal(lambda: self.link.shut_down(SETTINGS.shutdown_grace_s), SETTINGS.shutdown_grace_s, "front")
         threading.Thread(target=self._load, daemon=True).start()
 
     def _load(self) -> None:
         try:
-            from model_code import registry
-            from model_code.index import GalleryIndex, index_uri
+            if MODEL_ERROR:
+                raise LookupError(MODEL_ERROR)
 
-            prod = registry.require_production(self.dataset)
-            uri = index_uri(SETTINGS.artifacts, SETTINGS.index_uri)
-            index = GalleryIndex(uri, self.dataset)
-            self.paths = index.paths(prod["version"])    # fails, saying so, when no index was built for it
-            self.index, self.version = index, prod["version"]   # ready once the encoder has loaded the same model
-            log.info("%s: index of model %s opened, %d gallery images", self.dataset, self.version, len(self.paths))
+            index = GalleryIndex(index_uri(SETTINGS.artifacts, SETTINGS.index_uri), self.dataset)
+            self.paths = index.paths(MODEL_VERSION)    # fails, saying so, when no index was built for it
+            self.by_hash = index.hashes(MODEL_VERSION) if self.excludes_reference else {}
+            table_version = index.versions()[MODEL_VERSION]
+            index.vectors(MODEL_VERSION)    # read now (and torch imported): the first query does not wait for it
+            import torch  # noqa: F401
+            self.index = index
+            log.info("%s: model %s, gallery index %s version %d (tag %s) at %s, %d images; the reference is %s; "
+                     "waiting for the encoder", self.dataset, MODEL_TAG, index.table_name, table_version,
+                     index.tag(MODEL_VERSION), index.uri, len(self.paths),
+                     "left out of rankings" if self.excludes_reference else "ranked like any image")
         except Exception as e:  # noqa: BLE001 - reported by /readyz and every call
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = str(e) if isinstance(e, LookupError) else f"{type(e).__name__}: {e}"
             log.error("not ready: %s", self.error)
 
+    async def readiness(self, probe: bool = True) -> str | None:
+        """Why the service cannot answer queries now, or None. ``probe``: ask the encoder (at most
+        every 0.5 s; /readyz); else the link's state, which a failed call updates (the API)."""
+        if self.error:
+            return self.error
+        if self.index is None:
+            return "opening the gallery index"
+        if probe or not self.ready:
+            why = await self.link.probe()
+        else:
+            self.link.watch()
+            why = self.link.reason()
+        if why is None and not self.ready:
+            log.info("ready: serving %s with model %s (%d gallery images)", self.dataset, MODEL_TAG, len(self.paths))
+            m = metrics()
+            m.model.labels(self.dataset, self.version).set(1)
+            m.gallery.labels(self.dataset).set(len(self.paths))
+        self.ready = why is None
+        metrics().ready.labels(self.dataset).set(int(self.ready))
+        return why
+
     async def __is_ready__(self) -> bool:
-        """True once the index is open and the encoder has loaded the model it was built for."""
-        if self.ready or self.index is None or self.error:
-            return self.ready
-        try:
-            state = await self.encoder.to_async.state()
-        except Exception as e:  # noqa: BLE001 - the encoder's process is still starting
-            log.debug("encoder not reachable yet: %r", e)
-            return False
-        if state["error"]:
-            self.error = f"the encoder cannot load the model: {state['error']}"
-        elif state["version"] is not None and state["version"] != self.version:
-            self.error = (f"the encoder loaded model {state['version']}, the index is for {self.version} "
-                          "(production changed while starting): restart the service")
-        elif state["version"] is not None:
-            self.ready = True
-            log.info("serving %s: model %s, %d gallery images", self.dataset, self.version, len(self.paths))
-        return self.ready
+        return await self.readiness() is None
 
-    def why_not_ready(self) -> str:
-        return self.error or "still loading the model and the index"
+    def _excluded(self, data: bytes, reference_id: str) -> list[str]:
+        """The gallery ids the dataset's protocol leaves out for this reference: those with its
+        content, and the id the client named."""
+        if not self.excludes_reference:
+            return []
 
-    def _need_ready(self) -> None:
-        if not self.ready:
-            raise ApiError(f"not ready: {self.why_not_ready()}", 503)
+        ids = set(self.by_hash.get(content_hash(data), ()))
+        if reference_id and reference_id in self.paths:
+            ids.add(reference_id)
+        return sorted(ids)
 
     @bentoml.api
     async def search(self, image: Path, modification: str, k: int = 10, mode: str = "cot",
-               dataset: str = "") -> SearchResponse:
+                     dataset: str = "", reference_id: str = "") -> SearchResponse:
         """The top-k gallery images for a reference image and a modification, with the reasoning.
-        ``dataset``, when given, must be the one this deployment serves (default: that one)."""
-        import time
+        ``dataset``, when given, must be the one this deployment serves (default: that one);
+        ``reference_id``: the reference's gallery id, when the client knows it."""
 
-        from model_code.retrieval import MODES, QueryError, check_text, open_image, search
+        label, outcome = (mode if mode in MODES else "invalid"), "error"
+        try:
+            answer = await self._search(image, modification, k, mode, dataset, reference_id)
+            outcome = "ok"
+            return answer
+        except ApiError as e:
+            outcome = "unavailable" if e.status == 503 else "bad_request" if e.status < 500 else "error"
+            return e.response()
+        finally:
+            metrics().queries.labels(label, outcome).inc()
+            note(mode=label, outcome=outcome)
 
-        self._need_ready()
+    async def _search(self, image, modification, k, mode, dataset, reference_id) -> SearchResponse:
+
         if dataset and dataset != self.dataset:
             raise ApiError(f"this service serves {self.dataset}, not {dataset!r}", 404)
-        if not 1 <= k <= min(self.max_k, len(self.paths)):
-            raise ApiError(f"k must be from 1 to {min(self.max_k, len(self.paths))}, not {k}", 400)
         try:
             if mode not in MODES:
                 raise QueryError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
             text = check_text(modification)
             data = Path(image).read_bytes()
-            open_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+            open_image(data, max_bytes=SETTINGS.max_image_bytes, max_pixels=SETTINGS.max_image_pixels)
+            excluded = self._excluded(data, reference_id)
+            most = min(SETTINGS.max_k, len(self.paths) - len(excluded))
+            if not 1 <= k <= most:
+                raise QueryError(f"k must be from 1 to {most}, not {k}")
             t0 = time.perf_counter()
-            query = EncodedQuery(image=_b64(data), text=text)
-            call = self.encoder.to_async.reason if mode == "cot" else self.encoder.to_async.embed_queries
-            a = (await _call(call, [query]))[0]
-            a = a if isinstance(a, EncodedAnswer) else EncodedAnswer.model_validate(a)
+            raw = (await self.link.call("reason" if mode == "cot" else "embed_queries",
+                                        [EncodedQuery(image=_b64(data), text=text)]))[0]
+            a = raw if isinstance(raw, EncodedAnswer) else EncodedAnswer.model_validate(raw)
             t1 = time.perf_counter()
-            ids, scores = search(self.index, self.version, np.asarray([a.embedding], dtype=np.float32), k)
+            ids, scores = search(self.index, self.version, np.asarray([a.embedding], dtype=np.float32), k,
+                                 exclude=set(excluded) or None)
             t2 = time.perf_counter()
         except QueryError as e:
             raise ApiError(str(e), e.status) from None
-        timings = {"reasoning" if mode == "cot" else "embedding": round(t1 - t0, 4), "model_batch": a.seconds,
-                   "batch_size": a.batch, "search": round(t2 - t1, 4)}
+        step = "reasoning" if mode == "cot" else "embedding"
+        m = metrics()
+        m.phase.labels(step).observe(t1 - t0)
+        m.phase.labels("index_search").observe(t2 - t1)
+        if a.reasoning and a.reasoning.get("error"):
+            m.unparsed.inc()
+        timings = {step: round(t1 - t0, 4), "model_batch": a.seconds, "batch_size": a.batch,
+                   "search": round(t2 - t1, 4)}
+        note(timings=timings)
         return SearchResponse(
             model_version=self.version, dataset=self.dataset, mode=mode,
             reasoning=Reasoning(**a.reasoning) if a.reasoning else None,
             results=[Hit(image_id=i, score=round(s, 6), url=f"/ui/images/{self.dataset}/{i}")
                      for i, s in zip(ids[0], scores[0])],
-            timings=timings)
+            excluded=excluded, timings=timings)
 
     @bentoml.api
     async def embed_image(self, images: list[Path]) -> list[list[float]]:
-        """Gallery embeddings (L2-normalised) of uploaded images; the encoder batches them with other requests'."""
-        from model_code.retrieval import QueryError, open_image
+        """Gallery embeddings (L2-normalised) of uploaded images: up to ``CIRCOT_MAX_IMAGES``, sent to
+        the encoder in batches of at most 32, one after another (BentoML's dispatcher sheds a part of
+        a bigger one that waits longer than its latency budget)."""
 
-        self._need_ready()
         try:
+            if not images:
+                raise ApiError("no images: send one or more as 'images'", 400)
+            if len(images) > SETTINGS.max_images:
+                raise ApiError(f"{len(images)} images; at most {SETTINGS.max_images} a call (CIRCOT_MAX_IMAGES)", 413)
             data = [Path(i).read_bytes() for i in images]
-            for d in data:
-                open_image(d, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
-        except QueryError as e:
-            raise ApiError(str(e), e.status) from None
-        return await _call(self.encoder.to_async.embed_images, [_b64(d) for d in data])
+            for n, d in enumerate(data, 1):
+                try:
+                    open_image(d, max_bytes=SETTINGS.max_image_bytes, max_pixels=SETTINGS.max_image_pixels)
+                except QueryError as e:
+                    raise ApiError(f"image {n} of {len(data)}: {e}", e.status) from None
+            out: list[list[float]] = []
+            for i in range(0, len(data), IMAGE_BATCH):
+                out += await self.link.call("embed_images", [_b64(d) for d in data[i: i + IMAGE_BATCH]])
+            metrics().images.inc(len(out))
+            return out
+        except ApiError as e:
+            return e.response()
 
 
-CirCoTService.add_asgi_middleware(_Guard)
+CirCoTService.add_asgi_middleware(Guard, settings=SETTINGS, running=_running)

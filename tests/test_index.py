@@ -298,3 +298,34 @@ def test_a_damaged_index_is_named_as_such_and_the_next_build_rebuilds_it(gallery
     rebuilt.check()
     found, _ = rebuilt.search(vectors[:2], 1, model_version="v1")
     assert [f[0] for f in found] == [images[0].image_id, images[1].image_id]
+
+
+def test_each_image_is_found_by_its_content_and_an_index_made_before_hashes_still_serves(gallery, tmp_path):
+    """The md5 of each image's bytes is stored (how the service finds an uploaded reference in the
+    gallery); a table built before that column is read with hashes computed from its files, and the
+    next build rebuilds it with the column."""
+    import pyarrow as pa
+
+    from model_code.index import content_hash
+
+    images, vectors, embed = gallery
+    expected = {content_hash(im.path.read_bytes()): [im.image_id] for im in images}
+    index = GalleryIndex(tmp_path / "db", "synthetic")
+    index.build(embed, images, model_version="v1")
+    assert index.hashes("v1") == expected
+    assert content_hash(images[7].path.read_bytes()) != content_hash(images[8].path.read_bytes())
+    # a table as the index was written before content hashes: no md5 column, tagged for its model
+    old = GalleryIndex(tmp_path / "old", "synthetic")
+    rows = pa.table({"image_id": [im.image_id for im in images], "dataset": ["synthetic"] * len(images),
+                     "split": ["test"] * len(images), "path": [str(im.path) for im in images],
+                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM),
+                     "model_version": ["v1"] * len(images)})
+    table = old.db.create_table(old.table_name, data=rows)
+    table.tags.create(old.tag("v1"), table.version)
+    assert old.hashes("v1") == expected
+    ids, _ = old.search(vectors[:1], 3, model_version="v1")
+    assert ids[0][0] == "i000"      # still searched as before
+    said: list[str] = []
+    info = old.build(embed, images, model_version="v1", progress=said.append)
+    assert any("before content hashes: rebuilding" in s for s in said) and info.embedded == len(images)
+    assert "md5" in old._open().schema.names and old.hashes("v1") == expected

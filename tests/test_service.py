@@ -1,136 +1,34 @@
-"""The BentoML service end to end: a real server on loopback, the micro model promoted and its index built."""
+"""The BentoML service end to end: a real server on loopback, the micro model promoted and its index built.
+(Failures, metrics, logs, the Bento and served rankings against the evaluation: tests/test_service_ops.py.)"""
 
 import io
 import json
 import os
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
-from pathlib import Path
 
+import numpy as np
 import pytest
 from playwright.sync_api import Page, expect
 
 from tests._png import pixels
-from tests.conftest import REPO, free_port
-
-SETUP = """
-import sys
-from model_code import registry
-from model_code.data import read_dataset
-from model_code.index import GalleryImage, GalleryIndex
-from model_code.model.cir_cot import CirCoTModel
-model_dir, root, index_uri = sys.argv[1:4]
-m = CirCoTModel.load(model_dir, device="cpu")
-registry.promote(model_dir, version=m.version, dataset="synthetic", labels={})
-bench = read_dataset("synthetic", root)
-test = bench.images[bench.images.split == "test"]
-images = [GalleryImage(i, "test", root + "/" + p) for i, p in zip(test.image_id, test.path)]
-GalleryIndex(index_uri, "synthetic").build(lambda ps: m.embed_images(ps), images, model_version=m.version)
-print(m.version)
-"""
-
-
-class Server:
-    def __init__(self, env: dict, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:CirCoTService",
-                                      "--host", "127.0.0.1", "--port", str(self.port)], cwd=REPO, env=env,
-                                     stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-    def wait(self, status: int = 200, path: str = "/readyz", timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited: {self.log.read_text()[-2000:]}")
-            try:
-                code = self.request("GET", path)[0]
-                if code == status:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"{path} never answered {status}: {self.log.read_text()[-2000:]}")
-
-    def request(self, method: str, path: str, fields: dict | None = None, files: dict | None = None,
-                headers: dict | None = None) -> tuple[int, bytes]:
-        body, head = None, dict(headers or {})
-        if fields is not None or files is not None:
-            boundary = uuid.uuid4().hex
-            out = io.BytesIO()
-            for name, value in (fields or {}).items():
-                out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
-                          f"{value}\r\n".encode())
-            for name, (filename, data) in (files or {}).items():
-                out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
-                          f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
-                          + data + b"\r\n")
-            out.write(f"--{boundary}--\r\n".encode())
-            body = out.getvalue()
-            head["Content-Type"] = f"multipart/form-data; boundary={boundary}"
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=head)
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def search(self, image: bytes, modification: str = "make the star red", headers=None, **fields):
-        return self.request("POST", "/search", {"modification": modification, **fields},
-                            {"image": ("ref.png", image)}, headers)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+from tests._serving import Server, error_of, prepare
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, micro_base, tiny_synthetic):
     """A model store with the micro model in production, its index, and the environment to serve them."""
-    import torch
-
-    from model_code.backbone import load_backbone
-    from model_code.model.cir_cot import CirCoTModel, apply_lora
-
     home = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    model, processor = load_backbone(micro_base, device="cpu")
-    m = CirCoTModel(apply_lora(model, processor, r=2, alpha=4), processor, base_path=str(micro_base))
-    m.save(home / "model")
-    env = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "CIRCOT_INDEX_URI": str(home / "lancedb"),
-           "CIRCOT_SERVE_DATASET": "synthetic", "PYTHONPATH": str(REPO)}
-    env.pop("CIRCOT_API_TOKEN", None)
-    import shutil
-
-    gallery = home / "cir-shapes"  # a copy: a test removes one of its images
-    shutil.copytree(tiny_synthetic, gallery)
-    out = subprocess.run([sys.executable, "-c", SETUP, str(home / "model"), str(gallery), str(home / "lancedb")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    image = next((tiny_synthetic / "images" / "test").glob("*.png")).read_bytes()
-    return env, out.stdout.split()[-1], image, home
+    env, version, image = prepare(home, micro_base, tiny_synthetic)
+    return env, version, image, home
 
 
 @pytest.fixture(scope="module")
 def server(served):
     env, version, image, home = served
-    s = Server({**env, "CIRCOT_MAX_IMAGE_BYTES": "50000", "CIRCOT_MAX_IMAGE_PIXELS": "20000"}, home / "open.log")
+    s = Server({**env, "CIRCOT_MAX_IMAGE_BYTES": "50000", "CIRCOT_MAX_IMAGE_PIXELS": "20000",
+                "CIRCOT_MAX_IMAGES": "70"}, home / "open.log")
     s.wait()
     yield s
     s.stop()
-
-
-def _error(body: bytes) -> str:
-    data = json.loads(body)
-    return data[0]["error"] if isinstance(data, list) else data["error"]
 
 
 def test_search_in_both_modes_with_reasoning_and_thumbnails(server, served):
@@ -139,15 +37,19 @@ def test_search_in_both_modes_with_reasoning_and_thumbnails(server, served):
     from model_code.data import read_dataset
 
     _, version, image, home = served
-    code, body = server.search(image, k=4, mode="cot")
+    code, body, headers = server.call("POST", "/search", {"modification": "make the star red", "k": 4, "mode": "cot"},
+                                      {"image": ("ref.png", image)})
     assert code == 200, body
     answer = json.loads(body)
     assert answer["model_version"] == version and answer["mode"] == "cot" and len(answer["results"]) == 4
+    assert answer["dataset"] == "synthetic" and headers["x-circot-dataset"] == "synthetic"  # said in every answer
     assert set(answer["reasoning"]) == {"caption", "reasoning", "conclusion", "raw", "error"}
     assert answer["reasoning"]["error"] is None and answer["reasoning"]["caption"]  # decoding keeps the format
-    assert {"reasoning", "search"} <= set(answer["timings"])
+    assert {"reasoning", "search", "model_batch"} <= set(answer["timings"]) and answer["timings"]["batch_size"] == 1
     scores = [h["score"] for h in answer["results"]]
     assert scores == sorted(scores, reverse=True)
+    reference = sorted((home / "cir-shapes" / "images" / "test").glob("*.png"))[0].stem
+    assert answer["excluded"] == [reference] and reference not in {h["image_id"] for h in answer["results"]}
     code, body = server.search(image, k=3, mode="no_cot")
     assert code == 200 and json.loads(body)["reasoning"] is None and len(json.loads(body)["results"]) == 3
     code, png = server.request("GET", answer["results"][0]["url"] + "?size=32")
@@ -158,13 +60,52 @@ def test_search_in_both_modes_with_reasoning_and_thumbnails(server, served):
         assert im.size == (64, 64)
         im.thumbnail((32, 32))  # the hit's own gallery image, shrunk to the size asked for
     assert pixels(png).shape == (32, 32, 3) and pixels(png).tobytes() == im.tobytes()
-    code, body = server.request("POST", "/embed_image", files={"images": ("a.png", image)})
-    assert code == 200 and len(json.loads(body)[0]) == 64
     code, page = server.request("GET", "/ui/")
     assert code == 200 and b"<form id=\"query\"" in page
 
 
-def test_bad_input_is_a_clear_4xx_never_a_500(server, served):
+def test_the_reference_is_left_out_by_content_and_by_the_id_given(server, served):
+    """The gallery image with the upload's bytes never comes back (as the evaluation leaves it out);
+    nor does the reference_id given; a k that would need it is refused."""
+    home = served[3]
+    files = sorted((home / "cir-shapes" / "images" / "test").glob("*.png"))
+    n = len(files)
+    code, body = server.search(files[3].read_bytes(), mode="no_cot", k=n - 1)
+    ids = [h["image_id"] for h in json.loads(body)["results"]]
+    assert code == 200 and len(ids) == n - 1 and files[3].stem not in ids
+    assert json.loads(body)["excluded"] == [files[3].stem]
+    code, body = server.search(files[3].read_bytes(), mode="no_cot", k=n - 2, reference_id=files[5].stem)
+    answer = json.loads(body)
+    assert answer["excluded"] == sorted([files[3].stem, files[5].stem])
+    assert not {files[3].stem, files[5].stem} & {h["image_id"] for h in answer["results"]}
+    code, body = server.search(files[3].read_bytes(), mode="no_cot", k=n)
+    assert code == 400 and f"k must be from 1 to {n - 1}" in error_of(body)
+    code, body = server.search(files[3].read_bytes(), mode="no_cot", k=2, reference_id="not-in-the-gallery")
+    assert code == 200 and json.loads(body)["excluded"] == [files[3].stem]
+
+
+def test_embed_image_takes_any_allowed_number_of_images(server, served):
+    from PIL import Image
+
+    home = served[3]
+    files = sorted((home / "cir-shapes" / "images" / "test").glob("*.png"))
+    images = [(f"{i}.png", files[i % len(files)].read_bytes()) for i in range(64)]   # two encoder batches
+    code, body = server.request("POST", "/embed_image", files={"images": images})
+    vectors = json.loads(body) if code == 200 else body
+    assert code == 200 and len(vectors) == 64 and all(len(v) == 64 for v in vectors), vectors
+    same = lambda a, b: np.allclose(a, b, atol=1e-5)  # noqa: E731
+    assert same(vectors[0], vectors[len(files)])   # the same image, in another batch: the same embedding
+    code, body = server.request("POST", "/embed_image", files={"images": images[:1]})
+    assert code == 200 and same(json.loads(body)[0], vectors[0])
+    code, body = server.request("POST", "/embed_image", files={"images": images + images[:7]})
+    assert code == 413 and "71 images; at most 70" in error_of(body)
+    big = io.BytesIO()
+    Image.new("RGB", (200, 200)).save(big, format="PNG")
+    code, body = server.request("POST", "/embed_image", files={"images": images[:2] + [("big.png", big.getvalue())]})
+    assert code == 413 and error_of(body).startswith("image 3 of 3: the image has 200x200 pixels")
+
+
+def test_bad_input_is_a_clear_4xx_in_one_shape_never_a_500(server, served):
     from PIL import Image
 
     _, _, image, _ = served
@@ -181,26 +122,37 @@ def test_bad_input_is_a_clear_4xx_never_a_500(server, served):
         (dict(image=image, modification="x" * 1001), 400, "at most 1000"),
         (dict(image=image, k=0), 400, "k must be from 1"),
         (dict(image=image, k=10_000), 400, "k must be from 1"),
+        (dict(image=image, k="many"), 400, "k: "),
         (dict(image=image, mode="both"), 400, "mode must be one of cot, no_cot"),
         (dict(image=image, dataset="cirr"), 404, "serves synthetic, not 'cirr'"),
     ]
     for kwargs, status, message in cases:
         code, body = server.search(**kwargs)
-        assert code == status and message in _error(body), (kwargs.get("modification"), code, body[:300])
+        assert code == status and message in error_of(body), (kwargs.get("modification"), code, body[:300])
+    # what BentoML itself refuses comes in the same shape
+    code, body = server.request("POST", "/search", {"k": "3"})
+    assert code == 400 and {"image: Field required", "modification: Field required"} <= set(
+        error_of(body).split(": ", 1)[1].split("; "))
+    assert server.request("GET", "/search")[0] == 405 and error_of(server.request("GET", "/search")[1])
+    code, body = server.request("GET", "/no/such/page")
+    assert code == 404 and error_of(body) == "Not Found"
     code, body = server.request("GET", "/ui/images/synthetic/no-such-image")
-    assert code == 404 and "no image" in _error(body)
+    assert code == 404 and "no image" in error_of(body)
     gone = sorted((served[3] / "cir-shapes" / "images" / "test").glob("*.png"))[-1]
     kept = gone.read_bytes()
     gone.unlink()  # the index names it, the disk no longer has it
     try:
         code, body = server.request("GET", f"/ui/images/synthetic/{gone.stem}")
-        assert code == 404 and "cannot be read on this server" in _error(body)
+        assert code == 404 and "cannot be read on this server" in error_of(body)
     finally:
         gone.write_bytes(kept)
     assert server.proc.poll() is None  # still serving
+    log = server.log.read_text()
+    assert "Traceback" not in log and " ERROR " not in log   # refusals are WARNING lines, without tracebacks
+    assert "WARNING circot.access: POST /search 413" in log and "GET /no/such/page 404" in log
 
 
-def test_a_token_guards_every_call_but_the_health_endpoints(served):
+def test_a_token_guards_every_call_but_the_page_and_the_health_endpoints(served):
     env, _, image, home = served
     s = Server({**env, "CIRCOT_API_TOKEN": "s3cret"}, home / "auth.log")
     try:
@@ -209,7 +161,11 @@ def test_a_token_guards_every_call_but_the_health_endpoints(served):
         assert s.search(image, headers={"Authorization": "Bearer wrong"})[0] == 401
         code, body = s.search(image, mode="no_cot", headers={"Authorization": "Bearer s3cret"})
         assert code == 200 and json.loads(body)["results"]
-        assert s.request("GET", "/ui/images/synthetic/x")[0] == 401
+        for path in ("/ui/images/synthetic/x", "/metrics", "/docs.json", "/schema.json", "/"):
+            code, body = s.request("GET", path)
+            assert code == 401 and "bearer token" in error_of(body), path
+        assert s.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert s.request("GET", "/docs.json", headers={"Authorization": "Bearer s3cret"})[0] == 200
         assert [s.request("GET", p)[0] for p in ("/livez", "/healthz", "/readyz", "/ui/")] == [200, 200, 200, 200]
     finally:
         s.stop()
@@ -223,15 +179,14 @@ def test_without_a_production_model_it_is_alive_but_not_ready(served):
     try:
         s.wait(200, "/livez")
         s.wait(503, "/readyz")
-        deadline = time.time() + 60
-        while True:   # "still loading" until the background load has looked in the store
-            code, body = s.search(image)
-            if "still loading" not in _error(body) or time.time() > deadline:
-                break
-            time.sleep(0.5)
-        assert code == 503 and "no production model of synthetic" in _error(body) and "make run" in _error(body)
+        code, body, headers = s.call("POST", "/search", {"modification": "make it red"}, {"image": ("a.png", image)})
+        assert code == 503 and "no production model of synthetic" in error_of(body) and "make run" in error_of(body)
+        assert headers["retry-after"] == "5"
+        code, body = s.request("GET", "/readyz")
+        assert code == 503 and "no production model of synthetic" in error_of(body)
     finally:
         s.stop()
+    assert "not ready: no production model of synthetic" in (home / "empty.log").read_text()
 
 
 def test_the_page_answers_a_query_with_reasoning_and_thumbnails(server, served, page: Page, tmp_path):
@@ -245,13 +200,18 @@ def test_the_page_answers_a_query_with_reasoning_and_thumbnails(server, served, 
     reference.write_bytes(image)
     with Image.open(reference) as im:
         side = im.width   # the benchmark's images are square, all of one size
+    searches = []
+    page.on("request", lambda r: searches.append(r.url) if r.url.endswith("/search") else None)
     page.goto(server.url + "/ui/")
     page.set_input_files("#image", reference)
     expect(page.locator("#preview img")).to_have_js_property("naturalWidth", side)   # the reference is shown
     page.fill("#modification", "make the star red")
     page.fill("#k", "3")
     page.click("#submit")
-    expect(page.locator("#status")).to_contain_text(f"model {version} · cot · ", timeout=120_000)
+    page.locator("#query").dispatch_event("submit")     # a second click while the first search runs
+    expect(page.locator("#status")).to_contain_text(f"model {version} · synthetic · cot · ", timeout=120_000)
+    status = page.locator("#status").inner_text()
+    assert "in a batch of 1" in status and "batch_size" not in status and "reasoning " in status
     expect(page.locator("#reasoning .section b")).to_have_text(["caption", "reasoning", "conclusion"])
     expect(page.locator("#reasoning .section span")).to_have_text(
         [answer["reasoning"][part] for part in ("caption", "reasoning", "conclusion")])
@@ -260,6 +220,8 @@ def test_the_page_answers_a_query_with_reasoning_and_thumbnails(server, served, 
     for thumbnail, hit in zip(thumbnails.all(), answer["results"]):   # the service's ranking, each image loaded
         expect(thumbnail).to_have_attribute("alt", hit["image_id"])
         expect(thumbnail).to_have_js_property("naturalWidth", min(side, 128))
+    assert len(searches) == 1   # the second click was ignored: one search, one copy of the answer
+    expect(page.locator("#submit")).to_be_enabled()
     shot = tmp_path / "ui-search.png"
     page.screenshot(path=shot)
     with Image.open(shot) as im:   # a whole picture of a page, not a blank one

@@ -15,38 +15,11 @@ Three rules, each reported with its numbers so the verdict explains itself:
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 
 import numpy as np
 
 from model_code.benchmarks import benchmark
-
-
-def parse_floors(text: str) -> dict:
-    """``CIRCOT_GATE_FLOORS``: JSON ``{metric: floor}`` (every dataset) and/or ``{dataset: {metric:
-    floor}}``, each floor a finite number from 0 to 1. Returns ``{"": global floors, dataset: floors}``;
-    a ValueError says what is wrong."""
-    try:
-        given = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"is not valid JSON ({e})") from None
-    if not isinstance(given, dict):
-        raise ValueError("must be a JSON object: {metric: floor} or {dataset: {metric: floor}}")
-
-    def floor(where: str, metric: str, value) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not 0 <= value <= 1:
-            raise ValueError(f"{where}{metric!r}: {value!r} is not a number from 0 to 1")
-        return float(value)
-
-    out: dict[str, dict[str, float]] = {"": {}}
-    for key, value in given.items():
-        if isinstance(value, dict):
-            out[key] = {m: floor(f"{key}.", m, v) for m, v in value.items()}
-        else:
-            out[""][key] = floor("", key, value)
-    return out
+from model_code.settings import parse_floors
 
 
 def gate_floors(dataset: str, text: str | None) -> dict[str, float]:
