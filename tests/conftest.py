@@ -134,3 +134,15 @@ def page() -> Iterator[Page]:
             yield page
         finally:
             browser.close()
+
+
+@pytest.fixture
+def store():
+    """The model registry on the session's BENTOML_HOME (a temporary folder), emptied of cir-cot models."""
+    import bentoml
+
+    from model_code import registry
+
+    for entry in registry.list_models():
+        bentoml.models.delete(entry["tag"])
+    return registry

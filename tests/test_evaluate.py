@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from model_code import registry
 from model_code.backbone import load_backbone
 from model_code.data import Benchmark, read_dataset
 from model_code.evaluation.evaluate import Evaluation, Group, evaluate, headline_per_query, score
@@ -357,16 +356,6 @@ def test_gate_compares_cot_with_no_cot_query_by_query():
 
 
 # ---- the BentoML model store ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def store():
-    """The session's BENTOML_HOME (a temporary folder), emptied of cir-cot models."""
-    import bentoml
-
-    for entry in registry.list_models():
-        bentoml.models.delete(entry["tag"])
-    return registry
 
 
 @pytest.fixture(scope="module")

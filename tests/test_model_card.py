@@ -89,18 +89,6 @@ def test_a_lora_model_refused_by_the_gate_says_so_and_an_unevaluated_one_says_th
 # ---- the card written by the pipeline, and the model still healthy ------------------------------
 
 
-@pytest.fixture
-def store():
-    """The session's BENTOML_HOME (a temporary folder), emptied of cir-cot models."""
-    import bentoml
-
-    from model_code import registry
-
-    for entry in registry.list_models():
-        bentoml.models.delete(entry["tag"])
-    return registry
-
-
 @pytest.fixture(scope="module")
 def saved(micro_base, tmp_path_factory):
     """A saved LoRA model over the micro base, in an artifacts root laid out as the pipeline's."""
