@@ -309,7 +309,7 @@ class CirCoTService:
         self.paths: dict[str, Path] = {}
         self.by_hash: dict[str, list[str]] = {}
         self.link = EncoderLink(self.encoder, MODEL_VERSION, SETTINGS.encoder_timeout_s)
-        self.feedback, self.feedback_off = _feedback_store(self.dataset)
+        self.store, self.store_off = _feedback_store(self.dataset)
         if not SETTINGS.api_token:
             log.warning("CIRCOT_API_TOKEN is not set: the API is open to anyone who can reach it")
         _running["service"] = self
@@ -427,14 +427,14 @@ class CirCoTService:
         hits = [Hit(image_id=i, score=round(s, 6), url=f"/ui/images/{self.dataset}/{i}")
                 for i, s in zip(ids[0], scores[0])]
         query_id = None
-        if self.feedback is not None:   # what was shown, so that feedback refers to an answer the service gave
+        if self.store is not None:   # what was shown, so that feedback refers to an answer the service gave
             try:
                 query_id = await asyncio.to_thread(
-                    self.feedback.record_query, reference=data, suffix=_suffix(data), modification=text,
+                    self.store.record_query, reference=data, suffix=_suffix(data), modification=text,
                     model_version=self.version, mode=mode, chain=a.reasoning, shown=[h.image_id for h in hits],
                     scores=[h.score for h in hits], token=SETTINGS.api_token)
             except OSError:   # the answer still goes out, without a query id to give feedback on
-                log.exception("the query could not be recorded for feedback in %s", self.feedback.root)
+                log.exception("the query could not be recorded for feedback in %s", self.store.root)
         return SearchResponse(
             model_version=self.version, dataset=self.dataset, mode=mode,
             reasoning=Reasoning(**a.reasoning) if a.reasoning else None,
@@ -448,10 +448,10 @@ class CirCoTService:
         (the same again is 200 and kept once, a different one 409)."""
         outcome = "error"
         try:
-            if self.feedback is None:
-                raise ApiError(self.feedback_off, 501)
+            if self.store is None:
+                raise ApiError(self.store_off, 501)
             try:
-                event, stored = await asyncio.to_thread(self.feedback.add, query_id, SETTINGS.api_token,
+                event, stored = await asyncio.to_thread(self.store.add, query_id, SETTINGS.api_token,
                                                         chosen=chosen or None, rejected=rejected or (),
                                                         none_of_these=none_of_these)
             except FeedbackError as e:
