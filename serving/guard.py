@@ -21,6 +21,7 @@ from serving.link import RETRY_AFTER_S
 from serving.observability import exposition, log_request, metrics, route_of
 
 API_PATHS = ("/search", "/embed_image")
+FEEDBACK_MAX_BYTES = 16 * 1024    # a feedback body is a query id and a few image ids
 OPEN_PATHS = ("/livez", "/healthz", "/readyz", "/ui", "/ui/")
 # what a handler tells the request's log line (mode, timings, outcome), per request
 NOTES: contextvars.ContextVar[dict] = contextvars.ContextVar("circot_request_notes")
@@ -61,6 +62,31 @@ def _json(status: int, payload: dict, headers: dict | None = None) -> tuple[dict
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), str(v).encode()) for k, v in (headers or {}).items()]
     return {"type": "http.response.start", "status": status, "headers": raw}, body
+
+
+async def _small_body(receive):
+    """A ``receive`` that replays the request's body, read whole, or None when it is over
+    ``FEEDBACK_MAX_BYTES`` (read no further)."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":   # the client went away: let the app see it
+            return receive
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > FEEDBACK_MAX_BYTES:
+            return None
+        more = message.get("more_body", False)
+    body, sent = b"".join(chunks), False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 class Guard:
@@ -126,6 +152,9 @@ class Guard:
             if not self._authorized(scope) and path not in OPEN_PATHS:
                 await reply(401, {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
                             {"WWW-Authenticate": "Bearer"})
+            elif path == "/feedback" and method == "POST" and (receive := await _small_body(receive)) is None:
+                metrics().feedback.labels("too_large").inc()
+                await reply(413, {"error": f"the feedback body is over {FEEDBACK_MAX_BYTES} bytes"})
             elif path == "/metrics" and method == "GET":
                 body, kind = exposition()
                 status = 200

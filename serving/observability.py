@@ -20,7 +20,8 @@ from pydantic import ValidationError
 ACCESS = logging.getLogger("circot.access")
 
 # every path the front answers, as the route template its metrics and log lines carry
-ROUTES = ("/search", "/embed_image", "/readyz", "/livez", "/healthz", "/metrics", "/docs.json", "/schema.json")
+ROUTES = ("/search", "/feedback", "/embed_image", "/readyz", "/livez", "/healthz", "/metrics", "/docs.json",
+          "/schema.json")
 IMAGE_ROUTE = "/ui/images/{dataset}/{image_id}"
 OTHER = "other"
 PROBES = ("/readyz", "/livez", "/healthz", "/metrics")
@@ -143,6 +144,9 @@ class Metrics:
         self.phase = Histogram("circot_query_phase_seconds", "time of a query's phases: reasoning (cot), embedding "
                                "(no_cot), index_search", ["phase"], buckets=LATENCY_BUCKETS)
         self.unparsed = Counter("circot_chains_unparsed_total", "CoT chains the model wrote that did not parse")
+        self.feedback = Counter("circot_feedback_total", "POST /feedback answers by outcome (accepted, repeated, "
+                                "invalid, unknown_query, expired, conflict, too_large, not_recorded, error)",
+                                ["outcome"])
         self.images = Counter("circot_embedded_images_total", "images embedded through /embed_image")
         self.model = Gauge("circot_model_info", "the model served (1 while ready)", ["dataset", "model_version"],
                            multiprocess_mode="livemax")

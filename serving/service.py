@@ -9,6 +9,9 @@
   protocol leaves the reference out of its ranking (``BenchmarkSpec.excludes_reference``), the
   gallery images with the upload's content (md5) and the ``reference_id`` given are left out, as
   the evaluation leaves them out.
+- ``POST /feedback``: a person's answer to a query (JSON: ``query_id``; ``chosen``, ``rejected`` or
+  ``none_of_these``), kept with what the service showed for it (``model_code.feedback``; every
+  ``/search`` answer carries its ``query_id``) under ``<artifacts>/feedback/<dataset>/``.
 - ``POST /embed_image``: images → L2-normalised embeddings (split into encoder batches).
 - ``GET /ui/images/{dataset}/{image_id}?size=N``: a gallery image as PNG (a thumbnail with ``size``).
 - ``GET /ui/``: a page to ask a query and see the reasoning and the result thumbnails.
@@ -28,6 +31,7 @@ test's baseline). ``bentoml serve`` starts both; on Kubernetes each scales on it
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
@@ -47,6 +51,7 @@ from starlette.routing import Route
 
 from model_code import registry
 from model_code.benchmarks import benchmark
+from model_code.feedback import FeedbackError, FeedbackStore
 from model_code.index import GalleryIndex, content_hash, index_uri
 from model_code.retrieval import MODES, QueryError, check_text, infer, open_image, search
 from model_code.settings import ServiceSettings, load
@@ -60,6 +65,7 @@ log = logging.getLogger("circot.service")
 # the service is not ready, saying which
 SETTINGS, SETTINGS_ERRORS = load(ServiceSettings)
 BATCHING = SETTINGS.adaptive_batching
+FEEDBACK_REFUSALS = {400: "invalid", 404: "unknown_query", 409: "conflict", 410: "expired", 501: "not_recorded"}
 IMAGE_BATCH = 32          # the encoder's largest batch of gallery images: /embed_image sends at most this many a call
 HERE = Path(__file__).resolve().parent
 _running: dict = {}       # the front's instance in this worker, for the page's routes and the guard
@@ -118,6 +124,17 @@ class SearchResponse(BaseModel):
     excluded: list[str] = Field(description="gallery ids left out as the reference (same content, or the "
                                             "reference_id given), where the dataset's protocol leaves it out")
     timings: dict[str, float | int]
+    query_id: str | None = Field(default=None, description="the id to give POST /feedback for this answer (null "
+                                                           "where this deployment does not record feedback)")
+
+
+class FeedbackAnswer(BaseModel):
+    query_id: str
+    token: str = Field(description="the identity of the bearer token that answered (a hash; 'anonymous' without auth)")
+    chosen: str | None
+    rejected: list[str]
+    none_of_these: bool
+    stored: bool = Field(description="false when the same answer was already there (it is kept once)")
 
 
 class EncodedQuery(BaseModel):
@@ -144,6 +161,22 @@ def _unb64(text: str):
 
     with Image.open(io.BytesIO(base64.b64decode(text))) as im:
         return im.convert("RGB")
+
+
+def _feedback_store(dataset: str) -> tuple[FeedbackStore | None, str | None]:
+    """Where the answers and people's feedback are kept, or ``(None, why not)``."""
+    if "://" in SETTINGS.artifacts:
+        why = (f"this deployment does not record feedback: its artifacts root {SETTINGS.artifacts} is an object "
+               "store, and the service writes feedback to a local folder only")
+        log.warning("%s", why)
+        return None, why
+    return FeedbackStore(Path(SETTINGS.artifacts) / "feedback" / dataset, dataset,
+                         ttl_s=SETTINGS.feedback_ttl_hours * 3600), None
+
+
+def _suffix(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as im:   # a checked image: its header names the format
+        return "." + (im.format or "img").lower()
 
 
 def _page(_: Request) -> Response:
@@ -276,6 +309,7 @@ class CirCoTService:
         self.paths: dict[str, Path] = {}
         self.by_hash: dict[str, list[str]] = {}
         self.link = EncoderLink(self.encoder, MODEL_VERSION, SETTINGS.encoder_timeout_s)
+        self.store, self.store_off = _feedback_store(self.dataset)
         if not SETTINGS.api_token:
             log.warning("CIRCOT_API_TOKEN is not set: the API is open to anyone who can reach it")
         _running["service"] = self
@@ -390,12 +424,48 @@ class CirCoTService:
         timings = {step: round(t1 - t0, 4), "model_batch": a.seconds, "batch_size": a.batch,
                    "search": round(t2 - t1, 4)}
         note(timings=timings)
+        hits = [Hit(image_id=i, score=round(s, 6), url=f"/ui/images/{self.dataset}/{i}")
+                for i, s in zip(ids[0], scores[0])]
+        query_id = None
+        if self.store is not None:   # what was shown, so that feedback refers to an answer the service gave
+            try:
+                query_id = await asyncio.to_thread(
+                    self.store.record_query, reference=data, suffix=_suffix(data), modification=text,
+                    model_version=self.version, mode=mode, chain=a.reasoning, shown=[h.image_id for h in hits],
+                    scores=[h.score for h in hits], token=SETTINGS.api_token)
+            except OSError:   # the answer still goes out, without a query id to give feedback on
+                log.exception("the query could not be recorded for feedback in %s", self.store.root)
         return SearchResponse(
             model_version=self.version, dataset=self.dataset, mode=mode,
             reasoning=Reasoning(**a.reasoning) if a.reasoning else None,
-            results=[Hit(image_id=i, score=round(s, 6), url=f"/ui/images/{self.dataset}/{i}")
-                     for i, s in zip(ids[0], scores[0])],
-            excluded=excluded, timings=timings)
+            results=hits, excluded=excluded, timings=timings, query_id=query_id)
+
+    @bentoml.api
+    async def feedback(self, query_id: str, chosen: str | None = None, rejected: list[str] | None = None,
+                       none_of_these: bool = False) -> FeedbackAnswer:
+        """A person's answer to a query this service answered: the image they wanted (``chosen``),
+        images that are not it (``rejected``), or ``none_of_these``; one answer per query and token
+        (the same again is 200 and kept once, a different one 409)."""
+        outcome = "error"
+        try:
+            if self.store is None:
+                raise ApiError(self.store_off, 501)
+            try:
+                event, stored = await asyncio.to_thread(self.store.add, query_id, SETTINGS.api_token,
+                                                        chosen=chosen or None, rejected=rejected or (),
+                                                        none_of_these=none_of_these)
+            except FeedbackError as e:
+                raise ApiError(str(e), e.status) from None
+            outcome = "accepted" if stored else "repeated"
+            note(outcome=outcome)
+            return FeedbackAnswer(query_id=event.query_id, token=event.token, chosen=event.chosen,
+                                  rejected=event.rejected, none_of_these=event.none_of_these, stored=stored)
+        except ApiError as e:
+            outcome = FEEDBACK_REFUSALS.get(e.status, "error")
+            note(outcome=outcome)
+            return e.response()
+        finally:
+            metrics().feedback.labels(outcome).inc()
 
     @bentoml.api
     async def embed_image(self, images: list[Path]) -> list[list[float]]:

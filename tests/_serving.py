@@ -86,6 +86,16 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
 
+    def post_json(self, path: str, payload, headers: dict | None = None) -> tuple[int, bytes]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        req = urllib.request.Request(self.url + path, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
     def search(self, image: bytes, modification: str = "make the star red", headers=None, **fields):
         return self.request("POST", "/search", {"modification": modification, **fields},
                             {"image": ("ref.png", image)}, headers)
@@ -114,7 +124,8 @@ def prepare(home: Path, micro_base: Path, tiny_synthetic: Path, datasets: tuple[
     m = CirCoTModel(apply_lora(model, processor, r=2, alpha=4), processor, base_path=str(micro_base))
     m.save(home / "model")
     env = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "CIRCOT_INDEX_URI": str(home / "lancedb"),
-           "CIRCOT_SERVE_DATASET": datasets[0], "PYTHONPATH": str(REPO), "BENTOML_DO_NOT_TRACK": "True"}
+           "CIRCOT_SERVE_DATASET": datasets[0],
+           "CIRCOT_ARTIFACTS": str(home / "artifacts"), "PYTHONPATH": str(REPO), "BENTOML_DO_NOT_TRACK": "True"}
     for name in ("CIRCOT_API_TOKEN", "CIRCOT_MODEL_TAG", "CIRCOT_LOG_JSON", "CIRCOT_METRICS_OPEN"):
         env.pop(name, None)
     gallery = home / "cir-shapes"

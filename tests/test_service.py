@@ -1,14 +1,18 @@
 """The BentoML service end to end: a real server on loopback, the micro model promoted and its index built.
 (Failures, metrics, logs, the Bento and served rankings against the evaluation: tests/test_service_ops.py.)"""
 
+import hashlib
 import io
 import json
 import os
+import re
+import time
 
 import numpy as np
 import pytest
 from playwright.sync_api import Page, expect
 
+from model_code.feedback import FeedbackStore, token_identity
 from tests._png import pixels
 from tests._serving import Server, error_of, prepare
 
@@ -161,6 +165,23 @@ def test_a_token_guards_every_call_but_the_page_and_the_health_endpoints(served)
         assert s.search(image, headers={"Authorization": "Bearer wrong"})[0] == 401
         code, body = s.search(image, mode="no_cot", headers={"Authorization": "Bearer s3cret"})
         assert code == 200 and json.loads(body)["results"]
+        feedback = {"query_id": json.loads(body)["query_id"], "none_of_these": True}
+        first = json.loads(body)["results"][0]["image_id"]
+        code, body = s.post_json("/feedback", feedback)
+        assert code == 401 and "bearer token" in error_of(body)
+        code, body = s.post_json("/feedback", feedback, {"Authorization": "Bearer s3cret"})
+        assert code == 200 and json.loads(body)["token"] == token_identity("s3cret") != "anonymous"
+        store = FeedbackStore(home / "artifacts" / "feedback" / "synthetic", "synthetic")
+        assert store.query(feedback["query_id"]).token == token_identity("s3cret")
+        assert [e.token for e in store.events() if e.query_id == feedback["query_id"]] == [token_identity("s3cret")]
+        code, body = s.post_json("/feedback", {**feedback, "none_of_these": False, "chosen": first},
+                                 {"Authorization": "Bearer s3cret"})
+        assert code == 409 and "answered query" in error_of(body)
+        assert s.post_json("/feedback", b"{" + b" " * 20_000 + b"}", {"Authorization": "Bearer s3cret"})[0] == 413
+        # counted by outcome (read on this server: a later `bentoml serve` with the same home clears the metrics files)
+        code, text = s.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret"})
+        counts = dict(re.findall(r'circot_feedback_total\{outcome="(\w+)"\} (\S+)', text.decode()))
+        assert {k: float(v) for k, v in counts.items()} == {"accepted": 1, "conflict": 1, "too_large": 1}, counts
         for path in ("/ui/images/synthetic/x", "/metrics", "/docs.json", "/schema.json", "/"):
             code, body = s.request("GET", path)
             assert code == 401 and "bearer token" in error_of(body), path
@@ -227,3 +248,74 @@ def test_the_page_answers_a_query_with_reasoning_and_thumbnails(server, served, 
     with Image.open(shot) as im:   # a whole picture of a page, not a blank one
         colors = im.getcolors(1 << 20)          # None: more than a million colours
         assert im.width == 1280 and (colors is None or len(colors) > 50)
+
+
+def test_answers_carry_a_query_id_and_feedback_on_them_is_kept_once(server, served):
+    """Each /search answer is recorded (what was shown, the reference's bytes, the chain) under its
+    query_id; POST /feedback keeps one answer per query and token and refuses the rest clearly."""
+    _, version, image, home = served
+    store = FeedbackStore(home / "artifacts" / "feedback" / "synthetic", "synthetic")
+    code, body = server.search(image, "make the star red", k=4, mode="cot")
+    answer = json.loads(body)
+    assert code == 200 and re.fullmatch(r"[0-9a-f]{32}", answer["query_id"]), body
+    shown = store.query(answer["query_id"])
+    ids = [h["image_id"] for h in answer["results"]]
+    assert shown.shown == ids and shown.scores == [h["score"] for h in answer["results"]]
+    assert (shown.model_version, shown.mode, shown.modification, shown.token) == (version, "cot", "make the star red",
+                                                                                   "anonymous")
+    assert shown.chain == answer["reasoning"] and shown.reference_hash == hashlib.md5(image).hexdigest()
+    assert (store.root / shown.reference_file).read_bytes() == image and shown.reference_file.endswith(".png")
+    qid = answer["query_id"]
+    code, body = server.post_json("/feedback", {"query_id": qid, "chosen": ids[0], "rejected": ids[1:3]})
+    assert code == 200 and json.loads(body)["stored"] is True, body
+    assert json.loads(body)["token"] == "anonymous" and json.loads(body)["rejected"] == sorted(ids[1:3])
+    code, body = server.post_json("/feedback", {"query_id": qid, "chosen": ids[0], "rejected": ids[2:0:-1]})
+    assert code == 200 and json.loads(body)["stored"] is False   # the same answer again: kept once
+    events = [e for e in store.events() if e.query_id == qid]
+    assert len(events) == 1 and events[0].chosen == ids[0] and events[0].rejected == sorted(ids[1:3])
+    other = json.loads(server.search(image, k=3, mode="no_cot")[1])["query_id"]
+    expired = json.loads(server.search(image, k=3, mode="no_cot")[1])["query_id"]
+    path = store.root / "queries" / f"{expired}.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "time": time.time() - 200 * 3600}))  # a week ago
+    refusals = [
+        ({"query_id": qid, "chosen": ids[1]}, 409, "already answered query"),
+        ({"query_id": other, "chosen": "no-such-image"}, 400, "not shown for query"),
+        ({"query_id": other}, 400, "say something"),
+        ({"query_id": "0" * 32, "none_of_these": True}, 404, "unknown query"),
+        ({"query_id": "../../etc", "none_of_these": True}, 404, "not a query id"),
+        ({"query_id": expired, "none_of_these": True}, 410, "has expired"),
+        ({"chosen": ids[0]}, 400, "query_id: Field required"),
+        ({"query_id": other, "rejected": [f"x{i:05d}" for i in range(3000)]}, 413, "over 16384 bytes"),
+    ]
+    for payload, status, message in refusals:
+        code, body = server.post_json("/feedback", payload)
+        assert code == status and message in error_of(body), (payload.get("query_id"), code, body[:300])
+    assert [e.query_id for e in store.events()].count(other) == 0
+
+
+def test_the_page_takes_a_pick_from_the_keyboard_and_the_service_keeps_it(server, served, page: Page, tmp_path):
+    _, _, image, home = served
+    reference = tmp_path / "reference.png"
+    reference.write_bytes(image)
+    page.goto(server.url + "/ui/")
+    page.set_input_files("#image", reference)
+    page.fill("#modification", "make the star red")
+    page.fill("#k", "3")
+    page.select_option("#mode", "no_cot")
+    with page.expect_response(lambda r: r.url.endswith("/search")) as searched:
+        page.click("#submit")
+    answer = searched.value.json()
+    first = answer["results"][0]["image_id"]
+    expect(page.locator("#results figure")).to_have_count(3)
+    for hit in answer["results"]:   # real, labelled buttons beside each result
+        expect(page.get_by_role("button", name=f"this is it: {hit['image_id']}")).to_be_enabled()
+        expect(page.get_by_role("button", name=f"not this: {hit['image_id']}")).to_be_enabled()
+    expect(page.get_by_role("button", name="none of these")).to_be_visible()
+    page.get_by_role("button", name=f"this is it: {first}").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#feedback-status")).to_have_text(f"Recorded: {first} is the image you wanted. Thank you.")
+    expect(page.get_by_role("button", name="none of these")).to_be_disabled()   # one answer per query
+    store = FeedbackStore(home / "artifacts" / "feedback" / "synthetic", "synthetic")
+    events = [e for e in store.events() if e.query_id == answer["query_id"]]
+    assert [(e.chosen, e.rejected, e.none_of_these, e.token) for e in events] == [(first, [], False, "anonymous")]
+    assert store.query(answer["query_id"]).shown == [h["image_id"] for h in answer["results"]]
