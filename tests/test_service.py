@@ -293,29 +293,65 @@ def test_answers_carry_a_query_id_and_feedback_on_them_is_kept_once(server, serv
     assert [e.query_id for e in store.events()].count(other) == 0
 
 
-def test_the_page_takes_a_pick_from_the_keyboard_and_the_service_keeps_it(server, served, page: Page, tmp_path):
+def test_the_page_marks_results_not_this_then_sends_one_answer_from_the_keyboard(server, served, page: Page,
+                                                                                  tmp_path):
+    """"not this" marks a result on the page (a toggle); "this is it" sends ONE answer with the marked ids."""
     _, _, image, home = served
     reference = tmp_path / "reference.png"
     reference.write_bytes(image)
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data) if r.url.endswith("/feedback") else None)
     page.goto(server.url + "/ui/")
     page.set_input_files("#image", reference)
     page.fill("#modification", "make the star red")
-    page.fill("#k", "3")
+    page.fill("#k", "4")
     page.select_option("#mode", "no_cot")
     with page.expect_response(lambda r: r.url.endswith("/search")) as searched:
         page.click("#submit")
     answer = searched.value.json()
-    first = answer["results"][0]["image_id"]
-    expect(page.locator("#results figure")).to_have_count(3)
-    for hit in answer["results"]:   # real, labelled buttons beside each result
+    first, second, third, fourth = [h["image_id"] for h in answer["results"]]
+    expect(page.locator("#results figure")).to_have_count(4)
+    for hit in answer["results"]:   # real, labelled buttons beside each result; "not this" is a toggle
         expect(page.get_by_role("button", name=f"this is it: {hit['image_id']}")).to_be_enabled()
-        expect(page.get_by_role("button", name=f"not this: {hit['image_id']}")).to_be_enabled()
+        expect(page.get_by_role("button", name=f"not this: {hit['image_id']}")).to_have_attribute(
+            "aria-pressed", "false")
     expect(page.get_by_role("button", name="none of these")).to_be_visible()
+    for marked in (fourth, second, third):     # marked from the keyboard (Space and Enter), in any order
+        page.get_by_role("button", name=f"not this: {marked}").focus()
+        page.keyboard.press(" " if marked != third else "Enter")
+    page.get_by_role("button", name=f"not this: {third}").press("Enter")   # pressed again: unmarked
+    expect(page.get_by_role("button", name=f"not this: {third}")).to_have_attribute("aria-pressed", "false")
+    for marked in (second, fourth):            # visibly marked
+        expect(page.get_by_role("button", name=f"not this: {marked}")).to_have_attribute("aria-pressed", "true")
+        expect(page.locator(f"#results figure[data-image-id='{marked}']")).to_have_class("result rejected")
+    expect(page.locator(f"#results figure[data-image-id='{third}']")).to_have_class("result")
+    page.wait_for_timeout(300)
+    assert sent == []                          # marking sends nothing
     page.get_by_role("button", name=f"this is it: {first}").focus()
     page.keyboard.press("Enter")
-    expect(page.locator("#feedback-status")).to_have_text(f"Recorded: {first} is the image you wanted. Thank you.")
+    expect(page.locator("#feedback-status")).to_have_text(
+        f"Recorded: {first} is the image you wanted; not this: {second}, {fourth}. Thank you.")
     expect(page.get_by_role("button", name="none of these")).to_be_disabled()   # one answer per query
+    expect(page.get_by_role("button", name=f"not this: {third}")).to_be_disabled()
+    assert [json.loads(b) for b in sent] == [{"query_id": answer["query_id"], "chosen": first,
+                                              "rejected": [second, fourth]}]
     store = FeedbackStore(home / "artifacts" / "feedback" / "synthetic", "synthetic")
     events = [e for e in store.events() if e.query_id == answer["query_id"]]
-    assert [(e.chosen, e.rejected, e.none_of_these, e.token) for e in events] == [(first, [], False, "anonymous")]
+    assert [(e.chosen, e.rejected, e.none_of_these, e.token) for e in events] == [
+        (first, sorted([second, fourth]), False, "anonymous")]
     assert store.query(answer["query_id"]).shown == [h["image_id"] for h in answer["results"]]
+
+    # "none of these" sends the marked ids too (a new query: the marks start again)
+    with page.expect_response(lambda r: r.url.endswith("/search")) as searched:
+        page.click("#submit")
+    again = searched.value.json()
+    expect(page.locator("#feedback-status")).to_have_text("")
+    last = again["results"][-1]["image_id"]
+    expect(page.locator("#results figure.rejected")).to_have_count(0)
+    page.get_by_role("button", name=f"not this: {last}").click()
+    page.get_by_role("button", name="none of these").click()
+    expect(page.locator("#feedback-status")).to_have_text(
+        f"Recorded: none of these is the image you wanted; not this: {last}. Thank you.")
+    assert json.loads(sent[-1]) == {"query_id": again["query_id"], "none_of_these": True, "rejected": [last]}
+    events = [e for e in store.events() if e.query_id == again["query_id"]]
+    assert [(e.chosen, e.rejected, e.none_of_these) for e in events] == [(None, [last], True)]
