@@ -22,12 +22,12 @@ from model_code import registry
 from model_code.data import read_dataset
 from model_code.index import GalleryImage, GalleryIndex
 from model_code.model.cir_cot import CirCoTModel
-model_dir, root, index_uri, *datasets = sys.argv[1:]
+model_dir, root, index_uri, splits, *datasets = sys.argv[1:]
 m = CirCoTModel.load(model_dir, device="cpu")
 bench = read_dataset("synthetic", root)
-test = bench.images[bench.images.split == "test"]
-images = [GalleryImage(i, "test", root + "/" + p) for i, p in zip(test.image_id, test.path)]
-for dataset in datasets:   # the tiny benchmark's test split stands for each dataset's gallery
+shown = bench.images[bench.images.split.isin(splits.split(","))]
+images = [GalleryImage(i, s, root + "/" + p) for i, s, p in zip(shown.image_id, shown.split, shown.path)]
+for dataset in datasets:   # the tiny benchmark's splits (by default its test split) stand for each dataset's gallery
     registry.promote(model_dir, version=m.version, dataset=dataset, labels={})
     GalleryIndex(index_uri, dataset).build(lambda ps: m.embed_images(ps), images, model_version=m.version)
 print(m.version)
@@ -110,10 +110,12 @@ class Server:
 
 
 
-def prepare(home: Path, micro_base: Path, tiny_synthetic: Path, datasets: tuple[str, ...] = ("synthetic",)):
+def prepare(home: Path, micro_base: Path, tiny_synthetic: Path, datasets: tuple[str, ...] = ("synthetic",),
+            splits: tuple[str, ...] = ("test",)):
     """A model store under ``home`` with the micro model (random LoRA) in production for ``datasets``,
-    and the gallery index of each (the tiny benchmark's test split, a copy: a test may remove an
-    image); returns the environment to serve it, the model version and a reference image."""
+    and the gallery index of each (the tiny benchmark's ``splits``, by default its test split, from a
+    copy: a test may remove an image); returns the environment to serve it, the model version and a
+    reference image (of the test split)."""
     import torch
 
     from model_code.backbone import load_backbone
@@ -131,7 +133,7 @@ def prepare(home: Path, micro_base: Path, tiny_synthetic: Path, datasets: tuple[
     gallery = home / "cir-shapes"
     shutil.copytree(tiny_synthetic, gallery)
     out = subprocess.run([sys.executable, "-c", SETUP, str(home / "model"), str(gallery), str(home / "lancedb"),
-                          *datasets], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          ",".join(splits), *datasets], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     image = sorted((tiny_synthetic / "images" / "test").glob("*.png"))[0].read_bytes()
     return env, out.stdout.split()[-1], image
