@@ -13,35 +13,12 @@ from playwright.sync_api import Page, expect
 
 from assets.feedback import feedback_suite, feedback_triplets
 from assets.resources import AnnotatorResource, ArtifactStore
-from assets.triplets import images_suite, triplets, triplets_suite
 from model_code.data import read_dataset
-from model_code.data.tables import TablesRecord
 from model_code.feedback_tables import read_feedback_tables
 from tests._serving import Server, prepare
+from tests.test_feedback_pipeline import instance, tables  # noqa: F401 - the fixtures, shared
 
 D = "synthetic"
-
-
-@pytest.fixture(scope="module")
-def tables(tiny_synthetic, tmp_path_factory) -> TablesRecord:
-    """The tiny benchmark's triplets tables, materialised once and passed by their checks."""
-    root = tmp_path_factory.mktemp("tables-artifacts")
-    with dg.instance_for_test() as instance:
-        instance.report_runless_asset_event(dg.AssetMaterialization("raw_dataset", partition=D, metadata={
-            "record": dg.MetadataValue.json({"root": str(tiny_synthetic), "version": "tiny"})}))
-        result = dg.materialize([triplets, triplets_suite, images_suite], partition_key=D, instance=instance,
-                                resources={"artifacts": ArtifactStore(root=str(root))})
-        assert result.success
-        return TablesRecord.from_dict(result.asset_materializations_for_node("triplets")[0].metadata["record"].value)
-
-
-@pytest.fixture
-def instance(tables):
-    """A Dagster instance whose newest triplets[synthetic] are those tables."""
-    with dg.instance_for_test() as inst:
-        inst.report_runless_asset_event(dg.AssetMaterialization("triplets", partition=D, metadata={
-            "record": dg.MetadataValue.json(tables.to_dict())}))
-        yield inst
 
 
 @pytest.fixture
@@ -74,7 +51,7 @@ def _a_query_the_model_gets_wrong(server, bench, gallery: Path, most: int = 12):
     pytest.fail(f"the micro model ranks no train query's target 2nd to {most}-th below a train image")
 
 
-def test_a_pick_on_the_page_becomes_a_checked_feedback_triplet_with_hard_negatives(served, tables, instance,
+def test_a_pick_on_the_page_becomes_a_checked_feedback_triplet_with_hard_negatives(served, tables, instance,  # noqa: F811
                                                                                    page: Page, tmp_path):
     server, env, home = served
     gallery = home / "cir-shapes"
