@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["diagnose_embedded", "finetune_embedded", "gpu_decode", "gpu_train", "index_scale", "load_service",
-           "pretrain_budget", "teacher_throughput"]
+SCRIPTS = ["diagnose_embedded", "encoder_throughput", "finetune_embedded", "gpu_decode", "gpu_train", "index_scale",
+           "load_service", "pretrain_budget", "teacher_throughput"]
 LIBRARY = ("model_code", "bench")
 
 
@@ -322,3 +322,9 @@ print(path, kw["data"], kw["headers"], kw["files"])
     assert out.stdout.split("\n")[0] == (
         "/search {'modification': 'make the red shape blue', 'k': '10', 'mode': 'cot'} "
         "{'Authorization': 'Bearer t0k'} {'image': ('ref.png', b'not really a png')}")
+
+
+def test_the_encoder_bench_reports_each_batch_size_over_the_smallest():
+    from bench.encoder_throughput import gains
+
+    assert gains({8: 150.0, 1: 75.0, 32: 120.0}) == {8: 2.0, 1: 1.0, 32: 1.6}
