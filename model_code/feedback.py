@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pydantic
+from fsspec.core import url_to_fs
 
 QUERY_ID = re.compile(r"^[0-9a-f]{32}$")
 DEFAULT_TTL_S = 7 * 24 * 3600    # feedback on a query older than this is refused (410)
@@ -77,11 +78,11 @@ def token_identity(token: str | None) -> str:
     return "anonymous" if not token else "t-" + hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
-def _publish(path: Path, text: str) -> bool:
-    """Create ``path`` with ``text`` unless it exists: True when this call created it."""
+def _publish(path: Path, data: bytes) -> bool:
+    """Create ``path`` with ``data`` unless it exists: True when this call created it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(data)
     try:
         os.link(tmp, path)
         return True
@@ -95,9 +96,35 @@ class FeedbackStore:
     """The feedback of one dataset under ``root`` (``<artifacts>/feedback/<dataset>``)."""
 
     def __init__(self, root: str | os.PathLike, dataset: str, *, ttl_s: float = DEFAULT_TTL_S):
-        self.root = Path(root)
+        self.remote = "://" in str(root)     # an object-store root (s3://, gs://, any fsspec URL)
+        self.root = str(root).rstrip("/") if self.remote else Path(root)
         self.dataset = dataset
         self.ttl_s = ttl_s
+        if self.remote:
+            self.fs, self._base = url_to_fs(self.root)
+
+    # ---- files: a local folder, or an object store through fsspec ----------------------------
+
+    def _read(self, rel: str) -> str:
+        if self.remote:
+            return self.fs.cat_file(f"{self._base}/{rel}").decode("utf-8")
+        return (self.root / rel).read_text(encoding="utf-8")
+
+    def _create(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` unless it exists: True when this call wrote it. Locally exclusive (a hard link
+        that fails rather than replace); on an object store, which has no exclusive create, checked
+        first, so two different answers of one token in the same instant keep the later one."""
+        if not self.remote:
+            return _publish(self.root / rel, data)
+        if self.fs.exists(f"{self._base}/{rel}"):
+            return False
+        self.fs.pipe_file(f"{self._base}/{rel}", data)   # one whole object: a killed writer leaves none
+        return True
+
+    def _glob(self, pattern: str) -> list[str]:
+        if self.remote:
+            return sorted(p[len(self._base) + 1:] for p in self.fs.glob(f"{self._base}/{pattern}"))
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.glob(pattern))
 
     # ---- the service's side ------------------------------------------------------------------
 
@@ -106,24 +133,19 @@ class FeedbackStore:
         """Keep what was answered; returns the new query id."""
         digest = hashlib.md5(reference).hexdigest()
         image = Path("images") / f"{digest}{suffix}"
-        if not (self.root / image).exists():
-            (self.root / image).parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / image.with_name(f".{image.name}.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_bytes(reference)
-            os.replace(tmp, self.root / image)     # same content under the same name: a race is harmless
+        self._create(image.as_posix(), reference)   # same content under the same name: a race is harmless
         query = ShownQuery(query_id=uuid.uuid4().hex, dataset=self.dataset, time=time.time(),
                            token=token_identity(token), reference_hash=digest, reference_file=image.as_posix(),
                            modification=modification, model_version=model_version, mode=mode, chain=chain,
                            shown=list(shown), scores=[float(s) for s in scores])
-        _publish(self.root / "queries" / f"{query.query_id}.json", query.model_dump_json())
+        self._create(f"queries/{query.query_id}.json", query.model_dump_json().encode())
         return query.query_id
 
     def query(self, query_id: str) -> ShownQuery:
         if not QUERY_ID.match(str(query_id)):
             raise FeedbackError(f"query_id {query_id!r} is not a query id this service gave", 404)
-        path = self.root / "queries" / f"{query_id}.json"
         try:
-            return ShownQuery.model_validate_json(path.read_text(encoding="utf-8"))
+            return ShownQuery.model_validate_json(self._read(f"queries/{query_id}.json"))
         except FileNotFoundError:
             raise FeedbackError(f"unknown query {query_id}: this service answered no such query", 404) from None
 
@@ -151,10 +173,10 @@ class FeedbackStore:
             raise FeedbackError(f"not shown for query {query_id}: {', '.join(unknown)}")
         event = FeedbackEvent(query_id=query_id, token=token_identity(token), chosen=chosen, rejected=rejected,
                               none_of_these=none_of_these, time=now)
-        path = self.root / "events" / query_id / f"{event.token}.json"
-        if _publish(path, event.model_dump_json()):
+        path = f"events/{query_id}/{event.token}.json"
+        if self._create(path, event.model_dump_json().encode()):
             return event, True
-        before = FeedbackEvent.model_validate_json(path.read_text(encoding="utf-8"))
+        before = FeedbackEvent.model_validate_json(self._read(path))
         if before.answer() == event.answer():
             return before, False
         raise FeedbackError(f"this token already answered query {query_id} differently", 409)
@@ -164,15 +186,15 @@ class FeedbackStore:
     def events(self) -> list[FeedbackEvent]:
         """Every stored event, oldest first (temporary files of a killed writer are not events)."""
         out = []
-        for path in sorted((self.root / "events").glob("*/*.json")):
+        for path in self._glob("events/*/*.json"):
             with contextlib.suppress(FileNotFoundError):
-                out.append(FeedbackEvent.model_validate_json(path.read_text(encoding="utf-8")))
+                out.append(FeedbackEvent.model_validate_json(self._read(path)))
         return sorted(out, key=lambda e: (e.time, e.query_id, e.token))
 
     def queries(self) -> dict[str, ShownQuery]:
         out = {}
-        for path in (self.root / "queries").glob("*.json"):
-            q = ShownQuery.model_validate_json(path.read_text(encoding="utf-8"))
+        for path in self._glob("queries/*.json"):
+            q = ShownQuery.model_validate_json(self._read(path))
             out[q.query_id] = q
         return out
 
@@ -189,6 +211,8 @@ def collect_triplets(store: FeedbackStore, *, gallery: dict[str, str], held_out_
     ``known_hashes``: content hash -> id of the benchmark's own images (a reference that is one of
     them is named by its id, else by its hash, ``fb-<md5>``). Rows follow the triplets table's
     columns (``model_code.data.tables``); ``images`` are the references that are new images."""
+    if store.remote:
+        raise ValueError("collect triplets from a local copy of the feedback (an object-store root is fetched first)")
     queries = store.queries()
     known_hashes = known_hashes or {}
     triplets, images, seen, per_token = [], {}, set(), {}

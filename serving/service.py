@@ -164,14 +164,11 @@ def _unb64(text: str):
 
 
 def _feedback_store(dataset: str) -> tuple[FeedbackStore | None, str | None]:
-    """Where the answers and people's feedback are kept, or ``(None, why not)``."""
-    if "://" in SETTINGS.artifacts:
-        why = (f"this deployment does not record feedback: its artifacts root {SETTINGS.artifacts} is an object "
-               "store, and the service writes feedback to a local folder only")
-        log.warning("%s", why)
-        return None, why
-    return FeedbackStore(Path(SETTINGS.artifacts) / "feedback" / dataset, dataset,
-                         ttl_s=SETTINGS.feedback_ttl_hours * 3600), None
+    """Where the answers and people's feedback are kept (under the artifacts root: a folder, or an
+    object store through fsspec), or ``(None, why not)``."""
+    root = SETTINGS.artifacts.rstrip("/") if "://" in SETTINGS.artifacts else Path(SETTINGS.artifacts)
+    return FeedbackStore(f"{root}/feedback/{dataset}" if isinstance(root, str) else root / "feedback" / dataset,
+                         dataset, ttl_s=SETTINGS.feedback_ttl_hours * 3600), None
 
 
 def _suffix(data: bytes) -> str:

@@ -128,3 +128,24 @@ def test_online_metrics_per_model_version(tmp_path):
     assert online_metrics(store) == {
         "m1": {"answered": 3, "pick_at_1": 1 / 3, "pick_in_10": 2 / 3, "none_of_these": 1 / 3},
         "m2": {"answered": 1, "pick_at_1": 0.0, "pick_in_10": 1.0, "none_of_these": 0.0}}
+
+
+def test_an_object_store_root_keeps_queries_and_answers_the_same_way():
+    """The service on an object-store artifacts root (memory:// here; s3://, gs:// alike through fsspec)."""
+    import uuid
+
+    import fsspec
+
+    root = f"memory://feedback-{uuid.uuid4().hex[:8]}/synthetic"
+    store = FeedbackStore(root, "synthetic")
+    qid = _query(store)
+    event, created = store.add(qid, "alice", chosen="g2", rejected=["g1"])
+    assert created and store.add(qid, "alice", chosen="g2", rejected=["g1"]) == (event, False)
+    with pytest.raises(FeedbackError, match="already answered") as e:
+        store.add(qid, "alice", chosen="g3")
+    assert e.value.status == 409
+    with pytest.raises(FeedbackError, match="unknown query"):
+        store.add("0" * 32, "alice", chosen="g1")
+    assert [x.chosen for x in store.events()] == ["g2"] and list(store.queries()) == [qid]
+    fs = fsspec.filesystem("memory")
+    assert fs.cat_file(f"{root.removeprefix('memory://')}/images/{store.query(qid).reference_hash}.png") == b"png-bytes"
