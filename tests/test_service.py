@@ -355,3 +355,61 @@ def test_the_page_marks_results_not_this_then_sends_one_answer_from_the_keyboard
     assert json.loads(sent[-1]) == {"query_id": again["query_id"], "none_of_these": True, "rejected": [last]}
     events = [e for e in store.events() if e.query_id == again["query_id"]]
     assert [(e.chosen, e.rejected, e.none_of_these) for e in events] == [(None, [last], True)]
+
+
+def test_no_feedback_is_lost_or_written_twice_under_32_clients_with_a_front_worker_killed(served, tmp_path):
+    """Two front workers, 32 clients posting answers, one worker killed mid-run (kill -9): every answer
+    the service acknowledged is stored, each exactly once, and the ones cut off go through when retried."""
+    import http.client
+    import signal
+    import threading
+
+    import psutil
+
+    env, version, _, _ = served
+    artifacts = tmp_path / "artifacts"
+    store = FeedbackStore(artifacts / "feedback" / "synthetic", "synthetic")
+    qids = [store.record_query(reference=i.to_bytes(2, "big"), suffix=".png", modification="m", model_version=version,
+                               mode="no_cot", chain=None, shown=["a", "b"], scores=[1.0, 0.5], token=None)
+            for i in range(1600)]
+    s = Server({**env, "CIRCOT_ARTIFACTS": str(artifacts), "BENTOML_CONFIG_OPTIONS": "services.circot.workers=2"},
+               tmp_path / "kill.log")
+    try:
+        s.wait()
+        outcome: dict[str, object] = {}
+
+        def client(part):
+            for q in part:
+                try:
+                    outcome[q] = s.post_json("/feedback", {"query_id": q, "chosen": "a" if int(q, 16) % 2 else "b"})[0]
+                except (OSError, http.client.HTTPException) as e:   # the connection cut by the kill
+                    outcome[q] = e
+
+        threads = [threading.Thread(target=client, args=(qids[i::32],)) for i in range(32)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+
+        def service_name(p):
+            line = p.cmdline()
+            return line[line.index("--service-name") + 1] if "--service-name" in line else None
+
+        victim = next((p for p in psutil.Process(s.proc.pid).children(recursive=True) if service_name(p) == "circot"),
+                      None)
+        assert victim is not None, [p.cmdline() for p in psutil.Process(s.proc.pid).children(recursive=True)]
+        os.kill(victim.pid, signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        acknowledged = [q for q, o in outcome.items() if o == 200]
+        assert len(outcome) == 1600 and len(acknowledged) > 0
+        stored = {e.query_id for e in store.events()}
+        assert set(acknowledged) <= stored                         # nothing acknowledged is lost
+        s.wait()
+        for q in qids:                                             # the rest, retried, goes through
+            if outcome[q] != 200:
+                assert s.post_json("/feedback", {"query_id": q, "chosen": "a" if int(q, 16) % 2 else "b"})[0] == 200
+        events = store.events()
+        assert sorted(e.query_id for e in events) == sorted(qids)  # each exactly once
+        assert all(e.chosen == ("a" if int(e.query_id, 16) % 2 else "b") for e in events)
+    finally:
+        s.stop()
