@@ -108,6 +108,12 @@ def replace_dir(built: str | os.PathLike, path: str | os.PathLike) -> Path:
 # versions from content
 
 
+def bytes_md5(data: bytes) -> str:
+    """The md5 of ``data``: an image's identity by content (the gallery index, the feedback store and
+    the leakage guard all name an image by it, so they must agree: :func:`file_md5` of its file)."""
+    return hashlib.md5(data).hexdigest()
+
+
 def file_md5(*paths: str | os.PathLike, chunk: int = 1 << 24) -> str:
     """md5 over the bytes of ``paths`` in order (streamed: large weight files are fine)."""
     h = hashlib.md5()

@@ -31,6 +31,8 @@ from pathlib import Path
 import pydantic
 from fsspec.core import url_to_fs
 
+from model_code.common import bytes_md5
+
 QUERY_ID = re.compile(r"^[0-9a-f]{32}$")
 DEFAULT_TTL_S = 7 * 24 * 3600    # feedback on a query older than this is refused (410)
 
@@ -131,7 +133,7 @@ class FeedbackStore:
     def record_query(self, *, reference: bytes, suffix: str, modification: str, model_version: str, mode: str,
                      chain: dict | None, shown: Sequence[str], scores: Sequence[float], token: str | None) -> str:
         """Keep what was answered; returns the new query id."""
-        digest = hashlib.md5(reference).hexdigest()
+        digest = bytes_md5(reference)
         image = Path("images") / f"{digest}{suffix}"
         self._create(image.as_posix(), reference)   # same content under the same name: a race is harmless
         query = ShownQuery(query_id=uuid.uuid4().hex, dataset=self.dataset, time=time.time(),

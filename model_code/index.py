@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
@@ -36,7 +35,7 @@ import pyarrow as pa
 from filelock import FileLock, Timeout
 from PIL import Image
 
-from model_code.common import Progress
+from model_code.common import Progress, file_md5
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +66,10 @@ class GalleryIndexError(ValueError):
     """A bad query, an index that does not exist, a build that cannot go on: the message says which."""
 
 
-def content_hash(data: bytes) -> str:
-    """An image's identity by content: the md5 of its bytes (what the index stores per image)."""
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-
 def _file_hash(path) -> str | None:
+    """An image's identity by content (``model_code.common.file_md5``), None when it cannot be read."""
     try:
-        return content_hash(Path(path).read_bytes())
+        return file_md5(path)
     except OSError:
         return None
 

@@ -145,7 +145,7 @@ class Metrics:
                                "(no_cot), index_search", ["phase"], buckets=LATENCY_BUCKETS)
         self.unparsed = Counter("circot_chains_unparsed_total", "CoT chains the model wrote that did not parse")
         self.feedback = Counter("circot_feedback_total", "POST /feedback answers by outcome (accepted, repeated, "
-                                "invalid, unknown_query, expired, conflict, too_large, not_recorded, error)",
+                                "invalid, unknown_query, expired, conflict, too_large, error)",
                                 ["outcome"])
         self.images = Counter("circot_embedded_images_total", "images embedded through /embed_image")
         self.model = Gauge("circot_model_info", "the model served (1 while ready)", ["dataset", "model_version"],

@@ -51,12 +51,13 @@ from starlette.routing import Route
 
 from model_code import registry
 from model_code.benchmarks import benchmark
+from model_code.common import bytes_md5
 from model_code.feedback import FeedbackError, FeedbackStore
-from model_code.index import GalleryIndex, content_hash, index_uri
+from model_code.index import GalleryIndex, index_uri
 from model_code.retrieval import MODES, QueryError, check_text, infer, open_image, search
 from model_code.settings import ServiceSettings, load
 from serving.guard import Guard, note
-from serving.link import ApiError, EncoderLink, on_shutdown_signal
+from serving.link import RETRY_AFTER_S, ApiError, EncoderLink, on_shutdown_signal
 from serving.observability import metrics, setup_logging
 
 log = logging.getLogger("circot.service")
@@ -65,7 +66,7 @@ log = logging.getLogger("circot.service")
 # the service is not ready, saying which
 SETTINGS, SETTINGS_ERRORS = load(ServiceSettings)
 BATCHING = SETTINGS.adaptive_batching
-FEEDBACK_REFUSALS = {400: "invalid", 404: "unknown_query", 409: "conflict", 410: "expired", 501: "not_recorded"}
+FEEDBACK_REFUSALS = {400: "invalid", 404: "unknown_query", 409: "conflict", 410: "expired"}
 IMAGE_BATCH = 32          # the encoder's largest batch of gallery images: /embed_image sends at most this many a call
 HERE = Path(__file__).resolve().parent
 _running: dict = {}       # the front's instance in this worker, for the page's routes and the guard
@@ -125,7 +126,7 @@ class SearchResponse(BaseModel):
                                             "reference_id given), where the dataset's protocol leaves it out")
     timings: dict[str, float | int]
     query_id: str | None = Field(default=None, description="the id to give POST /feedback for this answer (null "
-                                                           "where this deployment does not record feedback)")
+                                                           "when it could not be recorded: a write error)")
 
 
 class FeedbackAnswer(BaseModel):
@@ -163,12 +164,12 @@ def _unb64(text: str):
         return im.convert("RGB")
 
 
-def _feedback_store(dataset: str) -> tuple[FeedbackStore | None, str | None]:
-    """Where the answers and people's feedback are kept (under the artifacts root: a folder, or an
-    object store through fsspec), or ``(None, why not)``."""
+def _feedback_store(dataset: str) -> FeedbackStore:
+    """Where the answers and people's feedback are kept: under the artifacts root (a folder, or an
+    object store through fsspec)."""
     root = SETTINGS.artifacts.rstrip("/") if "://" in SETTINGS.artifacts else Path(SETTINGS.artifacts)
     return FeedbackStore(f"{root}/feedback/{dataset}" if isinstance(root, str) else root / "feedback" / dataset,
-                         dataset, ttl_s=SETTINGS.feedback_ttl_hours * 3600), None
+                         dataset, ttl_s=SETTINGS.feedback_ttl_hours * 3600)
 
 
 def _suffix(data: bytes) -> str:
@@ -184,7 +185,8 @@ def _image(request: Request) -> Response:
     service = _running.get("service")
     if service is None or service.index is None:
         why = (service.error or "opening the gallery index") if service else "starting"
-        return JSONResponse({"error": f"not ready: {why}"}, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse({"error": f"not ready: {why}"}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
     dataset, image_id = request.path_params["dataset"], request.path_params["image_id"]
     if dataset != service.dataset:
         return JSONResponse({"error": f"this service serves {service.dataset}, not {dataset}"}, status_code=404)
@@ -306,7 +308,7 @@ class CirCoTService:
         self.paths: dict[str, Path] = {}
         self.by_hash: dict[str, list[str]] = {}
         self.link = EncoderLink(self.encoder, MODEL_VERSION, SETTINGS.encoder_timeout_s)
-        self.store, self.store_off = _feedback_store(self.dataset)
+        self.store = _feedback_store(self.dataset)
         if not SETTINGS.api_token:
             log.warning("CIRCOT_API_TOKEN is not set: the API is open to anyone who can reach it")
         _running["service"] = self
@@ -351,8 +353,9 @@ class CirCoTService:
             m = metrics()
             m.model.labels(self.dataset, self.version).set(1)
             m.gallery.labels(self.dataset).set(len(self.paths))
+        if self.ready != (why is None):   # the gauge written when readiness changes, not on every call
+            metrics().ready.labels(self.dataset).set(int(why is None))
         self.ready = why is None
-        metrics().ready.labels(self.dataset).set(int(self.ready))
         return why
 
     async def __is_ready__(self) -> bool:
@@ -364,7 +367,7 @@ class CirCoTService:
         if not self.excludes_reference:
             return []
 
-        ids = set(self.by_hash.get(content_hash(data), ()))
+        ids = set(self.by_hash.get(bytes_md5(data), ()))
         if reference_id and reference_id in self.paths:
             ids.add(reference_id)
         return sorted(ids)
@@ -424,14 +427,13 @@ class CirCoTService:
         hits = [Hit(image_id=i, score=round(s, 6), url=f"/ui/images/{self.dataset}/{i}")
                 for i, s in zip(ids[0], scores[0])]
         query_id = None
-        if self.store is not None:   # what was shown, so that feedback refers to an answer the service gave
-            try:
-                query_id = await asyncio.to_thread(
-                    self.store.record_query, reference=data, suffix=_suffix(data), modification=text,
-                    model_version=self.version, mode=mode, chain=a.reasoning, shown=[h.image_id for h in hits],
-                    scores=[h.score for h in hits], token=SETTINGS.api_token)
-            except OSError:   # the answer still goes out, without a query id to give feedback on
-                log.exception("the query could not be recorded for feedback in %s", self.store.root)
+        try:   # what was shown, so that feedback refers to an answer the service gave
+            query_id = await asyncio.to_thread(
+                self.store.record_query, reference=data, suffix=_suffix(data), modification=text,
+                model_version=self.version, mode=mode, chain=a.reasoning, shown=[h.image_id for h in hits],
+                scores=[h.score for h in hits], token=SETTINGS.api_token)
+        except OSError:   # the answer still goes out, without a query id to give feedback on
+            log.exception("the query could not be recorded for feedback in %s", self.store.root)
         return SearchResponse(
             model_version=self.version, dataset=self.dataset, mode=mode,
             reasoning=Reasoning(**a.reasoning) if a.reasoning else None,
@@ -445,8 +447,6 @@ class CirCoTService:
         (the same again is 200 and kept once, a different one 409)."""
         outcome = "error"
         try:
-            if self.store is None:
-                raise ApiError(self.store_off, 501)
             try:
                 event, stored = await asyncio.to_thread(self.store.add, query_id, SETTINGS.api_token,
                                                         chosen=chosen or None, rejected=rejected or (),

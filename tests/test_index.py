@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
+from model_code.common import bytes_md5
 from model_code.index import AnnConfig, GalleryImage, GalleryIndex, GalleryIndexError, exact_topk
 
 DIM = 16
@@ -306,14 +307,13 @@ def test_each_image_is_found_by_its_content_and_an_index_made_before_hashes_stil
     next build rebuilds it with the column."""
     import pyarrow as pa
 
-    from model_code.index import content_hash
 
     images, vectors, embed = gallery
-    expected = {content_hash(im.path.read_bytes()): [im.image_id] for im in images}
+    expected = {bytes_md5(im.path.read_bytes()): [im.image_id] for im in images}
     index = GalleryIndex(tmp_path / "db", "synthetic")
     index.build(embed, images, model_version="v1")
     assert index.hashes("v1") == expected
-    assert content_hash(images[7].path.read_bytes()) != content_hash(images[8].path.read_bytes())
+    assert bytes_md5(images[7].path.read_bytes()) != bytes_md5(images[8].path.read_bytes())
     # a table as the index was written before content hashes: no md5 column, tagged for its model
     old = GalleryIndex(tmp_path / "old", "synthetic")
     rows = pa.table({"image_id": [im.image_id for im in images], "dataset": ["synthetic"] * len(images),

@@ -276,14 +276,15 @@ class CirCoTModel(torch.nn.Module):
                 raise ValueError("an adapter model needs its base model's path or version to be saved")
 
             self.base_version = checkpoint_version(self.base_path)
+        files = file_manifest(path)   # the version hashes the weights' md5s the manifest already holds
         h = hashlib.md5()
         for f in sorted(weights.rglob("*.safetensors")):
-            h.update(file_md5(f).encode())
+            h.update(files[f.relative_to(path).as_posix()][1].encode())
         h.update(json.dumps(PROMPTS, sort_keys=True).encode())
         h.update(str(self.base_version if is_peft else "").encode())
         version = h.hexdigest()[:16]
         meta = {"format": 1, "weights": "adapter" if is_peft else "full", "base_model": self.base_path,
-                "files": file_manifest(path),
+                "files": files,
                 "base_version": self.base_version if is_peft else None,
                 "prompt_version": self.prompt_version, "prompts": PROMPTS, "emb_token": EMB_TOKEN,
                 "cir_tokens": list(CIR_TOKENS), "hidden_size": self.hidden_size, "version": version}
