@@ -17,21 +17,19 @@ from fsspec.core import url_to_fs
 from model_code.annotation import teachers
 from model_code.benchmarks import benchmark
 from model_code.data.versioning import DvcProject
-from model_code.datasets import hooks
 from model_code.evaluation.gate import GateConfig, gate_floors
 from model_code.index import GalleryIndex, index_uri
 from model_code.settings import PipelineSettings, load
 
 
 class DatasetRoots(dg.ConfigurableResource):
-    """Local roots of the real benchmarks. The synthetic benchmark needs none: DVC makes it."""
+    """Local roots of the benchmarks whose files a user brings, ``{dataset: folder}``
+    (``CIRCOT_<NAME>_ROOT``). A generated benchmark (synthetic) needs none: DVC makes it."""
 
-    fashioniq: str | None = None
-    cirr: str | None = None
-    circo: str | None = None
+    roots: dict[str, str] = {}
 
     def root(self, dataset: str, *, must_exist: bool = True) -> Path:
-        value = getattr(self, dataset, None)
+        value = self.roots.get(dataset)
         spec = benchmark(dataset)
         if not value:
             raise dg.Failure(
@@ -39,7 +37,7 @@ class DatasetRoots(dg.ConfigurableResource):
                     f"Dataset partition '{dataset}' has no data root configured. Put the benchmark's "
                     f"official files in a folder ({spec.root_layout}) and either set "
                     f"{spec.root_env}=/path/to/it before starting Dagster, or configure the "
-                    f"'datasets' resource's '{dataset}' field. To version it with DVC, run "
+                    f"'datasets' resource's roots: {{'{dataset}': ...}}. To version it with DVC, run "
                     f"`dvc add <folder>` inside the project and point the root at that folder."))
         path = Path(value).expanduser()
         if must_exist and not path.is_dir():
@@ -220,7 +218,7 @@ class AnnotatorResource(dg.ConfigurableResource):
     def resolve_kind(self, dataset: str) -> str:
         if self.kind != "auto":
             return self.kind
-        if hooks(dataset).annotator is not None:
+        if benchmark(dataset).hooks.annotator is not None:
             return "oracle"
         if self.local_model_path:
             return "local"
@@ -236,7 +234,7 @@ class AnnotatorResource(dg.ConfigurableResource):
 
         kind = self.resolve_kind(dataset)
         if kind == "oracle":
-            oracle = hooks(dataset).annotator
+            oracle = benchmark(dataset).hooks.annotator
             if oracle is None:
                 raise dg.Failure(description=f"Dataset '{dataset}' has no oracle annotator (only a benchmark whose "
                                              f"ground truth describes its images has one, e.g. synthetic).")
@@ -363,8 +361,8 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
 
     s, errors = load(PipelineSettings)
     return {
-        "datasets": DatasetRoots(**(s.dataset_roots() if dataset_roots is None else
-                                    {k: v for k, v in dataset_roots.items() if v})),
+        "datasets": DatasetRoots(roots=s.dataset_roots() if dataset_roots is None else
+                                 {k: v for k, v in dataset_roots.items() if v}),
         "dvc": DvcResource(project_dir=project_dir or s.project_dir or os.getcwd(),
                            remote=dvc_remote or s.dvc_remote, push=dvc_push),
         "artifacts": ArtifactStore(root=artifacts_root or s.artifacts, cache=s.artifacts_cache,

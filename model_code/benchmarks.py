@@ -1,9 +1,15 @@
 """One :class:`BenchmarkSpec` per benchmark: every per-dataset fact the pipeline uses, in one place.
 
-Readers, tables, evaluation, the gate, the resources and the command line read their facts from
-:data:`BENCHMARKS` (or :func:`benchmark`); nothing else keeps a table keyed by dataset name. What a
-benchmark lends generic code as functions (its pretraining corpus, oracle annotator, reasoning
-metrics) are its hooks: :attr:`BenchmarkSpec.hooks` (``model_code.datasets``).
+A benchmark is its spec here plus its own module (``BenchmarkSpec.module``, under
+``model_code/data/readers/``), which reads its official files into the normalised tables, says which
+files make up a split (the layout check) and, where an evaluation server scores a hidden split,
+writes that server's files. Everything else (readers' dispatch, the settings of its root, the Dagster
+partitions, the evaluation's metrics and headline, the gate's floors, the command line) is derived
+from the spec, which generic code receives as an object, never by branching on a benchmark's name
+(``tests/test_layers.py`` fails on such a comparison outside the benchmark modules). What a benchmark
+lends generic code as functions (its pretraining corpus, oracle annotator, reasoning metrics) are its
+hooks, named by :attr:`BenchmarkSpec.hooks_at` (``model_code.datasets.DatasetHooks``).
+docs/architecture.md walks through adding a benchmark.
 """
 
 from __future__ import annotations
@@ -11,39 +17,109 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
+from pathlib import Path
+from types import MappingProxyType, ModuleType
+from typing import Literal
 
-from model_code.datasets import hooks as dataset_hooks
+from model_code.datasets import DatasetHooks
+
+PREFIX = "CIRCOT_"   # the settings' prefix (model_code.settings): a configured root is CIRCOT_<NAME>_ROOT
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkSpec:
-    name: str
+    name: str                              # the partition key and the `dataset` column
+    title: str                             # as people write it, for messages and reports
     splits: tuple[str, ...]
     scored_split: str                      # the split the evaluation scores and the gate reads
-    ks: tuple[int, ...]                    # the K of Recall@K (mAP@K for CIRCO)
+    ks: tuple[int, ...]                    # the K of Recall@K (mAP@K where metric is "map")
     headline: str                          # the one number the gate's regression check and model labels use
     excludes_reference: bool               # the protocol removes each query's reference image from its ranking
-    reader: str                            # "module:function" reading one split: (root, split, category) -> Benchmark
+    module: str                            # the benchmark's module: read(), split_files(), annotation_files(), ...
+    metric: Literal["recall", "map"] = "recall"   # per query: Recall@K, or AP@K (several ground truths)
+    subset_ks: tuple[int, ...] = ()        # Recall_subset@K: each ranking restricted to the query's subset_ids
+    headline_of: tuple[str, ...] = ()      # the headline is the mean of these metrics (else a metric itself)
+    categories: tuple[str, ...] = ()       # one gallery per category; every metric the mean over categories
+    train_split: str | None = None         # the split a model is fine-tuned on (None: evaluated zero-shot)
     hidden_splits: tuple[str, ...] = ()    # splits whose targets the authors withhold (scored by their servers)
     submission_split: str | None = None    # the hidden split the evaluation writes a submission file for
-    categories: tuple[str, ...] = ()       # FashionIQ's garment categories (each its own gallery)
     gate_floors: Mapping[str, float] = dataclasses.field(default_factory=dict)  # built-in floors of the gate
-    root_env: str | None = None            # the variable naming its local root (real benchmarks)
-    dvc_stage: str | None = None           # the DVC stage that generates it (the synthetic benchmark) ...
+    dvc_stage: str | None = None           # the DVC stage that generates it (else its root is configured) ...
     dvc_out: str | None = None             # ... and the folder that stage writes (relative to the project)
-    root_layout: str = ""                  # what that root holds, for the error a missing root gives
-    trains: bool = False                   # trained on by default (the training job's partitions)
+    root_layout: str = ""                  # what a configured root holds, for the error a missing root gives
+    hooks_at: str | None = None            # "module:attribute" of its DatasetHooks
 
-    def read(self, root, split: str, category: str | None = None):
-        """One split, by the benchmark's reader (``model_code.data.readers``)."""
-        module, function = self.reader.split(":")
-        return getattr(importlib.import_module(module), function)(root, split, category)
+    def __post_init__(self):
+        if self.scored_split not in self.splits or self.scored_split in self.hidden_splits:
+            raise ValueError(f"{self.name}: the scored split {self.scored_split!r} must be a split with targets")
+        if self.train_split is not None and self.train_split not in self.splits:
+            raise ValueError(f"{self.name}: the train split {self.train_split!r} is not one of its splits")
+        unknown = set(self.headline_of) - set(self.metric_names())
+        if unknown or (not self.headline_of and self.headline not in self.metric_names()):
+            raise ValueError(f"{self.name}: the headline {self.headline!r} is not made of its metrics "
+                             f"({', '.join(self.metric_names())})")
+
+    # ---- what follows from the facts above ----------------------------------------------------
 
     @property
-    def hooks(self):
-        """What the benchmark lends generic code (``model_code.datasets.DatasetHooks``)."""
-        return dataset_hooks(self.name)
+    def trains(self) -> bool:
+        """A model is fine-tuned on it: it is a partition of ``cir_cot_model``."""
+        return self.train_split is not None
+
+    @property
+    def configured(self) -> bool:
+        """Its root is given by the user (a real benchmark), not generated by a DVC stage."""
+        return self.dvc_stage is None
+
+    @property
+    def root_setting(self) -> str | None:
+        """The settings field of its root (``model_code.settings.PipelineSettings``)."""
+        return f"{self.name}_root" if self.configured else None
+
+    @property
+    def root_env(self) -> str | None:
+        """The environment variable of its root: ``CIRCOT_<NAME>_ROOT``."""
+        return PREFIX + self.root_setting.upper() if self.configured else None
+
+    @property
+    def metric_prefix(self) -> str:
+        return "mAP" if self.metric == "map" else "R"
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The benchmark's own metrics, as the evaluation names them."""
+        return (tuple(f"{self.metric_prefix}@{k}" for k in self.ks) + tuple(f"R_subset@{k}" for k in self.subset_ks)
+                + ((self.headline,) if self.headline_of else ()))
+
+    # ---- its module and hooks -----------------------------------------------------------------
+
+    def reader(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    def read(self, root: Path, split: str, category: str | None = None):
+        """One split as ``Benchmark(triplets, images)``, by the benchmark's module."""
+        return self.reader().read(self, Path(root), split, category)
+
+    def split_files(self, root: Path, split: str, category: str | None = None) -> list[Path]:
+        """The annotation files that make ``split`` present under ``root`` (the layout check)."""
+        return self.reader().split_files(self, Path(root), split, category)
+
+    def annotation_files(self, root: Path) -> list[Path]:
+        """Every annotation file under ``root`` (not the images): what identifies a version of it."""
+        return self.reader().annotation_files(self, Path(root))
+
+    def submissions(self, split: str, method: str, rankings: dict, subset_rankings: dict,
+                    query_ids) -> dict[str, dict]:
+        """The files the benchmark's evaluation server takes for a hidden split (``{}`` when it has none)."""
+        write = getattr(self.reader(), "submissions", None)
+        return write(self, split, method, rankings, subset_rankings, list(query_ids)) if write else {}
+
+    @property
+    def hooks(self) -> DatasetHooks:
+        """What the benchmark lends generic code (none set when it lends nothing)."""
+        if not self.hooks_at:
+            return DatasetHooks()
+        module, attribute = self.hooks_at.split(":")
+        return getattr(importlib.import_module(module), attribute)
 
 
 def _frozen(**floors: float) -> Mapping[str, float]:
@@ -52,9 +128,10 @@ def _frozen(**floors: float) -> Mapping[str, float]:
 
 BENCHMARKS: Mapping[str, BenchmarkSpec] = MappingProxyType({spec.name: spec for spec in (
     BenchmarkSpec(
-        name="synthetic", splits=("train", "val", "test"), scored_split="test", ks=(1, 5, 10, 50), headline="R@10",
-        excludes_reference=True, reader="model_code.data.readers:read_synthetic", trains=True,
-        dvc_stage="synthetic", dvc_out="data/raw/synthetic",
+        name="synthetic", title="cir-shapes", splits=("train", "val", "test"), scored_split="test",
+        ks=(1, 5, 10, 50), headline="R@10", excludes_reference=True, module="model_code.data.readers.synthetic",
+        train_split="train", dvc_stage="synthetic", dvc_out="data/raw/synthetic",
+        hooks_at="model_code.synthetic.hooks:HOOKS",
         # what the default recipe on the 2026-11-29 base clears over two seeds with a margin of 0.07-0.12
         # (CIR-CoT R@10 0.770 / 0.718, R@50 0.888 / 0.876: `make run` on a fresh clone, and
         # `bench/finetune_embedded.py --base model_code/model/embedded_base --seed 1`), far above chance
@@ -63,20 +140,21 @@ BENCHMARKS: Mapping[str, BenchmarkSpec] = MappingProxyType({spec.name: spec for 
         # (configure them: CIRCOT_GATE_FLOORS) and rely on the gate's other two rules.
         gate_floors=_frozen(**{"R@10": 0.65, "R@50": 0.80})),
     BenchmarkSpec(
-        name="fashioniq", splits=("train", "val", "test"), scored_split="val", ks=(10, 50), headline="Avg",
-        excludes_reference=False, reader="model_code.data.readers:read_fashioniq", hidden_splits=("test",),
-        categories=("dress", "shirt", "toptee"), root_env="CIRCOT_FASHIONIQ_ROOT",
-        root_layout="the folder holding captions/, image_splits/ and images/"),
+        name="fashioniq", title="FashionIQ", splits=("train", "val", "test"), scored_split="val", ks=(10, 50),
+        headline="Avg", headline_of=("R@10", "R@50"), excludes_reference=False,
+        module="model_code.data.readers.fashioniq", categories=("dress", "shirt", "toptee"), train_split="train",
+        hidden_splits=("test",), root_layout="the folder holding captions/, image_splits/ and images/"),
     BenchmarkSpec(
-        name="cirr", splits=("train", "val", "test1"), scored_split="val", ks=(1, 5, 10, 50), headline="Avg",
-        excludes_reference=True, reader="model_code.data.readers:read_cirr", hidden_splits=("test1",),
-        submission_split="test1", root_env="CIRCOT_CIRR_ROOT",
+        name="cirr", title="CIRR", splits=("train", "val", "test1"), scored_split="val", ks=(1, 5, 10, 50),
+        subset_ks=(1, 2, 3), headline="Avg", headline_of=("R@5", "R_subset@1"), excludes_reference=True,
+        module="model_code.data.readers.cirr", train_split="train", hidden_splits=("test1",),
+        submission_split="test1",
         root_layout="the folder holding captions/ and image_splits/ (or cirr/captions/ ...) and the image "
                     "folders dev/, test1/, train/"),
     BenchmarkSpec(
-        name="circo", splits=("val", "test"), scored_split="val", ks=(5, 10, 25, 50), headline="mAP@10",
-        excludes_reference=False, reader="model_code.data.readers:read_circo", hidden_splits=("test",),
-        submission_split="test", root_env="CIRCOT_CIRCO_ROOT",
+        name="circo", title="CIRCO", splits=("val", "test"), scored_split="val", ks=(5, 10, 25, 50),
+        metric="map", headline="mAP@10", excludes_reference=False, module="model_code.data.readers.circo",
+        hidden_splits=("test",), submission_split="test",
         root_layout="the folder holding annotations/ and COCO2017_unlabeled/unlabeled2017/"),
 )})
 
@@ -85,8 +163,10 @@ class UnknownBenchmarkError(ValueError):
     pass
 
 
-def benchmark(name: str) -> BenchmarkSpec:
-    """The spec of ``name``; an error that lists the known benchmarks otherwise."""
+def benchmark(name: str | BenchmarkSpec) -> BenchmarkSpec:
+    """The spec of ``name`` (a spec is returned as it is); an error that lists the known benchmarks otherwise."""
+    if isinstance(name, BenchmarkSpec):
+        return name
     try:
         return BENCHMARKS[name]
     except KeyError:
@@ -96,3 +176,22 @@ def benchmark(name: str) -> BenchmarkSpec:
 def names(where: Callable[[BenchmarkSpec], bool] = lambda spec: True) -> tuple[str, ...]:
     """The benchmarks' names (those ``where`` accepts), in their fixed order."""
     return tuple(name for name, spec in BENCHMARKS.items() if where(spec))
+
+
+def training_names() -> tuple[str, ...]:
+    """The benchmarks a model is fine-tuned on: the partitions of ``cir_cot_model``."""
+    return names(lambda spec: spec.trains)
+
+
+def model_source(spec: BenchmarkSpec | str, zero_shot_source: str) -> BenchmarkSpec:
+    """The training benchmark whose model is evaluated on ``spec``: its own, or, for a benchmark
+    without a train split, ``zero_shot_source`` (``CIRCOT_ZERO_SHOT_SOURCE``)."""
+    spec = benchmark(spec)
+    if spec.trains:
+        return spec
+    source = benchmark(zero_shot_source)
+    if not source.trains:
+        raise UnknownBenchmarkError(f"{spec.title} is evaluated zero-shot with the model of a training benchmark; "
+                                    f"{source.name!r} has no train split (training benchmarks: "
+                                    f"{', '.join(training_names())})")
+    return source

@@ -1,8 +1,8 @@
-"""Dataset hooks: what generic code (training, evaluation) may need from one benchmark, by name.
+"""Dataset hooks: what generic code (training, evaluation, annotation) may need from one benchmark.
 
-Generic code never imports a benchmark's package; it asks ``hooks(dataset)`` and uses what the
-benchmark registered, or does without. A benchmark package fills the registry in when imported
-(``register``); the packages to import are listed in ``PLUGINS`` (the one place that names them).
+Generic code never imports a benchmark's package; it asks the benchmark's spec
+(``BenchmarkSpec.hooks``, ``model_code.benchmarks``), whose ``hooks_at`` names the benchmark's
+:class:`DatasetHooks`, and uses what is set or does without.
 
 - ``pretraining``: the embedded base's pretraining corpus (a module or object with ``EDIT_OPS``,
   ``make_samples(cfg, folder, exclude=, progress=)``, ``excluded_scenes(root)`` and
@@ -16,10 +16,7 @@ benchmark registered, or does without. A benchmark package fills the registry in
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
-
-PLUGINS = ("model_code.synthetic.hooks",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,21 +24,3 @@ class DatasetHooks:
     reasoning_correctness: Callable | None = None
     pretraining: object | None = None
     annotator: Callable | None = None
-
-
-_REGISTRY: dict[str, DatasetHooks] = {}
-_loaded = False
-
-
-def register(dataset: str, dataset_hooks: DatasetHooks) -> None:
-    _REGISTRY[dataset] = dataset_hooks
-
-
-def hooks(dataset: str) -> DatasetHooks:
-    """The hooks ``dataset`` registered (none set when it registered nothing)."""
-    global _loaded
-    if not _loaded:
-        for module in PLUGINS:
-            importlib.import_module(module)
-        _loaded = True
-    return _REGISTRY.get(dataset, DatasetHooks())

@@ -19,12 +19,11 @@ import os
 import re
 from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model_code.benchmarks import BENCHMARKS
+from model_code.benchmarks import BENCHMARKS, PREFIX, UnknownBenchmarkError, model_source, training_names
 
-PREFIX = "CIRCOT_"
 DEFAULT_CRON = "0 3 * * 1"
 
 
@@ -43,7 +42,15 @@ class _Settings(BaseSettings):
         return value.strip() if isinstance(value, str) else value
 
 
-class PipelineSettings(_Settings):
+def _builtin_floors() -> str:
+    return "; ".join(f"{spec.name}: " + ", ".join(f"{m} {v:.2f}" for m, v in spec.gate_floors.items())
+                     for spec in BENCHMARKS.values() if spec.gate_floors) or "none"
+
+
+class _PipelineFields(_Settings):
+    """The pipeline's settings but the benchmarks' roots (:class:`PipelineSettings` adds one per
+    configured benchmark, from its spec)."""
+
     project_dir: str | None = Field(None, description="the DVC project (dvc.yaml, params.yaml); unset: the current "
                                                       "directory")
     dvc_remote: str | None = Field(None, description="the DVC remote data is pushed to and pulled from; unset: the "
@@ -52,10 +59,6 @@ class PipelineSettings(_Settings):
                                                     "(s3://bucket/circot, gs://..., any fsspec URL)")
     artifacts_cache: str | None = Field(None, description="the local copy of an object-store artifacts root; unset: "
                                                           "~/.cache/circot/artifacts/<hash of the root>")
-    fashioniq_root: str | None = Field(None, description="FashionIQ's folder (captions/, image_splits/, images/); "
-                                                         "unset: its partition fails and says how to set it")
-    cirr_root: str | None = Field(None, description="CIRR's folder (captions/, image_splits/, dev/, test1/, train/)")
-    circo_root: str | None = Field(None, description="CIRCO's folder (annotations/, COCO2017_unlabeled/)")
     teacher: Literal["auto", "oracle", "local", "remote"] = Field(
         "auto", description="the annotator: auto (the dataset's oracle when it has one, else local or remote as "
                             "configured), oracle, local or remote")
@@ -84,7 +87,7 @@ class PipelineSettings(_Settings):
     dagster_url: str = Field("http://127.0.0.1:3000", description="the Dagster UI's address, for links in alerts")
     gate_floors: str | None = Field(None, description="the gate's floors, JSON {metric: floor} (every dataset) "
                                                       "and/or {dataset: {metric: floor}}, merged over the built-in "
-                                                      "floors (synthetic: R@10 0.65, R@50 0.80)")
+                                                      f"floors ({_builtin_floors()})")
     gate_cot_not_worse: bool = Field(True, description="the gate requires CoT not worse than no-CoT (1/0, "
                                                        "true/false, yes/no, on/off)")
     gate_cot_tolerance: float = Field(0.0, ge=0, allow_inf_nan=False,
@@ -106,6 +109,19 @@ class PipelineSettings(_Settings):
     feedback_weight: float = Field(1.0, ge=0, allow_inf_nan=False,
                                    description="how many times a feedback triplet counts in training (0: "
                                                "feedback is collected but not trained on)")
+
+    zero_shot_source: str = Field("cirr", description="the training benchmark whose model evaluates, "
+                                  "zero-shot, each benchmark without a train split (CIRCO)")
+
+    @field_validator("zero_shot_source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        try:
+            for spec in BENCHMARKS.values():
+                model_source(spec, value)
+        except UnknownBenchmarkError:
+            raise ValueError(f"is not a benchmark with a train split ({', '.join(training_names())})") from None
+        return value
 
     @field_validator("retrain_cron")
     @classmethod
@@ -137,9 +153,18 @@ class PipelineSettings(_Settings):
 
     def dataset_roots(self) -> dict[str, str]:
         """``{dataset: root}`` of the real benchmarks that have one configured."""
-        return {name: getattr(self, spec.root_env.removeprefix(PREFIX).lower())
-                for name, spec in BENCHMARKS.items()
-                if spec.root_env and getattr(self, spec.root_env.removeprefix(PREFIX).lower())}
+        return {name: getattr(self, spec.root_setting) for name, spec in BENCHMARKS.items()
+                if spec.configured and getattr(self, spec.root_setting)}
+
+
+# one root per benchmark whose files a user brings (CIRCOT_<NAME>_ROOT), from its spec
+PipelineSettings = create_model(
+    "PipelineSettings", __base__=_PipelineFields, __module__=__name__,
+    __doc__="What the Dagster code location reads: every setting of the pipeline, the benchmarks' roots included.",
+    **{spec.root_setting: (str | None, Field(None, description=f"{spec.title}'s folder ({spec.root_layout}); "
+                                                               "unset: its partition fails and says how to set it"))
+       for spec in BENCHMARKS.values() if spec.configured})
+ROOT_FIELDS = frozenset(spec.root_setting for spec in BENCHMARKS.values() if spec.configured)
 
 
 class ServiceSettings(_Settings):
@@ -274,9 +299,15 @@ def reference() -> str:
     for title, cls in (("The pipeline (Dagster)", PipelineSettings), ("The service (BentoML)", ServiceSettings)):
         lines += [f"## {title}", "", "| variable | default | meaning |", "|---|---|---|"]
         for name, field in cls.model_fields.items():
+            if name in ROOT_FIELDS:
+                continue
             default = field.default
             shown = "unset" if default is None else f"`{default if isinstance(default, str) else json.dumps(default)}`"
             lines.append(f"| `{PREFIX}{name.upper()}` | {shown} | {field.description} |")
+        if cls is PipelineSettings:
+            lines.append(f"| `{PREFIX}<BENCHMARK>_ROOT` | unset | the folder of a benchmark whose files you bring, "
+                         "one variable per benchmark (e.g. `CIRCOT_CIRR_ROOT`); `circot benchmarks` lists each "
+                         "with what its folder holds; unset: its partition fails and says how to set it |")
         lines.append("")
     lines += ["## Set by the Makefile", "",
               "| variable | value | why |", "|---|---|---|",

@@ -100,7 +100,7 @@ def dataset_fingerprint(dataset: str, roots: DatasetRoots, project_dir: str | os
     if spec.dvc_out:
         lock = project / "dvc.lock"
         return _dvc_out_md5(lock, spec.dvc_out) if lock.is_file() else None
-    value = getattr(roots, dataset, None)
+    value = roots.roots.get(dataset)
     if not value:
         return None
     root = Path(value).expanduser()

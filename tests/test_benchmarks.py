@@ -5,7 +5,15 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from model_code.benchmarks import BENCHMARKS, UnknownBenchmarkError, benchmark, names
+from model_code.benchmarks import (
+    BENCHMARKS,
+    BenchmarkSpec,
+    UnknownBenchmarkError,
+    benchmark,
+    model_source,
+    names,
+    training_names,
+)
 from model_code.data import DATASETS, HIDDEN_SPLITS, SPLITS
 from model_code.evaluation.metrics import reference_exclusions
 
@@ -21,9 +29,13 @@ def test_spec_is_coherent(name):
     assert spec.submission_split is None or spec.submission_split in spec.hidden_splits
     assert list(spec.ks) == sorted(set(spec.ks)) and spec.ks[-1] <= 50
     assert (spec.root_env is None) != (spec.dvc_stage is None), "a benchmark is either configured or generated"
-    module, function = spec.reader.split(":")
-    assert callable(getattr(__import__(module, fromlist=[function]), function))
+    assert spec.root_env is None or spec.root_env == f"CIRCOT_{name.upper()}_ROOT"
+    module = spec.reader()
+    assert all(callable(getattr(module, f)) for f in ("read", "split_files", "annotation_files"))
+    assert (spec.submission_split is not None) == hasattr(module, "submissions")
     assert all(0 <= v <= 1 for v in spec.gate_floors.values())
+    assert set(spec.headline_of) <= set(spec.metric_names()) and spec.headline in spec.metric_names()
+    assert spec.train_split is None or spec.train_split not in spec.hidden_splits
 
 
 def test_unknown_benchmark_names_the_known_ones():
@@ -39,7 +51,7 @@ def test_specs_are_read_only():
 
 
 def test_views_follow_the_specs():
-    assert DATASETS == names() and names(lambda s: s.trains) == ("synthetic",)
+    assert DATASETS == names() and training_names() == ("synthetic", "fashioniq", "cirr")
     assert SPLITS["circo"] == ("val", "test") and ("cirr", "test1") in HIDDEN_SPLITS
     assert reference_exclusions("cirr", ["a"]) == [{"a"}] and reference_exclusions("circo", ["a"]) is None
 
@@ -60,3 +72,20 @@ def test_headline_per_query_averages_to_the_headline():
     # CIRR by hand: q1 R@5 1, R_subset@1 0 (x first); q2 1, 1; q3 0 (c at rank 6), R_subset@1 0 (z first)
     assert headline_per_query("cirr", [(Group("", queries, [], []), ranked)], "cot") == {"q1": 0.5, "q2": 1.0,
                                                                                        "q3": 0.0}
+
+
+def test_a_benchmark_without_a_train_split_is_evaluated_with_the_configured_source():
+    assert model_source("cirr", "fashioniq").name == "cirr"          # a training benchmark: its own model
+    assert model_source("circo", "cirr").name == "cirr"
+    assert model_source(benchmark("circo"), "fashioniq").name == "fashioniq"
+    with pytest.raises(UnknownBenchmarkError, match="has no train split"):
+        model_source("circo", "circo")
+
+
+def test_a_spec_whose_headline_is_not_its_metric_is_refused():
+    with pytest.raises(ValueError, match="headline"):
+        BenchmarkSpec(name="x", title="X", splits=("val",), scored_split="val", ks=(1, 5), headline="R@10",
+                      excludes_reference=False, module="x")
+    with pytest.raises(ValueError, match="train split"):
+        BenchmarkSpec(name="x", title="X", splits=("val",), scored_split="val", ks=(1,), headline="R@1",
+                      excludes_reference=False, module="x", train_split="train")

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from model_code.backbone import load_backbone
+from model_code.benchmarks import benchmark
 from model_code.data import Benchmark, read_dataset
 from model_code.evaluation.evaluate import Evaluation, Group, evaluate, headline_per_query, score
 from model_code.evaluation.gate import GateConfig, gate, paired_bootstrap
@@ -166,7 +167,7 @@ def test_bad_input_gives_a_clear_error(micro_model, tiny_synthetic):
 
 def _hidden(dataset: str, split: str, queries: pd.DataFrame, ranking: list[str], subset=None) -> Evaluation:
     ranks = {"cot": {q: ranking for q in queries.query_id}}
-    return Evaluation(dataset, split, "v", True, {}, ranks, {}, {}, queries,
+    return Evaluation(benchmark(dataset), split, "v", True, {}, ranks, {}, {}, queries,
                       {"cot": {q: subset for q in queries.query_id}} if subset is not None else {})
 
 

@@ -1,5 +1,6 @@
 """The library's layering: no import cycle between its packages, generic code never imports a
-benchmark's own package (it asks ``model_code.datasets.hooks``), and imports sit at the module top
+benchmark's own package (it asks the benchmark's spec for its hooks), no code outside the benchmark
+modules branches on a benchmark's name, and imports sit at the module top
 unless importing them is slow."""
 
 from __future__ import annotations
@@ -96,6 +97,60 @@ def test_generic_code_does_not_import_a_benchmark_package():
                  for src, targets in _graph().items()
                  if src != "model_code.synthetic" and "model_code.synthetic" in targets]
     assert not offenders, offenders
+
+
+# ---------------------------------------------------------------------------------------------
+# no branch on a benchmark's name outside the benchmark modules
+
+# Where a benchmark's name may be compared with: its spec, its own module, its own package.
+BENCHMARK_MODULES = ("model_code/benchmarks.py", "model_code/data/readers/", "model_code/synthetic/")
+
+
+def name_branches(root: Path, tops, benchmark_names, allowed=BENCHMARK_MODULES) -> list[str]:
+    """``["path:line: code"]`` of every comparison with a benchmark's name (``==``, ``!=``, ``in`` a
+    literal of names), ``match`` case on one, and dict literal keyed by one, outside ``allowed``:
+    generic code receives the benchmark's spec and reads its fields instead."""
+
+    def is_name(node) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in benchmark_names
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(is_name(e) for e in node.elts)
+        return False
+
+    found = []
+    for top in tops:
+        for path in sorted((root / top).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel.startswith(allowed):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), rel)):
+                hit = (isinstance(node, ast.Compare) and any(is_name(n) for n in [node.left, *node.comparators])) \
+                    or (isinstance(node, ast.MatchValue) and is_name(node.value)) \
+                    or (isinstance(node, ast.Dict) and any(k is not None and is_name(k) for k in node.keys))
+                if hit:
+                    found.append((rel, node.lineno, ast.unparse(node)))
+    return [f"{rel}:{line}: {code}" for rel, line, code in sorted(found)]
+
+
+def test_generic_code_never_branches_on_a_benchmark_name():
+    from model_code.benchmarks import BENCHMARKS
+
+    found = name_branches(ROOT, TOP, set(BENCHMARKS))
+    assert not found, "a benchmark's name compared with outside the benchmark modules (read its spec):\n" + \
+        "\n".join(found)
+
+
+def test_name_branch_finder_finds_each_kind(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "ok.py").write_text("DEFAULT = 'cirr'\nf(dataset='cirr')\nif spec.categories: pass\n")
+    (tmp_path / "pkg" / "bad.py").write_text(
+        "if dataset == 'cirr': pass\n"
+        "x = 1 if name in ('circo', 'x') else 2\n"
+        "match name:\n    case 'cirr':\n        pass\n"
+        "d = {'circo': ('annotations',)}\n")
+    assert [line.split(": ")[0] for line in name_branches(tmp_path, ["pkg"], {"cirr", "circo"}, ())] == [
+        "pkg/bad.py:1", "pkg/bad.py:2", "pkg/bad.py:4", "pkg/bad.py:6"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_the_data_sensor_runs_only_the_partition_that_changed_and_only_once(inst
     (cirr / "dev").mkdir(parents=True)
     (cirr / "dev" / "a.png").write_bytes(b"x")
     _lock(project, "1111")
-    roots = DatasetRoots(cirr=str(cirr), fashioniq=str(tmp_path / "nowhere"))   # fashioniq: unreadable
+    roots = DatasetRoots(roots={"cirr": str(cirr), "fashioniq": str(tmp_path / "nowhere")})   # fashioniq: unreadable
 
     # first sight: both partitions were never materialised, so both run; the unreadable one is skipped
     requests, cursor = _evaluate(sensor, instance, None, roots, project)

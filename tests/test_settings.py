@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from model_code.settings import PREFIX, PipelineSettings, ServiceSettings, environment_errors, load, reference
+from model_code.settings import (
+    PREFIX,
+    ROOT_FIELDS,
+    PipelineSettings,
+    ServiceSettings,
+    environment_errors,
+    load,
+    reference,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,8 +23,9 @@ def test_the_configuration_page_is_generated_from_the_settings():
     page = (ROOT / "docs" / "configuration.md").read_text()
     assert page == reference(), "docs/configuration.md is stale: python -m model_code.settings > docs/configuration.md"
     for cls in (PipelineSettings, ServiceSettings):
-        for name in cls.model_fields:
-            assert f"`{PREFIX}{name.upper()}`" in page
+        for name in cls.model_fields:   # the benchmarks' roots are one pattern row (`circot benchmarks` lists them)
+            assert f"`{PREFIX}{name.upper()}`" in page or name in ROOT_FIELDS
+    assert f"`{PREFIX}<BENCHMARK>_ROOT`" in page
 
 
 def test_every_benchmark_root_variable_is_a_setting(monkeypatch, tmp_path):
@@ -27,6 +36,15 @@ def test_every_benchmark_root_variable_is_a_setting(monkeypatch, tmp_path):
             monkeypatch.setenv(spec.root_env, str(tmp_path / spec.name))
     roots = load(PipelineSettings)[0].dataset_roots()
     assert roots == {n: str(tmp_path / n) for n, s in BENCHMARKS.items() if s.root_env}
+    assert ROOT_FIELDS == {f"{n}_root" for n, s in BENCHMARKS.items() if s.configured} and len(ROOT_FIELDS) == 3
+
+
+def test_a_zero_shot_source_without_a_train_split_is_refused(monkeypatch):
+    assert load(PipelineSettings)[0].zero_shot_source == "cirr"
+    monkeypatch.setenv("CIRCOT_ZERO_SHOT_SOURCE", "circo")
+    settings, errors = load(PipelineSettings)
+    assert settings.zero_shot_source == "cirr" and errors == [
+        "CIRCOT_ZERO_SHOT_SOURCE='circo' is not a benchmark with a train split (synthetic, fashioniq, cirr)"]
 
 
 def test_an_unusable_value_falls_back_to_its_default_and_is_reported(monkeypatch):

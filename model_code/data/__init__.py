@@ -7,10 +7,10 @@ Expectations suites are in ``model_code.data.quality`` and DVC in ``model_code.d
 """
 
 from model_code.data.readers import annotation_files, available_splits, read_benchmark, read_dataset
-from model_code.data.tables import (DATASETS, FASHIONIQ_CATEGORIES, HIDDEN_SPLITS, IMAGE_COLUMNS, LIST_COLUMNS, SPLITS,
+from model_code.data.tables import (DATASETS, HIDDEN_SPLITS, IMAGE_COLUMNS, LIST_COLUMNS, SPLITS,
                                     TRIPLET_COLUMNS, Benchmark, DataError, MissingImagesError, nulls_as_none,
                                     read_tables, write_tables)
 
-__all__ = ["DATASETS", "FASHIONIQ_CATEGORIES", "HIDDEN_SPLITS", "IMAGE_COLUMNS", "LIST_COLUMNS", "SPLITS",
+__all__ = ["DATASETS", "HIDDEN_SPLITS", "IMAGE_COLUMNS", "LIST_COLUMNS", "SPLITS",
            "TRIPLET_COLUMNS", "Benchmark", "DataError", "MissingImagesError", "annotation_files", "available_splits",
            "nulls_as_none", "read_benchmark", "read_dataset", "read_tables", "write_tables"]

@@ -1,6 +1,7 @@
-"""The official annotation formats of the benchmarks, as pydantic models.
+"""Reading the benchmarks' official annotation files: JSON loading and the check of every entry.
 
-Each reader validates every entry of a file against its model before using it, so a wrong type (a
+Each benchmark's module (``model_code/data/readers/<name>.py``) declares its entries as pydantic
+models (subclasses of :class:`Entry`) and validates every entry of a file before using it, so a wrong type (a
 null target, ``gt_img_ids`` a number, ``img_set`` a list, a caption that is a number, ...) becomes
 one :class:`~model_code.data.tables.DataError` that names the file, the entry, the field and what
 was expected, instead of a TypeError deep in the reader. Fields the readers do not use are allowed
@@ -11,60 +12,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+import json
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from model_code.data.tables import DataError
 
 
-class _Entry(BaseModel):
+class Entry(BaseModel):
+    """An entry of an official annotation file; fields a reader does not use are allowed and kept."""
+
     model_config = ConfigDict(extra="allow")
-
-
-class CirrImageSet(_Entry):
-    id: StrictInt
-    members: list[StrictStr]
-
-
-class CirrEntry(_Entry):
-    pairid: StrictInt
-    reference: StrictStr
-    caption: StrictStr
-    target_hard: StrictStr | None = None           # absent in the hidden test1 split
-    target_soft: dict[StrictStr, StrictFloat | StrictInt] | None = None
-    img_set: CirrImageSet
-
-
-class FashionIQEntry(_Entry):
-    candidate: StrictStr
-    target: StrictStr | None = None                # absent in the hidden test split
-    captions: list[StrictStr] = Field(min_length=2, max_length=2)
-
-
-class CircoEntry(_Entry):
-    id: StrictInt
-    reference_img_id: StrictInt
-    relative_caption: StrictStr
-    target_img_id: StrictInt | None = None         # absent in the hidden test split
-    gt_img_ids: list[StrictInt] | None = None
-    shared_concept: StrictStr | None = None
-
-
-class CircoImage(_Entry):
-    id: StrictInt
-
-
-class CircoImageInfo(_Entry):
-    images: list[CircoImage]
-
-
-class SyntheticEntry(_Entry):
-    query_id: StrictStr
-    reference: StrictStr
-    target: StrictStr
-    modification: StrictStr
-    n_edits: StrictInt | None = None
-    reference_dependent: StrictBool | None = None
-    hard_negatives: list[StrictStr] = []
 
 
 def _describe(error: dict) -> str:
@@ -91,3 +49,40 @@ def validate(model: type[BaseModel], value, path: Path, entry: int | str | None 
 
 def validate_entries(model: type[BaseModel], entries: list, path: Path) -> list:
     return [validate(model, e, path, i) for i, e in enumerate(entries)]
+
+
+def load_json(path: Path):
+    """The content of a JSON annotation file, or a DataError naming the file."""
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+
+
+def as_list(entries, path: Path) -> list:
+    """``entries`` when it is a JSON list, else a DataError naming the file."""
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}")
+    return entries
+
+
+def captions_and_split(ann: Path, stem: str) -> tuple[Path, list, dict]:
+    """The CIRR-style pair ``captions/cap.<stem>.json`` (entries) and ``image_splits/split.<stem>.json``
+    (image name -> relative path) under ``ann``: the captions file's path, its entries, the image paths."""
+    path = ann / "captions" / f"cap.{stem}.json"
+    entries = as_list(load_json(path), path)
+    split_path = ann / "image_splits" / f"split.{stem}.json"
+    paths = load_json(split_path)
+    if not isinstance(paths, dict):
+        raise DataError(f"{split_path}: expected a JSON object of image name -> path, got {type(paths).__name__}")
+    for name, rel in paths.items():
+        if not isinstance(rel, str) or not rel:
+            raise DataError(f"{split_path}: entry {name!r}: expected a relative image path (a string), got {rel!r}")
+    return path, entries, paths
+
+
+def clean_path(rel: str) -> str:
+    """A relative path as the images table keeps it (no leading ``./``)."""
+    return rel[2:] if rel.startswith("./") else rel

@@ -28,7 +28,6 @@ DATASETS = tuple(BENCHMARKS)
 SPLITS = {name: spec.splits for name, spec in BENCHMARKS.items()}
 # Splits whose targets the benchmark authors withhold (scored by their evaluation servers).
 HIDDEN_SPLITS = frozenset((name, split) for name, spec in BENCHMARKS.items() for split in spec.hidden_splits)
-FASHIONIQ_CATEGORIES = BENCHMARKS["fashioniq"].categories
 
 TRIPLET_COLUMNS = ["query_id", "dataset", "split", "category", "reference_id", "modification", "target_ids",
                    "subset_ids", "shared_concept", "n_edits", "reference_dependent", "hard_negative_ids"]

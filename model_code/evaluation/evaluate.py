@@ -31,16 +31,13 @@ import pandas as pd
 import pydantic
 import torch
 
-from model_code.benchmarks import benchmark
+from model_code.benchmarks import BenchmarkSpec, benchmark
 from model_code.common import FileDigests, Progress, atomic_path, json_key
-from model_code.data import HIDDEN_SPLITS
-from model_code.datasets import hooks
 from model_code.evaluation.metrics import map_at_k, rank_gallery, recall_at_k, recall_subset_at_k, reference_exclusions
 from model_code.records import Record
 
 METHODS = ("cot", "no_cot", "image_only", "text_only")
 MODEL_METHODS = ("cot", "no_cot")  # the model's own query modes; the other two are baselines
-SUBSET_KS = (1, 2, 3)
 TOP = 50  # ranking depth kept (the largest K, and what the evaluation servers take)
 
 
@@ -48,7 +45,7 @@ TOP = 50  # ranking depth kept (the largest K, and what the evaluation servers t
 class Group:
     """Queries scored against one gallery."""
 
-    name: str                  # "" or the FashionIQ category
+    name: str                  # "" or the category (a benchmark with one gallery per category)
     queries: object            # triplets rows (pandas)
     gallery_ids: list[str]
     gallery_paths: list[Path]
@@ -56,7 +53,7 @@ class Group:
 
 @dataclasses.dataclass
 class Evaluation:
-    dataset: str
+    spec: BenchmarkSpec
     split: str
     model_version: str
     hidden: bool                                     # targets hidden: no metrics, submission files instead
@@ -65,15 +62,19 @@ class Evaluation:
     reasoning: dict[str, dict]                       # {query_id: {"text", "cot", "error"}} of the cot method
     timings: dict[str, dict[str, float]]             # {method or "gallery": {"seconds", "per_s", "n"}}
     queries: object = None  # the evaluated triplets rows
-    # CIRR: {method: {query_id: top-3 of the query's subset}}
+    # a benchmark with subset recall (CIRR): {method: {query_id: the top 3 of the query's subset}}
     subset_rankings: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)
     # {method: {query_id: headline score}}
     per_query: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     strata: dict[str, str] = dataclasses.field(default_factory=dict)  # {query_id: group}: the headline averages groups
 
     @property
+    def dataset(self) -> str:
+        return self.spec.name
+
+    @property
     def headline(self) -> str:
-        return benchmark(self.dataset).headline
+        return self.spec.headline
 
 
 class EvaluationRecord(Record):
@@ -102,15 +103,16 @@ class EvaluationRecord(Record):
         return data["scores"], data.get("strata", {})
 
 
-def groups(bench, root: str | os.PathLike, dataset: str, split: str, limit: int | None = None) -> list[Group]:
-    """The evaluation groups of ``split``: its queries and gallery (FashionIQ: per category).
-    ``limit`` keeps the first queries of each group (quick runs)."""
-    root = Path(root)
+def groups(bench, root: str | os.PathLike, spec: BenchmarkSpec | str, split: str,
+           limit: int | None = None) -> list[Group]:
+    """The evaluation groups of ``split``: its queries and gallery (per category where the benchmark
+    has categories). ``limit`` keeps the first queries of each group (quick runs)."""
+    spec, root = benchmark(spec), Path(root)
     t, im = bench.triplets, bench.images
     t, im = t[t["split"] == split], im[im["split"] == split]
     if not len(t):
-        raise ValueError(f"{dataset}: split {split!r} has no queries in the tables")
-    names = sorted(set(t["category"].dropna())) if dataset == "fashioniq" else [""]
+        raise ValueError(f"{spec.name}: split {split!r} has no queries in the tables")
+    names = sorted(set(t["category"].dropna())) if spec.categories else [""]
     out = []
     for name in names:
         q = t[t["category"] == name] if name else t
@@ -118,7 +120,7 @@ def groups(bench, root: str | os.PathLike, dataset: str, split: str, limit: int 
         if limit is not None:
             q = q.iloc[:limit]
         if not len(g):
-            raise ValueError(f"{dataset}/{split}{'/' + name if name else ''}: the gallery is empty")
+            raise ValueError(f"{spec.name}/{split}{'/' + name if name else ''}: the gallery is empty")
         out.append(Group(name, q.reset_index(drop=True), list(g["image_id"]), [root / p for p in g["path"]]))
     return out
 
@@ -183,21 +185,23 @@ def embed_method(
     return torch.cat(embs), (reasoning if method == "cot" else None)
 
 
-def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *, methods: Sequence[str] = METHODS,
+def evaluate(model, bench, root: str | os.PathLike, spec: BenchmarkSpec | str, split: str, *,
+             methods: Sequence[str] = METHODS,
              batch_size: int = 32, max_new_tokens: int = 256, cache_dir: str | os.PathLike | None = None,
              limit: int | None = None, say: Callable[[str], None] = print) -> Evaluation:
     """Embed the gallery and the queries of ``split`` with ``model`` and score every method
     (nothing to score where the split hides its targets: rankings only)."""
+    spec = benchmark(spec)
     version = getattr(model, "version", None)
     cache = Path(cache_dir) / version if cache_dir and version else None
     digest = FileDigests()
-    hidden = (dataset, split) in HIDDEN_SPLITS
+    hidden = split in spec.hidden_splits
     timings: dict[str, dict[str, float]] = {}
     rankings: dict[str, dict[str, list[str]]] = {m: {} for m in methods}
     reasoning: dict[str, dict] = {}
     subset_rankings: dict[str, dict[str, list[str]]] = {}
     per_group: list[tuple[Group, dict[str, list[list[str]]]]] = []
-    for group in groups(bench, root, dataset, split, limit):
+    for group in groups(bench, root, spec, split, limit):
         t0 = time.monotonic()
         progress = Progress(len(group.gallery_paths), f"gallery{' ' + group.name if group.name else ''}", say=say,
                             every_s=20)
@@ -217,7 +221,7 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
                              length=16)
         if not hit:  # a throughput only for what was computed now, not read from the cache
             _add_timing(timings, "gallery", time.monotonic() - t0, len(group.gallery_ids))
-        exclude = reference_exclusions(dataset, list(group.queries["reference_id"]))
+        exclude = reference_exclusions(spec, list(group.queries["reference_id"]))
         ranked = {}
         for method in methods:
             t0 = time.monotonic()
@@ -229,29 +233,29 @@ def evaluate(model, bench, root: str | os.PathLike, dataset: str, split: str, *,
             (emb, reas), hit = _cached(cache / f"{key}.pt" if cache else None, compute)
             if not hit:
                 _add_timing(timings, method, time.monotonic() - t0, len(group.queries))
-            # every metric reads the top 50, except CIRR's subset recall, which needs the whole order
+            # every metric reads the top 50, except subset recall, which needs the whole order
             # (CIRR's galleries are small; CIRCO's 120k-image one is not kept whole per query)
             ranked[method] = rank_gallery(emb, gallery, group.gallery_ids, exclude=exclude,
-                                          top=None if dataset == "cirr" else TOP)
+                                          top=None if spec.subset_ks else TOP)
             rankings[method].update({q: r[:TOP] for q, r in zip(group.queries["query_id"], ranked[method])})
-            if dataset == "cirr":
+            if spec.subset_ks:
                 for q, r, members in zip(group.queries["query_id"], ranked[method], group.queries["subset_ids"]):
                     keep = set(members)
-                    subset_rankings.setdefault(method, {})[q] = [i for i in r if i in keep][:3]
+                    subset_rankings.setdefault(method, {})[q] = [i for i in r if i in keep][:max(spec.subset_ks)]
             if reas is not None:
                 reasoning.update(dict(zip(group.queries["query_id"], reas)))
         per_group.append((group, ranked))
-    metrics = {} if hidden else score(dataset, per_group, methods)
-    per_query = {} if hidden else {m: headline_per_query(dataset, per_group, m) for m in methods}
+    metrics = {} if hidden else score(spec, per_group, methods)
+    per_query = {} if hidden else {m: headline_per_query(spec, per_group, m) for m in methods}
     strata = {q: group.name for group, _ in per_group for q in group.queries["query_id"]}
     queries = pd.concat([g.queries for g, _ in per_group], ignore_index=True)
     if "cot" in methods and not hidden:
         metrics["cot"]["cot_parsed"] = sum(reasoning.get(q, {}).get("cot") is not None
                                            for q in queries["query_id"]) / max(len(queries), 1)
-        correctness = hooks(dataset).reasoning_correctness
+        correctness = spec.hooks.reasoning_correctness
         if correctness is not None:  # the dataset can tell a right conclusion from a wrong one
             metrics["cot"].update(correctness(root, split, queries, reasoning))
-    return Evaluation(dataset, split, version or "unsaved", hidden, metrics, rankings, reasoning, timings, queries,
+    return Evaluation(spec, split, version or "unsaved", hidden, metrics, rankings, reasoning, timings, queries,
                       subset_rankings, per_query, strata)
 
 
@@ -271,50 +275,55 @@ def _recall_keys(values: dict[int, float], prefix: str = "R") -> dict[str, float
     return {f"{prefix}@{k}": v for k, v in values.items()}
 
 
-def score(dataset: str, per_group: list[tuple[Group, dict[str, list[list[str]]]]], methods: Sequence[str]) -> dict:
-    """``{method: {metric: value}}`` for ``dataset`` from full rankings (reference already excluded)."""
-    return {method: _score_method(dataset, per_group, method) for method in methods}
+def score(spec: BenchmarkSpec | str, per_group: list[tuple[Group, dict[str, list[list[str]]]]],
+          methods: Sequence[str]) -> dict:
+    """``{method: {metric: value}}`` for the benchmark ``spec`` from full rankings (reference already excluded)."""
+    spec = benchmark(spec)
+    return {method: _score_method(spec, per_group, method) for method in methods}
 
 
-def _score_method(dataset: str, per_group, method: str, *, breakdowns: bool = True) -> dict[str, float]:
-    ks = benchmark(dataset).ks
-    m: dict[str, float] = {}
-    if dataset == "fashioniq":
-        for group, ranked in per_group:
-            for k, v in recall_at_k(ranked[method], list(group.queries["target_ids"]), ks).items():
-                m[f"{group.name}/R@{k}"] = v
-        for k in ks:
-            m[f"R@{k}"] = sum(m[f"{g.name}/R@{k}"] for g, _ in per_group) / len(per_group)
-        m["Avg"] = sum(m[f"R@{k}"] for k in ks) / len(ks)
-        return m
-    (group, ranked), = per_group
+def _group_metrics(spec: BenchmarkSpec, group: Group, ranking: list[list[str]]) -> dict[str, float]:
+    """The benchmark's metrics on one gallery: Recall@K or mAP@K, and subset recall where it has one."""
     targets = list(group.queries["target_ids"])
-    if dataset == "circo":
-        m.update(_recall_keys(map_at_k(ranked[method], targets, ks), "mAP"))
-    else:
-        m.update(_recall_keys(recall_at_k(ranked[method], targets, ks)))
-    if dataset == "cirr":
-        m.update(_recall_keys(recall_subset_at_k(ranked[method], targets, list(group.queries["subset_ids"]),
-                                                 SUBSET_KS), "R_subset"))
-        m["Avg"] = (m["R@5"] + m["R_subset@1"]) / 2
-    if breakdowns:
+    per_k = map_at_k if spec.metric == "map" else recall_at_k
+    m = _recall_keys(per_k(ranking, targets, spec.ks), spec.metric_prefix)
+    if spec.subset_ks:
+        m.update(_recall_keys(recall_subset_at_k(ranking, targets, list(group.queries["subset_ids"]), spec.subset_ks),
+                              "R_subset"))
+    return m
+
+
+def _score_method(spec: BenchmarkSpec, per_group, method: str, *, breakdowns: bool = True) -> dict[str, float]:
+    """One method's metrics: each gallery's (by category where there are several, then their mean),
+    the headline where it is a mean of metrics, and the breakdowns the triplets allow."""
+    by_group = [(group, _group_metrics(spec, group, ranked[method])) for group, ranked in per_group]
+    m: dict[str, float] = {}
+    if spec.categories:
+        for group, values in by_group:
+            m.update({f"{group.name}/{k}": v for k, v in values.items()})
+    for k in by_group[0][1]:
+        m[k] = sum(values[k] for _, values in by_group) / len(by_group)
+    if spec.headline_of:
+        m[spec.headline] = sum(m[k] for k in spec.headline_of) / len(spec.headline_of)
+    if breakdowns and not spec.categories:
+        (group, ranked), = per_group
         m.update(breakdown(group.queries, ranked[method]))
     return m
 
 
-def headline_per_query(dataset: str, per_group: list[tuple[Group, dict[str, list[list[str]]]]],
+def headline_per_query(spec: BenchmarkSpec | str, per_group: list[tuple[Group, dict[str, list[list[str]]]]],
                        method: str) -> dict[str, float]:
     """Each query's share of the headline metric: the query scored alone by :func:`score`'s own
-    rules (what a paired comparison of two methods needs). Their mean is the headline; for FashionIQ
-    the mean of each category's mean (``Evaluation.strata`` groups the queries)."""
-    headline = benchmark(dataset).headline
+    rules (what a paired comparison of two methods needs). Their mean is the headline; with
+    categories the mean of each category's mean (``Evaluation.strata`` groups the queries)."""
+    spec = benchmark(spec)
     out = {}
     for group, ranked in per_group:
         q = group.queries
         for i, qid in enumerate(q["query_id"]):
             alone = dataclasses.replace(group, queries=q.iloc[[i]])
-            out[qid] = _score_method(dataset, [(alone, {method: [ranked[method][i]]})], method,
-                                     breakdowns=False)[headline]
+            out[qid] = _score_method(spec, [(alone, {method: [ranked[method][i]]})], method,
+                                     breakdowns=False)[spec.headline]
     return out
 
 

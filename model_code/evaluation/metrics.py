@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from model_code.benchmarks import benchmark
+from model_code.benchmarks import BenchmarkSpec, benchmark
 from model_code.index import exact_topk
 
 
@@ -84,6 +84,6 @@ def rank_gallery(query_embeddings, gallery_embeddings, gallery_ids: Sequence[str
     return exact_topk(query_embeddings, gallery_embeddings, gallery_ids, top, exclude=exclude)[0]
 
 
-def reference_exclusions(dataset: str, reference_ids: Sequence[str]) -> list[set[str]] | None:
-    """What :func:`rank_gallery` must exclude for ``dataset``: each query's reference, or nothing."""
-    return [{r} for r in reference_ids] if benchmark(dataset).excludes_reference else None
+def reference_exclusions(spec: BenchmarkSpec | str, reference_ids: Sequence[str]) -> list[set[str]] | None:
+    """What :func:`rank_gallery` must exclude for the benchmark ``spec``: each query's reference, or nothing."""
+    return [{r} for r in reference_ids] if benchmark(spec).excludes_reference else None

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from model_code.benchmarks import benchmark
 from model_code.common import atomic_write_json
 from model_code.evaluation.evaluate import MODEL_METHODS, Evaluation
 
@@ -59,8 +58,7 @@ def plot_recall(ev: Evaluation, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    prefix = "mAP" if ev.dataset == "circo" else "R"
-    ks = benchmark(ev.dataset).ks
+    prefix, ks = ev.spec.metric_prefix, ev.spec.ks
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for method, m in ev.metrics.items():
         ax.plot(ks, [m[f"{prefix}@{k}"] for k in ks], marker="o", label=method)
@@ -124,25 +122,11 @@ def plot_qualitative(ev: Evaluation, image_paths: dict[str, Path], path: str | o
 
 
 def submissions(ev: Evaluation, method: str) -> dict[str, dict]:
-    """The evaluation servers' files for ``method``: CIRR (rc2: top-50 for Recall, top-3 of the
-    query's subset for Recall_subset, keyed by pairid) and CIRCO (top-50 image ids keyed by the
-    query id of its test.json)."""
-    ranks = ev.rankings[method]
-    if ev.dataset == "cirr":
-        recall = {"version": "rc2", "metric": "recall"}
-        subset = {"version": "rc2", "metric": "recall_subset"}
-        for qid in ev.queries["query_id"]:
-            recall[qid] = ranks[qid][:50]
-            subset[qid] = ev.subset_rankings[method][qid]
-        return {f"cirr_{ev.split}_{method}_recall.json": recall, f"cirr_{ev.split}_{method}_recall_subset.json": subset}
-    if ev.dataset == "circo":
-        prefix = f"{ev.split}-"
-        return {
-            f"circo_{ev.split}_{method}.json": {
-                qid[len(prefix) :] if qid.startswith(prefix) else qid: ranks[qid][:50] for qid in ev.queries["query_id"]
-            }
-        }
-    return {}
+    """The evaluation server's files for ``method`` (``{file name: content}``), in the benchmark's
+    own format (``BenchmarkSpec.submissions``: CIRR's rc2 recall and subset files, CIRCO's top 50);
+    none for a benchmark without a server."""
+    return ev.spec.submissions(ev.split, method, ev.rankings[method], ev.subset_rankings.get(method, {}),
+                               ev.queries["query_id"])
 
 
 def _jsonable(r: dict) -> dict:

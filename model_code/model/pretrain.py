@@ -46,9 +46,9 @@ from typing import Literal
 import torch
 
 from model_code.backbone import build_random_backbone, checkpoint_version, load_backbone, save_backbone
+from model_code.benchmarks import benchmark
 from model_code.chain import parse
 from model_code.common import atomic_write_json
-from model_code.datasets import hooks
 from model_code.model.cir_cot import edit_answer
 from model_code.model.pretrain_output import (
     PretrainRecord,
@@ -146,9 +146,9 @@ class PretrainSample:
 
 
 def _corpus(name: str):
-    """The pretraining corpus a dataset registered (``model_code.datasets``: hook ``pretraining``)."""
+    """The pretraining corpus a dataset lends (its spec's hooks: ``pretraining``)."""
 
-    corpus = hooks(name).pretraining
+    corpus = benchmark(name).hooks.pretraining
     if corpus is None:
         raise ValueError(f"dataset {name!r} registers no pretraining corpus")
     return corpus

@@ -1,6 +1,6 @@
-"""What cir-shapes lends generic code (``model_code.datasets``): the pretraining corpus of the
-embedded base, the oracle annotator, and the correctness of a generated conclusion read back into
-objects."""
+"""What cir-shapes lends generic code (``HOOKS``, which its spec names; ``model_code.datasets``): the
+pretraining corpus of the embedded base, the oracle annotator, and the correctness of a generated
+conclusion read back into objects."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from model_code.datasets import DatasetHooks, register
+from model_code.datasets import DatasetHooks
 from model_code.synthetic import pretraining, scenes
 from model_code.synthetic.oracle import OracleAnnotator, object_match, scene_from_text
 
@@ -31,5 +31,4 @@ def reasoning_correctness(root: str | os.PathLike, split: str, queries, reasonin
     return {"conclusion_exact": exact / n, "conclusion_object_f1": sum(f1s) / n}
 
 
-register("synthetic", DatasetHooks(reasoning_correctness=reasoning_correctness, pretraining=pretraining,
-                                   annotator=OracleAnnotator))
+HOOKS = DatasetHooks(reasoning_correctness=reasoning_correctness, pretraining=pretraining, annotator=OracleAnnotator)

@@ -2,7 +2,8 @@
 scenes of its own, never the benchmark's, each with its caption, its image and text edits written in
 the oracle's canonical wording; and the parser that reads generated text back into objects.
 
-The generic job (``model_code.model.pretrain``) reaches this through ``hooks("synthetic").pretraining``.
+The generic job (``model_code.model.pretrain``) reaches this through the benchmark's hooks
+(``BenchmarkSpec.hooks.pretraining``).
 """
 
 from __future__ import annotations
