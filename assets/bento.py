@@ -3,7 +3,8 @@
 Built the way a person builds it, ``bentoml build`` from ``bentofile.yaml``, in a process of its own
 with ``CIRCOT_SERVE_DATASET=<d>`` and ``CIRCOT_MODEL_TAG`` set to the production model of ``d``: the
 service declares that model (``bentoml.models.BentoModel``), so the Bento holds it. Tagged
-``circot:<model version>`` and labelled with its dataset (serve it with ``CIRCOT_SERVE_DATASET=<d>``).
+``circot:<d>-<model version>`` (one model may be production for several datasets: a model trained on
+CIRR is CIRCO's too, zero-shot) and labelled with its dataset (served with ``CIRCOT_SERVE_DATASET=<d>``).
 ``bentoml containerize`` turns it into an image (docs/serving.md).
 """
 
@@ -21,9 +22,15 @@ from model_code import registry
 REPO = Path(__file__).resolve().parents[1]
 
 
+def bento_version(dataset: str, version: str) -> str:
+    """The Bento's version: the dataset it serves, then the model's version."""
+    return f"{dataset}-{version}"
+
+
 def build_command(dataset: str, version: str) -> list[str]:
     """The ``bentoml build`` of the Bento of ``dataset``'s model ``version`` (what docs/serving.md shows)."""
-    return [sys.executable, "-m", "bentoml", "build", "-f", str(REPO / "bentofile.yaml"), "--version", version,
+    return [sys.executable, "-m", "bentoml", "build", "-f", str(REPO / "bentofile.yaml"), "--version",
+            bento_version(dataset, version),
             "--label", f"dataset={dataset}", "--label", f"model_version={version}", "-o", "tag", str(REPO)]
 
 
@@ -37,7 +44,7 @@ def bento(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     prod = registry.production(name)
     if prod is None:
         raise dg.Failure(description=f"no production model of {name}: nothing to package")
-    tag = f"circot:{prod['version']}"
+    tag = f"circot:{bento_version(name, prod['version'])}"
     try:   # built before for this model (a re-run: new gallery images, a sensor): rebuilt from today's code
         bentoml.bentos.get(tag)
         bentoml.bentos.delete(tag)

@@ -1,5 +1,5 @@
-"""What the per-dataset assets share: the dataset partitions (docs/architecture.md §3) and the way a
-data-quality report becomes an asset check result."""
+"""What the per-dataset assets share: the dataset and training partitions (docs/architecture.md §3), which
+model each dataset is evaluated with, and the way a data-quality report becomes an asset check result."""
 
 import base64
 import json
@@ -8,12 +8,25 @@ from pathlib import Path
 
 import dagster as dg
 
+from model_code.benchmarks import model_source, names, training_names
 from model_code.common import atomic_write_json
-from model_code.data import DATASETS
 from model_code.data.quality import QualityReport
 from model_code.model_card import card_for_evaluation
+from model_code.settings import PipelineSettings, load
 
-dataset_partitions = dg.StaticPartitionsDefinition(list(DATASETS))
+dataset_partitions = dg.StaticPartitionsDefinition(list(names()))
+# cir_cot_model: one model per benchmark with a train split
+training_partitions = dg.StaticPartitionsDefinition(list(training_names()))
+
+
+def model_source_mapping(zero_shot_source: str | None = None) -> dg.StaticPartitionMapping:
+    """evaluation[d] reads cir_cot_model[t]: the model trained on d, or for a benchmark without a train
+    split the model of ``zero_shot_source`` (``CIRCOT_ZERO_SHOT_SOURCE``, read when the definitions load)."""
+    source = zero_shot_source or load(PipelineSettings)[0].zero_shot_source
+    evaluated: dict[str, list[str]] = {t: [] for t in training_names()}
+    for d in names():
+        evaluated[model_source(d, source).name].append(d)
+    return dg.StaticPartitionMapping(evaluated)
 
 
 def check_result(report: QualityReport, **metadata) -> dg.AssetCheckResult:

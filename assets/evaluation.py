@@ -1,7 +1,10 @@
 """evaluation[d], its promotion gate, and promoted_model[d] (docs/architecture.md §3, §6, §7).
 
 ``evaluation`` embeds the gallery and the queries of the dataset's scored split with the CIR-CoT
-model of the newest ``cir_cot_model`` materialisation (Dagster's lineage) and reports CIR-CoT, the
+model trained for it, the newest ``cir_cot_model[t]`` materialisation (Dagster's lineage): ``t`` is the
+dataset itself, or for a benchmark without a train split (CIRCO) the configured source
+(``CIRCOT_ZERO_SHOT_SOURCE``, default cirr), which the report, the model card and the gate's verdict
+name ("zero-shot from cirr"). It reports CIR-CoT, the
 no-CoT ablation and the image-only / text-only baselines side by side
 (``<artifacts>/evaluation/<d>/<split>/``: metrics.json, table.md, plots, per-query reasoning, and
 ``record.json``, the ``EvaluationRecord`` also carried as metadata); for a split with hidden
@@ -17,14 +20,21 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from assets.common import TABLE_CHECKS, dataset_partitions, latest_record, png_markdown, write_model_card
+from assets.common import (
+    TABLE_CHECKS,
+    dataset_partitions,
+    latest_record,
+    model_source_mapping,
+    png_markdown,
+    write_model_card,
+)
 from assets.resources import ArtifactStore, GateResource
 from assets.training import cir_cot_model
 from assets.triplets import triplets
 from model_code import registry
-from model_code.benchmarks import benchmark
+from model_code.benchmarks import benchmark, zero_shot_note
 from model_code.common import atomic_write_json
-from model_code.data import HIDDEN_SPLITS, read_tables
+from model_code.data import read_tables
 from model_code.data.tables import TablesRecord, image_paths
 from model_code.evaluation.gate import gate as run_gate
 
@@ -53,7 +63,8 @@ def evaluation_dir(artifacts: ArtifactStore, dataset: str, split: str):
     return artifacts.dir("evaluation", dataset, split)
 
 
-@dg.asset(partitions_def=dataset_partitions, group_name="evaluation", deps=[cir_cot_model, triplets], kinds={"pytorch"},
+@dg.asset(partitions_def=dataset_partitions, group_name="evaluation", deps=[triplets], kinds={"pytorch"},
+          ins={"cir_cot_model": dg.AssetIn(partition_mapping=model_source_mapping(), dagster_type=dg.Nothing)},
           description="Benchmark-exact metrics of CIR-CoT, the no-CoT ablation and two baselines; submission files")
 def evaluation(
     context: dg.AssetExecutionContext, config: EvaluationConfig, artifacts: ArtifactStore
@@ -63,37 +74,48 @@ def evaluation(
     from model_code.model.cir_cot import CirCoTModel
     from model_code.model.recipes import TrainedModel
 
-    name = context.partition_key
-    trained = TrainedModel.from_dict(latest_record(context, cir_cot_model))
-    tables = TablesRecord.from_dict(latest_record(context, triplets, name, passed=TABLE_CHECKS))
+    spec = benchmark(context.partition_key)
+    source = context.asset_partition_key_for_input("cir_cot_model")   # spec itself, or the zero-shot source
+    try:
+        trained = TrainedModel.from_dict(latest_record(context, cir_cot_model, source))
+    except dg.Failure as e:
+        if source == spec.name:
+            raise
+        raise dg.Failure(description=f"{e.description} ({spec.title} has no train split: it is evaluated zero-shot "
+                                     f"with the model trained on {source}, CIRCOT_ZERO_SHOT_SOURCE; run "
+                                     f"`make run DATASET={source}` first)") from None
+    tables = TablesRecord.from_dict(latest_record(context, triplets, spec.name, passed=TABLE_CHECKS))
     bench = read_tables(tables.folder)
     root = tables.root
     model = CirCoTModel.load(trained.path, dtype=config.dtype, device=config.device)
-    split = config.split or benchmark(name).scored_split
-    if (name, split) in HIDDEN_SPLITS:
+    split = config.split or spec.scored_split
+    if split in spec.hidden_splits:
         raise dg.Failure(
-            description=f"{name}/{split} hides its targets: nothing to score (choose a split with targets)"
+            description=f"{spec.name}/{split} hides its targets: nothing to score (choose a split with targets)"
         )
-    cache = artifacts.dir("evaluation", name, "cache")
+    context.log.info(f"evaluation[{spec.name}]: model {trained.version}, trained on {source}"
+                     f"{zero_shot_note(spec.name, source)}")
+    cache = artifacts.dir("evaluation", spec.name, "cache")
     kwargs = {"methods": config.methods, "batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens,
-              "cache_dir": cache, "limit": config.limit, "say": context.log.info}
+              "cache_dir": cache, "limit": config.limit, "say": context.log.info, "trained_on": source}
     paths = {i: p for (_, i), p in image_paths(bench.images, root).items()}
-    ev = evaluate(model, bench, root, name, split, **kwargs)
-    out = evaluation_dir(artifacts, name, split)
+    ev = evaluate(model, bench, root, spec, split, **kwargs)
+    out = evaluation_dir(artifacts, spec.name, split)
     written = write_report(ev, out, paths)
     submission_files = []
-    hidden_split = benchmark(name).submission_split
+    hidden_split = spec.submission_split
     if config.submissions and hidden_split and hidden_split in set(bench.triplets["split"]):
-        hidden = evaluate(model, bench, root, name, hidden_split, **{**kwargs, "methods": [
+        hidden = evaluate(model, bench, root, spec, hidden_split, **{**kwargs, "methods": [
             m for m in config.methods if m in ("cot", "no_cot")]})
         submission_files = [
             str(p)
-            for n, p in write_report(hidden, evaluation_dir(artifacts, name, hidden_split)).items()
-            if n.startswith(name)
+            for n, p in write_report(hidden, evaluation_dir(artifacts, spec.name, hidden_split)).items()
+            if n.startswith(spec.name)
         ]
-    record = EvaluationRecord(dataset=name, split=split, folder=str(out), model_version=trained.version,
+    record = EvaluationRecord(dataset=spec.name, split=split, folder=str(out), model_version=trained.version,
                               model=trained.to_dict(), metrics=ev.metrics, headline=ev.headline, timings=ev.timings,
-                              raw_version=tables.raw_version, queries=len(ev.queries), submissions=submission_files)
+                              raw_version=tables.raw_version, queries=len(ev.queries), submissions=submission_files,
+                              trained_on=source)
     record.write(out / "record.json")
     table = written["table.md"].read_text()
     context.log.info("\n" + table)
@@ -101,6 +123,7 @@ def evaluation(
     metadata = {
         "record": dg.MetadataValue.json(record.to_dict()),
         "path": dg.MetadataValue.path(str(out)), "model_version": trained.version, "split": split,
+        "trained_on": source, "zero_shot": source != spec.name,
         "queries": len(ev.queries), "table": dg.MetadataValue.md(table),
         "metrics": dg.MetadataValue.json(ev.metrics), "headline": ev.headline,
         "recall_plot": png_markdown(written["recall.png"], "Recall@K per method"),
@@ -134,7 +157,9 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, gate: GateResource,
     if production is not None and production["version"] == record.model_version:
         production = None  # re-evaluating the production model itself: nothing to regress against
     per_query, strata = record.per_query()
-    verdict = run_gate(record.metrics, record.headline, gate.config(name), production, per_query, strata)
+    note = (f"evaluated zero-shot from {record.zero_shot_from}: the model was trained on {record.zero_shot_from}, "
+            f"not on {name}") if record.zero_shot_from else ""
+    verdict = run_gate(record.metrics, record.headline, gate.config(name), production, per_query, strata, note)
     result = {**verdict.to_dict(), "model_version": record.model_version, "split": record.split}
     atomic_write_json(_verdict_path(record), result)
     artifacts.push(_verdict_path(record))   # promoted_model may run on another machine (an object-store root)
@@ -143,10 +168,12 @@ def promotion_gate(context: dg.AssetCheckExecutionContext, gate: GateResource,
     (context.log.info if verdict.passed else context.log.error)(f"promotion gate {name}:\n{explanation}")
     return dg.AssetCheckResult(
         passed=verdict.passed, severity=dg.AssetCheckSeverity.ERROR,
-        description=f"{'passed' if verdict.passed else 'FAILED'}: {verdict.headline} {verdict.value:.4f}; "
+        description=f"{'passed' if verdict.passed else 'FAILED'}: {verdict.headline} {verdict.value:.4f}"
+                    + (f" (zero-shot from {record.zero_shot_from})" if record.zero_shot_from else "") + "; "
                     + "; ".join(c.name for c in verdict.checks if not c.passed),
         metadata={"verdict": dg.MetadataValue.md(explanation), "model_version": record.model_version,
                   "production_version": production["version"] if production else "none",
+                  "trained_on": record.trained_on,
                   verdict.headline: verdict.value})
 
 

@@ -259,7 +259,8 @@ class AnnotatorResource(dg.ConfigurableResource):
 
 class TrainingResource(dg.ConfigurableResource):
     """Which training profile runs (``embedded``: CPU and the shipped base; ``gpu``: a Qwen2-VL-2B-class
-    checkpoint in bf16; ``smoke``: the embedded recipe in a few steps) and, for a checkpoint base, where it is."""
+    checkpoint in bf16, LoRA; ``micro``: LoRA on a micro checkpoint on a CPU; ``smoke``: the embedded recipe
+    in a few steps), for a checkpoint base where it is, and the profile's values a deployment changes."""
 
     profile: str = "embedded"
     base_model_path: str | None = None  # a local Qwen2-VL-family checkpoint folder (profiles gpu, smoke)
@@ -274,6 +275,14 @@ class TrainingResource(dg.ConfigurableResource):
     k8s_cpu: str = "8"
     k8s_memory: str = "64Gi"
     k8s_artifacts_volume: str | None = None   # a PersistentVolumeClaim holding the artifacts root, mounted at it
+    # the profile's values a deployment changes (unset: the profile's; model_code.settings describes each)
+    lora_rank: int | None = None
+    learning_rate: float | None = None
+    batch_size: int | None = None
+    max_pixels: int | None = None
+    max_chain_tokens: int | None = None
+    gradient_checkpointing: bool | None = None
+    overrides: list[str] = []            # [align.|cot.|base.]FIELD=VALUE
 
     def pod_spec(self, command: list[str], artifacts_root: str, mount_path: str | None = None) -> dict:
         """The training pod's spec for dagster-k8s's ``PipesK8sClient`` (``base_pod_spec``): the
@@ -298,6 +307,12 @@ class TrainingResource(dg.ConfigurableResource):
                                 "persistentVolumeClaim": {"claimName": self.k8s_artifacts_volume}}]
         return spec
 
+    def refusal(self, dataset: str) -> str | None:
+        """Why this profile cannot train on ``dataset`` (``model_code.model.recipes.training_refusal``), or None."""
+        from model_code.model.recipes import training_refusal
+
+        return training_refusal(self.spec(), self.profile, benchmark(dataset))
+
     def spec(self):
         from model_code.model.recipes import PROFILES
 
@@ -306,6 +321,17 @@ class TrainingResource(dg.ConfigurableResource):
         profile = PROFILES[self.profile]
         if self.base_model_path:
             profile = profile.with_overrides(base={"kind": "checkpoint", "checkpoint_path": self.base_model_path})
+        stages = {k: v for k, v in (("lr", self.learning_rate), ("batch_size", self.batch_size),
+                                    ("gradient_checkpointing", self.gradient_checkpointing)) if v is not None}
+        fields = {k: v for k, v in (("max_pixels", self.max_pixels), ("max_chain_tokens", self.max_chain_tokens))
+                  if v is not None}
+        if self.lora_rank is not None:
+            fields.update(lora_r=self.lora_rank, lora_alpha=2 * self.lora_rank)
+        try:
+            profile = profile.with_overrides(align=stages, cot=stages, **fields).with_settings(self.overrides)
+        except ValueError as e:
+            raise dg.Failure(description=f"training profile {self.profile!r} with the configured values: {e} "
+                                         "(CIRCOT_TRAINING_OVERRIDES, docs/configuration.md)") from None
         if profile.base.kind == "checkpoint" and not profile.base.checkpoint_path:
             raise dg.Failure(description=(
                 f"Training profile '{self.profile}' trains a checkpoint given as its base: set CIRCOT_BASE_MODEL_PATH "
@@ -373,7 +399,10 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
         "training": training or TrainingResource(
             profile=s.profile, base_model_path=s.base_model_path, launcher=s.training_launcher,
             processes=s.training_processes, k8s_image=s.k8s_image, k8s_namespace=s.k8s_namespace,
-            k8s_gpus=s.k8s_gpus, k8s_artifacts_volume=s.k8s_artifacts_pvc),
+            k8s_gpus=s.k8s_gpus, k8s_artifacts_volume=s.k8s_artifacts_pvc, lora_rank=s.lora_rank,
+            learning_rate=s.learning_rate, batch_size=s.batch_size, max_pixels=s.max_pixels,
+            max_chain_tokens=s.max_chain_tokens, gradient_checkpointing=s.gradient_checkpointing,
+            overrides=s.profile_overrides()),
         "index": IndexResource(uri=s.index_uri),
         "gate": gate or GateResource(
             floors=s.gate_floors, cot_not_worse=s.gate_cot_not_worse, cot_tolerance=s.gate_cot_tolerance,

@@ -1,13 +1,14 @@
-"""base_model and cir_cot_model: the backbone, then the fine-tuned CIR-CoT model.
+"""base_model and cir_cot_model[t]: the backbone, then one fine-tuned CIR-CoT model per training dataset.
 
 ``base_model`` registers the pretrained embedded base shipped in the repository (profile
-``embedded``) or a local checkpoint (profiles ``gpu`` and ``smoke``); ``cir_cot_model`` trains the
-two stages (every parameter of the embedded base, LoRA on a real checkpoint) on the accepted
-annotations of the training datasets. Each reads its inputs' records through Dagster's lineage (the
-newest materialisation of the upstream asset) and hands its own on as ``record`` metadata
-(``BaseModelRecord``, ``TrainedModel``). Runs are keyed by their inputs and configuration under the
-artifacts root, so an interrupted materialisation resumes from its last checkpoint and a finished
-one is not repeated.
+``embedded``) or a local checkpoint (profiles ``gpu``, ``micro`` and ``smoke``); ``cir_cot_model[t]``
+trains the two stages (every parameter of the embedded base, LoRA on a real checkpoint) on the train
+split of ``t`` and the teacher chains of it that passed ``annotations_suite`` (and its accepted
+feedback), as the paper fine-tunes one model per benchmark; the partitions are the benchmarks with a
+train split. Each reads its inputs' records through Dagster's lineage (the newest materialisation of
+the upstream asset) and hands its own on as ``record`` metadata (``BaseModelRecord``,
+``TrainedModel``). Runs are keyed by their inputs and configuration under the artifacts root, so an
+interrupted materialisation resumes from its last checkpoint and a finished one is not repeated.
 """
 
 from pathlib import Path
@@ -16,21 +17,27 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from assets.common import ANNOTATION_CHECKS, FEEDBACK_CHECKS, TABLE_CHECKS, latest_record, png_markdown
+from assets.common import (
+    ANNOTATION_CHECKS,
+    FEEDBACK_CHECKS,
+    TABLE_CHECKS,
+    latest_record,
+    png_markdown,
+    training_partitions,
+)
 from assets.cot_annotations import cot_annotations
 from assets.feedback import feedback_triplets
 from assets.resources import ArtifactStore, TrainingResource
 from assets.triplets import triplets
 from model_code.annotation.store import AnnotationsRecord, read_annotations, write_annotations
-from model_code.benchmarks import names
+from model_code.benchmarks import benchmark
 from model_code.common import json_key
 from model_code.data import Benchmark, read_tables, write_tables
 from model_code.data.tables import TablesRecord
 from model_code.feedback_tables import FeedbackRecord, read_feedback_tables
 from model_code.settings import PipelineSettings, load
 
-TRAIN_DATASETS = list(names(lambda spec: spec.trains))  # the partitions whose annotations the model trains on
-_training_partitions = dg.SpecificPartitionsPartitionMapping(TRAIN_DATASETS)
+_same_dataset = dg.IdentityPartitionMapping()   # cir_cot_model[t] reads the data of t
 
 
 def _feedback_inputs(context, dataset: str, bench, tables: TablesRecord, run_root: Path, weight: float):
@@ -100,47 +107,57 @@ class CirCoTModelConfig(dg.Config):
 @dg.asset(
     group_name="model",
     kinds={"pytorch"},
-    description="The CIR-CoT model: stage 1 (no CoT) then stage 2 (CoT, joint loss); LoRA or every parameter",
-    deps=[base_model, dg.AssetDep(triplets, partition_mapping=_training_partitions),
-          dg.AssetDep(cot_annotations, partition_mapping=_training_partitions),
-          dg.AssetDep(feedback_triplets, partition_mapping=_training_partitions)],
+    partitions_def=training_partitions,
+    description="The CIR-CoT model of one training dataset: stage 1 (no CoT) then stage 2 (CoT, joint loss) on its "
+                "train split and checked chains; LoRA or every parameter",
+    deps=[base_model, dg.AssetDep(triplets, partition_mapping=_same_dataset),
+          dg.AssetDep(cot_annotations, partition_mapping=_same_dataset),
+          dg.AssetDep(feedback_triplets, partition_mapping=_same_dataset)],
 )
 def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, training: TrainingResource,
                   artifacts: ArtifactStore) -> dg.MaterializeResult:
     from model_code.model.recipes import BaseModelRecord, TrainedModel, pair_examples, train_cir_cot
 
+    spec = benchmark(context.partition_key)
+    refusal = training.refusal(spec.name)   # before any work: a base that cannot read the dataset's texts
+    if refusal:
+        raise dg.Failure(description=refusal)
     profile = training.spec().with_overrides(
         align={"steps": config.align_steps} if config.align_steps is not None else None,
         cot={"steps": config.cot_steps} if config.cot_steps is not None else None)
     base = BaseModelRecord.from_dict(latest_record(context, base_model))
-    train_pairs, val_pairs, versions, inputs = [], [], {}, []
+    bench, ann, tables, annotations = _dataset_inputs(context, spec.name)
+    train_pairs = pair_examples(bench.triplets, bench.images, tables.root, spec.train_split, ann)
+    val_pairs = pair_examples(bench.triplets, bench.images, tables.root, spec.val_split, ann) if spec.val_split else []
+    if not train_pairs:
+        raise dg.Failure(description=f"{spec.name}: its tables hold no {spec.train_split!r} query with a target "
+                                     f"to train on (splits: {', '.join(sorted(set(bench.triplets['split'])))})")
+    versions = {spec.name: {"raw": tables.raw_version, "annotations": annotations.version,
+                            "teacher": annotations.teacher, "prompt_version": annotations.prompt_version}}
+    inputs = [(tables.folder, annotations.path)]
     weight = load(PipelineSettings)[0].feedback_weight
-    for dataset in TRAIN_DATASETS:
-        bench, ann, tables, annotations = _dataset_inputs(context, dataset)
-        train_pairs += pair_examples(bench.triplets, bench.images, tables.root, "train", ann)
-        val_pairs += pair_examples(bench.triplets, bench.images, tables.root, "val", ann)
-        versions[dataset] = {"raw": tables.raw_version, "annotations": annotations.version,
-                             "teacher": annotations.teacher, "prompt_version": annotations.prompt_version}
-        inputs.append((tables.folder, annotations.path))
-        feedback = _feedback_inputs(context, dataset, bench, tables, artifacts.dir("cir_cot_model"), weight)
-        if feedback is not None:   # people's picks in the service (docs/feedback.md), never of a held-out split
-            folder, annotation_file, versions[dataset]["feedback"] = feedback
-            fb, fb_annotations = read_tables(folder), read_annotations(annotation_file)
-            train_pairs += pair_examples(fb.triplets, fb.images, tables.root, "train", fb_annotations)
-            inputs.append((str(folder), str(annotation_file)))
-            artifacts.push(folder)   # a launched process on another machine reads it (an object-store root)
+    feedback = _feedback_inputs(context, spec.name, bench, tables, artifacts.dir("cir_cot_model"), weight)
+    if feedback is not None:   # people's picks in the service (docs/feedback.md), never of a held-out split
+        folder, annotation_file, versions[spec.name]["feedback"] = feedback
+        fb, fb_annotations = read_tables(folder), read_annotations(annotation_file)
+        train_pairs += pair_examples(fb.triplets, fb.images, tables.root, spec.train_split, fb_annotations)
+        inputs.append((str(folder), str(annotation_file)))
+        artifacts.push(folder)   # a launched process on another machine reads it (an object-store root)
+    context.log.info(f"cir_cot_model[{spec.name}]: {len(train_pairs)} training pairs "
+                     f"({sum(p.cot is not None for p in train_pairs)} with a checked chain), {len(val_pairs)} "
+                     f"validation pairs of {spec.val_split}; profile {training.profile}")
     # the run folder is keyed by the inputs, whichever launcher trains: an interrupted run resumes
     run = artifacts.dir("cir_cot_model", "runs", json_key(base.version, versions, profile.to_dict()))
     reported = {}
     if training.launcher == "in_process":
         trained = train_cir_cot(base, train_pairs, val_pairs, profile, run, progress=context.log.info)
     elif training.launcher in ("subprocess", "kubernetes"):
-        reported = _launch(context, training, artifacts, base, inputs, run, profile)
+        reported = _launch(context, training, artifacts, base, inputs, run, profile, spec)
         trained = TrainedModel.read(run / "summary.json")
     else:
         raise dg.Failure(description=f"unknown training launcher {training.launcher!r}: in_process, subprocess "
                                      "or kubernetes (CIRCOT_TRAINING_LAUNCHER)")
-    trained.data = versions
+    trained.data, trained.dataset = versions, spec.name
     trained.write(run / "summary.json")
     align, cot = trained.stage("align"), trained.stage("cot")
     return dg.MaterializeResult(
@@ -148,9 +165,11 @@ def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, 
         metadata={**reported,
             "record": dg.MetadataValue.json(trained.to_dict()),
             "path": dg.MetadataValue.path(trained.path), "model_version": trained.version,
-            "base_version": trained.base_version, "data_versions": dg.MetadataValue.json(versions),
+            "trained_on": spec.name, "base_version": trained.base_version,
+            "data_versions": dg.MetadataValue.json(versions),
             "parameters_total": trained.parameters["total"], "parameters_trainable": trained.parameters["trainable"],
-            "align_steps": align.steps, "cot_steps": cot.steps,
+            "align_steps": align.steps, "cot_steps": cot.steps, "training_pairs": align.examples,
+            "cot_pairs": cot.examples, "chains_too_long": cot.chains_too_long,
             "wall_time_s": round(align.seconds + cot.seconds, 1),
             "align_loss": f"{align.first['loss']:.3f} -> {align.last['loss']:.3f}",
             "cot_loss": f"{cot.first['loss']:.3f} -> {cot.last['loss']:.3f}",
@@ -160,7 +179,7 @@ def cir_cot_model(context: dg.AssetExecutionContext, config: CirCoTModelConfig, 
         })
 
 
-def _launch(context, training: TrainingResource, artifacts: ArtifactStore, base, inputs, run, profile) -> dict:
+def _launch(context, training: TrainingResource, artifacts: ArtifactStore, base, inputs, run, profile, spec) -> dict:
     """Train outside this process through Dagster Pipes: ``training.processes`` local processes
     (torchrun), or a Kubernetes pod (dagster-k8s). The child reads ``profile`` (overrides applied)
     from ``run/profile.json``, streams its log lines here and reports the model it wrote; a child that
@@ -170,7 +189,7 @@ def _launch(context, training: TrainingResource, artifacts: ArtifactStore, base,
 
     profile_file = profile.save(run / "profile.json")
     command = launch_command([t for t, _ in inputs], [a for _, a in inputs], base.path, str(profile_file), str(run),
-                             processes=training.processes,
+                             train_split=spec.train_split, val_split=spec.val_split, processes=training.processes,
                              python=None if training.launcher == "subprocess" else "python")
     context.log.info(f"training through Pipes ({training.launcher}): {' '.join(command)}")
     if training.launcher == "subprocess":

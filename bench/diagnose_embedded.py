@@ -59,7 +59,7 @@ def _load(artifacts: Path):
 
 
 def _latest(artifacts: Path) -> dict:
-    return _record("cir_cot_model")
+    return _record("cir_cot_model", "synthetic")
 
 
 def _evaluate(model, bench, root, n: int) -> None:

@@ -144,6 +144,20 @@ def build_random_backbone(shape: str | BackboneShape, corpus: Iterable[str], *, 
     return model, build_processor(tokenizer, shape.image_size, shape.patch_size)
 
 
+def limit_pixels(processor, max_pixels: int) -> None:
+    """Make the processor resize every image to at most ``max_pixels`` pixels (aspect kept, as Qwen2-VL's
+    ``smart_resize`` does): fewer image tokens, the memory a profile was sized for. Saved with the
+    processor, so the evaluation and the service see images as training did."""
+    image_processor = processor.image_processor
+    size = dict(image_processor.size or {})
+    size["longest_edge"] = max_pixels
+    size["shortest_edge"] = min(size.get("shortest_edge") or max_pixels, max_pixels)
+    image_processor.size = size
+    for name, value in (("max_pixels", max_pixels), ("min_pixels", size["shortest_edge"])):
+        if getattr(image_processor, name, None) is not None:   # releases that keep both spellings
+            setattr(image_processor, name, value)
+
+
 def save_backbone(model, processor, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ class BenchmarkSpec:
     headline_of: tuple[str, ...] = ()      # the headline is the mean of these metrics (else a metric itself)
     categories: tuple[str, ...] = ()       # one gallery per category; every metric the mean over categories
     train_split: str | None = None         # the split a model is fine-tuned on (None: evaluated zero-shot)
+    val_split: str | None = None           # the split training reports its validation in-batch accuracy on
     hidden_splits: tuple[str, ...] = ()    # splits whose targets the authors withhold (scored by their servers)
     submission_split: str | None = None    # the hidden split the evaluation writes a submission file for
     gate_floors: Mapping[str, float] = dataclasses.field(default_factory=dict)  # built-in floors of the gate
@@ -52,8 +53,9 @@ class BenchmarkSpec:
     def __post_init__(self):
         if self.scored_split not in self.splits or self.scored_split in self.hidden_splits:
             raise ValueError(f"{self.name}: the scored split {self.scored_split!r} must be a split with targets")
-        if self.train_split is not None and self.train_split not in self.splits:
-            raise ValueError(f"{self.name}: the train split {self.train_split!r} is not one of its splits")
+        for role, split in (("train", self.train_split), ("validation", self.val_split)):
+            if split is not None and split not in self.splits:
+                raise ValueError(f"{self.name}: the {role} split {split!r} is not one of its splits")
         unknown = set(self.headline_of) - set(self.metric_names())
         if unknown or (not self.headline_of and self.headline not in self.metric_names()):
             raise ValueError(f"{self.name}: the headline {self.headline!r} is not made of its metrics "
@@ -130,7 +132,7 @@ BENCHMARKS: Mapping[str, BenchmarkSpec] = MappingProxyType({spec.name: spec for 
     BenchmarkSpec(
         name="synthetic", title="cir-shapes", splits=("train", "val", "test"), scored_split="test",
         ks=(1, 5, 10, 50), headline="R@10", excludes_reference=True, module="model_code.data.readers.synthetic",
-        train_split="train", dvc_stage="synthetic", dvc_out="data/raw/synthetic",
+        train_split="train", val_split="val", dvc_stage="synthetic", dvc_out="data/raw/synthetic",
         hooks_at="model_code.synthetic.hooks:HOOKS",
         # what the default recipe on the 2026-11-29 base clears over two seeds with a margin of 0.07-0.12
         # (CIR-CoT R@10 0.770 / 0.718, R@50 0.888 / 0.876: `make run` on a fresh clone, and
@@ -143,11 +145,12 @@ BENCHMARKS: Mapping[str, BenchmarkSpec] = MappingProxyType({spec.name: spec for 
         name="fashioniq", title="FashionIQ", splits=("train", "val", "test"), scored_split="val", ks=(10, 50),
         headline="Avg", headline_of=("R@10", "R@50"), excludes_reference=False,
         module="model_code.data.readers.fashioniq", categories=("dress", "shirt", "toptee"), train_split="train",
+        val_split="val",
         hidden_splits=("test",), root_layout="the folder holding captions/, image_splits/ and images/"),
     BenchmarkSpec(
         name="cirr", title="CIRR", splits=("train", "val", "test1"), scored_split="val", ks=(1, 5, 10, 50),
         subset_ks=(1, 2, 3), headline="Avg", headline_of=("R@5", "R_subset@1"), excludes_reference=True,
-        module="model_code.data.readers.cirr", train_split="train", hidden_splits=("test1",),
+        module="model_code.data.readers.cirr", train_split="train", val_split="val", hidden_splits=("test1",),
         submission_split="test1",
         root_layout="the folder holding captions/ and image_splits/ (or cirr/captions/ ...) and the image "
                     "folders dev/, test1/, train/"),
@@ -195,3 +198,14 @@ def model_source(spec: BenchmarkSpec | str, zero_shot_source: str) -> BenchmarkS
                                     f"{source.name!r} has no train split (training benchmarks: "
                                     f"{', '.join(training_names())})")
     return source
+
+
+def zero_shot_from(dataset: str, trained_on: str | None) -> str | None:
+    """The benchmark a model evaluated on ``dataset`` was trained on, when it is another one (zero-shot)."""
+    return trained_on if trained_on and trained_on != dataset else None
+
+
+def zero_shot_note(dataset: str, trained_on: str | None) -> str:
+    """``", zero-shot from <source>"`` for a model trained on another benchmark, else ``""``."""
+    source = zero_shot_from(dataset, trained_on)
+    return f", zero-shot from {source}" if source else ""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from model_code.benchmarks import zero_shot_note
 from model_code.common import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,12 @@ def _metric_table(metrics: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def _where(record: dict) -> str:
+    """"circo / val", and ", zero-shot from cirr" where the model was trained on another benchmark."""
+    dataset = record.get("dataset", "?")
+    return f"{dataset} / {record.get('split', '?')}{zero_shot_note(dataset, record.get('trained_on'))}"
+
+
 def render_model_card(trained, evaluations: Iterable[tuple[object, object]] = (), *, base_model: str | None = None,
                       weights: str | None = None, license: str = "other") -> str:
     """The card (front matter and Markdown) of the model ``trained`` (a ``TrainedModel`` or its
@@ -143,6 +150,8 @@ def render_model_card(trained, evaluations: Iterable[tuple[object, object]] = ()
             ""]
 
     out += ["## Data versions", ""]
+    if t.get("dataset"):
+        out += [f"Trained on `{t['dataset']}` (its train split and checked chains).", ""]
     if data:
         out += ["| dataset | raw data | annotations | teacher / prompt |", "|---|---|---|---|"]
         out += [f"| {d} | `{v.get('raw', '?')}` | `{v.get('annotations', '?')}` | "
@@ -173,7 +182,7 @@ def render_model_card(trained, evaluations: Iterable[tuple[object, object]] = ()
     if not pairs:
         out += ["Not evaluated yet.", ""]
     for r, _ in pairs:
-        out += [f"### {r.get('dataset', '?')} / {r.get('split', '?')}", "",
+        out += [f"### {_where(r)}", "",
                 f"{r.get('queries', '?')} queries; headline metric `{r.get('headline', '?')}`; the full report "
                 f"(per-query reasoning, plots, breakdowns) was written to `{r.get('folder', '?')}`.", ""]
         out += _metric_table(r.get("metrics") or {}) + [""]
@@ -182,13 +191,14 @@ def render_model_card(trained, evaluations: Iterable[tuple[object, object]] = ()
     if not pairs:
         out += ["No verdict yet.", ""]
     for r, v in pairs:
-        where = f"{r.get('dataset', '?')} / {r.get('split', '?')}"
+        where = _where(r)
         if not v:
             out += [f"- {where}: not judged", ""]
             continue
         value = v.get("value")
         said = "passed, promotable" if v.get("passed") else "refused, not promoted"
         out += [f"### {where}: {said} ({v.get('headline', '?')} {_number(value)})", ""]
+        out += [f"- {v['note']}"] if v.get("note") else []
         out += [f"- {'PASS' if c.get('passed') else 'FAIL'} {c.get('name', '?')}: {c.get('detail', '')}"
                 for c in v.get("checks", [])] + [""]
 

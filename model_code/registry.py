@@ -47,8 +47,9 @@ def _bentoml():
 
 
 def lineage(trained, evaluation, verdict: dict) -> tuple[dict[str, str], dict]:
-    """The labels and metadata a promoted entry carries: the model and base versions, where it was
-    evaluated and its headline, the data, annotations and teacher of every training dataset, and
+    """The labels and metadata a promoted entry carries: the model and base versions, the dataset it was
+    trained on, where it was evaluated (zero-shot from which dataset, where the two differ) and its
+    headline, the data, annotations and teacher of every training dataset, and
     (metadata) the metrics, the gate verdict and the training stages. ``trained`` is the
     ``TrainedModel`` record, ``evaluation`` the ``EvaluationRecord`` that evaluated it."""
     name, split = evaluation.dataset, evaluation.split
@@ -59,6 +60,10 @@ def lineage(trained, evaluation, verdict: dict) -> tuple[dict[str, str], dict]:
     for metric in ("R@1", "R@10", "Avg", "mAP@10"):
         if metric in cot:
             labels[f"cot_{metric}_{name}"] = f"{cot[metric]:.4f}"
+    if trained.dataset:
+        labels["trained_on"] = trained.dataset
+    if evaluation.zero_shot_from:
+        labels[f"zero_shot_from_{name}"] = evaluation.zero_shot_from
     for dataset, v in trained.data.items():
         labels[f"data_{dataset}"] = v["raw"]
         labels[f"annotations_{dataset}"] = v["annotations"]

@@ -71,6 +71,24 @@ class _PipelineFields(_Settings):
                                                  "(a local Qwen2-VL-2B-class checkpoint)")
     base_model_path: str | None = Field(None, description="a local Qwen2-VL-family checkpoint folder as the base "
                                                           "model (profile gpu); nothing is downloaded")
+    lora_rank: int | None = Field(None, ge=1, description="the LoRA rank (alpha follows at twice the rank); unset: "
+                                                         "the profile's (gpu: 64)")
+    learning_rate: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                        description="the learning rate of both stages; unset: the profile's "
+                                                    "(gpu: 2e-5)")
+    batch_size: int | None = Field(None, ge=1, description="queries per step and process in both stages; unset: "
+                                                           "the profile's (gpu: 64 align, 16 x 2 accumulated cot)")
+    max_pixels: int | None = Field(None, ge=3136, description="the most pixels of an image the model sees (aspect "
+                                                              "kept); unset: the profile's (gpu: 448 x 448 = 200704)")
+    max_chain_tokens: int | None = Field(None, ge=8, description="chains longer than this many tokens are left out "
+                                                                 "of the CoT stage (counted in the model's record); "
+                                                                 "unset: the profile's (gpu: 256)")
+    gradient_checkpointing: bool | None = Field(None, description="recompute activations in the backward pass (less "
+                                                                  "memory, slower) in both stages; unset: the "
+                                                                  "profile's (gpu: the align stage)")
+    training_overrides: str | None = Field(None, description="any other value of the profile, comma-separated "
+                                                             "[align.|cot.|base.]FIELD=VALUE (e.g. "
+                                                             "'cot.steps=500,align.steps=200,lora_alpha=64')")
     training_launcher: Literal["in_process", "subprocess", "kubernetes"] = Field(
         "in_process", description="where cir_cot_model trains: in the run's process, in local processes "
                                   "(torchrun through Dagster Pipes), or in a Kubernetes pod (Pipes)")
@@ -122,6 +140,18 @@ class _PipelineFields(_Settings):
         except UnknownBenchmarkError:
             raise ValueError(f"is not a benchmark with a train split ({', '.join(training_names())})") from None
         return value
+
+    @field_validator("training_overrides")
+    @classmethod
+    def _overrides(cls, value: str | None) -> str | None:
+        if value is not None and not all(re.fullmatch(r"((align|cot|base)\.)?[a-z_]+=[^,=]+", item.strip())
+                                         for item in value.split(",")):
+            raise ValueError("is not a comma-separated list of [align.|cot.|base.]FIELD=VALUE")
+        return value
+
+    def profile_overrides(self) -> list[str]:
+        """``training_overrides`` as a list (empty when unset)."""
+        return [item.strip() for item in (self.training_overrides or "").split(",") if item.strip()]
 
     @field_validator("retrain_cron")
     @classmethod

@@ -7,6 +7,9 @@ produced: the data job for the dataset partition (raw data, triplets, annotation
 (base model, CIR-CoT model), then the evaluation job (evaluation, promotion gate, promoted model),
 ending with the evaluation table.
 
+``circot run --dataset cirr`` does the same for CIRR: its data, its own model trained on its train
+split, its evaluation; ``--dataset circo`` (no train split) evaluates the model of
+``CIRCOT_ZERO_SHOT_SOURCE`` zero-shot. ``circot benchmarks`` lists the benchmarks and what each needs;
 ``circot models`` lists the promoted models in the BentoML store; ``circot rollback`` puts the
 previous production model back.
 """
@@ -19,8 +22,8 @@ import sys
 from pathlib import Path
 
 from model_code import registry
-from model_code.benchmarks import BENCHMARKS, benchmark
-from model_code.settings import environment_errors
+from model_code.benchmarks import BENCHMARKS, benchmark, model_source, zero_shot_note
+from model_code.settings import PipelineSettings, environment_errors, load
 
 SHOWN = (
     "data_version",
@@ -101,34 +104,79 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
 
 def run(dataset: str, definitions=None, *, annotations_only: bool = False, train: bool | None = None,
         evaluate: bool | None = None, dagster_instance=None) -> int:
-
+    """The dataset's data job, then (a benchmark with a train split) its training job, then its
+    evaluation job with the model trained for it: its own, or zero-shot the configured source's."""
     errors = environment_errors()   # before the definitions load: they read the environment too
     if errors:
         print("The configuration cannot be used:\n" + "\n".join(f"- {e}" for e in errors))
         return 2
+    spec = benchmark(dataset)
+    train = spec.trains and not annotations_only if train is None else train
+    if train and not spec.trains:
+        print(f"{spec.title} has no train split: there is no model to train on it (it is evaluated zero-shot with the "
+              f"model of CIRCOT_ZERO_SHOT_SOURCE)")
+        return 2
+    if definitions is None:
+        from orchestration.definitions import defs as definitions
+    if train:   # before any work: a profile whose base cannot read this dataset's texts
+        import dagster as dg
+
+        try:
+            refusal = definitions.resources["training"].refusal(spec.name)
+        except dg.Failure as e:
+            refusal = e.description
+        if refusal:
+            print(f"cir_cot_model[{spec.name}] cannot be trained with this configuration:\n{refusal}")
+            return 2
     import dagster as dg
 
     from orchestration.definitions import EVALUATION_JOB, PIPELINE_JOB, TRAINING_JOB
     dagster_instance = dagster_instance or instance()
     config = {"ops": {"triplets": {"config": {"require_images": False}}}} if annotations_only else None
-    if not run_job(PIPELINE_JOB, dataset, definitions, config, dagster_instance):
+    if not run_job(PIPELINE_JOB, spec.name, definitions, config, dagster_instance):
         return 1
-    if train if train is not None else benchmark(dataset).trains:
-        if not run_job(TRAINING_JOB, None, definitions, None, dagster_instance):
-            return 1
-    if evaluate is None:  # default: evaluate when there is a trained model to evaluate
-        evaluate = not annotations_only and dagster_instance.get_latest_materialization_event(
-            dg.AssetKey("cir_cot_model")) is not None
+    if train and not run_job(TRAINING_JOB, spec.name, definitions, None, dagster_instance):
+        return 1
+    source = model_source(spec, load(PipelineSettings)[0].zero_shot_source)
+    trained = dagster_instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("cir_cot_model"), asset_partitions=[source.name]), limit=1).records
+    if evaluate is None:  # default: evaluate when there is a model trained for this dataset
+        evaluate = not annotations_only and bool(trained)
+        if not evaluate and not annotations_only:
+            if source.name != spec.name:
+                print(f"\n{spec.title} is evaluated zero-shot with the model trained on {source.name} "
+                      f"(CIRCOT_ZERO_SHOT_SOURCE), and there is none yet: run `make run DATASET={source.name}` "
+                      f"first.")
+                return 1
+            print(f"\nno model trained on {spec.name} yet: nothing to evaluate")
     if evaluate:
-        ok = run_job(EVALUATION_JOB, dataset, definitions, None, dagster_instance)
+        ok = run_job(EVALUATION_JOB, spec.name, definitions, None, dagster_instance)
 
-        prod = registry.production(dataset)
+        prod = registry.production(spec.name)
         if not ok:
             print("\nThe model was not promoted (see the promotion gate's verdict above); the store is unchanged.")
-        print(f"production model of {dataset}: {prod['tag'] if prod else 'none'}"
-              + (f" ({prod['labels'].get(f'headline_{dataset}')}, evaluated on "
-                 f"{prod['labels'].get(f'evaluated_on_{dataset}')})" if prod else ""))
+        print(f"production model of {spec.name}: {prod['tag'] if prod else 'none'}"
+              + (f" ({prod['labels'].get(f'headline_{spec.name}')}, evaluated on "
+                 f"{prod['labels'].get(f'evaluated_on_{spec.name}')}"
+                 f"{zero_shot_note(spec.name, prod['labels'].get('trained_on'))})" if prod else ""))
         return 0 if ok else 1
+    return 0
+
+
+def show_benchmarks() -> int:
+    """The benchmarks the pipeline knows, from their specs: what each needs and how it is scored."""
+    settings = load(PipelineSettings)[0]
+    roots = settings.dataset_roots()
+    for spec in BENCHMARKS.values():
+        if spec.configured:
+            where = f"{spec.root_env}={roots.get(spec.name, '(unset)')}: {spec.root_layout}"
+        else:
+            where = f"generated by the DVC stage {spec.dvc_stage!r} into {spec.dvc_out}/"
+        trains = (f"trained on its {spec.train_split!r} split" if spec.trains
+                  else f"evaluated zero-shot with the model of {model_source(spec, settings.zero_shot_source).name}")
+        print(f"{spec.name} ({spec.title})\n  data: {where}\n  splits: {', '.join(spec.splits)}; scored: "
+              f"{spec.scored_split}; metrics: {', '.join(spec.metric_names())}; headline {spec.headline}\n"
+              f"  {trains}")
     return 0
 
 
@@ -182,15 +230,18 @@ def main(argv: list[str] | None = None, prog: str = "circot") -> int:
     r.add_argument("--annotations-only", action="store_true",
                    help="read a real benchmark's annotations without its images (they are not checked)")
     r.add_argument("--train", dest="train", action="store_true", default=None,
-                   help="run the training job afterwards (default for synthetic)")
+                   help="run the training job afterwards (the default for a benchmark with a train split)")
     r.add_argument("--no-train", dest="train", action="store_false", help="skip the training job")
     r.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None,
                    help="skip the evaluation job (evaluation, promotion gate, promoted model)")
+    sub.add_parser("benchmarks", help="list the benchmarks: where their files go, their splits, metrics and models")
     sub.add_parser("models", help="list the cir-cot models in the BentoML store and their stages")
     rb = sub.add_parser("rollback", help="make a dataset's previous production model its production model again")
     rb.add_argument("--dataset", default="synthetic", choices=list(BENCHMARKS))
     args = p.parse_args(argv)
     project_homes()
+    if args.command == "benchmarks":
+        return show_benchmarks()
     if args.command == "models":
         return show_models()
     if args.command == "rollback":

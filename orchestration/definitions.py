@@ -17,11 +17,11 @@ from assets import gallery_index as gallery_index_module
 from assets import raw_dataset as raw_dataset_module
 from assets import training as training_module
 from assets import triplets as triplets_module
-from assets.common import dataset_partitions
+from assets.common import dataset_partitions, training_partitions
 from assets.resources import AnnotatorResource, GateResource, TrainingResource, resources_from_environment
 
 PIPELINE_JOB = "cir_pipeline"      # per dataset partition: raw data -> triplets -> annotations
-TRAINING_JOB = "training"          # base model -> CIR-CoT model (on the training partitions' annotations)
+TRAINING_JOB = "training"          # per training dataset: base model -> its CIR-CoT model
 EVALUATION_JOB = "evaluate_and_promote"  # per dataset partition: evaluation -> gate -> promoted model
 FEEDBACK_JOB = "feedback"          # per dataset partition: feedback triplets (checked) and the online metrics
 
@@ -44,16 +44,18 @@ def build_definitions(*, project_dir: str | None = None, artifacts_root: str | N
                                    partitions_def=dataset_partitions,
                                    description="Raw data, normalised triplets and CoT annotations of one dataset")
     training_job = dg.define_asset_job(TRAINING_JOB, selection=dg.AssetSelection.assets(*model_assets),
-                                       hooks={push_artifacts},
-                                       description="Register the base model, then train the CIR-CoT model")
+                                       hooks={push_artifacts}, partitions_def=training_partitions,
+                                       description="Register the base model, then train the CIR-CoT model of one "
+                                                   "training dataset on its train split and checked chains")
     eval_assets = [evaluation_module.evaluation, evaluation_module.promoted_model, gallery_index_module.gallery_index,
                    bento_module.bento]
     evaluation_job = dg.define_asset_job(
         EVALUATION_JOB,
         selection=dg.AssetSelection.assets(*eval_assets), hooks={push_artifacts},
         partitions_def=dataset_partitions,
-        description="Evaluate the latest model on one dataset; the gate decides its promotion; the production model "
-                    "embeds the gallery index",
+        description="Evaluate the latest model trained for one dataset (zero-shot from the configured source where "
+                    "it has no train split); the gate decides its promotion; the production model embeds the gallery "
+                    "index",
     )
     feedback_assets = [feedback_module.feedback_triplets, feedback_module.online_metrics]
     feedback_job = dg.define_asset_job(
@@ -62,8 +64,7 @@ def build_definitions(*, project_dir: str | None = None, artifacts_root: str | N
         description="People's answers as checked, versioned training triplets; the online figures per model version")
     from orchestration.operations import build_automation
 
-    schedules, sensors = build_automation(pipeline, training_job, evaluation_job, feedback_job=feedback_job,
-                                          train_datasets=training_module.TRAIN_DATASETS)
+    schedules, sensors = build_automation(pipeline, training_job, evaluation_job, feedback_job=feedback_job)
     return dg.Definitions(
         assets=[*data_assets, *model_assets, *eval_assets, *feedback_assets],
         schedules=schedules,

@@ -3,8 +3,9 @@ the jobs, and failure alerts. All are Dagster's own idioms, shipped stopped exce
 fresh ``dagster dev`` does nothing unasked (turn them on in the UI: Automation).
 
 - ``retrain_schedule`` (cron ``CIRCOT_RETRAIN_CRON``, default weekly, Monday 03:00): runs the
-  ``training`` job, tagged with why; skipped while a training run is still queued or running, so
-  overlapping ticks never train twice at once. Unchanged inputs reuse what exists (the training
+  ``training`` job for each training dataset that has checked chains (one run per partition), tagged
+  with why; a partition whose training run is still queued or running is skipped, so overlapping
+  ticks never train it twice at once. Unchanged inputs reuse what exists (the training
   assets key their runs by their inputs).
 - ``dataset_change_sensor``: notices a new version of a dataset partition (the DVC hash of
   ``data/raw/synthetic`` in ``dvc.lock``; for a real dataset its ``<root>.dvc`` hash, else a
@@ -12,9 +13,10 @@ fresh ``dagster dev`` does nothing unasked (turn them on in the UI: Automation).
   ``cir_pipeline`` for that partition only. Its cursor holds each partition's last fingerprint: no
   change, no run; a run key per fingerprint, so nothing is triggered twice. A partition seen for the
   first time runs only if it was never materialised. An unreadable folder is reported and skipped.
-- ``after_data_pipeline``: a finished ``cir_pipeline[d]`` retrains (``d`` a training dataset) or
-  re-evaluates ``d`` (evaluation -> gate -> promoted model -> gallery index -> Bento);
-  ``after_training``: a finished ``training`` evaluates every dataset partition that has annotations.
+- ``after_data_pipeline``: a finished ``cir_pipeline[d]`` retrains ``training[d]`` (``d`` a training
+  dataset) or re-evaluates ``d`` (evaluation -> gate -> promoted model -> gallery index -> Bento);
+  ``after_training``: a finished ``training[t]`` evaluates every dataset evaluated with ``t``'s model
+  (``t`` itself, and zero-shot the benchmarks whose source it is) that has its tables.
 - ``feedback_sensor``: counts the feedback triplets each training dataset would accept now
   (``collect_triplets``' report: leakage guard, cap, de-duplication; no annotation) and, once
   ``CIRCOT_FEEDBACK_RETRAIN_AFTER`` new ones have arrived since the last feedback set (its cursor, or
@@ -40,9 +42,8 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from assets.common import DATASETS
 from assets.resources import ArtifactStore, DatasetRoots, DvcResource
-from model_code.benchmarks import benchmark
+from model_code.benchmarks import benchmark, model_source, names, training_names
 from model_code.data import DataError
 from model_code.settings import PipelineSettings, load
 
@@ -119,8 +120,10 @@ def _materialised(instance: dg.DagsterInstance, asset: str, partition: str) -> b
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records)
 
 
-def _active_runs(instance: dg.DagsterInstance, job_name: str) -> list:
-    return list(instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=list(ACTIVE)), limit=5))
+def _active_runs(instance: dg.DagsterInstance, job_name: str, partition: str | None = None) -> list:
+    tags = {"dagster/partition": partition} if partition else None
+    return list(instance.get_runs(filters=dg.RunsFilter(job_name=job_name, statuses=list(ACTIVE), tags=tags),
+                                  limit=5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,28 +256,39 @@ def _feedback_baseline(instance: dg.DagsterInstance, dataset: str) -> int:
     return int(accepted.value) if accepted is not None else 0
 
 
-def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job, train_datasets: list[str]):
+def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job):
     """(schedules, sensors) over the four jobs."""
-    cron = load(PipelineSettings)[0].retrain_cron   # an unusable one: the default (runs refuse to start)
+    settings = load(PipelineSettings)[0]   # an unusable value: the default (runs refuse to start)
+    cron, source = settings.retrain_cron, settings.zero_shot_source
+    train_datasets = training_names()
 
     @dg.schedule(job=training_job, cron_schedule=cron, default_status=dg.DefaultScheduleStatus.STOPPED,
-                 description=f"Retrain (cron {cron!r}, CIRCOT_RETRAIN_CRON); a finished training is then evaluated, "
-                             "gated and promoted, and the gallery index and the Bento refreshed")
+                 description=f"Retrain (cron {cron!r}, CIRCOT_RETRAIN_CRON) each training dataset with checked "
+                             "chains; a finished training is then evaluated, gated and promoted, and the gallery "
+                             "index and the Bento refreshed")
     def retrain_schedule(context: dg.ScheduleEvaluationContext):
-        running = _active_runs(context.instance, training_job.name)
-        if running:
-            return dg.SkipReason(f"training run {running[0].run_id} is still in progress: not starting another")
         when = context.scheduled_execution_time
         stamp = when.isoformat() if when else "manual"
-        return dg.RunRequest(run_key=f"retrain-{stamp}",
-                             tags={TRIGGER_TAG: "schedule", REASON_TAG: f"scheduled retraining ({cron}) at {stamp}"})
+        requests, notes = [], []
+        for dataset in train_datasets:
+            if not _materialised(context.instance, "cot_annotations", dataset):
+                continue
+            running = _active_runs(context.instance, training_job.name, dataset)
+            if running:
+                notes.append(f"{dataset}: training run {running[0].run_id} is still in progress: not starting "
+                             "another")
+                continue
+            requests.append(dg.RunRequest(
+                run_key=f"retrain-{dataset}-{stamp}", partition_key=dataset,
+                tags={TRIGGER_TAG: "schedule", REASON_TAG: f"scheduled retraining of {dataset} ({cron}) at {stamp}"}))
+        return requests or dg.SkipReason("; ".join(notes) or "no training dataset has checked chains yet")
 
     @dg.sensor(job=pipeline_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED,
                description="A new version of a dataset (DVC hash or its files) runs cir_pipeline for that partition")
     def dataset_change_sensor(context: dg.SensorEvaluationContext, datasets: DatasetRoots, dvc: DvcResource):
         seen = json.loads(context.cursor) if context.cursor else {}
         requests, notes = [], []
-        for dataset in DATASETS:
+        for dataset in names():
             try:
                 fingerprint = dataset_fingerprint(dataset, datasets, dvc.project_dir)
             except (DatasetUnreadable, OSError, ValueError) as e:
@@ -306,20 +320,25 @@ def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job
             return dg.SkipReason("the run had no partition")
         tags = {TRIGGER_TAG: "data-pipeline", REASON_TAG: f"new {dataset} data (run {run.run_id})"}
         if dataset in train_datasets:
-            return dg.RunRequest(run_key=f"train-after-{run.run_id}", job_name=training_job.name, tags=tags)
+            return dg.RunRequest(run_key=f"train-after-{run.run_id}", job_name=training_job.name,
+                                 partition_key=dataset, tags=tags)
         return dg.RunRequest(run_key=f"evaluate-after-{run.run_id}", job_name=evaluation_job.name,
                              partition_key=dataset, tags=tags)
 
     @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[training_job],
                           request_job=evaluation_job, default_status=dg.DefaultSensorStatus.STOPPED,
-                          description="After training: evaluate, gate and promote on every dataset with annotations")
+                          description="After training[t]: evaluate, gate and promote on every dataset evaluated with "
+                                      "t's model (t itself, and zero-shot the benchmarks whose source t is)")
     def after_training(context: dg.RunStatusSensorContext):
         run = context.dagster_run
-        ready = [d for d in DATASETS if _materialised(context.instance, "cot_annotations", d)]
+        trained = run.tags.get("dagster/partition")
+        ready = [d for d in names() if model_source(d, source).name == trained
+                 and _materialised(context.instance, "triplets", d)]
         if not ready:
-            return dg.SkipReason("no dataset partition has annotations to evaluate on")
+            return dg.SkipReason(f"no dataset evaluated with the model of {trained} has its tables yet")
         return [dg.RunRequest(run_key=f"evaluate-{d}-after-{run.run_id}", partition_key=d,
-                              tags={TRIGGER_TAG: "training", REASON_TAG: f"new model from run {run.run_id}"})
+                              tags={TRIGGER_TAG: "training",
+                                    REASON_TAG: f"new model of {trained} from run {run.run_id}"})
                 for d in ready]
 
     @dg.sensor(job=feedback_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED,
@@ -359,7 +378,7 @@ def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job
         dataset = run.tags.get("dagster/partition")
         if dataset not in train_datasets:
             return dg.SkipReason(f"{dataset} is not a training dataset: its feedback is not trained on")
-        return dg.RunRequest(run_key=f"train-after-{run.run_id}", tags={
+        return dg.RunRequest(run_key=f"train-after-{run.run_id}", partition_key=dataset, tags={
             TRIGGER_TAG: "feedback", REASON_TAG: f"new accepted feedback for {dataset} (run {run.run_id})"})
 
     @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING,

@@ -42,17 +42,49 @@ def test_the_definitions_hold_the_schedule_and_sensors_shipped_stopped_but_the_a
     assert _by_name("dead_run_sensor").default_status == dg.DefaultSensorStatus.RUNNING
 
 
-def test_the_schedule_retrains_with_its_reason_and_never_twice_at_once(instance):
+def _annotated(instance, *datasets):
+    for dataset in datasets:
+        instance.report_runless_asset_event(dg.AssetMaterialization("cot_annotations", partition=dataset))
+
+
+def test_the_schedule_retrains_each_training_dataset_with_its_reason_and_never_twice_at_once(instance):
     schedule = _by_name("retrain_schedule")
     when = dt.datetime(2026, 11, 30, 3, 0, tzinfo=dt.timezone.utc)
-    request = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
-    assert isinstance(request, dg.RunRequest)
-    assert request.run_key == f"retrain-{when.isoformat()}"
-    assert request.tags[operations.TRIGGER_TAG] == "schedule" and "scheduled retraining" in request.tags[
-        operations.REASON_TAG]
-    instance.add_run(dg.DagsterRun(job_name="training", run_id="a" * 36, status=dg.DagsterRunStatus.STARTED))
+    skipped = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+    assert isinstance(skipped, dg.SkipReason) and "no training dataset has checked chains" in skipped.skip_message
+    _annotated(instance, "synthetic", "cirr", "circo")          # circo has no train split: never trained
+    requests = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+    assert [(r.partition_key, r.run_key) for r in requests] == [
+        ("synthetic", f"retrain-synthetic-{when.isoformat()}"), ("cirr", f"retrain-cirr-{when.isoformat()}")]
+    assert all(r.tags[operations.TRIGGER_TAG] == "schedule" and "scheduled retraining of" in
+               r.tags[operations.REASON_TAG] for r in requests)
+    instance.add_run(dg.DagsterRun(job_name="training", run_id="a" * 36, status=dg.DagsterRunStatus.STARTED,
+                                   tags={"dagster/partition": "synthetic"}))
+    (request,) = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+    assert request.partition_key == "cirr"                       # synthetic's run is still in progress
+    instance.add_run(dg.DagsterRun(job_name="training", run_id="b" * 36, status=dg.DagsterRunStatus.STARTED,
+                                   tags={"dagster/partition": "cirr"}))
     skipped = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
     assert isinstance(skipped, dg.SkipReason) and "still in progress" in skipped.skip_message
+
+
+def test_a_finished_training_evaluates_its_dataset_and_those_evaluated_zero_shot_with_it(instance):
+    sensor = _by_name("after_training")
+    for dataset in ("synthetic", "cirr", "circo"):
+        instance.report_runless_asset_event(dg.AssetMaterialization("triplets", partition=dataset))
+    expected = {"cirr": ["cirr", "circo"], "synthetic": ["synthetic"], "fashioniq": []}   # zero-shot source: cirr
+    for trained, evaluated in expected.items():
+        run = dg.DagsterRun(job_name="training", run_id=f"{trained:0<36}"[:36], status=dg.DagsterRunStatus.SUCCESS,
+                            tags={"dagster/partition": trained})
+        instance.add_run(run)
+        event = dg.DagsterEvent(event_type_value="PIPELINE_SUCCESS", job_name="training")
+        result = sensor(dg.build_run_status_sensor_context(sensor_name="after_training", dagster_event=event,
+                                                            dagster_instance=instance, dagster_run=run))
+        if evaluated:
+            assert [r.partition_key for r in result] == evaluated
+            assert all(f"new model of {trained}" in r.tags[operations.REASON_TAG] for r in result)
+        else:   # fashioniq's tables were never built: nothing to evaluate yet
+            assert isinstance(result, dg.SkipReason) and "fashioniq" in result.skip_message
 
 
 def _lock(project, md5):
@@ -224,7 +256,7 @@ def wait_forever():
 def training():
     wait_forever()
 
-training.execute_in_process(instance=dg.DagsterInstance.get(), tags=process_tags())
+training.execute_in_process(instance=dg.DagsterInstance.get(), tags={**process_tags(), "dagster/partition": "synthetic"})
 """
 
 
@@ -256,6 +288,7 @@ def test_a_run_whose_process_was_killed_is_marked_failed_and_alerted_and_the_sch
             child.wait()
         schedule = _by_name("retrain_schedule")
         when = dt.datetime(2026, 11, 30, 3, 0, tzinfo=dt.timezone.utc)
+        _annotated(instance, "synthetic")
         skipped = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
         assert isinstance(skipped, dg.SkipReason) and run.run_id in skipped.skip_message   # the bug this fixes
 
@@ -267,13 +300,13 @@ def test_a_run_whose_process_was_killed_is_marked_failed_and_alerted_and_the_sch
         message = operations.failure_message(instance.get_run_by_id(run.run_id), instance,
                                              run_failure=failure.dagster_event)
         assert f"(pid {child.pid}) is gone" in message["error"] and message["kind"] == "failure"
-        request = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
-        assert isinstance(request, dg.RunRequest)                 # the schedule goes on
+        (request,) = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+        assert request.partition_key == "synthetic"                # the schedule goes on
 
 
 def test_a_successful_feedback_run_of_a_training_dataset_retrains(instance):
     sensor = _by_name("after_feedback")
-    for dataset, expect_run in (("synthetic", True), ("cirr", False)):
+    for dataset, expect_run in (("synthetic", True), ("cirr", True), ("circo", False)):
         run = dg.DagsterRun(job_name="feedback", run_id=f"{dataset:0<36}"[:36], status=dg.DagsterRunStatus.SUCCESS,
                             tags={"dagster/partition": dataset})
         instance.add_run(run)
@@ -283,6 +316,7 @@ def test_a_successful_feedback_run_of_a_training_dataset_retrains(instance):
         result = sensor(context)
         if expect_run:
             assert isinstance(result, dg.RunRequest) and result.run_key == f"train-after-{run.run_id}"
+            assert result.partition_key == dataset
             assert result.tags[operations.TRIGGER_TAG] == "feedback"
         else:
             assert isinstance(result, dg.SkipReason) and "not a training dataset" in result.skip_message

@@ -185,7 +185,7 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
                              training=smoke)
     result, _, mats_first, failures = _materialise(defs, "synthetic", instance=instance)
     assert result.success, failures
-    run, _, mats, failures = _execute(defs, TRAINING_JOB, instance=instance)
+    run, _, mats, failures = _execute(defs, TRAINING_JOB, "synthetic", instance=instance)
     assert run.success, failures
     base, model = mats["base_model"].metadata, mats["cir_cot_model"].metadata
     assert base["kind"].value == "checkpoint" and base["path"].value == str(micro_base.resolve())
@@ -246,12 +246,12 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     assert "top 5:" in index["example"].value
     # ...and the service is packaged with that model
     bento = mats["bento"].metadata
-    assert bento["tag"].value == f"circot:{trained['version']}" and bento["size_mib"].value > 0
+    assert bento["tag"].value == f"circot:synthetic-{trained['version']}" and bento["size_mib"].value > 0
     assert bento["model"].value == f"cir-cot:{trained['version']}"
     # evaluated again with the same production model (new gallery images, a sensor): the Bento is rebuilt
     run, _, mats, failures = _execute(lenient, EVALUATION_JOB, "synthetic", eval_config, instance)
     assert run.success, failures
-    assert mats["bento"].metadata["tag"].value == f"circot:{trained['version']}"
+    assert mats["bento"].metadata["tag"].value == f"circot:synthetic-{trained['version']}"
     prod = registry.production("synthetic")
     assert prod["version"] == trained["version"] and prod["labels"]["stage_synthetic"] == "production"
     assert prod["labels"]["data_synthetic"] == trained["data"]["synthetic"]["raw"]
@@ -267,7 +267,7 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     assert registry.health(prod["path"], hashes=True) == "ok"
     # the evaluation reads the model Dagster's lineage names: a fresh instance has none, and says so
     run, _, _, failures = _execute(lenient, EVALUATION_JOB, "synthetic", eval_config)
-    assert not run.success and any("cir_cot_model has not been materialised" in f for f in failures)
+    assert not run.success and any("cir_cot_model[synthetic] has not been materialised" in f for f in failures)
 
 
 def test_gpu_profile_needs_a_checkpoint_and_registers_one(dvc_project, tmp_path, micro_base):
@@ -324,7 +324,7 @@ def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_p
     runs = artifacts / "cir_cot_model" / "runs"
     watcher = threading.Thread(target=lambda: _kill_training_when_any(runs, stop), daemon=True)
     watcher.start()
-    run, _, mats, failures = _execute(defs, TRAINING_JOB, run_config=config, instance=instance)
+    run, _, mats, failures = _execute(defs, TRAINING_JOB, "synthetic", run_config=config, instance=instance)
     stop.set()
     assert not run.success and "cir_cot_model" not in mats, failures
     causes = []
@@ -342,7 +342,7 @@ def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_p
     handed = TrainingProfile.load(run_dir / "profile.json")
     assert handed == PROFILES["smoke"].with_overrides(base={"checkpoint_path": str(micro_base)}, align={"steps": 12})
 
-    run, _, mats, failures = _execute(defs, TRAINING_JOB, run_config=config, instance=instance)
+    run, _, mats, failures = _execute(defs, TRAINING_JOB, "synthetic", run_config=config, instance=instance)
     assert run.success, failures
     meta = mats["cir_cot_model"].metadata
     assert meta["launched_processes"].value == 2 and meta["align_steps"].value == 12
@@ -381,7 +381,7 @@ def test_an_object_store_artifacts_root_lets_each_stage_run_on_another_machine(d
     assert fs.exists(remote + "/triplets.parquet") and fs.exists(remote + "/checks/triplets_suite.json")
 
     shutil.rmtree(cache)   # the training pod: the same mount point, an empty disk
-    run, _, mats, failures = _execute(defs, TRAINING_JOB, instance=instance)
+    run, _, mats, failures = _execute(defs, TRAINING_JOB, "synthetic", instance=instance)
     assert run.success, failures
     model_dir = Path(mats["cir_cot_model"].metadata["record"].value["path"])
 

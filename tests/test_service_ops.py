@@ -242,7 +242,7 @@ def test_a_killed_encoder_under_load_fails_fast_with_the_reason_and_sigterm_stop
 
 def test_a_bento_built_by_hand_holds_the_model_and_serves_its_dataset_from_the_store(served, tmp_path):
     """`bentoml build` from bentofile.yaml (the bento asset's command) for cirr: the Bento lists the
-    production model and its export carries it; `bentoml serve circot:<version>` from the store answers
+    production model and its export carries it; `bentoml serve circot:cirr-<version>` from the store answers
     /search without a dataset with cirr, and says so."""
     from assets.bento import build_command
 
@@ -262,14 +262,14 @@ def test_a_bento_built_by_hand_holds_the_model_and_serves_its_dataset_from_the_s
                "names = tarfile.open(path).getnames()\n"
                "print(json.dumps({'models': [str(m.tag) for m in b.info.all_models], 'labels': b.info.labels,\n"
                "                  'files': [n for n in names if '/models/' in '/' + n.lstrip('./')]}))\n")
-    out = subprocess.run([sys.executable, "-c", inspect, f"circot:{version}", str(tmp_path / "circot.bento")],
+    out = subprocess.run([sys.executable, "-c", inspect, f"circot:cirr-{version}", str(tmp_path / "circot.bento")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     bento = json.loads(out.stdout.strip().splitlines()[-1])
     assert bento["models"] == [f"cir-cot:{version}"] and bento["labels"]["dataset"] == "cirr"
     assert any(f.endswith(f"models/cir-cot/{version}/model/circot.json") for f in bento["files"]), bento["files"]
     served_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}   # the Bento's own code, not the checkout's
-    s = Server(served_env, home / "bento.log", target=f"circot:{version}", cwd=tmp_path)
+    s = Server(served_env, home / "bento.log", target=f"circot:cirr-{version}", cwd=tmp_path)
     try:
         s.wait()
         code, body, headers = s.call("POST", "/search", {"modification": "make the star red", "mode": "no_cot",
@@ -280,4 +280,4 @@ def test_a_bento_built_by_hand_holds_the_model_and_serves_its_dataset_from_the_s
         assert code == 404 and "this service serves cirr, not 'synthetic'" in error_of(body)
     finally:
         s.stop()
-    assert f'BentoServer from "circot:{version}"' in (home / "bento.log").read_text()
+    assert f'BentoServer from "circot:cirr-{version}"' in (home / "bento.log").read_text()

@@ -31,7 +31,7 @@ import pandas as pd
 import pydantic
 import torch
 
-from model_code.benchmarks import BenchmarkSpec, benchmark
+from model_code.benchmarks import BenchmarkSpec, benchmark, zero_shot_from
 from model_code.common import FileDigests, Progress, atomic_path, json_key
 from model_code.evaluation.metrics import map_at_k, rank_gallery, recall_at_k, recall_subset_at_k, reference_exclusions
 from model_code.records import Record
@@ -67,10 +67,16 @@ class Evaluation:
     # {method: {query_id: headline score}}
     per_query: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     strata: dict[str, str] = dataclasses.field(default_factory=dict)  # {query_id: group}: the headline averages groups
+    trained_on: str = ""   # the benchmark the model was fine-tuned on ("" unknown)
 
     @property
     def dataset(self) -> str:
         return self.spec.name
+
+    @property
+    def zero_shot_from(self) -> str | None:
+        """The benchmark the model was trained on, when it is not this one (a zero-shot evaluation)."""
+        return zero_shot_from(self.dataset, self.trained_on)
 
     @property
     def headline(self) -> str:
@@ -93,6 +99,11 @@ class EvaluationRecord(Record):
     raw_version: str = ""
     queries: int = 0
     submissions: list = pydantic.Field(default_factory=list)
+    trained_on: str = ""             # the benchmark the model was fine-tuned on (another one: zero-shot)
+
+    @property
+    def zero_shot_from(self) -> str | None:
+        return zero_shot_from(self.dataset, self.trained_on)
 
     def per_query(self) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
         """({method: {query_id: headline score}}, {query_id: group}) of the scored queries."""
@@ -186,11 +197,12 @@ def embed_method(
 
 
 def evaluate(model, bench, root: str | os.PathLike, spec: BenchmarkSpec | str, split: str, *,
-             methods: Sequence[str] = METHODS,
+             methods: Sequence[str] = METHODS, trained_on: str = "",
              batch_size: int = 32, max_new_tokens: int = 256, cache_dir: str | os.PathLike | None = None,
              limit: int | None = None, say: Callable[[str], None] = print) -> Evaluation:
     """Embed the gallery and the queries of ``split`` with ``model`` and score every method
-    (nothing to score where the split hides its targets: rankings only)."""
+    (nothing to score where the split hides its targets: rankings only). ``trained_on``: the
+    benchmark the model was fine-tuned on, which the report names when it is another one (zero-shot)."""
     spec = benchmark(spec)
     version = getattr(model, "version", None)
     cache = Path(cache_dir) / version if cache_dir and version else None
@@ -256,7 +268,7 @@ def evaluate(model, bench, root: str | os.PathLike, spec: BenchmarkSpec | str, s
         if correctness is not None:  # the dataset can tell a right conclusion from a wrong one
             metrics["cot"].update(correctness(root, split, queries, reasoning))
     return Evaluation(spec, split, version or "unsaved", hidden, metrics, rankings, reasoning, timings, queries,
-                      subset_rankings, per_query, strata)
+                      subset_rankings, per_query, strata, trained_on)
 
 
 

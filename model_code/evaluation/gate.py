@@ -52,12 +52,14 @@ class Verdict:
     checks: list[Check]
     headline: str
     value: float
+    note: str = ""      # what the reader must know first (e.g. "evaluated zero-shot from cirr")
 
     def explain(self) -> str:
-        return "\n".join(f"- {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}" for c in self.checks)
+        head = [f"- {self.note}"] if self.note else []
+        return "\n".join(head + [f"- {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}" for c in self.checks])
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "headline": self.headline, "value": self.value,
+        return {"passed": self.passed, "headline": self.headline, "value": self.value, "note": self.note,
                 "checks": [dataclasses.asdict(c) for c in self.checks]}
 
 
@@ -82,11 +84,12 @@ def paired_bootstrap(a: list[float], b: list[float], confidence: float = 0.95, r
 
 def gate(metrics: dict[str, dict[str, float]], headline: str, config: GateConfig,
          production: dict | None = None, per_query: dict[str, dict[str, float]] | None = None,
-         strata: dict[str, str] | None = None) -> Verdict:
+         strata: dict[str, str] | None = None, note: str = "") -> Verdict:
     """``metrics`` as :func:`model_code.evaluation.evaluate.score` returns them; ``production``:
     ``{"version", "metrics": {metric: value}}`` of the dataset's production model on the same split
     (its gated method), or None; ``per_query``: ``{method: {query_id: headline score}}``;
-    ``strata``: ``{query_id: group}`` where the headline is a mean over groups."""
+    ``strata``: ``{query_id: group}`` where the headline is a mean over groups; ``note``: said first
+    in the verdict (a zero-shot evaluation says so)."""
     if config.method not in metrics:
         raise ValueError(f"the gate reads method {config.method!r}, which was not evaluated ({', '.join(metrics)})")
     ours = metrics[config.method]
@@ -132,4 +135,4 @@ def gate(metrics: dict[str, dict[str, float]], headline: str, config: GateConfig
         checks.append(Check("no regression", ours[headline] >= prev - config.max_regression,
                             f"{headline} {ours[headline]:.4f} vs production {production.get('version')} {prev:.4f} "
                             f"(tolerance {config.max_regression:.4f})"))
-    return Verdict(all(c.passed for c in checks), checks, headline, ours[headline])
+    return Verdict(all(c.passed for c in checks), checks, headline, ours[headline], note)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from model_code.benchmarks import zero_shot_note
 from model_code.common import atomic_write_json
 from model_code.evaluation.evaluate import MODEL_METHODS, Evaluation
 
@@ -28,12 +29,13 @@ def markdown_table(ev: Evaluation) -> str:
     reasoning correctness, then speed."""
     if ev.hidden:
         n = len(next(iter(ev.rankings.values()), {}))
-        return (f"{ev.dataset}/{ev.split}: targets are hidden; {n} queries ranked, "
-                f"submission files written for the evaluation server.\n")
+        return (f"{ev.dataset}/{ev.split}: targets are hidden; {n} queries ranked"
+                f"{zero_shot_note(ev.dataset, ev.trained_on)}, submission files written for the evaluation server.\n")
     methods = list(ev.metrics)
     shared = [k for k in ev.metrics[methods[0]] if all(k in ev.metrics[m] for m in methods)]
     main = [k for k in shared if "[" not in k and "/" not in k]
-    lines = [f"### {ev.dataset} / {ev.split} — model {ev.model_version} ({len(ev.queries)} queries)", "",
+    lines = [f"### {ev.dataset} / {ev.split} — model {ev.model_version}{zero_shot_note(ev.dataset, ev.trained_on)} "
+             f"({len(ev.queries)} queries)", "",
              "| method | " + " | ".join(main) + " | queries/s |", "|---" * (len(main) + 2) + "|"]
     for m in methods:
         speed = ev.timings.get(m, {}).get("per_s", "cached")
@@ -67,7 +69,7 @@ def plot_recall(ev: Evaluation, path: str | os.PathLike) -> Path:
     ax.set_xlabel("K")
     ax.set_ylabel(f"{prefix}@K")
     ax.set_ylim(0, 1)
-    ax.set_title(f"{ev.dataset} / {ev.split}")
+    ax.set_title(f"{ev.dataset} / {ev.split}{zero_shot_note(ev.dataset, ev.trained_on)}")
     ax.legend()
     fig.tight_layout()
     path = Path(path)
@@ -113,7 +115,8 @@ def plot_qualitative(ev: Evaluation, image_paths: dict[str, Path], path: str | o
                 for spine in ax.spines.values():
                     spine.set_edgecolor("green")
                     spine.set_linewidth(4)
-    fig.suptitle(f"{ev.dataset} / {ev.split}: {method} (model {ev.model_version})", fontsize=10)
+    fig.suptitle(f"{ev.dataset} / {ev.split}: {method} (model {ev.model_version}"
+                 f"{zero_shot_note(ev.dataset, ev.trained_on)})", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=80)
@@ -157,7 +160,8 @@ def write_report(
             for name, content in submissions(ev, method).items():
                 dump(name, content)
     dump("evaluation.json", {"dataset": ev.dataset, "split": ev.split, "model_version": ev.model_version,
-                             "hidden": ev.hidden, "headline": ev.headline, "queries": len(ev.queries),
+                             "trained_on": ev.trained_on, "zero_shot_from": ev.zero_shot_from, "hidden": ev.hidden,
+                             "headline": ev.headline, "queries": len(ev.queries),
                              "timings": ev.timings})
     (out / "table.md").write_text(markdown_table(ev))
     written["table.md"] = out / "table.md"

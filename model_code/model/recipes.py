@@ -1,8 +1,11 @@
 """Whole training runs and their hyperparameters.
 
 - Profiles (:data:`PROFILES`): ``embedded`` (the default: CPU, the pretrained base shipped in git,
-  fine-tuned in full), ``gpu`` (a Qwen2-VL-2B-class checkpoint in bf16, LoRA) and ``smoke`` (the
-  embedded recipe in a few small steps on a checkpoint given as the base: the test suite's).
+  fine-tuned in full, on cir-shapes only), ``gpu`` (a Qwen2-VL-2B-class checkpoint in bf16, LoRA, sized
+  for real benchmarks' chains on one 80 GB GPU), ``micro`` (LoRA on a micro checkpoint on a CPU: a
+  real benchmark's path tried in minutes) and ``smoke`` (the embedded recipe in a few small steps on a
+  checkpoint given as the base: the test suite's). :func:`training_refusal` says before any work
+  when a profile cannot train on a benchmark (the embedded base reads only its own corpus's words).
   A profile is frozen; :meth:`TrainingProfile.with_overrides` makes a changed copy, and a profile
   travels as JSON (:meth:`TrainingProfile.save` / :meth:`TrainingProfile.load`).
 - The base: :func:`register_embedded` (the shipped base) or :func:`register_checkpoint` (a local
@@ -30,7 +33,7 @@ import torch
 from dagster_pipes import open_dagster_pipes
 
 from model_code.annotation.store import read_annotations
-from model_code.backbone import checkpoint_version, load_backbone
+from model_code.backbone import checkpoint_version, limit_pixels, load_backbone
 from model_code.chain import CoT
 from model_code.common import atomic_write_json
 from model_code.data import read_tables
@@ -106,6 +109,8 @@ class TrainingProfile:
     lora_alpha: int = 32
     eval_batches: int = 4
     lora: bool = True             # False: every parameter of the base is fine-tuned (where that measures better)
+    max_pixels: int | None = None          # the most pixels of an image the model sees (None: the base's processor)
+    max_chain_tokens: int | None = None    # chains longer than this (tokens) are left out of the cot stage, counted
 
     def __post_init__(self):
         if (self.align.stage, self.cot.stage) != ("align", "cot"):
@@ -191,15 +196,33 @@ PROFILES = {
                         lambda_info=0.1, checkpoint_every=20, log_every=10),
         eval_batches=3,
     ),
-    # one GPU, a Qwen2-VL-2B-class checkpoint in bf16
+    # one 80 GB GPU, a Qwen2-VL-2B-class checkpoint in bf16, real benchmarks' teacher chains. LoRA rank 64
+    # and learning rate 2e-5 as ReCALL's recipe for Qwen2-VL-2B; images at most 448 x 448 pixels (256
+    # image tokens), chains up to 256 tokens (a caption, reasoning and conclusion of tens of words each).
+    # Memory from the step measured on an H100 (docs/experiments/2026-11-26-gpu-training.md: 16 queries
+    # with 448 px images and 155 chain tokens, r=16, layers compiled: 34.5 GiB, with gradient
+    # checkpointing 13.2 GiB): the cot stage at 16 x 2 without checkpointing; the align stage's 64
+    # queries and 64 targets, about three times the cot step's tokens, with checkpointing.
     "gpu": TrainingProfile(
         base=BaseSpec(kind="checkpoint", dtype="bfloat16", attn_implementation="sdpa"),
-        lora_r=16, lora_alpha=32,
-        align=TrainConfig(stage="align", steps=2000, batch_size=64, lr=2e-4, warmup_steps=100,
-                          mixed_precision="bf16", compile_layers=True, checkpoint_every=200, log_every=20),
-        cot=TrainConfig(stage="cot", steps=3000, batch_size=16, grad_accum=2, lr=2e-4, warmup_steps=100,
+        lora_r=64, lora_alpha=128, max_pixels=448 * 448, max_chain_tokens=256,
+        align=TrainConfig(stage="align", steps=2000, batch_size=64, lr=2e-5, warmup_steps=100,
+                          mixed_precision="bf16", gradient_checkpointing=True, compile_layers=True,
+                          checkpoint_every=200, log_every=20),
+        cot=TrainConfig(stage="cot", steps=3000, batch_size=16, grad_accum=2, lr=2e-5, warmup_steps=100,
                         mixed_precision="bf16", compile_layers=True, checkpoint_every=200, log_every=20),
         eval_batches=8,
+    ),
+    # a CPU try of a real benchmark: LoRA (PEFT) on a micro checkpoint (`circot micro-model`), a few
+    # dozen steps a stage; the path of the gpu profile in minutes, its figures meaningless
+    "micro": TrainingProfile(
+        base=BaseSpec(kind="checkpoint"),
+        lora_r=16, lora_alpha=32, max_chain_tokens=192,
+        align=TrainConfig(stage="align", steps=30, batch_size=16, lr=1e-3, warmup_steps=3, checkpoint_every=10,
+                          log_every=10),
+        cot=TrainConfig(stage="cot", steps=30, batch_size=8, lr=1e-3, warmup_steps=3, checkpoint_every=10,
+                        log_every=10),
+        eval_batches=2,
     ),
 }
 # the test suite's: the embedded recipe in a few small steps, on the checkpoint given as the base
@@ -233,6 +256,7 @@ class StageSummary(Record):
     first: dict
     last: dict
     val: dict | None = None         # in-batch metrics on the validation pairs
+    chains_too_long: int = 0        # training chains left out for being longer than the profile's max_chain_tokens
 
 
 class TrainedModel(Record):
@@ -246,6 +270,7 @@ class TrainedModel(Record):
     stages: dict                    # stage name -> StageSummary as a dict
     plot: str | None = None
     data: dict = pydantic.Field(default_factory=dict)  # dataset -> {raw, annotations, teacher, prompt_version}
+    dataset: str = ""               # the benchmark it was trained on (its cir_cot_model partition)
 
     def stage(self, name: str) -> StageSummary:
         return StageSummary.from_dict(self.stages[name])
@@ -276,7 +301,33 @@ def register_embedded(path: str | os.PathLike = EMBEDDED_BASE) -> BaseModelRecor
         raise FileNotFoundError(f"the embedded base at {path} has version {version}, its pretraining recorded "
                                 f"{recorded['version']}: the checkpoint was changed or damaged (git checkout it)")
     return BaseModelRecord(path=str(path), kind="embedded", version=version,
-                           training={k: recorded.get(k) for k in ("steps", "seconds", "perception", "command")})
+                           training={**{k: recorded.get(k) for k in ("steps", "seconds", "perception", "command")},
+                                     "corpus": recorded.get("config", {}).get("corpus")})
+
+
+def embedded_corpus(path: str | os.PathLike = EMBEDDED_BASE) -> tuple[str | None, int]:
+    """(the benchmark whose words the embedded base was pretrained on, its vocabulary size)."""
+    path = Path(path)
+    recorded = json.loads((path / "PRETRAINING.json").read_text())
+    tokenizer = json.loads((path / "tokenizer.json").read_text())
+    return recorded.get("config", {}).get("corpus"), len(tokenizer["model"]["vocab"])
+
+
+def training_refusal(profile: TrainingProfile, profile_name: str, spec) -> str | None:
+    """Why ``profile`` cannot train on the benchmark ``spec`` (a message naming the settings to use),
+    or None. The embedded base reads only the words of the corpus it was pretrained on; a
+    checkpoint base (gpu, micro, smoke) reads what its tokenizer reads."""
+    if profile.base.kind != "embedded":
+        return None
+    corpus, vocabulary = embedded_corpus()
+    if corpus is None or corpus == spec.name:
+        return None
+    return (f"The {profile_name!r} profile fine-tunes the embedded base, pretrained on the {corpus} benchmark "
+            f"alone: its {vocabulary}-piece vocabulary holds that benchmark's words and cannot read "
+            f"{spec.title}'s texts. Train on {spec.name} with a Qwen2-VL-family checkpoint: on a GPU "
+            f"CIRCOT_PROFILE=gpu CIRCOT_BASE_MODEL_PATH=/models/Qwen2-VL-2B-Instruct; on a CPU a micro model "
+            f"(circot micro-model --out DIR --texts <{spec.title}'s annotation files>) with CIRCOT_PROFILE=micro "
+            f"CIRCOT_BASE_MODEL_PATH=DIR (docs/training.md).")
 
 
 def train_cir_cot(base: BaseModelRecord, train_pairs: Sequence[TrainExample], val_pairs: Sequence[TrainExample],
@@ -293,6 +344,8 @@ def train_cir_cot(base: BaseModelRecord, train_pairs: Sequence[TrainExample], va
     torch.manual_seed(profile.align.seed)
     model, processor = load_backbone(base.path, dtype=spec.dtype, device=spec.device,
                                      attn_implementation=spec.attn_implementation)
+    if profile.max_pixels:
+        limit_pixels(processor, profile.max_pixels)
     model.train()
     if profile.lora:
         model = apply_lora(model, processor, r=profile.lora_r, alpha=profile.lora_alpha)
@@ -301,11 +354,19 @@ def train_cir_cot(base: BaseModelRecord, train_pairs: Sequence[TrainExample], va
         model.requires_grad_(True)
     m = CirCoTModel(model, processor, base_path=base.path, base_version=base.version)
     stages, histories = {}, {}
+    too_long = {}
     for cfg in (profile.align, profile.cot):
         pairs = [p for p in train_pairs if p.cot] if cfg.stage == "cot" else list(train_pairs)
         val = [p for p in val_pairs if p.cot] if cfg.stage == "cot" else list(val_pairs)
+        if cfg.stage == "cot" and profile.max_chain_tokens:
+            pairs, too_long["train"] = _within(pairs, processor.tokenizer, profile.max_chain_tokens)
+            val, too_long["val"] = _within(val, processor.tokenizer, profile.max_chain_tokens)
+            if too_long["train"] and progress:
+                progress(f"cot: {too_long['train']} of {too_long['train'] + len(pairs)} training chains are longer "
+                         f"than {profile.max_chain_tokens} tokens (max_chain_tokens) and are left out")
         if not pairs:
-            raise ValueError(f"stage {cfg.stage}: no training pair has an accepted chain of thought")
+            raise ValueError(f"stage {cfg.stage}: no training pair has an accepted chain of thought"
+                             + (f" of at most {profile.max_chain_tokens} tokens" if too_long.get("train") else ""))
         result = train(m, pairs, cfg, out_dir / cfg.stage, progress=progress)
         histories[cfg.stage] = result.history
         stages[cfg.stage] = StageSummary(
@@ -315,6 +376,7 @@ def train_cir_cot(base: BaseModelRecord, train_pairs: Sequence[TrainExample], va
             first=result.history[0],
             last=result.history[-1],
             val=evaluate_in_batch(m, val, cfg, profile.eval_batches) if val else None,
+            chains_too_long=too_long.get("train", 0) if cfg.stage == "cot" else 0,
         ).to_dict()
     trained = TrainedModel(path=str(out_dir / "model"), version="", base=base.path, base_version=base.version,
                            parameters=parameter_counts(model), stages=stages)
@@ -324,6 +386,14 @@ def train_cir_cot(base: BaseModelRecord, train_pairs: Sequence[TrainExample], va
         trained.write(out_dir / "summary.json")
     _barrier()
     return trained
+
+
+def _within(pairs: Sequence[TrainExample], tokenizer, limit: int) -> tuple[list[TrainExample], int]:
+    """The pairs whose chain is at most ``limit`` tokens, and how many were longer."""
+    lengths = [len(ids) for ids in tokenizer([p.cot for p in pairs], add_special_tokens=False)["input_ids"]] \
+        if pairs else []
+    kept = [p for p, n in zip(pairs, lengths) if n <= limit]
+    return kept, len(pairs) - len(kept)
 
 
 def _barrier() -> None:
@@ -345,7 +415,8 @@ def plot_stages(histories: dict[str, list[dict]], path: str | os.PathLike) -> Pa
 
 
 def launch_command(tables: Sequence[str], annotations: Sequence[str], base: str, profile_file: str, out: str, *,
-                   processes: int = 1, pipes: bool = True, python: str | None = None) -> list[str]:
+                   train_split: str = "train", val_split: str | None = "val", processes: int = 1, pipes: bool = True,
+                   python: str | None = None) -> list[str]:
     """The command line that trains in ``processes`` processes (torchrun; ``accelerate`` reads its
     environment), e.g. launched by Dagster Pipes: what ``cir_cot_model`` runs outside its own process.
     ``profile_file``: the whole profile, overrides applied (:meth:`TrainingProfile.save`)."""
@@ -355,6 +426,7 @@ def launch_command(tables: Sequence[str], annotations: Sequence[str], base: str,
            "--out", out]
     for t, a in zip(tables, annotations, strict=True):
         cmd += ["--tables", t, "--annotations", a]
+    cmd += ["--train-split", train_split] + (["--val-split", val_split] if val_split else [])
     return cmd + (["--pipes"] if pipes else [])
 
 
@@ -385,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="[PART.]FIELD=VALUE",
                    help="change one value of the profile, e.g. --set align.steps=3 --set cot.lr=5e-4 (repeatable)")
     p.add_argument("--out", required=True)
+    p.add_argument("--train-split", default="train", help="the split trained on (default: train)")
+    p.add_argument("--val-split", default="val",
+                   help="the split of the validation in-batch accuracy (default: val; none where it has none)")
     p.add_argument("--pipes", action="store_true", help="report to the Dagster asset that launched this (Pipes)")
     args = p.parse_args(argv)
     if len(args.tables) != len(args.annotations):
@@ -400,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     for tables, annotation_file in zip(args.tables, args.annotations):
         root = TablesRecord.load(tables).root
         bench, ann = read_tables(tables), read_annotations(annotation_file)
-        train_pairs += pair_examples(bench.triplets, bench.images, root, "train", ann)
-        val_pairs += pair_examples(bench.triplets, bench.images, root, "val", ann)
+        train_pairs += pair_examples(bench.triplets, bench.images, root, args.train_split, ann)
+        if args.val_split:
+            val_pairs += pair_examples(bench.triplets, bench.images, root, args.val_split, ann)
     with contextlib.ExitStack() as stack:
         pipes = None
         if args.pipes and rank() == 0:   # torchrun gives every process the Pipes environment; one reports

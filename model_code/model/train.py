@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from model_code.common import replace_dir, writing
-from model_code.model.cir_cot import CirCoTModel, compile_decoder_layers
+from model_code.model.cir_cot import CirCoTModel, compile_decoder_layers, unwrap
 from model_code.model.loss import OBJECTIVES
 
 log = logging.getLogger(__name__)
@@ -199,9 +199,17 @@ def _prepare_model(model: CirCoTModel, cfg: TrainConfig) -> None:
         model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model.model, "enable_input_require_grads"):
             model.model.enable_input_require_grads()
+    elif _checkpointing(unwrap(model.model)):   # on from an earlier stage
+        unwrap(model.model).gradient_checkpointing_disable()
     if cfg.compile_layers:
         compile_decoder_layers(model.model)
     model.model.train()
+
+
+def _checkpointing(model) -> bool:
+    """Whether gradient checkpointing is on (transformers 5.24 renamed the flag; the GPU image has 5.17)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(flag if flag is not None else getattr(model, "is_gradient_checkpointing", False))
 
 
 def _progress_line(cfg: TrainConfig, totals: dict[str, float], done: int, rate: float) -> str:
