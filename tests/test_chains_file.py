@@ -1,14 +1,17 @@
 """The file teacher: chains written elsewhere (JSON Lines by query id) judged, stored and rejected like a
-teacher's; the file errors it refuses; the placeholder chains made from query texts."""
+teacher's; the file errors it refuses; the placeholder chains made from query texts; the annotator
+resource that picks and builds it."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import dagster as dg
 import pandas as pd
 import pytest
 
+from assets.resources import AnnotatorResource, resources_from_environment
 from model_code.annotation.chains_file import (
     ChainsFileError,
     FileTeacher,
@@ -175,3 +178,38 @@ def test_placeholder_chains_of_the_real_annotation_files_all_pass_the_judge(name
     assert not rejected, rejected[:5]
     thing = "dress" if name == "fashioniq" else "image"
     assert all(r["chain"].startswith(f"<caption>the reference {thing}</caption>") for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# the annotator resource
+
+
+def test_auto_picks_the_oracle_then_the_chains_file_and_substitutes_the_dataset(tmp_path):
+    _jsonl(tmp_path / "cirr.jsonl", {"query_id": "q", "chain": GOOD})
+    resource = AnnotatorResource(chains_file=str(tmp_path / "{dataset}.jsonl"), local_model_path="/models/teacher",
+                                 remote_base_url="http://teacher:8000/v1")
+    assert resource.resolve_kind("synthetic") == "oracle"
+    assert resource.resolve_kind("cirr") == "file"
+    teacher = resource.build("cirr", str(tmp_path))
+    assert isinstance(teacher, FileTeacher) and teacher.path == tmp_path / "cirr.jsonl"
+    assert AnnotatorResource(local_model_path="/m").resolve_kind("cirr") == "local"
+
+    with pytest.raises(dg.Failure) as missing:
+        resource.build("circo", str(tmp_path))
+    assert "CIRCOT_TEACHER_CHAINS" in missing.value.description and str(tmp_path / "circo.jsonl") in \
+        missing.value.description
+    (tmp_path / "fashioniq.jsonl").write_text("not json\n")
+    with pytest.raises(dg.Failure, match="line 1: not valid JSON"):
+        resource.build("fashioniq", str(tmp_path))
+    with pytest.raises(dg.Failure, match="CIRCOT_TEACHER_CHAINS"):
+        AnnotatorResource(kind="file").build("cirr", str(tmp_path))
+    with pytest.raises(dg.Failure) as none:
+        AnnotatorResource().resolve_kind("cirr")
+    assert "CIRCOT_TEACHER_CHAINS" in none.value.description
+
+
+def test_the_environment_sets_the_file_teacher(monkeypatch, tmp_path):
+    monkeypatch.setenv("CIRCOT_TEACHER", "file")
+    monkeypatch.setenv("CIRCOT_TEACHER_CHAINS", str(tmp_path / "{dataset}.jsonl"))
+    annotator = resources_from_environment()["annotator"]
+    assert (annotator.kind, annotator.chains_file) == ("file", str(tmp_path / "{dataset}.jsonl"))
