@@ -9,6 +9,9 @@ ending with the evaluation table.
 
 ``circot models`` lists the promoted models in the BentoML store; ``circot rollback`` puts the
 previous production model back.
+
+For a CPU try of a real benchmark without a teacher: ``circot chains-from-text`` writes placeholder
+chains for the file teacher (``CIRCOT_TEACHER=file``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import sys
 from pathlib import Path
 
 from model_code import registry
+from model_code.annotation.chains_file import chains_from_text, write_chains_file
 from model_code.benchmarks import BENCHMARKS, benchmark
+from model_code.data import DataError, read_dataset
 from model_code.settings import environment_errors
 
 SHOWN = (
@@ -161,6 +166,39 @@ def rollback(dataset: str) -> int:
     return 0
 
 
+def _fail(command: str, message: str) -> int:
+    print(f"{command}: {message}", file=sys.stderr)
+    return 2
+
+
+def chains_from_text_command(dataset: str, root: str, out: str, splits: list[str] | None = None) -> int:
+    """Write placeholder chains (``chains_from_text``) for a benchmark's queries: those of ``splits``,
+    default every query whose targets are known (the hidden test splits have none)."""
+    command = "chains-from-text"
+    if dataset not in BENCHMARKS:
+        return _fail(command, f"unknown dataset {dataset!r}; known: {', '.join(BENCHMARKS)}")
+    if not Path(root).expanduser().is_dir():
+        return _fail(command, f"the dataset root {root} does not exist (or is not a folder)")
+    try:
+        triplets = read_dataset(dataset, Path(root).expanduser(), splits, require_images=False).triplets
+    except DataError as e:
+        return _fail(command, str(e))
+    if splits is None:
+        triplets = triplets[[len(t) > 0 for t in triplets["target_ids"]]]
+    if triplets.empty:
+        return _fail(command, f"{dataset} under {root}: no query to write a chain for")
+    try:
+        path = write_chains_file(chains_from_text(triplets), out)
+    except OSError as e:
+        return _fail(command, f"cannot write {out}: {e.strerror or e}")
+    counts = ", ".join(f"{s} {n}" for s, n in triplets["split"].value_counts(sort=False).items())
+    print(f"wrote {len(triplets)} chains ({dataset}: {counts}) to {path}\n"
+          f"They are placeholders made from the query texts alone, with no knowledge of the images: a model "
+          f"trained on them learns the format, and its figures mean nothing.\n"
+          f"Use them: CIRCOT_TEACHER=file CIRCOT_TEACHER_CHAINS={path}")
+    return 0
+
+
 def project_homes() -> None:
     """Where the project keeps its Dagster instance and BentoML store, as ``make`` sets them
     (``.dagster`` and ``.bentoml`` in the current folder), unless the environment says otherwise:
@@ -175,8 +213,9 @@ def project_homes() -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "circot") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="The CIR-CoT pipeline: run it, list its models, roll one back.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog=prog, description="The CIR-CoT pipeline: run it, list its models, roll one "
+                                                       "back; prepare a CPU try of a real benchmark.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="materialise the data pipeline for one dataset partition, then train")
     r.add_argument("--dataset", default="synthetic", choices=list(BENCHMARKS))
     r.add_argument("--annotations-only", action="store_true",
@@ -189,7 +228,16 @@ def main(argv: list[str] | None = None, prog: str = "circot") -> int:
     sub.add_parser("models", help="list the cir-cot models in the BentoML store and their stages")
     rb = sub.add_parser("rollback", help="make a dataset's previous production model its production model again")
     rb.add_argument("--dataset", default="synthetic", choices=list(BENCHMARKS))
+    ct = sub.add_parser("chains-from-text", help="write placeholder chains made from a benchmark's query texts (for "
+                                                 "the file teacher; no images, no model: a CPU try)")
+    ct.add_argument("--dataset", required=True, help=f"the benchmark: {', '.join(BENCHMARKS)}")
+    ct.add_argument("--root", required=True, help="the benchmark's folder (only its annotation files are read)")
+    ct.add_argument("--out", required=True, help="the JSON Lines file of chains to write")
+    ct.add_argument("--splits", nargs="+", default=None,
+                    help="the splits to read (default: every query whose targets are known)")
     args = p.parse_args(argv)
+    if args.command == "chains-from-text":
+        return chains_from_text_command(args.dataset, args.root, args.out, args.splits)
     project_homes()
     if args.command == "models":
         return show_models()

@@ -1,6 +1,6 @@
 """The file teacher: chains written elsewhere (JSON Lines by query id) judged, stored and rejected like a
 teacher's; the file errors it refuses; the placeholder chains made from query texts; the annotator
-resource that picks and builds it."""
+resource that picks and builds it; ``circot chains-from-text``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from model_code.annotation.judge import UNKNOWN_QUERY, AnnotationRequest, judge
 from model_code.annotation.store import AnnotationStore, annotate_missing
 from model_code.chain import CoT
 from model_code.data import FASHIONIQ_CATEGORIES, read_dataset
+from orchestration.__main__ import main
 from tests.conftest import shared_benchmark
 
 GOOD = "<caption>a red dress</caption><reasoning>the request asks for blue; the cut stays</reasoning>" \
@@ -213,3 +214,58 @@ def test_the_environment_sets_the_file_teacher(monkeypatch, tmp_path):
     monkeypatch.setenv("CIRCOT_TEACHER_CHAINS", str(tmp_path / "{dataset}.jsonl"))
     annotator = resources_from_environment()["annotator"]
     assert (annotator.kind, annotator.chains_file) == ("file", str(tmp_path / "{dataset}.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------
+# circot chains-from-text
+
+
+@pytest.fixture
+def circo_root(tmp_path) -> Path:
+    """A CIRCO folder of three queries: two in val, one in the hidden test split."""
+    root = tmp_path / "circo"
+    (root / "annotations").mkdir(parents=True)
+    val = [{"id": i, "reference_img_id": 10 + i, "target_img_id": 20 + i, "gt_img_ids": [20 + i],
+            "relative_caption": text, "shared_concept": "a dog"}
+           for i, text in enumerate(["has a red hat", "is at night"])]
+    test = [{"id": 5, "reference_img_id": 15, "relative_caption": "shows two of them", "shared_concept": "a cat"}]
+    (root / "annotations" / "val.json").write_text(json.dumps(val))
+    (root / "annotations" / "test.json").write_text(json.dumps(test))
+    return root
+
+
+def test_chains_from_text_writes_a_file_the_file_teacher_accepts(circo_root, tmp_path, capsys):
+    out = tmp_path / "chains" / "circo.jsonl"
+    assert main(["chains-from-text", "--dataset", "circo", "--root", str(circo_root), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote 2 chains (circo: val 2) to {out}" in said and "no knowledge of the images" in said
+    teacher = FileTeacher(out)
+    assert sorted(teacher.chains) == ["val-0", "val-1"]   # the hidden test split's query has no target
+    assert all(r.ok for r in teacher.annotate([_request("val-0"), _request("val-1")]))
+
+    assert main(["chains-from-text", "--dataset", "circo", "--root", str(circo_root), "--out", str(out),
+                 "--splits", "test"]) == 0
+    assert sorted(FileTeacher(out).chains) == ["test-5"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--dataset", "imagenet", "--root", "{root}"], "unknown dataset 'imagenet'"),
+    (["--dataset", "circo", "--root", "{root}/nowhere"], "does not exist"),
+    (["--dataset", "circo", "--root", "{root}", "--splits", "train"], "circo"),
+    (["--dataset", "cirr", "--root", "{root}"], "cirr: no annotation files"),
+])
+def test_chains_from_text_errors_are_one_line_and_exit_2(circo_root, tmp_path, capsys, args, expected):
+    argv = ["chains-from-text", "--out", str(tmp_path / "out.jsonl")] + [a.format(root=circo_root) for a in args]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and expected in captured.err, captured.err
+    assert captured.err.startswith("chains-from-text: ") and "Traceback" not in captured.err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_chains_from_text_reports_a_broken_annotation_file(circo_root, tmp_path, capsys):
+    (circo_root / "annotations" / "val.json").write_text("[{")
+    assert main(["chains-from-text", "--dataset", "circo", "--root", str(circo_root), "--out",
+                 str(tmp_path / "out.jsonl"), "--splits", "val"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "val.json is not valid JSON" in err, err
