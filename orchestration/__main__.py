@@ -10,19 +10,22 @@ ending with the evaluation table.
 ``circot models`` lists the promoted models in the BentoML store; ``circot rollback`` puts the
 previous production model back.
 
-For a CPU try of a real benchmark without a teacher: ``circot chains-from-text`` writes placeholder
-chains for the file teacher (``CIRCOT_TEACHER=file``).
+For a CPU try of a real benchmark without a teacher or a base model: ``circot chains-from-text``
+writes placeholder chains for the file teacher (``CIRCOT_TEACHER=file``), and ``circot micro-model``
+a micro Qwen2-VL checkpoint to train on (``CIRCOT_BASE_MODEL_PATH``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from model_code import registry
 from model_code.annotation.chains_file import chains_from_text, write_chains_file
+from model_code.backbone import MICRO_MANIFEST, build_micro_checkpoint, texts_from_files
 from model_code.benchmarks import BENCHMARKS, benchmark
 from model_code.data import DataError, read_dataset
 from model_code.settings import environment_errors
@@ -199,6 +202,26 @@ def chains_from_text_command(dataset: str, root: str, out: str, splits: list[str
     return 0
 
 
+def micro_model_command(out: str, texts: list[str], vocab_size: int = 2000, seed: int = 0) -> int:
+    """Write a micro Qwen2-VL checkpoint whose tokenizer is trained on the texts of ``texts`` (JSON or
+    JSON Lines files) and the model's prompts."""
+    from model_code.model.cir_cot import PROMPTS
+
+    command = "micro-model"
+    try:
+        corpus = texts_from_files(texts) + list(PROMPTS.values())
+        folder = build_micro_checkpoint(corpus, out, vocab_size=vocab_size, seed=seed)
+    except ValueError as e:
+        return _fail(command, str(e))
+    except OSError as e:
+        return _fail(command, f"cannot write {out}: {e.strerror or e}")
+    built = json.loads((folder / MICRO_MANIFEST).read_text())
+    print(f"wrote a micro Qwen2-VL checkpoint to {folder}: {built['parameters']:,} parameters (random), a "
+          f"vocabulary of {built['vocab_size']:,} tokens trained on {built['texts']:,} texts\n"
+          f"Use it as the base model: CIRCOT_BASE_MODEL_PATH={folder}")
+    return 0
+
+
 def project_homes() -> None:
     """Where the project keeps its Dagster instance and BentoML store, as ``make`` sets them
     (``.dagster`` and ``.bentoml`` in the current folder), unless the environment says otherwise:
@@ -235,9 +258,19 @@ def main(argv: list[str] | None = None, prog: str = "circot") -> int:
     ct.add_argument("--out", required=True, help="the JSON Lines file of chains to write")
     ct.add_argument("--splits", nargs="+", default=None,
                     help="the splits to read (default: every query whose targets are known)")
+    mm = sub.add_parser("micro-model", help="write a micro Qwen2-VL checkpoint (random weights, a tokenizer trained "
+                                            "on the given texts) as the base model of a CPU try")
+    mm.add_argument("--out", required=True, help="the checkpoint folder to write")
+    mm.add_argument("--texts", required=True, nargs="+", metavar="FILE",
+                    help="JSON or JSON Lines files (e.g. a benchmark's annotation files): every string with a space "
+                         "in them trains the tokenizer")
+    mm.add_argument("--vocab-size", type=int, default=2000, help="the most tokens of the vocabulary (default 2000)")
+    mm.add_argument("--seed", type=int, default=0, help="the seed of the random weights (default 0)")
     args = p.parse_args(argv)
     if args.command == "chains-from-text":
         return chains_from_text_command(args.dataset, args.root, args.out, args.splits)
+    if args.command == "micro-model":
+        return micro_model_command(args.out, args.texts, args.vocab_size, args.seed)
     project_homes()
     if args.command == "models":
         return show_models()
