@@ -15,6 +15,7 @@ import dagster as dg
 from fsspec.core import url_to_fs
 
 from model_code.annotation import teachers
+from model_code.annotation.chains_file import ChainsFileError, FileTeacher
 from model_code.benchmarks import benchmark
 from model_code.data.versioning import DvcProject
 from model_code.evaluation.gate import GateConfig, gate_floors
@@ -197,11 +198,12 @@ class ArtifactStore(dg.ConfigurableResource):
 
 
 class AnnotatorResource(dg.ConfigurableResource):
-    """Which annotator writes the chains of thought. ``auto``: the oracle for ``synthetic``; for a
-    real dataset the local teacher when ``local_model_path`` is set, else the remote one when
-    ``remote_base_url`` is set."""
+    """Which annotator writes the chains of thought. ``auto``: the dataset's oracle when it has one
+    (``synthetic``); else the file teacher when ``chains_file`` is set, the local teacher when
+    ``local_model_path`` is set, else the remote one when ``remote_base_url`` is set."""
 
-    kind: str = "auto"  # auto | oracle | local | remote
+    kind: str = "auto"  # auto | oracle | file | local | remote
+    chains_file: str | None = None  # JSON Lines of chains by query id (FileTeacher); "{dataset}": the dataset's name
     local_model_path: str | None = None
     device: str | None = None
     dtype: str = "auto"
@@ -220,6 +222,8 @@ class AnnotatorResource(dg.ConfigurableResource):
             return self.kind
         if benchmark(dataset).hooks.annotator is not None:
             return "oracle"
+        if self.chains_file:
+            return "file"
         if self.local_model_path:
             return "local"
         if self.remote_base_url:
@@ -228,7 +232,15 @@ class AnnotatorResource(dg.ConfigurableResource):
             f"Dataset '{dataset}' needs a teacher model to annotate it: set CIRCOT_TEACHER_MODEL_PATH to a "
             f"local Qwen2-VL-family checkpoint folder, or CIRCOT_TEACHER_URL (an OpenAI-compatible endpoint, "
             f"e.g. vLLM's http://host:8000/v1) with CIRCOT_TEACHER_MODEL and the API key in $OPENAI_API_KEY "
-            f"(or the variable named by CIRCOT_TEACHER_API_KEY_ENV)."))
+            f"(or the variable named by CIRCOT_TEACHER_API_KEY_ENV), or CIRCOT_TEACHER_CHAINS to a JSON Lines file "
+            f"of chains written elsewhere (docs/data.md)."))
+
+    def chains_path(self, dataset: str) -> Path:
+        """The chains file of ``dataset``: ``chains_file`` with ``{dataset}`` replaced by its name."""
+        if not self.chains_file:
+            raise dg.Failure(description="annotator kind 'file' needs chains_file (CIRCOT_TEACHER_CHAINS): a JSON "
+                                         "Lines file of chains by query id")
+        return Path(self.chains_file.replace("{dataset}", dataset)).expanduser()
 
     def build(self, dataset: str, raw_root: str):
 
@@ -239,6 +251,17 @@ class AnnotatorResource(dg.ConfigurableResource):
                 raise dg.Failure(description=f"Dataset '{dataset}' has no oracle annotator (only a benchmark whose "
                                              f"ground truth describes its images has one, e.g. synthetic).")
             return oracle(raw_root)
+        if kind == "file":
+            path = self.chains_path(dataset)
+            if not path.is_file():
+                raise dg.Failure(description=(
+                    f"the chains file of dataset '{dataset}' does not exist: {path} (CIRCOT_TEACHER_CHAINS="
+                    f"{self.chains_file}); write it (e.g. `circot chains-from-text`) or point the setting at it"))
+            try:
+                return FileTeacher(path)
+            except ChainsFileError as e:
+                raise dg.Failure(description=f"the chains file of dataset '{dataset}' cannot be used "
+                                             f"(CIRCOT_TEACHER_CHAINS): {e}") from None
         if kind == "local":
             if not self.local_model_path:
                 raise dg.Failure(
@@ -254,7 +277,8 @@ class AnnotatorResource(dg.ConfigurableResource):
             return teachers.RemoteTeacher(self.remote_base_url, self.remote_model, api_key_env=self.api_key_env,
                                             max_concurrency=self.max_concurrency, timeout_s=self.timeout_s,
                                             max_retries=self.max_retries, max_tokens=self.max_new_tokens)
-        raise dg.Failure(description=f"unknown annotator kind {self.kind!r}: use auto, oracle, local or remote")
+        raise dg.Failure(description=f"unknown annotator kind {self.kind!r}: use auto, oracle, file, local or "
+                                     f"remote")
 
 
 class TrainingResource(dg.ConfigurableResource):
@@ -394,8 +418,8 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
         "artifacts": ArtifactStore(root=artifacts_root or s.artifacts, cache=s.artifacts_cache,
                                    configuration_errors=errors),
         "annotator": annotator or AnnotatorResource(
-            kind=s.teacher, local_model_path=s.teacher_model_path, remote_base_url=s.teacher_url,
-            remote_model=s.teacher_model, api_key_env=s.teacher_api_key_env),
+            kind=s.teacher, chains_file=s.teacher_chains, local_model_path=s.teacher_model_path,
+            remote_base_url=s.teacher_url, remote_model=s.teacher_model, api_key_env=s.teacher_api_key_env),
         "training": training or TrainingResource(
             profile=s.profile, base_model_path=s.base_model_path, launcher=s.training_launcher,
             processes=s.training_processes, k8s_image=s.k8s_image, k8s_namespace=s.k8s_namespace,

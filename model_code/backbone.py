@@ -6,18 +6,24 @@ GPU benchmarks) with a byte-level BPE tokenizer trained on a given corpus by the
 library and a Qwen2-VL processor assembled in-process; ``save_backbone`` writes it in the standard
 layout, so ``load_backbone`` (``AutoModelForImageTextToText`` + ``AutoProcessor``) reads it exactly
 like a downloaded checkpoint.
+
+``build_micro_checkpoint`` writes a micro checkpoint (shape ``micro``, about 1.6 million random
+parameters, a tokenizer trained on English texts) to stand in for a real base model on a CPU try of
+a real benchmark; ``texts_from_files`` gathers its texts from JSON or JSON Lines files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model_code.common import file_md5
+from model_code.common import atomic_write_json, file_md5, replace_dir, writing
 
 # torch, transformers: imported where used (slow to import; the annotation teachers load this module, and
 # checkpoint_version and the shapes need neither)
@@ -65,6 +71,10 @@ SHAPES = {
     # and 2x2 language-model tokens, and a small shape covers 2x2 patches instead of about one
     "tiny84": BackboneShape(text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=768,
                             vision_embed=128, vision_depth=4, vision_heads=4, image_size=84, patch_size=7),
+    # a stand-in for a real base on a CPU try of a real benchmark (build_micro_checkpoint): 56 px images
+    # (4 image tokens), about 1.6 million parameters with a 2,000-token vocabulary
+    "micro": BackboneShape(text_hidden=128, text_layers=4, text_heads=4, text_kv_heads=2, text_intermediate=384,
+                           vision_embed=64, vision_depth=2, vision_heads=2, image_size=56, patch_size=14),
     # the dimensions of Qwen2-VL-2B-Instruct, for benchmarks without weights
     "qwen2-vl-2b": BackboneShape(text_hidden=1536, text_layers=28, text_heads=12, text_kv_heads=2,
                                  text_intermediate=8960, vision_embed=1280, vision_depth=32, vision_heads=16,
@@ -164,6 +174,84 @@ def save_backbone(model, processor, path: str | os.PathLike) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+MICRO_MANIFEST = "micro_checkpoint.json"   # what build_micro_checkpoint made, beside the checkpoint's files
+MIN_MICRO_VOCAB = 300   # the 256 bytes, Qwen's special tokens and some merges
+
+
+def _strings(value) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def texts_from_files(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The texts of JSON files (a list or an object) or JSON Lines files: every string value, at any
+    depth, that contains a space (captions, modification texts, chains; ids and file names have none),
+    each once, in file order. Nothing here knows a benchmark's layout. A file that is not JSON or JSON
+    Lines, or holds no such text, is a ValueError naming it."""
+    found: dict[str, None] = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text (expected a JSON or JSON Lines file)") from None
+        try:
+            documents = [json.loads(text)]
+        except json.JSONDecodeError:
+            try:
+                documents = [json.loads(line) for line in text.split("\n") if line.strip()]
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: neither JSON nor JSON Lines ({e.msg})") from None
+        texts = [t for d in documents for t in _strings(d) if " " in t]
+        if not texts:
+            raise ValueError(f"{path}: no text in it (no string value with a space)")
+        found.update(dict.fromkeys(texts))
+    return list(found)
+
+
+def build_micro_checkpoint(texts: Iterable[str], out: str | os.PathLike, vocab_size: int = 2000,
+                           seed: int = 0) -> Path:
+    """Write a micro Qwen2-VL checkpoint (shape ``micro``: random weights drawn from ``seed``, a
+    byte-level BPE tokenizer of at most ``vocab_size`` tokens trained on ``texts``, a processor for
+    56 px images) to the folder ``out`` and return it. It loads like any checkpoint
+    (:func:`load_backbone`, :func:`checkpoint_version`) and is a base model for a CPU try of a real
+    benchmark; the CIR tokens are not in it (the training adds them to any base). The same texts,
+    vocabulary size and seed give the same checkpoint. ``out`` is written whole or not at all; an
+    existing micro checkpoint there is replaced, anything else there is refused (ValueError).
+    ``micro_checkpoint.json`` beside the weights says what was built (parameters, vocabulary)."""
+    texts = list(dict.fromkeys(t for t in texts if t.strip()))
+    if not texts:
+        raise ValueError("no text to train the tokenizer on")
+    if vocab_size < MIN_MICRO_VOCAB:
+        raise ValueError(f"vocabulary size {vocab_size} is too small: at least {MIN_MICRO_VOCAB}")
+    out = Path(out).expanduser().absolute()
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"{out} is a file: give a folder for the checkpoint")
+        if out.resolve() == Path.cwd().resolve():
+            raise ValueError(f"{out} is the current folder: give a folder of its own for the checkpoint")
+        if any(out.iterdir()) and not (out / MICRO_MANIFEST).is_file():
+            raise ValueError(f"{out} is a folder with files in it and not a micro checkpoint: give a new or empty "
+                             f"folder")
+    model, processor = build_random_backbone("micro", texts, vocab_size=vocab_size, seed=seed)
+    manifest = {"shape": "micro", "parameters": sum(p.numel() for p in model.parameters()),
+                "vocab_size": len(processor.tokenizer), "seed": seed, "texts": len(texts),
+                "texts_md5": hashlib.md5("\x1e".join(texts).encode()).hexdigest()}
+    built = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with writing(out, built):
+        save_backbone(model, processor, built)
+        atomic_write_json(built / MICRO_MANIFEST, manifest)
+        replace_dir(built, out)
+    return out
 
 
 def checkpoint_version(path: str | os.PathLike) -> str:

@@ -59,9 +59,12 @@ class _PipelineFields(_Settings):
                                                     "(s3://bucket/circot, gs://..., any fsspec URL)")
     artifacts_cache: str | None = Field(None, description="the local copy of an object-store artifacts root; unset: "
                                                           "~/.cache/circot/artifacts/<hash of the root>")
-    teacher: Literal["auto", "oracle", "local", "remote"] = Field(
-        "auto", description="the annotator: auto (the dataset's oracle when it has one, else local or remote as "
-                            "configured), oracle, local or remote")
+    teacher: Literal["auto", "oracle", "local", "remote", "file"] = Field(
+        "auto", description="the annotator: auto (the dataset's oracle when it has one, else the chains file, local "
+                            "or remote as configured), oracle, local, remote or file (chains written elsewhere)")
+    teacher_chains: str | None = Field(None, description="a JSON Lines file of chains (query id → chain) the file "
+                                                         "teacher reads; `{dataset}` in the path is replaced by the "
+                                                         "dataset's name")
     teacher_model_path: str | None = Field(None, description="a local Qwen2-VL-family teacher checkpoint folder")
     teacher_url: str | None = Field(None, description="an OpenAI-compatible teacher endpoint (e.g. vLLM's "
                                                       "http://host:8000/v1)")

@@ -12,17 +12,25 @@ split, its evaluation; ``--dataset circo`` (no train split) evaluates the model 
 ``CIRCOT_ZERO_SHOT_SOURCE`` zero-shot. ``circot benchmarks`` lists the benchmarks and what each needs;
 ``circot models`` lists the promoted models in the BentoML store; ``circot rollback`` puts the
 previous production model back.
+
+For a CPU try of a real benchmark without a teacher or a base model: ``circot chains-from-text``
+writes placeholder chains for the file teacher (``CIRCOT_TEACHER=file``), and ``circot micro-model``
+a micro Qwen2-VL checkpoint to train on (``CIRCOT_BASE_MODEL_PATH``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from model_code import registry
+from model_code.annotation.chains_file import chains_from_text, write_chains_file
+from model_code.backbone import MICRO_MANIFEST, build_micro_checkpoint, texts_from_files
 from model_code.benchmarks import BENCHMARKS, benchmark, model_source, zero_shot_note
+from model_code.data import DataError, read_dataset
 from model_code.settings import PipelineSettings, environment_errors, load
 
 SHOWN = (
@@ -209,6 +217,59 @@ def rollback(dataset: str) -> int:
     return 0
 
 
+def _fail(command: str, message: str) -> int:
+    print(f"{command}: {message}", file=sys.stderr)
+    return 2
+
+
+def chains_from_text_command(dataset: str, root: str, out: str, splits: list[str] | None = None) -> int:
+    """Write placeholder chains (``chains_from_text``) for a benchmark's queries: those of ``splits``,
+    default every query whose targets are known (the hidden test splits have none)."""
+    command = "chains-from-text"
+    if dataset not in BENCHMARKS:
+        return _fail(command, f"unknown dataset {dataset!r}; known: {', '.join(BENCHMARKS)}")
+    if not Path(root).expanduser().is_dir():
+        return _fail(command, f"the dataset root {root} does not exist (or is not a folder)")
+    try:
+        triplets = read_dataset(dataset, Path(root).expanduser(), splits, require_images=False).triplets
+    except DataError as e:
+        return _fail(command, str(e))
+    if splits is None:
+        triplets = triplets[[len(t) > 0 for t in triplets["target_ids"]]]
+    if triplets.empty:
+        return _fail(command, f"{dataset} under {root}: no query to write a chain for")
+    try:
+        path = write_chains_file(chains_from_text(triplets), out)
+    except OSError as e:
+        return _fail(command, f"cannot write {out}: {e.strerror or e}")
+    counts = ", ".join(f"{s} {n}" for s, n in triplets["split"].value_counts(sort=False).items())
+    print(f"wrote {len(triplets)} chains ({dataset}: {counts}) to {path}\n"
+          f"They are placeholders made from the query texts alone, with no knowledge of the images: a model "
+          f"trained on them learns the format, and its figures mean nothing.\n"
+          f"Use them: CIRCOT_TEACHER=file CIRCOT_TEACHER_CHAINS={path}")
+    return 0
+
+
+def micro_model_command(out: str, texts: list[str], vocab_size: int = 2000, seed: int = 0) -> int:
+    """Write a micro Qwen2-VL checkpoint whose tokenizer is trained on the texts of ``texts`` (JSON or
+    JSON Lines files) and the model's prompts."""
+    from model_code.model.cir_cot import PROMPTS
+
+    command = "micro-model"
+    try:
+        corpus = texts_from_files(texts) + list(PROMPTS.values())
+        folder = build_micro_checkpoint(corpus, out, vocab_size=vocab_size, seed=seed)
+    except ValueError as e:
+        return _fail(command, str(e))
+    except OSError as e:
+        return _fail(command, f"cannot write {out}: {e.strerror or e}")
+    built = json.loads((folder / MICRO_MANIFEST).read_text())
+    print(f"wrote a micro Qwen2-VL checkpoint to {folder}: {built['parameters']:,} parameters (random), a "
+          f"vocabulary of {built['vocab_size']:,} tokens trained on {built['texts']:,} texts\n"
+          f"Use it as the base model: CIRCOT_BASE_MODEL_PATH={folder}")
+    return 0
+
+
 def project_homes() -> None:
     """Where the project keeps its Dagster instance and BentoML store, as ``make`` sets them
     (``.dagster`` and ``.bentoml`` in the current folder), unless the environment says otherwise:
@@ -223,8 +284,9 @@ def project_homes() -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "circot") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="The CIR-CoT pipeline: run it, list its models, roll one back.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog=prog, description="The CIR-CoT pipeline: run it, list its models, roll one "
+                                                       "back; prepare a CPU try of a real benchmark.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = sub.add_parser("run", help="materialise the data pipeline for one dataset partition, then train")
     r.add_argument("--dataset", default="synthetic", choices=list(BENCHMARKS))
     r.add_argument("--annotations-only", action="store_true",
@@ -238,7 +300,26 @@ def main(argv: list[str] | None = None, prog: str = "circot") -> int:
     sub.add_parser("models", help="list the cir-cot models in the BentoML store and their stages")
     rb = sub.add_parser("rollback", help="make a dataset's previous production model its production model again")
     rb.add_argument("--dataset", default="synthetic", choices=list(BENCHMARKS))
+    ct = sub.add_parser("chains-from-text", help="write placeholder chains made from a benchmark's query texts (for "
+                                                 "the file teacher; no images, no model: a CPU try)")
+    ct.add_argument("--dataset", required=True, help=f"the benchmark: {', '.join(BENCHMARKS)}")
+    ct.add_argument("--root", required=True, help="the benchmark's folder (only its annotation files are read)")
+    ct.add_argument("--out", required=True, help="the JSON Lines file of chains to write")
+    ct.add_argument("--splits", nargs="+", default=None,
+                    help="the splits to read (default: every query whose targets are known)")
+    mm = sub.add_parser("micro-model", help="write a micro Qwen2-VL checkpoint (random weights, a tokenizer trained "
+                                            "on the given texts) as the base model of a CPU try")
+    mm.add_argument("--out", required=True, help="the checkpoint folder to write")
+    mm.add_argument("--texts", required=True, nargs="+", metavar="FILE",
+                    help="JSON or JSON Lines files (e.g. a benchmark's annotation files): every string with a space "
+                         "in them trains the tokenizer")
+    mm.add_argument("--vocab-size", type=int, default=2000, help="the most tokens of the vocabulary (default 2000)")
+    mm.add_argument("--seed", type=int, default=0, help="the seed of the random weights (default 0)")
     args = p.parse_args(argv)
+    if args.command == "chains-from-text":
+        return chains_from_text_command(args.dataset, args.root, args.out, args.splits)
+    if args.command == "micro-model":
+        return micro_model_command(args.out, args.texts, args.vocab_size, args.seed)
     project_homes()
     if args.command == "benchmarks":
         return show_benchmarks()

@@ -256,7 +256,8 @@ def wait_forever():
 def training():
     wait_forever()
 
-training.execute_in_process(instance=dg.DagsterInstance.get(), tags={**process_tags(), "dagster/partition": "synthetic"})
+training.execute_in_process(instance=dg.DagsterInstance.get(),
+                            tags={**process_tags(), "dagster/partition": "synthetic"})
 """
 
 
