@@ -194,8 +194,9 @@ def _strings(value) -> Iterable[str]:
 def texts_from_files(paths: Sequence[str | os.PathLike]) -> list[str]:
     """The texts of JSON files (a list or an object) or JSON Lines files: every string value, at any
     depth, that contains a space (captions, modification texts, chains; ids and file names have none),
-    each once, in file order. Nothing here knows a benchmark's layout. A file that is not JSON or JSON
-    Lines, or holds no such text, is a ValueError naming it."""
+    each once, in file order. Nothing here knows a benchmark's layout, so a benchmark's annotation files
+    may be given together: those without such text (lists of image ids) add nothing. A file that is not
+    JSON or JSON Lines, or files that hold no such text at all, are a ValueError naming them."""
     found: dict[str, None] = {}
     for path in map(Path, paths):
         if not path.is_file():
@@ -211,10 +212,9 @@ def texts_from_files(paths: Sequence[str | os.PathLike]) -> list[str]:
                 documents = [json.loads(line) for line in text.split("\n") if line.strip()]
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: neither JSON nor JSON Lines ({e.msg})") from None
-        texts = [t for d in documents for t in _strings(d) if " " in t]
-        if not texts:
-            raise ValueError(f"{path}: no text in it (no string value with a space)")
-        found.update(dict.fromkeys(texts))
+        found.update(dict.fromkeys(t for d in documents for t in _strings(d) if " " in t))
+    if not found:
+        raise ValueError(f"{', '.join(map(str, paths))}: no text in them (no string value with a space)")
     return list(found)
 
 

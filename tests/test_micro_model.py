@@ -44,10 +44,12 @@ def test_texts_are_every_string_with_a_space_and_unusable_files_are_named(annota
     assert not any(t in texts for t in ("B001", "dev-1-img0", "q1"))   # ids have no space
     (tmp_path / "notes.md").write_text("# not JSON\n")
     (tmp_path / "ids.json").write_text('["B001", "B002"]')
-    for name, why in (("notes.md", "neither JSON nor JSON Lines"), ("ids.json", "no text in it"),
-                      ("absent.json", "no such file")):
+    assert texts_from_files([*annotation_files, tmp_path / "ids.json"]) == texts   # a list of ids adds nothing
+    for name, why in (("notes.md", "neither JSON nor JSON Lines"), ("absent.json", "no such file")):
         with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}: {why}")):
             texts_from_files([annotation_files[0], tmp_path / name])
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'ids.json'}: no text in them")):
+        texts_from_files([tmp_path / "ids.json"])
 
 
 def test_micro_model_builds_a_base_that_loads_tokenises_english_and_takes_lora(annotation_files, tmp_path, capsys):
