@@ -484,3 +484,74 @@ def test_the_default_recipe_trains_the_shipped_base_end_to_end(bench, tiny_synth
     assert loaded.version == trained.version
     emb = loaded.embed_queries([val_pairs[0].reference], [val_pairs[0].text])
     assert emb.shape == (1, 256) and torch.isfinite(emb).all()
+
+
+def test_the_gpu_profile_starts_from_recall_and_each_value_is_a_setting(monkeypatch):
+    """LoRA rank 64 and lr 2e-5 (ReCALL's recipe), 448 px images, 256-token chains, checkpointing where the
+    batch is large; each changed through the environment (docs/configuration.md), the rest kept."""
+    import dagster as dg
+
+    from assets.resources import TrainingResource, resources_from_environment
+    from model_code.model.recipes import PROFILES
+
+    gpu = PROFILES["gpu"]
+    assert (gpu.lora, gpu.lora_r, gpu.lora_alpha, gpu.align.lr, gpu.cot.lr) == (True, 64, 128, 2e-5, 2e-5)
+    assert (gpu.max_pixels, gpu.max_chain_tokens) == (448 * 448, 256)
+    assert gpu.align.gradient_checkpointing and not gpu.cot.gradient_checkpointing
+    assert (gpu.align.batch_size, gpu.cot.batch_size * gpu.cot.grad_accum) == (64, 32)
+    for name, value in (("PROFILE", "gpu"), ("BASE_MODEL_PATH", "/models/qwen"), ("LORA_RANK", "32"),
+                        ("LEARNING_RATE", "1e-4"), ("BATCH_SIZE", "8"), ("MAX_PIXELS", "50176"),
+                        ("MAX_CHAIN_TOKENS", "300"), ("GRADIENT_CHECKPOINTING", "on"),
+                        ("TRAINING_OVERRIDES", "cot.steps=500, align.warmup_steps=10")):
+        monkeypatch.setenv(f"CIRCOT_{name}", value)
+    profile = resources_from_environment()["training"].spec()
+    assert (profile.lora_r, profile.lora_alpha, profile.max_pixels, profile.max_chain_tokens) == (32, 64, 50176, 300)
+    for stage in (profile.align, profile.cot):
+        assert (stage.lr, stage.batch_size, stage.gradient_checkpointing) == (1e-4, 8, True)
+    assert (profile.cot.steps, profile.align.warmup_steps, profile.align.steps) == (500, 10, gpu.align.steps)
+    assert profile.base.checkpoint_path == "/models/qwen" and profile.cot.grad_accum == gpu.cot.grad_accum
+    with pytest.raises(dg.Failure, match="no field 'stepz'.*CIRCOT_TRAINING_OVERRIDES"):
+        TrainingResource(profile="gpu", base_model_path="/m", overrides=["cot.stepz=3"]).spec()
+
+
+def test_only_the_embedded_profile_is_refused_on_a_benchmark_its_base_cannot_read():
+    from assets.resources import TrainingResource
+
+    embedded = TrainingResource(profile="embedded")
+    assert embedded.refusal("synthetic") is None
+    refusal = embedded.refusal("fashioniq")
+    assert "pretrained on the synthetic benchmark alone" in refusal and "823-piece vocabulary" in refusal
+    assert "CIRCOT_PROFILE=gpu CIRCOT_BASE_MODEL_PATH=" in refusal and "circot micro-model" in refusal
+    for profile in ("micro", "gpu", "smoke"):
+        assert TrainingResource(profile=profile, base_model_path="/m").refusal("cirr") is None
+    # a checkpoint given to the embedded recipe is a checkpoint base: its own tokenizer decides
+    assert TrainingResource(profile="embedded", base_model_path="/m").refusal("cirr") is None
+
+
+def test_images_are_capped_at_the_profiles_pixels_and_long_chains_are_left_out(micro_base, pairs, tmp_path):
+    """max_pixels reaches the processor the model is saved with (what evaluation and serving use);
+    chains over max_chain_tokens are counted and not trained on."""
+    import json
+
+    from model_code.backbone import limit_pixels
+    from model_code.model.recipes import PROFILES, register_checkpoint, train_cir_cot
+
+    model, processor = load_backbone(micro_base, device="cpu")
+    before = processor(text=["<|image_pad|>"], images=[pixels(pairs[0].reference)], return_tensors="pt")
+    limit_pixels(processor, 28 * 28)                       # one merged image token instead of 56 px's four
+    after = processor(text=["<|image_pad|>"], images=[pixels(pairs[0].reference)], return_tensors="pt")
+    assert before["image_grid_thw"].prod() == 16 and after["image_grid_thw"].prod() == 4
+
+    tokenizer = processor.tokenizer
+    lengths = sorted(len(tokenizer(p.cot, add_special_tokens=False)["input_ids"]) for p in pairs)
+    cap = lengths[len(lengths) // 2]
+    longer = sum(n > cap for n in lengths)
+    profile = PROFILES["smoke"].with_overrides(align={"steps": 1}, cot={"steps": 1}, max_pixels=28 * 28,
+                                               max_chain_tokens=cap)
+    trained = train_cir_cot(register_checkpoint(micro_base), pairs, pairs[:4], profile, tmp_path / "run")
+    cot = trained.stage("cot")
+    assert cot.chains_too_long == longer > 0 and cot.examples == len(pairs) - longer
+    saved = json.loads((tmp_path / "run" / "model" / "processor" / "processor_config.json").read_text())
+    assert saved["image_processor"]["size"]["longest_edge"] == 28 * 28
+    loaded = CirCoTModel.load(trained.path, device="cpu")
+    assert loaded.gallery_inputs([pairs[0].target])["image_grid_thw"].prod() == 4
