@@ -200,7 +200,8 @@ def show_models() -> int:
         labels = r["labels"]
         for dataset, stage in sorted(r["stages"].items()):
             print(f"{r['tag']:<32} {dataset:<10} {stage:<12} {labels.get(f'promoted_at_{dataset}', ''):<28} "
-                  f"{labels.get(f'headline_{dataset}', '')} on {labels.get(f'evaluated_on_{dataset}', '?')}")
+                  f"{labels.get(f'headline_{dataset}', '')} on {labels.get(f'evaluated_on_{dataset}', '?')}"
+                  f"{zero_shot_note(dataset, labels.get(f'zero_shot_from_{dataset}'))}")
         if r["health"] != "ok":
             print(f"{r['tag']:<32} DAMAGED: {r['health']} (promote a good copy of it again to repair it)")
     return 0

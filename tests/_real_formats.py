@@ -27,6 +27,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from model_code.benchmarks import benchmark
+
 
 def render(name: str, path: Path, size: int = 64) -> Path:
     """A picture for the image ``name``: a background and a shape whose colours and place follow from
@@ -74,16 +76,13 @@ def cirr(annotations: Path, out: Path, *, train: int = 24, val: int = 16, test1:
     return out
 
 
-FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
-
-
 def fashioniq(annotations: Path, out: Path, *, train: int = 12, val: int = 8) -> Path:
     """Each category's train and val parts cut from the dress files (``train`` / ``val`` triplets per category)."""
     for split, n in (("train", train), ("val", val)):
         entries = json.loads((annotations / "captions" / f"cap.dress.{split}.json").read_text())
         if 3 * n > len(entries):
             raise ValueError(f"FashionIQ's dress {split} file has {len(entries)} triplets: fewer than 3 x {n}")
-        for k, category in enumerate(FASHIONIQ_CATEGORIES):
+        for k, category in enumerate(benchmark("fashioniq").categories):
             part = entries[k * n: (k + 1) * n]
             _write(out / "captions" / f"cap.{category}.{split}.json", part)
             asins = list(dict.fromkeys(a for e in part for a in (e["candidate"], e["target"])))

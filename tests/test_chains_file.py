@@ -21,8 +21,9 @@ from model_code.annotation.chains_file import (
 )
 from model_code.annotation.judge import UNKNOWN_QUERY, AnnotationRequest, judge
 from model_code.annotation.store import AnnotationStore, annotate_missing
+from model_code.benchmarks import benchmark
 from model_code.chain import CoT
-from model_code.data import FASHIONIQ_CATEGORIES, read_dataset
+from model_code.data import read_dataset
 from orchestration.__main__ import main
 from tests.conftest import shared_benchmark
 
@@ -162,7 +163,7 @@ def _dress_only(tmp_path) -> Path:
     source, root = shared_benchmark("fashioniq"), tmp_path / "fashioniq"
     for folder, name in (("captions", "cap.{}.val.json"), ("image_splits", "split.{}.val.json")):
         (root / folder).mkdir(parents=True)
-        for category in FASHIONIQ_CATEGORIES:
+        for category in benchmark("fashioniq").categories:
             dress = source / folder / name.format("dress")
             (root / folder / name.format(category)).write_bytes(dress.read_bytes() if category == "dress" else b"[]")
     return root

@@ -529,13 +529,20 @@ def test_the_command_line_lists_models_and_rolls_back(store, saved_models, capsy
 
 
 def test_lineage_labels_name_the_model_its_data_and_its_headline():
-    trained = SimpleNamespace(version="m1", base_version="b1", stages={"cot": {}},
-                              data={"synthetic": {"raw": "d1", "annotations": "a1", "teacher": "oracle",
-                                                  "prompt_version": "oracle-v2"}})
-    evaluation = SimpleNamespace(dataset="cirr", split="val", headline="Avg",
+    trained = SimpleNamespace(version="m1", base_version="b1", stages={"cot": {}}, dataset="cirr",
+                              data={"cirr": {"raw": "d1", "annotations": "a1", "teacher": "file:cirr.jsonl",
+                                             "prompt_version": "chains-1"}})
+    evaluation = SimpleNamespace(dataset="cirr", split="val", headline="Avg", zero_shot_from=None,
                                  metrics={"cot": {"R@1": 0.25, "Avg": 0.5, "R@5": 0.75}, "no_cot": {"Avg": 0.4}})
     labels, metadata = lineage(trained, evaluation, {"passed": True})
     assert labels == {"model_version": "m1", "base_version": "b1", "evaluated_on_cirr": "cirr/val",
                       "headline_cirr": "Avg=0.5000", "cot_R@1_cirr": "0.2500", "cot_Avg_cirr": "0.5000",
-                      "data_synthetic": "d1", "annotations_synthetic": "a1", "teacher_synthetic": "oracle/oracle-v2"}
+                      "trained_on": "cirr", "data_cirr": "d1", "annotations_cirr": "a1",
+                      "teacher_cirr": "file:cirr.jsonl/chains-1"}
+    # the same model evaluated on CIRCO, which has no train split: zero-shot, and labelled so
+    circo = SimpleNamespace(dataset="circo", split="val", headline="mAP@10", zero_shot_from="cirr",
+                            metrics={"cot": {"mAP@10": 0.125}})
+    zero_shot, _ = lineage(trained, circo, {"passed": True})
+    assert zero_shot["zero_shot_from_circo"] == "cirr" and zero_shot["evaluated_on_circo"] == "circo/val"
+    assert zero_shot["cot_mAP@10_circo"] == "0.1250" and "zero_shot_from_cirr" not in labels
     assert metadata["gates"] == {"cirr": {"passed": True}} and metadata["all_metrics"]["cirr"]["no_cot"]["Avg"] == 0.4

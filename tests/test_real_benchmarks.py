@@ -114,6 +114,11 @@ def test_each_training_dataset_gets_its_own_model_and_circo_is_evaluated_zero_sh
         assert prod["circo"]["labels"]["zero_shot_from_circo"] == "cirr" and "zero_shot_from_cirr" not in prod[
             "cirr"]["labels"]
         assert prod["cirr"]["labels"]["trained_on"] == "cirr"
+        from orchestration.__main__ import main
+
+        assert main(["models"]) == 0
+        listed = capsys.readouterr().out
+        assert f"cir-cot:{cirr_model['version']}" in listed and "on circo/val, zero-shot from cirr" in listed
         # an index and a Bento per dataset (one model serving two datasets: two Bentos)
         for d in ("cirr", "fashioniq", "circo"):
             index = _record_meta(instance, "gallery_index", d)
