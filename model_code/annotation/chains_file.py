@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from model_code.annotation.judge import LEAKAGE_PATTERNS, UNKNOWN_QUERY, Annotation, AnnotationRequest, judge, rejection
+from model_code.annotation.judge import LEAKAGE_PATTERNS, Annotation, AnnotationRequest, judge_by_id
 from model_code.chain import MAX_SECTION_CHARS, SECTIONS, CoT, CoTFormatError
 from model_code.common import atomic_write_text, bytes_md5
 
@@ -134,14 +134,7 @@ class FileTeacher:
         self.chains = parse_chains(data, self.path)
 
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
-        out = []
-        for r in requests:
-            chain = self.chains.get(r.query_id)
-            if chain is None:
-                out.append(rejection(r.query_id, self.name, self.prompt_version, "", UNKNOWN_QUERY))
-            else:
-                out.append(judge(r.query_id, self.name, self.prompt_version, chain))
-        return out
+        return judge_by_id(requests, self.name, self.prompt_version, self.chains.get)
 
 
 def write_chains_file(rows: Iterable[dict], path: str | os.PathLike) -> Path:

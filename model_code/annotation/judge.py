@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -87,6 +87,19 @@ def judge(query_id: str, teacher: str, prompt_version: str, raw: str) -> Annotat
         return rejected("conclusion_repeats_caption")
     return Annotation(query_id, teacher, prompt_version, cot.caption, cot.reasoning, cot.conclusion, raw, "ok", None,
                       "; ".join(fixed.repairs))
+
+
+def judge_by_id(requests: Sequence[AnnotationRequest], teacher: str, prompt_version: str,
+                raw_of: Callable[[str], str | None]) -> list[Annotation]:
+    """The annotations of an annotator that knows queries by id (the oracle, a chains file):
+    ``raw_of(query_id)`` is its raw answer, judged like any teacher's, or None for a query it does not
+    know (an ``UNKNOWN_QUERY`` rejection, which the store returns but never keeps)."""
+    out = []
+    for r in requests:
+        raw = raw_of(r.query_id)
+        out.append(rejection(r.query_id, teacher, prompt_version, "", UNKNOWN_QUERY) if raw is None
+                   else judge(r.query_id, teacher, prompt_version, raw))
+    return out
 
 
 class Annotator(Protocol):

@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from model_code.annotation.judge import UNKNOWN_QUERY, Annotation, AnnotationRequest, judge, rejection
+from model_code.annotation.judge import Annotation, AnnotationRequest, judge_by_id
 from model_code.benchmarks import BENCHMARKS
 from model_code.chain import CoT
 from model_code.synthetic import scenes
@@ -181,12 +181,10 @@ class OracleAnnotator:
             )
 
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
-        out = []
-        for r in requests:
-            q = self._queries.get(r.query_id)
-            if q is None:
-                out.append(rejection(r.query_id, self.name, self.prompt_version, "", UNKNOWN_QUERY))
-                continue
-            cot = oracle_cot(r.query_id, scenes.scene_from_json(self._graphs[q["reference"]]), q["edits"])
-            out.append(judge(r.query_id, self.name, self.prompt_version, cot.render()))
-        return out
+        return judge_by_id(requests, self.name, self.prompt_version, self._chain)
+
+    def _chain(self, query_id: str) -> str | None:
+        q = self._queries.get(query_id)
+        if q is None:
+            return None
+        return oracle_cot(query_id, scenes.scene_from_json(self._graphs[q["reference"]]), q["edits"]).render()
