@@ -19,10 +19,17 @@ dataset_partitions = dg.StaticPartitionsDefinition(list(names()))
 training_partitions = dg.StaticPartitionsDefinition(list(training_names()))
 
 
-def model_source_mapping(zero_shot_source: str | None = None) -> dg.StaticPartitionMapping:
+# the training dataset whose model evaluates, zero-shot, each benchmark without a train split
+# (CIRCOT_ZERO_SHOT_SOURCE), read once when the code location loads: the asset graph's mapping, the
+# sensors and the command line all use this one value (an unusable one: the default, and runs refuse
+# to start)
+ZERO_SHOT_SOURCE = load(PipelineSettings)[0].zero_shot_source
+
+
+def model_source_mapping(zero_shot_source: str = ZERO_SHOT_SOURCE) -> dg.StaticPartitionMapping:
     """evaluation[d] reads cir_cot_model[t]: the model trained on d, or for a benchmark without a train
-    split the model of ``zero_shot_source`` (``CIRCOT_ZERO_SHOT_SOURCE``, read when the definitions load)."""
-    source = zero_shot_source or load(PipelineSettings)[0].zero_shot_source
+    split the model of ``zero_shot_source``."""
+    source = zero_shot_source
     evaluated: dict[str, list[str]] = {t: [] for t in training_names()}
     for d in names():
         evaluated[model_source(d, source).name].append(d)

@@ -108,6 +108,7 @@ class CirCoTModelConfig(dg.Config):
     group_name="model",
     kinds={"pytorch"},
     partitions_def=training_partitions,
+    pool="training",   # one GPU: `dagster instance concurrency set training 1` trains one dataset at a time
     description="The CIR-CoT model of one training dataset: stage 1 (no CoT) then stage 2 (CoT, joint loss) on its "
                 "train split and checked chains; LoRA or every parameter",
     deps=[base_model, dg.AssetDep(triplets, partition_mapping=_same_dataset),

@@ -15,6 +15,7 @@ from pydantic import Field
 from assets.common import check_result, dataset_partitions, latest_record, publish_version, record_check
 from assets.raw_dataset import raw_dataset
 from assets.resources import ArtifactStore
+from model_code.benchmarks import benchmark
 from model_code.common import content_hash
 from model_code.data import DataError, read_dataset, read_tables, write_tables
 from model_code.data.quality import validate_images, validate_triplets
@@ -26,7 +27,8 @@ class TripletsConfig(dg.Config):
         default=True,
         description="Require every image on disk. False reads the annotations alone (e.g. before the "
                     "images are downloaded); the images check then skips the files.")
-    fashioniq_category: str | None = Field(default=None, description="One FashionIQ category; all three when unset.")
+    category: str | None = Field(default=None, description="One category of a benchmark with several galleries "
+                                                           "(FashionIQ: dress, shirt or toptee); all when unset.")
 
 def triplets_dir(artifacts: ArtifactStore, dataset: str):
     return artifacts.dir("triplets", dataset)
@@ -36,10 +38,15 @@ def triplets_dir(artifacts: ArtifactStore, dataset: str):
 def triplets(
     context: dg.AssetExecutionContext, config: TripletsConfig, artifacts: ArtifactStore
 ) -> dg.MaterializeResult:
-    name = context.partition_key
+    spec = benchmark(context.partition_key)
+    name = spec.name
+    if config.category is not None and config.category not in spec.categories:
+        raise dg.Failure(description=f"{spec.title} has no category {config.category!r}"
+                                     + (f" (its categories: {', '.join(spec.categories)})" if spec.categories else
+                                        " (it has one gallery)"))
     raw = latest_record(context, raw_dataset, name)
     try:
-        bench = read_dataset(name, raw["root"], category=config.fashioniq_category,
+        bench = read_dataset(spec, raw["root"], category=config.category,
                              require_images=config.require_images)
     except DataError as e:
         raise dg.Failure(description=str(e)) from None
@@ -53,7 +60,7 @@ def triplets(
     gallery = bench.images.groupby("split").size().to_dict()
     record = TablesRecord(dataset=name, folder=str(out), root=raw["root"], raw_version=raw["version"],
                           version=version, require_images=config.require_images,
-                          category=config.fashioniq_category, queries=counts, images=gallery)
+                          category=config.category, queries=counts, images=gallery)
     record.write(out / TablesRecord.META)
     per_split = "| split | queries | images |\n|---|---|---|\n" + "\n".join(
         f"| {s} | {counts.get(s, 0)} | {gallery.get(s, 0)} |" for s in sorted(set(counts) | set(gallery)))

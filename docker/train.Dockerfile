@@ -1,5 +1,5 @@
 # The training image: the project's model code and what its training entry point imports
-# (docker/train-requirements.txt, pinned as in constraints.txt), for CIRCOT_TRAINING_LAUNCHER=kubernetes
+# (docker/train-requirements.txt, pinned as in requirements.lock), for CIRCOT_TRAINING_LAUNCHER=kubernetes
 # (the pod runs `python -m torch.distributed.run ... -m model_code.model.recipes ... --pipes` in /app).
 #
 #   docker build -f docker/train.Dockerfile -t registry.example/circot-train:1 .
@@ -10,6 +10,6 @@
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PYTHONPATH=/app HF_HUB_OFFLINE=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
-COPY constraints.txt docker/train-requirements.txt /tmp/
-RUN pip install -r /tmp/train-requirements.txt -c /tmp/constraints.txt
+COPY requirements.lock docker/train-requirements.txt /tmp/
+RUN pip install -r /tmp/train-requirements.txt -c /tmp/requirements.lock
 COPY model_code/ /app/model_code/

@@ -70,10 +70,12 @@ class _PipelineFields(_Settings):
                                                       "http://host:8000/v1)")
     teacher_model: str | None = Field(None, description="the model name at that endpoint")
     teacher_api_key_env: str = Field("OPENAI_API_KEY", description="the variable that holds the endpoint's API key")
-    profile: str = Field("embedded", description="the training profile: embedded (CPU, the shipped base) or gpu "
-                                                 "(a local Qwen2-VL-2B-class checkpoint)")
+    profile: str = Field("embedded", description="the training profile: embedded (CPU, the shipped base, the "
+                                                 "synthetic benchmark), gpu (a local Qwen2-VL-2B-class checkpoint, "
+                                                 "LoRA), micro (LoRA on a micro checkpoint on a CPU) or smoke")
     base_model_path: str | None = Field(None, description="a local Qwen2-VL-family checkpoint folder as the base "
-                                                          "model (profile gpu); nothing is downloaded")
+                                                          "model (profiles gpu, micro, smoke); nothing is "
+                                                          "downloaded")
     lora_rank: int | None = Field(None, ge=1, description="the LoRA rank (alpha follows at twice the rank); unset: "
                                                          "the profile's (gpu: 64)")
     learning_rate: float | None = Field(None, gt=0, allow_inf_nan=False,

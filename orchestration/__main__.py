@@ -66,7 +66,7 @@ def instance():
 
 
 def run_job(job_name: str, partition: str | None = None, definitions=None, run_config: dict | None = None,
-            dagster_instance=None) -> bool:
+            dagster_instance=None, asset_selection=None) -> bool:
     """Execute one job; print its materialisations and check verdicts; True when all went well.
     Jobs that follow one another must share ``dagster_instance``: each reads its inputs from the
     materialisations the instance recorded."""
@@ -79,7 +79,7 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
     for run_id in fail_dead_runs(dagster_instance):
         print(f"run {run_id}: its process is gone (killed or crashed); marked failed")
     result = job.execute_in_process(partition_key=partition, instance=dagster_instance, raise_on_error=False,
-                                    run_config=run_config, tags=process_tags())
+                                    run_config=run_config, tags=process_tags(), asset_selection=asset_selection)
     label = f"{job_name} [{partition}]" if partition else job_name
     print(f"\n== {label}: {'succeeded' if result.success else 'FAILED'} (run {result.run_id})")
     checks_ok = True
@@ -113,7 +113,8 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
 def run(dataset: str, definitions=None, *, annotations_only: bool = False, train: bool | None = None,
         evaluate: bool | None = None, dagster_instance=None) -> int:
     """The dataset's data job, then (a benchmark with a train split) its training job, then its
-    evaluation job with the model trained for it: its own, or zero-shot the configured source's."""
+    evaluation job with the model trained for it: its own, or zero-shot the configured source's (a
+    benchmark without a train split is not annotated: its chains would train nothing)."""
     errors = environment_errors()   # before the definitions load: they read the environment too
     if errors:
         print("The configuration cannot be used:\n" + "\n".join(f"- {e}" for e in errors))
@@ -141,11 +142,15 @@ def run(dataset: str, definitions=None, *, annotations_only: bool = False, train
     from orchestration.definitions import EVALUATION_JOB, PIPELINE_JOB, TRAINING_JOB
     dagster_instance = dagster_instance or instance()
     config = {"ops": {"triplets": {"config": {"require_images": False}}}} if annotations_only else None
-    if not run_job(PIPELINE_JOB, spec.name, definitions, config, dagster_instance):
+    from orchestration.operations import pipeline_selection
+
+    if not run_job(PIPELINE_JOB, spec.name, definitions, config, dagster_instance, pipeline_selection(spec.name)):
         return 1
     if train and not run_job(TRAINING_JOB, spec.name, definitions, None, dagster_instance):
         return 1
-    source = model_source(spec, load(PipelineSettings)[0].zero_shot_source)
+    from assets.common import ZERO_SHOT_SOURCE  # the source the definitions' asset graph maps CIRCO to
+
+    source = model_source(spec, ZERO_SHOT_SOURCE)
     trained = dagster_instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("cir_cot_model"), asset_partitions=[source.name]), limit=1).records
     if evaluate is None:  # default: evaluate when there is a model trained for this dataset

@@ -42,7 +42,8 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from assets.resources import ArtifactStore, DatasetRoots, DvcResource
+from assets.common import ZERO_SHOT_SOURCE
+from assets.resources import ArtifactStore, DatasetRoots, DvcResource, TrainingResource
 from model_code.benchmarks import benchmark, model_source, names, training_names
 from model_code.data import DataError
 from model_code.settings import PipelineSettings, load
@@ -88,6 +89,13 @@ def folder_fingerprint(root: Path) -> str:
     except OSError as e:
         raise DatasetUnreadable(f"{root} cannot be read: {e}") from None
     return h.hexdigest()
+
+
+def pipeline_selection(dataset: str) -> list[dg.AssetKey] | None:
+    """What ``cir_pipeline[d]`` materialises for ``dataset``: everything (None) for a benchmark with a
+    train split; its raw data and checked tables only for one without (its chains would train nothing:
+    it is evaluated zero-shot, so it needs no teacher)."""
+    return None if benchmark(dataset).trains else [dg.AssetKey("raw_dataset"), dg.AssetKey("triplets")]
 
 
 def _raise(error: OSError) -> None:
@@ -258,20 +266,27 @@ def _feedback_baseline(instance: dg.DagsterInstance, dataset: str) -> int:
 
 def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job):
     """(schedules, sensors) over the four jobs."""
-    settings = load(PipelineSettings)[0]   # an unusable value: the default (runs refuse to start)
-    cron, source = settings.retrain_cron, settings.zero_shot_source
+    cron = load(PipelineSettings)[0].retrain_cron   # an unusable value: the default (runs refuse to start)
+    source = ZERO_SHOT_SOURCE
     train_datasets = training_names()
 
     @dg.schedule(job=training_job, cron_schedule=cron, default_status=dg.DefaultScheduleStatus.STOPPED,
                  description=f"Retrain (cron {cron!r}, CIRCOT_RETRAIN_CRON) each training dataset with checked "
                              "chains; a finished training is then evaluated, gated and promoted, and the gallery "
                              "index and the Bento refreshed")
-    def retrain_schedule(context: dg.ScheduleEvaluationContext):
+    def retrain_schedule(context: dg.ScheduleEvaluationContext, training: TrainingResource):
         when = context.scheduled_execution_time
         stamp = when.isoformat() if when else "manual"
         requests, notes = [], []
         for dataset in train_datasets:
             if not _materialised(context.instance, "cot_annotations", dataset):
+                continue
+            try:
+                refusal = training.refusal(dataset)
+            except dg.Failure as e:
+                refusal = e.description
+            if refusal:   # the configured profile cannot train it: a run would only fail
+                notes.append(f"{dataset}: not retrained, the training profile {training.profile!r} cannot train it")
                 continue
             running = _active_runs(context.instance, training_job.name, dataset)
             if running:
@@ -303,7 +318,7 @@ def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job
                 notes.append(f"{dataset}: now watching version {fingerprint}")
                 continue
             requests.append(dg.RunRequest(
-                run_key=f"{dataset}:{fingerprint}", partition_key=dataset,
+                run_key=f"{dataset}:{fingerprint}", partition_key=dataset, asset_selection=pipeline_selection(dataset),
                 tags={TRIGGER_TAG: "data-change", REASON_TAG: f"{dataset} changed: version {fingerprint}"}))
         context.update_cursor(json.dumps(seen, sort_keys=True))
         if requests:

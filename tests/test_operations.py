@@ -9,7 +9,7 @@ import threading
 import dagster as dg
 import pytest
 
-from assets.resources import DatasetRoots, DvcResource
+from assets.resources import DatasetRoots, DvcResource, TrainingResource
 from model_code.settings import DEFAULT_CRON
 from orchestration import operations
 from orchestration.definitions import defs
@@ -47,24 +47,33 @@ def _annotated(instance, *datasets):
         instance.report_runless_asset_event(dg.AssetMaterialization("cot_annotations", partition=dataset))
 
 
+def _tick(schedule, instance, when, training=None):
+    training = training or TrainingResource(profile="micro", base_model_path="/models/micro")
+    return schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
+                                              resources={"training": training}))
+
+
 def test_the_schedule_retrains_each_training_dataset_with_its_reason_and_never_twice_at_once(instance):
     schedule = _by_name("retrain_schedule")
     when = dt.datetime(2026, 11, 30, 3, 0, tzinfo=dt.timezone.utc)
-    skipped = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+    skipped = _tick(schedule, instance, when)
     assert isinstance(skipped, dg.SkipReason) and "no training dataset has checked chains" in skipped.skip_message
     _annotated(instance, "synthetic", "cirr", "circo")          # circo has no train split: never trained
-    requests = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+    # the embedded profile cannot train cirr: a run would only fail, so none is asked for
+    (only,) = _tick(schedule, instance, when, TrainingResource(profile="embedded"))
+    assert only.partition_key == "synthetic"
+    requests = _tick(schedule, instance, when)
     assert [(r.partition_key, r.run_key) for r in requests] == [
         ("synthetic", f"retrain-synthetic-{when.isoformat()}"), ("cirr", f"retrain-cirr-{when.isoformat()}")]
     assert all(r.tags[operations.TRIGGER_TAG] == "schedule" and "scheduled retraining of" in
                r.tags[operations.REASON_TAG] for r in requests)
     instance.add_run(dg.DagsterRun(job_name="training", run_id="a" * 36, status=dg.DagsterRunStatus.STARTED,
                                    tags={"dagster/partition": "synthetic"}))
-    (request,) = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+    (request,) = _tick(schedule, instance, when)
     assert request.partition_key == "cirr"                       # synthetic's run is still in progress
     instance.add_run(dg.DagsterRun(job_name="training", run_id="b" * 36, status=dg.DagsterRunStatus.STARTED,
                                    tags={"dagster/partition": "cirr"}))
-    skipped = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+    skipped = _tick(schedule, instance, when)
     assert isinstance(skipped, dg.SkipReason) and "still in progress" in skipped.skip_message
 
 
@@ -290,7 +299,7 @@ def test_a_run_whose_process_was_killed_is_marked_failed_and_alerted_and_the_sch
         schedule = _by_name("retrain_schedule")
         when = dt.datetime(2026, 11, 30, 3, 0, tzinfo=dt.timezone.utc)
         _annotated(instance, "synthetic")
-        skipped = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+        skipped = _tick(schedule, instance, when)
         assert isinstance(skipped, dg.SkipReason) and run.run_id in skipped.skip_message   # the bug this fixes
 
         result = _by_name("dead_run_sensor")(dg.build_sensor_context(instance=instance))
@@ -301,7 +310,7 @@ def test_a_run_whose_process_was_killed_is_marked_failed_and_alerted_and_the_sch
         message = operations.failure_message(instance.get_run_by_id(run.run_id), instance,
                                              run_failure=failure.dagster_event)
         assert f"(pid {child.pid}) is gone" in message["error"] and message["kind"] == "failure"
-        (request,) = schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when))
+        (request,) = _tick(schedule, instance, when)
         assert request.partition_key == "synthetic"                # the schedule goes on
 
 

@@ -510,6 +510,11 @@ def test_the_gpu_profile_starts_from_recall_and_each_value_is_a_setting(monkeypa
         assert (stage.lr, stage.batch_size, stage.gradient_checkpointing) == (1e-4, 8, True)
     assert (profile.cot.steps, profile.align.warmup_steps, profile.align.steps) == (500, 10, gpu.align.steps)
     assert profile.base.checkpoint_path == "/models/qwen" and profile.cot.grad_accum == gpu.cot.grad_accum
+    # a value whose default is unset is read as its declared type, not kept as text
+    overridden = PROFILES["micro"].with_settings(["max_pixels=50176", "max_chain_tokens=none", "base.device=cpu"])
+    assert (overridden.max_pixels, overridden.max_chain_tokens, overridden.base.device) == (50176, None, "cpu")
+    with pytest.raises(ValueError, match="not a int"):
+        PROFILES["micro"].with_settings(["max_pixels=lots"])
     with pytest.raises(dg.Failure, match="no field 'stepz'.*CIRCOT_TRAINING_OVERRIDES"):
         TrainingResource(profile="gpu", base_model_path="/m", overrides=["cot.stepz=3"]).spec()
 
@@ -524,8 +529,14 @@ def test_only_the_embedded_profile_is_refused_on_a_benchmark_its_base_cannot_rea
     assert "CIRCOT_PROFILE=gpu CIRCOT_BASE_MODEL_PATH=" in refusal and "circot micro-model" in refusal
     for profile in ("micro", "gpu", "smoke"):
         assert TrainingResource(profile=profile, base_model_path="/m").refusal("cirr") is None
-    # a checkpoint given to the embedded recipe is a checkpoint base: its own tokenizer decides
+    # a checkpoint given to the embedded recipe is a checkpoint base: its own tokenizer decides...
     assert TrainingResource(profile="embedded", base_model_path="/m").refusal("cirr") is None
+    # ...unless it is the embedded base itself (its PRETRAINING.json says which words it reads)
+    from model_code.model.recipes import EMBEDDED_BASE
+
+    given = TrainingResource(profile="smoke", base_model_path=str(EMBEDDED_BASE)).refusal("cirr")
+    assert given and "pretrained on the synthetic benchmark alone" in given
+    assert TrainingResource(profile="smoke", base_model_path=str(EMBEDDED_BASE)).refusal("synthetic") is None
 
 
 def test_images_are_capped_at_the_profiles_pixels_and_long_chains_are_left_out(micro_base, pairs, tmp_path):

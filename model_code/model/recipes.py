@@ -137,7 +137,8 @@ class TrainingProfile:
             holder = getattr(self, part) if part else self
             if name not in {f.name for f in dataclasses.fields(holder)}:
                 raise ValueError(f"{item!r}: {type(holder).__name__} has no field {name!r}")
-            value = _typed(text.strip(), getattr(holder, name), item)
+            declared = {f.name: f.type for f in dataclasses.fields(holder)}[name]
+            value = _typed(text.strip(), getattr(holder, name), item, str(declared))
             (overrides.setdefault(part, {}) if part else overrides)[name] = value
         return self.with_overrides(**overrides)
 
@@ -166,18 +167,23 @@ def _replace(obj, values: Mapping, where: str):
     return dataclasses.replace(obj, **values)
 
 
-def _typed(text: str, current, item: str):
-    """``text`` as a value of ``current``'s type (a string where ``current`` is None)."""
-    if isinstance(current, bool):
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _typed(text: str, current, item: str, annotation: str = ""):
+    """``text`` as a value of ``current``'s type; where ``current`` is None, of the field's declared
+    type (``annotation``, e.g. ``int | None``); "none" unsets an optional field."""
+    kind = type(current) if current is not None else _TYPES.get(annotation.split("|")[0].strip(), str)
+    if text.lower() == "none" and (current is None or "None" in annotation):   # an optional field unset
+        return None
+    if kind is bool:
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
             raise ValueError(f"{item!r}: {text!r} is not true or false")
         return text.lower() in ("1", "true", "yes")
-    if current is None:
-        return None if text.lower() == "none" else text
     try:
-        return type(current)(text)
+        return kind(text)
     except ValueError:
-        raise ValueError(f"{item!r}: {text!r} is not a {type(current).__name__}") from None
+        raise ValueError(f"{item!r}: {text!r} is not a {kind.__name__}") from None
 
 
 PROFILES = {
@@ -315,14 +321,17 @@ def embedded_corpus(path: str | os.PathLike = EMBEDDED_BASE) -> tuple[str | None
 
 def training_refusal(profile: TrainingProfile, profile_name: str, spec) -> str | None:
     """Why ``profile`` cannot train on the benchmark ``spec`` (a message naming the settings to use),
-    or None. The embedded base reads only the words of the corpus it was pretrained on; a
-    checkpoint base (gpu, micro, smoke) reads what its tokenizer reads."""
-    if profile.base.kind != "embedded":
+    or None. A base pretrained by the project on one benchmark's corpus (the embedded base, or any
+    folder with its ``PRETRAINING.json``, e.g. the embedded base given as a checkpoint) reads only that
+    corpus's words; any other checkpoint (a Qwen2-VL, a micro model) reads what its tokenizer reads."""
+    path = EMBEDDED_BASE if profile.base.kind == "embedded" else (
+        Path(profile.base.checkpoint_path) if profile.base.checkpoint_path else None)
+    if path is None or not (path / "PRETRAINING.json").is_file():
         return None
-    corpus, vocabulary = embedded_corpus()
+    corpus, vocabulary = embedded_corpus(path)
     if corpus is None or corpus == spec.name:
         return None
-    return (f"The {profile_name!r} profile fine-tunes the embedded base, pretrained on the {corpus} benchmark "
+    return (f"The {profile_name!r} profile fine-tunes the base at {path}, pretrained on the {corpus} benchmark "
             f"alone: its {vocabulary}-piece vocabulary holds that benchmark's words and cannot read "
             f"{spec.title}'s texts. Train on {spec.name} with a Qwen2-VL-family checkpoint: on a GPU "
             f"CIRCOT_PROFILE=gpu CIRCOT_BASE_MODEL_PATH=/models/Qwen2-VL-2B-Instruct; on a CPU a micro model "
@@ -434,11 +443,12 @@ def main(argv: list[str] | None = None) -> int:
     """Train the CIR-CoT model outside Dagster, e.g. across GPUs:
 
         accelerate launch --num_processes 8 -m model_code.model.recipes --tables artifacts/triplets/synthetic \\
-            --annotations artifacts/cot_annotations/synthetic/annotations.parquet \\
+            --annotations artifacts/cot_annotations/synthetic/annotations.parquet --val-split val \\
             --base /models/Qwen2-VL-2B-Instruct --profile gpu --out artifacts/cir_cot_model/runs/manual
 
     Every process runs this; in-batch negatives are gathered across them; process 0 writes the model.
-    ``--tables``/``--annotations`` may be repeated (one pair per training dataset). With ``--pipes``
+    ``--tables``/``--annotations`` may be repeated: the pairs are trained on together (the pipeline trains
+    each dataset's model on its own pair). With ``--pipes``
     (a launch by Dagster Pipes), process 0 sends its progress and the result to the asset that
     launched it.
     """
@@ -458,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="change one value of the profile, e.g. --set align.steps=3 --set cot.lr=5e-4 (repeatable)")
     p.add_argument("--out", required=True)
     p.add_argument("--train-split", default="train", help="the split trained on (default: train)")
-    p.add_argument("--val-split", default="val",
-                   help="the split of the validation in-batch accuracy (default: val; none where it has none)")
+    p.add_argument("--val-split", default=None,
+                   help="the split of the validation in-batch accuracy, e.g. val (default: none)")
     p.add_argument("--pipes", action="store_true", help="report to the Dagster asset that launched this (Pipes)")
     args = p.parse_args(argv)
     if len(args.tables) != len(args.annotations):
