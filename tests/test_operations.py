@@ -48,9 +48,12 @@ def _annotated(instance, *datasets):
 
 
 def _tick(schedule, instance, when, training=None):
+    """One evaluation of the schedule, its context closed after it (a context with resources opens an
+    instance of its own, which must not outlive the tick)."""
     training = training or TrainingResource(profile="micro", base_model_path="/models/micro")
-    return schedule(dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
-                                              resources={"training": training}))
+    with dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
+                                   resources={"training": training}) as context:
+        return schedule(context)
 
 
 def test_the_schedule_retrains_each_training_dataset_with_its_reason_and_never_twice_at_once(instance):
