@@ -29,10 +29,9 @@ ZERO_SHOT_SOURCE = load(PipelineSettings)[0].zero_shot_source
 def model_source_mapping(zero_shot_source: str = ZERO_SHOT_SOURCE) -> dg.StaticPartitionMapping:
     """evaluation[d] reads cir_cot_model[t]: the model trained on d, or for a benchmark without a train
     split the model of ``zero_shot_source``."""
-    source = zero_shot_source
     evaluated: dict[str, list[str]] = {t: [] for t in training_names()}
     for d in names():
-        evaluated[model_source(d, source).name].append(d)
+        evaluated[model_source(d, zero_shot_source).name].append(d)
     return dg.StaticPartitionMapping(evaluated)
 
 

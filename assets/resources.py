@@ -332,10 +332,16 @@ class TrainingResource(dg.ConfigurableResource):
         return spec
 
     def refusal(self, dataset: str) -> str | None:
-        """Why this profile cannot train on ``dataset`` (``model_code.model.recipes.training_refusal``), or None."""
+        """Why this configuration cannot train on ``dataset``, or None: the profile itself unusable (what
+        :meth:`spec` says), or a base that cannot read the dataset's texts
+        (``model_code.model.recipes.training_refusal``)."""
         from model_code.model.recipes import training_refusal
 
-        return training_refusal(self.spec(), self.profile, benchmark(dataset))
+        try:
+            profile = self.spec()
+        except dg.Failure as e:
+            return e.description
+        return training_refusal(profile, self.profile, benchmark(dataset))
 
     def spec(self):
         from model_code.model.recipes import PROFILES

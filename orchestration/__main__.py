@@ -128,12 +128,7 @@ def run(dataset: str, definitions=None, *, annotations_only: bool = False, train
     if definitions is None:
         from orchestration.definitions import defs as definitions
     if train:   # before any work: a profile whose base cannot read this dataset's texts
-        import dagster as dg
-
-        try:
-            refusal = definitions.resources["training"].refusal(spec.name)
-        except dg.Failure as e:
-            refusal = e.description
+        refusal = definitions.resources["training"].refusal(spec.name)
         if refusal:
             print(f"cir_cot_model[{spec.name}] cannot be trained with this configuration:\n{refusal}")
             return 2

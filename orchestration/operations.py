@@ -281,11 +281,7 @@ def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job
         for dataset in train_datasets:
             if not _materialised(context.instance, "cot_annotations", dataset):
                 continue
-            try:
-                refusal = training.refusal(dataset)
-            except dg.Failure as e:
-                refusal = e.description
-            if refusal:   # the configured profile cannot train it: a run would only fail
+            if training.refusal(dataset):   # the configured profile cannot train it: a run would only fail
                 notes.append(f"{dataset}: not retrained, the training profile {training.profile!r} cannot train it")
                 continue
             running = _active_runs(context.instance, training_job.name, dataset)

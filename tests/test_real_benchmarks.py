@@ -31,10 +31,15 @@ def _published(name: str, tmp: Path) -> Path:
     return path if path.is_dir() else _real_formats.made_up_annotations(name, tmp / f"{name}-annotations")
 
 
-def _record(instance, asset: str, partition: str) -> dict:
+def _record_meta(instance, asset: str, partition: str):
+    """The metadata of the newest materialisation of ``asset[partition]``."""
     (entry,) = instance.fetch_materializations(dg.AssetRecordsFilter(
         asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
-    return entry.asset_materialization.metadata["record"].value
+    return entry.asset_materialization.metadata
+
+
+def _record(instance, asset: str, partition: str) -> dict:
+    return _record_meta(instance, asset, partition)["record"].value
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +143,3 @@ def test_each_training_dataset_gets_its_own_model_and_circo_is_evaluated_zero_sh
             assert index["model_version"].value == prod[d]["version"]
             assert _record_meta(instance, "bento", d)["tag"].value == f"circot:{d}-{prod[d]['version']}"
 
-
-def _record_meta(instance, asset: str, partition: str):
-    (entry,) = instance.fetch_materializations(dg.AssetRecordsFilter(
-        asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
-    return entry.asset_materialization.metadata
