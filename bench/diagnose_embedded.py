@@ -19,6 +19,10 @@ The figures of docs/experiments/ (earlier-default-runs.md, 2026-11-27-embedded-r
   inside its own chains: whether fine-tuning joined the base's skills or unlearned them; also by the
   reference's number of objects and, for single edits, by the edit's op.
   ``--model`` is a saved model (``circot.json``) or a base checkpoint (``model_code/model/embedded_base``).
+  Then reference resolution, the text compared with the oracle's: the share of phrases ("the yellow
+  shape", "the lowest object") resolved to the oracle's objects by kind of phrase, and the part in
+  which each wrong text first differs (resolution, result, restated scene, conclusion; the caption too
+  in a chain), for the base's edit and inside the fine-tuned model's own chains.
 
 Reads what a finished ``make run`` made, as the Dagster instance of ``$DAGSTER_HOME`` records it
 (``.dagster`` under ``make``; run with ``DAGSTER_HOME=$PWD/.dagster``); writes only under ``--out``
@@ -185,10 +189,11 @@ def skills(args, artifacts):
     from model_code.backbone import load_backbone
     from model_code.data import read_dataset
     from model_code.data.tables import image_paths
-    from model_code.model.cir_cot import CirCoTModel, edit_request
+    from model_code.model.cir_cot import CirCoTModel, edit_answer, edit_request
     from model_code.model.decoding import generate_until
     from model_code.synthetic import scenes
-    from model_code.synthetic.oracle import describe, object_match, scene_from_text
+    from model_code.synthetic.oracle import describe, object_match, oracle_cot, scene_from_text
+    from model_code.synthetic.resolution import resolution_scores
 
     path = Path(args.model or _latest(artifacts)["path"])
     tuned = (path / "circot.json").is_file()
@@ -214,8 +219,13 @@ def skills(args, artifacts):
     edited = generate_until(model, [model.prompt("edit", edit_request(d, m), image=False)
                                for d, m in zip(descriptions, texts)], None, "</conclusion>", 384)
     rows["edit of the true caption (edit prompt)"] = exact([t.rsplit("<conclusion>", 1)[-1] for t in edited], targets)
+    oracle = [oracle_cot(q["query_id"], scenes.scene_from_json(graphs[q["reference"]]), q["edits"]) for q in queries]
+    resolution = {"edit of the true caption (edit prompt)": resolution_scores(
+        edited, [edit_answer(c.reasoning, c.conclusion) for c in oracle])}
     if tuned:
         embeddings, chains = model.infer_queries(images, texts, "cot", batch_size=50)   # written once
+        resolution["the model's own chain"] = resolution_scores([c["text"] for c in chains],
+                                                                [c.render() for c in oracle])
         cots = [c["cot"] for c in chains]
         rows["caption in the chain"] = cap = exact([c.caption if c else "" for c in cots], refs)
         rows["conclusion in the chain"] = con = exact([c.conclusion if c else "" for c in cots], targets)
@@ -228,6 +238,7 @@ def skills(args, artifacts):
         score("no_cot", model.embed_queries(images, texts, None, batch_size=50))
     print(f"\n{path} ({len(queries)} test queries; exact = the stated scene is the true one)\n")
     print(skills_table(rows, [q["n_edits"] for q in queries]))
+    print("\n" + resolution_table(resolution))
     # the same per query, by the reference's number of objects and, for single edits, by the edit's op
     print("\n" + grouped_table(rows, [len(r) for r in refs], "objects in the reference"))
     print("\n" + grouped_table(rows, [_op_name(q["edits"][0]) if len(q["edits"]) == 1 else None for q in queries],
@@ -246,6 +257,26 @@ def skills_table(rows: dict[str, list[bool]], edits: list[int]) -> str:
                 cells.append(f"{sum(sel) / max(len(sel), 1):.3f} (n={len(sel)})")
         else:
             cells += [f"n={len(ok)}", "", ""]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def resolution_table(scores: dict[str, dict]) -> str:
+    """``skills``' resolution table: per text compared with the oracle's (a row of ``scores``, the
+    ``resolution_scores`` of its texts), the share of phrases resolved to the oracle's objects, overall
+    and per kind of phrase, and where the wrong texts first differ from the oracle's."""
+    from model_code.synthetic.resolution import PARTS, PHRASE_KINDS
+
+    lines = ["Reference resolution (right / phrases) and the first error of the wrong texts:", "",
+             "| | all | " + " | ".join(PHRASE_KINDS) + " | wrong texts | "
+             + " | ".join(f"first error: {p}" for p in PARTS) + " |",
+             "|---" * (3 + len(PHRASE_KINDS) + len(PARTS)) + "|"]
+    for name, s in scores.items():
+        cells = [f"{s['resolution_acc']:.3f} (n={s['n_resolved']})"]
+        cells += [f"{s[f'resolution_acc[kind={k}]']:.3f} (n={s[f'n_resolved[kind={k}]']})"
+                  if f"resolution_acc[kind={k}]" in s else "" for k in PHRASE_KINDS]
+        cells.append(str(s["n_wrong"]))
+        cells += [f"{s.get(f'first_error[part={p}]', 0.0):.3f}" for p in PARTS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

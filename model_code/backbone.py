@@ -154,6 +154,39 @@ def build_random_backbone(shape: str | BackboneShape, corpus: Iterable[str], *, 
     return model, build_processor(tokenizer, shape.image_size, shape.patch_size)
 
 
+def grow_layers(model, layers: int):
+    """Deepen a Qwen2-VL model's language model to ``layers`` layers in place (a multiple of its
+    depth): each layer is followed by copies of itself whose output projections (attention ``o_proj``
+    and MLP ``down_proj``) start at zero, so each copy adds nothing to the residual stream at first
+    and the grown model computes exactly what the original did; training then uses the new depth.
+    Returns the model."""
+    import copy
+
+    import torch
+
+    text = model.model.language_model
+    old = list(text.layers)
+    if layers % len(old) or layers < len(old):
+        raise ValueError(f"grow to a multiple of the {len(old)} layers there are, not {layers}")
+    grown = []
+    for layer in old:
+        grown.append(layer)
+        for _ in range(layers // len(old) - 1):
+            twin = copy.deepcopy(layer)
+            with torch.no_grad():
+                twin.self_attn.o_proj.weight.zero_()
+                twin.mlp.down_proj.weight.zero_()
+            grown.append(twin)
+    for i, layer in enumerate(grown):
+        layer.self_attn.layer_idx = i
+    text.layers = torch.nn.ModuleList(grown)
+    config = model.config.text_config
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = [t for t in config.layer_types for _ in range(layers // len(old))]
+    return model
+
+
 def limit_pixels(processor, max_pixels: int) -> None:
     """Make the processor resize every image to at most ``max_pixels`` pixels (aspect kept, as Qwen2-VL's
     ``smart_resize`` does): fewer image tokens, the memory a profile was sized for. Saved with the

@@ -6,7 +6,8 @@ Generic code never imports a benchmark's package; it asks the benchmark's spec
 
 - ``pretraining``: the embedded base's pretraining corpus (a module or object with ``EDIT_OPS``,
   ``make_samples(cfg, folder, exclude=, progress=)``, ``excluded_scenes(root)`` and
-  ``matches(texts, truths)``; see ``model_code.model.pretrain``).
+  ``matches(texts, truths)``, and optionally ``resolution_scores(generated, oracle)``: which object
+  each phrase means, scored per kind of phrase; see ``model_code.model.pretrain``).
 - ``annotator(raw_root)`` → an ``Annotator`` (``model_code.annotation.judge``) that writes true chains
   from the benchmark's own ground truth (the oracle teacher of a synthetic benchmark).
 - ``reasoning_correctness(root, split, queries, reasoning)`` → ``{metric: value}``: whether the

@@ -214,6 +214,21 @@ def test_the_skills_table_splits_each_row_by_edit_count():
     ]
 
 
+def test_the_resolution_table_gives_each_kind_of_phrase_and_where_wrong_texts_first_err():
+    from bench.diagnose_embedded import resolution_table
+    from model_code.synthetic.resolution import resolution_scores
+
+    truth = ("<reasoning>The yellow shape is middle left: small yellow triangle; it becomes middle left: small red "
+             "triangle.</reasoning>\n<conclusion>middle left: small red triangle.</conclusion>")
+    wrong = truth.replace("The yellow shape is middle left", "The yellow shape is top left")
+    lines = resolution_table({"edit": resolution_scores([truth, wrong], [truth, truth])}).splitlines()
+    header = [c.strip() for c in lines[2].split("|")[1:-1]]
+    row = dict(zip(header, (c.strip() for c in lines[4].split("|")[1:-1])))
+    assert row[""] == "edit" and row["all"] == "0.500 (n=2)" and row["colour"] == "0.500 (n=2)"
+    assert row["size"] == "" and row["wrong texts"] == "1"
+    assert row["first error: resolution"] == "1.000" and row["first error: result"] == "0.000"
+
+
 def test_the_fine_tuning_options_set_the_profiles_stages():
     from bench.finetune_embedded import configure, main, parser
     from model_code.model.recipes import PROFILES

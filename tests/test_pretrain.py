@@ -279,3 +279,74 @@ def test_the_configurations_pretraining_runs_wrote_still_load_and_train_as_they_
     assert PretrainConfig(temperature=0.1).train_config().temperature == 0.1
     with pytest.raises(ValueError, match="stage is 'pretrain'"):
         PretrainConfig(stage="cot")
+
+
+def test_resolution_examples_name_exactly_the_objects_their_phrase_means(tmp_path):
+    """The resolve task: a description and a phrase -> the oracle's clause naming what it means."""
+    import random
+
+    from model_code.synthetic.edits import _candidate_refs
+    from model_code.synthetic.oracle import scene_from_text
+    from model_code.synthetic.resolution import phrase_kind, resolution_clauses
+
+    rng, kinds = random.Random(0), set()
+    for _ in range(40):
+        scene = pretraining._scene_with(rng, None, iter(range(100)).__next__)
+        pairs = pretraining.resolution_pairs(rng, scene, 50)
+        assert len({q for q, _ in pairs}) == len(pairs) > 0          # drawn without repeats
+        for prompt_text, answer in pairs:
+            description, phrase = prompt_text.removeprefix("Description: ").split("\nPhrase: ")
+            assert scene_from_text(description) == set(scenes_key(scene))
+            assert answer.startswith("<reasoning>") and answer.endswith(".</reasoning>")
+            [(stated, objects)] = resolution_clauses(answer.removeprefix("<reasoning>").removesuffix("</reasoning>"))
+            named = scene_from_text(objects)
+            kinds.add(phrase_kind(stated))
+            words = phrase.split()
+            if words[0] == "the" and "all" not in words:       # one object: the phrase picks out exactly it
+                refs = [r for o in scene for r in _candidate_refs(o) if [x.oid for x in r.matches(scene)] == [o.oid]]
+                assert len(named) == 1 and stated == phrase
+                assert any(set(scenes_key(r.matches(scene))) == named for r in refs)
+            else:                                               # a class: every member, nothing else
+                assert named and named <= set(scenes_key(scene))
+    assert kinds >= {"colour", "shape", "size", "position", "superlative", "negation"}
+    # samples carry them (drawn from a stream of their own: the scenes and edits are as before)
+    with_resolutions = pretrain.make_samples(_config("tiny", scenes=4, heldout=2, resolves_per_scene=3), tmp_path / "a")
+    without = pretrain.make_samples(_config("tiny", scenes=4, heldout=2, resolves_per_scene=0), tmp_path / "b")
+    assert [s.edit_text for s in with_resolutions] == [s.edit_text for s in without]
+    assert all(len(s.resolutions) == 3 for s in with_resolutions) and not any(s.resolutions for s in without)
+
+
+def scenes_key(objs):
+    from model_code.synthetic import scenes
+
+    return scenes.scene_key(tuple(objs))
+
+
+def test_a_grown_model_computes_what_the_shallow_one_did_and_trains_resolution(tmp_path, micro_shape):
+    from model_code.backbone import grow_layers, load_backbone
+    from model_code.model.cir_cot import CirCoTModel
+
+    first = pretrain.pretrain(_config(micro_shape, steps=2), tmp_path / "first")
+    model, processor = load_backbone(first.path, device="cpu")
+    m = CirCoTModel(model, processor)
+    before = m.embed_texts(["top left: large red circle."])
+    grow_layers(model, 4)
+    assert len(model.model.language_model.layers) == model.config.text_config.num_hidden_layers == 4
+    assert torch.allclose(m.embed_texts(["top left: large red circle."]), before, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple"):
+        grow_layers(model, 6)
+    with pytest.raises(ValueError, match="init"):
+        _config(micro_shape, grow_layers=4)
+
+    cfg = _config(micro_shape, steps=2, init=first.path, grow_layers=4, edit_answer="chain", resolve_fraction=0.5,
+                  resolves_per_scene=2)
+    record = pretrain.pretrain(cfg, tmp_path / "grown")
+    grown = load_backbone(record.path, device="cpu")[0]
+    assert grown.config.text_config.num_hidden_layers == 4
+    history = json.loads((tmp_path / "grown" / "train" / "checkpoint" / "history.json").read_text())
+    assert all(h["resolve"] > 0 for h in history)     # the resolution task was trained at every step
+    # and the held-out scores hold resolution by kind of phrase and the first error of wrong edits
+    p = record.perception
+    assert 0 <= p["resolution_acc"] <= 1 and p["n_resolved"] > 0
+    assert any(k.startswith("resolution_acc[kind=") for k in p)
+    assert p["n_wrong"] == 0 or any(k.startswith("first_error[part=") for k in p)

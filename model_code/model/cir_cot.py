@@ -39,6 +39,7 @@ PROMPTS = {
     "describe": "Describe the image.",
     "text": "Description: {text}\nEmbed the image it describes.",
     "edit": "{text}\nDescribe the image after the modification.",  # pretraining's text edits
+    "resolve": "{text}\nSay which object the phrase means.",       # pretraining's reference resolution
 }
 IDENTITY_REQUEST = "keep the image exactly as it is"   # pretraining: the no-change query of an image
 
@@ -46,6 +47,11 @@ IDENTITY_REQUEST = "keep the image exactly as it is"   # pretraining: the no-cha
 def edit_request(description: str, modification: str) -> str:
     """The text of a text edit's prompt (``PROMPTS["edit"]``): a scene description and a modification."""
     return f"Description: {description}\nModification: {modification}"
+
+
+def resolve_request(description: str, phrase: str) -> str:
+    """The text of a resolution's prompt (``PROMPTS["resolve"]``): a scene description and a phrase."""
+    return f"Description: {description}\nPhrase: {phrase}"
 
 
 def caption_answer(description: str) -> str:

@@ -215,7 +215,9 @@ def pretrain_objective(m: CirCoTModel, batch: Sequence[TrainExample], negatives:
     scene description's ``<emb>`` against its image (of the batch's first ``cfg.align_size`` rows, or
     all), the image's no-change query against the same (``cfg.identity_queries``), captioning of the
     first ``cfg.caption_fraction`` of them (``<caption>`` tags, as the chain writes it) and the text
-    edits of the first ``cfg.edit_fraction`` of the whole batch (``<conclusion>`` the edited description)."""
+    edits of the first ``cfg.edit_fraction`` of the whole batch (``<conclusion>`` the edited description),
+    and the resolutions of the first ``cfg.resolve_fraction`` (short sequences: a description and a
+    phrase -> the clause naming the object(s) it means)."""
     aligned = batch[:cfg.align_size] if cfg.align_size else batch
     q_inputs = m.text_inputs([ex.text for ex in aligned])
     queries = m.emb(q_inputs, m.hidden_states(q_inputs))
@@ -240,6 +242,12 @@ def pretrain_objective(m: CirCoTModel, batch: Sequence[TrainExample], negatives:
                             train_answer=True)
         out["edit"] = answer_ce(m.hidden_states(e_inputs), e_inputs["labels"], lm_head)
         out["txt"] = out.get("txt", 0) + out["edit"]
+    resolves = [r for ex in batch[:int(len(batch) * cfg.resolve_fraction)] for r in ex.resolve]
+    if resolves:
+        r_inputs = m.encode([m.prompt("resolve", q, image=False) for q, _ in resolves], [a for _, a in resolves],
+                            None, train_answer=True)
+        out["resolve"] = answer_ce(m.hidden_states(r_inputs), r_inputs["labels"], lm_head)
+        out["txt"] = out.get("txt", 0) + out["resolve"]
     out["loss"] = joint_loss(info, out.get("txt"), lambda_info=cfg.lambda_info, lambda_txt=cfg.lambda_txt)
     return out
 

@@ -45,7 +45,13 @@ from typing import Literal
 
 import torch
 
-from model_code.backbone import build_random_backbone, checkpoint_version, load_backbone, save_backbone
+from model_code.backbone import (
+    build_random_backbone,
+    checkpoint_version,
+    grow_layers,
+    load_backbone,
+    save_backbone,
+)
 from model_code.benchmarks import benchmark
 from model_code.chain import parse
 from model_code.common import atomic_write_json
@@ -76,7 +82,7 @@ class PretrainConfig(TrainConfig):
     caption_fraction: float = 0.5
     edit_fraction: float = 0.5
     hard_negatives: int = 0
-    mixed_precision: Literal["no", "bf16"] = "bf16"   # bf16 autocast: 24 % less time per step on this CPU
+    mixed_precision: Literal["no", "bf16", "auto"] = "auto"   # bf16 where native (train.native_bf16)
     checkpoint_every: int = 25
     # pretraining's own
     corpus: str = "synthetic"       # the dataset whose ``pretraining`` hook makes the corpus (model_code.datasets)
@@ -90,6 +96,8 @@ class PretrainConfig(TrainConfig):
     # chain's tags: the step the fine-tuned chain takes between its caption and its conclusion
     edit_answer: str = "conclusion"
     edits_per_scene: int = 1        # text edits drawn per scene (text is cheap; images are rendered once)
+    resolves_per_scene: int = 4     # resolution examples drawn per sample (trained with resolve_fraction > 0)
+    grow_layers: int = 0            # with init: the language model's depth after each layer is repeated (0: as is)
     init: str = ""                  # a checkpoint folder to continue from (its tokenizer too); "" = random
     # curriculum: train on modifications of at most `start_edits` edits until the held-out single
     # edits are right `advance_at` of the time, then on every count (0: no curriculum)
@@ -112,6 +120,10 @@ class PretrainConfig(TrainConfig):
             raise ValueError(f"start_edits must be 0 (no curriculum) or 1-3, not {self.start_edits!r}")
         if not 0 < self.advance_at <= 1:
             raise ValueError(f"advance_at must be in (0, 1], not {self.advance_at!r}")
+        if self.resolves_per_scene < 0 or not 0 <= self.resolve_fraction <= 1:
+            raise ValueError("resolves_per_scene must be at least 0 and resolve_fraction in [0, 1]")
+        if self.grow_layers and not self.init:
+            raise ValueError("grow_layers deepens a model it continues: give init too")
         if self.oversample < 1:
             raise ValueError("oversample must be at least 1")
         object.__setattr__(self, "oversample_ops", tuple(self.oversample_ops))
@@ -143,6 +155,7 @@ class PretrainSample:
     conclusion: str       # its description, as a chain's conclusion words it
     cot: str              # the oracle chain of this (scene, edit): tokenizer corpus only
     ops: tuple[str, ...] = ()   # the modification's edits, one name of the corpus's EDIT_OPS each
+    resolutions: tuple[tuple[str, str], ...] = ()   # (resolve prompt text, answer): which object a phrase means
 
 
 def _corpus(name: str):
@@ -191,7 +204,8 @@ def edit_target(s: PretrainSample, answer: str = "conclusion") -> str:
 
 def examples(samples: Sequence[PretrainSample], answer: str = "conclusion") -> list[TrainExample]:
     return [TrainExample(f"{s.image.stem}-{k}", None, s.description, s.image,
-                         edit=(s.edit_text, edit_target(s, answer))) for k, s in enumerate(samples)]
+                         edit=(s.edit_text, edit_target(s, answer)), resolve=s.resolutions)
+            for k, s in enumerate(samples)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +247,10 @@ def perception(m, heldout: Sequence[PretrainSample], *, max_new_tokens: int = 96
     caption_hits = _matches(captions, [s.scene for s in heldout], corpus)
     edited = generate_until(m, [m.prompt("edit", s.edit_text, image=False) for s in heldout], None, "</conclusion>",
                        max_new_tokens * (4 if edit_answer == "chain" else 1))
+    resolution = {}
+    if edit_answer == "chain" and hasattr(_corpus(corpus), "resolution_scores"):
+        # which object each phrase means, by the kind of phrase, and where wrong edits first go wrong
+        resolution = _corpus(corpus).resolution_scores(edited, [edit_target(s, "chain") for s in heldout])
     edited = [t.rsplit("<conclusion>", 1)[-1] if edit_answer == "chain" else t for t in edited]
     edit_hits = _matches(edited, [s.edited for s in heldout], corpus)
     q = m.embed_texts([s.description for s in heldout])
@@ -247,7 +265,7 @@ def perception(m, heldout: Sequence[PretrainSample], *, max_new_tokens: int = 96
             "text_to_image_R@1": round(r1, 4), "eval_seconds": round(time.monotonic() - t0, 1),
             **_by([f"objects={len(s.scene)}" for s in heldout], caption_hits, "caption_exact"),
             **_by([f"edits={len(s.ops)}" for s in heldout], edit_hits, "edit_exact"),
-            **_by([f"op={op}" for op, _ in single], [hit for _, hit in single], "edit_exact"),
+            **_by([f"op={op}" for op, _ in single], [hit for _, hit in single], "edit_exact"), **resolution,
             "example_caption": captions[0][:300], "truth": heldout[0].description}
 
 
@@ -283,6 +301,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
     if not (init / "config.json").is_file():
         if cfg.init:
             model, processor = load_backbone(cfg.init, dtype="float32", device="cpu")
+            if cfg.grow_layers:
+                grow_layers(model, cfg.grow_layers)
         else:
             corpus = [s.description for s in samples] + [s.edit_text for s in samples]
             corpus += [s.conclusion for s in samples] + [s.cot for s in samples] + list(PROMPTS.values()) * 50
@@ -316,9 +336,13 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, *, exclude_root: s
                "max_edits": level, **p}
         with open(metrics_file, "a") as f:
             f.write(json.dumps(row) + "\n")
+        resolved = (f"; resolution {p['resolution_acc']:.3f} (" + ", ".join(
+            f"{k[len('resolution_acc[kind='):-1]} {v:.2f}" for k, v in p.items() if k.startswith("resolution_acc["))
+            + ")") if "resolution_acc" in p else ""
         say(f"pretrain step {done}/{cfg.steps}: caption exact {p['caption_exact']:.3f}, object F1 "
             f"{p['caption_object_f1']:.3f}; edit exact {p['edit_exact']:.3f} (single "
-            f"{p.get('edit_exact[edits=1]', float('nan')):.3f}); text->image R@1 {p['text_to_image_R@1']:.3f} "
+            f"{p.get('edit_exact[edits=1]', float('nan')):.3f}){resolved}; "
+            f"text->image R@1 {p['text_to_image_R@1']:.3f} "
             f"(eval {p['eval_seconds']:.0f}s); curriculum: up to {level} edits")
         if minutes is not None and time.monotonic() - t0 > minutes * 60 and done < cfg.steps:
             say(f"pretrain: stopping after {minutes} minutes at step {done}; the same command resumes")
@@ -369,6 +393,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="modifications holding one of these ops are drawn --oversample times as often "
                         f"({', '.join(_corpus('synthetic').EDIT_OPS)})")
     p.add_argument("--oversample", type=int)
+    p.add_argument("--mixed-precision", choices=("auto", "no", "bf16"),
+                   help="autocast: auto (default) is bf16 where the GPU or CPU computes it natively, else float32")
+    p.add_argument("--resolve-fraction", type=float,
+                   help="share of the batch also trained on reference resolution: a description and a phrase -> "
+                        "the object(s) it means, short sequences (0: none)")
+    p.add_argument("--resolves-per-scene", type=int, help="resolution examples per sample (default 4)")
+    p.add_argument("--grow-layers", type=int,
+                   help="with --init: deepen the language model to this many layers, each layer followed by "
+                        "copies that start adding nothing (e.g. 8 from the shipped 4)")
     p.add_argument("--init", help="continue from this checkpoint folder (e.g. the embedded base) instead of "
                                   "random weights")
     p.add_argument("--publish", metavar="DEST", nargs="?", const="model_code/model/embedded_base",
@@ -392,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = ("steps", "scenes", "heldout", "batch_size", "eval_every", "lr", "warmup_steps", "caption_fraction",
              "edit_fraction", "edit_answer", "edits_per_scene", "align_size", "init", "start_edits", "advance_at",
-             "advance_by_step", "oversample_ops", "oversample")
+             "advance_by_step", "oversample_ops", "oversample", "resolve_fraction", "resolves_per_scene", "grow_layers",
+             "mixed_precision")
     cfg = PretrainConfig(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})  # validated
     exclude = args.exclude or None
     if exclude and not Path(exclude).is_dir():

@@ -18,8 +18,9 @@ from pathlib import Path
 from model_code.common import Progress
 from model_code.model.cir_cot import edit_request
 from model_code.synthetic import scenes
-from model_code.synthetic.edits import sample_modification
-from model_code.synthetic.oracle import describe, object_match, oracle_cot, scene_from_text
+from model_code.synthetic.edits import _candidate_refs, not_phrase, sample_modification
+from model_code.synthetic.oracle import _class_words, describe, item, object_match, oracle_cot, scene_from_text
+from model_code.synthetic.resolution import resolution_scores  # noqa: F401  (the corpus's resolution measure)
 
 SCENE_SEED = "circot-pretrain"  # scenes are drawn from random.Random(f"{SCENE_SEED}/{seed}/{i}")
 # the edit ops a modification is made of, as the scores by op name them ("set" split by attribute)
@@ -54,6 +55,42 @@ def _scene_with(rng: random.Random, n_objects: int | None, next_oid) -> tuple:
         scene = scenes.random_scene(rng, next_oid)
         if n_objects is None or len(scene) == n_objects:
             return scene
+
+
+def resolution_pairs(rng: random.Random, scene: scenes.Scene, count: int) -> tuple[tuple[str, str], ...]:
+    """Up to ``count`` resolution examples of ``scene``, drawn without repeats: (the resolve prompt's
+    text: the description and a phrase; the answer: the oracle's clause naming the object(s) the
+    phrase means, in ``<reasoning>`` tags as a chain's reasoning starts). The phrases are those the
+    modifications use: each phrase that picks out exactly one object ("the yellow shape", "the lowest
+    object", "the object at the top middle"), and each class an edit of many objects takes ("all the
+    red objects", "every object that is not round"), answered in the oracle's words ("The red objects
+    are ...", "The only object that is not round is ...")."""
+    from model_code.model.cir_cot import resolve_request
+
+    def objects(hit) -> str:
+        return " and ".join(item(o) for o in hit)
+
+    found: list[tuple[str, str]] = []   # (phrase, clause)
+    for o in scene:
+        for ref in _candidate_refs(o):
+            if [x.oid for x in ref.matches(scene)] == [o.oid]:
+                phrase = ref.text(rng)
+                found.append((phrase, f"{phrase[0].upper()}{phrase[1:]} is {item(o)}."))
+    for attr, values in (("color", scenes.COLORS), ("shape", scenes.SHAPES), ("size", scenes.SIZES)):
+        for value in values:
+            hit = [o for o in scene if getattr(o, attr) == value]
+            rest = [o for o in scene if getattr(o, attr) != value]
+            if hit:
+                many = _class_words(attr, value)
+                found.append((f"all the {many}", f"The {many} are {objects(hit)}." if len(hit) > 1 else
+                              f"The only {_class_words(attr, value, False)} is {objects(hit)}."))
+            if hit and rest:
+                negated = f"that {{}} not {not_phrase(attr, value)}"
+                found.append((f"every object {negated.format('is')}",
+                              f"The objects {negated.format('are')} are {objects(rest)}." if len(rest) > 1 else
+                              f"The only object {negated.format('is')} is {objects(rest)}."))
+    return tuple((resolve_request(describe(scene), phrase), f"<reasoning>{clause}</reasoning>")
+                 for phrase, clause in rng.sample(found, min(count, len(found))))
 
 
 def make_samples(cfg, folder: str | os.PathLike, *, exclude: set[tuple] = frozenset(),
@@ -102,7 +139,9 @@ def make_samples(cfg, folder: str | os.PathLike, *, exclude: set[tuple] = frozen
                     image=path, scene=key, description=description,
                     edit_text=edit_request(description, modification), edited=scenes.scene_key(edited),
                     conclusion=describe(edited), cot=oracle_cot(f"pretrain/{tag}", scene, edits).render(),
-                    ops=tuple(op_name(e) for e in edits)))
+                    ops=tuple(op_name(e) for e in edits),
+                    resolutions=resolution_pairs(random.Random(f"{SCENE_SEED}/{cfg.seed}/resolve/{tag}"), scene,
+                                                 getattr(cfg, "resolves_per_scene", 0))))
                 made = None
             bar.step()
         return out
