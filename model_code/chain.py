@@ -24,35 +24,49 @@ MAX_TEXT_CHARS = 6 * MAX_SECTION_CHARS
 _UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
+# characters of rendering categories that draw nothing: Hangul fillers, the combining grapheme joiner,
+# variation selectors (and the Mongolian ones), Khmer's inherent vowels, the blank braille pattern
+NOT_RENDERED = frozenset([0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F, 0x2800, 0x3164,
+                          0xFFA0, *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)])
+
+
+def renders(ch: str) -> bool:
+    """Whether a character draws something on its own: a letter, digit, symbol or punctuation mark
+    (by Unicode category) that is not one of the fillers and selectors of ``NOT_RENDERED``. Spaces,
+    control and format characters (zero-width spaces and joiners, the BOM, soft hyphens, bidi marks)
+    and combining marks alone draw nothing."""
+    return unicodedata.category(ch)[0] in "LNPS" and ord(ch) not in NOT_RENDERED
+
+
 def visible(text: str) -> str:
     """``text`` without what shows nothing: spaces and separators of any script, control and format
-    characters (zero-width spaces and joiners, the BOM, soft hyphens, bidi marks)."""
-    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "ZC" and not ch.isspace())
+    characters, and the fillers and selectors of ``NOT_RENDERED`` (combining marks are kept with the
+    characters they mark)."""
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "ZC" and not ch.isspace()
+                   and ord(ch) not in NOT_RENDERED)
 
 
 @functools.cache
 def visible_pattern() -> str:
-    """A regular expression that finds a character :func:`visible` keeps (for checks that take a
-    regex, e.g. Great Expectations'): a text it does not match is blank."""
-    hidden, start = [], None
-    for code in range(0x10000):
-        ch = chr(code)
-        invisible = unicodedata.category(ch)[0] in "ZC" or ch.isspace()
-        if invisible and start is None:
+    """A regular expression that finds a character that :func:`renders` (for checks that take a regex,
+    e.g. Great Expectations'): a text it does not match is blank, as :func:`is_blank` says."""
+    ranges, start = [], None
+    for code in range(0x110000):
+        shown = renders(chr(code))
+        if shown and start is None:
             start = code
-        elif not invisible and start is not None:
-            hidden.append((start, code - 1))
+        elif not shown and start is not None:
+            ranges.append((start, code - 1))
             start = None
     if start is not None:
-        hidden.append((start, 0xFFFF))
-    hidden += [(0x1D173, 0x1D17A), (0xE0001, 0xE0001), (0xE0020, 0xE007F)]   # astral format characters
-    return "[^" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in hidden) + "]"
+        ranges.append((start, 0x10FFFF))
+    return "[" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges) + "]"
 
 
 def is_blank(text) -> bool:
-    """Whether ``text`` is not a string or shows nothing (see :func:`visible`): one notion of empty for
-    modification texts, captions and chain sections alike."""
-    return not isinstance(text, str) or not visible(text)
+    """Whether ``text`` is not a string or shows nothing: no character that :func:`renders`. One
+    notion of empty for modification texts, captions, chain sections and search requests alike."""
+    return not isinstance(text, str) or not any(map(renders, text))
 
 
 def normalised_text(text: str) -> str:

@@ -146,6 +146,34 @@ def test_repair_leaves_good_text_alone_and_refuses_hopeless_text():
         assert err.value.reason == reason, text
 
 
+# characters of rendering categories that draw nothing (Hangul fillers, the combining grapheme joiner,
+# variation selectors, a Khmer inherent vowel, a Mongolian selector, the blank braille pattern)
+DRAW_NOTHING = ["\u3164", "\uffa0", "\u115f", "\u1160", "\u034f", "\ufe00", "\ufe0f", "\U000e0100", "\u17b4",
+                "\u180b", "\u2800"]
+
+
+@pytest.mark.parametrize("ch", DRAW_NOTHING)
+def test_text_of_fillers_and_selectors_is_empty_for_the_judge_the_search_and_the_suite(ch):
+    import re
+
+    from model_code.annotation.judge import judge
+    from model_code.chain import visible_pattern
+    from model_code.retrieval import QueryError, check_text
+
+    text = f"{ch}{ch} {ch}\u200b"
+    assert is_blank(text) and not re.search(visible_pattern(), text)   # the triplets suite's regex agrees
+    with pytest.raises(QueryError):
+        check_text(text)                                              # /search, the evaluation's queries
+    answer = judge("q", "t", "v", f"<caption>a red circle</caption><reasoning>{text}</reasoning>"
+                                   "<conclusion>a blue circle</conclusion>")
+    assert (answer.status, answer.reject_reason) == ("rejected", "empty_section")
+    assert judge("q", "t", "v", text).reject_reason == "empty_answer"
+    # beside a letter they are harmless: an emoji with its variation selector, a mark on its letter
+    for shown in (f"a{ch}", "\u2764\ufe0f", "e\u0301", "한"):
+        assert not is_blank(shown) and re.search(visible_pattern(), shown)
+    assert is_blank("\u0301")     # a combining mark alone draws nothing of its own
+
+
 def test_one_notion_of_empty_and_of_repeats_for_every_script():
     # nothing but spaces of any script and format characters (zero-width, BOM, bidi marks) is empty
     for blank in ("", " \t\n", "\u200b\u200c\u200d\u2060\ufeff", "\u00ad\u200e\u200f\u202a", "\u3000\u00a0", None):

@@ -39,6 +39,7 @@ def test_duplicate_id_empty_text_and_bad_lists_are_named_with_example_rows(bench
     t.loc[5, "modification"] = "   "
     t.loc[6, "modification"] = None
     t.loc[10, "modification"] = "\u200b\u2060\u200e"   # only format characters: as empty as blanks
+    t.loc[11, "modification"] = "\u3164\u2800\ufe0f"   # fillers and selectors draw nothing either
     t.at[7, "subset_ids"] = ["x", "x"]
     t.at[8, "target_ids"] = "val_000001"  # a string where a list belongs
     t.loc[9, "split"] = "training"
@@ -54,6 +55,7 @@ def test_duplicate_id_empty_text_and_bad_lists_are_named_with_example_rows(bench
     assert failed["modification texts are not empty"].examples == [
         {"modification": "   ", "query_id": t.loc[5, "query_id"]},
         {"modification": "\u200b\u2060\u200e", "query_id": t.loc[10, "query_id"]},
+        {"modification": "\u3164\u2800\ufe0f", "query_id": t.loc[11, "query_id"]},
     ]
     assert "repeated id" in failed["subset_ids is a list of distinct non-empty ids"].examples[0]["subset_ids_form"]
     with pytest.raises(DataQualityError) as err:
