@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import urllib.request
 from pathlib import Path
@@ -209,11 +210,44 @@ def failure_message(run: dg.DagsterRun, instance: dg.DagsterInstance, step_failu
             error = error.cause
         message["error"] = (error.message.strip() if error else event.message or "")[:2000]
         break
+    if message["failed_step"] is None:     # a run killed mid-step has no step failure: the step it was in
+        message["failed_step"] = _unfinished_step(instance, run.run_id)
+    if not message["error"] or GENERIC_FAILURE in message["error"]:
+        # a launched run whose process died is marked failed by its code server with Dagster's generic
+        # text; the reason (the signal or exit code) is in the engine event just before it
+        message["error"] = _crash_reason(instance, run.run_id) or message["error"]
     gate = _blocked_gate(instance, run.run_id)
     if gate is not None:
         message.update(kind="promotion_blocked", failed_step=message["failed_step"] or "promotion_gate",
                        error=f"the promotion gate refused model {gate['model_version']}", verdict=gate["verdict"])
     return message
+
+
+GENERIC_FAILURE = "marked as failed from outside the execution context"
+_CRASH = re.compile(r"terminated by signal|exited with code|is gone")
+
+
+def _crash_reason(instance: dg.DagsterInstance, run_id: str) -> str | None:
+    """Why a run's process died, as the run's engine events say it (the code server's "Run execution
+    process ... was terminated by signal 9", or the dead-run sensor's text): the newest such, or None."""
+    for record in reversed(list(instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT))):
+        text = record.dagster_event.message or ""
+        if _CRASH.search(text):
+            return text[:2000]
+    return None
+
+
+def _unfinished_step(instance: dg.DagsterInstance, run_id: str) -> str | None:
+    """The step a run had started and never finished (where a killed run died), or None."""
+    t = dg.DagsterEventType
+    open_steps: dict[str, None] = {}
+    for record in instance.all_logs(run_id, of_type={t.STEP_START, t.STEP_SUCCESS, t.STEP_FAILURE, t.STEP_SKIPPED}):
+        event = record.dagster_event
+        if event.event_type == t.STEP_START:
+            open_steps[event.step_key] = None
+        else:
+            open_steps.pop(event.step_key, None)
+    return next(reversed(open_steps), None)
 
 
 def _blocked_gate(instance: dg.DagsterInstance, run_id: str) -> dict | None:
@@ -392,7 +426,9 @@ def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job
         return dg.RunRequest(run_key=f"train-after-{run.run_id}", partition_key=dataset, tags={
             TRIGGER_TAG: "feedback", REASON_TAG: f"new accepted feedback for {dataset} (run {run.run_id})"})
 
-    @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING,
+    # every run of the instance: those `make run` / `circot run` start in-process have no code location
+    # of origin, and a sensor that watches only its own location's runs skips them
+    @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING, monitor_all_code_locations=True,
                            description="Posts a failed run (job, partition, step, error, link) to "
                                        "CIRCOT_ALERT_WEBHOOK; a blocked promotion gate is reported as such")
     def failure_alert(context: dg.RunFailureSensorContext):

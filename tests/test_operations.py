@@ -273,14 +273,27 @@ training.execute_in_process(instance=dg.DagsterInstance.get(),
 """
 
 
-def test_a_run_whose_process_was_killed_is_marked_failed_and_alerted_and_the_schedule_goes_on(tmp_path, monkeypatch):
+def _alert_tick(sensor, instance, cursor=None):
+    """One evaluation of a run-status sensor as the daemon makes it: in a named code location and
+    repository (a sensor built without them would match runs that have none by accident)."""
+    return sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor,
+                                                        repository_name="__repository__"))
+
+
+@pytest.mark.parametrize("marked_by", ["dead-run sensor", "code server"])
+def test_a_run_whose_process_was_killed_is_marked_failed_and_alerted_and_the_schedule_goes_on(tmp_path, monkeypatch,
+                                                                                              webhook, marked_by):
     """kill -9 of the process executing a run: Dagster would keep it STARTED for good (the schedule
-    then skips forever); the dead-run sensor marks it failed, and the failure alert says why."""
+    then skips forever); the dead-run sensor marks it failed (a run the command line started), or the
+    code server does with Dagster's generic text (a launched run). Either way the failure alert,
+    evaluated as the daemon evaluates it, posts the reason the process died and the step it was in."""
     import os
     import signal
     import subprocess
     import sys
     import time
+
+    from dagster._utils import get_run_crash_explanation
 
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -295,24 +308,39 @@ def test_a_run_whose_process_was_killed_is_marked_failed_and_alerted_and_the_sch
                 assert child.poll() is None and time.time() < deadline, "the run never started"
                 time.sleep(0.5)
             run, = instance.get_runs()
+            while not instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START):
+                assert time.time() < deadline, "the step never started"
+                time.sleep(0.2)
             assert operations.fail_dead_runs(instance) == []          # alive: left alone
+            alert = _by_name("failure_alert")
+            cursor = _alert_tick(alert, instance).cursor               # the daemon's first tick: from now on
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait()
+        assert child.returncode == -signal.SIGKILL                      # killed while the step was running
         schedule = _by_name("retrain_schedule")
         when = dt.datetime(2026, 11, 30, 3, 0, tzinfo=dt.timezone.utc)
         _annotated(instance, "synthetic")
         skipped = _tick(schedule, instance, when)
         assert isinstance(skipped, dg.SkipReason) and run.run_id in skipped.skip_message   # the bug this fixes
 
-        result = _by_name("dead_run_sensor")(dg.build_sensor_context(instance=instance))
-        assert isinstance(result, dg.SkipReason) and run.run_id in result.skip_message
+        if marked_by == "code server":     # what Dagster's code server does when a launched run's process dies
+            instance.report_engine_event(get_run_crash_explanation(f"Run execution process for {run.run_id}",
+                                                                   -signal.SIGKILL), run)
+            instance.report_run_failed(run)
+            reason = "was terminated by signal 9 (SIGKILL)"
+        else:
+            result = _by_name("dead_run_sensor")(dg.build_sensor_context(instance=instance))
+            assert isinstance(result, dg.SkipReason) and run.run_id in result.skip_message
+            reason = f"(pid {child.pid}) is gone"
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
         assert operations.fail_dead_runs(instance) == []          # once only
-        failure, = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
-        message = operations.failure_message(instance.get_run_by_id(run.run_id), instance,
-                                             run_failure=failure.dagster_event)
-        assert f"(pid {child.pid}) is gone" in message["error"] and message["kind"] == "failure"
+        assert not webhook
+        _alert_tick(alert, instance, cursor)
+        (_, message), = webhook
+        assert reason in message["error"] and operations.GENERIC_FAILURE not in message["error"]
+        assert (message["kind"], message["partition"], message["failed_step"]) == ("failure", "synthetic",
+                                                                                   "wait_forever")
         (request,) = _tick(schedule, instance, when)
         assert request.partition_key == "synthetic"                # the schedule goes on
 
