@@ -14,6 +14,7 @@ a real benchmark; ``texts_from_files`` gathers its texts from JSON or JSON Lines
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -160,8 +161,6 @@ def grow_layers(model, layers: int):
     and MLP ``down_proj``) start at zero, so each copy adds nothing to the residual stream at first
     and the grown model computes exactly what the original did; training then uses the new depth.
     Returns the model."""
-    import copy
-
     import torch
 
     text = model.model.language_model

@@ -307,6 +307,7 @@ class CirCoTService:
         self.version = MODEL_VERSION
         self.paths: dict[str, Path] = {}
         self.by_hash: dict[str, list[str]] = {}
+        self.same_picture = None   # SamePicture of the gallery, where the protocol leaves the reference out
         self.link = EncoderLink(self.encoder, MODEL_VERSION, SETTINGS.encoder_timeout_s)
         self.store = _feedback_store(self.dataset)
         if not SETTINGS.api_token:
@@ -324,6 +325,7 @@ class CirCoTService:
             index = GalleryIndex(index_uri(SETTINGS.artifacts, SETTINGS.index_uri), self.dataset)
             self.paths = index.paths(MODEL_VERSION)    # fails, saying so, when no index was built for it
             self.by_hash = index.hashes(MODEL_VERSION) if self.excludes_reference else {}
+            self.same_picture = index.same_picture(MODEL_VERSION) if self.excludes_reference else None
             table_version = index.versions()[MODEL_VERSION]
             index.vectors(MODEL_VERSION)    # read now (and torch imported): the first query does not wait for it
             import torch  # noqa: F401
@@ -361,13 +363,16 @@ class CirCoTService:
     async def __is_ready__(self) -> bool:
         return await self.readiness() is None
 
-    def _excluded(self, data: bytes, reference_id: str) -> list[str]:
-        """The gallery ids the dataset's protocol leaves out for this reference: those with its
-        content, and the id the client named."""
+    def _excluded(self, data: bytes, picture, reference_id: str) -> list[str]:
+        """The gallery ids the dataset's protocol leaves out for this reference: those with its bytes,
+        those that are its picture saved or sized otherwise (model_code.index.SamePicture), and the id
+        the client named."""
         if not self.excludes_reference:
             return []
 
         ids = set(self.by_hash.get(bytes_md5(data), ()))
+        if self.same_picture is not None:
+            ids.update(self.same_picture.matches(picture))
         if reference_id and reference_id in self.paths:
             ids.add(reference_id)
         return sorted(ids)
@@ -400,8 +405,8 @@ class CirCoTService:
                 raise QueryError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
             text = check_text(modification)
             data = Path(image).read_bytes()
-            open_image(data, max_bytes=SETTINGS.max_image_bytes, max_pixels=SETTINGS.max_image_pixels)
-            excluded = self._excluded(data, reference_id)
+            picture = open_image(data, max_bytes=SETTINGS.max_image_bytes, max_pixels=SETTINGS.max_image_pixels)
+            excluded = await asyncio.to_thread(self._excluded, data, picture, reference_id)
             most = min(SETTINGS.max_k, len(self.paths) - len(excluded))
             if not 1 <= k <= most:
                 raise QueryError(f"k must be from 1 to {most}, not {k}")

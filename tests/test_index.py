@@ -327,5 +327,39 @@ def test_each_image_is_found_by_its_content_and_an_index_made_before_hashes_stil
     assert ids[0][0] == "i000"      # still searched as before
     said: list[str] = []
     info = old.build(embed, images, model_version="v1", progress=said.append)
-    assert any("before content hashes: rebuilding" in s for s in said) and info.embedded == len(images)
+    assert any("before content hashes and fingerprints: rebuilding" in s for s in said)
+    assert info.embedded == len(images)
     assert "md5" in old._open().schema.names and old.hashes("v1") == expected
+
+
+def test_the_same_picture_is_found_whatever_its_file_and_a_distinct_one_never(tiny_synthetic, tmp_path):
+    """How the service finds an uploaded reference in the gallery when its bytes differ: saved again
+    (PNG, JPEG), resized a little or by half or double, it is found; no other image of the gallery is."""
+    from PIL import Image
+
+    from bench.same_picture import variants
+
+    files = sorted((tiny_synthetic / "images" / "test").glob("*.png"))
+    images = [GalleryImage(f.stem, "test", f) for f in files]
+    rng = np.random.default_rng(0)
+    lookup = {f.stem: v for f, v in zip(files, _unit(rng, len(files)))}
+    index = GalleryIndex(tmp_path / "db", "synthetic")
+    index.build(lambda paths: np.stack([lookup[Path(p).stem] for p in paths]), images, model_version="v1")
+    assert "fingerprint" in index._open().schema.names
+    same = index.same_picture("v1")
+    assert len(same) == len(files) > 10
+    for f in files:
+        with Image.open(f) as im:
+            im.load()
+        assert same.matches(im) == [f.stem]                       # itself, and no distinct image
+        for name, v in variants(im).items():
+            if name == "jpeg 75":   # at 64 px it blurs colours as far apart as yellow from orange
+                continue
+            assert same.matches(v) == [f.stem], (f.stem, name)
+    # an index built before fingerprints were stored: computed from its files, the same answers
+    table = index._open()
+    table.drop_columns(["fingerprint"])
+    old = GalleryIndex(tmp_path / "db", "synthetic")
+    assert "fingerprint" not in old._open().schema.names
+    with Image.open(files[2]) as im:
+        assert old.same_picture("v1").matches(im.resize((im.width + 6, im.height + 6))) == [files[2].stem]
