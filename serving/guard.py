@@ -3,9 +3,12 @@
 In order: the bearer token (``CIRCOT_API_TOKEN``; ``/metrics`` too unless ``CIRCOT_METRICS_OPEN=1``),
 ``/metrics`` (the service's own Prometheus text), ``/readyz`` (200, or 503 with the reason and a
 ``Retry-After``), readiness for the API (503 with the reason before the model and index are
-there or while the encoder is away), then the request; every error answer leaves in one shape,
-``{"error": "..."}`` (BentoML answers some as a list, some in plain text), every answer carries
-``X-Circot-Dataset``, and every request gets one log line and its metrics, by route template.
+there or while the encoder is away), the body of a POST to the API (its media type, its size and, for
+a form, its multipart structure and that each file field is an uploaded file: BentoML answers a
+malformed form with a 500 and fetches a URL given for a file), then the request; every error answer
+leaves in one shape, ``{"error": "..."}`` (BentoML answers some as a list, some in plain text), every
+answer carries ``X-Circot-Dataset``, and every request gets one log line and its metrics, by route
+template.
 """
 
 from __future__ import annotations
@@ -14,14 +17,27 @@ import contextvars
 import json
 import logging
 import re
+import tempfile
 import time
 from http import HTTPStatus
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from serving.link import RETRY_AFTER_S
 from serving.observability import exposition, log_request, metrics, route_of
 
 API_PATHS = ("/search", "/embed_image")
 FEEDBACK_MAX_BYTES = 16 * 1024    # a feedback body is a query id and a few image ids
+# what each POST of the API takes: its media type and its form's file fields (each a part with a filename,
+# never a text value: BentoML would read it as a URL to fetch), true where the field takes several images
+FORMS = {"/search": ("multipart/form-data", {"image": False}),
+         "/embed_image": ("multipart/form-data", {"images": True}),
+         "/feedback": ("application/json", {})}
+FIELD_MAX_BYTES = 64 * 1024       # a form's text field (a modification is at most 1000 characters)
+PART_SLACK = 4 * 1024             # the headers of an image's part
+PARTS_MAX = 1000                  # parts of one form (over Starlette's limit BentoML answers 500)
+SPOOL_BYTES = 1 << 20             # a body is held in memory up to this size, in a temporary file beyond
 OPEN_PATHS = ("/livez", "/healthz", "/readyz", "/ui", "/ui/")
 # what a handler tells the request's log line (mode, timings, outcome), per request
 NOTES: contextvars.ContextVar[dict] = contextvars.ContextVar("circot_request_notes")
@@ -64,27 +80,143 @@ def _json(status: int, payload: dict, headers: dict | None = None) -> tuple[dict
     return {"type": "http.response.start", "status": status, "headers": raw}, body
 
 
-async def _small_body(receive):
-    """A ``receive`` that replays the request's body, read whole, or None when it is over
-    ``FEEDBACK_MAX_BYTES`` (read no further)."""
-    chunks, size, more = [], 0, True
-    while more:
-        message = await receive()
-        if message["type"] != "http.request":   # the client went away: let the app see it
-            return receive
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if size > FEEDBACK_MAX_BYTES:
-            return None
-        more = message.get("more_body", False)
-    body, sent = b"".join(chunks), False
+class _Refused(Exception):
+    """A request refused before the app sees it: its status and sentence."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class _Gone(Exception):
+    """The client went away while its body was read."""
+
+
+class _FormCheck:
+    """A multipart body checked as its bytes arrive, with the parser Starlette (so BentoML) uses: a
+    :class:`_Refused` for what BentoML would answer with a 500 (a part without a name, bytes that do
+    not follow the boundary, a field over Starlette's limits), a body without its closing boundary
+    (cut short, or empty), and a text value where a file is expected."""
+
+    def __init__(self, boundary: bytes, files: dict[str, bool]):
+        self.boundary, self.files = boundary, files
+        self.ended, self.parts = False, 0
+        self.header, self.value, self.disposition = b"", b"", b""
+        self.name, self.is_file, self.field_bytes = "", False, 0
+        self.parser = MultipartParser(boundary, {
+            "on_part_begin": self._part_begin, "on_header_field": self._header_field,
+            "on_header_value": self._header_value, "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+            "on_end": self._end})
+
+    def write(self, chunk: bytes) -> None:
+        try:
+            self.parser.write(chunk)
+        except FormParserError as e:
+            raise _Refused(400, f"the multipart body is malformed: {e}") from None
+
+    def finish(self, size: int) -> None:
+        if not self.ended:
+            raise _Refused(400, "the multipart body is empty" if size == 0 else
+                          "the multipart body ends before its closing boundary (--"
+                          f"{self.boundary.decode('latin-1')}--): it was cut short")
+
+    def _part_begin(self) -> None:
+        self.disposition = b""
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self.header.lower() == b"content-disposition":
+            self.disposition = self.value
+        self.header, self.value = b"", b""
+
+    def _headers_finished(self) -> None:
+        self.parts += 1
+        if self.parts > PARTS_MAX:
+            raise _Refused(413, f"the form has over {PARTS_MAX} parts")
+        options = parse_options_header(self.disposition)[1]
+        if b"name" not in options:
+            raise _Refused(400, 'a part of the form has no name (Content-Disposition: form-data; name="...")')
+        self.name = options[b"name"].decode("utf-8", "replace")
+        self.is_file, self.field_bytes = b"filename" in options, 0
+        if self.name in self.files and not self.is_file:
+            raise _Refused(400, f"{self.name} must be an uploaded file (a form part with a filename), not a "
+                               "text value: the service fetches no URL and reads no path it is given")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if not self.is_file:
+            self.field_bytes += end - start
+            if self.field_bytes > FIELD_MAX_BYTES:
+                raise _Refused(413, f"the form field {self.name!r} is over {FIELD_MAX_BYTES} bytes")
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    return next((v for k, v in scope.get("headers") or () if k.lower() == name), None)
+
+
+def _form_check(scope, media: str, files: dict[str, bool]) -> _FormCheck | None:
+    """The check of a body from its Content-Type (a :class:`_FormCheck` for a form), or a :class:`_Refused`:
+    415 for another media type than the route's, 400 for a form without a boundary."""
+    given = _header(scope, b"content-type")
+    kind, options = parse_options_header(given)
+    path = scope["path"]
+    if not given:
+        raise _Refused(415, f"POST {path} takes {media}; the request has no Content-Type")
+    if kind.decode("latin-1") != media:
+        raise _Refused(415, f"POST {path} takes {media}, not {kind.decode('latin-1')!r}")
+    if media != "multipart/form-data":
+        return None
+    if not options.get(b"boundary"):
+        raise _Refused(400, f"the multipart body has no boundary: send Content-Type: {media}; boundary=...")
+    return _FormCheck(options[b"boundary"], files)
+
+
+async def _read_body(receive, limit: int, check: _FormCheck | None, too_large: str):
+    """The request's body read whole (in memory up to ``SPOOL_BYTES``, in a temporary file beyond) and
+    checked as it arrives, with its size; a :class:`_Refused` (413 with ``too_large`` past ``limit``
+    bytes: read no further) or :class:`_Gone`."""
+    spool, size, more = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES), 0, True
+    try:
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise _Gone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _Refused(413, too_large)
+            if check is not None:
+                check.write(chunk)
+            spool.write(chunk)
+            more = message.get("more_body", False)
+        if check is not None:
+            check.finish(size)
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    return spool, size
+
+
+def _replay(spool, size: int, receive):
+    """A ``receive`` that hands the app the body read, then the client's own messages (a disconnect)."""
+    done = False
 
     async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        nonlocal done
+        if done:
+            return await receive()
+        chunk = spool.read(SPOOL_BYTES)
+        done = spool.tell() >= size
+        return {"type": "http.request", "body": chunk, "more_body": not done}
 
     return replay
 
@@ -152,9 +284,6 @@ class Guard:
             if not self._authorized(scope) and path not in OPEN_PATHS:
                 await reply(401, {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
                             {"WWW-Authenticate": "Bearer"})
-            elif path == "/feedback" and method == "POST" and (receive := await _small_body(receive)) is None:
-                metrics().feedback.labels("too_large").inc()
-                await reply(413, {"error": f"the feedback body is over {FEEDBACK_MAX_BYTES} bytes"})
             elif path == "/metrics" and method == "GET":
                 body, kind = exposition()
                 status = 200
@@ -169,9 +298,11 @@ class Guard:
                 elif path == "/readyz":
                     await reply(200, {"ready": True, "dataset": service.dataset, "model_version": service.version})
                 else:
-                    await self.app(scope, receive, send_shaped)
+                    await self._forward(scope, receive, send_shaped, reply)
             else:
-                await self.app(scope, receive, send_shaped)
+                await self._forward(scope, receive, send_shaped, reply)
+        except _Gone:   # nothing to answer; 499 in the log line, as nginx says it
+            status = 499
         except Exception:  # noqa: BLE001 - a bug below: logged with its traceback, answered 500 when still possible
 
             logging.getLogger("circot.service").exception("%s %s failed", method, path)
@@ -185,6 +316,39 @@ class Guard:
             m = metrics()
             m.requests.labels(route, method if method in ("GET", "POST", "HEAD") else "other", str(status)).inc()
             m.latency.labels(route).observe(seconds)
+
+    def _limit(self, path: str) -> int:
+        """The most bytes a POST to ``path`` may carry."""
+        if path == "/feedback":
+            return FEEDBACK_MAX_BYTES
+        images = self.settings.max_images if any(FORMS[path][1].values()) else 1
+        return images * (self.settings.max_image_bytes + PART_SLACK) + FIELD_MAX_BYTES
+
+    async def _forward(self, scope, receive, send, reply) -> None:
+        """The request to the app; a POST of the API once its body is what its route takes, else its
+        refusal (a 4xx). :class:`_Gone` when the client went away while its body was read."""
+        path = scope["path"]
+        if scope["method"] != "POST" or path not in FORMS:
+            await self.app(scope, receive, send)
+            return
+        media, files = FORMS[path]
+        limit = self._limit(path)
+        too_large = f"the {path.lstrip('/')} body is over {limit} bytes" + (
+            f": images of at most {self.settings.max_image_bytes} bytes (CIRCOT_MAX_IMAGE_BYTES) and the form's "
+            "fields" if files else "")
+        try:
+            check = _form_check(scope, media, files)
+            declared = _header(scope, b"content-length") or b""
+            if declared.isdigit() and int(declared) > limit:   # refused before a byte of it is read
+                raise _Refused(413, too_large)
+            spool, size = await _read_body(receive, limit, check, too_large)
+        except _Refused as e:
+            if path == "/feedback" and e.status == 413:
+                metrics().feedback.labels("too_large").inc()
+            await reply(e.status, {"error": str(e)})
+            return
+        with spool:
+            await self.app(scope, _replay(spool, size, receive), send)
 
     def _authorized(self, scope) -> bool:
         token = self.settings.api_token

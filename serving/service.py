@@ -13,7 +13,7 @@
   ``none_of_these``), kept with what the service showed for it (``model_code.feedback``; every
   ``/search`` answer carries its ``query_id``) under ``<artifacts>/feedback/<dataset>/``.
 - ``POST /embed_image``: images → L2-normalised embeddings (split into encoder batches).
-- ``GET /ui/images/{dataset}/{image_id}?size=N``: a gallery image as PNG (a thumbnail with ``size``).
+- ``GET /ui/images/{dataset}/{image_id}?size=N``: a gallery image as PNG (a thumbnail with ``size``, 1 to 1024).
 - ``GET /ui/``: a page to ask a query and see the reasoning and the result thumbnails.
 - ``/livez``, ``/healthz`` (alive), ``/readyz`` (200 once the model and the index are loaded and the
   encoder answers; else 503 with the reason), ``/metrics`` (Prometheus).
@@ -68,6 +68,7 @@ SETTINGS, SETTINGS_ERRORS = load(ServiceSettings)
 BATCHING = SETTINGS.adaptive_batching
 FEEDBACK_REFUSALS = {400: "invalid", 404: "unknown_query", 409: "conflict", 410: "expired"}
 IMAGE_BATCH = 32          # the encoder's largest batch of gallery images: /embed_image sends at most this many a call
+THUMBNAIL_MAX = 1024      # the largest side of a thumbnail (/ui/images/...?size=N)
 HERE = Path(__file__).resolve().parent
 _running: dict = {}       # the front's instance in this worker, for the page's routes and the guard
 
@@ -195,15 +196,15 @@ def _image(request: Request) -> Response:
         return JSONResponse({"error": f"no image {image_id!r} in the {dataset} gallery"}, status_code=404)
 
 
-    try:
-        size = int(request.query_params.get("size", 0))
-    except ValueError:
-        return JSONResponse({"error": "size must be a whole number of pixels"}, status_code=400)
+    size = request.query_params.get("size")
+    if size is not None and not (size.isascii() and size.isdigit() and 1 <= int(size) <= THUMBNAIL_MAX):
+        return JSONResponse({"error": f"size must be a whole number of pixels from 1 to {THUMBNAIL_MAX}, not "
+                                      f"{size[:40]!r}"}, status_code=400)
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
-            if size > 0:
-                im.thumbnail((min(size, 1024), min(size, 1024)))
+            if size is not None:
+                im.thumbnail((int(size), int(size)))
             out = io.BytesIO()
             im.save(out, format="PNG")
     except (OSError, ValueError) as e:  # the gallery's files are not where the index says, or damaged
@@ -373,7 +374,7 @@ class CirCoTService:
         ids = set(self.by_hash.get(bytes_md5(data), ()))
         if self.same_picture is not None:
             ids.update(self.same_picture.matches(picture))
-        if reference_id and reference_id in self.paths:
+        if reference_id:   # a gallery id (checked)
             ids.add(reference_id)
         return sorted(ids)
 
@@ -382,7 +383,7 @@ class CirCoTService:
                      dataset: str = "", reference_id: str = "") -> SearchResponse:
         """The top-k gallery images for a reference image and a modification, with the reasoning.
         ``dataset``, when given, must be the one this deployment serves (default: that one);
-        ``reference_id``: the reference's gallery id, when the client knows it."""
+        ``reference_id``: the reference's gallery id, when the client knows it (400 when it is not one)."""
 
         label, outcome = (mode if mode in MODES else "invalid"), "error"
         try:
@@ -404,6 +405,9 @@ class CirCoTService:
             if mode not in MODES:
                 raise QueryError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
             text = check_text(modification)
+            if reference_id and reference_id not in self.paths:
+                raise QueryError(f"reference_id {reference_id[:200]!r} is not an image of the {self.dataset} "
+                                 "gallery: give a gallery id, or none")
             data = Path(image).read_bytes()
             picture = open_image(data, max_bytes=SETTINGS.max_image_bytes, max_pixels=SETTINGS.max_image_pixels)
             excluded = await asyncio.to_thread(self._excluded, data, picture, reference_id)

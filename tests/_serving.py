@@ -1,6 +1,7 @@
 """Serving the micro model for the service tests: a model store with it promoted, its gallery index, a
 real `bentoml serve` on loopback and a small HTTP client (no third-party client)."""
 
+import http.client
 import io
 import json
 import os
@@ -67,17 +68,7 @@ class Server:
         body, head = None, dict(headers or {})
         if fields is not None or files is not None:
             boundary = uuid.uuid4().hex
-            out = io.BytesIO()
-            for name, value in (fields or {}).items():
-                out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
-                          f"{value}\r\n".encode())
-            for name, given in (files or {}).items():
-                for filename, data in (given if isinstance(given, list) else [given]):
-                    out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
-                              f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
-                              + data + b"\r\n")
-            out.write(f"--{boundary}--\r\n".encode())
-            body = out.getvalue()
+            body = multipart(fields, files, boundary)
             head["Content-Type"] = f"multipart/form-data; boundary={boundary}"
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=head)
         try:
@@ -85,6 +76,17 @@ class Server:
                 return r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
         except urllib.error.HTTPError as e:
             return e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
+
+    def raw(self, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, bytes]:
+        """(status, body) of a request sent as given: no header added but Host and the body's length
+        (urllib would add a Content-Type); ``body`` an iterable of bytes: sent chunked."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        try:
+            conn.request(method, path, body, headers or {}, encode_chunked=not isinstance(body, (bytes, type(None))))
+            answer = conn.getresponse()
+            return answer.status, answer.read()
+        finally:
+            conn.close()
 
     def post_json(self, path: str, payload, headers: dict | None = None) -> tuple[int, bytes]:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -108,6 +110,20 @@ class Server:
             self.proc.kill()
 
 
+
+
+def multipart(fields: dict | None, files: dict | None, boundary: str) -> bytes:
+    """A multipart/form-data body: ``fields`` as text parts, ``files`` (a field to (filename, bytes) or a
+    list of them) as file parts."""
+    out = io.BytesIO()
+    for name, value in (fields or {}).items():
+        out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n".encode())
+    for name, given in (files or {}).items():
+        for filename, data in (given if isinstance(given, list) else [given]):
+            out.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
+                      "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue()
 
 
 def prepare(home: Path, micro_base: Path, tiny_synthetic: Path, datasets: tuple[str, ...] = ("synthetic",),
