@@ -94,7 +94,8 @@ def gallery_index(context: dg.AssetExecutionContext, config: GalleryIndexConfig,
     prod = _production(name)
     tables = TablesRecord.from_dict(latest_record(context, triplets, name, passed=TABLE_CHECKS))
     bench = read_tables(tables.folder)
-    model = registry.load_promoted(dataset=name, device=config.device, dtype=config.dtype)
+    # verified by content before it embeds anything (load_promoted: every file's md5, the version from the weights)
+    model = registry.load_promoted(dataset=name, device=config.device, dtype=config.dtype, verify=True)
     gallery_index_ = index.open(name, artifacts)
     try:
         info = gallery_index_.build(lambda paths: model.embed_images(paths, batch_size=config.batch_size),

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from model_code.common import atomic_path
@@ -138,7 +139,8 @@ def _stages(labels: dict) -> dict[str, str]:
 
 def health(entry_path: str | os.PathLike, *, hashes: bool = False) -> str:
     """"ok", or what is wrong with a stored entry's model folder (a file missing, or not as saved:
-    its size, and its content when ``hashes``)."""
+    its size, and when ``hashes`` its content: every file's md5 and the version recomputed from the
+    weights, ``check_model_folder``)."""
     from model_code.model.cir_cot import ModelFolderError, check_model_folder
 
     try:
@@ -148,10 +150,19 @@ def health(entry_path: str | os.PathLike, *, hashes: bool = False) -> str:
     return "ok"
 
 
-def list_models() -> list[dict]:
-    """Every stored ``cir-cot`` entry, newest promotion first: tag, stages per dataset, labels, path."""
-    out = [{"tag": str(m.tag), "version": m.tag.version, "stages": _stages(m.info.labels),
-            "labels": dict(m.info.labels), "path": m.path, "health": health(m.path)} for m in _entries()]
+def list_models(*, verify: bool = False) -> list[dict]:
+    """Every stored ``cir-cot`` entry, newest promotion first: tag, stages per dataset, labels, path,
+    health (:func:`health`: the files' sizes, fast; with ``verify`` their content, which reads every
+    byte) and the seconds that check took."""
+    out, entries = [], _entries()
+    if entries:
+        import model_code.model.cir_cot  # noqa: F401 - torch's import (seconds) before the checks, not in their timings
+    for m in entries:
+        start = time.perf_counter()
+        state = health(m.path, hashes=verify)
+        out.append({"tag": str(m.tag), "version": m.tag.version, "stages": _stages(m.info.labels),
+                    "labels": dict(m.info.labels), "path": m.path, "health": state,
+                    "checked_s": time.perf_counter() - start})
     newest = lambda d: max((v for k, v in d["labels"].items() if k.startswith("promoted_at_")), default="")  # noqa: E731
     return sorted(out, key=newest, reverse=True)
 
@@ -199,7 +210,8 @@ def promote(model_dir: str | os.PathLike, *, version: str, dataset: str, labels:
     model_dir = Path(model_dir)
     from model_code.model.cir_cot import ModelFolderError, check_model_folder
 
-    # every file the model names is there and is what was saved, before any label changes
+    # every file the model names is there and is what was saved, and its version (recomputed from its
+    # weights, equal to the one its circot.json states) is the record's, before any label changes
     meta, _ = check_model_folder(model_dir, hashes=True)
     if meta.get("version") != version:
         raise ValueError(f"the model at {model_dir} is version {meta.get('version')}, not {version}: "
@@ -310,8 +322,11 @@ def model_path(tag: str | None = None, *, dataset: str | None = None) -> Path:
     return Path(_bentoml().models.get(tag).path) / "model"
 
 
-def load_promoted(tag: str | None = None, *, dataset: str | None = None, **kwargs):
-    """Load a stored model (``tag``, or ``dataset``'s production model) as a ``CirCoTModel``."""
+def load_promoted(tag: str | None = None, *, dataset: str | None = None, verify: bool = True, **kwargs):
+    """Load a stored model (``tag``, or ``dataset``'s production model) as a ``CirCoTModel``, verified by
+    content first unless ``verify`` is off (every file's md5 and the version recomputed from the
+    weights: a file damaged in the store is a ``ModelFolderError`` naming it, never a model that
+    serves wrong answers; what it costs: docs/evaluation.md)."""
     from model_code.model.cir_cot import CirCoTModel
 
-    return CirCoTModel.load(model_path(tag, dataset=dataset), **kwargs)
+    return CirCoTModel.load(model_path(tag, dataset=dataset), verify=verify, **kwargs)

@@ -10,8 +10,8 @@ ending with the evaluation table.
 ``circot run --dataset cirr`` does the same for CIRR: its data, its own model trained on its train
 split, its evaluation; ``--dataset circo`` (no train split) evaluates the model of
 ``CIRCOT_ZERO_SHOT_SOURCE`` zero-shot. ``circot benchmarks`` lists the benchmarks and what each needs;
-``circot models`` lists the promoted models in the BentoML store; ``circot rollback`` puts the
-previous production model back.
+``circot models`` lists the promoted models in the BentoML store (``--verify``: each checked by content);
+``circot rollback`` puts the previous production model back.
 
 For a CPU try of a real benchmark without a teacher or a base model: ``circot chains-from-text``
 writes placeholder chains for the file teacher (``CIRCOT_TEACHER=file``), and ``circot micro-model``
@@ -188,11 +188,15 @@ def show_benchmarks() -> int:
     return 0
 
 
-def show_models() -> int:
-
-    rows = registry.list_models()
+def show_models(verify: bool = False) -> int:
+    """The stored models, their stages per dataset and their health: each file's size against the
+    manifest saved with the model (fast), or with ``verify`` its content (every file's md5 and the version
+    recomputed from the weights, timed). With ``verify`` the exit status is 1 when an entry is damaged
+    or unreadable."""
+    rows = registry.list_models(verify=verify)
+    broken = registry.broken_entries()
     print(f"BentoML model store: {registry.store_path()}")
-    for tag, why in registry.broken_entries():
+    for tag, why in broken:
         print(f"{tag:<32} BROKEN (skipped): {why}")
     if not rows:
         print(f"no {registry.MODEL_NAME} model in the BentoML store at {registry.store_path()}")
@@ -204,7 +208,11 @@ def show_models() -> int:
                   f"{zero_shot_note(dataset, labels.get(f'zero_shot_from_{dataset}'))}")
         if r["health"] != "ok":
             print(f"{r['tag']:<32} DAMAGED: {r['health']} (promote a good copy of it again to repair it)")
-    return 0
+        elif verify:
+            print(f"{r['tag']:<32} OK: every file's md5 and the version recomputed from the weights are as saved "
+                  f"({r['checked_s']:.2f} s)")
+    damaged = [r for r in rows if r["health"] != "ok"]
+    return 1 if verify and (damaged or broken) else 0
 
 
 def rollback(dataset: str) -> int:
@@ -298,7 +306,10 @@ def main(argv: list[str] | None = None, prog: str = "circot") -> int:
     r.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None,
                    help="skip the evaluation job (evaluation, promotion gate, promoted model)")
     sub.add_parser("benchmarks", help="list the benchmarks: where their files go, their splits, metrics and models")
-    sub.add_parser("models", help="list the cir-cot models in the BentoML store and their stages")
+    md = sub.add_parser("models", help="list the cir-cot models in the BentoML store and their stages")
+    md.add_argument("--verify", action="store_true",
+                    help="check every entry by content (each file's md5, the version recomputed from the weights; "
+                         "reads every byte) instead of by size; exit status 1 when one is damaged")
     rb = sub.add_parser("rollback", help="make a dataset's previous production model its production model again")
     rb.add_argument("--dataset", default="synthetic", choices=list(BENCHMARKS))
     ct = sub.add_parser("chains-from-text", help="write placeholder chains made from a benchmark's query texts (for "
@@ -325,7 +336,7 @@ def main(argv: list[str] | None = None, prog: str = "circot") -> int:
     if args.command == "benchmarks":
         return show_benchmarks()
     if args.command == "models":
-        return show_models()
+        return show_models(args.verify)
     if args.command == "rollback":
         return rollback(args.dataset)
     return run(args.dataset, annotations_only=args.annotations_only, train=args.train, evaluate=args.evaluate)

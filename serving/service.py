@@ -242,7 +242,9 @@ class CirCoTEncoder:
             from model_code.model.cir_cot import CirCoTModel
 
             entry = self.model_entry
-            self.model, self.version = CirCoTModel.load(Path(entry.path) / "model"), entry.tag.version
+            # verified by content (every file's md5, the version from the weights): damaged weights are
+            # a reason /readyz gives, never a model that answers wrong
+            self.model, self.version = CirCoTModel.load(Path(entry.path) / "model", verify=True), entry.tag.version
             log.info("encoder: model %s loaded from %s", entry.tag, entry.path)
         except Exception as e:  # noqa: BLE001 - reported through state()
             self.error = str(e) if isinstance(e, LookupError) else f"{type(e).__name__}: {e}"

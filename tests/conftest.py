@@ -99,6 +99,14 @@ def micro_base(tmp_path_factory, tiny_synthetic) -> Path:
     return save_backbone(model, processor, tmp_path_factory.mktemp("micro") / "micro-qwen2-vl")
 
 
+def flip_last_byte(path: Path) -> None:
+    """Damage a file without changing its size: its last byte inverted (in a safetensors file, a byte of
+    the last tensor's data, so the file still loads)."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ BentoML model store (promotion, idempotence, rollback)."""
 import json
 import pathlib
 import random
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -24,6 +25,7 @@ from model_code.synthetic import scenes
 from model_code.synthetic.oracle import describe, scene_from_text
 from orchestration.__main__ import main
 from tests._png import drawn, pixels
+from tests.conftest import flip_last_byte
 
 # bentoml: imported where used (slow to import; only the model-store tests need it)
 
@@ -450,6 +452,79 @@ def test_the_store_verifies_content_and_a_damaged_entry_is_reported_and_repaired
     other.write_text(other.read_text() + " ")
     with pytest.raises(LookupError, match="cannot roll synthetic back"):
         store.rollback("synthetic")
+
+
+def test_models_verify_checks_content_and_finds_a_bit_flip_the_size_check_cannot(store, saved_models, capsys):
+    """Weights damaged without a size change: the fast listing (sizes) cannot see it, ``models --verify``
+    (every file's md5, the version recomputed from the weights) reports it DAMAGED with a non-zero exit,
+    the load for the gallery index (``load_promoted``) refuses it naming the file, and a stored
+    circot.json whose version was edited is reported too."""
+    (path_a, ver_a), (path_b, ver_b) = saved_models["A"], saved_models["B"]
+    store.promote(path_a, version=ver_a, dataset="synthetic", labels={})
+    store.promote(path_b, version=ver_b, dataset="synthetic", labels={})
+    capsys.readouterr()
+    assert main(["models", "--verify"]) == 0
+    out = capsys.readouterr().out
+    for version in (ver_a, ver_b):
+        assert re.search(rf"cir-cot:{version} +OK: every file's md5 and the version .* \(\d+\.\d\d s\)", out), out
+    assert "DAMAGED" not in out
+
+    stored = pathlib.Path(store.production("synthetic")["path"]) / "model" / "adapter" / "adapter_model.safetensors"
+    size = stored.stat().st_size
+    flip_last_byte(stored)
+    assert stored.stat().st_size == size
+    assert main(["models"]) == 0 and "DAMAGED" not in capsys.readouterr().out    # sizes only: fast, blind to it
+    assert main(["models", "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"cir-cot:{ver_b} +DAMAGED: .*adapter/adapter_model\.safetensors differs from what was saved "
+                     r"\(md5\)", out), out
+    assert re.search(rf"cir-cot:{ver_a} +OK: ", out), out
+    # the gallery index's load (the gallery_index asset, index_recall) refuses it, naming the file
+    with pytest.raises(ModelFolderError, match=r"damaged: adapter/adapter_model\.safetensors differs .*\(md5\)"):
+        store.load_promoted(dataset="synthetic", device="cpu")
+    flip_last_byte(stored)   # back as it was
+    assert main(["models", "--verify"]) == 0
+    # the base model copied into the entry is loaded too: its weights are checked against the version saved
+    base = next((stored.parents[2] / "base").glob("*.safetensors"))
+    flip_last_byte(base)
+    capsys.readouterr()
+    assert main(["models", "--verify"]) == 1
+    assert re.search(rf"cir-cot:{ver_b} +DAMAGED: .*its base model .*/base has version \w+, \w+ when the model was "
+                     "saved", capsys.readouterr().out)
+    flip_last_byte(base)
+
+    # an entry whose circot.json states another version than its weights': found by --verify
+    described = pathlib.Path(next(r for r in store.list_models() if r["version"] == ver_a)["path"]) / "model"
+    meta = json.loads((described / "circot.json").read_text())
+    (described / "circot.json").write_text(json.dumps({**meta, "version": ver_b}))
+    capsys.readouterr()
+    assert main(["models", "--verify"]) == 1
+    assert re.search(rf"cir-cot:{ver_a} +DAMAGED: .*its version recomputed from its weights is {ver_a}, circot.json "
+                     rf"says {ver_b}", capsys.readouterr().out)
+
+
+def test_promotion_recomputes_the_version_from_the_weights(store, saved_models, tmp_path):
+    """A circot.json whose version was edited would store one model's weights under another's tag:
+    promotion recomputes the version from the weights and refuses it, whichever version the record
+    names, before any label changes."""
+    (path_a, ver_a), (_, ver_b) = saved_models["A"], saved_models["B"]
+    edited = tmp_path / "edited"
+    shutil.copytree(path_a, edited)
+    meta = json.loads((edited / "circot.json").read_text())
+    (edited / "circot.json").write_text(json.dumps({**meta, "version": ver_b}))
+    for version in (ver_b, ver_a):
+        with pytest.raises(ModelFolderError, match=f"its version recomputed from its weights is {ver_a}, "
+                                                   f"circot.json says {ver_b}"):
+            store.promote(edited, version=version, dataset="synthetic", labels={})
+    assert store.list_models() == [] and store.production("synthetic") is None
+    # weights put in beside the saved ones change the version too
+    extra = tmp_path / "extra"
+    shutil.copytree(path_a, extra)
+    shutil.copy(extra / "adapter" / "adapter_model.safetensors", extra / "adapter" / "more.safetensors")
+    with pytest.raises(ModelFolderError, match="its version recomputed from its weights is"):
+        store.promote(extra, version=ver_a, dataset="synthetic", labels={})
+    # the untouched folder promotes under its own version
+    assert store.promote(path_a, version=ver_a, dataset="synthetic", labels={})["tag"] == f"cir-cot:{ver_a}"
 
 
 def test_production_is_per_dataset(store, saved_models):

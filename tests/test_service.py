@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ from playwright.sync_api import Page, expect
 from model_code.feedback import FeedbackStore, token_identity
 from tests._png import pixels
 from tests._serving import Server, error_of, multipart, prepare
+from tests.conftest import flip_last_byte
 
 
 @pytest.fixture(scope="module")
@@ -396,6 +398,31 @@ def test_without_a_production_model_it_is_alive_but_not_ready(served):
     finally:
         s.stop()
     assert "not ready: no production model of synthetic" in (home / "empty.log").read_text()
+
+
+def test_a_bit_flipped_model_is_refused_at_start_and_readyz_names_the_file(served):
+    """The encoder verifies the stored model by content before it serves it: weights damaged without a
+    size change (which would load, and answer wrong) keep the service unready, saying which file."""
+    env, version, image, home = served
+    store = home / "flipped-store"
+    shutil.copytree(home / "bentoml", store)
+    flip_last_byte(store / "models" / "cir-cot" / version / "model" / "adapter" / "adapter_model.safetensors")
+    s = Server({**env, "BENTOML_HOME": str(store)}, home / "flipped.log")
+    try:
+        s.wait(200, "/livez")
+        deadline, why = time.monotonic() + 120, ""
+        while time.monotonic() < deadline and "damaged" not in why:
+            code, body = s.request("GET", "/readyz")
+            assert code == 503, body
+            why = error_of(body)
+            time.sleep(0.5)
+        assert re.search(r"cannot load the model: ModelFolderError: the model at .* is damaged: "
+                         r"adapter/adapter_model\.safetensors differs from what was saved \(md5\)", why), why
+        code, body, _ = s.call("POST", "/search", {"modification": "make it red"}, {"image": ("a.png", image)})
+        assert code == 503 and "adapter_model.safetensors differs" in error_of(body)
+    finally:
+        s.stop()
+    assert "encoder not ready: ModelFolderError" in (home / "flipped.log").read_text()
 
 
 def test_the_page_answers_a_query_with_reasoning_and_thumbnails(server, served, page: Page, tmp_path):

@@ -283,12 +283,8 @@ class CirCoTModel(torch.nn.Module):
 
             self.base_version = checkpoint_version(self.base_path)
         files = file_manifest(path)   # the version hashes the weights' md5s the manifest already holds
-        h = hashlib.md5()
-        for f in sorted(weights.rglob("*.safetensors")):
-            h.update(files[f.relative_to(path).as_posix()][1].encode())
-        h.update(json.dumps(PROMPTS, sort_keys=True).encode())
-        h.update(str(self.base_version if is_peft else "").encode())
-        version = h.hexdigest()[:16]
+        version = model_version({rel: md5 for rel, (_, md5) in files.items()}, weights.name, PROMPTS,
+                                self.base_version if is_peft else None)
         meta = {"format": 1, "weights": "adapter" if is_peft else "full", "base_model": self.base_path,
                 "files": files,
                 "base_version": self.base_version if is_peft else None,
@@ -300,14 +296,17 @@ class CirCoTModel(torch.nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, dtype: str = "auto", device: str | None = None,
-             attn_implementation: str | None = None, trainable: bool = False) -> CirCoTModel:
+             attn_implementation: str | None = None, trainable: bool = False, verify: bool = False) -> CirCoTModel:
         """Load a folder written by :meth:`save`; with ``trainable`` the adapter stays trainable.
-        A relative base model path (a model store entry's ``../base``) is resolved against ``path``."""
+        A relative base model path (a model store entry's ``../base``) is resolved against ``path``.
+        Each file is checked against the size recorded when saved; with ``verify`` by content too
+        (:func:`check_model_folder`: every file's md5 and the version recomputed from the weights), as
+        the loads from the model store do (``registry.load_promoted``, the service's encoder)."""
         from transformers import AutoProcessor
 
 
         path = Path(path)
-        meta, base_path = check_model_folder(path)
+        meta, base_path = check_model_folder(path, hashes=verify)
         processor = AutoProcessor.from_pretrained(path / "processor")
         if meta["weights"] == "full":
             model, _ = load_backbone(
@@ -344,28 +343,65 @@ def file_manifest(path: str | os.PathLike) -> dict[str, list]:
             for f in sorted(path.rglob("*")) if f.is_file() and f.relative_to(path).as_posix() not in UNMANIFESTED}
 
 
+def model_version(md5s: dict[str, str], weights: str, prompts: dict, base_version: str | None) -> str:
+    """A saved model's version from its content: the md5s (``{relative path: md5}``) of the
+    ``*.safetensors`` under the weights folder ``weights`` (``adapter`` or ``model``), the prompts and,
+    for an adapter, its base model's version. :meth:`CirCoTModel.save` writes it; the verification by
+    content (:func:`verify_model_files`) computes it again from the files as they are."""
+    h = hashlib.md5()
+    # in the order of the weights' paths part by part, as Path objects sort (the order saved models used)
+    for rel in sorted((r for r in md5s if r.startswith(f"{weights}/") and r.endswith(".safetensors")),
+                      key=lambda r: r.split("/")):
+        h.update(md5s[rel].encode())
+    h.update(json.dumps(prompts, sort_keys=True).encode())
+    h.update(str(base_version or "").encode())
+    return h.hexdigest()[:16]
+
+
 def verify_model_files(path: str | os.PathLike, meta: dict, *, hashes: bool = True) -> None:
-    """Check the files of a saved model against the manifest it recorded when saved (sizes, and the
-    content when ``hashes``); :class:`ModelFolderError` names the first file that differs. Models
-    saved before manifests existed have none and pass."""
+    """Check the files of a saved model against the manifest it recorded when saved: each file there
+    and as big as saved, and when ``hashes`` by content, every file's md5 as saved and the version
+    recomputed from the weights (:func:`model_version`, every ``*.safetensors`` of the weights folder,
+    manifested or not) equal to the one ``circot.json`` states. :class:`ModelFolderError` names the
+    first file that differs, or the two versions. Models saved before manifests existed have none and
+    pass."""
     path = Path(path)
-    for rel, (size, md5) in (meta.get("files") or {}).items():
+    manifest = meta.get("files") or {}
+    for rel, (size, _) in manifest.items():
         f = path / rel
         if not f.is_file():
             raise ModelFolderError(f"the model at {path} is damaged: {rel} is missing")
         if f.stat().st_size != size:
             raise ModelFolderError(f"the model at {path} is damaged: {rel} has {f.stat().st_size} bytes, "
                                    f"{size} when saved")
-        if hashes and file_md5(f) != md5:
+    if not (hashes and manifest):
+        return
+    found = {}
+    for rel, (_, md5) in manifest.items():
+        found[rel] = file_md5(path / rel)
+        if found[rel] != md5:
             raise ModelFolderError(f"the model at {path} is damaged: {rel} differs from what was saved (md5)")
+    weights = "adapter" if meta.get("weights") == "adapter" else "model"
+    for f in (path / weights).rglob("*.safetensors"):   # weights put in beside the manifest's count too
+        rel = f.relative_to(path).as_posix()
+        if rel not in found:
+            found[rel] = file_md5(f)
+    version = model_version(found, weights, meta.get("prompts") or {}, meta.get("base_version"))
+    if version != meta.get("version"):
+        raise ModelFolderError(f"the model at {path} is damaged: its version recomputed from its weights is {version}, "
+                               f"circot.json says {meta.get('version')} (circot.json was edited, or describes "
+                               "another model)")
 
 
 def check_model_folder(path: str | os.PathLike, *, hashes: bool = False) -> tuple[dict, Path | None]:
     """Check that a folder written by :meth:`CirCoTModel.save` holds every file it needs (its
     ``circot.json``, the processor, the weights, and for an adapter its base model's config and
-    weights), each as big as when it was saved (and with the same content when ``hashes``), and return
-    its metadata and resolved base path; :class:`ModelFolderError` names the first file missing or
-    damaged."""
+    weights), each as big as when it was saved, and return its metadata and resolved base path;
+    :class:`ModelFolderError` names the first file missing or damaged. With ``hashes`` the check is by
+    content (:func:`verify_model_files`: every file's md5, the version recomputed from the weights;
+    for an adapter its base model's version recomputed from the base's config and weights too): the
+    one check of the promotion, ``circot models --verify``, the gallery index's and the service's
+    loads."""
     path = Path(path)
 
     def need(file: Path, what: str) -> None:
@@ -398,6 +434,9 @@ def check_model_folder(path: str | os.PathLike, *, hashes: bool = False) -> tupl
         raise ModelFolderError(f"the model at {path} is incomplete: its base model {base} has no weights "
                                f"(*.safetensors)")
     verify_model_files(path, meta, hashes=hashes)
+    if hashes and meta.get("files") and (found := checkpoint_version(base)) != meta.get("base_version"):
+        raise ModelFolderError(f"the model at {path} is damaged: its base model {base} has version {found}, "
+                               f"{meta.get('base_version')} when the model was saved")
     return meta, base
 
 
