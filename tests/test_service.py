@@ -89,6 +89,21 @@ def test_the_reference_is_left_out_by_content_and_by_the_id_given(server, served
     assert code == 400 and f"k must be from 1 to {n - 1}" in error_of(body)
     code, body = server.search(files[3].read_bytes(), mode="no_cot", k=2, reference_id="not-in-the-gallery")
     assert code == 400 and "reference_id 'not-in-the-gallery' is not an image of the synthetic" in error_of(body)
+    # the same picture in another file: saved as JPEG, or a few pixels larger, is still the reference
+    import io
+
+    from PIL import Image
+
+    with Image.open(files[3]) as im:
+        im = im.convert("RGB")
+    for variant, fmt in ((im, "JPEG"), (im.resize((im.width + 6, im.height + 6), Image.BICUBIC), "PNG")):
+        buf = io.BytesIO()
+        variant.save(buf, fmt, quality=95)
+        assert buf.getvalue() != files[3].read_bytes()
+        code, body = server.search(buf.getvalue(), mode="no_cot", k=n - 1)
+        answer = json.loads(body)
+        assert code == 200 and answer["excluded"] == [files[3].stem], fmt
+        assert files[3].stem not in {h["image_id"] for h in answer["results"]}
 
 
 def test_embed_image_takes_any_allowed_number_of_images(server, served):
