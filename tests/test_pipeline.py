@@ -50,13 +50,15 @@ def test_repro_runs_once_reruns_on_param_change_and_pulls_from_the_remote(dvc_pr
     assert project.outputs("synthetic")[0].md5 != out.md5
 
 
-def _execute(defs, job, partition=None, run_config=None, instance=None):
-    """Run ``job``; (result, check evaluations, materialisations, step failures). Jobs that follow
-    one another share ``instance``: each reads its inputs from what the instance recorded."""
+def _execute(defs, job, partition=None, run_config=None, instance=None, asset_selection=None):
+    """Run ``job`` (its ``asset_selection`` only, when given); (result, check evaluations,
+    materialisations, step failures). Jobs that follow one another share ``instance``: each reads
+    its inputs from what the instance recorded."""
     with contextlib.ExitStack() as stack:
         instance = instance or stack.enter_context(dg.instance_for_test())
         result = defs.resolve_job_def(job).execute_in_process(
-            partition_key=partition, instance=instance, raise_on_error=False, run_config=run_config)
+            partition_key=partition, instance=instance, raise_on_error=False, run_config=run_config,
+            asset_selection=asset_selection)
         checks = {e.event_specific_data.check_name: e.event_specific_data for e in result.all_events
                   if e.event_type_value == "ASSET_CHECK_EVALUATION"}
         mats = {e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization
@@ -241,8 +243,14 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     n_test = len(read_tables(trained_tables(mats_first)).images.query("split == 'test'"))
     assert index["rows"].value == n_test and index["model_version"].value == trained["version"]
     assert index["tag"].value == f"model-{trained['version']}" and index["index_type"].value == "exact"
-    assert checks["index_recall"].passed
-    assert "recall@10 against exact search 1.000" in checks["index_recall"].description
+    # the check compares the stored vectors with the promoted model's embedding of the same images now
+    verdict = checks["index_recall"]
+    assert verdict.passed, verdict.description
+    assert {k: verdict.metadata[k].value for k in ("images_of_split", "rows", "missing", "extra", "vectors_compared",
+                                                   "vectors_differing")} == {
+        "images_of_split": n_test, "rows": n_test, "missing": 0, "extra": 0, "vectors_compared": min(64, n_test),
+        "vectors_differing": 0}
+    assert verdict.metadata["min_cosine"].value > 0.999 and "no ANN index" in verdict.description
     assert "top 5:" in index["example"].value
     # ...and the service is packaged with that model
     bento = mats["bento"].metadata
@@ -254,6 +262,15 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     assert mats["bento"].metadata["tag"].value == f"circot:synthetic-{trained['version']}"
     prod = registry.production("synthetic")
     assert prod["version"] == trained["version"] and prod["labels"]["stage_synthetic"] == "production"
+    # a stored vector changed after the build (searched exactly, the index would still agree with exact search
+    # over its own vectors): the index built again keeps it (nothing to embed), and its check fails, naming it
+    changed = _change_a_stored_vector(artifacts / "lancedb", trained["version"])
+    rebuilt, rechecked, remade, _ = _execute(lenient, EVALUATION_JOB, "synthetic", instance=instance,
+                                             asset_selection=[dg.AssetKey("gallery_index")])
+    assert not rebuilt.success and remade["gallery_index"].metadata["embedded_this_run"].value == 0
+    verdict = rechecked["index_recall"]
+    assert verdict.passed is False and verdict.metadata["vectors_differing"].value == 1
+    assert f"1 of {min(64, n_test)} stored vectors differ" in verdict.description and changed in verdict.description
     assert prod["labels"]["data_synthetic"] == trained["data"]["synthetic"]["raw"]
     assert prod["labels"]["annotations_synthetic"] == trained["data"]["synthetic"]["annotations"]
     assert prod["labels"]["evaluated_on_synthetic"] == "synthetic/test"
@@ -268,6 +285,18 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     # the evaluation reads the model Dagster's lineage names: a fresh instance has none, and says so
     run, _, _, failures = _execute(lenient, EVALUATION_JOB, "synthetic", eval_config)
     assert not run.success and any("cir_cot_model[synthetic] has not been materialised" in f for f in failures)
+
+
+def _change_a_stored_vector(uri, model_version: str) -> str:
+    """Negate the first stored vector of the index built for ``model_version``, and move its tag there."""
+    from model_code.index import GalleryIndex
+
+    index = GalleryIndex(uri, "synthetic")
+    ids, vectors = index.vectors(model_version)
+    table = index.db.open_table(index.table_name)
+    table.update(where=f"image_id = '{ids[0]}'", values={"vector": (-vectors[0]).tolist()})
+    table.tags.update(index.tag(model_version), table.version)
+    return ids[0]
 
 
 def test_gpu_profile_needs_a_checkpoint_and_registers_one(dvc_project, tmp_path, micro_base):
