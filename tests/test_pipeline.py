@@ -319,7 +319,9 @@ def test_gpu_profile_needs_a_checkpoint_and_registers_one(dvc_project, tmp_path,
 
 
 def _kill_training_when(path, stop):
-    """Kill the launched training processes (torchrun and its workers) once ``path`` exists."""
+    """Kill the launched training processes (torchrun and its workers) once ``path`` exists: the file
+    the training writes where it holds after its first checkpoint (``CIRCOT_HOLD_AFTER_CHECKPOINT``),
+    so the kill lands mid-run however fast the machine trains. Returns how many it killed."""
     import os
     import signal
     import time
@@ -328,20 +330,29 @@ def _kill_training_when(path, stop):
 
     while not stop.is_set():
         if path.exists():
-            time.sleep(0.5)
+            killed = 0
             for p in psutil.Process().children(recursive=True):
-                if "model_code.model.recipes" in " ".join(p.cmdline()):
-                    os.kill(p.pid, signal.SIGKILL)
-            return
-        time.sleep(0.2)
+                try:
+                    if "model_code.model.recipes" in " ".join(p.cmdline()):
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed += 1
+                except (psutil.NoSuchProcess, ProcessLookupError):
+                    pass
+            return killed
+        time.sleep(0.05)
+    return 0
 
 
 def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_project, tmp_path, instance,
-                                                                           micro_base):
+                                                                           micro_base, monkeypatch):
     """cir_cot_model as an external process (PipesSubprocessClient + torchrun, two CPU processes on
     gloo): killed after its first checkpoint, the run fails; the next run resumes from that
     checkpoint, and the child's progress and result come back as logs and metadata."""
     import threading
+
+    import torch
+
+    from model_code.model.train import HOLD_AFTER_CHECKPOINT_ENV
 
     artifacts = tmp_path / "artifacts"
     defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
@@ -349,12 +360,16 @@ def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_p
                                                        launcher="subprocess", processes=2))
     assert _materialise(defs, "synthetic", instance=instance)[0].success
     config = {"ops": {"cir_cot_model": {"config": {"align_steps": 12}}}}
-    stop = threading.Event()
-    runs = artifacts / "cir_cot_model" / "runs"
-    watcher = threading.Thread(target=lambda: _kill_training_when_any(runs, stop), daemon=True)
+    stop, killed = threading.Event(), []
+    held = tmp_path / "held-after-checkpoint"
+    monkeypatch.setenv(HOLD_AFTER_CHECKPOINT_ENV, str(held))   # the training waits there to be killed
+    watcher = threading.Thread(target=lambda: killed.append(_kill_training_when(held, stop)), daemon=True)
     watcher.start()
     run, _, mats, failures = _execute(defs, TRAINING_JOB, "synthetic", run_config=config, instance=instance)
     stop.set()
+    watcher.join(10)
+    monkeypatch.delenv(HOLD_AFTER_CHECKPOINT_ENV)
+    assert killed and killed[0] >= 2, killed                  # torchrun and its workers, killed while held
     assert not run.success and "cir_cot_model" not in mats, failures
     causes = []
     for event in run.all_events:
@@ -363,8 +378,11 @@ def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_p
             causes.append(error.message)
             error = error.cause
     assert any("External execution process failed with code -9" in c for c in causes), causes
-    (run_dir,) = runs.iterdir()
-    assert (run_dir / "align" / "checkpoint" / "state.pt").is_file()      # what the next run resumes from
+    (run_dir,) = (artifacts / "cir_cot_model" / "runs").iterdir()
+    state = torch.load(run_dir / "align" / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 2                 # what the next run resumes from: the first checkpoint, of 12 steps
+    assert Path(held.read_text()).resolve() == (run_dir / "align" / "checkpoint").resolve()   # where it held
+    assert not (run_dir / "model").exists() and not (run_dir / "cot").exists()   # killed mid-run, in stage 1
     from model_code.model.recipes import PROFILES, TrainingProfile
 
     # the processes were handed the whole profile, the run's override applied, as one file
@@ -377,16 +395,7 @@ def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_p
     assert meta["launched_processes"].value == 2 and meta["align_steps"].value == 12
     assert meta["model_version"].value == meta["record"].value["version"]
     logs = [r.user_message for r in instance.all_logs(run.run_id)]
-    assert any("resuming from the checkpoint at step" in m for m in logs), logs[-20:]
-
-
-def _kill_training_when_any(runs, stop):
-    import time
-
-    while not stop.is_set() and not (runs.is_dir() and any(runs.iterdir())):
-        time.sleep(0.2)
-    if not stop.is_set():
-        _kill_training_when(next(runs.iterdir()) / "align" / "checkpoint" / "state.pt", stop)
+    assert any("resuming from the checkpoint at step 2" in m for m in logs), logs[-20:]
 
 
 def test_an_object_store_artifacts_root_lets_each_stage_run_on_another_machine(dvc_project, tmp_path, instance,
