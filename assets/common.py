@@ -130,13 +130,23 @@ def checks_passed(folder: str | Path, checks: tuple[str, ...]) -> bool:
     return True
 
 
+class NotMaterialised(dg.Failure):
+    """:func:`latest_record`: the asset (partition) has never been materialised in this instance."""
+
+
+class NoVersionPassed(dg.Failure):
+    """:func:`latest_record`: materialised, but no recent version passed the blocking checks asked for."""
+
+
 def latest_record(context, asset, partition: str | None = None, *, passed: tuple[str, ...] = (),
                   folder_field: str = "folder", history: int = 50) -> dict:
     """The typed record (metadata ``record``) of the newest materialisation of ``asset`` (a key, an
     asset definition or a name), for ``partition`` when it is partitioned: what Dagster's lineage
     says the upstream is, not whichever file a run wrote last. With ``passed`` (blocking checks),
     the newest materialisation whose version passed all of them: one rejected by a check never
-    replaces the one that passed (each version keeps its own folder, ``record[folder_field]``)."""
+    replaces the one that passed (each version keeps its own folder, ``record[folder_field]``). Raises
+    :class:`NotMaterialised` when there is none, :class:`NoVersionPassed` when none passed, and a plain
+    ``dg.Failure`` for a materialisation without a record."""
     store = artifact_store(context)
     key = asset if isinstance(asset, dg.AssetKey) else getattr(asset, "key", None) or dg.AssetKey(asset)
     records = context.instance.fetch_materializations(
@@ -144,8 +154,8 @@ def latest_record(context, asset, partition: str | None = None, *, passed: tuple
         limit=history if passed else 1).records
     label = key.to_user_string() + (f"[{partition}]" if partition else "")
     if not records:
-        raise dg.Failure(description=f"{label} has not been materialised in this Dagster instance: "
-                                     "materialise it first")
+        raise NotMaterialised(description=f"{label} has not been materialised in this Dagster instance: "
+                                          "materialise it first")
     for entry in records:
         metadata = entry.asset_materialization.metadata
         if "record" not in metadata:
@@ -158,5 +168,5 @@ def latest_record(context, asset, partition: str | None = None, *, passed: tuple
         folder = Path(str(record[folder_field]))
         if checks_passed(folder if folder.is_dir() else folder.parent, passed):
             return record
-    raise dg.Failure(description=f"no materialisation of {label} passed its checks ({', '.join(passed)}): fix the "
-                                 f"data and materialise it again")
+    raise NoVersionPassed(description=f"no materialisation of {label} passed its checks ({', '.join(passed)}): fix "
+                                      f"the data and materialise it again")

@@ -21,6 +21,8 @@ from assets.common import (
     ANNOTATION_CHECKS,
     FEEDBACK_CHECKS,
     TABLE_CHECKS,
+    NotMaterialised,
+    NoVersionPassed,
     latest_record,
     png_markdown,
     training_partitions,
@@ -47,13 +49,28 @@ def _feedback_inputs(context, dataset: str, bench, tables: TablesRecord, run_roo
     reads as one more (tables, annotations) pair. None when there is none (or ``weight`` is 0)."""
     if weight <= 0:
         return None
+    # no feedback yet (never materialised, or no version accepted by its check: a rejected version is never read)
+    # is said and trained without; any other failure to read it (a materialisation without a record, a version
+    # whose files are gone) fails the training rather than silently leaving the feedback out
     try:
         record = FeedbackRecord.from_dict(latest_record(context, feedback_triplets, dataset, passed=FEEDBACK_CHECKS))
-    except dg.Failure:   # never materialised, or no version passed its check: no feedback to train on
+    except NotMaterialised:
+        context.log.info(f"{dataset}: no feedback set yet (feedback_triplets[{dataset}] never materialised): "
+                         "training on the benchmark alone")
+        return None
+    except NoVersionPassed as e:
+        context.log.warning(f"{dataset}: no feedback set to train on: {e.description}; training on the benchmark "
+                            "alone")
         return None
     feedback = read_feedback_tables(record.folder)
-    if not len(feedback.triplets) or not record.annotations.is_file():
+    if not len(feedback.triplets):
+        context.log.info(f"{dataset}: the feedback set {record.version} has no accepted triplet yet: training on the "
+                         "benchmark alone")
         return None
+    if not record.annotations.is_file():
+        raise dg.Failure(description=f"the feedback set {record.version} of {dataset} has {len(feedback.triplets)} "
+                                     f"triplets but its annotations {record.annotations} are missing: materialise "
+                                     f"feedback_triplets[{dataset}] again")
     rows = feedback.triplets
     whole, part = int(weight), weight - int(weight)
     weighted = pd.concat([rows] * whole + [rows.iloc[: round(part * len(rows))]], ignore_index=True)

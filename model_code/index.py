@@ -18,6 +18,11 @@ Search: below ``exact_below`` rows the vectors are read into memory and ranked b
 it an ANN index (IVF_RQ by default, cosine, with a refine step re-ranking candidates by their full
 vectors) is built with the table version and searched. A per-query exclusion (CIRR and cir-shapes
 drop the reference) is a prefilter: ``k`` results always come back.
+
+Checks (the ``index_recall`` asset check): :meth:`GalleryIndex.agreement` compares the stored
+vectors with embeddings made now by the model (a build from another model, or vectors changed after
+the build, fail it); :meth:`GalleryIndex.recall_against_exact` measures what an ANN index loses
+against exact search, whenever the version has one.
 """
 
 from __future__ import annotations
@@ -216,6 +221,18 @@ class IndexInfo:
     index_params: dict
     seconds: float
     images_per_s: float
+
+
+@dataclasses.dataclass
+class VectorAgreement:
+    """Stored vectors against the model's embeddings of the same images (:meth:`GalleryIndex.agreement`)."""
+
+    compared: int                 # images asked about
+    missing: list[str]            # ... with no stored vector
+    differ: list[str]             # ... whose stored vector is below the cosine asked for (all, in another space)
+    min_cosine: float             # the lowest cosine between a stored vector and the model's (nan: none compared)
+    max_abs_difference: float     # the largest difference of one component
+    other_space: str              # why no vector could be compared (another dimension), else ""
 
 
 @dataclasses.dataclass
@@ -507,6 +524,48 @@ class GalleryIndex:
         """The ids and vectors [n, d] of the index built for ``model_version`` (what exact search reads)."""
         return self._vectors(self._version_table(model_version))
 
+    def splits(self, model_version: str) -> dict[str, str]:
+        """Image id -> split of every row of the index built for ``model_version``."""
+        data = self._read(self._version_table(model_version), ["image_id", "split"])
+        return dict(zip(data.column("image_id").to_pylist(), data.column("split").to_pylist()))
+
+    def has_ann(self, model_version: str) -> bool:
+        """Whether the version built for ``model_version`` has an ANN index (built at or above
+        ``exact_below`` rows, by whichever threshold the build had)."""
+        return bool(self._indices(self._version_table(model_version)))
+
+    def _indices(self, table) -> list:
+        try:
+            return list(table.list_indices())
+        except Exception as e:  # noqa: BLE001 - lance raises many kinds: one clear error instead
+            raise self._damaged(e) from None
+
+    def agreement(self, model_version: str, ids: Sequence[str], vectors, *,
+                  min_cosine: float) -> VectorAgreement:
+        """The stored vectors of ``ids`` in the version built for ``model_version`` against
+        ``vectors`` [n, d] (the model's embeddings of the same images, made now): their cosine per
+        image, and the images whose stored vector is missing or below ``min_cosine``."""
+        stored_ids, stored = self.vectors(model_version)
+        row = {i: j for j, i in enumerate(stored_ids)}
+        fresh = np.asarray(vectors, dtype=np.float32)
+        if fresh.ndim != 2 or fresh.shape[0] != len(ids):
+            raise GalleryIndexError(f"{len(ids)} ids but vectors of shape {list(fresh.shape)}")
+        if fresh.shape[1] != stored.shape[1]:   # another model's space: no image agrees
+            return VectorAgreement(len(ids), [i for i in ids if i not in row],
+                                   [i for i in ids if i in row], float("nan"), float("nan"),
+                                   f"dimension {fresh.shape[1]}, the index has {stored.shape[1]}")
+        missing = [i for i in ids if i not in row]
+        kept = [(i, v) for i, v in zip(ids, fresh) if i in row]
+        if not kept:
+            return VectorAgreement(len(ids), missing, [], float("nan"), float("nan"), "")
+        mine = stored[[row[i] for i, _ in kept]]
+        theirs = np.stack([v for _, v in kept])
+        cosine = np.sum(mine * theirs, axis=1) / (np.linalg.norm(mine, axis=1) * np.linalg.norm(theirs, axis=1))
+        cosine = np.nan_to_num(cosine, nan=-1.0)
+        differ = [i for (i, _), c in zip(kept, cosine) if c < min_cosine]
+        return VectorAgreement(len(ids), missing, differ, float(cosine.min()),
+                               float(np.abs(mine - theirs).max()), "")
+
     def _read(self, table, columns: list[str]):
         try:
             return table.to_arrow().select(columns)
@@ -522,10 +581,16 @@ class GalleryIndex:
         return self._cache[key]
 
     def search(self, query_vectors, k: int, *, model_version: str,
-               exclude: Sequence[Iterable[str]] | None = None) -> tuple[list[list[str]], list[list[float]]]:
+               exclude: Sequence[Iterable[str]] | None = None,
+               ann: bool | None = None) -> tuple[list[list[str]], list[list[float]]]:
         """The ``k`` nearest gallery ids and their cosine scores per query, in the index built for
-        ``model_version``; ``exclude[i]`` ids never come back for query i (a prefilter)."""
+        ``model_version``; ``exclude[i]`` ids never come back for query i (a prefilter). ``ann``:
+        None searches as the size says (the ANN index at or above ``exact_below`` rows, where there
+        is one), True the ANN index (a GalleryIndexError without one), False exactly."""
         table = self._version_table(model_version)
+        if ann and not self._indices(table):
+            raise GalleryIndexError(f"the gallery index {self.table_name} for model {model_version} has no ANN index "
+                                    f"(searched exactly: it was built below exact_below rows)")
         q = np.asarray(query_vectors, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]
@@ -542,7 +607,8 @@ class GalleryIndex:
         if not isinstance(k, int) or k < 1 or k > largest:
             raise GalleryIndexError(f"k must be a whole number from 1 to {largest} (the gallery has {rows} images), "
                                     f"not {k!r}")
-        if rows < self.exact_below or not table.list_indices():
+        use_ann = ann if ann is not None else rows >= self.exact_below
+        if not use_ann or not self._indices(table):
             ids, vectors = self._vectors(table)
             return exact_topk(q, vectors, ids, k, exclude=exclude)
         out_ids, out_scores = [], []
@@ -560,10 +626,14 @@ class GalleryIndex:
         return out_ids, out_scores
 
     def recall_against_exact(self, query_vectors, k: int, model_version: str, *,
-                             exclude: Sequence[Iterable[str]] | None = None) -> float:
-        """Recall@k of :meth:`search` against exact search over the same vectors: the share of the
-        exact top ``k`` that the index returns (1.0 for exact search; what an ANN index loses)."""
-        found, _ = self.search(query_vectors, k, model_version=model_version, exclude=exclude)
+                             exclude: Sequence[Iterable[str]] | None = None) -> float | None:
+        """Recall@k of the ANN index of the version built for ``model_version`` against exact
+        search over the same vectors: the share of the exact top ``k`` that the ANN search returns
+        (what the index loses). Measured whenever the version has an ANN index, whatever
+        ``exact_below`` says now; None when it has none (it is searched exactly: nothing to lose)."""
+        if not self.has_ann(model_version):
+            return None
+        found, _ = self.search(query_vectors, k, model_version=model_version, exclude=exclude, ann=True)
         ids, vectors = self.vectors(model_version)
         exact, _ = exact_topk(np.asarray(query_vectors, dtype=np.float32), vectors, ids, k, exclude=exclude)
         return sum(len(set(a) & set(b)) for a, b in zip(found, exact)) / (k * len(exact))

@@ -135,6 +135,8 @@ class _ChatServer(ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _ChatHandler)
         self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)   # notified at each request's arrival
+        self.gather = 0   # hold each request until this many were in flight at once (0: no hold)
         self.in_flight = self.max_in_flight = 0
         self.calls: dict[str, int] = {}
         self.bodies, self.auth = [], set()
@@ -165,9 +167,15 @@ class _ChatHandler(BaseHTTPRequestHandler):
             text = body["messages"][-1]["content"][-1]["text"]
             tag = re.search(r"\[(\w+)\]", text).group(1)
             n = srv.calls[tag] = srv.calls.get(tag, 0) + 1
-        time.sleep(0.05)
-        if tag.startswith("slow") and n == 1:
-            time.sleep(1.0)  # past the client's timeout
+            srv.arrived.notify_all()
+            # requests that overlap: held until as many as asked were in flight at once (a client that sends
+            # fewer at a time gives up waiting here after 10 s, and the test's count says so)
+            srv.arrived.wait_for(lambda: srv.max_in_flight >= srv.gather, timeout=10)
+            if tag.startswith("slow") and n == 1:
+                # answered only once the client has given up on it and sent it again: past its timeout, however
+                # slow or fast the machine (a client that never times out is answered after 30 s, once)
+                srv.arrived.wait_for(lambda: srv.calls[tag] >= 2, timeout=30)
+        time.sleep(0.05)   # a moment in flight, in which a client sending more than it may would show
         # count the request finished before answering: the client cannot send its next one earlier
         with srv.lock:
             srv.in_flight -= 1
@@ -208,7 +216,7 @@ def test_remote_teacher_speaks_the_protocol_with_retries_and_bounded_concurrency
     tags = ["ok1", "ok2", "ok3", "rate1", "flaky1", "slow1", "nonsense1", "bad1", "down1", "ok4"]
     reqs = _tagged(requests_, tags)
     teacher = RemoteTeacher(f"http://127.0.0.1:{chat_server.server_address[1]}/v1", "qwen2-vl-72b",
-                            api_key_env="CIRCOT_TEST_KEY", max_concurrency=3, timeout_s=0.5, max_retries=3,
+                            api_key_env="CIRCOT_TEST_KEY", max_concurrency=3, timeout_s=3.0, max_retries=3,
                             backoff_s=0.01)
     rows = dict(zip(tags, teacher.annotate(reqs)))
     for t in ("ok1", "ok2", "ok3", "ok4", "rate1", "flaky1", "slow1"):
@@ -232,9 +240,10 @@ def test_remote_teacher_speaks_the_protocol_with_retries_and_bounded_concurrency
 
 def test_remote_teacher_keeps_at_most_max_concurrency_requests_in_flight(chat_server, requests_):
     teacher = RemoteTeacher(f"http://127.0.0.1:{chat_server.server_address[1]}/v1", "m", max_concurrency=3)
+    chat_server.gather = 3   # the server holds the first requests until 3 are in flight at once
     rows = teacher.annotate(_tagged(requests_, [f"ok{i}" for i in range(9)]))
-    assert all(r.ok for r in rows)
-    assert 1 < chat_server.max_in_flight <= 3  # each request takes 50 ms: requests overlap, never more than 3
+    assert all(r.ok for r in rows) and sum(chat_server.calls.values()) == 9   # none timed out and was sent again
+    assert chat_server.max_in_flight == 3  # 3 requests at once, never more
 
 
 def test_remote_teacher_without_a_key_sends_no_authorization(chat_server, requests_, monkeypatch):
@@ -257,9 +266,13 @@ def _complete(teacher: RemoteTeacher, request) -> tuple[str | TeacherRequestErro
 
 def test_remote_teacher_waits_what_retry_after_asks_in_seconds_or_as_a_date(chat_server, requests_):
     teacher = RemoteTeacher(f"http://127.0.0.1:{chat_server.server_address[1]}/v1", "m", backoff_s=0.01)
+    start = time.time()
     answer, waits = _complete(teacher, _tagged(requests_, ["later1"])[0])
+    took = time.time() - start
     assert answer == GOOD and chat_server.calls["later1"] == 3  # 503, then 429, then the answer
-    assert waits[0] == 7.0 and 25 <= waits[1] <= 30  # the backoff alone would wait about 0.01 and 0.02 s
+    # the date is 30 s after the server wrote it, in whole seconds, read at most `took` later: the wait is the
+    # date's distance, not the backoff (which alone would wait about 0.01 and 0.02 s)
+    assert waits[0] == 7.0 and 29 - took <= waits[1] <= 30, (waits, took)
     assert retry_after_s("1.5") == 1.5 and retry_after_s(None) is None and retry_after_s("soon") is None
     assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date already past: at once
 

@@ -309,7 +309,8 @@ def test_the_budget_scripts_options_replace_the_callers():
 
 def test_the_locust_user_posts_the_search_its_environment_names(tmp_path):
     if importlib.util.find_spec("locust") is None:
-        pytest.skip("locust is not installed (.venv/bin/python tools/lock.py install -e '.[bench]')")
+        pytest.skip("locust is not installed: it is in the dev extra (make install, or "
+                    ".venv/bin/python tools/lock.py install -e '.[dev]')")
     image = tmp_path / "ref.png"
     image.write_bytes(b"not really a png")
     # in a process of its own: importing locust monkey-patches the standard library (gevent)

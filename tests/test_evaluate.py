@@ -122,7 +122,11 @@ def test_evaluation_scores_every_method_writes_the_report_and_resumes_from_its_c
     # the reference is excluded from its own ranking (CIRR's rule, which cir-shapes follows)
     for q in test.itertuples():
         assert q.reference_id not in ev.rankings["no_cot"][q.query_id]
-    assert {"cot_parsed", "conclusion_exact", "conclusion_object_f1", "R@1[edits=1]"} <= set(ev.metrics["cot"])
+    assert {"R@1[edits=1]", "R@1[ref_dependent]"} <= set(ev.metrics["cot"])
+    # the micro model's 6-token chains hold no three sections: none parses, none states the target (the
+    # reasoning metrics on known chains: test_reasoning_metrics_score_known_chains)
+    assert all(r["cot"] is None and r["error"] for r in ev.reasoning.values())
+    assert [ev.metrics["cot"][k] for k in ("cot_parsed", "conclusion_exact", "conclusion_object_f1")] == [0.0] * 3
     assert set(ev.reasoning) == set(test.query_id) and all("text" in r for r in ev.reasoning.values())
     assert ev.timings["cot"]["n"] == len(test) and ev.timings["gallery"]["per_s"] > 0
     for method, scores in ev.per_query.items():  # what the gate's paired test reads: the headline, query by query
@@ -154,6 +158,77 @@ def test_evaluation_scores_every_method_writes_the_report_and_resumes_from_its_c
     again = evaluate(micro_model, bench, tiny_synthetic, "synthetic", "test", batch_size=8, max_new_tokens=6,
                      cache_dir=cache, say=lambda s: None)
     assert again.metrics == ev.metrics
+
+
+class KnownChains:
+    """The micro model, its ``cot`` queries answered with given chains (in query order) instead of
+    generated ones: the embeddings are the model's, the reasoning is known."""
+
+    version = None   # not cached
+
+    def __init__(self, model, chains: list[str]):
+        self.model, self.chains = model, list(chains)
+
+    def embed_images(self, images, batch_size=32):
+        return self.model.embed_images(images, batch_size=batch_size)
+
+    def infer_queries(self, images, texts, mode="cot", *, max_new_tokens=256, batch_size=16):
+        from model_code.chain import CoTFormatError, parse
+
+        emb, _ = self.model.infer_queries(images, texts, "no_cot", batch_size=batch_size)
+        reasoning = []
+        for text in self.chains[:len(texts)]:
+            try:
+                reasoning.append({"text": text, "ids": [], "cot": parse(text), "error": None})
+            except CoTFormatError as e:
+                reasoning.append({"text": text, "ids": [], "cot": None, "error": str(e)})
+        del self.chains[:len(texts)]
+        return emb, reasoning
+
+
+def test_reasoning_metrics_score_known_chains(micro_model, tiny_synthetic):
+    """cot_parsed, conclusion_exact and conclusion_object_f1 on chains whose worth is known: the
+    oracle's (the target exactly), one concluding with the reference (stale), one stating a single
+    target object, and text that does not parse, in turn over the test split's queries."""
+    from model_code.chain import CoT
+    from model_code.synthetic.oracle import oracle_cot
+
+    bench = read_dataset("synthetic", tiny_synthetic)
+    test = bench.triplets[bench.triplets.split == "test"].reset_index(drop=True)
+    graphs = json.loads((tiny_synthetic / "scene_graphs" / "test.json").read_text())
+    edits = {q["query_id"]: q["edits"] for q in json.loads((tiny_synthetic / "captions" / "cap.test.json").read_text())}
+    chains, exact, f1 = [], [], []
+    for i, q in enumerate(test.itertuples()):
+        reference = scenes.scene_from_json(graphs[q.reference_id])
+        target = scenes.scene_from_json(graphs[q.target_ids[0]])
+        truth = {scenes.scene_key((o,))[0] for o in target}
+        kind = ("oracle", "stale", "one object", "unparsed")[i % 4]
+        if kind == "oracle":
+            chains.append(oracle_cot(q.query_id, reference, edits[q.query_id]).render())
+            exact.append(1)
+            f1.append(1.0)
+        elif kind == "stale":
+            chains.append(CoT(describe(reference), "nothing changes", describe(reference)).render())
+            stated = {scenes.scene_key((o,))[0] for o in reference}
+            assert stated != truth
+            exact.append(0)
+            f1.append(2 * len(stated & truth) / (len(stated) + len(truth)))
+        elif kind == "one object":
+            chains.append(CoT(describe(reference), "keep one", describe(scenes.make_scene(target[:1]))).render())
+            exact.append(int(len(truth) == 1))
+            f1.append(2 / (1 + len(truth)))
+        else:
+            chains.append("I think it is the blue one.")
+            exact.append(0)
+            f1.append(0.0)
+    ev = evaluate(KnownChains(micro_model, chains), bench, tiny_synthetic, "synthetic", "test", methods=["cot"],
+                  batch_size=5, say=lambda s: None)
+    m = ev.metrics["cot"]
+    n = len(test)
+    assert m["cot_parsed"] == pytest.approx(sum(1 for i in range(n) if i % 4 != 3) / n)
+    assert m["conclusion_exact"] == pytest.approx(sum(exact) / n)
+    assert m["conclusion_object_f1"] == pytest.approx(sum(f1) / n)
+    assert 0 < m["conclusion_exact"] < m["conclusion_object_f1"] < m["cot_parsed"] < 1
 
 
 def test_bad_input_gives_a_clear_error(micro_model, tiny_synthetic):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from model_code.common import bytes_md5
 from model_code.feedback import FeedbackError, FeedbackStore, collect_triplets, online_metrics, token_identity
 
 SHOWN = ["g1", "g2", "g3", "g4"]
@@ -33,7 +34,10 @@ def test_an_answer_is_kept_once_and_a_contradiction_refused(tmp_path):
     store.add(qid, "bob", none_of_these=True)                  # another token answers on its own
     assert [(e.token, e.chosen, e.none_of_these) for e in store.events()] == [
         (token_identity("alice"), "g2", False), (token_identity("bob"), None, True)]
-    assert (tmp_path / "images").glob("*.png") and store.query(qid).shown == SHOWN
+    # the reference kept once, named by its content, and the query with what was shown
+    (image,) = (tmp_path / "images").glob("*.png")
+    assert image.name == f"{bytes_md5(b'png-bytes')}.png" and image.read_bytes() == b"png-bytes"
+    assert store.query(qid).reference_file == f"images/{image.name}" and store.query(qid).shown == SHOWN
 
 
 @pytest.mark.parametrize("kwargs,status,says", [
@@ -55,11 +59,19 @@ def test_feedback_that_cannot_be_taken_is_refused_with_its_status(tmp_path, kwar
     assert e.value.status == status and not store.events()
 
 
-def _writer(root, qids, token, start, pause):
+def _writer(root, qids, token, start, pause, written=None, hold_after=None, hold=None):
+    """Answer every query of ``qids`` as ``token``, counting each answer written in ``written``;
+    after ``hold_after`` answers, wait on ``hold`` (which the test never sets: it is killed there
+    at the latest)."""
     store = FeedbackStore(root, "synthetic")
     start.wait()
-    for qid in qids:
+    for n, qid in enumerate(qids, 1):
         store.add(qid, token, chosen="g1")
+        if written is not None:
+            with written.get_lock():
+                written.value = n
+        if n == hold_after:
+            hold.wait(120)
         if pause:
             time.sleep(pause)
 
@@ -68,16 +80,23 @@ def test_no_event_lost_or_doubled_under_32_concurrent_writers_with_one_killed(tm
     store = FeedbackStore(tmp_path, "synthetic")
     qids = [_query(store, reference=bytes([i])) for i in range(20)]
     ctx = multiprocessing.get_context("fork")
-    start = ctx.Event()
-    workers = [ctx.Process(target=_writer, args=(tmp_path, qids, f"token-{w}", start, 0.05 if w == 0 else 0))
-               for w in range(32)]
+    start, hold = ctx.Event(), ctx.Event()
+    written = ctx.Value("i", 0)
+    # worker 0 writes with a pause between answers and stops after its 15th at the latest: killed once it has
+    # written 3, it is killed in the middle of its work whatever the machine's speed
+    workers = [ctx.Process(target=_writer, args=(tmp_path, qids, f"token-{w}", start, 0.01) + (
+        (written, 15, hold) if w == 0 else ())) for w in range(32)]
     for p in workers:
         p.start()
     start.set()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 120
+    while written.value < 3 and time.monotonic() < deadline and workers[0].is_alive():
+        time.sleep(0.005)
+    assert written.value >= 3 and workers[0].is_alive(), "worker 0 did not start its work"
     os.kill(workers[0].pid, signal.SIGKILL)                     # a worker killed mid-run
     for p in workers:
         p.join(60)
+    assert workers[0].exitcode == -signal.SIGKILL               # it died of the kill, not at the end of its work
     assert all(p.exitcode == 0 for p in workers[1:])
     events = store.events()
     per_token = {}
@@ -85,7 +104,12 @@ def test_no_event_lost_or_doubled_under_32_concurrent_writers_with_one_killed(tm
         per_token.setdefault(e.token, []).append(e.query_id)
     assert all(sorted(per_token[token_identity(f"token-{w}")]) == sorted(qids) for w in range(1, 32))
     assert len(events) == len({(e.query_id, e.token) for e in events})   # none written twice
-    # the killed worker's events so far are whole: each one parses, and a rerun completes it
+    # the killed worker's events so far are whole (each one parses) and partial: what it had written, perhaps
+    # one more, never all 20
+    killed = per_token.get(token_identity("token-0"), [])
+    assert 3 <= written.value <= len(killed) <= min(written.value + 1, 15), (written.value, len(killed))
+    assert sorted(killed) == sorted(qids[:len(killed)])             # the first ones, in the order it wrote them
+    # a rerun completes it
     _writer(tmp_path, qids, "token-0", type("E", (), {"wait": lambda self: None})(), 0)
     assert sorted(e.query_id for e in store.events() if e.token == token_identity("token-0")) == sorted(qids)
 

@@ -181,11 +181,50 @@ def test_answers_become_checked_versioned_annotated_triplets_without_leaks_and_c
                                                              (b.paths[wrong],))
     assert mine.cot is not None and benchmark_chain.conclusion in mine.cot        # its chain comes along
     assert _feedback_inputs(context, D, b.bench, tables, tmp_path / "runs", 0.0) is None   # weight 0: not trained on
+    # a set that passed its check but whose chains are gone: the training fails, saying so, rather than
+    # training without the feedback
+    kept = (folder / "annotations.parquet").read_bytes()
+    (folder / "annotations.parquet").unlink()
+    with pytest.raises(dg.Failure, match=f"feedback set {meta['version'].value} .* annotations .* are missing"):
+        _feedback_inputs(context, D, b.bench, tables, tmp_path / "runs", 1.5)
+    (folder / "annotations.parquet").write_bytes(kept)
 
     # again with nothing new: the same version, still passed
     again = _materialise([feedback_triplets, feedback_suite], instance, artifacts)
     assert again.asset_materializations_for_node("feedback_triplets")[0].metadata["version"].value == \
         meta["version"].value and again.get_asset_check_evaluations()[0].passed
+
+
+def test_training_without_feedback_says_why_and_fails_when_the_feedback_cannot_be_read(tables, instance, tmp_path):
+    """cir_cot_model's feedback input: no feedback set yet (never materialised, or none accepted by its
+    check) is said and trained without; a feedback set that cannot be read fails the training."""
+    from types import SimpleNamespace
+
+    from assets.training import _feedback_inputs
+
+    said = []
+    log = SimpleNamespace(info=lambda m: said.append(("info", m)), warning=lambda m: said.append(("warning", m)))
+    context = SimpleNamespace(instance=instance, log=log,
+                              resources=SimpleNamespace(artifacts=ArtifactStore(root=str(tmp_path / "artifacts"))))
+    bench = read_tables(tables.folder)
+
+    def inputs():
+        return _feedback_inputs(context, D, bench, tables, tmp_path / "runs", 1.0)
+
+    assert inputs() is None                                       # never materialised: no feedback yet
+    assert said == [("info", f"{D}: no feedback set yet (feedback_triplets[{D}] never materialised): training on "
+                             "the benchmark alone")]
+    rejected = tmp_path / "rejected-version"
+    (rejected / "checks").mkdir(parents=True)
+    (rejected / "checks" / "feedback_suite.json").write_text(json.dumps({"passed": False}))
+    instance.report_runless_asset_event(dg.AssetMaterialization("feedback_triplets", partition=D, metadata={
+        "record": dg.MetadataValue.json({"folder": str(rejected)})}))
+    said.clear()
+    assert inputs() is None                                       # none accepted by its check: said, as a warning
+    assert [level for level, _ in said] == ["warning"] and "passed its checks (feedback_suite)" in said[0][1]
+    instance.report_runless_asset_event(dg.AssetMaterialization("feedback_triplets", partition=D))
+    with pytest.raises(dg.Failure, match="carries no record"):   # one that cannot be read: not "no feedback"
+        inputs()
 
 
 def test_nothing_accepted_yet_is_a_valid_empty_version(tables, instance, tmp_path):

@@ -84,6 +84,98 @@ def test_search_equals_the_evaluations_exact_ranking(micro_base, tiny_synthetic,
     assert all(s == sorted(s, reverse=True) for s in scores)
 
 
+@pytest.fixture(scope="module")
+def micro_gallery(micro_base, tiny_synthetic):
+    """A micro model, the tiny benchmark, its test split's gallery images, and another model: the
+    micro model with every weight moved a little (what a gallery embedded by another model holds)."""
+    import torch
+
+    from model_code.backbone import load_backbone
+    from model_code.data import read_dataset
+    from model_code.model.cir_cot import CirCoTModel, apply_lora
+
+    def model(shift: float = 0.0):
+        torch.manual_seed(0)
+        backbone, processor = load_backbone(micro_base, device="cpu")
+        m = CirCoTModel(apply_lora(backbone, processor, r=2, alpha=4), processor, base_path=str(micro_base))
+        with torch.no_grad():
+            for param in m.model.parameters():
+                param.add_(shift * torch.randn_like(param))
+        return m
+
+    bench = read_dataset("synthetic", tiny_synthetic)
+    test = bench.images[bench.images.split == "test"]
+    images = [GalleryImage(i, "test", tiny_synthetic / p) for i, p in zip(test.image_id, test.path)]
+    return model(), model(0.05), bench, images
+
+
+def _verify(index, micro_gallery, tiny_synthetic, **kwargs):
+    from assets.gallery_index import verify_index
+
+    m, _, bench, _ = micro_gallery
+    return verify_index(index, "v1", m, bench, str(tiny_synthetic), "synthetic", **{"images": 8, **kwargs})
+
+
+def test_the_index_check_passes_on_the_models_gallery_and_fails_on_another_models(micro_gallery, tiny_synthetic,
+                                                                                 tmp_path):
+    """index_recall below 50,000 images: the index is searched exactly, so what can be wrong is the
+    stored vectors; the check re-embeds a sample with the model and compares them."""
+    m, other, _, images = micro_gallery
+    index = GalleryIndex(tmp_path / "db", "synthetic")
+    index.build(lambda paths: m.embed_images(paths), images, model_version="v1", batch_size=8)
+    ok = _verify(index, micro_gallery, tiny_synthetic, rows=len(images))
+    assert ok.passed, ok.description
+    assert ok.metadata["vectors_compared"] == 8 and ok.metadata["min_cosine"] > 0.9999
+    assert ok.metadata["images_of_split"] == ok.metadata["rows"] == len(images)
+    assert "ann_recall_at_10" not in ok.metadata and "no ANN index" in ok.description
+
+    wrong = GalleryIndex(tmp_path / "other", "synthetic")   # the same images, embedded by another model
+    wrong.build(lambda paths: other.embed_images(paths), images, model_version="v1", batch_size=8)
+    bad = _verify(wrong, micro_gallery, tiny_synthetic, rows=len(images))
+    assert not bad.passed and bad.metadata["vectors_differing"] == 8, bad.description
+    assert "8 of 8 stored vectors differ from the model's embedding" in bad.description
+
+
+def test_the_index_check_fails_on_a_changed_vector_a_missing_image_and_a_wrong_count(micro_gallery, tiny_synthetic,
+                                                                                   tmp_path):
+    m, _, _, images = micro_gallery
+    index = GalleryIndex(tmp_path / "db", "synthetic")
+    index.build(lambda paths: m.embed_images(paths), images, model_version="v1", batch_size=8)
+    # one stored vector changed after the build (the tagged version moved to the changed table)
+    ids, vectors = index.vectors("v1")
+    table = index.db.open_table(index.table_name)
+    table.update(where=f"image_id = '{ids[0]}'", values={"vector": (-vectors[0]).tolist()})
+    table.tags.update(index.tag("v1"), table.version)
+    changed = _verify(GalleryIndex(tmp_path / "db", "synthetic"), micro_gallery, tiny_synthetic, images=len(images))
+    assert not changed.passed and changed.metadata["vectors_differing"] == 1, changed.description
+    assert f"1 of {len(images)} stored vectors differ" in changed.description and ids[0] in changed.description
+    # an image of the evaluated gallery the build left out (and did not say it skipped)
+    partial = GalleryIndex(tmp_path / "partial", "synthetic")
+    partial.build(lambda paths: m.embed_images(paths), images[1:], model_version="v1", batch_size=8)
+    gone = _verify(partial, micro_gallery, tiny_synthetic, rows=len(images) - 1)
+    assert not gone.passed and gone.metadata["missing"] == 1
+    assert f"1 of the {len(images)} images of test" in gone.description and images[0].image_id in gone.description
+    said_skipped = _verify(partial, micro_gallery, tiny_synthetic, rows=len(images) - 1, skipped=[images[0].image_id])
+    assert said_skipped.passed, said_skipped.description
+    wrong_count = _verify(partial, micro_gallery, tiny_synthetic, rows=len(images), skipped=[images[0].image_id])
+    assert not wrong_count.passed and f"its build recorded {len(images)}" in wrong_count.description
+
+
+def test_the_index_check_measures_an_ann_index(micro_gallery, tiny_synthetic, tmp_path):
+    m, _, _, images = micro_gallery
+    verdicts = {}
+    for name, ann in (("fine", AnnConfig(num_partitions=2, nprobes=2, refine_factor=30)),
+                      ("coarse", AnnConfig(num_partitions=4, nprobes=1, refine_factor=1))):
+        index = GalleryIndex(tmp_path / name, "synthetic", exact_below=10, ann=ann)
+        assert index.build(lambda paths: m.embed_images(paths), images, model_version="v1").index_type == "IVF_RQ"
+        verdicts[name] = _verify(index, micro_gallery, tiny_synthetic, rows=len(images))
+    fine, coarse = verdicts["fine"], verdicts["coarse"]
+    assert fine.passed and fine.metadata["ann_recall_at_10"] >= 0.95, fine.description
+    assert fine.metadata["queries"] == 12 and "recall@10 of the ANN index against exact search" in fine.description
+    assert not coarse.passed and coarse.metadata["ann_recall_at_10"] < 0.95, coarse.description
+    assert coarse.metadata["vectors_differing"] == 0       # the vectors are right: the ANN search loses neighbours
+
+
 def test_exclusion_is_a_prefilter_and_k_results_come_back(gallery, tmp_path):
     images, vectors, embed = gallery
     index = GalleryIndex(tmp_path / "db", "cirr")
@@ -158,8 +250,51 @@ def test_ann_index_above_the_threshold_with_recall_against_exact(tmp_path, kind)
     exact, _ = exact_topk(queries, vectors, [im.image_id for im in images], 10, exclude=exclude)
     recall = sum(len(set(f) & set(e)) for f, e in zip(found, exact)) / 400
     assert recall >= 0.9, recall
-    assert index.recall_against_exact(queries, 10, "v1", exclude=exclude) == recall  # what index_recall checks
     assert all(len(f) == 10 and f"g{j}" not in f for j, f in enumerate(found))
+
+
+def _ann_index(tmp_path, vectors, name, **ann):
+    images = [GalleryImage(f"g{j}", "test", Path(f"/nowhere/g{j}.png")) for j in range(len(vectors))]
+    lookup = {im.image_id: v for im, v in zip(images, vectors)}
+    index = GalleryIndex(tmp_path / name, "circo", exact_below=1000,
+                         ann=AnnConfig(index_type="IVF_RQ", num_partitions=16, **ann))
+    index.build(lambda paths: np.stack([lookup[Path(p).stem] for p in paths]), images, model_version="v1",
+                batch_size=500)
+    return index
+
+
+def test_recall_against_exact_measures_the_ann_path_whenever_there_is_one(tmp_path):
+    """What index_recall checks of an ANN index: the ANN search's recall@10 against exact search,
+    measured by hand here, low for an index searched too coarsely, and measured even where the
+    index is opened with a threshold above its size (the service's default); None without one."""
+    rng = np.random.default_rng(1)
+    centres = _unit(rng, 12)
+    vectors = _unit(rng, 3000, centres=centres)
+    queries = _unit(rng, 40, centres=centres)
+    exclude = [{f"g{j}"} for j in range(40)]
+    ids = [f"g{j}" for j in range(len(vectors))]
+    scores = queries @ vectors.T
+    scores[np.arange(40), np.arange(40)] = -np.inf            # each query's own exclusion, by hand
+    truth = [[ids[j] for j in np.argsort(-row, kind="stable")[:10]] for row in scores]
+
+    def by_hand(index):
+        found, _ = index.search(queries, 10, model_version="v1", exclude=exclude, ann=True)
+        return sum(len(set(f) & set(t)) for f, t in zip(found, truth)) / 400
+
+    fine = _ann_index(tmp_path, vectors, "fine", nprobes=16, refine_factor=30)     # every partition, refined
+    coarse = _ann_index(tmp_path, vectors, "coarse", nprobes=1, refine_factor=1)
+    good, bad = (i.recall_against_exact(queries, 10, "v1", exclude=exclude) for i in (fine, coarse))
+    assert good == pytest.approx(by_hand(fine)) and good >= 0.95, good
+    assert bad == pytest.approx(by_hand(coarse)) and bad < 0.9, bad    # what an index that loses neighbours gets
+    reopened = GalleryIndex(fine.uri, "circo", exact_below=50_000, ann=fine.ann)  # measured whatever the threshold
+    assert reopened.has_ann("v1") and reopened.recall_against_exact(queries, 10, "v1", exclude=exclude) == good
+    small = GalleryIndex(tmp_path / "exact", "circo")
+    lookup = dict(zip(ids, vectors))
+    small.build(lambda paths: np.stack([lookup[Path(p).stem] for p in paths]),
+                [GalleryImage(i, "test", Path(f"/nowhere/{i}.png")) for i in ids[:500]], model_version="v1")
+    assert not small.has_ann("v1") and small.recall_against_exact(queries, 10, "v1") is None
+    with pytest.raises(GalleryIndexError, match="has no ANN index"):
+        small.search(queries, 10, model_version="v1", ann=True)
 
 
 def test_bad_queries_and_missing_indexes_are_refused(gallery, tmp_path):

@@ -50,13 +50,15 @@ def test_repro_runs_once_reruns_on_param_change_and_pulls_from_the_remote(dvc_pr
     assert project.outputs("synthetic")[0].md5 != out.md5
 
 
-def _execute(defs, job, partition=None, run_config=None, instance=None):
-    """Run ``job``; (result, check evaluations, materialisations, step failures). Jobs that follow
-    one another share ``instance``: each reads its inputs from what the instance recorded."""
+def _execute(defs, job, partition=None, run_config=None, instance=None, asset_selection=None):
+    """Run ``job`` (its ``asset_selection`` only, when given); (result, check evaluations,
+    materialisations, step failures). Jobs that follow one another share ``instance``: each reads
+    its inputs from what the instance recorded."""
     with contextlib.ExitStack() as stack:
         instance = instance or stack.enter_context(dg.instance_for_test())
         result = defs.resolve_job_def(job).execute_in_process(
-            partition_key=partition, instance=instance, raise_on_error=False, run_config=run_config)
+            partition_key=partition, instance=instance, raise_on_error=False, run_config=run_config,
+            asset_selection=asset_selection)
         checks = {e.event_specific_data.check_name: e.event_specific_data for e in result.all_events
                   if e.event_type_value == "ASSET_CHECK_EVALUATION"}
         mats = {e.event_specific_data.materialization.asset_key.to_user_string(): e.event_specific_data.materialization
@@ -241,8 +243,14 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     n_test = len(read_tables(trained_tables(mats_first)).images.query("split == 'test'"))
     assert index["rows"].value == n_test and index["model_version"].value == trained["version"]
     assert index["tag"].value == f"model-{trained['version']}" and index["index_type"].value == "exact"
-    assert checks["index_recall"].passed
-    assert "recall@10 against exact search 1.000" in checks["index_recall"].description
+    # the check compares the stored vectors with the promoted model's embedding of the same images now
+    verdict = checks["index_recall"]
+    assert verdict.passed, verdict.description
+    assert {k: verdict.metadata[k].value for k in ("images_of_split", "rows", "missing", "extra", "vectors_compared",
+                                                   "vectors_differing")} == {
+        "images_of_split": n_test, "rows": n_test, "missing": 0, "extra": 0, "vectors_compared": min(64, n_test),
+        "vectors_differing": 0}
+    assert verdict.metadata["min_cosine"].value > 0.999 and "no ANN index" in verdict.description
     assert "top 5:" in index["example"].value
     # ...and the service is packaged with that model
     bento = mats["bento"].metadata
@@ -254,6 +262,15 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     assert mats["bento"].metadata["tag"].value == f"circot:synthetic-{trained['version']}"
     prod = registry.production("synthetic")
     assert prod["version"] == trained["version"] and prod["labels"]["stage_synthetic"] == "production"
+    # a stored vector changed after the build (searched exactly, the index would still agree with exact search
+    # over its own vectors): the index built again keeps it (nothing to embed), and its check fails, naming it
+    changed = _change_a_stored_vector(artifacts / "lancedb", trained["version"])
+    rebuilt, rechecked, remade, _ = _execute(lenient, EVALUATION_JOB, "synthetic", instance=instance,
+                                             asset_selection=[dg.AssetKey("gallery_index")])
+    assert not rebuilt.success and remade["gallery_index"].metadata["embedded_this_run"].value == 0
+    verdict = rechecked["index_recall"]
+    assert verdict.passed is False and verdict.metadata["vectors_differing"].value == 1
+    assert f"1 of {min(64, n_test)} stored vectors differ" in verdict.description and changed in verdict.description
     assert prod["labels"]["data_synthetic"] == trained["data"]["synthetic"]["raw"]
     assert prod["labels"]["annotations_synthetic"] == trained["data"]["synthetic"]["annotations"]
     assert prod["labels"]["evaluated_on_synthetic"] == "synthetic/test"
@@ -268,6 +285,18 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     # the evaluation reads the model Dagster's lineage names: a fresh instance has none, and says so
     run, _, _, failures = _execute(lenient, EVALUATION_JOB, "synthetic", eval_config)
     assert not run.success and any("cir_cot_model[synthetic] has not been materialised" in f for f in failures)
+
+
+def _change_a_stored_vector(uri, model_version: str) -> str:
+    """Negate the first stored vector of the index built for ``model_version``, and move its tag there."""
+    from model_code.index import GalleryIndex
+
+    index = GalleryIndex(uri, "synthetic")
+    ids, vectors = index.vectors(model_version)
+    table = index.db.open_table(index.table_name)
+    table.update(where=f"image_id = '{ids[0]}'", values={"vector": (-vectors[0]).tolist()})
+    table.tags.update(index.tag(model_version), table.version)
+    return ids[0]
 
 
 def test_gpu_profile_needs_a_checkpoint_and_registers_one(dvc_project, tmp_path, micro_base):
@@ -290,7 +319,9 @@ def test_gpu_profile_needs_a_checkpoint_and_registers_one(dvc_project, tmp_path,
 
 
 def _kill_training_when(path, stop):
-    """Kill the launched training processes (torchrun and its workers) once ``path`` exists."""
+    """Kill the launched training processes (torchrun and its workers) once ``path`` exists: the file
+    the training writes where it holds after its first checkpoint (``CIRCOT_HOLD_AFTER_CHECKPOINT``),
+    so the kill lands mid-run however fast the machine trains. Returns how many it killed."""
     import os
     import signal
     import time
@@ -299,20 +330,29 @@ def _kill_training_when(path, stop):
 
     while not stop.is_set():
         if path.exists():
-            time.sleep(0.5)
+            killed = 0
             for p in psutil.Process().children(recursive=True):
-                if "model_code.model.recipes" in " ".join(p.cmdline()):
-                    os.kill(p.pid, signal.SIGKILL)
-            return
-        time.sleep(0.2)
+                try:
+                    if "model_code.model.recipes" in " ".join(p.cmdline()):
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed += 1
+                except (psutil.NoSuchProcess, ProcessLookupError):
+                    pass
+            return killed
+        time.sleep(0.05)
+    return 0
 
 
 def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_project, tmp_path, instance,
-                                                                           micro_base):
+                                                                           micro_base, monkeypatch):
     """cir_cot_model as an external process (PipesSubprocessClient + torchrun, two CPU processes on
     gloo): killed after its first checkpoint, the run fails; the next run resumes from that
     checkpoint, and the child's progress and result come back as logs and metadata."""
     import threading
+
+    import torch
+
+    from model_code.model.train import HOLD_AFTER_CHECKPOINT_ENV
 
     artifacts = tmp_path / "artifacts"
     defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(artifacts), dataset_roots={},
@@ -320,12 +360,16 @@ def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_p
                                                        launcher="subprocess", processes=2))
     assert _materialise(defs, "synthetic", instance=instance)[0].success
     config = {"ops": {"cir_cot_model": {"config": {"align_steps": 12}}}}
-    stop = threading.Event()
-    runs = artifacts / "cir_cot_model" / "runs"
-    watcher = threading.Thread(target=lambda: _kill_training_when_any(runs, stop), daemon=True)
+    stop, killed = threading.Event(), []
+    held = tmp_path / "held-after-checkpoint"
+    monkeypatch.setenv(HOLD_AFTER_CHECKPOINT_ENV, str(held))   # the training waits there to be killed
+    watcher = threading.Thread(target=lambda: killed.append(_kill_training_when(held, stop)), daemon=True)
     watcher.start()
     run, _, mats, failures = _execute(defs, TRAINING_JOB, "synthetic", run_config=config, instance=instance)
     stop.set()
+    watcher.join(10)
+    monkeypatch.delenv(HOLD_AFTER_CHECKPOINT_ENV)
+    assert killed and killed[0] >= 2, killed                  # torchrun and its workers, killed while held
     assert not run.success and "cir_cot_model" not in mats, failures
     causes = []
     for event in run.all_events:
@@ -334,8 +378,11 @@ def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_p
             causes.append(error.message)
             error = error.cause
     assert any("External execution process failed with code -9" in c for c in causes), causes
-    (run_dir,) = runs.iterdir()
-    assert (run_dir / "align" / "checkpoint" / "state.pt").is_file()      # what the next run resumes from
+    (run_dir,) = (artifacts / "cir_cot_model" / "runs").iterdir()
+    state = torch.load(run_dir / "align" / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 2                 # what the next run resumes from: the first checkpoint, of 12 steps
+    assert Path(held.read_text()).resolve() == (run_dir / "align" / "checkpoint").resolve()   # where it held
+    assert not (run_dir / "model").exists() and not (run_dir / "cot").exists()   # killed mid-run, in stage 1
     from model_code.model.recipes import PROFILES, TrainingProfile
 
     # the processes were handed the whole profile, the run's override applied, as one file
@@ -348,16 +395,7 @@ def test_training_launched_through_pipes_in_two_processes_dies_and_resumes(dvc_p
     assert meta["launched_processes"].value == 2 and meta["align_steps"].value == 12
     assert meta["model_version"].value == meta["record"].value["version"]
     logs = [r.user_message for r in instance.all_logs(run.run_id)]
-    assert any("resuming from the checkpoint at step" in m for m in logs), logs[-20:]
-
-
-def _kill_training_when_any(runs, stop):
-    import time
-
-    while not stop.is_set() and not (runs.is_dir() and any(runs.iterdir())):
-        time.sleep(0.2)
-    if not stop.is_set():
-        _kill_training_when(next(runs.iterdir()) / "align" / "checkpoint" / "state.pt", stop)
+    assert any("resuming from the checkpoint at step 2" in m for m in logs), logs[-20:]
 
 
 def test_an_object_store_artifacts_root_lets_each_stage_run_on_another_machine(dvc_project, tmp_path, instance,

@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 STAGES = tuple(OBJECTIVES)   # pretrain, align, cot
 
+# For tests of an interrupted training (tests/test_pipeline.py): set to a file path, the main process
+# creates that file after its first checkpoint of a run and waits there (until the file is removed, at
+# most 10 minutes), so a test that kills it once the file exists kills it mid-run, however fast the machine.
+HOLD_AFTER_CHECKPOINT_ENV = "CIRCOT_HOLD_AFTER_CHECKPOINT"
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -173,6 +178,18 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history
         replace_dir(tmp, path)
 
 
+def _hold_if_asked(checkpoint: Path) -> None:
+    """Wait after a run's first checkpoint when ``HOLD_AFTER_CHECKPOINT_ENV`` names a file (a test's hook)."""
+    flag = os.environ.get(HOLD_AFTER_CHECKPOINT_ENV)
+    if not flag:
+        return
+    Path(flag).write_text(str(checkpoint))
+    log.warning("holding after the checkpoint %s until %s is removed (%s)", checkpoint, flag, HOLD_AFTER_CHECKPOINT_ENV)
+    deadline = time.monotonic() + 600
+    while Path(flag).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
@@ -297,6 +314,8 @@ def train(model: CirCoTModel, examples: Sequence[TrainExample], cfg: TrainConfig
             say(_progress_line(cfg, totals, done, (done - start) / (now - t0)))
         if accelerator.is_main_process and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             _save_checkpoint(ckpt, step_module, optimizer, scheduler, done, history)
+            if done - start <= cfg.checkpoint_every:
+                _hold_if_asked(ckpt)
         if stop_after is not None and done >= stop_after:
             break
     accelerator.wait_for_everyone()
