@@ -148,7 +148,7 @@ def test_the_guard_hands_the_app_the_form_it_checked_byte_for_byte():
         await send({"type": "http.response.body", "body": b"{}"})
 
     class Ready:
-        async def readiness(self, probe=True):
+        def front_reason(self):
             return None
 
     guard = Guard(app, ServiceSettings(api_token=None, max_image_bytes=4 * SPOOL_BYTES), {"service": Ready()})
@@ -176,6 +176,58 @@ def test_the_guard_hands_the_app_the_form_it_checked_byte_for_byte():
     code, body = post(form.replace(b'name="image"; filename="a.png"', b'name="image"'))
     assert code == 400 and error_of(body).startswith("image must be an uploaded file") and len(got) == 1
     assert post(form[: SPOOL_BYTES], gone=True) is None and len(got) == 1
+
+
+def test_a_full_traffic_class_is_refused_at_once_with_retry_after_and_the_other_class_goes_on():
+    """serving/traffic.py: a lane holds at most its limit of calls; one more is refused at once with 503,
+    a sentence naming its class and a Retry-After of about how long its calls hold their place (a moving
+    average of the calls answered); a place freed takes the next call; the other class is not affected."""
+    import asyncio
+
+    from serving.link import ApiError
+    from serving.observability import metrics
+    from serving.traffic import Lane
+
+    refusals = metrics().queue_refused.labels("cot")
+
+    async def run():
+        cot, embedding = Lane("cot", 2, 4.5), Lane("embedding", 1, 1.0)
+        release = asyncio.Event()
+
+        async def hold(lane):
+            async with lane.admit():
+                await release.wait()
+
+        held = [asyncio.ensure_future(hold(cot)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert cot.held == 2 and metrics().queue_depth.labels("cot")._value.get() == 2
+        before = refusals._value.get()
+        with pytest.raises(ApiError) as refused:
+            async with cot.admit():
+                raise AssertionError("admitted past the limit")
+        assert refused.value.status == 503 and refused.value.retry_after == 5   # ceil(4.5)
+        assert str(refused.value) == ("the CoT queue is full: 2 calls of this kind are being answered or waiting (at "
+                                      "most 2, CIRCOT_COT_QUEUE); try again in 5 s")
+        response = refused.value.response()
+        assert response.status_code == 503 and response.headers["retry-after"] == "5"
+        assert refusals._value.get() == before + 1
+        async with embedding.admit():   # the other class has its own room
+            assert embedding.held == 1
+        release.set()
+        await asyncio.gather(*held)
+        assert cot.held == 0 and embedding.held == 0
+        # the two calls held their place ~0.01 s: the estimate moved from 4.5 s toward it
+        assert 2.0 < cot.typical_s < 3.0 and cot.retry_after() == 3
+        with pytest.raises(ValueError):
+            async with cot.admit():     # a failed call frees its place and is not timed
+                raise ValueError("the model is away")
+        assert cot.held == 0 and 2.0 < cot.typical_s < 3.0
+        for _ in range(40):
+            async with cot.admit():
+                pass
+        assert cot.retry_after() == 1    # at least a second
+
+    asyncio.run(run())
 
 
 def malformed_requests(server, image: bytes, gallery_id: str) -> list[tuple[str, str, str, object, dict, int, str]]:
