@@ -1,13 +1,39 @@
-"""Locust users for bench/load_service.py: ``LOAD_TARGET`` embed_image or search_no_cot (or search_cot),
-``LOAD_IMAGE`` the reference image to upload, ``LOAD_TOKEN`` a bearer token if the service wants one."""
+"""Locust users for bench/load_service.py. ``LOAD_IMAGE``: the reference image to upload; ``LOAD_TOKEN``: a
+bearer token if the service wants one.
+
+- ``Client``: one kind of call, ``LOAD_TARGET`` embed_image or search_no_cot (or search_cot): the sweep.
+- ``CotUser`` and ``NoCotUser``: CoT and no-CoT ``/search`` together, ``LOAD_COT_USERS`` and
+  ``LOAD_NOCOT_USERS`` of each (the mixed run). With ``LOAD_HONOUR_RETRY_AFTER=1`` a user that gets a
+  503 waits the ``Retry-After`` it was given before its next call.
+
+With ``LOAD_RECORD`` every call is written there, one line each: the user class, the status (0: no
+answer), the seconds it took and when it started (``time.time()``), tab-separated.
+"""
 
 import os
+import time
 
-from locust import HttpUser, constant, task
+from locust import HttpUser, constant, events, task
 
 IMAGE = open(os.environ["LOAD_IMAGE"], "rb").read()
 TARGET = os.environ.get("LOAD_TARGET", "embed_image")
 HEADERS = {"Authorization": f"Bearer {os.environ['LOAD_TOKEN']}"} if os.environ.get("LOAD_TOKEN") else {}
+HONOUR_RETRY_AFTER = os.environ.get("LOAD_HONOUR_RETRY_AFTER") == "1"
+RECORD = open(os.environ["LOAD_RECORD"], "a", buffering=1) if os.environ.get("LOAD_RECORD") else None
+
+
+def search(client, mode: str):
+    """One /search of the reference image in ``mode``; the response."""
+    return client.post("/search", files={"image": ("ref.png", IMAGE)},
+                       data={"modification": "make the red shape blue", "k": "10", "mode": mode},
+                       headers=HEADERS, name=f"/search {mode}")
+
+
+@events.request.add_listener
+def _record(request_type, name, response_time, response, exception, start_time=None, **_):
+    if RECORD is not None:
+        status = getattr(response, "status_code", 0) or 0
+        RECORD.write(f"{name}\t{status}\t{response_time / 1000:.4f}\t{start_time or time.time():.3f}\n")
 
 
 class Client(HttpUser):
@@ -18,7 +44,27 @@ class Client(HttpUser):
         if TARGET == "embed_image":
             self.client.post("/embed_image", files={"images": ("ref.png", IMAGE)}, headers=HEADERS)
         else:
-            mode = "cot" if TARGET == "search_cot" else "no_cot"
-            self.client.post("/search", files={"image": ("ref.png", IMAGE)},
-                             data={"modification": "make the red shape blue", "k": "10", "mode": mode},
-                             headers=HEADERS, name=f"/search {mode}")
+            search(self.client, "cot" if TARGET == "search_cot" else "no_cot")
+
+
+class _Mixed(HttpUser):
+    abstract = True
+    mode = ""
+    wait_time = constant(0)
+
+    @task
+    def call(self):
+        answer = search(self.client, self.mode)
+        retry_after = answer.headers.get("Retry-After", "") if answer.status_code == 503 else ""
+        if HONOUR_RETRY_AFTER and retry_after.isdigit():
+            time.sleep(int(retry_after))   # gevent's sleep (locust patches time): this user only
+
+
+class CotUser(_Mixed):
+    mode = "cot"
+    fixed_count = int(os.environ.get("LOAD_COT_USERS", "0"))
+
+
+class NoCotUser(_Mixed):
+    mode = "no_cot"
+    fixed_count = int(os.environ.get("LOAD_NOCOT_USERS", "0"))

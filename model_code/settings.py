@@ -219,12 +219,21 @@ class ServiceSettings(_Settings):
     max_images: int = Field(64, ge=1, description="the most images one /embed_image may carry")
     max_k: int = Field(100, ge=1, description="the most results one /search may ask for")
     encoder_timeout_s: float = Field(60.0, ge=0.1, allow_inf_nan=False,
-                                     description="the longest a call to the encoder may take (seconds); then 503")
+                                     description="the longest a call to a model process (the encoder or the "
+                                                 "reasoner) may take (seconds); then 503")
+    cot_queue: int = Field(16, ge=1, description="the most CoT /search calls a front worker holds at once (answered "
+                                                 "or waiting for the reasoner); one more gets 503 with Retry-After")
+    embedding_queue: int = Field(64, ge=1, description="the most embedding calls (no-CoT /search, /embed_image) a "
+                                                       "front worker holds at once (answered or waiting for the "
+                                                       "encoder); one more gets 503 with Retry-After")
+    encoder_threads: int = Field(1, ge=1, description="torch threads of the encoder process (no-CoT queries and "
+                                                      "gallery images)")
+    reasoner_threads: int = Field(1, ge=1, description="torch threads of the reasoner process (CoT decoding)")
     shutdown_grace_s: float = Field(3.0, ge=0, allow_inf_nan=False,
                                     description="after SIGTERM, how long calls in flight may finish (seconds) before "
                                                 "they are answered 503 and the process exits")
-    adaptive_batching: bool = Field(True, description="the encoder batches concurrent requests (0: off, the load "
-                                                      "test's baseline)")
+    adaptive_batching: bool = Field(True, description="the encoder and the reasoner batch concurrent requests (0: "
+                                                      "off, the load test's baseline)")
     artifacts: str = Field("artifacts", description="the artifacts root (where the gallery index lives unless "
                                                     "CIRCOT_INDEX_URI says otherwise)")
     index_uri: str | None = Field(None, description="the LanceDB URI of the gallery indexes")

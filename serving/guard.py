@@ -2,13 +2,13 @@
 
 In order: the bearer token (``CIRCOT_API_TOKEN``; ``/metrics`` too unless ``CIRCOT_METRICS_OPEN=1``),
 ``/metrics`` (the service's own Prometheus text), ``/readyz`` (200, or 503 with the reason and a
-``Retry-After``), readiness for the API (503 with the reason before the model and index are
-there or while the encoder is away), the body of a POST to the API (its media type, its size and, for
-a form, its multipart structure and that each file field is an uploaded file: BentoML answers a
-malformed form with a 500 and fetches a URL given for a file), then the request; every error answer
-leaves in one shape, ``{"error": "..."}`` (BentoML answers some as a list, some in plain text), every
-answer carries ``X-Circot-Dataset``, and every request gets one log line and its metrics, by route
-template.
+``Retry-After``), readiness for the API (503 with the reason before the index is open; a call whose
+model process is away gets its 503 from its link, serving/link.py), the body of a POST to the API
+(its media type, its size and, for a form, its multipart structure and that each file field is an
+uploaded file: BentoML answers a malformed form with a 500 and fetches a URL given for a file), then
+the request; every error answer leaves in one shape, ``{"error": "..."}`` (BentoML answers some as
+a list, some in plain text), every answer carries ``X-Circot-Dataset``, and every request gets one log
+line and its metrics, by route template.
 """
 
 from __future__ import annotations
@@ -292,7 +292,10 @@ class Guard:
                                         (b"x-circot-dataset", dataset)]})
                 await send({"type": "http.response.body", "body": body})
             elif path == "/readyz" or (path in API_PATHS and method == "POST"):
-                why = await service.readiness(probe=path == "/readyz") if service is not None else "starting"
+                # /readyz: the front and both model processes; an API call: the front (its model process's
+                # link answers for that one, so a call of one class is not refused for the other's process)
+                why = ("starting" if service is None else await service.readiness() if path == "/readyz"
+                       else service.front_reason())
                 if why:
                     await reply(503, {"error": f"not ready: {why}"}, {"Retry-After": str(RETRY_AFTER_S)})
                 elif path == "/readyz":

@@ -1,13 +1,14 @@
-"""The front's link to the encoder: every call bounded in time, and failing at once, with the
-reason, while the encoder is away.
+"""The front's link to a model process (the encoder, the reasoner): every call bounded in time, and
+failing at once, with the reason, while that process is away.
 
-The encoder runs in its own process behind a socket that BentoML's arbiter keeps open while it
-restarts the process, so a call sent to a dead encoder does not fail: it waits in the socket's
-queue. The link therefore decides itself when the encoder is away: a dropped connection or an
+Each model runs in its own process behind a socket that BentoML's arbiter keeps open while it
+restarts the process, so a call sent to a dead one does not fail: it waits in the socket's
+queue. The link therefore decides itself when its process is away: a dropped connection or an
 unanswered probe (``state``, within ``PROBE_TIMEOUT_S``) marks it away, which fails the calls in
 flight at once; while away, calls are refused without being sent and a probe in the background
-(at most every ``PROBE_EVERY_S``) brings it back when the encoder answers with its model loaded.
-After SIGTERM (:meth:`EncoderLink.shut_down`) calls in flight get ``shutdown_grace_s`` to finish,
+(at most every ``PROBE_EVERY_S``) brings it back when the process answers with its model loaded.
+The front holds one link per model process: one being away does not refuse the other's calls.
+After SIGTERM (:meth:`ModelLink.shut_down`) calls in flight get ``shutdown_grace_s`` to finish,
 then 503, so the process exits within seconds under load too.
 """
 
@@ -49,16 +50,18 @@ def _connection_lost(error: BaseException) -> bool:
     return isinstance(error, (aiohttp.ClientConnectionError, ConnectionError))
 
 
-class EncoderLink:
-    def __init__(self, encoder, version: str | None, timeout_s: float):
-        self.encoder, self.version, self.timeout_s = encoder, version, timeout_s
-        self.away: str | None = "not probed yet"    # why the encoder cannot take calls, or None
+class ModelLink:
+    """The calls to one model process (``name``: how messages call it, "encoder" or "reasoner")."""
+
+    def __init__(self, client, version: str | None, timeout_s: float, name: str):
+        self.client, self.version, self.timeout_s, self.name = client, version, timeout_s, name
+        self.away: str | None = "not probed yet"    # why the process cannot take calls, or None
         self.away_since: float | None = None
         self.closing: str | None = None
         self._probe_started = 0.0
         self._probe: asyncio.Task | None = None
         self._recovery: asyncio.Task | None = None
-        self._lost: asyncio.Event | None = None     # set when the encoder is lost: calls in flight end
+        self._lost: asyncio.Event | None = None     # set when the process is lost: calls in flight end
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -70,7 +73,7 @@ class EncoderLink:
     def _mark_away(self, why: str) -> None:
         if self.away is None:
             self.away_since = time.monotonic()
-            log.error("the encoder is away: %s; calls are refused with 503 until it answers again", why)
+            log.error("the %s is away: %s; its calls are refused with 503 until it answers again", self.name, why)
             self._lost_event().set()
             self._lost = asyncio.Event()
         self.away = why
@@ -78,14 +81,14 @@ class EncoderLink:
             self._recovery = asyncio.ensure_future(self._recover())
 
     async def _recover(self) -> None:
-        """While away: probe every PROBE_EVERY_S until the encoder answers with its model."""
+        """While away: probe every PROBE_EVERY_S until the process answers with its model."""
         while self.away is not None and not self.closing:
             await asyncio.sleep(PROBE_EVERY_S)
             await self.probe()
 
     def _mark_back(self) -> None:
         if self.away is not None and self.away_since is not None:
-            log.warning("the encoder is back after %.1f s", time.monotonic() - self.away_since)
+            log.warning("the %s is back after %.1f s", self.name, time.monotonic() - self.away_since)
         self.away, self.away_since = None, None
 
     def reason(self) -> str | None:
@@ -95,10 +98,10 @@ class EncoderLink:
         if self.away is None:
             return None
         since = f" for {time.monotonic() - self.away_since:.0f} s" if self.away_since else ""
-        return f"the encoder is away{since}: {self.away}"
+        return f"the {self.name} is away{since}: {self.away}"
 
     async def probe(self, since: float | None = None) -> str | None:
-        """Ask the encoder for its state (concurrent askers share a probe; at most one every
+        """Ask the process for its state (concurrent askers share a probe; at most one every
         PROBE_EVERY_S, or one started after ``since``): the reason it cannot take calls, or None.
         A dropped connection or no answer marks it away."""
         now = time.monotonic()
@@ -111,7 +114,7 @@ class EncoderLink:
 
     def watch(self) -> None:
         """Probe in the background when the last probe is older than PROBE_EVERY_S, holding no call
-        for it: an encoder that died between calls is found within PROBE_TIMEOUT_S, and the call
+        for it: a process that died between calls is found within PROBE_TIMEOUT_S, and the call
         sent to it meanwhile (waiting in the socket's queue) ends then with 503."""
         if self._probe is None or (self._probe.done() and time.monotonic() - self._probe_started >= PROBE_EVERY_S):
             self._probe_started = time.monotonic()
@@ -119,7 +122,7 @@ class EncoderLink:
 
     async def _probe_once(self) -> None:
         try:
-            state = await asyncio.wait_for(self.encoder.to_async.state(), PROBE_TIMEOUT_S)
+            state = await asyncio.wait_for(self.client.to_async.state(), PROBE_TIMEOUT_S)
         except asyncio.TimeoutError:
             self._mark_away(f"it did not answer within {PROBE_TIMEOUT_S:g} s (restarting or stuck)")
         except Exception as e:  # noqa: BLE001 - any failure to reach it is a reason
@@ -139,23 +142,28 @@ class EncoderLink:
     # ---- calls -----------------------------------------------------------------------------
 
     async def call(self, method: str, *args):
-        """``encoder.<method>(*args)``, or an ApiError: 503 with the reason (and Retry-After)
-        when the encoder is away, is lost during the call, does not answer within the timeout, or
-        sheds the call."""
+        """``<process>.<method>(*args)``, or an ApiError: 503 with the reason (and Retry-After)
+        when the process is away, is lost during the call, does not answer within the timeout, or
+        sheds the call. While it is away a call waits for a probe (shared; at most every
+        PROBE_EVERY_S); otherwise a probe older than that is started in the background."""
+        if self.away is not None and not self.closing:
+            await self.probe()
+        else:
+            self.watch()
         why = self.reason()
         if why:
             raise ApiError(f"not ready: {why}", 503)
         for attempt in (1, 2):
             try:
-                return await self._bounded(getattr(self.encoder.to_async, method)(*args))
+                return await self._bounded(getattr(self.client.to_async, method)(*args))
             except ApiError:
                 raise
             except Exception as e:  # noqa: BLE001 - sorted below
                 if not _connection_lost(e):
                     raise self._refusal(e) from None
-                # a pooled connection the encoder's server closed (bentoml/BentoML#4971) is retried once,
-                # when the encoder answers a probe; a dead encoder fails every call in flight
-                log.warning("encoder connection lost during %s (%s); probing it", method, type(e).__name__)
+                # a pooled connection the process's server closed (bentoml/BentoML#4971) is retried once,
+                # when the process answers a probe; a dead process fails every call in flight
+                log.warning("%s connection lost during %s (%s); probing it", self.name, method, type(e).__name__)
                 if attempt == 2 or await self.probe(since=time.monotonic()):
                     self._mark_away(f"the connection dropped ({type(e).__name__})")
                     raise ApiError(f"not ready: {self.reason()}", 503) from None
@@ -172,18 +180,17 @@ class EncoderLink:
             return task.result()
         task.cancel()
         if waiter in done:
-            raise ApiError(f"not ready: {self.reason() or 'the encoder was lost during the call'}", 503)
+            raise ApiError(f"not ready: {self.reason() or f'the {self.name} was lost during the call'}", 503)
         asyncio.ensure_future(self.probe())
-        raise ApiError(f"the encoder did not answer within {self.timeout_s:g} s (CIRCOT_ENCODER_TIMEOUT_S); "
+        raise ApiError(f"the {self.name} did not answer within {self.timeout_s:g} s (CIRCOT_ENCODER_TIMEOUT_S); "
                        "it is overloaded or stuck", 503)
 
-    @staticmethod
-    def _refusal(error: Exception) -> Exception:
+    def _refusal(self, error: Exception) -> Exception:
         code = getattr(getattr(error, "error_code", None), "value", None)
-        if code == 503:     # BentoML's dispatcher shed it (too many waiting), or the encoder restarted
-            return ApiError("the encoder is overloaded or restarting (it answered 503); try again", 503)
+        if code == 503:     # BentoML's dispatcher shed it (too many waiting), or the process restarted
+            return ApiError(f"the {self.name} is overloaded or restarting (it answered 503); try again", 503)
         if code is not None:
-            return ApiError(f"the encoder refused the call ({code}): {str(error)[:300]}", 502)
+            return ApiError(f"the {self.name} refused the call ({code}): {str(error)[:300]}", 502)
         return error        # not the link's doing: a bug, answered 500 with its traceback in the log
 
     def shut_down(self, grace_s: float) -> None:

@@ -3,7 +3,7 @@ and its Prometheus metrics, labelled by route templates so that no URL a client 
 
 Metrics go through ``prometheus_client`` in its multiprocess mode (``bentoml serve`` sets
 ``PROMETHEUS_MULTIPROC_DIR`` for every worker), imported on first use, inside the worker; the front's
-``/metrics`` reads every process's files (the front's and the encoder's).
+``/metrics`` reads every process's files (the front's, the encoder's and the reasoner's).
 """
 
 from __future__ import annotations
@@ -154,6 +154,13 @@ class Metrics:
                              multiprocess_mode="livemax")
         self.ready = Gauge("circot_ready", "1 when the service answers queries, else 0", ["dataset"],
                            multiprocess_mode="livemax")
+        # admission per traffic class (serving/traffic.py): summed over the front's workers
+        self.queue_depth = Gauge("circot_queue_calls", "calls of a traffic class (cot, embedding) the front holds now: "
+                                 "being answered or waiting for the model", ["class"], multiprocess_mode="livesum")
+        self.queue_limit = Gauge("circot_queue_limit", "the most calls of a traffic class the front holds at once",
+                                 ["class"], multiprocess_mode="livesum")
+        self.queue_refused = Counter("circot_queue_refused_total", "calls refused with 503 because their traffic "
+                                     "class was full", ["class"])
 
 
 _metrics: Metrics | None = None

@@ -16,17 +16,20 @@
 - ``GET /ui/images/{dataset}/{image_id}?size=N``: a gallery image as PNG (a thumbnail with ``size``, 1 to 1024).
 - ``GET /ui/``: a page to ask a query and see the reasoning and the result thumbnails.
 - ``/livez``, ``/healthz`` (alive), ``/readyz`` (200 once the model and the index are loaded and the
-  encoder answers; else 503 with the reason), ``/metrics`` (Prometheus).
+  encoder and the reasoner answer; else 503 with the reason), ``/metrics`` (Prometheus).
 
 Settings: ``model_code.settings.ServiceSettings`` (docs/configuration.md). The model is declared
-where BentoML looks for it (``bentoml.models.BentoModel`` on the encoder): ``CIRCOT_MODEL_TAG``, else
-the production model of ``CIRCOT_SERVE_DATASET`` in the model store (in a Bento's image, the model
+where BentoML looks for it (``bentoml.models.BentoModel`` on the model services): ``CIRCOT_MODEL_TAG``,
+else the production model of ``CIRCOT_SERVE_DATASET`` in the model store (in a Bento's image, the model
 the Bento holds), so ``bentoml build`` packs it into the Bento.
 
-Two BentoML services (model composition): ``CirCoTService`` (the API, the page, auth, input checks
-and the gallery index; serving/guard.py and serving/link.py) depends on ``CirCoTEncoder`` (the
-model), whose three methods are ``batchable`` (``CIRCOT_ADAPTIVE_BATCHING=0`` turns it off: the load
-test's baseline). ``bentoml serve`` starts both; on Kubernetes each scales on its own.
+Three BentoML services (model composition): ``CirCoTService`` (the API, the page, auth, input checks,
+admission per traffic class and the gallery index; serving/guard.py, serving/traffic.py and
+serving/link.py) depends on ``CirCoTEncoder`` (the model for embeddings: no-CoT queries and gallery
+images) and on ``CirCoTReasoner`` (the same model for CoT decoding), each in its own process with
+its own batches and torch threads, so that an embedding call never waits behind a CoT batch. Their
+methods are ``batchable`` (``CIRCOT_ADAPTIVE_BATCHING=0`` turns it off: the load test's baseline).
+``bentoml serve`` starts all three; on Kubernetes each scales on its own.
 """
 
 from __future__ import annotations
@@ -57,8 +60,9 @@ from model_code.index import GalleryIndex, index_uri
 from model_code.retrieval import MODES, QueryError, check_text, infer, open_image, search
 from model_code.settings import ServiceSettings, load
 from serving.guard import Guard, note
-from serving.link import RETRY_AFTER_S, ApiError, EncoderLink, on_shutdown_signal
+from serving.link import RETRY_AFTER_S, ApiError, ModelLink, on_shutdown_signal
 from serving.observability import metrics, setup_logging
+from serving.traffic import Lane
 
 log = logging.getLogger("circot.service")
 
@@ -219,36 +223,44 @@ pages = Starlette(routes=[Route("/", _page), Route("/images/{dataset}/{image_id}
 _QUIET = {"metrics": {"enabled": False}, "logging": {"access": {"enabled": False}}}
 
 
-# runner_connection: the front's client replaces its connection pool after max_requests calls or max_age
-# seconds, closing the calls in flight on it (each then retried: the encoder's work done twice); rarely
-@bentoml.service(name="circot-encoder", traffic={"timeout": 300}, runner_connection={"max_requests": 1_000_000,
-                                                                                     "max_age": 86_400.0}, **_QUIET)
-class CirCoTEncoder:
-    """The model, loaded in the background; its methods take batches (inputs were checked by the front)."""
+class _ModelProcess:
+    """What the encoder and the reasoner share: the model, loaded in the background with this process's
+    torch threads; its methods take batches (inputs were checked by the front)."""
 
-    if MODEL_TAG:   # where BentoML finds the model: `bentoml build` packs it into the Bento
+    role = "model"          # how the logs and the front's messages call this process
+
+    if MODEL_TAG:   # where BentoML finds the model: `bentoml build` packs it into the Bento (once for both)
         model_entry = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
         setup_logging(SETTINGS.log_json)
         self.model = self.version = self.error = None
-        on_shutdown_signal(lambda: None, SETTINGS.shutdown_grace_s, "encoder")
+        on_shutdown_signal(lambda: None, SETTINGS.shutdown_grace_s, self.role)
         threading.Thread(target=self._load, daemon=True).start()
+
+    def _threads(self) -> int:
+        raise NotImplementedError
 
     def _load(self) -> None:
         try:
             if MODEL_ERROR:
                 raise LookupError(MODEL_ERROR)
+            import torch
+
             from model_code.model.cir_cot import CirCoTModel
 
+            # the encoder and the reasoner share the machine's cores: each its own number of threads
+            # (torch's default, one per core in each process, oversubscribes them; docs/serving.md)
+            torch.set_num_threads(self._threads())
             entry = self.model_entry
             # verified by content (every file's md5, the version from the weights): damaged weights are
             # a reason /readyz gives, never a model that answers wrong
             self.model, self.version = CirCoTModel.load(Path(entry.path) / "model", verify=True), entry.tag.version
-            log.info("encoder: model %s loaded from %s", entry.tag, entry.path)
+            log.info("%s: model %s loaded from %s (%d torch threads)", self.role, entry.tag, entry.path,
+                     torch.get_num_threads())
         except Exception as e:  # noqa: BLE001 - reported through state()
             self.error = str(e) if isinstance(e, LookupError) else f"{type(e).__name__}: {e}"
-            log.error("encoder not ready: %s", self.error)
+            log.error("%s not ready: %s", self.role, self.error)
 
     def __is_ready__(self) -> bool:
         return self.model is not None
@@ -272,15 +284,26 @@ class CirCoTEncoder:
         return [EncodedAnswer(embedding=e.tolist(), reasoning=c, seconds=seconds, batch=len(queries))
                 for e, c in zip(emb, chains)]
 
+
+# runner_connection: the front's client replaces its connection pool after max_requests calls or max_age
+# seconds, closing the calls in flight on it (each then retried: the model's work done twice); rarely
+_MODEL_SERVICE = {"traffic": {"timeout": 300}, "runner_connection": {"max_requests": 1_000_000, "max_age": 86_400.0},
+                  **_QUIET}
+
+
+@bentoml.service(name="circot-encoder", **_MODEL_SERVICE)
+class CirCoTEncoder(_ModelProcess):
+    """The model for embeddings: no-CoT queries and gallery images (one forward pass a batch)."""
+
+    role = "encoder"
+
+    def _threads(self) -> int:
+        return SETTINGS.encoder_threads
+
     # no-CoT queries: one forward pass for the batch (bench/load_service.py measured the settings)
     @bentoml.api(batchable=BATCHING, max_batch_size=32, max_latency_ms=1000)
     def embed_queries(self, queries: list[EncodedQuery]) -> list[EncodedAnswer]:
         return self._infer(queries, "no_cot")
-
-    # CoT queries: decoded together, greedy and constrained (a batch of 8 decodes in little more time than one)
-    @bentoml.api(batchable=BATCHING, max_batch_size=8, max_latency_ms=5000)
-    def reason(self, queries: list[EncodedQuery]) -> list[EncodedAnswer]:
-        return self._infer(queries, "cot")
 
     # 32 per batch within 1 s: measured with bench/load_service.py (docs/experiments/); at 200 ms BentoML's dispatcher
     # shed 3.5 % of the requests of 32 clients with 503s
@@ -290,13 +313,31 @@ class CirCoTEncoder:
         return self.model.embed_images([_unb64(i) for i in images]).tolist()
 
 
+@bentoml.service(name="circot-reasoner", **_MODEL_SERVICE)
+class CirCoTReasoner(_ModelProcess):
+    """The model for CoT queries: decoding, seconds a batch, in a process of its own so that no embedding
+    call waits behind it (docs/serving.md, "Traffic classes")."""
+
+    role = "reasoner"
+
+    def _threads(self) -> int:
+        return SETTINGS.reasoner_threads
+
+    # CoT queries: decoded together, greedy and constrained (a batch of 8 decodes in little more time than one)
+    @bentoml.api(batchable=BATCHING, max_batch_size=8, max_latency_ms=5000)
+    def reason(self, queries: list[EncodedQuery]) -> list[EncodedAnswer]:
+        return self._infer(queries, "cot")
+
+
 @bentoml.asgi_app(pages, path="/ui")
 @bentoml.service(name="circot", traffic={"timeout": 300}, **_QUIET)
 class CirCoTService:
-    """The API of the served model: opens the index built for it in the background and answers once
-    the encoder has loaded the same model; the guard (serving/guard.py) refuses calls until then."""
+    """The API of the served model: opens the index built for it in the background and answers a
+    class of calls once its model process (the encoder, or the reasoner for CoT) has loaded the same
+    model; the guard (serving/guard.py) refuses calls until the index is open."""
 
     encoder = bentoml.depends(CirCoTEncoder)
+    reasoner = bentoml.depends(CirCoTReasoner)
 
     def __init__(self) -> None:
 
@@ -311,13 +352,18 @@ class CirCoTService:
         self.paths: dict[str, Path] = {}
         self.by_hash: dict[str, list[str]] = {}
         self.same_picture = None   # SamePicture of the gallery, where the protocol leaves the reference out
-        self.link = EncoderLink(self.encoder, MODEL_VERSION, SETTINGS.encoder_timeout_s)
+        # one link and one lane (admission) per traffic class: CoT to the reasoner, the rest to the encoder
+        self.links = {"cot": ModelLink(self.reasoner, MODEL_VERSION, SETTINGS.encoder_timeout_s, "reasoner"),
+                      "embedding": ModelLink(self.encoder, MODEL_VERSION, SETTINGS.encoder_timeout_s, "encoder")}
+        # the first guess of how long a call holds its place (Retry-After), until calls have been timed
+        self.lanes = {"cot": Lane("cot", SETTINGS.cot_queue, 5.0),
+                      "embedding": Lane("embedding", SETTINGS.embedding_queue, 1.0)}
         self.store = _feedback_store(self.dataset)
         if not SETTINGS.api_token:
             log.warning("CIRCOT_API_TOKEN is not set: the API is open to anyone who can reach it")
         _running["service"] = self
         metrics().ready.labels(self.dataset).set(0)
-        on_shutdown_signal(lambda: self.link.shut_down(SETTINGS.shutdown_grace_s), SETTINGS.shutdown_grace_s, "front")
+        on_shutdown_signal(self._shut_down, SETTINGS.shutdown_grace_s, "front")
         threading.Thread(target=self._load, daemon=True).start()
 
     def _load(self) -> None:
@@ -334,25 +380,33 @@ class CirCoTService:
             import torch  # noqa: F401
             self.index = index
             log.info("%s: model %s, gallery index %s version %d (tag %s) at %s, %d images; the reference is %s; "
-                     "waiting for the encoder", self.dataset, MODEL_TAG, index.table_name, table_version,
-                     index.tag(MODEL_VERSION), index.uri, len(self.paths),
+                     "waiting for the encoder and the reasoner", self.dataset, MODEL_TAG, index.table_name,
+                     table_version, index.tag(MODEL_VERSION), index.uri, len(self.paths),
                      "left out of rankings" if self.excludes_reference else "ranked like any image")
         except Exception as e:  # noqa: BLE001 - reported by /readyz and every call
             self.error = str(e) if isinstance(e, LookupError) else f"{type(e).__name__}: {e}"
             log.error("not ready: %s", self.error)
 
-    async def readiness(self, probe: bool = True) -> str | None:
-        """Why the service cannot answer queries now, or None. ``probe``: ask the encoder (at most
-        every 0.5 s; /readyz); else the link's state, which a failed call updates (the API)."""
+    def _shut_down(self) -> None:
+        for link in self.links.values():
+            link.shut_down(SETTINGS.shutdown_grace_s)
+
+    def front_reason(self) -> str | None:
+        """Why the front cannot take API calls now (its settings, its gallery index), or None; whether
+        a call's model process can take it is its link's to say (``ModelLink.call``)."""
         if self.error:
             return self.error
         if self.index is None:
             return "opening the gallery index"
-        if probe or not self.ready:
-            why = await self.link.probe()
-        else:
-            self.link.watch()
-            why = self.link.reason()
+        return None
+
+    async def readiness(self) -> str | None:
+        """Why the service cannot answer every kind of query now, or None (/readyz): the front's reason,
+        else each model process asked (concurrently; at most every 0.5 s)."""
+        why = self.front_reason()
+        if why is None:
+            whys = await asyncio.gather(*(link.probe() for link in self.links.values()))
+            why = "; ".join(w for w in whys if w) or None
         if why is None and not self.ready:
             log.info("ready: serving %s with model %s (%d gallery images)", self.dataset, MODEL_TAG, len(self.paths))
             m = metrics()
@@ -403,9 +457,14 @@ class CirCoTService:
 
         if dataset and dataset != self.dataset:
             raise ApiError(f"this service serves {self.dataset}, not {dataset!r}", 404)
+        if mode not in MODES:
+            raise ApiError(f"mode must be one of {', '.join(MODES)}, not {mode!r}", 400)
+        traffic = "cot" if mode == "cot" else "embedding"
+        async with self.lanes[traffic].admit():   # 503 at once when this class is full; the other class goes on
+            return await self._answer(image, modification, k, mode, reference_id, traffic)
+
+    async def _answer(self, image, modification, k, mode, reference_id, traffic) -> SearchResponse:
         try:
-            if mode not in MODES:
-                raise QueryError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
             text = check_text(modification)
             if reference_id and reference_id not in self.paths:
                 raise QueryError(f"reference_id {reference_id[:200]!r} is not an image of the {self.dataset} "
@@ -417,8 +476,8 @@ class CirCoTService:
             if not 1 <= k <= most:
                 raise QueryError(f"k must be from 1 to {most}, not {k}")
             t0 = time.perf_counter()
-            raw = (await self.link.call("reason" if mode == "cot" else "embed_queries",
-                                        [EncodedQuery(image=_b64(data), text=text)]))[0]
+            raw = (await self.links[traffic].call("reason" if mode == "cot" else "embed_queries",
+                                                  [EncodedQuery(image=_b64(data), text=text)]))[0]
             a = raw if isinstance(raw, EncodedAnswer) else EncodedAnswer.model_validate(raw)
             t1 = time.perf_counter()
             ids, scores = search(self.index, self.version, np.asarray([a.embedding], dtype=np.float32), k,
@@ -493,8 +552,10 @@ class CirCoTService:
                 except QueryError as e:
                     raise ApiError(f"image {n} of {len(data)}: {e}", e.status) from None
             out: list[list[float]] = []
-            for i in range(0, len(data), IMAGE_BATCH):
-                out += await self.link.call("embed_images", [_b64(d) for d in data[i: i + IMAGE_BATCH]])
+            async with self.lanes["embedding"].admit():
+                for i in range(0, len(data), IMAGE_BATCH):
+                    out += await self.links["embedding"].call("embed_images",
+                                                              [_b64(d) for d in data[i: i + IMAGE_BATCH]])
             metrics().images.inc(len(out))
             return out
         except ApiError as e:

@@ -109,6 +109,20 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
 
+    def workers(self, service: str) -> list:
+        """The worker processes (psutil) of one BentoML service: ``circot`` (the front), ``circot-encoder``
+        or ``circot-reasoner``."""
+        import psutil
+
+        def name(p):
+            try:
+                line = p.cmdline()
+            except psutil.Error:   # gone meanwhile
+                return None
+            return line[line.index("--service-name") + 1] if "--service-name" in line else None
+
+        return [p for p in psutil.Process(self.proc.pid).children(recursive=True) if name(p) == service]
+
 
 
 

@@ -300,6 +300,30 @@ def test_the_load_tests_summary_compares_batching_on_and_off():
         s.bind(("127.0.0.1", free_port()))  # a port it names can be bound
 
 
+def test_the_mixed_runs_figures_are_per_class_with_latency_of_the_answers_only(capsys):
+    from bench.load_service import class_figures, mixed_summary, parser
+
+    calls = ([("/search cot", 200, 3.0)] * 3 + [("/search cot", 503, 0.01)]
+             + [("/search no_cot", 200, s) for s in (0.1, 0.2, 0.3, 0.4, 0.5)] + [("/search no_cot", 0, 9.0)])
+    figures = class_figures(calls, 10)
+    cot, no_cot = figures["/search cot"], figures["/search no_cot"]
+    assert (cot["calls"], cot["ok"], cot["unavailable"], cot["other"]) == (4, 3, 1, 0)
+    assert cot["answers_s"] == pytest.approx(0.3) and cot["p50"] == pytest.approx(3000.0)   # not the fast 503
+    assert (no_cot["calls"], no_cot["ok"], no_cot["unavailable"], no_cot["other"]) == (6, 5, 0, 1)
+    assert no_cot["p95"] == pytest.approx(480.0) and no_cot["p99"] == pytest.approx(496.0)
+    args = parser().parse_args(["--image", "x.png", "--cot-users", "4", "--nocot-users", "4", "--seconds", "10"])
+    lines = mixed_summary(figures, args).splitlines()
+    assert lines[1] == "4 CoT + 4 no-CoT clients, 10 s"
+    assert lines[4] == "| /search cot | 4 | 3 | 1 | 0 | 75.0 % | 0.30 | 3000 | 3000 | 3000 |"
+    assert lines[5] == "| /search no_cot | 6 | 5 | 0 | 1 | 83.3 % | 0.50 | 300 | 480 | 496 |"
+    assert "| /search cot | 1 | 0 | 1 | 0 | 0.0 % | 0.00 | - | - | - |" in mixed_summary(
+        class_figures([("/search cot", 503, 0.01)], 10), args)
+    from bench.load_service import main
+
+    with pytest.raises(SystemExit, match="give --cot-users one count"):
+        main(["--image", "x.png", "--cot-users", "1", "8", "--nocot-users", "4"])
+
+
 def test_the_budget_scripts_options_replace_the_callers():
     from bench.pretrain_budget import _main_args
 
@@ -329,15 +353,30 @@ f.Client.call(user)
 (path, kw), = user.client.posts
 assert issubclass(f.Client, HttpUser) and f.IMAGE == b"not really a png"
 print(path, kw["data"], kw["headers"], kw["files"])
+# the mixed run's users: their counts from the environment, one mode each
+assert (f.CotUser.fixed_count, f.NoCotUser.fixed_count) == (3, 5) and not f.HONOUR_RETRY_AFTER
+for cls in (f.CotUser, f.NoCotUser):
+    user = type("U", (), {"client": Recorder(), "mode": cls.mode})()
+    user.client.post = lambda path, **kw: (user.client.posts.append((path, kw)),
+                                           type("R", (), {"status_code": 200, "headers": {}})())[1]
+    cls.call(user)
+    print(user.client.posts[0][1]["data"]["mode"], user.client.posts[0][1]["name"])
+f._record("POST", "/search cot", 1234.5, type("R", (), {"status_code": 503})(), None, start_time=100.0)
+f._record("POST", "/search no_cot", 5.0, None, OSError("reset"), start_time=101.0)
+f.RECORD.close()
+print(open(f.RECORD.name).read(), end="")
 """
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": path, "LOAD_IMAGE": str(image), "LOAD_TARGET": "search_cot",
-                              "LOAD_TOKEN": "t0k"})
+                              "LOAD_TOKEN": "t0k", "LOAD_COT_USERS": "3", "LOAD_NOCOT_USERS": "5",
+                              "LOAD_RECORD": str(tmp_path / "calls.tsv")})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[0] == (
+    assert out.stdout.split("\n") == [
         "/search {'modification': 'make the red shape blue', 'k': '10', 'mode': 'cot'} "
-        "{'Authorization': 'Bearer t0k'} {'image': ('ref.png', b'not really a png')}")
+        "{'Authorization': 'Bearer t0k'} {'image': ('ref.png', b'not really a png')}",
+        "cot /search cot", "no_cot /search no_cot",
+        "/search cot\t503\t1.2345\t100.000", "/search no_cot\t0\t0.0050\t101.000", ""]
 
 
 def test_the_encoder_bench_reports_each_batch_size_over_the_smallest():

@@ -1,8 +1,8 @@
-"""The service as an operator runs it: served rankings against the evaluation's, a killed encoder under
-load and SIGTERM, /metrics, JSON logs, and a Bento built by hand and served from the store."""
+"""The service as an operator runs it: served rankings against the evaluation's, a killed encoder or
+reasoner under load and SIGTERM, traffic classes that do not starve each other, /metrics, JSON logs, and a
+Bento built by hand and served from the store."""
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -154,23 +154,62 @@ def test_a_huge_image_is_refused_from_its_header_before_it_is_decoded(server):
     assert seconds < 1.5, seconds   # decoding 36 M pixels alone takes longer
 
 
-def _encoder_pid(server) -> int:
+def _worker(server, service: str):
+    """The one worker process (psutil) of ``service``."""
+    workers = server.workers(service)
+    assert len(workers) == 1, (service, workers)
+    return workers[0]
+
+
+def _kill(victim) -> float:
+    """SIGKILL ``victim`` (a psutil process found beforehand: finding it takes a while) and confirm it
+    died (gone, or a zombie until BentoML's arbiter reaps it: not our child, so there is no exit status
+    to read); when the signal was sent (``time.monotonic()``)."""
     import psutil
 
-    for child in psutil.Process(server.proc.pid).children(recursive=True):
-        if "circot-encoder" in " ".join(child.cmdline()):
-            return child.pid
-    raise AssertionError("no encoder process")
+    killed = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    while time.monotonic() - killed < 5:
+        try:
+            if victim.status() == psutil.STATUS_ZOMBIE:
+                return killed
+        except psutil.NoSuchProcess:
+            return killed
+        time.sleep(0.01)
+    raise AssertionError(f"{victim.pid} was still running 5 s after SIGKILL")
+
+
+def _clients(server, image: bytes, modes: list[str], results: list, stop: threading.Event,
+             honour_retry_after: bool = False) -> list[threading.Thread]:
+    """One thread per mode searching without pause until ``stop`` (``honour_retry_after``: after a 503,
+    first waiting its Retry-After); each call appended to ``results`` as (mode, start, seconds, status,
+    body, headers); -1 for no answer (the server closed)."""
+    def client(mode: str) -> None:
+        while not stop.is_set():
+            t = time.monotonic()
+            try:
+                code, body, headers = _search(server, image, "make the star red", mode=mode, k=3)
+            except OSError as e:          # the server closed: after SIGTERM
+                code, body, headers = -1, repr(e).encode(), {}
+            results.append((mode, t, time.monotonic() - t, code, body, headers))
+            if honour_retry_after and code == 503 and headers.get("retry-after", "").isdigit():
+                stop.wait(int(headers["retry-after"]))
+
+    threads = [threading.Thread(target=client, args=(mode,), daemon=True) for mode in modes]
+    for t in threads:
+        t.start()
+    return threads
 
 
 def test_a_killed_encoder_under_load_fails_fast_with_the_reason_and_sigterm_stops_the_service(served):
-    """The encoder killed (SIGKILL) between calls, then under 8 clients searching without pause: every
-    failed call is a 503 saying why, with Retry-After, within seconds; /readyz says so; BentoML restarts
-    the encoder and the service is ready again; then SIGTERM under the same load stops it within seconds.
+    """The encoder killed (SIGKILL) between calls, then under 8 clients searching without pause (and one
+    asking CoT, which the reasoner answers): every failed no-CoT call is a 503 saying why, with
+    Retry-After, within seconds, and every CoT call is answered; /readyz says so; BentoML restarts the
+    encoder and the service is ready again; then SIGTERM under the same load stops it within seconds.
     The figures in docs/serving.md come from this test (pytest -s prints them)."""
     env, _, image, home = served
     s = Server({**env, "CIRCOT_API_TOKEN": "t0k", "CIRCOT_METRICS_OPEN": "1"}, home / "chaos.log")
-    results: list[tuple[float, float, int, bytes, dict]] = []
+    results: list[tuple[str, float, float, int, bytes, dict]] = []
     stop = threading.Event()
     try:
         s.wait()
@@ -179,38 +218,29 @@ def test_a_killed_encoder_under_load_fails_fast_with_the_reason_and_sigterm_stop
         # (in the background, at most every 0.5 s) finds it gone
         assert _search(s, image, "make the star red", mode="no_cot", k=3)[0] == 200
         time.sleep(1)
-        os.kill(_encoder_pid(s), signal.SIGKILL)
+        _kill(_worker(s, "circot-encoder"))
         t0 = time.monotonic()
         code, body, headers = _search(s, image, "make the star red", mode="no_cot", k=3)
         idle_failure = time.monotonic() - t0
         assert code == 503 and "the encoder is away" in error_of(body) and headers["retry-after"] == "5", body
         s.wait(timeout=90)
-
-        def client() -> None:
-            while not stop.is_set():
-                t = time.monotonic()
-                try:
-                    code, body, headers = _search(s, image, "make the star red", mode="no_cot", k=3)
-                except OSError as e:          # the server closed: after SIGTERM
-                    code, body, headers = -1, repr(e).encode(), {}
-                results.append((t, time.monotonic() - t, code, body, headers))
-
-        clients = [threading.Thread(target=client, daemon=True) for _ in range(8)]
-        for c in clients:
-            c.start()
+        _clients(s, image, ["no_cot"] * 8 + ["cot"], results, stop)
         time.sleep(3)
-        assert [r for r in results if r[2] == 200], results[:3]
-        killed = time.monotonic()
-        os.kill(_encoder_pid(s), signal.SIGKILL)
+        assert [r for r in results if r[3] == 200 and r[0] == "no_cot"], results[:3]
+        victim = _worker(s, "circot-encoder")
+        ended = len(results)   # the calls that had ended before the kill (results only grows)
+        killed = _kill(victim)
         said_at = back_at = None
         while time.monotonic() - killed < 90 and back_at is None:
             code, body = s.request("GET", "/readyz")
             if code == 503 and said_at is None:
                 said_at = time.monotonic()
                 readyz_error = error_of(body)
-            back_at = next((t for t, _, c, _, _ in list(results) if t > killed + 0.5 and c == 200), None)
+            back_at = next((t for m, t, _, c, _, _ in list(results) if m == "no_cot" and t > killed + 0.5 and c == 200),
+                           None)
             time.sleep(0.2)
         assert said_at is not None and back_at is not None, s.log.read_text()[-3000:]
+        assert [p.pid for p in s.workers("circot-encoder")] != [victim.pid]   # BentoML started another
         time.sleep(2)
         terminated = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
@@ -220,24 +250,141 @@ def test_a_killed_encoder_under_load_fails_fast_with_the_reason_and_sigterm_stop
         stop.set()
         if s.proc.poll() is None:
             s.proc.kill()
-    window = [r for r in results if killed <= r[0] and r[0] + r[1] < terminated]
-    failed = [r for r in window if r[2] != 200]
-    explained = [r for r in failed if r[2] == 503 and r[4].get("retry-after") == "5"
-                 and re.search(r"not ready: the encoder|encoder is overloaded or restarting", error_of(r[3]))]
-    slowest = max(r[1] for r in failed)
-    figures = {"requests_in_outage": len(window), "failed": len(failed),
+    window = [r for r in results if r[0] == "no_cot" and killed <= r[1] and r[1] + r[2] < terminated]
+    failed = [r for r in window if r[3] != 200]
+    # the kill came during the work: calls sent before it ended after it, cut off with the reason
+    cut_off = [r for r in results[ended:] if r[0] == "no_cot" and r[1] < killed and r[3] != 200]
+    explained = [r for r in failed if r[3] == 503 and r[5].get("retry-after") == "5"
+                 and re.search(r"not ready: the encoder|encoder is overloaded or restarting", error_of(r[4]))]
+    cot = [r for r in results if r[0] == "cot" and r[1] + r[2] < terminated]
+    slowest = max(r[2] for r in failed)
+    figures = {"requests_in_outage": len(window), "failed": len(failed), "cut_off_by_the_kill": len(cut_off),
                "share_503_with_reason": round(len(explained) / len(failed), 4),
                "slowest_failure_s": round(slowest, 2), "readyz_503_after_s": round(said_at - killed, 2),
                "ready_again_after_s": round(back_at - killed, 1), "sigterm_to_exit_s": round(shutdown, 2),
-               "idle_kill_next_call_failed_after_s": round(idle_failure, 2)}
+               "idle_kill_next_call_failed_after_s": round(idle_failure, 2),
+               "cot_calls_answered_meanwhile": f"{sum(r[3] == 200 for r in cot)}/{len(cot)}"}
     print("\nkilled encoder under 8 clients:", json.dumps(figures))
-    assert failed and len(explained) == len(failed), {e for _, _, c, e, _ in failed if c != 503}
+    assert failed and len(explained) == len(failed), {e for _, _, _, c, e, _ in failed if c != 503}
+    assert all(r[3] == 503 and "encoder" in error_of(r[4]) for r in cut_off), cut_off
+    assert cut_off, "no call was in flight when the encoder was killed"
     assert "encoder" in readyz_error and figures["readyz_503_after_s"] < 3
     assert slowest < 5 and idle_failure < 5    # calls fail fast, not when the encoder is back
     assert figures["ready_again_after_s"] < 60 and shutdown < 15
+    assert cot and all(r[3] == 200 for r in cot), [(r[3], r[4][:200]) for r in cot if r[3] != 200]
     log = s.log.read_text()
     assert "ERROR circot.link: the encoder is away" in log and "ERROR circot.access: POST /search 503" in log
     assert "WARNING circot.link: front: shutting down (signal 15)" in log
+
+
+def test_a_killed_reasoner_fails_cot_calls_with_the_reason_while_no_cot_calls_are_answered(served):
+    """The reasoner killed (SIGKILL) while CoT and no-CoT clients search without pause: the CoT calls cut
+    off and those sent while it is away are 503 saying so, with Retry-After, within seconds; /readyz names
+    the reasoner; every no-CoT call is answered meanwhile (the encoder is another process); BentoML starts
+    the reasoner again and CoT calls are answered again."""
+    env, _, image, home = served
+    s = Server({**env, "CIRCOT_API_TOKEN": "t0k"}, home / "reasoner-chaos.log")
+    results: list[tuple[str, float, float, int, bytes, dict]] = []
+    stop = threading.Event()
+    try:
+        s.wait()
+        _clients(s, image, ["cot"] * 3 + ["no_cot"] * 3, results, stop)
+        deadline = time.monotonic() + 60
+        while {r[0] for r in results if r[3] == 200} != {"cot", "no_cot"} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert {r[0] for r in results if r[3] == 200} == {"cot", "no_cot"}, results[:3]
+        time.sleep(1)
+        victim = _worker(s, "circot-reasoner")
+        ended = len(results)   # the calls that had ended before the kill (results only grows)
+        killed = _kill(victim)
+        said = back_at = None
+        while time.monotonic() - killed < 90 and back_at is None:
+            code, body = s.request("GET", "/readyz")
+            if code == 503 and said is None:
+                said = (time.monotonic() - killed, error_of(body))
+            back_at = next((t for m, t, _, c, _, _ in list(results) if m == "cot" and t > killed + 0.5 and c == 200),
+                           None)
+            time.sleep(0.2)
+        assert said is not None and back_at is not None, s.log.read_text()[-3000:]
+        assert [p.pid for p in s.workers("circot-reasoner")] != [victim.pid]
+        time.sleep(1)
+    finally:
+        stop.set()
+        s.stop()
+    cot = [r for r in results if r[0] == "cot" and r[1] + r[2] >= killed and r[1] <= back_at]
+    failed = [r for r in cot if r[3] != 200]
+    cut_off = [r for r in results[ended:] if r[0] == "cot" and r[1] < killed and r[3] != 200]
+    no_cot = [r for r in results if r[0] == "no_cot" and r[1] + r[2] >= killed and r[1] <= back_at]
+    print("\nkilled reasoner:", json.dumps({
+        "cot_calls_in_outage": len(cot), "failed": len(failed), "cut_off_by_the_kill": len(cut_off),
+        "readyz_503_after_s": round(said[0], 2), "cot_again_after_s": round(back_at - killed, 1),
+        "no_cot_answered": f"{sum(r[3] == 200 for r in no_cot)}/{len(no_cot)}"}))
+    assert failed and cut_off, "no CoT call was in flight when the reasoner was killed"
+    assert all(r[3] == 503 and r[5].get("retry-after") == "5"
+               and re.search(r"not ready: the reasoner|reasoner is overloaded or restarting", error_of(r[4]))
+               for r in failed), {(r[3], r[4][:200]) for r in failed}
+    # calls fail fast: within seconds of the kill (cut off) or of being sent (while away)
+    assert max(r[1] + r[2] - max(r[1], killed) for r in failed) < 5
+    assert said[0] < 3 and "the reasoner is away" in said[1], said
+    assert len(no_cot) > 10 and all(r[3] == 200 for r in no_cot), {(r[3], r[4][:200]) for r in no_cot if r[3] != 200}
+    log = s.log.read_text()
+    assert "ERROR circot.link: the reasoner is away" in log and "WARNING circot.link: the reasoner is back" in log
+    assert "ERROR circot.link: the encoder is away" not in log   # the encoder was never lost
+
+
+def test_a_full_cot_queue_refuses_cot_calls_at_once_while_no_cot_calls_are_answered_quickly(served):
+    """Admission per traffic class (serving/traffic.py): with room for 2 CoT calls, 6 CoT clients (each
+    waiting the Retry-After it is given) get answers and, beyond the 2, an immediate 503 naming the CoT
+    queue, with a Retry-After of about how long a CoT call takes; 2 no-CoT clients searching meanwhile
+    are all answered, within a second (their calls go to the encoder, apart from the CoT batches);
+    /metrics counts the refusals of the CoT class and none of the embedding class."""
+    env, _, image, home = served
+    s = Server({**env, "CIRCOT_API_TOKEN": "t0k", "CIRCOT_COT_QUEUE": "2"}, home / "classes.log")
+    results: list[tuple[str, float, float, int, bytes, dict]] = []
+    stop = threading.Event()
+    try:
+        s.wait()
+        alone = []
+        for _ in range(10):   # no-CoT latency with no CoT traffic
+            t = time.monotonic()
+            assert _search(s, image, "make the star red", mode="no_cot", k=3)[0] == 200
+            alone.append(time.monotonic() - t)
+        threads = _clients(s, image, ["cot"] * 6 + ["no_cot"] * 2, results, stop, honour_retry_after=True)
+        time.sleep(15)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                  for line in s.call("GET", "/metrics", headers=TOKEN)[1].decode().splitlines()
+                  if line and not line.startswith("#")}
+    finally:
+        stop.set()
+        s.stop()
+    cot = [r for r in results if r[0] == "cot"]
+    refused = [r for r in cot if r[3] == 503]
+    answered = sorted(r[2] for r in cot if r[3] == 200)
+    no_cot = sorted(r[2] for r in results if r[0] == "no_cot")
+    p95 = no_cot[int(0.95 * (len(no_cot) - 1))]
+    print("\ntraffic classes:", json.dumps({
+        "cot_calls": len(cot), "cot_answered": len(answered), "cot_refused": len(refused),
+        "cot_answer_s": [round(answered[0], 2), round(answered[-1], 2)] if answered else None,
+        "refusal_p50_s": round(sorted(r[2] for r in refused)[len(refused) // 2], 3) if refused else None,
+        "retry_after_s": sorted({int(r[5].get("retry-after", 0)) for r in refused}), "no_cot_calls": len(no_cot),
+        "no_cot_p95_s": round(p95, 3), "no_cot_alone_p50_s": round(sorted(alone)[5], 3)}))
+    assert {r[3] for r in cot} == {200, 503} and len(answered) >= 4, [r[3] for r in cot]
+    for r in refused:
+        message = error_of(r[4])
+        assert message.startswith("the CoT queue is full: 2 calls of this kind") and "CIRCOT_COT_QUEUE" in message
+        assert r[5]["retry-after"].isdigit() and f"in {r[5]['retry-after']} s" in message
+        # about how long a CoT call holds its place (at first 5 s, then a moving average of the answers)
+        assert 1 <= int(r[5]["retry-after"]) <= max(answered[-1], 5) + 1, (r[5]["retry-after"], answered)
+    # refused at once, not after waiting in a queue
+    assert sorted(r[2] for r in refused)[len(refused) // 2] < min(0.5, answered[0]), [r[2] for r in refused]
+    assert len(no_cot) > 20 and all(r[3] == 200 for r in results if r[0] == "no_cot")
+    assert p95 < 1.0, no_cot[-5:]
+    assert values['circot_queue_refused_total{class="cot"}'] == len(refused)
+    assert values.get('circot_queue_refused_total{class="embedding"}', 0) == 0
+    assert values['circot_queue_limit{class="cot"}'] == 2 and values['circot_queue_calls{class="cot"}'] == 0
 
 
 def test_a_bento_built_by_hand_holds_the_model_and_serves_its_dataset_from_the_store(served, tmp_path):

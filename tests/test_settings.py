@@ -66,9 +66,13 @@ def test_service_settings_are_checked(monkeypatch):
     monkeypatch.setenv("CIRCOT_SERVE_DATASET", "coco")
     monkeypatch.setenv("CIRCOT_MAX_K", "0")
     monkeypatch.setenv("CIRCOT_ADAPTIVE_BATCHING", "off")
+    monkeypatch.setenv("CIRCOT_COT_QUEUE", "0")
+    monkeypatch.setenv("CIRCOT_REASONER_THREADS", "2")
     settings, errors = load(ServiceSettings)
     assert settings.adaptive_batching is False and settings.serve_dataset == "synthetic"
-    assert sorted(errors) == ["CIRCOT_MAX_K='0' is not a whole number of at least 1",
+    assert settings.reasoner_threads == 2 and settings.cot_queue == ServiceSettings.model_fields["cot_queue"].default
+    assert sorted(errors) == ["CIRCOT_COT_QUEUE='0' is not a whole number of at least 1",
+                              "CIRCOT_MAX_K='0' is not a whole number of at least 1",
                               "CIRCOT_SERVE_DATASET='coco' is not a benchmark (synthetic, fashioniq, cirr, circo)"]
 
 
