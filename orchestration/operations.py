@@ -429,6 +429,7 @@ def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job
     # every run of the instance: those `make run` / `circot run` start in-process have no code location
     # of origin, and a sensor that watches only its own location's runs skips them
     @dg.run_failure_sensor(default_status=dg.DefaultSensorStatus.RUNNING, monitor_all_code_locations=True,
+                           minimum_interval_seconds=20,
                            description="Posts a failed run (job, partition, step, error, link) to "
                                        "CIRCOT_ALERT_WEBHOOK; a blocked promotion gate is reported as such")
     def failure_alert(context: dg.RunFailureSensorContext):
@@ -436,7 +437,7 @@ def build_automation(pipeline_job, training_job, evaluation_job, *, feedback_job
                                   run_failure=context.failure_event)
         send_alert(message, context.log)
 
-    @dg.sensor(minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
+    @dg.sensor(minimum_interval_seconds=20, default_status=dg.DefaultSensorStatus.RUNNING,
                description="Marks failed a started run whose process died (killed, crashed), so the schedule "
                            "runs again and the failure alert fires")
     def dead_run_sensor(context: dg.SensorEvaluationContext):
