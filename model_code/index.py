@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import shutil
@@ -41,7 +42,7 @@ import pyarrow as pa
 from filelock import FileLock, Timeout
 from PIL import Image
 
-from model_code.common import Progress, file_md5
+from model_code.common import Progress, bytes_md5, file_md5
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +99,27 @@ def fingerprint(image: Image.Image) -> bytes:
     return _grid(image, FINGERPRINT_SIDE).astype(np.uint8).tobytes()
 
 
-def _file_fingerprint(path) -> bytes | None:
-    """The fingerprint of an image file, None when it cannot be read as an image."""
+def _fingerprint_of(source) -> bytes | None:
+    """The fingerprint of an image (a path or a file object), None when it cannot be read as one."""
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             return fingerprint(im)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
+
+
+def _file_fingerprint(path) -> bytes | None:
+    """The fingerprint of an image file, None when it cannot be read as an image."""
+    return _fingerprint_of(path)
+
+
+def _file_identity(path) -> tuple[str | None, bytes | None]:
+    """An image file's md5 and fingerprint from one read of its bytes (None for what cannot be read)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None, None
+    return bytes_md5(data), _fingerprint_of(io.BytesIO(data))
 
 
 def picture_distance(upload: Image.Image, gallery: Image.Image) -> int:
@@ -416,11 +431,11 @@ class GalleryIndex:
                 vectors, batch, bad = self._embed_batch(embed, batch, on_bad_image)
                 skipped += bad
                 if batch:
+                    md5s, prints = zip(*(_file_identity(im.path) for im in batch))
                     rows = pa.table({
                         "image_id": [im.image_id for im in batch], "dataset": [self.dataset] * len(batch),
                         "split": [im.split for im in batch], "path": [str(im.path) for im in batch],
-                        "md5": pa.array([_file_hash(im.path) for im in batch], pa.string()),
-                        "fingerprint": pa.array([_file_fingerprint(im.path) for im in batch], pa.binary()),
+                        "md5": pa.array(md5s, pa.string()), "fingerprint": pa.array(prints, pa.binary()),
                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
                         "model_version": [model_version] * len(batch)})
                     if table is None:
@@ -505,11 +520,11 @@ class GalleryIndex:
                 out.setdefault(digest, []).append(image_id)
         return out
 
-    def same_picture(self, model_version: str) -> SamePicture:
+    def same_picture(self, model_version: str, paths: dict[str, Path] | None = None) -> SamePicture:
         """The gallery of the index built for ``model_version`` as :class:`SamePicture` finds an upload
         in it (fingerprints computed from the image files for a table built before they were stored)."""
         table = self._version_table(model_version)
-        paths = self.paths(model_version)
+        paths = paths if paths is not None else self.paths(model_version)   # the caller's, when it has read them
         if "fingerprint" in table.schema.names:
             data = self._read(table, ["image_id", "fingerprint"])
             ids, prints = data.column("image_id").to_pylist(), data.column("fingerprint").to_pylist()

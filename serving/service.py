@@ -374,7 +374,7 @@ class CirCoTService:
             index = GalleryIndex(index_uri(SETTINGS.artifacts, SETTINGS.index_uri), self.dataset)
             self.paths = index.paths(MODEL_VERSION)    # fails, saying so, when no index was built for it
             self.by_hash = index.hashes(MODEL_VERSION) if self.excludes_reference else {}
-            self.same_picture = index.same_picture(MODEL_VERSION) if self.excludes_reference else None
+            self.same_picture = index.same_picture(MODEL_VERSION, self.paths) if self.excludes_reference else None
             table_version = index.versions()[MODEL_VERSION]
             index.vectors(MODEL_VERSION)    # read now (and torch imported): the first query does not wait for it
             import torch  # noqa: F401

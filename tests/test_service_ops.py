@@ -201,6 +201,20 @@ def _clients(server, image: bytes, modes: list[str], results: list, stop: thread
     return threads
 
 
+def _until_answered_again(s, results, mode: str, killed: float):
+    """After a model process was killed at ``killed``: poll /readyz until a ``mode`` call started
+    after the kill is answered (at most 90 s). Returns when /readyz first said 503 and what it said
+    (None, None if it never did), and when that call started (None if none was answered)."""
+    said_at = readyz_error = back_at = None
+    while time.monotonic() - killed < 90 and back_at is None:
+        code, body = s.request("GET", "/readyz")
+        if code == 503 and said_at is None:
+            said_at, readyz_error = time.monotonic(), error_of(body)
+        back_at = next((t for m, t, _, c, _, _ in list(results) if m == mode and t > killed + 0.5 and c == 200), None)
+        time.sleep(0.2)
+    return said_at, readyz_error, back_at
+
+
 def test_a_killed_encoder_under_load_fails_fast_with_the_reason_and_sigterm_stops_the_service(served):
     """The encoder killed (SIGKILL) between calls, then under 8 clients searching without pause (and one
     asking CoT, which the reasoner answers): every failed no-CoT call is a 503 saying why, with
@@ -230,15 +244,7 @@ def test_a_killed_encoder_under_load_fails_fast_with_the_reason_and_sigterm_stop
         victim = _worker(s, "circot-encoder")
         ended = len(results)   # the calls that had ended before the kill (results only grows)
         killed = _kill(victim)
-        said_at = back_at = None
-        while time.monotonic() - killed < 90 and back_at is None:
-            code, body = s.request("GET", "/readyz")
-            if code == 503 and said_at is None:
-                said_at = time.monotonic()
-                readyz_error = error_of(body)
-            back_at = next((t for m, t, _, c, _, _ in list(results) if m == "no_cot" and t > killed + 0.5 and c == 200),
-                           None)
-            time.sleep(0.2)
+        said_at, readyz_error, back_at = _until_answered_again(s, results, "no_cot", killed)
         assert said_at is not None and back_at is not None, s.log.read_text()[-3000:]
         assert [p.pid for p in s.workers("circot-encoder")] != [victim.pid]   # BentoML started another
         time.sleep(2)
@@ -297,14 +303,8 @@ def test_a_killed_reasoner_fails_cot_calls_with_the_reason_while_no_cot_calls_ar
         victim = _worker(s, "circot-reasoner")
         ended = len(results)   # the calls that had ended before the kill (results only grows)
         killed = _kill(victim)
-        said = back_at = None
-        while time.monotonic() - killed < 90 and back_at is None:
-            code, body = s.request("GET", "/readyz")
-            if code == 503 and said is None:
-                said = (time.monotonic() - killed, error_of(body))
-            back_at = next((t for m, t, _, c, _, _ in list(results) if m == "cot" and t > killed + 0.5 and c == 200),
-                           None)
-            time.sleep(0.2)
+        said_at, readyz_error, back_at = _until_answered_again(s, results, "cot", killed)
+        said = None if said_at is None else (said_at - killed, readyz_error)
         assert said is not None and back_at is not None, s.log.read_text()[-3000:]
         assert [p.pid for p in s.workers("circot-reasoner")] != [victim.pid]
         time.sleep(1)
