@@ -345,6 +345,7 @@ class CirCoTService:
         self.dataset = SETTINGS.serve_dataset
         self.excludes_reference = benchmark(self.dataset).excludes_reference
         self.ready = False
+        self._checking: asyncio.Future | None = None   # a readiness check the API calls started
         # an unusable setting keeps the service from becoming ready, saying which (its default is not guessed)
         self.error = "unusable settings: " + "; ".join(SETTINGS_ERRORS) if SETTINGS_ERRORS else None
         self.index = None
@@ -391,19 +392,28 @@ class CirCoTService:
         for link in self.links.values():
             link.shut_down(SETTINGS.shutdown_grace_s)
 
-    def front_reason(self) -> str | None:
-        """Why the front cannot take API calls now (its settings, its gallery index), or None; whether
-        a call's model process can take it is its link's to say (``ModelLink.call``)."""
+    def _own_reason(self) -> str | None:
         if self.error:
             return self.error
         if self.index is None:
             return "opening the gallery index"
         return None
 
+    def front_reason(self) -> str | None:
+        """Why the front cannot take API calls now (its settings, its gallery index), or None; whether
+        a call's model process can take it is its link's to say (``ModelLink.call``). When what the
+        calls found of the model processes differs from the readiness last said, it is asked again in
+        the background: the ready gauge and the log line do not wait for the next /readyz."""
+        why = self._own_reason()
+        up = all(link.away is None and not link.closing for link in self.links.values())
+        if why is None and self.ready != up and (self._checking is None or self._checking.done()):
+            self._checking = asyncio.ensure_future(self.readiness())
+        return why
+
     async def readiness(self) -> str | None:
         """Why the service cannot answer every kind of query now, or None (/readyz): the front's reason,
         else each model process asked (concurrently; at most every 0.5 s)."""
-        why = self.front_reason()
+        why = self._own_reason()
         if why is None:
             whys = await asyncio.gather(*(link.probe() for link in self.links.values()))
             why = "; ".join(w for w in whys if w) or None

@@ -124,6 +124,26 @@ class Server:
         return [p for p in psutil.Process(self.proc.pid).children(recursive=True) if name(p) == service]
 
 
+def kill(victim) -> float:
+    """SIGKILL ``victim`` (a psutil process found beforehand: finding it takes a while) and confirm it
+    died: gone, or a zombie until BentoML's arbiter reaps it (not our child, so there is no exit status
+    to read). Returns when the signal was sent (``time.monotonic()``)."""
+    import signal
+
+    import psutil
+
+    killed = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    while time.monotonic() - killed < 5:
+        try:
+            if victim.status() == psutil.STATUS_ZOMBIE:
+                return killed
+        except psutil.NoSuchProcess:
+            return killed
+        time.sleep(0.01)
+    raise AssertionError(f"{victim.pid} was still running 5 s after SIGKILL")
+
+
 
 
 def multipart(fields: dict | None, files: dict | None, boundary: str) -> bytes:

@@ -16,7 +16,7 @@ from playwright.sync_api import Page, expect
 
 from model_code.feedback import FeedbackStore, token_identity
 from tests._png import pixels
-from tests._serving import Server, error_of, multipart, prepare
+from tests._serving import Server, error_of, kill, multipart, prepare
 from tests.conftest import flip_last_byte
 
 
@@ -654,7 +654,6 @@ def test_no_feedback_is_lost_or_written_twice_under_32_clients_with_a_front_work
     The kill is confirmed to come during the work: the worker is gone (and replaced), answers were
     acknowledged before it and after it, and at least one request it held was cut off."""
     import http.client
-    import signal
     import threading
 
     import psutil
@@ -689,13 +688,7 @@ def test_no_feedback_is_lost_or_written_twice_under_32_clients_with_a_front_work
         while len(ended) < 100 and time.monotonic() < deadline:   # well into the work: about 1/16 of it
             time.sleep(0.01)
         victim = workers[0]
-        killed = time.monotonic()
-        victim.send_signal(signal.SIGKILL)
-        try:
-            victim.wait(timeout=10)   # not our child: psutil waits for the pid to go (no exit status to read)
-        except psutil.TimeoutExpired:
-            raise AssertionError("the front worker was still alive 10 s after SIGKILL") from None
-        assert not victim.is_running()
+        killed = kill(victim)
         for t in threads:
             t.join(120)
         before = [o for t, o in ended if t < killed]

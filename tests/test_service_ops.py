@@ -13,7 +13,7 @@ import zlib
 
 import pytest
 
-from tests._serving import Server, error_of, prepare
+from tests._serving import Server, error_of, kill, prepare
 from tests.conftest import REPO
 
 TOKEN = {"Authorization": "Bearer t0k"}
@@ -161,24 +161,6 @@ def _worker(server, service: str):
     return workers[0]
 
 
-def _kill(victim) -> float:
-    """SIGKILL ``victim`` (a psutil process found beforehand: finding it takes a while) and confirm it
-    died (gone, or a zombie until BentoML's arbiter reaps it: not our child, so there is no exit status
-    to read); when the signal was sent (``time.monotonic()``)."""
-    import psutil
-
-    killed = time.monotonic()
-    victim.send_signal(signal.SIGKILL)
-    while time.monotonic() - killed < 5:
-        try:
-            if victim.status() == psutil.STATUS_ZOMBIE:
-                return killed
-        except psutil.NoSuchProcess:
-            return killed
-        time.sleep(0.01)
-    raise AssertionError(f"{victim.pid} was still running 5 s after SIGKILL")
-
-
 def _clients(server, image: bytes, modes: list[str], results: list, stop: threading.Event,
              honour_retry_after: bool = False) -> list[threading.Thread]:
     """One thread per mode searching without pause until ``stop`` (``honour_retry_after``: after a 503,
@@ -232,7 +214,7 @@ def test_a_killed_encoder_under_load_fails_fast_with_the_reason_and_sigterm_stop
         # (in the background, at most every 0.5 s) finds it gone
         assert _search(s, image, "make the star red", mode="no_cot", k=3)[0] == 200
         time.sleep(1)
-        _kill(_worker(s, "circot-encoder"))
+        kill(_worker(s, "circot-encoder"))
         t0 = time.monotonic()
         code, body, headers = _search(s, image, "make the star red", mode="no_cot", k=3)
         idle_failure = time.monotonic() - t0
@@ -243,7 +225,7 @@ def test_a_killed_encoder_under_load_fails_fast_with_the_reason_and_sigterm_stop
         assert [r for r in results if r[3] == 200 and r[0] == "no_cot"], results[:3]
         victim = _worker(s, "circot-encoder")
         ended = len(results)   # the calls that had ended before the kill (results only grows)
-        killed = _kill(victim)
+        killed = kill(victim)
         said_at, readyz_error, back_at = _until_answered_again(s, results, "no_cot", killed)
         assert said_at is not None and back_at is not None, s.log.read_text()[-3000:]
         assert [p.pid for p in s.workers("circot-encoder")] != [victim.pid]   # BentoML started another
@@ -302,7 +284,7 @@ def test_a_killed_reasoner_fails_cot_calls_with_the_reason_while_no_cot_calls_ar
         time.sleep(1)
         victim = _worker(s, "circot-reasoner")
         ended = len(results)   # the calls that had ended before the kill (results only grows)
-        killed = _kill(victim)
+        killed = kill(victim)
         said_at, readyz_error, back_at = _until_answered_again(s, results, "cot", killed)
         said = None if said_at is None else (said_at - killed, readyz_error)
         assert said is not None and back_at is not None, s.log.read_text()[-3000:]
@@ -343,7 +325,11 @@ def test_a_full_cot_queue_refuses_cot_calls_at_once_while_no_cot_calls_are_answe
     results: list[tuple[str, float, float, int, bytes, dict]] = []
     stop = threading.Event()
     try:
-        s.wait()
+        s.wait(200, "/livez")   # then calls only, no /readyz: the calls bring the ready gauge and log line
+        deadline = time.monotonic() + 120
+        while _search(s, image, "make the star red", mode="no_cot", k=3)[0] != 200:
+            assert time.monotonic() < deadline, s.log.read_text()[-2000:]
+            time.sleep(0.5)
         alone = []
         for _ in range(10):   # no-CoT latency with no CoT traffic
             t = time.monotonic()
@@ -385,6 +371,8 @@ def test_a_full_cot_queue_refuses_cot_calls_at_once_while_no_cot_calls_are_answe
     assert values['circot_queue_refused_total{class="cot"}'] == len(refused)
     assert values.get('circot_queue_refused_total{class="embedding"}', 0) == 0
     assert values['circot_queue_limit{class="cot"}'] == 2 and values['circot_queue_calls{class="cot"}'] == 0
+    assert values['circot_ready{dataset="synthetic"}'] == 1   # no /readyz was asked
+    assert "INFO circot.service: ready: serving" in s.log.read_text()
 
 
 def test_a_bento_built_by_hand_holds_the_model_and_serves_its_dataset_from_the_store(served, tmp_path):
