@@ -14,6 +14,7 @@ whose pick was at rank 1 and within the top 10 and the rate of "none of these", 
 offline headline.
 """
 
+import dataclasses
 import os
 import shutil
 from collections import Counter
@@ -35,12 +36,14 @@ from assets.common import (
 from assets.cot_annotations import annotations_dir
 from assets.resources import AnnotatorResource, ArtifactStore
 from assets.triplets import triplets
+from model_code.annotation.judge import PERSON, judge_person
 from model_code.annotation.store import (
     ANNOTATION_COLUMNS,
     AnnotationStore,
     RunStats,
     annotate_missing,
     annotation_requests,
+    read_annotations,
     write_annotations,
 )
 from model_code.common import content_hash
@@ -57,7 +60,8 @@ from model_code.feedback_tables import (
 )
 from model_code.settings import PipelineSettings, load
 
-REPORT_KEYS = ("events", "accepted", "none_of_these", "rejected_only", "leak", "duplicate", "over_cap", "unknown")
+REPORT_KEYS = ("events", "accepted", "none_of_these", "rejected_only", "leak", "duplicate", "over_cap", "unknown",
+               "corrections", "person_chains")
 
 
 def feedback_store(artifacts: ArtifactStore, dataset: str) -> FeedbackStore:
@@ -93,18 +97,31 @@ class FeedbackConfig(dg.Config):
     chunk_size: int = Field(default=256, description="Annotations stored per write (the most a crash can lose).")
 
 
+def _person_annotations(person: dict[str, dict]) -> pd.DataFrame:
+    """The chains people wrote (a correction, then a pick), by triplet id, as annotations of source
+    ``person``: each judged by the rules a teacher's chain meets; one that fails them is a recorded
+    rejection with its reason, never trained on."""
+    rows = [dataclasses.asdict(judge_person(q, chain)) for q, chain in sorted(person.items())]
+    return pd.DataFrame(rows, columns=ANNOTATION_COLUMNS)
+
+
 def _annotate(context, annotator: AnnotatorResource, artifacts: ArtifactStore, tables: TablesRecord, bench,
-              feedback, staging: Path, chunk_size: int):
-    """The chains of the feedback triplets, through the dataset's annotation store (shared with
+              feedback, staging: Path, chunk_size: int, person: dict[str, dict] | None = None):
+    """The chains of the feedback triplets: a person's own where they corrected the chain before
+    picking (``person``: triplet id -> chain), else through the dataset's annotation store (shared with
     cot_annotations: content already annotated is not asked again). (table, teacher, stats)."""
-    if feedback.triplets.empty:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in ANNOTATION_COLUMNS}), None, RunStats()
+    person = person or {}
+    empty = pd.DataFrame({c: pd.Series(dtype=object) for c in ANNOTATION_COLUMNS})
+    people = _person_annotations(person) if person else empty
+    asked = feedback.triplets[~feedback.triplets["query_id"].isin(set(person))]
+    if asked.empty:
+        return people, None, RunStats()
     teacher = annotator.build(tables.dataset, tables.root)
     # the teacher sees the benchmark's train images and the new references copied into the version
     new = feedback.images.assign(path=[str(staging / p) for p in feedback.images["path"]])
     images = pd.concat([bench.images[bench.images["split"] == TRAIN_SPLIT], new], ignore_index=True)
     try:
-        requests = annotation_requests(feedback.triplets, images, tables.root)
+        requests = annotation_requests(asked, images, tables.root)
     except FileNotFoundError as e:
         raise dg.Failure(description=f"annotation shows the teacher the images, and one is missing: {e.filename}") \
             from None
@@ -114,7 +131,8 @@ def _annotate(context, annotator: AnnotatorResource, artifacts: ArtifactStore, t
         raise dg.Failure(description=(
             f"{stats.failed} teacher requests failed after retries (first: {getattr(teacher, 'errors', ['?'])[0]}); "
             f"the {stats.annotated} annotations made were stored: materialise again to retry the rest."))
-    return store.view(requests, teacher.name, teacher.prompt_version), teacher, stats
+    taught = store.view(requests, teacher.name, teacher.prompt_version)
+    return (pd.concat([taught, people], ignore_index=True) if len(people) else taught), teacher, stats
 
 
 def _examples(feedback, table, n: int = 5) -> str:
@@ -149,8 +167,9 @@ def feedback_triplets(context: dg.AssetExecutionContext, config: FeedbackConfig,
     staging.mkdir()
     try:
         feedback = write_feedback_tables(staging, rows, images)
+        person = {r["query_id"]: r["person_chain"] for r in rows if r.get("person_chain")}
         table, teacher, stats = _annotate(context, annotator, artifacts, tables, bench, feedback, staging,
-                                          config.chunk_size)
+                                          config.chunk_size, person)
         write_annotations(table, staging / "annotations.parquet")
         version = content_hash([p for p in staging.rglob("*") if p.is_file()], staging)
         out = publish_version(staging, artifacts.dir("feedback_triplets", name, "versions") / version)
@@ -158,12 +177,14 @@ def feedback_triplets(context: dg.AssetExecutionContext, config: FeedbackConfig,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     ok = int((table["status"] == "ok").sum())
+    by_person = table["teacher"] == PERSON
+    person_ok = int((by_person & (table["status"] == "ok")).sum())
     record = FeedbackRecord(
         dataset=name, folder=str(out), version=version, tables_folder=tables.folder, tables_version=tables.version,
         root=tables.root, raw_version=tables.raw_version, teacher=teacher.name if teacher else "",
         prompt_version=teacher.prompt_version if teacher else "", cap_per_token=cap, report=report,
         triplets=len(feedback.triplets), new_images=len(feedback.images), annotated_ok=ok,
-        annotated_rejected=len(table) - ok)
+        annotated_rejected=len(table) - ok, person_chains=person_ok, person_rejected=int(by_person.sum()) - person_ok)
     record.write(out / FeedbackRecord.META)
     per_token = Counter(r["token"] for r in rows)
     context.log.info(f"feedback_triplets[{name}]: {report['accepted']} accepted of {report['events']} answers "
@@ -179,12 +200,31 @@ def feedback_triplets(context: dg.AssetExecutionContext, config: FeedbackConfig,
             "new_reference_images": len(feedback.images), "tokens": len(per_token),
             "most_from_one_token": max(per_token.values(), default=0), "cap_per_token": cap,
             "teacher": record.teacher or "none", "annotated_ok": ok, "annotation_rejected": len(table) - ok,
+            "person_chains": person_ok, "person_chains_rejected": record.person_rejected,
+            "person_reject_reasons": dg.MetadataValue.json(
+                table[by_person & (table["status"] != "ok")]["reject_reason"].value_counts().to_dict()),
             "without_chain": len(feedback.triplets) - len(table),
             "annotated_this_run": stats.annotated, "already_stored": stats.already_done,
             "unknown_to_annotator": stats.unknown,
             "examples": dg.MetadataValue.md(_examples(feedback, table)),
             "tables_version": tables.version, "raw_data_version": tables.raw_version,
         })
+
+
+def _person_chain_problems(record: FeedbackRecord) -> list[tuple[str, str]]:
+    """The chains people wrote, through the annotation suite a teacher's chains pass (Great
+    Expectations: sections, lengths, leakage, a conclusion that differs from the caption, a reason for
+    every rejection); any rejection rate (a rejected chain is kept, not trained on)."""
+    if not record.annotations.is_file():
+        return []
+    table = read_annotations(record.annotations)
+    people = table[table["teacher"] == PERSON]
+    if people.empty:
+        return []
+    from model_code.annotation.quality import validate_annotations
+
+    report = validate_annotations(people, read_tables(record.folder).triplets, min_acceptance=0.0)
+    return [("chain", o.line()) for o in report.failed]
 
 
 @dg.asset_check(asset=feedback_triplets, blocking=True, partitions_def=dataset_partitions,
@@ -197,6 +237,7 @@ def feedback_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactSt
         # the tables the version was built against, not whichever came later
         _, _, guard = _guard(context, artifacts, name, TablesRecord.load(record.tables_folder))
         problems = verify_feedback(record.folder, name, guard)
+        problems += _person_chain_problems(record)
     except (DataError, OSError) as e:
         problems = [("unreadable", str(e))]
     counts = Counter(kind for kind, _ in problems)
@@ -211,7 +252,7 @@ def feedback_suite(context: dg.AssetCheckExecutionContext, artifacts: ArtifactSt
         description=(f"{rows} feedback triplets: all ids known, texts within limits, nothing held out" if not problems
                      else f"{len(problems)} problems: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))),
         metadata={"rows": rows, "problems": dg.MetadataValue.md(shown or "none"),
-                  **{f"{k}_problems": counts.get(k, 0) for k in ("id", "text", "leak", "table")},
+                  **{f"{k}_problems": counts.get(k, 0) for k in ("id", "text", "leak", "table", "chain")},
                   "version": record.version})
 
 

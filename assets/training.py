@@ -85,8 +85,12 @@ def _feedback_inputs(context, dataset: str, bench, tables: TablesRecord, run_roo
                  version=record.version).write(folder / TablesRecord.META)
     write_annotations(repeated.dropna(subset=["status"]), folder / "annotations.parquet")
     context.log.info(f"{dataset}: training also on {len(rows)} accepted feedback triplets (version "
-                     f"{record.version}, weight {weight:g}: {len(weighted)} examples)")
-    return folder, folder / "annotations.parquet", {"version": record.version, "triplets": len(rows), "weight": weight}
+                     f"{record.version}, weight {weight:g}: {len(weighted)} examples; {record.person_chains} chains "
+                     f"written by people, {record.annotated_ok - record.person_chains} by the teacher)")
+    return folder, folder / "annotations.parquet", {
+        "version": record.version, "triplets": len(rows), "weight": weight,
+        # whose chains: a person's (corrected in the service, then picked) or the teacher's
+        "person_chains": record.person_chains, "teacher_chains": record.annotated_ok - record.person_chains}
 
 
 def _dataset_inputs(context, dataset: str):

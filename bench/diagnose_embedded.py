@@ -107,13 +107,14 @@ def _oracle(bench, root, t) -> tuple[dict, list[str]]:
 
 def upper_bounds(args, artifacts):
     from model_code.model.cir_cot import CirCoTModel
+    from model_code.retrieval import embed_with_chains
 
     root, bench, _ = _load(artifacts)
     model = CirCoTModel.load(_latest(artifacts)["path"])
     _evaluate(model, bench, root, args.queries)
     t, refs, score = _scorer(model, bench, root, args.queries)
     oracle, chains = _oracle(bench, root, t)
-    score("oracle chain teacher-forced", model.embed_queries(refs, list(t.modification), chains, batch_size=64))
+    score("oracle chain teacher-forced", embed_with_chains(model, refs, list(t.modification), chains, batch_size=64))
     score("oracle conclusion as text", model.embed_texts([oracle[q].conclusion for q in t.query_id]))
 
 
@@ -191,6 +192,7 @@ def skills(args, artifacts):
     from model_code.data.tables import image_paths
     from model_code.model.cir_cot import CirCoTModel, edit_answer, edit_request
     from model_code.model.decoding import generate_until
+    from model_code.retrieval import embed_with_chains
     from model_code.synthetic import scenes
     from model_code.synthetic.oracle import describe, object_match, oracle_cot, scene_from_text
     from model_code.synthetic.resolution import resolution_scores
@@ -234,7 +236,7 @@ def skills(args, artifacts):
         _, _, score = _scorer(model, bench, root, args.queries)
         score("cot (generated chain)", embeddings)
         score("cot with the oracle's chain teacher-forced",
-              model.embed_queries(images, texts, _oracle(bench, root, t)[1], batch_size=50))
+              embed_with_chains(model, images, texts, _oracle(bench, root, t)[1], batch_size=50))
         score("no_cot", model.embed_queries(images, texts, None, batch_size=50))
     print(f"\n{path} ({len(queries)} test queries; exact = the stated scene is the true one)\n")
     print(skills_table(rows, [q["n_edits"] for q in queries]))

@@ -9,10 +9,14 @@ Layout under ``<artifacts>/feedback/<dataset>/``:
 - ``events/<query id>/<token identity>.json``: one answer per query and token, created exclusively
   (a hard link that fails rather than replace), so several service workers may write at once, a
   server killed mid-write leaves at most a temporary file (never a half event), and an event is
-  never written twice: the same answer again is accepted as already there, a different one refused.
+  never written twice: the same answer again is accepted as already there, a different one refused;
+- ``events/<query id>/<token identity>.correction.<corrected query id>.json``: a correction (kind
+  ``correction``): the model's chain of the query, the person's, the sections changed, and the query
+  id the corrected search was answered as (itself a query under ``queries/``, mode ``corrected``).
 
 :func:`collect_triplets` turns the events into training triplets (the chosen image the target, the
-shown-and-rejected ones hard negatives), de-duplicated, at most ``cap_per_token`` per token, with a
+shown-and-rejected ones hard negatives; a pick on a corrected search brings the person's chain
+along), de-duplicated, at most ``cap_per_token`` per token, with a
 leakage guard: a query whose reference or target is an image of a held-out split never becomes
 training data.
 """
@@ -27,6 +31,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import pydantic
 from fsspec.core import url_to_fs
@@ -60,6 +65,10 @@ class ShownQuery(pydantic.BaseModel):
     chain: dict | None = None
     shown: list[str]
     scores: list[float]
+    # a corrected search (mode "corrected"): the query whose chain a person corrected (the first one, when a
+    # correction is corrected again), and the chain the model wrote for it
+    corrects: str | None = None
+    model_chain: dict | None = None
 
 
 class FeedbackEvent(pydantic.BaseModel):
@@ -69,6 +78,13 @@ class FeedbackEvent(pydantic.BaseModel):
     rejected: list[str] = []         # "not this"
     none_of_these: bool = False      # nothing shown was the target
     time: float = 0.0
+    # "answer" (the fields above), or "correction": a person rewrote the chain of ``query_id`` (the model's,
+    # ``model_chain``) as ``chain`` and searched with it, the search answered as ``corrected_query``
+    kind: Literal["answer", "correction"] = "answer"
+    chain: dict | None = None
+    model_chain: dict | None = None
+    changed: list[str] = []          # the sections that differ from the model's
+    corrected_query: str | None = None
 
     def answer(self) -> tuple:
         """What the person said, without when: two events that say the same are one."""
@@ -131,8 +147,10 @@ class FeedbackStore:
     # ---- the service's side ------------------------------------------------------------------
 
     def record_query(self, *, reference: bytes, suffix: str, modification: str, model_version: str, mode: str,
-                     chain: dict | None, shown: Sequence[str], scores: Sequence[float], token: str | None) -> str:
-        """Keep what was answered; returns the new query id."""
+                     chain: dict | None, shown: Sequence[str], scores: Sequence[float], token: str | None,
+                     corrects: ShownQuery | None = None) -> str:
+        """Keep what was answered; returns the new query id. ``corrects``: the query whose chain a
+        person corrected to ask this one (mode ``corrected``)."""
         digest = bytes_md5(reference)
         image = Path("images") / f"{digest}{suffix}"
         self._create(image.as_posix(), reference)   # same content under the same name: a race is harmless
@@ -140,8 +158,41 @@ class FeedbackStore:
                            token=token_identity(token), reference_hash=digest, reference_file=image.as_posix(),
                            modification=modification, model_version=model_version, mode=mode, chain=chain,
                            shown=list(shown), scores=[float(s) for s in scores])
+        if corrects is not None:
+            query.corrects = corrects.corrects or corrects.query_id
+            query.model_chain = corrects.model_chain if corrects.corrects else corrects.chain
         self._create(f"queries/{query.query_id}.json", query.model_dump_json().encode())
         return query.query_id
+
+    def correction_of(self, query_id: str, token: str | None, *, reference: bytes, modification: str,
+                      now: float | None = None) -> ShownQuery:
+        """The query a correction refers to, checked: one this service answered (404), not expired
+        (410), asked by the same token (404 for another's, as if unknown) with the same reference image
+        and modification (400: a correction re-ranks the same query)."""
+        query = self.query(query_id)
+        if query.token != token_identity(token):
+            raise FeedbackError(f"unknown query {query_id}: this service answered no such query", 404)
+        if (time.time() if now is None else now) - query.time > self.ttl_s:
+            raise FeedbackError(f"query {query_id} has expired (corrections are taken for {self.ttl_s / 3600:g} h)",
+                                410)
+        if bytes_md5(reference) != query.reference_hash or " ".join(modification.split()) != " ".join(
+                query.modification.split()):
+            raise FeedbackError(f"query {query_id} had another reference image or modification: a correction "
+                                "searches the same query with a corrected chain")
+        return query
+
+    def record_correction(self, corrected: ShownQuery, answer_id: str, token: str | None, chain: dict,
+                          changed: Sequence[str]) -> FeedbackEvent:
+        """Keep a correction as an event of the query it corrects (the first one: ``corrected.corrects``
+        when it was itself a correction): the model's chain, the person's, which sections changed and
+        the query id the corrected search was answered as."""
+        original = corrected.corrects or corrected.query_id
+        model_chain = corrected.model_chain if corrected.corrects else corrected.chain
+        event = FeedbackEvent(query_id=original, token=token_identity(token), kind="correction", chain=chain,
+                              model_chain=model_chain, changed=list(changed), corrected_query=answer_id,
+                              time=time.time())
+        self._create(f"events/{original}/{event.token}.correction.{answer_id}.json", event.model_dump_json().encode())
+        return event
 
     def query(self, query_id: str) -> ShownQuery:
         if not QUERY_ID.match(str(query_id)):
@@ -212,15 +263,20 @@ def collect_triplets(store: FeedbackStore, *, gallery: dict[str, str], held_out_
     a test split never sees feedback); the triplets are of the train split;
     ``known_hashes``: content hash -> id of the benchmark's own images (a reference that is one of
     them is named by its id, else by its hash, ``fb-<md5>``). Rows follow the triplets table's
-    columns (``model_code.data.tables``); ``images`` are the references that are new images."""
+    columns (``model_code.data.tables``) and carry ``person_chain``: the chain a person wrote, for a
+    pick on a corrected search (else None); ``images`` are the references that are new images.
+    Corrections are counted (``corrections``), not triplets by themselves."""
     if store.remote:
         raise ValueError("collect triplets from a local copy of the feedback (an object-store root is fetched first)")
     queries = store.queries()
     known_hashes = known_hashes or {}
     triplets, images, seen, per_token = [], {}, set(), {}
     report = {"events": 0, "accepted": 0, "none_of_these": 0, "rejected_only": 0, "leak": 0, "duplicate": 0,
-              "over_cap": 0, "unknown": 0}
+              "over_cap": 0, "unknown": 0, "corrections": 0, "person_chains": 0}
     for event in store.events():
+        if event.kind == "correction":   # kept for what it says; a pick on the corrected search is the triplet
+            report["corrections"] += 1
+            continue
         report["events"] += 1
         if event.none_of_these or not event.chosen:
             report["none_of_these" if event.none_of_these else "rejected_only"] += 1
@@ -251,8 +307,11 @@ def collect_triplets(store: FeedbackStore, *, gallery: dict[str, str], held_out_
                          "split": "train", "category": None, "reference_id": reference,
                          "modification": query.modification, "target_ids": [event.chosen], "subset_ids": [],
                          "shared_concept": None, "n_edits": None, "reference_dependent": None,
-                         "hard_negative_ids": negatives, "token": event.token, "model_version": query.model_version})
+                         "hard_negative_ids": negatives, "token": event.token, "model_version": query.model_version,
+                         # a pick on a corrected search: the person's chain is this triplet's annotation
+                         "person_chain": query.chain if query.corrects else None})
         report["accepted"] += 1
+        report["person_chains"] += bool(query.corrects)
     return triplets, list(images.values()), report
 
 

@@ -161,6 +161,8 @@ class FeedbackRecord(Record):
     new_images: int = 0
     annotated_ok: int = 0
     annotated_rejected: int = 0
+    person_chains: int = 0       # of annotated_ok: chains a person wrote (a correction, then a pick), not a teacher
+    person_rejected: int = 0     # people's chains that failed the rules (kept as rejections, not trained on)
 
     META: ClassVar[str] = "meta.json"
 

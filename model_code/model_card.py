@@ -156,6 +156,13 @@ def render_model_card(trained, evaluations: Iterable[tuple[object, object]] = ()
         out += ["| dataset | raw data | annotations | teacher / prompt |", "|---|---|---|---|"]
         out += [f"| {d} | `{v.get('raw', '?')}` | `{v.get('annotations', '?')}` | "
                 f"`{v.get('teacher', '?')}/{v.get('prompt_version', '?')}` |" for d, v in sorted(data.items())]
+        for d, v in sorted(data.items()):
+            fb = v.get("feedback")
+            if fb:   # people's picks in the service; a chain a person corrected is counted apart from a teacher's
+                out += ["", f"Feedback of `{d}`: version `{fb.get('version', '?')}`, "
+                        f"{fb.get('triplets', '?')} triplets "
+                        f"(weight {fb.get('weight', '?')}); chains written by people (corrections): "
+                        f"{fb.get('person_chains', 0)}, by the teacher: {fb.get('teacher_chains', '?')}."]
     else:
         out += ["(not recorded)"]
     out += [""]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from model_code.chain import MAX_TEXT_CHARS as MAX_CHAIN_CHARS
 from model_code.chain import is_blank
 from model_code.index import GalleryIndexError
 
@@ -75,12 +76,17 @@ def open_image(data: bytes | str | os.PathLike, *, max_bytes: int = MAX_IMAGE_BY
         raise QueryError(f"the upload is not a readable image ({type(e).__name__}: {why})") from None
 
 
-def infer(model, images, texts, mode: str = "cot", *, max_new_tokens: int = 256):
+def infer(model, images, texts, mode: str = "cot", *, max_new_tokens: int = 256, chains=None):
     """Query embeddings [n, hidden] (numpy) of a batch of checked queries and, in ``cot`` mode, each
     one's chain of thought as ``{"caption", "reasoning", "conclusion", "raw", "error"}`` (None in
-    ``no_cot``). The batch is decoded together (the service batches the queries that arrive together)."""
+    ``no_cot``). The batch is decoded together (the service batches the queries that arrive together).
+    In ``no_cot`` mode, ``chains`` (one per query, a checked chain or None) are teacher-forced before
+    ``<emb>`` where given (:func:`embed_with_chains`: a corrected search, no decoding)."""
     if mode not in MODES:
         raise QueryError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "no_cot" and chains is not None and any(c is not None for c in chains):
+        emb = embed_with_chains(model, images, texts, chains, batch_size=max(len(texts), 1))
+        return emb.numpy(), [None] * len(emb)
     emb, reasoning = model.infer_queries(list(images), list(texts), mode, max_new_tokens=max_new_tokens,
                                          batch_size=max(len(texts), 1))
     chains = []
@@ -90,6 +96,53 @@ def infer(model, images, texts, mode: str = "cot", *, max_new_tokens: int = 256)
                        "conclusion": cot.conclusion if cot else None, "raw": r.get("text", ""),
                        "error": r.get("error")} if mode == "cot" else None)
     return emb.numpy(), chains
+
+
+def check_chain(value):
+    """A chain of thought a person gives (to search with it: a correction) as a :class:`CoT`, checked
+    as a teacher's chain is (the format, the judge's rules, the length cap), or a QueryError (400)
+    that says what is wrong. ``value``: ``{"caption", "reasoning", "conclusion"}`` (a dict, or its
+    JSON text), or the tagged text (``<caption>...</caption><reasoning>...``)."""
+    import json
+
+    from model_code.annotation.judge import person_chain_problem
+    from model_code.chain import CoT, CoTFormatError, parse
+
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise QueryError(f"the chain is not valid JSON: {e}") from None
+    try:
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {"caption", "reasoning", "conclusion"})
+            if unknown:
+                raise QueryError(f"the chain has unknown sections {', '.join(map(repr, unknown))}: give caption, "
+                                 "reasoning and conclusion")
+            if not all(isinstance(value.get(k), str) for k in ("caption", "reasoning", "conclusion")):
+                raise QueryError("the chain needs caption, reasoning and conclusion, each a text")
+            cot = CoT(value["caption"].strip(), value["reasoning"].strip(), value["conclusion"].strip())
+        elif isinstance(value, str):
+            if len(value) > MAX_CHAIN_CHARS:
+                raise QueryError(f"the chain has {len(value)} characters; at most {MAX_CHAIN_CHARS}")
+            cot = parse(value.strip())
+        else:
+            raise QueryError("the chain must be its three sections (JSON) or the tagged text")
+    except CoTFormatError as e:
+        raise QueryError(f"the chain is not usable ({e.reason}): {e.detail}") from None
+    problem = person_chain_problem(cot)
+    if problem:
+        raise QueryError(f"the chain is not usable: {problem}")
+    return cot
+
+
+def embed_with_chains(model, images, texts, chains, *, batch_size: int = 32):
+    """Query embeddings [n, hidden] (torch) with each query's chain given (a :class:`CoT`, its
+    rendered text, or None for the no-CoT prompt) and teacher-forced before ``<emb>``: one forward
+    pass, no decoding. What a corrected search runs and what the oracle-chain upper bound measures
+    (``bench/diagnose_embedded.py upper-bounds``)."""
+    rendered = [c if c is None or isinstance(c, str) else c.render() for c in chains]
+    return model.embed_queries(list(images), list(texts), rendered, batch_size=batch_size)
 
 
 def search(index, model_version: str, embeddings, k: int, *, exclude: set[str] | None = None):

@@ -139,10 +139,13 @@ class Metrics:
                                 ["route", "method", "status"])
         self.latency = Histogram("circot_http_request_duration_seconds", "HTTP request duration by route template",
                                  ["route"], buckets=LATENCY_BUCKETS)
-        self.queries = Counter("circot_queries_total", "/search queries by mode and outcome "
+        self.queries = Counter("circot_queries_total", "/search queries by mode (cot, no_cot, corrected) and outcome "
                                "(ok, bad_request, unavailable, error)", ["mode", "outcome"])
+        self.corrections = Counter("circot_corrected_searches_total", "answered /search calls with a chain a person "
+                                   "gave: linked to the query it corrects (query_id) or not", ["link"])
         self.phase = Histogram("circot_query_phase_seconds", "time of a query's phases: reasoning (cot), embedding "
-                               "(no_cot), index_search", ["phase"], buckets=LATENCY_BUCKETS)
+                               "(no_cot), corrected_embedding (a given chain), index_search", ["phase"],
+                               buckets=LATENCY_BUCKETS)
         self.unparsed = Counter("circot_chains_unparsed_total", "CoT chains the model wrote that did not parse")
         self.feedback = Counter("circot_feedback_total", "POST /feedback answers by outcome (accepted, repeated, "
                                 "invalid, unknown_query, expired, conflict, too_large, error)",

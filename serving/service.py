@@ -8,7 +8,10 @@
   dataset and model version, the ids left out as the reference, and timings. Where the dataset's
   protocol leaves the reference out of its ranking (``BenchmarkSpec.excludes_reference``), the
   gallery images with the upload's content (md5) and the ``reference_id`` given are left out, as
-  the evaluation leaves them out.
+  the evaluation leaves them out. With ``chain`` (a person's correction of the reasoning, and the
+  ``query_id`` it corrects): ranked from that chain, teacher-forced before ``<emb>`` in one forward
+  pass of the encoder (no decoding), the answer saying which sections differ from the model's; the
+  correction is kept as a feedback event (docs/feedback.md).
 - ``POST /feedback``: a person's answer to a query (JSON: ``query_id``; ``chosen``, ``rejected`` or
   ``none_of_these``), kept with what the service showed for it (``model_code.feedback``; every
   ``/search`` answer carries its ``query_id``) under ``<artifacts>/feedback/<dataset>/``.
@@ -54,10 +57,11 @@ from starlette.routing import Route
 
 from model_code import registry
 from model_code.benchmarks import benchmark
+from model_code.chain import SECTIONS, normalised_text
 from model_code.common import bytes_md5
 from model_code.feedback import FeedbackError, FeedbackStore
 from model_code.index import GalleryIndex, index_uri
-from model_code.retrieval import MODES, QueryError, check_text, infer, open_image, search
+from model_code.retrieval import MODES, QueryError, check_chain, check_text, infer, open_image, search
 from model_code.settings import ServiceSettings, load
 from serving.guard import Guard, note
 from serving.link import RETRY_AFTER_S, ApiError, ModelLink, on_shutdown_signal
@@ -121,11 +125,19 @@ class Hit(BaseModel):
     url: str
 
 
+class Correction(BaseModel):
+    corrects: str | None = Field(description="the query whose chain was corrected (the first, when a correction "
+                                             "is corrected again); null for a chain given without a query_id")
+    changed: list[str] = Field(description="the sections that differ from the model's chain of that query")
+    model_chain: Reasoning | None = Field(default=None, description="the chain the model wrote for it")
+
+
 class SearchResponse(BaseModel):
     model_version: str
     dataset: str
-    mode: str
+    mode: str = Field(description="cot, no_cot, or corrected (a chain given: teacher-forced, no decoding)")
     reasoning: Reasoning | None
+    correction: Correction | None = None
     results: list[Hit]
     excluded: list[str] = Field(description="gallery ids left out as the reference (same content, or the "
                                             "reference_id given), where the dataset's protocol leaves it out")
@@ -144,10 +156,12 @@ class FeedbackAnswer(BaseModel):
 
 
 class EncodedQuery(BaseModel):
-    """A checked query on its way to the encoder: the reference image's bytes (base64) and the text."""
+    """A checked query on its way to the encoder: the reference image's bytes (base64), the text and,
+    for a corrected search, the checked chain (tagged text) to teacher-force before ``<emb>``."""
 
     image: str
     text: str
+    chain: str | None = None
 
 
 class EncodedAnswer(BaseModel):
@@ -279,7 +293,8 @@ class _ModelProcess:
 
         self._need_model()
         t0 = time.perf_counter()
-        emb, chains = infer(self.model, [_unb64(q.image) for q in queries], [q.text for q in queries], mode)
+        emb, chains = infer(self.model, [_unb64(q.image) for q in queries], [q.text for q in queries], mode,
+                            chains=[q.chain for q in queries])
         seconds = round(time.perf_counter() - t0, 4)
         return [EncodedAnswer(embedding=e.tolist(), reasoning=c, seconds=seconds, batch=len(queries))
                 for e, c in zip(emb, chains)]
@@ -446,14 +461,20 @@ class CirCoTService:
 
     @bentoml.api
     async def search(self, image: Path, modification: str, k: int = 10, mode: str = "cot",
-                     dataset: str = "", reference_id: str = "") -> SearchResponse:
+                     dataset: str = "", reference_id: str = "", chain: dict | str = "", query_id: str = ""
+                     ) -> SearchResponse:
         """The top-k gallery images for a reference image and a modification, with the reasoning.
         ``dataset``, when given, must be the one this deployment serves (default: that one);
-        ``reference_id``: the reference's gallery id, when the client knows it (400 when it is not one)."""
+        ``reference_id``: the reference's gallery id, when the client knows it (400 when it is not one).
+        ``chain``: a chain of thought to rank with instead of the model's (a correction: the three
+        sections as JSON, or the tagged text), checked as a teacher's chain is and teacher-forced before
+        ``<emb>`` (no decoding; ``mode`` is then ``corrected``); ``query_id``: the query it corrects
+        (same token, reference and modification), kept as a correction event."""
 
-        label, outcome = (mode if mode in MODES else "invalid"), "error"
+        label, outcome = ("corrected" if chain or query_id else mode if mode in MODES else "invalid"), "error"
         try:
-            answer = await self._search(image, modification, k, mode, dataset, reference_id)
+            answer = await self._search(image, modification, k, "corrected" if label == "corrected" else mode,
+                                        dataset, reference_id, chain, query_id)
             outcome = "ok"
             return answer
         except ApiError as e:
@@ -463,17 +484,37 @@ class CirCoTService:
             metrics().queries.labels(label, outcome).inc()
             note(mode=label, outcome=outcome)
 
-    async def _search(self, image, modification, k, mode, dataset, reference_id) -> SearchResponse:
+    async def _search(self, image, modification, k, mode, dataset, reference_id, chain="", query_id=""
+                      ) -> SearchResponse:
 
         if dataset and dataset != self.dataset:
             raise ApiError(f"this service serves {self.dataset}, not {dataset!r}", 404)
-        if mode not in MODES:
+        if mode not in (*MODES, "corrected"):
             raise ApiError(f"mode must be one of {', '.join(MODES)}, not {mode!r}", 400)
+        if mode == "corrected" and not chain:
+            raise ApiError("query_id names the query a chain corrects: give the corrected chain as 'chain'", 400)
+        # a corrected search is one forward pass: the embedding class, never behind CoT decoding
         traffic = "cot" if mode == "cot" else "embedding"
         async with self.lanes[traffic].admit():   # 503 at once when this class is full; the other class goes on
-            return await self._answer(image, modification, k, mode, reference_id, traffic)
+            return await self._answer(image, modification, k, mode, reference_id, traffic, chain, query_id)
 
-    async def _answer(self, image, modification, k, mode, reference_id, traffic) -> SearchResponse:
+    def _correction(self, chain: str, query_id: str, data: bytes, text: str):
+        """(the checked chain, the query it corrects or None, the sections changed from the model's chain)
+        of a corrected search; a QueryError with the status that says what is wrong."""
+        cot = check_chain(chain)
+        corrected = None
+        if query_id:
+            try:
+                corrected = self.store.correction_of(query_id, SETTINGS.api_token, reference=data, modification=text)
+            except FeedbackError as e:
+                raise QueryError(str(e), e.status) from None
+        model_chain = (corrected.model_chain if corrected.corrects else corrected.chain) if corrected else None
+        changed = [s for s in SECTIONS if not model_chain or normalised_text(model_chain.get(s) or "")
+                   != normalised_text(getattr(cot, s))]
+        return cot, corrected, changed, model_chain
+
+    async def _answer(self, image, modification, k, mode, reference_id, traffic, chain="", query_id=""
+                      ) -> SearchResponse:
         try:
             text = check_text(modification)
             if reference_id and reference_id not in self.paths:
@@ -481,13 +522,19 @@ class CirCoTService:
                                  "gallery: give a gallery id, or none")
             data = Path(image).read_bytes()
             picture = open_image(data, max_bytes=SETTINGS.max_image_bytes, max_pixels=SETTINGS.max_image_pixels)
+            cot = corrected = model_chain = None
+            changed: list[str] = []
+            if mode == "corrected":
+                cot, corrected, changed, model_chain = await asyncio.to_thread(self._correction, chain, query_id,
+                                                                               data, text)
             excluded = await asyncio.to_thread(self._excluded, data, picture, reference_id)
             most = min(SETTINGS.max_k, len(self.paths) - len(excluded))
             if not 1 <= k <= most:
                 raise QueryError(f"k must be from 1 to {most}, not {k}")
             t0 = time.perf_counter()
-            raw = (await self.links[traffic].call("reason" if mode == "cot" else "embed_queries",
-                                                  [EncodedQuery(image=_b64(data), text=text)]))[0]
+            raw = (await self.links[traffic].call(
+                "reason" if mode == "cot" else "embed_queries",
+                [EncodedQuery(image=_b64(data), text=text, chain=cot.render() if cot else None)]))[0]
             a = raw if isinstance(raw, EncodedAnswer) else EncodedAnswer.model_validate(raw)
             t1 = time.perf_counter()
             ids, scores = search(self.index, self.version, np.asarray([a.embedding], dtype=np.float32), k,
@@ -495,7 +542,7 @@ class CirCoTService:
             t2 = time.perf_counter()
         except QueryError as e:
             raise ApiError(str(e), e.status) from None
-        step = "reasoning" if mode == "cot" else "embedding"
+        step = {"cot": "reasoning", "corrected": "corrected_embedding"}.get(mode, "embedding")
         m = metrics()
         m.phase.labels(step).observe(t1 - t0)
         m.phase.labels("index_search").observe(t2 - t1)
@@ -506,18 +553,31 @@ class CirCoTService:
         note(timings=timings)
         hits = [Hit(image_id=i, score=round(s, 6), url=f"/ui/images/{self.dataset}/{i}")
                 for i, s in zip(ids[0], scores[0])]
-        query_id = None
+        shown_chain = a.reasoning
+        if cot is not None:   # the person's chain is the reasoning of this answer
+            shown_chain = {"caption": cot.caption, "reasoning": cot.reasoning, "conclusion": cot.conclusion,
+                           "raw": cot.render(), "error": None}
+        answer_id = None
         try:   # what was shown, so that feedback refers to an answer the service gave
-            query_id = await asyncio.to_thread(
+            answer_id = await asyncio.to_thread(
                 self.store.record_query, reference=data, suffix=_suffix(data), modification=text,
-                model_version=self.version, mode=mode, chain=a.reasoning, shown=[h.image_id for h in hits],
-                scores=[h.score for h in hits], token=SETTINGS.api_token)
+                model_version=self.version, mode=mode, chain=shown_chain, shown=[h.image_id for h in hits],
+                scores=[h.score for h in hits], token=SETTINGS.api_token, corrects=corrected)
+            if corrected is not None:   # the correction itself: the model's chain and the person's, linked
+                await asyncio.to_thread(self.store.record_correction, corrected, answer_id, SETTINGS.api_token,
+                                        {s: getattr(cot, s) for s in SECTIONS}, changed)
         except OSError:   # the answer still goes out, without a query id to give feedback on
             log.exception("the query could not be recorded for feedback in %s", self.store.root)
+        if cot is not None:
+            m.corrections.labels("linked" if corrected is not None else "unlinked").inc()
+            note(changed=",".join(changed))
         return SearchResponse(
             model_version=self.version, dataset=self.dataset, mode=mode,
-            reasoning=Reasoning(**a.reasoning) if a.reasoning else None,
-            results=hits, excluded=excluded, timings=timings, query_id=query_id)
+            reasoning=Reasoning(**shown_chain) if shown_chain else None,
+            correction=Correction(corrects=(corrected.corrects or corrected.query_id) if corrected else None,
+                                  changed=changed, model_chain=Reasoning(**model_chain) if model_chain else None)
+            if cot is not None else None,
+            results=hits, excluded=excluded, timings=timings, query_id=answer_id)
 
     @bentoml.api
     async def feedback(self, query_id: str, chosen: str | None = None, rejected: list[str] | None = None,

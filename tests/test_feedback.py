@@ -140,7 +140,7 @@ def test_triplets_from_feedback_guard_leakage_cap_tokens_and_drop_duplicates(tmp
     assert all(t["split"] == "train" for t in triplets)
     assert [i["image_id"] for i in images] == [f"fb-{md5(b'new image')}"] and os.path.isfile(images[0]["path"])
     assert report == {"events": 7, "accepted": 2, "none_of_these": 1, "rejected_only": 0, "leak": 2,
-                      "duplicate": 1, "over_cap": 1, "unknown": 0}
+                      "duplicate": 1, "over_cap": 1, "unknown": 0, "corrections": 0, "person_chains": 0}
 
 
 def test_online_metrics_per_model_version(tmp_path):

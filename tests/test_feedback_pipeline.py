@@ -171,7 +171,8 @@ def test_answers_become_checked_versioned_annotated_triplets_without_leaks_and_c
     context = SimpleNamespace(instance=instance, log=SimpleNamespace(info=lambda m: None),
                               resources=SimpleNamespace(artifacts=ArtifactStore(root=str(artifacts))))
     fed, annotation_file, info = _feedback_inputs(context, D, b.bench, tables, tmp_path / "runs", 1.5)
-    assert info == {"version": meta["version"].value, "triplets": 4, "weight": 1.5}
+    assert info == {"version": meta["version"].value, "triplets": 4, "weight": 1.5, "person_chains": 0,
+                    "teacher_chains": 1}
     weighted = read_tables(fed)
     assert len(weighted.triplets) == 6 and all(q.startswith("fb-") for q in weighted.triplets.query_id)
     examples = pair_examples(weighted.triplets, weighted.images, tables.root, "train",

@@ -524,9 +524,11 @@ def test_the_page_answers_a_query_with_reasoning_and_thumbnails(server, served, 
     expect(page.locator("#status")).to_contain_text(f"model {version} · synthetic · cot · ", timeout=120_000)
     status = page.locator("#status").inner_text()
     assert "in a batch of 1" in status and "batch_size" not in status and "reasoning " in status
-    expect(page.locator("#reasoning .section b")).to_have_text(["caption", "reasoning", "conclusion"])
-    expect(page.locator("#reasoning .section span")).to_have_text(
-        [answer["reasoning"][part] for part in ("caption", "reasoning", "conclusion")])
+    # the chain, each section editable in place, as the model wrote it (nothing marked changed)
+    expect(page.locator("#chain label")).to_have_text(["caption", "reasoning", "conclusion"])
+    for part in ("caption", "reasoning", "conclusion"):
+        expect(page.locator(f"#chain-{part}")).to_have_value(answer["reasoning"][part])
+    expect(page.locator("#chain textarea.changed")).to_have_count(0)
     thumbnails = page.locator("#results figure img")
     expect(thumbnails).to_have_count(3)
     for thumbnail, hit in zip(thumbnails.all(), answer["results"]):   # the service's ranking, each image loaded
@@ -582,6 +584,95 @@ def test_answers_carry_a_query_id_and_feedback_on_them_is_kept_once(server, serv
         code, body = server.post_json("/feedback", payload)
         assert code == status and message in error_of(body), (payload.get("query_id"), code, body[:300])
     assert [e.query_id for e in store.events()].count(other) == 0
+
+
+def test_a_corrected_search_ranks_with_the_given_chain_in_one_forward_pass_and_is_kept_as_a_correction(server,
+                                                                                                       served):
+    """/search with ``chain`` (and the ``query_id`` it corrects): the chain is teacher-forced before
+    <emb> (the model's own chain given back ranks as its CoT search did), the answer says what changed,
+    and the correction is kept with the model's chain and the person's; a bad chain is a 400."""
+    _, _, image, home = served
+    store = FeedbackStore(home / "artifacts" / "feedback" / "synthetic", "synthetic")
+    text = "make the star red"
+    code, body = server.search(image, text, k=5, mode="cot")
+    assert code == 200, body
+    first = json.loads(body)
+    model = {s: first["reasoning"][s] for s in ("caption", "reasoning", "conclusion")}
+    assert first["reasoning"]["error"] is None and first["correction"] is None
+
+    import torch
+
+    from model_code.chain import CoT
+    from model_code.model.cir_cot import CirCoTModel
+    from model_code.retrieval import embed_with_chains, open_image
+
+    served_model = CirCoTModel.load(home / "model")
+    gallery = sorted((home / "cir-shapes" / "images" / "test").glob("*.png"))
+    vectors = served_model.embed_images(gallery)
+
+    def teacher_forced(chain: dict) -> tuple[list[str], list[float]]:
+        """The top 5 of the chain teacher-forced, computed here (the reference left out by content)."""
+        with torch.no_grad():
+            q = embed_with_chains(served_model, [open_image(image)], [text], [CoT(**chain)])[0]
+        scores = (vectors @ q).tolist()
+        order = [i for i in sorted(range(len(gallery)), key=lambda i: -scores[i])
+                 if gallery[i].read_bytes() != image][:5]
+        return [gallery[i].stem for i in order], [scores[i] for i in order]
+
+    # the model's own chain, given back: nothing changed; ranked with the chain teacher-forced, no decoding
+    code, body = server.search(image, text, k=5, chain=json.dumps(model), query_id=first["query_id"])
+    assert code == 200, body
+    same = json.loads(body)
+    assert same["mode"] == "corrected" and same["correction"]["changed"] == []
+    ids, scores = teacher_forced(model)
+    assert [h["image_id"] for h in same["results"]] == ids
+    assert np.allclose([h["score"] for h in same["results"]], scores, atol=1e-3)
+    assert "reasoning" not in same["timings"] and "corrected_embedding" in same["timings"]
+
+    # a corrected conclusion (as tagged text): ranked with it, said what changed, kept as a correction
+    person = {**model, "conclusion": "bottom right: large green star"}
+    tagged = "".join(f"<{s}>{v}</{s}>" for s, v in person.items())
+    code, body = server.search(image, text, k=5, chain=tagged, query_id=first["query_id"])
+    assert code == 200, body
+    fixed = json.loads(body)
+    assert {s: fixed["reasoning"][s] for s in person} == person and fixed["reasoning"]["error"] is None
+    assert fixed["correction"]["corrects"] == first["query_id"] and fixed["correction"]["changed"] == ["conclusion"]
+    assert [h["image_id"] for h in fixed["results"]] == teacher_forced(person)[0]
+    assert {s: fixed["correction"]["model_chain"][s] for s in model} == model
+    assert fixed["query_id"] not in (first["query_id"], same["query_id"])
+    shown = store.query(fixed["query_id"])
+    assert (shown.mode, shown.corrects, shown.shown) == ("corrected", first["query_id"],
+                                                         [h["image_id"] for h in fixed["results"]])
+    corrections = [e for e in store.events() if e.kind == "correction" and e.corrected_query == fixed["query_id"]]
+    assert len(corrections) == 1 and corrections[0].query_id == first["query_id"]
+    assert corrections[0].chain == person and corrections[0].changed == ["conclusion"]
+    assert {s: corrections[0].model_chain[s] for s in model} == model
+    # feedback on the corrected answer, as on any other
+    picked = fixed["results"][0]["image_id"]
+    code, body = server.post_json("/feedback", {"query_id": fixed["query_id"], "chosen": picked})
+    assert code == 200 and json.loads(body)["stored"] is True, body
+    # a chain without a query id ranks too (nothing to link it to)
+    code, body = server.search(image, text, k=5, chain=json.dumps(person))
+    assert code == 200 and json.loads(body)["correction"] == {"corrects": None, "changed": ["caption", "reasoning",
+                                                                                          "conclusion"],
+                                                             "model_chain": None}
+    assert [h["image_id"] for h in json.loads(body)["results"]] == [h["image_id"] for h in fixed["results"]]
+
+    refusals = [
+        ({"chain": "<caption>a star</caption>"}, 400, "missing_section"),
+        ({"chain": json.dumps({**person, "reasoning": "as in the target image"})}, 400, "leakage: target image"),
+        ({"chain": json.dumps({**person, "conclusion": person["caption"]})}, 400, "conclusion_repeats_caption"),
+        ({"chain": json.dumps({**person, "conclusion": "x" * 1600})}, 400, "too_long"),
+        ({"chain": "{not json"}, 400, "not valid JSON"),
+        ({"query_id": first["query_id"]}, 400, "give the corrected chain as 'chain'"),
+        ({"chain": json.dumps(person), "query_id": "0" * 32}, 404, "unknown query"),
+        ({"chain": json.dumps(person), "query_id": "../x"}, 404, "not a query id"),
+    ]
+    for fields, status, message in refusals:
+        code, body = server.search(image, text, k=5, **fields)
+        assert code == status and message in error_of(body), (fields, code, body[:300])
+    code, body = server.search(image, "make the star blue", k=5, chain=json.dumps(person), query_id=first["query_id"])
+    assert code == 400 and "another reference image or modification" in error_of(body)
 
 
 def test_the_page_marks_results_not_this_then_sends_one_answer_from_the_keyboard(server, served, page: Page,

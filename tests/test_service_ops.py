@@ -81,6 +81,9 @@ def test_metrics_are_the_services_own_behind_the_token_with_bounded_labels(serve
     code, body, _ = _search(server, image, "make the star red", mode="cot", k=3)
     assert code == 200
     assert _search(server, image, "  ", mode="no_cot")[0] == 400
+    chain = {s: json.loads(body)["reasoning"][s] or "x" for s in ("caption", "reasoning", "conclusion")}
+    assert _search(server, image, "make the star red", k=3, chain=json.dumps(chain),
+                   query_id=json.loads(body)["query_id"])[0] == 200   # a corrected search: counted apart
     after = values()
     grew = {name: after[name] - before.get(name, 0.0) for name in after}
     assert grew['circot_queries_total{mode="no_cot",outcome="ok"}'] == 1
@@ -88,8 +91,11 @@ def test_metrics_are_the_services_own_behind_the_token_with_bounded_labels(serve
     assert grew['circot_queries_total{mode="no_cot",outcome="bad_request"}'] == 1
     assert grew['circot_query_phase_seconds_count{phase="embedding"}'] == 1
     assert grew['circot_query_phase_seconds_count{phase="reasoning"}'] == 1
-    assert grew['circot_query_phase_seconds_count{phase="index_search"}'] == 2
-    assert grew['circot_http_requests_total{method="POST",route="/search",status="200"}'] == 2
+    assert grew['circot_queries_total{mode="corrected",outcome="ok"}'] == 1
+    assert grew['circot_corrected_searches_total{link="linked"}'] == 1
+    assert grew['circot_query_phase_seconds_count{phase="corrected_embedding"}'] == 1
+    assert grew['circot_query_phase_seconds_count{phase="index_search"}'] == 3
+    assert grew['circot_http_requests_total{method="POST",route="/search",status="200"}'] == 3
     assert grew["circot_chains_unparsed_total"] == (json.loads(body)["reasoning"]["error"] is not None)
     assert after[f'circot_model_info{{dataset="synthetic",model_version="{version}"}}'] == 1
     assert after['circot_gallery_images{dataset="synthetic"}'] == 48 and after['circot_ready{dataset="synthetic"}'] == 1

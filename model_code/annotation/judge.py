@@ -10,12 +10,13 @@ the caption). Rejections are recorded, never dropped.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from model_code.chain import CoT, CoTFormatError, is_blank, normalised_text, repair
+from model_code.chain import SECTIONS, CoT, CoTFormatError, is_blank, normalised_text, repair, word_count
 
 # Phrases that betray that the annotator saw the target image.
 LEAKAGE_PATTERNS = (
@@ -68,6 +69,18 @@ def rejection(query_id: str, teacher: str, prompt_version: str, raw: str, reason
     return Annotation(query_id, teacher, prompt_version, None, None, None, raw, "rejected", reason)
 
 
+def chain_problem(cot: CoT) -> str | None:
+    """Why the judge rejects a well-formed chain, as its rejection reason, or None: a phrase that
+    betrays the target image (``leakage: ...``), or a conclusion that only repeats the caption. The
+    rules every chain meets, a teacher's or a person's (:func:`judge`, :func:`judge_person`)."""
+    leaked = leakage(cot.caption + " " + cot.reasoning + " " + cot.conclusion)
+    if leaked:
+        return f"leakage: {leaked.lower()}"
+    if normalised_text(cot.conclusion) == normalised_text(cot.caption):
+        return "conclusion_repeats_caption"
+    return None
+
+
 def judge(query_id: str, teacher: str, prompt_version: str, raw: str) -> Annotation:
     """Turn a raw answer into an accepted or a rejected annotation (with the reason)."""
     def rejected(reason: str) -> Annotation:
@@ -80,13 +93,50 @@ def judge(query_id: str, teacher: str, prompt_version: str, raw: str) -> Annotat
     except CoTFormatError as e:
         return rejected(e.reason)
     cot = fixed.cot
-    leaked = leakage(cot.caption + " " + cot.reasoning + " " + cot.conclusion)
-    if leaked:
-        return rejected(f"leakage: {leaked.lower()}")
-    if normalised_text(cot.conclusion) == normalised_text(cot.caption):
-        return rejected("conclusion_repeats_caption")
+    problem = chain_problem(cot)
+    if problem:
+        return rejected(problem)
     return Annotation(query_id, teacher, prompt_version, cot.caption, cot.reasoning, cot.conclusion, raw, "ok", None,
                       "; ".join(fixed.repairs))
+
+
+# a chain a person wrote (a correction in the service): its source as the annotations table names it
+PERSON = "person"
+PERSON_PROMPT_VERSION = "correction-1"
+
+
+def person_chain_problem(cot: CoT, *, to_train: bool = False) -> str | None:
+    """Why a chain a person wrote cannot be used, as a rejection reason, or None: the judge's rules
+    (:func:`chain_problem`) and each section at most the annotation suite's words (``too_long``; the
+    characters are capped by :class:`CoT` itself). To search with, that is all; ``to_train`` also
+    asks for the suite's fewest words (``too_short``), so that every chain accepted for training
+    passes the suite."""
+    from model_code.annotation.quality import DEFAULT_LENGTH_BOUNDS
+
+    for name in SECTIONS:
+        words, bounds = word_count(getattr(cot, name)), DEFAULT_LENGTH_BOUNDS[name]
+        if words > bounds.p95_max:
+            return f"too_long: <{name}> has {words} words, at most {bounds.p95_max}"
+        if to_train and words < bounds.p05_min:
+            return f"too_short: <{name}> has {words} words, at least {bounds.p05_min}"
+    return chain_problem(cot)
+
+
+def judge_person(query_id: str, sections: dict) -> Annotation:
+    """A person's chain (``{"caption", "reasoning", "conclusion"}``, as the service recorded it) as
+    an annotation of source :data:`PERSON`: accepted, or rejected with the reason (kept, never trained
+    on), by the rules a teacher's chain meets, strictly (nothing is repaired in a person's words)."""
+    raw = json.dumps({k: sections.get(k) for k in SECTIONS}, ensure_ascii=False)
+    try:
+        cot = CoT(*(sections.get(k) for k in SECTIONS))
+    except CoTFormatError as e:
+        return rejection(query_id, PERSON, PERSON_PROMPT_VERSION, raw, e.reason)
+    problem = person_chain_problem(cot, to_train=True)
+    if problem:   # a length as its kind (the reasons are a histogram), the rest as the judge says them
+        return rejection(query_id, PERSON, PERSON_PROMPT_VERSION, raw,
+                         problem.split(":")[0] if problem.startswith("too_") else problem)
+    return Annotation(query_id, PERSON, PERSON_PROMPT_VERSION, cot.caption, cot.reasoning, cot.conclusion, raw, "ok",
+                      None)
 
 
 def judge_by_id(requests: Sequence[AnnotationRequest], teacher: str, prompt_version: str,
