@@ -3,6 +3,7 @@ The figures of docs/experiments/ (earlier-default-runs.md, 2026-11-27-embedded-r
 2026-11-29-canonical-wording.md) and of docs/model-card-embedded-base.md come from these commands.
 
     .venv/bin/python bench/diagnose_embedded.py upper-bounds [--artifacts artifacts] [--queries 128]
+    .venv/bin/python bench/diagnose_embedded.py corrections  [--queries 500]
     .venv/bin/python bench/diagnose_embedded.py decoding     [--artifacts artifacts] [--queries 128]
     .venv/bin/python bench/diagnose_embedded.py stage1 --full --steps 100 --lr 5e-4 [--queries 256]
     .venv/bin/python bench/diagnose_embedded.py cot-more --steps 150 [--queries 128]
@@ -10,6 +11,9 @@ The figures of docs/experiments/ (earlier-default-runs.md, 2026-11-27-embedded-r
 - ``upper-bounds``: the newest model's methods on the first test queries, and what it would reach
   with perfect reasoning (the oracle's chain teacher-forced before ``<emb>``) and with the oracle's
   conclusion alone as a text query.
+- ``corrections``: simulated correction (docs/feedback.md): the model's own chains, then each with its
+  conclusion, its caption, its reasoning, or all three replaced by the oracle's, teacher-forced as a
+  corrected ``/search`` ranks them.
 - ``decoding``: the ``cot`` method under greedy decoding and two anti-repetition settings.
 - ``stage1``: stage 1 again from the base, with LoRA or (``--full``) all parameters trainable.
 - ``cot-more``: more stage-2 steps on the newest model, then its evaluation.
@@ -116,6 +120,47 @@ def upper_bounds(args, artifacts):
     oracle, chains = _oracle(bench, root, t)
     score("oracle chain teacher-forced", embed_with_chains(model, refs, list(t.modification), chains, batch_size=64))
     score("oracle conclusion as text", model.embed_texts([oracle[q].conclusion for q in t.query_id]))
+
+
+def corrections(args, artifacts):
+    """Simulated correction on the first test queries: the model's own chain (decoded), then that chain
+    with one section replaced by the oracle's where they differ (a person correcting it), each
+    teacher-forced before ``<emb>`` as a corrected /search ranks it; R@1/10/50 and how many chains
+    each correction changed."""
+    from model_code.chain import CoT, normalised_text
+    from model_code.model.cir_cot import CirCoTModel
+    from model_code.retrieval import embed_with_chains, infer
+
+    root, bench, _ = _load(artifacts)
+    model = CirCoTModel.load(_latest(artifacts)["path"])
+    t, refs, score = _scorer(model, bench, root, args.queries)
+    texts = list(t.modification)
+    oracle, _ = _oracle(bench, root, t)
+    oracle = [oracle[q] for q in t.query_id]
+    decoded, chains = [], []
+    for start in range(0, len(texts), 32):   # decoded in batches, as the evaluation decodes
+        emb, part = infer(model, refs[start:start + 32], texts[start:start + 32], "cot")
+        decoded.append(torch.as_tensor(emb))
+        chains += part
+    print(f"{len(texts)} test queries; {sum(c['error'] is not None for c in chains)} chains did not parse "
+          "(a correction cannot name their sections: they keep the model's ranking)", flush=True)
+    score("cot (the model's chain, decoded)", torch.cat(decoded))
+    own = [CoT(c["caption"], c["reasoning"], c["conclusion"]) if c["error"] is None else None for c in chains]
+    score("cot, its chain teacher-forced", embed_with_chains(model, refs, texts, own, batch_size=64))
+    for fixed in (("conclusion",), ("caption",), ("reasoning",), ("caption", "reasoning", "conclusion")):
+        given, changed = [], 0
+        for c, o in zip(own, oracle):
+            if c is None:
+                given.append(None)
+                continue
+            sections = {s: getattr(o if s in fixed else c, s) for s in ("caption", "reasoning", "conclusion")}
+            changed += any(normalised_text(getattr(c, s)) != normalised_text(getattr(o, s)) for s in fixed)
+            given.append(CoT(**sections))
+        emb = embed_with_chains(model, refs, texts, given, batch_size=64)
+        if any(g is None for g in given):   # an unparsed chain keeps the ranking of its decoding
+            keep = torch.tensor([g is None for g in given])
+            emb[keep] = torch.cat(decoded)[keep]
+        score(f"{' + '.join(fixed)} corrected by the oracle's ({changed} of {len(given)} changed)", emb)
 
 
 def decoding(args, artifacts):
@@ -306,7 +351,7 @@ def _op_name(edit: dict) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["upper-bounds", "decoding", "stage1", "cot-more", "skills"])
+    p.add_argument("what", choices=["upper-bounds", "corrections", "decoding", "stage1", "cot-more", "skills"])
     p.add_argument("--artifacts", default="artifacts")
     p.add_argument("--queries", type=int, default=128, help="first test queries evaluated")
     p.add_argument("--steps", type=int, default=100)
@@ -325,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = Path(args.artifacts)
     out = Path(args.out or tempfile.mkdtemp(prefix="circot-diagnose-"))
     {"upper-bounds": lambda: upper_bounds(args, artifacts), "decoding": lambda: decoding(args, artifacts),
+     "corrections": lambda: corrections(args, artifacts),
      "stage1": lambda: stage1(args, artifacts, out),
      "cot-more": lambda: cot_more(args, artifacts, out), "skills": lambda: skills(args, artifacts)}[args.what]()
     return 0

@@ -1,7 +1,8 @@
 """Locust users for bench/load_service.py. ``LOAD_IMAGE``: the reference image to upload; ``LOAD_TOKEN``: a
 bearer token if the service wants one.
 
-- ``Client``: one kind of call, ``LOAD_TARGET`` embed_image or search_no_cot (or search_cot): the sweep.
+- ``Client``: one kind of call, ``LOAD_TARGET`` embed_image, search_no_cot, search_cot or search_corrected
+  (a chain given back with its conclusion rewritten, after one CoT search per user): the sweep.
 - ``CotUser`` and ``NoCotUser``: CoT and no-CoT ``/search`` together, ``LOAD_COT_USERS`` and
   ``LOAD_NOCOT_USERS`` of each (the mixed run). With ``LOAD_HONOUR_RETRY_AFTER=1`` a user that gets a
   503 waits the ``Retry-After`` it was given before its next call.
@@ -10,6 +11,7 @@ With ``LOAD_RECORD`` every call is written there, one line each: the user class,
 answer), the seconds it took and when it started (``time.time()``), tab-separated.
 """
 
+import json
 import os
 import time
 
@@ -36,13 +38,31 @@ def _record(request_type, name, response_time, response, exception, start_time=N
         RECORD.write(f"{name}\t{status}\t{response_time / 1000:.4f}\t{start_time or time.time():.3f}\n")
 
 
+def corrected(client, chain: dict, query_id: str):
+    """One /search with a corrected chain (the query ``query_id`` answered, its conclusion rewritten)."""
+    return client.post("/search", files={"image": ("ref.png", IMAGE)},
+                       data={"modification": "make the red shape blue", "k": "10", "chain": json.dumps(chain),
+                             "query_id": query_id}, headers=HEADERS, name="/search corrected")
+
+
 class Client(HttpUser):
     wait_time = constant(0)  # each user sends its next request as soon as the last is answered
+    correction: tuple[dict, str] | None = None
+
+    def on_start(self):
+        if TARGET == "search_corrected":   # the query to correct: one CoT search (not counted), its chain rewritten
+            answer = self.client.post("/search", files={"image": ("ref.png", IMAGE)},
+                                      data={"modification": "make the red shape blue", "k": "10", "mode": "cot"},
+                                      headers=HEADERS, name="(setup) /search cot").json()
+            chain = {s: answer["reasoning"][s] or "x" for s in ("caption", "reasoning", "conclusion")}
+            self.correction = ({**chain, "conclusion": "top left: large blue circle"}, answer["query_id"])
 
     @task
     def call(self):
         if TARGET == "embed_image":
             self.client.post("/embed_image", files={"images": ("ref.png", IMAGE)}, headers=HEADERS)
+        elif TARGET == "search_corrected":
+            corrected(self.client, *self.correction)
         else:
             search(self.client, "cot" if TARGET == "search_cot" else "no_cot")
 

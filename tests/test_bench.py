@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["diagnose_embedded", "encoder_throughput", "finetune_embedded", "gpu_decode", "gpu_train", "index_scale",
-           "load_service", "pretrain_budget", "same_picture", "teacher_throughput"]
+SCRIPTS = ["correction_loop", "diagnose_embedded", "encoder_throughput", "finetune_embedded", "gpu_decode", "gpu_train",
+           "index_scale", "load_service", "pretrain_budget", "same_picture", "teacher_throughput"]
 LIBRARY = ("model_code", "bench")
 
 
