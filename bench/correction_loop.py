@@ -3,9 +3,11 @@ queries and picks the target, as the page would record it; then the pipeline's f
 training job and its evaluation job run as after a real week of corrections. Prints the test
 split's figures before and after (docs/feedback.md).
 
-    DAGSTER_HOME=$PWD/.dagster .venv/bin/python bench/correction_loop.py --queries 300 [--k 50] [--dry-run]
+    .venv/bin/python bench/correction_loop.py --queries 300 [--k 50] [--dry-run]
 
-Needs a finished ``make run`` (its Dagster instance, model and tables). Writes what the service would
+Needs a finished ``make run`` (its Dagster instance, model and tables, and the model store it promotes
+into: ``DAGSTER_HOME`` and ``BENTOML_HOME`` default to ``.dagster`` and ``.bentoml`` as under ``make``;
+a promotion goes there as any). Writes what the service would
 write into the artifacts root's feedback store (``<artifacts>/feedback/synthetic/``, under the token
 ``oracle-person``): for each of the first ``--queries`` train queries, the model's CoT answer, and where
 its chain differs from the oracle's, a corrected search (each wrong section replaced by the oracle's)
@@ -95,11 +97,12 @@ def simulate(args) -> dict:
                        key=lambda i: -float(gallery[i] @ emb))[: args.k]
         shown = [named[i] for i in order]
         data = ref.read_bytes()
-        asked = store.record_query(reference=data, suffix=ref.suffix, modification=text, model_version=record[
-            "model_version"], mode="cot", chain=chain, shown=[], scores=[], token=TOKEN)
+        asked = store.record_query(reference=data, suffix=ref.suffix, modification=text,
+                                   model_version=record["version"], mode="cot", chain=chain, shown=[], scores=[],
+                                   token=TOKEN)
         first = store.query(asked)
         answer = store.record_query(reference=data, suffix=ref.suffix, modification=text,
-                                    model_version=record["model_version"], mode="corrected", chain=person,
+                                    model_version=record["version"], mode="corrected", chain=person,
                                     shown=shown, scores=[float(gallery[i] @ emb) for i in order], token=TOKEN,
                                     corrects=first)
         store.record_correction(first, answer, TOKEN, person, changed)
@@ -118,14 +121,17 @@ def simulate(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = parser().parse_args(argv)
+    repo = Path(__file__).resolve().parents[1]   # the instance and the model store of `make run`
+    os.environ.setdefault("DAGSTER_HOME", str(repo / ".dagster"))
+    os.environ.setdefault("BENTOML_HOME", str(repo / ".bentoml"))
     before = _evaluation(args.dataset)
     counts = simulate(args)
     print("the oracle's corrections:", counts, flush=True)
     if args.dry_run:
         return 0
-    import os
-
     from orchestration.__main__ import instance, run_job
     from orchestration.definitions import EVALUATION_JOB, FEEDBACK_JOB, TRAINING_JOB
 
