@@ -36,7 +36,8 @@ from assets.common import (
 from assets.cot_annotations import annotations_dir
 from assets.resources import AnnotatorResource, ArtifactStore
 from assets.triplets import triplets
-from model_code.annotation.judge import PERSON, judge_person
+from model_code.annotation.judge import judge_person
+from model_code.annotation.quality import validate_annotations
 from model_code.annotation.store import (
     ANNOTATION_COLUMNS,
     AnnotationStore,
@@ -60,6 +61,7 @@ from model_code.feedback_tables import (
 )
 from model_code.settings import PipelineSettings, load
 
+PERSON_CHAINS = "person_chains.parquet"   # in a version: every chain a person wrote, judged (accepted or not)
 REPORT_KEYS = ("events", "accepted", "none_of_these", "rejected_only", "leak", "duplicate", "over_cap", "unknown",
                "corrections", "person_chains")
 
@@ -108,14 +110,17 @@ def _person_annotations(person: dict[str, dict]) -> pd.DataFrame:
 def _annotate(context, annotator: AnnotatorResource, artifacts: ArtifactStore, tables: TablesRecord, bench,
               feedback, staging: Path, chunk_size: int, person: dict[str, dict] | None = None):
     """The chains of the feedback triplets: a person's own where they corrected the chain before
-    picking (``person``: triplet id -> chain), else through the dataset's annotation store (shared with
-    cot_annotations: content already annotated is not asked again). (table, teacher, stats)."""
+    picking (``person``: triplet id -> chain) and it passed the rules, else through the dataset's
+    annotation store (shared with cot_annotations: content already annotated is not asked again).
+    (table, the people's chains judged (accepted and rejected), teacher, stats)."""
     person = person or {}
     empty = pd.DataFrame({c: pd.Series(dtype=object) for c in ANNOTATION_COLUMNS})
-    people = _person_annotations(person) if person else empty
-    asked = feedback.triplets[~feedback.triplets["query_id"].isin(set(person))]
+    judged = _person_annotations(person) if person else empty
+    people = judged[judged["status"] == "ok"]
+    # a person's chain that failed the rules is kept (judged) and the teacher annotates the triplet as any
+    asked = feedback.triplets[~feedback.triplets["query_id"].isin(set(people["query_id"]))]
     if asked.empty:
-        return people, None, RunStats()
+        return people.reset_index(drop=True), judged, None, RunStats()
     teacher = annotator.build(tables.dataset, tables.root)
     # the teacher sees the benchmark's train images and the new references copied into the version
     new = feedback.images.assign(path=[str(staging / p) for p in feedback.images["path"]])
@@ -132,7 +137,7 @@ def _annotate(context, annotator: AnnotatorResource, artifacts: ArtifactStore, t
             f"{stats.failed} teacher requests failed after retries (first: {getattr(teacher, 'errors', ['?'])[0]}); "
             f"the {stats.annotated} annotations made were stored: materialise again to retry the rest."))
     taught = store.view(requests, teacher.name, teacher.prompt_version)
-    return (pd.concat([taught, people], ignore_index=True) if len(people) else taught), teacher, stats
+    return (pd.concat([taught, people], ignore_index=True) if len(people) else taught), judged, teacher, stats
 
 
 def _examples(feedback, table, n: int = 5) -> str:
@@ -168,23 +173,24 @@ def feedback_triplets(context: dg.AssetExecutionContext, config: FeedbackConfig,
     try:
         feedback = write_feedback_tables(staging, rows, images)
         person = {r["query_id"]: r["person_chain"] for r in rows if r.get("person_chain")}
-        table, teacher, stats = _annotate(context, annotator, artifacts, tables, bench, feedback, staging,
-                                          config.chunk_size, person)
+        table, judged, teacher, stats = _annotate(context, annotator, artifacts, tables, bench, feedback, staging,
+                                                  config.chunk_size, person)
         write_annotations(table, staging / "annotations.parquet")
+        if len(judged):   # every chain a person wrote, accepted or rejected with its reason
+            write_annotations(judged, staging / PERSON_CHAINS)
         version = content_hash([p for p in staging.rglob("*") if p.is_file()], staging)
         out = publish_version(staging, artifacts.dir("feedback_triplets", name, "versions") / version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     ok = int((table["status"] == "ok").sum())
-    by_person = table["teacher"] == PERSON
-    person_ok = int((by_person & (table["status"] == "ok")).sum())
+    person_ok = int((judged["status"] == "ok").sum())
     record = FeedbackRecord(
         dataset=name, folder=str(out), version=version, tables_folder=tables.folder, tables_version=tables.version,
         root=tables.root, raw_version=tables.raw_version, teacher=teacher.name if teacher else "",
         prompt_version=teacher.prompt_version if teacher else "", cap_per_token=cap, report=report,
         triplets=len(feedback.triplets), new_images=len(feedback.images), annotated_ok=ok,
-        annotated_rejected=len(table) - ok, person_chains=person_ok, person_rejected=int(by_person.sum()) - person_ok)
+        annotated_rejected=len(table) - ok, person_chains=person_ok, person_rejected=len(judged) - person_ok)
     record.write(out / FeedbackRecord.META)
     per_token = Counter(r["token"] for r in rows)
     context.log.info(f"feedback_triplets[{name}]: {report['accepted']} accepted of {report['events']} answers "
@@ -202,7 +208,7 @@ def feedback_triplets(context: dg.AssetExecutionContext, config: FeedbackConfig,
             "teacher": record.teacher or "none", "annotated_ok": ok, "annotation_rejected": len(table) - ok,
             "person_chains": person_ok, "person_chains_rejected": record.person_rejected,
             "person_reject_reasons": dg.MetadataValue.json(
-                table[by_person & (table["status"] != "ok")]["reject_reason"].value_counts().to_dict()),
+                judged[judged["status"] != "ok"]["reject_reason"].value_counts().to_dict()),
             "without_chain": len(feedback.triplets) - len(table),
             "annotated_this_run": stats.annotated, "already_stored": stats.already_done,
             "unknown_to_annotator": stats.unknown,
@@ -215,14 +221,10 @@ def _person_chain_problems(record: FeedbackRecord) -> list[tuple[str, str]]:
     """The chains people wrote, through the annotation suite a teacher's chains pass (Great
     Expectations: sections, lengths, leakage, a conclusion that differs from the caption, a reason for
     every rejection); any rejection rate (a rejected chain is kept, not trained on)."""
-    if not record.annotations.is_file():
+    path = Path(record.folder) / PERSON_CHAINS
+    if not path.is_file():
         return []
-    table = read_annotations(record.annotations)
-    people = table[table["teacher"] == PERSON]
-    if people.empty:
-        return []
-    from model_code.annotation.quality import validate_annotations
-
+    people = read_annotations(path)
     report = validate_annotations(people, read_tables(record.folder).triplets, min_acceptance=0.0)
     return [("chain", o.line()) for o in report.failed]
 

@@ -36,6 +36,7 @@ from typing import Literal
 import pydantic
 from fsspec.core import url_to_fs
 
+from model_code.chain import normalised_text
 from model_code.common import bytes_md5
 
 QUERY_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -69,6 +70,24 @@ class ShownQuery(pydantic.BaseModel):
     # correction is corrected again), and the chain the model wrote for it
     corrects: str | None = None
     model_chain: dict | None = None
+
+    def origin(self) -> tuple[str | None, dict | None]:
+        """(the query a correction of this one corrects, the model's chain of it): this query and its
+        chain, or for a corrected answer what it corrected (None, None for a chain given without a
+        query id: no model's chain to compare with)."""
+        if self.mode == "corrected":
+            return self.corrects, self.model_chain
+        return self.query_id, self.chain
+
+    def persons_chain(self) -> dict | None:
+        """The chain a person wrote, when this answer ranked one that differs from the model's (a
+        correction that changed nothing is the model's chain, not a person's), else None."""
+        if self.mode != "corrected" or not self.chain:
+            return None
+        if self.model_chain and all(normalised_text(self.chain.get(s) or "") == normalised_text(
+                self.model_chain.get(s) or "") for s in ("caption", "reasoning", "conclusion")):
+            return None
+        return {s: self.chain.get(s) for s in ("caption", "reasoning", "conclusion")}
 
 
 class FeedbackEvent(pydantic.BaseModel):
@@ -159,8 +178,7 @@ class FeedbackStore:
                            modification=modification, model_version=model_version, mode=mode, chain=chain,
                            shown=list(shown), scores=[float(s) for s in scores])
         if corrects is not None:
-            query.corrects = corrects.corrects or corrects.query_id
-            query.model_chain = corrects.model_chain if corrects.corrects else corrects.chain
+            query.corrects, query.model_chain = corrects.origin()
         self._create(f"queries/{query.query_id}.json", query.model_dump_json().encode())
         return query.query_id
 
@@ -183,15 +201,16 @@ class FeedbackStore:
 
     def record_correction(self, corrected: ShownQuery, answer_id: str, token: str | None, chain: dict,
                           changed: Sequence[str]) -> FeedbackEvent:
-        """Keep a correction as an event of the query it corrects (the first one: ``corrected.corrects``
-        when it was itself a correction): the model's chain, the person's, which sections changed and
-        the query id the corrected search was answered as."""
-        original = corrected.corrects or corrected.query_id
-        model_chain = corrected.model_chain if corrected.corrects else corrected.chain
-        event = FeedbackEvent(query_id=original, token=token_identity(token), kind="correction", chain=chain,
-                              model_chain=model_chain, changed=list(changed), corrected_query=answer_id,
-                              time=time.time())
-        self._create(f"events/{original}/{event.token}.correction.{answer_id}.json", event.model_dump_json().encode())
+        """Keep a correction as an event of the query it corrects (the first one when it was itself a
+        correction; that answer itself when it ranked a chain given without a query id): the model's
+        chain (None when there is none), the person's, which sections changed and the query id the
+        corrected search was answered as."""
+        original, model_chain = corrected.origin()
+        event = FeedbackEvent(query_id=original or corrected.query_id, token=token_identity(token),
+                              kind="correction", chain=chain, model_chain=model_chain, changed=list(changed),
+                              corrected_query=answer_id, time=time.time())
+        self._create(f"events/{event.query_id}/{event.token}.correction.{answer_id}.json",
+                     event.model_dump_json().encode())
         return event
 
     def query(self, query_id: str) -> ShownQuery:
@@ -309,20 +328,21 @@ def collect_triplets(store: FeedbackStore, *, gallery: dict[str, str], held_out_
                          "shared_concept": None, "n_edits": None, "reference_dependent": None,
                          "hard_negative_ids": negatives, "token": event.token, "model_version": query.model_version,
                          # a pick on a corrected search: the person's chain is this triplet's annotation
-                         "person_chain": query.chain if query.corrects else None})
+                         "person_chain": query.persons_chain()})
         report["accepted"] += 1
-        report["person_chains"] += bool(query.corrects)
+        report["person_chains"] += query.persons_chain() is not None
     return triplets, list(images.values()), report
 
 
 def online_metrics(store: FeedbackStore) -> dict[str, dict[str, float]]:
     """Per model version: answered queries, the share whose pick was at rank 1 and within the top 10,
-    and the rate of "none of these" (an online figure beside the offline benchmark's)."""
+    and the rate of "none of these" (an online figure beside the offline benchmark's). Answers to a
+    corrected search are left out: that ranking is the person's chain's, not the model's."""
     queries = store.queries()
     out: dict[str, dict[str, float]] = {}
     for event in store.events():
         query = queries.get(event.query_id)
-        if query is None or not (event.chosen or event.none_of_these):
+        if query is None or query.mode == "corrected" or not (event.chosen or event.none_of_these):
             continue
         m = out.setdefault(query.model_version, {"answered": 0, "pick_at_1": 0, "pick_in_10": 0, "none_of_these": 0})
         m["answered"] += 1

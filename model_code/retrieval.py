@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import re
 import time
@@ -17,8 +18,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from model_code.annotation.judge import person_chain_problem
 from model_code.chain import MAX_TEXT_CHARS as MAX_CHAIN_CHARS
-from model_code.chain import is_blank
+from model_code.chain import CoT, CoTFormatError, is_blank, parse
 from model_code.index import GalleryIndexError
 
 MODES = ("cot", "no_cot")
@@ -103,16 +105,13 @@ def check_chain(value):
     as a teacher's chain is (the format, the judge's rules, the length cap), or a QueryError (400)
     that says what is wrong. ``value``: ``{"caption", "reasoning", "conclusion"}`` (a dict, or its
     JSON text), or the tagged text (``<caption>...</caption><reasoning>...``)."""
-    import json
-
-    from model_code.annotation.judge import person_chain_problem
-    from model_code.chain import CoT, CoTFormatError, parse
-
+    if isinstance(value, str) and len(value) > MAX_CHAIN_CHARS:
+        raise QueryError(f"the chain has {len(value)} characters; at most {MAX_CHAIN_CHARS}")
     if isinstance(value, str) and value.lstrip().startswith("{"):
         try:
             value = json.loads(value)
-        except ValueError as e:
-            raise QueryError(f"the chain is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise QueryError(f"the chain is not valid JSON: {str(e)[:200]}") from None
     try:
         if isinstance(value, dict):
             unknown = sorted(set(value) - {"caption", "reasoning", "conclusion"})
@@ -123,9 +122,8 @@ def check_chain(value):
                 raise QueryError("the chain needs caption, reasoning and conclusion, each a text")
             cot = CoT(value["caption"].strip(), value["reasoning"].strip(), value["conclusion"].strip())
         elif isinstance(value, str):
-            if len(value) > MAX_CHAIN_CHARS:
-                raise QueryError(f"the chain has {len(value)} characters; at most {MAX_CHAIN_CHARS}")
-            cot = parse(value.strip())
+            parsed = parse(value.strip())   # the sections' own blanks go, as from JSON: one chain, one ranking
+            cot = CoT(*(getattr(parsed, s).strip() for s in ("caption", "reasoning", "conclusion")))
         else:
             raise QueryError("the chain must be its three sections (JSON) or the tagged text")
     except CoTFormatError as e:

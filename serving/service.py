@@ -127,7 +127,8 @@ class Hit(BaseModel):
 
 class Correction(BaseModel):
     corrects: str | None = Field(description="the query whose chain was corrected (the first, when a correction "
-                                             "is corrected again); null for a chain given without a query_id")
+                                             "is corrected again); null when there is none: a chain given without "
+                                             "a query_id, or a correction of such a one")
     changed: list[str] = Field(description="the sections that differ from the model's chain of that query")
     model_chain: Reasoning | None = Field(default=None, description="the chain the model wrote for it")
 
@@ -508,10 +509,14 @@ class CirCoTService:
                 corrected = self.store.correction_of(query_id, SETTINGS.api_token, reference=data, modification=text)
             except FeedbackError as e:
                 raise QueryError(str(e), e.status) from None
-        model_chain = (corrected.model_chain if corrected.corrects else corrected.chain) if corrected else None
+            except (OSError, ValueError) as e:   # a store that cannot be read, a damaged record: not the caller's
+                log.error("query %s could not be read for a correction: %s", query_id, e)
+                raise QueryError(f"query {query_id} cannot be read now: try again, or search without query_id",
+                                 503) from None
+        original, model_chain = corrected.origin() if corrected else (None, None)
         changed = [s for s in SECTIONS if not model_chain or normalised_text(model_chain.get(s) or "")
                    != normalised_text(getattr(cot, s))]
-        return cot, corrected, changed, model_chain
+        return cot, corrected, changed, model_chain, original
 
     async def _answer(self, image, modification, k, mode, reference_id, traffic, chain="", query_id=""
                       ) -> SearchResponse:
@@ -522,11 +527,11 @@ class CirCoTService:
                                  "gallery: give a gallery id, or none")
             data = Path(image).read_bytes()
             picture = open_image(data, max_bytes=SETTINGS.max_image_bytes, max_pixels=SETTINGS.max_image_pixels)
-            cot = corrected = model_chain = None
+            cot = corrected = model_chain = original = None
             changed: list[str] = []
             if mode == "corrected":
-                cot, corrected, changed, model_chain = await asyncio.to_thread(self._correction, chain, query_id,
-                                                                               data, text)
+                cot, corrected, changed, model_chain, original = await asyncio.to_thread(
+                    self._correction, chain, query_id, data, text)
             excluded = await asyncio.to_thread(self._excluded, data, picture, reference_id)
             most = min(SETTINGS.max_k, len(self.paths) - len(excluded))
             if not 1 <= k <= most:
@@ -574,7 +579,7 @@ class CirCoTService:
         return SearchResponse(
             model_version=self.version, dataset=self.dataset, mode=mode,
             reasoning=Reasoning(**shown_chain) if shown_chain else None,
-            correction=Correction(corrects=(corrected.corrects or corrected.query_id) if corrected else None,
+            correction=Correction(corrects=original,
                                   changed=changed, model_chain=Reasoning(**model_chain) if model_chain else None)
             if cot is not None else None,
             results=hits, excluded=excluded, timings=timings, query_id=answer_id)

@@ -108,18 +108,39 @@ def test_a_correction_refers_to_the_same_query_of_the_same_token_and_is_kept_as_
     # a pick on the corrected search is an answer as any other; the person's chain comes with its triplet
     store.add(third, "alice", chosen="b")
     store.add(first, "alice", rejected=["a"])                 # the first answer may still be judged too
+    # a correction that changed nothing is the model's chain, not a person's: its pick trains on the teacher's
+    unchanged = store.record_query(reference=png(3), suffix=".png", modification="make it round", model_version="m1",
+                                   mode="corrected", chain=model_chain, shown=["a"], scores=[1.0], token="alice",
+                                   corrects=store.query(_searched(store, png(3), "make it round", ["a"], "alice",
+                                                                  chain=model_chain)))
+    store.add(unchanged, "alice", chosen="a")
     rows, _, report = collect_triplets(store, gallery={"a": "train", "b": "train"}, held_out_ids=set(),
                                        held_out_hashes=set())
-    assert (report["corrections"], report["events"], report["accepted"], report["person_chains"]) == (2, 2, 1, 1)
-    assert rows[0]["person_chain"] == again and rows[0]["target_ids"] == ["b"]
-    assert online_metrics(store) == {"m1": {"answered": 1, "pick_at_1": 1.0, "pick_in_10": 1.0,
-                                            "none_of_these": 0.0}}
+    assert (report["corrections"], report["events"], report["accepted"], report["person_chains"]) == (2, 3, 2, 1)
+    by_target = {r["target_ids"][0]: r for r in rows}
+    assert by_target["b"]["person_chain"] == again and by_target["a"]["person_chain"] is None
+    # the online figure is the model's: picks on a corrected ranking are not counted for it
+    assert online_metrics(store) == {}
+
+    # a chain given without a query id, then corrected: there is no model's chain to compare with
+    loose = store.record_query(reference=image, suffix=".png", modification="make it green", model_version="m1",
+                               mode="corrected", chain=GOOD, shown=["a"], scores=[1.0], token="alice")
+    again_loose = store.record_query(reference=image, suffix=".png", modification="make it green",
+                                     model_version="m1", mode="corrected", chain=again, shown=["a"], scores=[1.0],
+                                     token="alice", corrects=store.query(loose))
+    event = store.record_correction(store.query(loose), again_loose, "alice", again, ["reasoning"])
+    assert (event.query_id, event.model_chain) == (loose, None)          # filed under that answer, no model chain
+    assert (store.query(again_loose).corrects, store.query(again_loose).model_chain) == (None, None)
+    assert store.query(again_loose).persons_chain() == again
 
 
 def test_a_pick_after_a_correction_trains_on_the_persons_chain_checked_by_the_annotation_suite(
         tables, instance, tmp_path):  # noqa: F811
+    from assets.cot_annotations import cot_annotations
+
     b = Benchmark(tables)
     artifacts = tmp_path / "artifacts"
+    assert _materialise([cot_annotations], instance, artifacts).success   # the teacher's chains of the benchmark
     store = FeedbackStore(artifacts / "feedback" / D, D)
     q0, q1 = b.train_queries.iloc[0], b.train_queries.iloc[1]
     picks = {}
@@ -141,14 +162,19 @@ def test_a_pick_after_a_correction_trains_on_the_persons_chain_checked_by_the_an
     meta = result.asset_materializations_for_node("feedback_triplets")[0].metadata
     assert (meta["corrections"].value, meta["person_chains"].value, meta["person_chains_rejected"].value) == (2, 1, 1)
     assert meta["person_reject_reasons"].value == {"leakage: target image": 1}
-    assert meta["annotated_this_run"].value == 0      # the teacher was not asked for a chain a person wrote
+    # the teacher is asked only for the triplet whose person's chain failed (reused: the benchmark's content)
+    assert (meta["annotated_this_run"].value, meta["already_stored"].value) == (0, 1)
     record = meta["record"].value
-    assert (record["person_chains"], record["person_rejected"], record["teacher"]) == (1, 1, "")
+    assert (record["person_chains"], record["person_rejected"], record["teacher"]) == (1, 1, "oracle")
+    people = read_annotations(f"{record['folder']}/person_chains.parquet").set_index("query_id")
+    assert people.loc[picks["good"], ["teacher", "status"]].tolist() == [PERSON, "ok"]
+    assert people.loc[picks["leaky"], ["teacher", "status", "reject_reason"]].tolist() == [
+        PERSON, "rejected", "leakage: target image"]                    # kept, with its reason
     annotations = read_annotations(f"{record['folder']}/annotations.parquet").set_index("query_id")
     assert annotations.loc[picks["good"], ["teacher", "status", "conclusion"]].tolist() == [PERSON, "ok",
                                                                                             GOOD["conclusion"]]
-    assert annotations.loc[picks["leaky"], ["teacher", "status"]].tolist() == [PERSON, "rejected"]
-    assert len(read_feedback_tables(record["folder"]).triplets) == 2     # both picks are triplets; one with a chain
+    assert annotations.loc[picks["leaky"], ["teacher", "status"]].tolist() == ["oracle", "ok"]
+    assert len(read_feedback_tables(record["folder"]).triplets) == 2     # both picks are triplets
 
     # the training's lineage counts the person's chain apart from a teacher's, and trains on it
     from types import SimpleNamespace
@@ -161,18 +187,19 @@ def test_a_pick_after_a_correction_trains_on_the_persons_chain_checked_by_the_an
     context = SimpleNamespace(instance=instance, log=SimpleNamespace(info=lambda m: None),
                               resources=SimpleNamespace(artifacts=ArtifactStore(root=str(artifacts))))
     fed, annotation_file, info = _feedback_inputs(context, D, b.bench, tables, tmp_path / "runs", 1.0)
-    assert (info["person_chains"], info["teacher_chains"], info["triplets"]) == (1, 0, 2)
+    assert (info["person_chains"], info["teacher_chains"], info["triplets"]) == (1, 1, 2)
     weighted = read_tables(fed)
     examples = {e.query_id.split("#")[0]: e for e in pair_examples(weighted.triplets, weighted.images, tables.root,
                                                                    "train", read_annotations(annotation_file))}
     assert examples[picks["good"]].cot == CoT(**GOOD).render()
-    assert examples[picks["leaky"]].cot is None                        # a rejected chain is never trained on
+    assert examples[picks["leaky"]].cot == annotations.loc[picks["leaky"], ["caption", "reasoning", "conclusion"]
+                                                           ].pipe(lambda a: CoT(*a).render())   # the teacher's
 
     from model_code.model_card import render_model_card
 
     card = render_model_card({"data": {D: {"raw": "r", "annotations": "a", "teacher": "oracle",
                                            "prompt_version": "v", "feedback": info}}})
-    assert "chains written by people (corrections): 1, by the teacher: 0" in card
+    assert "chains written by people (corrections): 1, by the teacher: 1" in card
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +271,7 @@ def test_on_the_page_a_corrected_conclusion_lifts_the_target_to_rank_1_and_the_p
     reference.write_bytes((gallery / bench.images.set_index("image_id").path[q.reference_id]).read_bytes())
 
     page.goto(server.url + "/ui/")
+    expect(page.locator("#chain")).to_be_hidden()                     # no chain before a search
     page.set_input_files("#image", reference)
     page.fill("#modification", q.modification)
     page.fill("#k", str(k))
@@ -282,3 +310,6 @@ def test_on_the_page_a_corrected_conclusion_lifts_the_target_to_rank_1_and_the_p
     pick = next(e for e in events if e.kind == "answer")
     assert (pick.query_id, pick.chosen) == (fixed["query_id"], target)
     assert store.query(fixed["query_id"]).chain["conclusion"] == conclusion
+    # another modification is another query: the chain shown belonged to the last one and goes
+    page.fill("#modification", q.modification + " and make it bigger")
+    expect(page.locator("#chain")).to_be_hidden()

@@ -29,6 +29,20 @@ UNKNOWN_QUERY = "unknown_query"   # the reason of an annotator that knows querie
 
 
 @dataclasses.dataclass(frozen=True)
+class LengthBounds:
+    """Word-count bounds for one chain-of-thought section: the 5th percentile at least ``p05_min``,
+    the 95th at most ``p95_max`` (the annotation suite, ``model_code.annotation.quality``)."""
+
+    p05_min: int
+    p95_max: int
+
+
+# here, not in the suite's module, so that the service checks a person's chain without pandas
+DEFAULT_LENGTH_BOUNDS = {"caption": LengthBounds(3, 200), "reasoning": LengthBounds(5, 400),
+                         "conclusion": LengthBounds(3, 200)}
+
+
+@dataclasses.dataclass(frozen=True)
 class AnnotationRequest:
     query_id: str
     reference_path: Path
@@ -111,8 +125,6 @@ def person_chain_problem(cot: CoT, *, to_train: bool = False) -> str | None:
     characters are capped by :class:`CoT` itself). To search with, that is all; ``to_train`` also
     asks for the suite's fewest words (``too_short``), so that every chain accepted for training
     passes the suite."""
-    from model_code.annotation.quality import DEFAULT_LENGTH_BOUNDS
-
     for name in SECTIONS:
         words, bounds = word_count(getattr(cot, name)), DEFAULT_LENGTH_BOUNDS[name]
         if words > bounds.p95_max:

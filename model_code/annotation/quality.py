@@ -4,12 +4,11 @@ of :mod:`model_code.data.quality`): ``validate_annotations(annotations, triplets
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import pandas as pd
 
-from model_code.annotation.judge import LEAKAGE_PATTERNS
+from model_code.annotation.judge import DEFAULT_LENGTH_BOUNDS, LEAKAGE_PATTERNS, LengthBounds  # noqa: F401 - LengthBounds: part of this module's API
 from model_code.chain import SECTIONS, word_count
 from model_code.chain import normalised_text as norm
 from model_code.data import nulls_as_none
@@ -18,17 +17,6 @@ from model_code.data.quality import Frame, QualityReport, run_suite
 # great_expectations: imported where used (slow to import; the Dagster definitions load this module)
 
 
-@dataclasses.dataclass(frozen=True)
-class LengthBounds:
-    """Word-count bounds for one chain-of-thought section: the 5th percentile at least ``p05_min``,
-    the 95th at most ``p95_max``."""
-
-    p05_min: int
-    p95_max: int
-
-
-DEFAULT_LENGTH_BOUNDS = {"caption": LengthBounds(3, 200), "reasoning": LengthBounds(5, 400),
-                         "conclusion": LengthBounds(3, 200)}
 # modification texts that ask for no change (the conclusion may then repeat the caption)
 NO_CHANGE = r"^\s*(same|no change|unchanged|identical|keep it)\W*$"
 
