@@ -176,10 +176,10 @@ def verify_index(gallery_index_, model_version: str, model, bench, root: str, da
     for group in groups(bench, root, spec, split):
         evaluated.update(zip(group.gallery_ids, group.gallery_paths))
     stored_splits = gallery_index_.splits(model_version)
-    expected = [i for i in evaluated if i not in set(skipped)]
+    skip = set(skipped)
+    expected = [i for i in evaluated if i not in skip]
     # an image of several splits (CIRCO's val and test share one gallery) has one row, under one of them
-    stored = set(stored_splits)
-    missing = [i for i in expected if i not in stored]
+    missing = [i for i in expected if i not in stored_splits]
     extra = sorted({i for i, s in stored_splits.items() if s == split} - set(expected))
     problems = []
     if missing:
@@ -191,7 +191,7 @@ def verify_index(gallery_index_, model_version: str, model, bench, root: str, da
     if rows is not None and len(stored_splits) != rows:
         problems.append(f"the index holds {len(stored_splits)} rows, its build recorded {rows}")
 
-    present = [i for i in expected if i in stored]
+    present = [i for i in expected if i in stored_splits]
     sample = [present[j] for j in _spread(len(present), images)]
     agreement = None
     if sample:

@@ -52,7 +52,7 @@ def simulate(args) -> dict:
     from assets.resources import ArtifactStore
     from bench.diagnose_embedded import _latest, _load
     from model_code.annotation.store import annotation_requests
-    from model_code.chain import CoT, normalised_text
+    from model_code.chain import CoT, changed_sections
     from model_code.feedback import FeedbackStore
     from model_code.model.cir_cot import CirCoTModel
     from model_code.retrieval import embed_with_chains, infer
@@ -79,13 +79,13 @@ def simulate(args) -> dict:
                           args.dataset)
     counts = {"queries": len(texts), "unparsed": 0, "already_right": 0, "corrected": 0, "picked": 0,
               "target_not_shown": 0}
-    changed_sections = dict.fromkeys(SECTIONS, 0)
+    per_section = dict.fromkeys(SECTIONS, 0)
     for q, ref, text, chain in zip(train.itertuples(), refs, texts, chains):
         if chain["error"] is not None:
             counts["unparsed"] += 1
             continue
         truth = oracle[q.query_id]
-        changed = [s for s in SECTIONS if normalised_text(chain[s]) != normalised_text(getattr(truth, s))]
+        changed = changed_sections(chain, truth)
         if not changed:
             counts["already_right"] += 1
             continue
@@ -108,14 +108,14 @@ def simulate(args) -> dict:
         store.record_correction(first, answer, TOKEN, person, changed)
         counts["corrected"] += 1
         for s in changed:
-            changed_sections[s] += 1
+            per_section[s] += 1
         target = q.target_ids[0]
         if target in shown:
             store.add(answer, TOKEN, chosen=target, rejected=shown[: shown.index(target)])
             counts["picked"] += 1
         else:
             counts["target_not_shown"] += 1
-    counts["sections_changed"] = changed_sections
+    counts["sections_changed"] = per_section
     counts["seconds"] = round(time.time() - started, 1)
     return counts
 

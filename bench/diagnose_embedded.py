@@ -127,7 +127,7 @@ def corrections(args, artifacts):
     with one section replaced by the oracle's where they differ (a person correcting it), each
     teacher-forced before ``<emb>`` as a corrected /search ranks it; R@1/10/50 and how many chains
     each correction changed."""
-    from model_code.chain import CoT, normalised_text
+    from model_code.chain import CoT, changed_sections
     from model_code.model.cir_cot import CirCoTModel
     from model_code.retrieval import embed_with_chains, infer
 
@@ -154,7 +154,7 @@ def corrections(args, artifacts):
                 given.append(None)
                 continue
             sections = {s: getattr(o if s in fixed else c, s) for s in ("caption", "reasoning", "conclusion")}
-            changed += any(normalised_text(getattr(c, s)) != normalised_text(getattr(o, s)) for s in fixed)
+            changed += bool(set(fixed) & set(changed_sections(c, o)))
             given.append(CoT(**sections))
         emb = embed_with_chains(model, refs, texts, given, batch_size=64)
         if any(g is None for g in given):   # an unparsed chain keeps the ranking of its decoding

@@ -29,6 +29,7 @@ against it (bounded in time; nothing but loopback is contacted):
 """
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -152,33 +153,33 @@ def main(argv: list[str] | None = None) -> int:
     base_env = {**base_env, "CIRCOT_SERVE_DATASET": args.dataset, "PYTHONPATH": str(REPO),
                 **({"CIRCOT_API_TOKEN": args.token} if args.token else {})}
     if args.nocot_users is not None:
-        proc, url = (None, args.url) if args.url else serve(base_env, workdir / "serve-mixed.log")
-        try:
+        with served(args, base_env, workdir / "serve-mixed.log") as url:
             figures = mixed(args, url, workdir)
-        finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=30)
         print(mixed_summary(figures, args))
         return 0
     rows = []
     for batching in ("1", "0") if not args.url else ("",):
-        proc, url = (None, args.url) if args.url else serve({**base_env, "CIRCOT_ADAPTIVE_BATCHING": batching},
-                                                           workdir / f"serve-{batching}.log")
-        try:
+        with served(args, {**base_env, "CIRCOT_ADAPTIVE_BATCHING": batching}, workdir / f"serve-{batching}.log") as url:
             for target in args.targets:
                 for users in args.cot_users if target == "search_cot" else args.users:
                     rows.append((target, {"1": "on", "0": "off", "": "as served"}[batching], users,
                                  locust(args, url, target, users, workdir)))
-        finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=30)
     print(summary(rows))
     return 0
 
 
-CLASSES = {"CotUser": "cot", "NoCotUser": "no_cot"}
+@contextlib.contextmanager
+def served(args, env: dict, log: Path):
+    """The URL to load: ``--url``, else a server started with ``env`` (stopped on the way out)."""
+    if args.url:
+        yield args.url
+        return
+    proc, url = serve(env, log)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def mixed(args, url: str, workdir: Path) -> dict[str, dict]:

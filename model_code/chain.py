@@ -121,6 +121,17 @@ class CoT:
         return "\n".join(f"<{name}>{getattr(self, name)}</{name}>" for name in SECTIONS)
 
 
+def changed_sections(chain, model_chain) -> list[str]:
+    """The sections of ``chain`` that say something else than ``model_chain``'s (:func:`normalised_text`);
+    every section when there is no model's chain. Each a dict of sections or an object with them as
+    attributes (a :class:`CoT`, an annotation)."""
+    def section(c, name):
+        return (c.get(name) if isinstance(c, dict) else getattr(c, name)) or ""
+
+    return [s for s in SECTIONS if not model_chain
+            or normalised_text(section(chain, s)) != normalised_text(section(model_chain, s))]
+
+
 def parse(text: str) -> CoT:
     """The chain of thought in ``text``, which must hold exactly the three sections, in order,
     each once, non-empty and within the length limit, with nothing but whitespace around them.

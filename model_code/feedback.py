@@ -36,7 +36,7 @@ from typing import Literal
 import pydantic
 from fsspec.core import url_to_fs
 
-from model_code.chain import normalised_text
+from model_code.chain import SECTIONS, changed_sections
 from model_code.common import bytes_md5
 
 QUERY_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -82,12 +82,9 @@ class ShownQuery(pydantic.BaseModel):
     def persons_chain(self) -> dict | None:
         """The chain a person wrote, when this answer ranked one that differs from the model's (a
         correction that changed nothing is the model's chain, not a person's), else None."""
-        if self.mode != "corrected" or not self.chain:
+        if self.mode != "corrected" or not self.chain or not changed_sections(self.chain, self.model_chain):
             return None
-        if self.model_chain and all(normalised_text(self.chain.get(s) or "") == normalised_text(
-                self.model_chain.get(s) or "") for s in ("caption", "reasoning", "conclusion")):
-            return None
-        return {s: self.chain.get(s) for s in ("caption", "reasoning", "conclusion")}
+        return {s: self.chain.get(s) for s in SECTIONS}
 
 
 class FeedbackEvent(pydantic.BaseModel):
@@ -322,15 +319,16 @@ def collect_triplets(store: FeedbackStore, *, gallery: dict[str, str], held_out_
             images[reference] = {"image_id": reference, "dataset": store.dataset, "split": "train",
                                  "path": str(store.root / query.reference_file), "category": None}
         negatives = [i for i in event.rejected if i in gallery and i not in held_out_ids]
+        person = query.persons_chain()
         triplets.append({"query_id": f"fb-{event.query_id}-{event.token}", "dataset": store.dataset,
                          "split": "train", "category": None, "reference_id": reference,
                          "modification": query.modification, "target_ids": [event.chosen], "subset_ids": [],
                          "shared_concept": None, "n_edits": None, "reference_dependent": None,
                          "hard_negative_ids": negatives, "token": event.token, "model_version": query.model_version,
                          # a pick on a corrected search: the person's chain is this triplet's annotation
-                         "person_chain": query.persons_chain()})
+                         "person_chain": person})
         report["accepted"] += 1
-        report["person_chains"] += query.persons_chain() is not None
+        report["person_chains"] += person is not None
     return triplets, list(images.values()), report
 
 

@@ -99,7 +99,7 @@ def fingerprint(image: Image.Image) -> bytes:
     return _grid(image, FINGERPRINT_SIDE).astype(np.uint8).tobytes()
 
 
-def _fingerprint_of(source) -> bytes | None:
+def _file_fingerprint(source) -> bytes | None:
     """The fingerprint of an image (a path or a file object), None when it cannot be read as one."""
     try:
         with Image.open(source) as im:
@@ -108,18 +108,13 @@ def _fingerprint_of(source) -> bytes | None:
         return None
 
 
-def _file_fingerprint(path) -> bytes | None:
-    """The fingerprint of an image file, None when it cannot be read as an image."""
-    return _fingerprint_of(path)
-
-
 def _file_identity(path) -> tuple[str | None, bytes | None]:
     """An image file's md5 and fingerprint from one read of its bytes (None for what cannot be read)."""
     try:
         data = Path(path).read_bytes()
     except OSError:
         return None, None
-    return bytes_md5(data), _fingerprint_of(io.BytesIO(data))
+    return bytes_md5(data), _file_fingerprint(io.BytesIO(data))
 
 
 def picture_distance(upload: Image.Image, gallery: Image.Image) -> int:

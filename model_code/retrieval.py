@@ -20,7 +20,7 @@ from PIL import Image
 
 from model_code.annotation.judge import person_chain_problem
 from model_code.chain import MAX_TEXT_CHARS as MAX_CHAIN_CHARS
-from model_code.chain import CoT, CoTFormatError, is_blank, parse
+from model_code.chain import SECTIONS, CoT, CoTFormatError, is_blank, parse
 from model_code.index import GalleryIndexError
 
 MODES = ("cot", "no_cot")
@@ -114,18 +114,18 @@ def check_chain(value):
             raise QueryError(f"the chain is not valid JSON: {str(e)[:200]}") from None
     try:
         if isinstance(value, dict):
-            unknown = sorted(set(value) - {"caption", "reasoning", "conclusion"})
+            unknown = sorted(set(value) - set(SECTIONS))
             if unknown:
                 raise QueryError(f"the chain has unknown sections {', '.join(map(repr, unknown))}: give caption, "
                                  "reasoning and conclusion")
-            if not all(isinstance(value.get(k), str) for k in ("caption", "reasoning", "conclusion")):
+            if not all(isinstance(value.get(k), str) for k in SECTIONS):
                 raise QueryError("the chain needs caption, reasoning and conclusion, each a text")
-            cot = CoT(value["caption"].strip(), value["reasoning"].strip(), value["conclusion"].strip())
         elif isinstance(value, str):
-            parsed = parse(value.strip())   # the sections' own blanks go, as from JSON: one chain, one ranking
-            cot = CoT(*(getattr(parsed, s).strip() for s in ("caption", "reasoning", "conclusion")))
+            value = dataclasses.asdict(parse(value.strip()))
         else:
             raise QueryError("the chain must be its three sections (JSON) or the tagged text")
+        # each section without its own blanks, however it came: one chain, one ranking
+        cot = CoT(*(value[s].strip() for s in SECTIONS))
     except CoTFormatError as e:
         raise QueryError(f"the chain is not usable ({e.reason}): {e.detail}") from None
     problem = person_chain_problem(cot)

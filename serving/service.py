@@ -57,7 +57,7 @@ from starlette.routing import Route
 
 from model_code import registry
 from model_code.benchmarks import benchmark
-from model_code.chain import SECTIONS, normalised_text
+from model_code.chain import SECTIONS, changed_sections
 from model_code.common import bytes_md5
 from model_code.feedback import FeedbackError, FeedbackStore
 from model_code.index import GalleryIndex, index_uri
@@ -514,8 +514,7 @@ class CirCoTService:
                 raise QueryError(f"query {query_id} cannot be read now: try again, or search without query_id",
                                  503) from None
         original, model_chain = corrected.origin() if corrected else (None, None)
-        changed = [s for s in SECTIONS if not model_chain or normalised_text(model_chain.get(s) or "")
-                   != normalised_text(getattr(cot, s))]
+        changed = changed_sections(cot, model_chain)
         return cot, corrected, changed, model_chain, original
 
     async def _answer(self, image, modification, k, mode, reference_id, traffic, chain="", query_id=""
