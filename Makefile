@@ -16,9 +16,16 @@ export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export GX_ANALYTICS_ENABLED = false
 export DVC_NO_ANALYTICS = 1
 export HF_HUB_OFFLINE = 1
+# no progress bar per weights file loaded: the runs print their own progress lines
+export HF_HUB_DISABLE_PROGRESS_BARS = 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PRETRAIN_OUT ?= artifacts/pretrain/tiny84
+
+# the project's Dagster instance: a dagster.yaml that turns telemetry off, written when missing or empty
+# (a user's own settings are kept; deploy/dagster/dagster.yaml is the production one)
+DAGSTER_INSTANCE = @mkdir -p $(DAGSTER_HOME) && { test -s $(DAGSTER_HOME)/dagster.yaml || \
+	printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml; }
 
 .PHONY: help run test install lock dagster-ui serve pretrain clean
 
@@ -28,7 +35,7 @@ help:
 	@awk '/^## /{doc = doc (doc == "" ? "" : " ") substr($$0, 4); next} \
 	     /^[a-zA-Z0-9_-]+:/ && doc != "" {split($$0, t, ":"); printf "  make %-11s %s\n", t[1], doc} \
 	     {doc = ""}' $(firstword $(MAKEFILE_LIST))
-	@echo "Variables: DATASET (default synthetic), PYTHON (python3), PRETRAIN_OUT, PRETRAIN_ARGS."
+	@echo "Variables: DATASET (default synthetic), V=1 (verbose run), PYTHON (python3), PRETRAIN_OUT, PRETRAIN_ARGS."
 
 ## create .venv (Python >= 3.11) and install the project with the versions of requirements.lock (run and test do it too)
 install: $(STAMP)
@@ -50,10 +57,11 @@ $(STAMP): pyproject.toml $(LOCK) | $(BIN)/uv
 lock: | $(BIN)/uv
 	$(BIN)/python tools/lock.py compile $(LOCK_ARGS)
 
-## run the pipeline end to end on a dataset partition (default: the embedded synthetic benchmark)
+## run the pipeline end to end on a dataset partition (default: the embedded synthetic benchmark; V=1: every
+## Dagster event on the console, not only in .dagster/run_logs/)
 run: $(STAMP)
-	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/circot run --dataset $(DATASET)
+	$(DAGSTER_INSTANCE)
+	$(BIN)/circot run --dataset $(DATASET)$(if $(V), -v)
 
 ## the linter (ruff, configured in pyproject.toml), then the test suite
 test: $(STAMP)
@@ -62,7 +70,7 @@ test: $(STAMP)
 
 ## the Dagster UI on http://127.0.0.1:3000 (same DAGSTER_HOME as `make run`)
 dagster-ui: $(STAMP)
-	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
+	$(DAGSTER_INSTANCE)
 	$(BIN)/dagster dev -m orchestration.definitions
 
 ## the BentoML service on http://127.0.0.1:3100 (the production model of DATASET and its gallery index; page at /ui/)

@@ -4,6 +4,7 @@ model each dataset is evaluated with, and the way a data-quality report becomes 
 import base64
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -13,6 +14,11 @@ from model_code.common import atomic_write_json
 from model_code.data.quality import QualityReport
 from model_code.model_card import card_for_evaluation
 from model_code.settings import PipelineSettings, load
+
+# the per-partition checks (each dataset's suites, gate and index check) use a preview feature of Dagster
+# on purpose: said once here, not once per check definition on every load
+warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec",
+                        category=dg.PreviewWarning)
 
 dataset_partitions = dg.StaticPartitionsDefinition(list(names()))
 # cir_cot_model: one model per benchmark with a train split

@@ -113,7 +113,8 @@ def gallery_index(context: dg.AssetExecutionContext, config: GalleryIndexConfig,
         raise dg.Failure(description=str(e)) from None
     example = _example(model, gallery_index_, bench, tables.root, name, prod["version"])
     context.log.info(f"gallery_index[{name}]: {info.rows} images of model {info.model_version} "
-                     f"({info.index_type}), table version {info.table_version}\n{example}")
+                     f"({info.index_type}), table version {info.table_version}")
+    context.log.debug(f"an example query through the index:\n{example}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"{info.model_version}-{info.table_version}"),
         metadata={

@@ -405,6 +405,23 @@ class GateResource(dg.ConfigurableResource):
                           max_regression=self.max_regression)
 
 
+class DeploymentResource(dg.ConfigurableResource):
+    """Where and how ``deployment[d]`` delivers the service (``CIRCOT_DEPLOY`` and the ``CIRCOT_DEPLOY_*``
+    variables, docs/deployment.md): ``target`` none (export and manifests only) or kubernetes."""
+
+    target: str = "none"
+    kube_context: str | None = None
+    namespace: str = "circot"
+    image: str = "circot"
+    replicas: int = 2
+    gpus: int = 0
+    cpu: str = "2"
+    memory: str = "8Gi"
+    token_secret: str = "circot-api-token"
+    timeout_s: float = 900.0
+    kube_version: str = "1.31"
+
+
 def resources_from_environment(*, project_dir: str | None = None, artifacts_root: str | None = None,
                                dataset_roots: dict[str, str] | None = None, dvc_remote: str | None = None,
                                dvc_push: bool = True, annotator: AnnotatorResource | None = None,
@@ -434,6 +451,10 @@ def resources_from_environment(*, project_dir: str | None = None, artifacts_root
             max_chain_tokens=s.max_chain_tokens, gradient_checkpointing=s.gradient_checkpointing,
             overrides=s.profile_overrides()),
         "index": IndexResource(uri=s.index_uri),
+        "deploy": DeploymentResource(
+            target=s.deploy, kube_context=s.kube_context, namespace=s.deploy_namespace, image=s.deploy_image,
+            replicas=s.deploy_replicas, gpus=s.deploy_gpus, cpu=s.deploy_cpu, memory=s.deploy_memory,
+            token_secret=s.deploy_token_secret, timeout_s=s.deploy_timeout_s, kube_version=s.kube_version),
         "gate": gate or GateResource(
             floors=s.gate_floors, cot_not_worse=s.gate_cot_not_worse, cot_tolerance=s.gate_cot_tolerance,
             cot_confidence=s.gate_cot_confidence, max_regression=s.gate_max_regression),

@@ -110,12 +110,81 @@ def _where(record: dict) -> str:
     return f"{dataset} / {record.get('split', '?')}{zero_shot_note(dataset, record.get('trained_on'))}"
 
 
+def _metric_type(name: str) -> str:
+    """A model-index metric type: ``R@10`` -> ``recall_at_10``, ``R_subset@1`` -> ``recall_subset_at_1``,
+    ``mAP@10`` -> ``map_at_10``, ``Avg`` -> ``avg``."""
+    prefix, _, k = name.partition("@")
+    kind = {"R": "recall", "R_subset": "recall_subset", "mAP": "map"}.get(prefix, prefix.lower())
+    return f"{kind}_at_{k}" if k else kind
+
+
+def model_index(name: str, pairs: list[tuple[dict, dict | None]]) -> list[dict]:
+    """Hugging Face's ``model-index``: one result per evaluation, the metrics of the served method
+    (``cot``) that the card's table shows."""
+    results = []
+    for r, _ in pairs:
+        cot = (r.get("metrics") or {}).get("cot") or {}
+        shown = sorted((k for k in cot if "[" not in k and "/" not in k and k not in REASONING_METRICS
+                        and isinstance(cot[k], (int, float))), key=_metric_key)
+        if not shown:
+            continue
+        results.append({
+            "task": {"type": "composed-image-retrieval", "name": "Composed image retrieval"},
+            "dataset": {"type": r.get("dataset", "?"), "name": r.get("dataset", "?"), "split": r.get("split", "?")},
+            "metrics": [{"type": _metric_type(k), "name": f"{k} (CIR-CoT)", "value": round(float(cot[k]), 4)}
+                        for k in shown]})
+    return [{"name": name, "results": results}] if results else []
+
+
+def base_license(base: str | os.PathLike) -> str | None:
+    """The license a base model's own card declares (``license`` in the front matter of its folder's
+    ``README.md``: the embedded base's is MIT, a Qwen2-VL checkpoint's Apache 2.0), or None."""
+    try:
+        text = (Path(base) / CARD_NAME).read_text()
+    except OSError:
+        return None
+    if not text.startswith("---\n"):
+        return None
+    try:
+        front = yaml.safe_load(text.split("---\n", 2)[1]) or {}
+    except yaml.YAMLError:
+        return None
+    value = front.get("license") if isinstance(front, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def _limitations(pairs: list[tuple[dict, dict | None]], base_name: str) -> list[str]:
+    out = ["## Limitations", ""]
+    evaluated = ", ".join(f"{_where(r)} ({r.get('queries', '?')} queries)" for r, _ in pairs)
+    out.append(f"- Evaluated only on {evaluated}; nothing is known of it on other data."
+               if pairs else "- Not evaluated: nothing is known of its retrieval or its reasoning yet.")
+    for r, _ in pairs:
+        exact = ((r.get("metrics") or {}).get("cot") or {}).get("conclusion_exact")
+        if isinstance(exact, (int, float)):
+            out.append(f"- Its reasoning is not always right: on {_where(r)} its conclusion states the target "
+                       f"exactly for {exact:.1%} of the queries; a wrong conclusion can still retrieve the target, "
+                       "and a right one can miss it.")
+    out.append("- Its reasoning is checked for format everywhere, for content only where the benchmark can tell "
+               "a right conclusion from a wrong one (the synthetic benchmark): elsewhere a fluent chain may be "
+               "wrong about the images.")
+    if base_name == "embedded_base":
+        out.append("- Its base, the embedded base, knows only the synthetic benchmark's world (shapes, colours, "
+                   "sizes on a grid, at 84 px, in the oracle's wording): no photographs, no free English.")
+    small = [r for r, _ in pairs if isinstance(r.get("queries"), int) and r["queries"] < 1000]
+    if small:
+        out.append("- Figures on fewer than 1,000 queries move by a few points from run to run: differences "
+                   "that small are noise.")
+    return out + [""]
+
+
 def render_model_card(trained, evaluations: Iterable[tuple[object, object]] = (), *, base_model: str | None = None,
-                      weights: str | None = None, license: str = "other") -> str:
+                      weights: str | None = None, license: str | None = None) -> str:
     """The card (front matter and Markdown) of the model ``trained`` (a ``TrainedModel`` or its
     dict) with ``evaluations``: ``(EvaluationRecord or dict, gate verdict dict / Verdict or None)``
     pairs. ``base_model``: the base's hub id or name (default: the base folder's name); ``weights``:
-    ``adapter`` or ``full`` as ``circot.json`` says (default: read from the parameter counts)."""
+    ``adapter`` or ``full`` as ``circot.json`` says (default: read from the parameter counts);
+    ``license``: the base's (default: what the base folder's card declares, else ``other``, the base
+    model's license, which the card then names)."""
     t = _as_dict(trained)
     pairs = [(_as_dict(r), _as_dict(v) or None) for r, v in evaluations]
     pairs.sort(key=lambda p: (p[0].get("dataset", ""), p[0].get("split", "")))
@@ -123,15 +192,22 @@ def render_model_card(trained, evaluations: Iterable[tuple[object, object]] = ()
     base_name = base_model or Path(str(t.get("base", "") or "unknown")).name or "unknown"
     data = t.get("data") or {}
     datasets = sorted(set(data) | {r.get("dataset") for r, _ in pairs if r.get("dataset")})
+    license = license or base_license(t.get("base", "") or "") or "other"
+    version = t.get("version") or "unsaved"
     front = {
         "license": license,
+        **({"license_name": "base-model-license",
+            "license_link": (f"https://huggingface.co/{base_name}" if base_name.count("/") == 1
+                             else "the base model's own license")} if license == "other" else {}),
         "library_name": "peft" if kind == "adapter" else "transformers",
         "base_model": base_name,
         "base_model_relation": "adapter" if kind == "adapter" else "finetune",
         "tags": TAGS,
         "datasets": datasets,
     }
-    version = t.get("version") or "unsaved"
+    index = model_index(f"cir-cot:{version}", pairs)
+    if index:
+        front["model-index"] = index
     out = [_front_matter(front), f"# cir-cot:{version}", "",
            "A CIR-CoT model for composed image retrieval, trained by the circot pipeline. Given a reference "
            "image and a modification text, it writes a caption of the reference, its reasoning and a conclusion "
@@ -216,9 +292,12 @@ def render_model_card(trained, evaluations: Iterable[tuple[object, object]] = ()
             "gallery = model.embed_images(image_paths)                      # L2-normalised",
             "queries, reasoning = model.infer_queries(images, texts, \"cot\")  # the chain, then <emb>",
             "```", "",
-            "Intended for composed image retrieval on the benchmark it was evaluated on above; its reasoning is "
-            "checked for format, and for content only where the benchmark can tell a right conclusion from a "
-            "wrong one (the synthetic benchmark). It was not evaluated outside the data named here.", ""]
+            "Intended for composed image retrieval on the benchmark it was evaluated on above, with its reasoning "
+            "shown to the person who searches (who can correct it).", ""]
+    out += _limitations(pairs, base_name)
+    out += ["## License", "",
+            (f"`{license}`, the base model's license." if license != "other"
+             else "The base model's license (not declared in the base folder's card)."), ""]
     return "\n".join(out)
 
 
@@ -283,3 +362,63 @@ def card_for_evaluation(record, verdict) -> Path | None:
     found = evaluations_of(r.get("model_version", ""), folder.parents[1]) if len(folder.parents) > 1 else []
     others = [(o, v) for o, v in found if (o.get("dataset"), o.get("split")) != here]
     return write_model_card(model_dir, trained, [*others, (r, verdict)])
+
+
+def render_base_card(record: dict) -> str:
+    """The card (``README.md``) of a pretrained base published into the repository (the embedded base),
+    from its ``PRETRAINING.json`` ``record``: Hugging Face's front matter with its held-out figures as
+    ``model-index``, what it is, how it was made, its limitations."""
+    p = record.get("perception") or {}
+    figures = [("caption_exact", "caption exact"), ("caption_object_f1", "caption object F1"),
+               ("edit_exact", "edit exact"), ("edit_object_f1", "edit object F1"),
+               ("text_to_image_R@1", "description to image R@1")]
+    shown = [(k, label, p[k]) for k, label in figures if isinstance(p.get(k), (int, float))]
+    config = record.get("config") or {}
+    scenes = config.get("heldout", "?")
+    front = {
+        "license": "mit",
+        "library_name": "transformers",
+        "pipeline_tag": "image-text-to-text",
+        "tags": ["circot", "qwen2-vl", "composed-image-retrieval", "chain-of-thought", "synthetic-data", "tiny"],
+        "model-index": [{"name": f"circot-embedded-base:{record.get('version', '?')}", "results": [{
+            "task": {"type": "image-text-to-text", "name": "Captions and edits of cir-shapes scenes"},
+            "dataset": {"type": "cir-shapes", "name": f"cir-shapes held-out scenes ({scenes})", "split": "held-out"},
+            "metrics": [{"type": k.lower().replace("@", "_at_"), "name": label, "value": round(float(v), 4)}
+                        for k, label, v in shown]}]}] if shown else [],
+    }
+    if not front["model-index"]:
+        del front["model-index"]
+    phases = len(record.get("earlier") or []) + 1
+    out = [_front_matter(front), f"# circot embedded base `{record.get('version', '?')}`", "",
+           "A tiny vision-language model of the Qwen2-VL architecture (`Qwen2VLForConditionalGeneration`), trained "
+           "from random weights by the circot project on synthetic scenes of shapes (cir-shapes) so that the "
+           "CIR-CoT pipeline runs end to end on a CPU. It holds no Qwen weights. The `embedded` training profile "
+           "fine-tunes all of it into a CIR-CoT model.", "",
+           "| | |", "|---|---|",
+           f"| version | `{record.get('version', '?')}` (md5 of `config.json` and the weights) |",
+           f"| pretraining | {phases} phase{'s' if phases > 1 else ''}; the last: {record.get('steps', '?')} steps, "
+           f"{record.get('seconds', '?')} s |",
+           "| record | `PRETRAINING.json`: the commands, configurations, figures and curves of every phase |", "",
+           f"## Figures (held-out scenes, {scenes})", "",
+           "| | |", "|---|---|", *[f"| {label} | {_number(float(v))} |" for _, label, v in shown], "",
+           "## Limitations", "",
+           "- It knows only cir-shapes' world: six shapes, six colours, two sizes on a 3x3 grid, at 84 px, in the "
+           "oracle's wording. It has never seen a photograph or free English: it is no base for FashionIQ, CIRR "
+           "or CIRCO (use a real Qwen2-VL checkpoint and the `gpu` profile there).",
+           "- Perception is its strong skill; applying an edit in text is the weak one (`edit exact` above), and "
+           "finding the object a phrase names by colour, shape or size is what fails first: a CIR-CoT model "
+           "fine-tuned from it writes conclusions that are right no more often.",
+           "- The figures are on few scenes: differences of a few points are noise.", "",
+           "## Intended use", "",
+           "Testing and demonstrating the pipeline without a GPU or a download, and small-scale research on how a "
+           "chain of thought helps composed retrieval. The project's documentation holds the full card "
+           "(`docs/model-card-embedded-base.md`: the phases, per-edit figures, reference resolution).", "",
+           "## License", "", "MIT, as the circot code (`LICENSE`).", ""]
+    return "\n".join(out)
+
+
+def write_base_card(folder: str | os.PathLike) -> Path:
+    """Write ``README.md`` into a published base folder from its ``PRETRAINING.json``."""
+    folder = Path(folder)
+    record = json.loads((folder / "PRETRAINING.json").read_text())
+    return atomic_write_text(folder / CARD_NAME, render_base_card(record))

@@ -103,6 +103,29 @@ class _PipelineFields(_Settings):
     k8s_gpus: int = Field(1, ge=0, description="GPUs of the training pod")
     k8s_artifacts_pvc: str | None = Field(None, description="a volume claim holding the artifacts root, mounted in "
                                                             "the training pod")
+    deploy: Literal["none", "kubernetes"] = Field(
+        "none", description="where deployment[d] delivers the production model's Bento: none (the export and the "
+                            "Kubernetes manifests are written to the artifacts store, nothing is applied) or "
+                            "kubernetes (the manifests are applied through the Kubernetes API and the rollout "
+                            "awaited; docs/deployment.md)")
+    kube_context: str | None = Field(None, description="the kubeconfig context deployment[d] applies to; unset: the "
+                                                       "current context (in a pod: the pod's service account)")
+    deploy_namespace: str = Field("circot", description="the Kubernetes namespace of the service")
+    deploy_image: str = Field("circot", description="the image repository of the service: the manifests name "
+                                                    "<repository>:<Bento version> (bentoml containerize circot:<Bento "
+                                                    "version> builds it as circot:<Bento version>)")
+    deploy_replicas: int = Field(2, ge=1, description="pods of the service")
+    deploy_gpus: int = Field(0, ge=0, description="GPUs per pod (nvidia.com/gpu; 0: CPU pods)")
+    deploy_cpu: str = Field("2", pattern=r"^\d+(\.\d+)?m?$", description="CPU requested per pod (Kubernetes "
+                                                                         "quantity: 2, 500m)")
+    deploy_memory: str = Field("8Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+                               description="memory per pod, requested and limit (Kubernetes quantity: 8Gi)")
+    deploy_token_secret: str = Field("circot-api-token", description="the Secret (key: token) holding the API token "
+                                                                     "the pods read as CIRCOT_API_TOKEN")
+    deploy_timeout_s: float = Field(900.0, gt=0, allow_inf_nan=False,
+                                    description="how long deployment[d] waits for the rollout to be ready (seconds)")
+    kube_version: str = Field("1.31", pattern=r"^\d+\.\d+$", description="the Kubernetes version whose OpenAPI "
+                                                                           "schema the manifests are checked against")
     retrain_cron: str = Field(DEFAULT_CRON, description="the retraining schedule (cron, five fields; the schedule "
                                                         "starts stopped)")
     alert_webhook: str | None = Field(None, description="a URL a failed run's alert is posted to (JSON); unset: the "
@@ -221,6 +244,11 @@ class ServiceSettings(_Settings):
     encoder_timeout_s: float = Field(60.0, ge=0.1, allow_inf_nan=False,
                                      description="the longest a call to a model process (the encoder or the "
                                                  "reasoner) may take (seconds); then 503")
+    liveness_grace_s: float = Field(60.0, ge=0, allow_inf_nan=False,
+                                    description="/livez fails (503) once the encoder or the reasoner has not answered "
+                                                "at all for this long (seconds): dead or stuck, so that an "
+                                                "orchestrator's liveness probe restarts the service (BentoML in a "
+                                                "container does not restart a dead model process)")
     cot_queue: int = Field(16, ge=1, description="the most CoT /search calls a front worker holds at once (answered "
                                                  "or waiting for the reasoner); one more gets 503 with Retry-After")
     embedding_queue: int = Field(64, ge=1, description="the most embedding calls (no-CoT /search, /embed_image) a "
@@ -229,6 +257,9 @@ class ServiceSettings(_Settings):
     encoder_threads: int = Field(1, ge=1, description="torch threads of the encoder process (no-CoT queries and "
                                                       "gallery images)")
     reasoner_threads: int = Field(1, ge=1, description="torch threads of the reasoner process (CoT decoding)")
+    serve_gpu: bool = Field(False, description="the encoder and the reasoner declare a GPU (half of one each, which "
+                                               "BentoML assigns) and load the model on it; read by `bentoml build` "
+                                               "too, so the Bento declares it (docs/deployment.md)")
     shutdown_grace_s: float = Field(3.0, ge=0, allow_inf_nan=False,
                                     description="after SIGTERM, how long calls in flight may finish (seconds) before "
                                                 "they are answered 503 and the process exits")

@@ -11,7 +11,8 @@ ending with the evaluation table.
 split, its evaluation; ``--dataset circo`` (no train split) evaluates the model of
 ``CIRCOT_ZERO_SHOT_SOURCE`` zero-shot. ``circot benchmarks`` lists the benchmarks and what each needs;
 ``circot models`` lists the promoted models in the BentoML store (``--verify``: each checked by content);
-``circot rollback`` puts the previous production model back.
+``circot rollback`` puts the previous production model back and delivers it (``circot deliver``: the
+production model's delivery again; docs/deployment.md).
 
 For a CPU try of a real benchmark without a teacher or a base model: ``circot chains-from-text``
 writes placeholder chains for the file teacher (``CIRCOT_TEACHER=file``), and ``circot micro-model``
@@ -66,10 +67,12 @@ def instance():
 
 
 def run_job(job_name: str, partition: str | None = None, definitions=None, run_config: dict | None = None,
-            dagster_instance=None, asset_selection=None) -> bool:
+            dagster_instance=None, asset_selection=None, verbose: bool = False) -> bool:
     """Execute one job; print its materialisations and check verdicts; True when all went well.
     Jobs that follow one another must share ``dagster_instance``: each reads its inputs from the
-    materialisations the instance recorded."""
+    materialisations the instance recorded. Dagster's log lines: INFO and above on the console, every
+    event in the run's log file in ``$DAGSTER_HOME`` (``verbose``: DEBUG on the console too;
+    orchestration/run_log.py)."""
     if definitions is None:
         from orchestration.definitions import defs as definitions
     job = definitions.resolve_job_def(job_name)
@@ -78,10 +81,15 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
 
     for run_id in fail_dead_runs(dagster_instance):
         print(f"run {run_id}: its process is gone (killed or crashed); marked failed")
+    from orchestration.run_log import log_file, logger_config
+
+    home = os.environ.get("DAGSTER_HOME") if not dagster_instance.is_ephemeral else None
+    run_config = {**(run_config or {}), "loggers": logger_config(verbose, home)}
     result = job.execute_in_process(partition_key=partition, instance=dagster_instance, raise_on_error=False,
                                     run_config=run_config, tags=process_tags(), asset_selection=asset_selection)
     label = f"{job_name} [{partition}]" if partition else job_name
-    print(f"\n== {label}: {'succeeded' if result.success else 'FAILED'} (run {result.run_id})")
+    where = f"; every event: {log_file(home, result.run_id)}" if home else ""
+    print(f"\n== {label}: {'succeeded' if result.success else 'FAILED'} (run {result.run_id}{where})")
     checks_ok = True
     tables = []
     for event in result.all_events:
@@ -111,7 +119,7 @@ def run_job(job_name: str, partition: str | None = None, definitions=None, run_c
 
 
 def run(dataset: str, definitions=None, *, annotations_only: bool = False, train: bool | None = None,
-        evaluate: bool | None = None, dagster_instance=None) -> int:
+        evaluate: bool | None = None, dagster_instance=None, verbose: bool = False) -> int:
     """The dataset's data job, then (a benchmark with a train split) its training job, then its
     evaluation job with the model trained for it: its own, or zero-shot the configured source's (a
     benchmark without a train split is not annotated: its chains would train nothing)."""
@@ -139,9 +147,10 @@ def run(dataset: str, definitions=None, *, annotations_only: bool = False, train
     config = {"ops": {"triplets": {"config": {"require_images": False}}}} if annotations_only else None
     from orchestration.operations import pipeline_selection
 
-    if not run_job(PIPELINE_JOB, spec.name, definitions, config, dagster_instance, pipeline_selection(spec.name)):
+    if not run_job(PIPELINE_JOB, spec.name, definitions, config, dagster_instance, pipeline_selection(spec.name),
+                   verbose=verbose):
         return 1
-    if train and not run_job(TRAINING_JOB, spec.name, definitions, None, dagster_instance):
+    if train and not run_job(TRAINING_JOB, spec.name, definitions, None, dagster_instance, verbose=verbose):
         return 1
     from assets.common import ZERO_SHOT_SOURCE  # the source the definitions' asset graph maps CIRCO to
 
@@ -158,7 +167,7 @@ def run(dataset: str, definitions=None, *, annotations_only: bool = False, train
                 return 1
             print(f"\nno model trained on {spec.name} yet: nothing to evaluate")
     if evaluate:
-        ok = run_job(EVALUATION_JOB, spec.name, definitions, None, dagster_instance)
+        ok = run_job(EVALUATION_JOB, spec.name, definitions, None, dagster_instance, verbose=verbose)
 
         prod = registry.production(spec.name)
         if not ok:
@@ -215,15 +224,36 @@ def show_models(verify: bool = False) -> int:
     return 1 if verify and (damaged or broken) else 0
 
 
-def rollback(dataset: str) -> int:
-
+def rollback(dataset: str, deliver: bool = True, definitions=None, dagster_instance=None) -> int:
+    """Make the previous production model of ``dataset`` production again in the store, then (``deliver``)
+    run the delivery job for it: its Bento built, exported and delivered as a promotion delivers one
+    (applied to the cluster where CIRCOT_DEPLOY=kubernetes)."""
     try:
         moved = registry.rollback(dataset)
     except LookupError as e:
         print(f"rollback: {e}")
         return 1
     print(f"rollback: production of {dataset} is now {moved['to']} (was {moved['from']})")
+    if not deliver:
+        print("rollback: not delivered (--store-only): a running deployment still serves the model it had")
+        return 0
+    from orchestration.definitions import DELIVERY_JOB
+
+    if not run_job(DELIVERY_JOB, dataset, definitions, None, dagster_instance or instance()):
+        print(f"rollback: the store says {moved['to']}, but its delivery failed (above); run it again with "
+              f"`circot deliver --dataset {dataset}` once fixed")
+        return 1
     return 0
+
+
+def deliver(dataset: str, definitions=None, dagster_instance=None) -> int:
+    """The delivery job for ``dataset``'s production model (its Bento built, exported, delivered)."""
+    from orchestration.definitions import DELIVERY_JOB
+
+    if registry.production(dataset) is None:
+        print(f"deliver: no production model of {dataset}")
+        return 1
+    return 0 if run_job(DELIVERY_JOB, dataset, definitions, None, dagster_instance or instance()) else 1
 
 
 def _fail(command: str, message: str) -> int:
@@ -279,17 +309,24 @@ def micro_model_command(out: str, texts: list[str], vocab_size: int = 2000, seed
     return 0
 
 
+INSTANCE_CONFIG = "telemetry:\n  enabled: false\n"
+
+
 def project_homes() -> None:
     """Where the project keeps its Dagster instance and BentoML store, as ``make`` sets them
     (``.dagster`` and ``.bentoml`` in the current folder), unless the environment says otherwise:
-    the command line outside ``make`` reads and writes the same ones."""
+    the command line outside ``make`` reads and writes the same ones. The instance's ``dagster.yaml``,
+    when missing or empty, turns telemetry off (as the Makefile writes it)."""
 
     os.environ.setdefault("BENTOML_HOME", str(Path.cwd() / ".bentoml"))
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # the runs print their own progress lines
     if not os.environ.get("DAGSTER_HOME"):
-        home = Path.cwd() / ".dagster"
-        home.mkdir(exist_ok=True)
-        (home / "dagster.yaml").touch()
-        os.environ["DAGSTER_HOME"] = str(home)
+        os.environ["DAGSTER_HOME"] = str(Path.cwd() / ".dagster")
+    home = Path(os.environ["DAGSTER_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.is_file() or not config.read_text().strip():   # a user's own settings are kept
+        config.write_text(INSTANCE_CONFIG)
 
 
 def main(argv: list[str] | None = None, prog: str = "circot") -> int:
@@ -305,13 +342,21 @@ def main(argv: list[str] | None = None, prog: str = "circot") -> int:
     r.add_argument("--no-train", dest="train", action="store_false", help="skip the training job")
     r.add_argument("--no-evaluate", dest="evaluate", action="store_false", default=None,
                    help="skip the evaluation job (evaluation, promotion gate, promoted model)")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="print every Dagster event (DEBUG: step starts, resource inits, hooks); without it they go "
+                        "to the run's log file in $DAGSTER_HOME/run_logs/")
     sub.add_parser("benchmarks", help="list the benchmarks: where their files go, their splits, metrics and models")
     md = sub.add_parser("models", help="list the cir-cot models in the BentoML store and their stages")
     md.add_argument("--verify", action="store_true",
                     help="check every entry by content (each file's md5, the version recomputed from the weights; "
                          "reads every byte) instead of by size; exit status 1 when one is damaged")
-    rb = sub.add_parser("rollback", help="make a dataset's previous production model its production model again")
+    rb = sub.add_parser("rollback", help="make a dataset's previous production model its production model again, "
+                                         "and deliver it (its Bento, export and manifests; applied where configured)")
     rb.add_argument("--dataset", default="synthetic", choices=list(BENCHMARKS))
+    rb.add_argument("--store-only", action="store_true", help="change the model store only; deliver nothing")
+    dl = sub.add_parser("deliver", help="build and deliver the production model's Bento again (the deliver job: "
+                                        "export, Kubernetes manifests, applied where CIRCOT_DEPLOY=kubernetes)")
+    dl.add_argument("--dataset", default="synthetic", choices=list(BENCHMARKS))
     ct = sub.add_parser("chains-from-text", help="write placeholder chains made from a benchmark's query texts (for "
                                                  "the file teacher; no images, no model: a CPU try)")
     ct.add_argument("--dataset", required=True, help=f"the benchmark: {', '.join(BENCHMARKS)}")
@@ -338,8 +383,11 @@ def main(argv: list[str] | None = None, prog: str = "circot") -> int:
     if args.command == "models":
         return show_models(args.verify)
     if args.command == "rollback":
-        return rollback(args.dataset)
-    return run(args.dataset, annotations_only=args.annotations_only, train=args.train, evaluate=args.evaluate)
+        return rollback(args.dataset, deliver=not args.store_only)
+    if args.command == "deliver":
+        return deliver(args.dataset)
+    return run(args.dataset, annotations_only=args.annotations_only, train=args.train, evaluate=args.evaluate,
+               verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ class ModelLink:
         self.client, self.version, self.timeout_s, self.name = client, version, timeout_s, name
         self.away: str | None = "not probed yet"    # why the process cannot take calls, or None
         self.away_since: float | None = None
+        self.silent_since: float | None = None   # since when the process has not answered at all (dead or stuck)
         self.closing: str | None = None
         self._probe_started = 0.0
         self._probe: asyncio.Task | None = None
@@ -70,7 +71,13 @@ class ModelLink:
             self._lost = asyncio.Event()
         return self._lost
 
-    def _mark_away(self, why: str) -> None:
+    def _mark_away(self, why: str, silent: bool = False) -> None:
+        """``silent``: the process did not answer at all (unreachable, or no answer in time), as opposed
+        to answering that it cannot take calls (loading, a model that cannot load)."""
+        if not silent:
+            self.silent_since = None
+        elif self.silent_since is None:
+            self.silent_since = time.monotonic()
         if self.away is None:
             self.away_since = time.monotonic()
             log.error("the %s is away: %s; its calls are refused with 503 until it answers again", self.name, why)
@@ -89,7 +96,12 @@ class ModelLink:
     def _mark_back(self) -> None:
         if self.away is not None and self.away_since is not None:
             log.warning("the %s is back after %.1f s", self.name, time.monotonic() - self.away_since)
-        self.away, self.away_since = None, None
+        self.away, self.away_since, self.silent_since = None, None, None
+
+    def silent_for(self) -> float:
+        """How long the process has not answered at all (seconds; 0 while it answers): what liveness
+        reads (a process that answers, even "loading", is alive)."""
+        return 0.0 if self.silent_since is None else time.monotonic() - self.silent_since
 
     def reason(self) -> str | None:
         """Why calls are refused now, or None."""
@@ -124,10 +136,11 @@ class ModelLink:
         try:
             state = await asyncio.wait_for(self.client.to_async.state(), PROBE_TIMEOUT_S)
         except asyncio.TimeoutError:
-            self._mark_away(f"it did not answer within {PROBE_TIMEOUT_S:g} s (restarting or stuck)")
+            self._mark_away(f"it did not answer within {PROBE_TIMEOUT_S:g} s (restarting or stuck)", silent=True)
         except Exception as e:  # noqa: BLE001 - any failure to reach it is a reason
-            self._mark_away(f"it cannot be reached ({type(e).__name__})" if _connection_lost(e)
-                            else f"its state cannot be read ({type(e).__name__}: {str(e)[:200]})")
+            lost = _connection_lost(e)
+            self._mark_away(f"it cannot be reached ({type(e).__name__})" if lost
+                            else f"its state cannot be read ({type(e).__name__}: {str(e)[:200]})", silent=lost)
         else:
             if state.get("error"):
                 self._mark_away(f"it cannot load the model: {state['error']}")
@@ -165,7 +178,7 @@ class ModelLink:
                 # when the process answers a probe; a dead process fails every call in flight
                 log.warning("%s connection lost during %s (%s); probing it", self.name, method, type(e).__name__)
                 if attempt == 2 or await self.probe(since=time.monotonic()):
-                    self._mark_away(f"the connection dropped ({type(e).__name__})")
+                    self._mark_away(f"the connection dropped ({type(e).__name__})", silent=True)
                     raise ApiError(f"not ready: {self.reason()}", 503) from None
 
     async def _bounded(self, call):

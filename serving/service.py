@@ -18,8 +18,10 @@
 - ``POST /embed_image``: images → L2-normalised embeddings (split into encoder batches).
 - ``GET /ui/images/{dataset}/{image_id}?size=N``: a gallery image as PNG (a thumbnail with ``size``, 1 to 1024).
 - ``GET /ui/``: a page to ask a query and see the reasoning and the result thumbnails.
-- ``/livez``, ``/healthz`` (alive), ``/readyz`` (200 once the model and the index are loaded and the
-  encoder and the reasoner answer; else 503 with the reason), ``/metrics`` (Prometheus).
+- ``/livez``, ``/healthz`` (alive: 200 while the encoder and the reasoner answer, even "loading"; 503
+  once one of them has not answered at all for ``CIRCOT_LIVENESS_GRACE_S``, dead or stuck), ``/readyz``
+  (200 once the model and the index are loaded and the encoder and the reasoner answer; else 503 with
+  the reason), ``/metrics`` (Prometheus).
 
 Settings: ``model_code.settings.ServiceSettings`` (docs/configuration.md). The model is declared
 where BentoML looks for it (``bentoml.models.BentoModel`` on the model services): ``CIRCOT_MODEL_TAG``,
@@ -305,6 +307,8 @@ class _ModelProcess:
 # seconds, closing the calls in flight on it (each then retried: the model's work done twice); rarely
 _MODEL_SERVICE = {"traffic": {"timeout": 300}, "runner_connection": {"max_requests": 1_000_000, "max_age": 86_400.0},
                   **_QUIET}
+if SETTINGS.serve_gpu:   # one GPU shared by the two model processes (CUDA_VISIBLE_DEVICES set by BentoML)
+    _MODEL_SERVICE["resources"] = {"gpu": 0.5}
 
 
 @bentoml.service(name="circot-encoder", **_MODEL_SERVICE)
@@ -445,6 +449,22 @@ class CirCoTService:
 
     async def __is_ready__(self) -> bool:
         return await self.readiness() is None
+
+    async def __is_alive__(self) -> bool:
+        """/livez and /healthz: False once a model process has not answered at all (unreachable, or no
+        answer to a probe) for ``liveness_grace_s``. BentoML's arbiter restarts a dead model process
+        when it can; where it does not (in a container), the process stays dead behind its socket and
+        only a restart of the whole service (the orchestrator's liveness probe) brings it back. A
+        process that answers "loading" or "cannot load the model" is alive: /readyz says why."""
+        # answered at once: probes run in the background (watch(), and the link's recovery loop while it
+        # is away), so a process that died between calls is found within a probe's timeout
+        for link in self.links.values():
+            link.watch()
+            if link.silent_for() > SETTINGS.liveness_grace_s:
+                log.error("not alive: the %s has not answered for %.0f s (%s)", link.name, link.silent_for(),
+                          link.away)
+                return False
+        return True
 
     def _excluded(self, data: bytes, picture, reference_id: str) -> list[str]:
         """The gallery ids the dataset's protocol leaves out for this reference: those with its bytes,

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from model_code.backbone import load_backbone
@@ -674,8 +675,36 @@ def test_the_command_line_lists_models_and_rolls_back(store, saved_models, capsy
     assert lines.pop(0).startswith("BentoML model store: ")  # says where it looked
     assert lines[0].split()[:3] == [f"cir-cot:{ver_b}", "synthetic", "production"] and "R@10=0.5" in lines[0]
     assert lines[1].split()[:3] == [f"cir-cot:{ver_a}", "synthetic", "archived"]
-    assert main(["rollback", "--dataset", "synthetic"]) == 0
-    assert f"production of synthetic is now cir-cot:{ver_a}" in capsys.readouterr().out
+    assert main(["rollback", "--dataset", "synthetic", "--store-only"]) == 0
+    out = capsys.readouterr().out
+    assert f"production of synthetic is now cir-cot:{ver_a}" in out and "not delivered (--store-only)" in out
+
+
+def test_rollback_delivers_the_previous_model_as_a_promotion_does(store, saved_models, tmp_path, capsys):
+    """`circot rollback`: the store's production model changes, then the deliver job builds its Bento,
+    exports it and writes manifests naming its image (what a promotion delivers)."""
+    import dagster as dg
+
+    from assets.deployment import validate
+    from orchestration.__main__ import rollback
+    from orchestration.definitions import build_definitions
+
+    (path_a, ver_a), (path_b, ver_b) = saved_models["A"], saved_models["B"]
+    store.promote(path_a, version=ver_a, dataset="synthetic", labels={})
+    store.promote(path_b, version=ver_b, dataset="synthetic", labels={})
+    defs = build_definitions(project_dir=str(tmp_path), artifacts_root=str(tmp_path / "artifacts"), dataset_roots={})
+    assert rollback("synthetic", definitions=defs, dagster_instance=dg.DagsterInstance.ephemeral()) == 0, \
+        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "== deliver [synthetic]: succeeded" in out and "asset deployment" in out
+    folder = tmp_path / "artifacts" / "deployments" / "synthetic" / f"synthetic-{ver_a}"
+    record = json.loads((folder / "delivery.json").read_text())
+    assert record["bento"] == f"circot:synthetic-{ver_a}" and record["model"] == f"cir-cot:{ver_a}"
+    assert pathlib.Path(record["export"]).stat().st_size == record["export_bytes"] > 0 and record["applied"] == []
+    manifests = list(yaml.safe_load_all((folder / "manifests.yaml").read_text()))
+    assert manifests[-1]["spec"]["template"]["spec"]["containers"][0]["image"] == f"circot:synthetic-{ver_a}"
+    assert validate(manifests, "1.31") == []
+    assert not (tmp_path / "artifacts" / "deployments" / "synthetic" / f"synthetic-{ver_b}").exists()
 
 
 def test_lineage_labels_name_the_model_its_data_and_its_headline():

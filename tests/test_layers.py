@@ -19,9 +19,11 @@ TOP = ("model_code", "assets", "serving", "orchestration")
 # command line imports it only for the commands that run something, so that `circot --help` answers
 # at once; dagster_k8s is an optional extra (the Kubernetes launcher), imported only when used.
 # prometheus_client is not slow but must be imported after BentoML has set up its multiprocess
-# metrics directory in the worker (the service's metrics), so it is imported where used too.
+# metrics directory in the worker (the service's metrics), so it is imported where used too. kubernetes
+# (its client, ~0.4 s) and kubernetes_validate (~0.1 s): only deployment[d] uses them.
 SLOW = frozenset({"torch", "torchvision", "transformers", "peft", "accelerate", "great_expectations", "lancedb",
-                  "bentoml", "matplotlib", "dagster", "dagster_k8s", "prometheus_client"})
+                  "bentoml", "matplotlib", "dagster", "dagster_k8s", "prometheus_client", "kubernetes",
+                  "kubernetes_validate"})
 
 # Modules (paths from the project root) that may still import inside functions what could be imported
 # at the top: none now; the list can only shrink (a module that became clean fails the test until it

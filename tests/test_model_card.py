@@ -11,7 +11,8 @@ import yaml
 
 from model_code.evaluation.evaluate import EvaluationRecord
 from model_code.model.recipes import TrainedModel
-from model_code.model_card import CARD_NAME, card_for_evaluation, render_model_card
+from model_code.model_card import CARD_NAME, card_for_evaluation, render_base_card, render_model_card
+from tests.conftest import REPO
 
 METRICS = {
     "cot": {"R@1": 0.412, "R@5": 0.684, "R@10": 0.770, "R@50": 0.888, "R@1[edits=2]": 0.373, "n[edits=2]": 177,
@@ -70,6 +71,47 @@ def test_the_card_is_a_hugging_face_model_card_with_the_records_numbers():
     # the verdict, rule by rule
     assert "### synthetic / test: passed" in body and "- PASS floor R@10: 0.7700 vs floor 0.6500" in body
     assert "arxiv.org/abs/2510.08003" in body
+
+
+def test_the_card_names_its_license_its_results_as_a_model_index_and_its_limitations(tmp_path):
+    """The license is the base's own card's (the embedded base: MIT), else `other` naming the base's; the
+    evaluation's CIR-CoT figures are Hugging Face's model-index; the limitations carry the reasoning's figure."""
+    trained = _trained(base=str(REPO / "model_code" / "model" / "embedded_base"))
+    text = render_model_card(trained, [(_record(trained), VERDICT)])
+    front = _front_matter(text)
+    assert front["license"] == "mit" and "license_name" not in front
+    [entry] = front["model-index"]
+    assert entry["name"] == "cir-cot:v1"
+    [result] = entry["results"]
+    assert result["dataset"] == {"type": "synthetic", "name": "synthetic", "split": "test"}
+    assert result["task"]["type"] == "composed-image-retrieval"
+    assert {(m["type"], m["value"]) for m in result["metrics"]} == {
+        ("recall_at_1", 0.412), ("recall_at_5", 0.684), ("recall_at_10", 0.77), ("recall_at_50", 0.888)}
+    limits = text.split("## Limitations", 1)[1].split("\n## ", 1)[0]
+    assert "Evaluated only on synthetic / test (500 queries)" in limits and "exactly for 27.2% of the queries" in limits
+    assert "knows only the synthetic benchmark's world" in limits
+    # a base whose folder declares no license: `other`, named as the base's
+    hub = render_model_card(_trained(base=str(tmp_path)), [], base_model="Qwen/Qwen2-VL-2B-Instruct")
+    front = _front_matter(hub)
+    assert front["license"] == "other" and front["license_link"] == "https://huggingface.co/Qwen/Qwen2-VL-2B-Instruct"
+    assert "model-index" not in front and "Not evaluated: nothing is known" in hub
+    (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a base\n")
+    assert _front_matter(render_model_card(_trained(base=str(tmp_path)), []))["license"] == "apache-2.0"
+
+
+def test_the_embedded_bases_card_is_its_record_rendered():
+    """model_code/model/embedded_base/README.md is what render_base_card makes of its PRETRAINING.json
+    (regenerate: .venv/bin/python -c "from model_code.model_card import write_base_card;
+    write_base_card('model_code/model/embedded_base')"); `--publish` writes it."""
+    folder = REPO / "model_code" / "model" / "embedded_base"
+    record = json.loads((folder / "PRETRAINING.json").read_text())
+    text = (folder / CARD_NAME).read_text()
+    assert text == render_base_card(record)
+    front = _front_matter(text)
+    assert front["license"] == "mit" and front["library_name"] == "transformers"
+    metrics = {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["edit_exact"] == record["perception"]["edit_exact"] and metrics["caption_exact"] == 1.0
+    assert record["version"] in front["model-index"][0]["name"] and "## Limitations" in text
 
 
 def test_a_lora_model_refused_by_the_gate_says_so_and_an_unevaluated_one_says_that():

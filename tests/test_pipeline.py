@@ -256,6 +256,17 @@ def test_training_then_evaluation_gate_and_promotion(dvc_project, tmp_path, caps
     bento = mats["bento"].metadata
     assert bento["tag"].value == f"circot:synthetic-{trained['version']}" and bento["size_mib"].value > 0
     assert bento["model"].value == f"cir-cot:{trained['version']}"
+    # ...and delivered: exported to the artifacts store with manifests that validate (no cluster: nothing applied)
+    delivered = mats["deployment"].metadata
+    assert delivered["tag"].value == bento["tag"].value and delivered["target"].value == "none"
+    assert delivered["applied"].value == [] and Path(delivered["export"].value).is_file()
+    delivery = artifacts / "deployments" / "synthetic" / f"synthetic-{trained['version']}"
+    assert Path(delivered["export"].value).parent == delivery
+    from assets.deployment import validate
+
+    manifests = list(yaml.safe_load_all(Path(delivered["manifests"].value).read_text()))
+    assert validate(manifests, "1.31") == [] and manifests[-1]["metadata"]["annotations"]["circot/model"] == (
+        f"cir-cot:{trained['version']}")
     # evaluated again with the same production model (new gallery images, a sensor): the Bento is rebuilt
     run, _, mats, failures = _execute(lenient, EVALUATION_JOB, "synthetic", eval_config, instance)
     assert run.success, failures

@@ -275,6 +275,41 @@ def test_a_killed_encoder_under_load_fails_fast_with_the_reason_and_sigterm_stop
     assert "WARNING circot.link: front: shutting down (signal 15)" in log
 
 
+def test_liveness_fails_once_the_encoder_has_not_answered_for_the_grace_and_recovers_with_it(served):
+    """The encoder stopped (SIGSTOP: a stuck process, which no arbiter restarts; in a container a dead
+    one stays dead the same way): /livez stays 200 within CIRCOT_LIVENESS_GRACE_S, then answers 503, so a
+    Kubernetes liveness probe restarts the pod; /readyz names the encoder meanwhile. Resumed (SIGCONT),
+    /livez is 200 again."""
+    env, _, _, home = served
+    s = Server({**env, "CIRCOT_LIVENESS_GRACE_S": "3"}, home / "liveness.log")
+    victim = None
+    try:
+        s.wait()
+        assert s.request("GET", "/livez")[0] == 200
+        victim = _worker(s, "circot-encoder")
+        victim.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        codes = []
+        while time.monotonic() - stopped < 30 and (not codes or codes[-1][1] != 503):
+            codes.append((time.monotonic() - stopped, s.request("GET", "/livez")[0]))
+            time.sleep(0.25)
+        failed_after = codes[-1][0]
+        assert codes[-1][1] == 503, codes
+        assert all(code == 200 for t, code in codes if t < 2.5), codes   # alive within the grace
+        assert 3 <= failed_after < 10, codes
+        code, body = s.request("GET", "/readyz")
+        assert code == 503 and "the encoder is away" in error_of(body), body
+        victim.send_signal(signal.SIGCONT)
+        victim = None
+        s.wait(200, "/livez", timeout=30)
+        s.wait(timeout=30)
+    finally:
+        if victim is not None:
+            victim.send_signal(signal.SIGCONT)
+        s.stop()
+    assert "ERROR circot.service: not alive: the encoder has not answered for" in s.log.read_text()
+
+
 def test_a_killed_reasoner_fails_cot_calls_with_the_reason_while_no_cot_calls_are_answered(served):
     """The reasoner killed (SIGKILL) while CoT and no-CoT clients search without pause: the CoT calls cut
     off and those sent while it is away are 503 saying so, with Retry-After, within seconds; /readyz names
@@ -387,8 +422,9 @@ def test_a_full_cot_queue_refuses_cot_calls_at_once_while_no_cot_calls_are_answe
 
 def test_a_bento_built_by_hand_holds_the_model_and_serves_its_dataset_from_the_store(served, tmp_path):
     """`bentoml build` from bentofile.yaml (the bento asset's command) for cirr: the Bento lists the
-    production model and its export carries it; `bentoml serve circot:cirr-<version>` from the store answers
-    /search without a dataset with cirr, and says so."""
+    production model and its export (the deployment asset's) carries it; `bentoml import` of the export into
+    an empty store, then `bentoml serve circot:cirr-<version>` from that store answers /search without a
+    dataset with cirr, and says so."""
     from assets.bento import build_command
 
     env, version, image, home = served
@@ -402,18 +438,27 @@ def test_a_bento_built_by_hand_holds_the_model_and_serves_its_dataset_from_the_s
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     inspect = ("import bentoml, json, sys, tarfile\n"
+               "from pathlib import Path\n"
+               "from assets.deployment import export\n"
                "b = bentoml.bentos.get(sys.argv[1])\n"
-               "path = bentoml.bentos.export_bento(sys.argv[1], sys.argv[2])\n"
+               "path = export(sys.argv[1], Path(sys.argv[2]))\n"
                "names = tarfile.open(path).getnames()\n"
                "print(json.dumps({'models': [str(m.tag) for m in b.info.all_models], 'labels': b.info.labels,\n"
                "                  'files': [n for n in names if '/models/' in '/' + n.lstrip('./')]}))\n")
-    out = subprocess.run([sys.executable, "-c", inspect, f"circot:cirr-{version}", str(tmp_path / "circot.bento")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", inspect, f"circot:cirr-{version}", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     bento = json.loads(out.stdout.strip().splitlines()[-1])
     assert bento["models"] == [f"cir-cot:{version}"] and bento["labels"]["dataset"] == "cirr"
     assert any(f.endswith(f"models/cir-cot/{version}/model/circot.json") for f in bento["files"]), bento["files"]
-    served_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}   # the Bento's own code, not the checkout's
+    exported = tmp_path / f"circot-cirr-{version}.bento"
+    imported = {**env, "BENTOML_HOME": str(tmp_path / "imported-store")}   # a store with nothing but the import
+    out = subprocess.run([sys.executable, "-m", "bentoml", "import", str(exported)], env=imported,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "imported-store" / "bentos" / "circot" / f"cirr-{version}").is_dir()
+    # the Bento's own code (not the checkout's) and the store it was imported into
+    served_env = {k: v for k, v in imported.items() if k != "PYTHONPATH"}
     s = Server(served_env, home / "bento.log", target=f"circot:cirr-{version}", cwd=tmp_path)
     try:
         s.wait()

@@ -19,6 +19,7 @@ import torch
 
 from model_code.backbone import load_backbone
 from model_code.common import atomic_write_json, replace_dir
+from model_code.model_card import write_base_card
 
 
 @dataclasses.dataclass
@@ -121,6 +122,7 @@ def publish(out_dir: str | os.PathLike, dest: str | os.PathLike, command: str,
         "seconds": record.seconds, "perception": {k: v for k, v in record.perception.items()
                                                   if not k.startswith("example") and k != "truth"},
         "curve": _curve(rows), **({"earlier": phases} if phases else {})})
+    write_base_card(tmp)   # README.md: the folder's model card, from that record
     replace_dir(tmp, dest)
     return dest
 
