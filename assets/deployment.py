@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+import urllib3
 import yaml
 
 from assets.bento import bento, bento_version
@@ -99,10 +100,9 @@ def render(spec: ServiceSpec) -> list[dict]:
         "env": [{"name": "CIRCOT_API_TOKEN",
                  "valueFrom": {"secretKeyRef": {"name": spec.token_secret, "key": "token"}}}],
         "resources": resources,
-        # the model loads before /livez can answer: up to 10 minutes, then liveness takes over
-        "startupProbe": probe("/livez", 5, 120),
         "readinessProbe": probe("/readyz", 5, 3),
-        # 503 once the encoder or the reasoner has not answered for CIRCOT_LIVENESS_GRACE_S: restarted
+        # 503 once the encoder or the reasoner has not answered for CIRCOT_LIVENESS_GRACE_S (before its
+        # first answer: CIRCOT_LIVENESS_STARTUP_S, while its process starts): the container is restarted
         "livenessProbe": probe("/livez", 10, 3),
     }
     pod = {"containers": [container], "terminationGracePeriodSeconds": 30}
@@ -147,8 +147,10 @@ def validate(manifests: list[dict], kube_version: str) -> list[str]:
         except kubernetes_validate.ValidationError as e:
             path = ".".join(str(p) for p in e.path) or "(top)"
             problems.append(f"{where}: {path}: {e.message}")
-        except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError) as e:
-            problems.append(f"{where}: {e}")
+        except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError,
+                kubernetes_validate.utils.VersionNotSupportedError, IndexError) as e:
+            why = getattr(e, "message", "") or str(e) or type(e).__name__
+            problems.append(f"{where}: no schema of it for Kubernetes {kube_version} ({why})")
     return problems
 
 
@@ -161,10 +163,12 @@ def export(tag: str, folder: Path) -> Path:
     import bentoml
 
     path = folder / f"{tag.replace(':', '-')}.bento"
-    partial = path.with_name(path.name + ".part")
+    partial = folder / f".partial-{path.name}"   # ends in .bento: BentoML appends it to any other name
     partial.unlink(missing_ok=True)
-    written = Path(bentoml.bentos.export_bento(tag, str(partial), output_format="bento"))
-    written.replace(path)
+    try:
+        Path(bentoml.bentos.export_bento(tag, str(partial), output_format="bento")).replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -183,13 +187,16 @@ class Cluster:
         from kubernetes import client, config
 
         if api_client is None:
-            if context is None and config.incluster_config.SERVICE_HOST_ENV_NAME in os.environ:
-                config.load_incluster_config()
-                api_client = client.ApiClient()
-            else:
-                # KUBECONFIG read now (the client's default is read once, when it is imported)
-                api_client = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG") or None,
-                                                           context=context)
+            try:
+                if context is None and config.incluster_config.SERVICE_HOST_ENV_NAME in os.environ:
+                    config.load_incluster_config()
+                    api_client = client.ApiClient()
+                else:
+                    # KUBECONFIG read now (the client's default is read once, when it is imported)
+                    api_client = config.new_client_from_config(
+                        config_file=os.environ.get("KUBECONFIG") or None, context=context)
+            except (config.ConfigException, OSError) as e:
+                raise DeliveryError(f"no Kubernetes configuration for context {context or '(current)'}: {e}") from None
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
         self.policy = client.PolicyV1Api(api_client)
@@ -207,6 +214,8 @@ class Cluster:
     def check_secret(self, namespace: str, name: str) -> None:
         try:
             secret = self.core.read_namespaced_secret(name, namespace)
+        except (OSError, urllib3.exceptions.HTTPError) as e:
+            raise DeliveryError(f"cannot reach the Kubernetes API: {type(e).__name__}: {e}") from None
         except self.ApiException as e:
             if e.status == 404:
                 raise DeliveryError(
@@ -227,6 +236,9 @@ class Cluster:
             except self.ApiException as e:
                 detail = (e.body or "")[:500] if isinstance(e.body, str) else ""
                 raise DeliveryError(f"the cluster refused {where}: {e.status} {e.reason} {detail}".strip()) from None
+            except (OSError, urllib3.exceptions.HTTPError) as e:
+                raise DeliveryError(f"cannot apply {where}: the API server is unreachable ({type(e).__name__}: "
+                                    f"{e}); applied before it: {', '.join(applied) or 'nothing'}") from None
             applied.append(where)
         return applied
 
@@ -237,43 +249,64 @@ class Cluster:
         ProgressDeadlineExceeded, or a new pod is stuck (image pull, crash loop)."""
         start = last = time.monotonic()
         while True:
-            d = self.apps.read_namespaced_deployment_status(name, namespace)
+            d = self._call(f"read the status of Deployment {namespace}/{name}",
+                           self.apps.read_namespaced_deployment_status, name, namespace)
             want = d.spec.replicas or 0
             s = d.status
             updated, ready, available = s.updated_replicas or 0, s.ready_replicas or 0, s.available_replicas or 0
             state = {"replicas": want, "updated": updated, "ready": ready, "available": available,
                      "seconds": round(time.monotonic() - start, 1)}
+            # what `kubectl rollout status` reads: nothing of the status until it is of this generation
             current = (s.observed_generation or 0) >= (d.metadata.generation or 0)
             if current and updated == want and available == want and (s.replicas or 0) == want:
                 say(f"rollout of {namespace}/{name}: {available}/{want} pods of the new model ready "
                     f"({state['seconds']:.0f} s)")
                 return state
-            for c in s.conditions or []:
-                if c.type == "Progressing" and c.reason == "ProgressDeadlineExceeded":
-                    raise DeliveryError(f"rollout of {namespace}/{name} failed: {c.message}")
-            stuck = self._stuck_pods(namespace, d.spec.selector.match_labels or {})
+            if current:
+                for c in s.conditions or []:
+                    if c.type == "Progressing" and c.reason == "ProgressDeadlineExceeded":
+                        raise DeliveryError(f"rollout of {namespace}/{name} failed: {c.message}")
+            # the new pods only (the old ones may be failing: that is when a rollback is delivered)
+            stuck, waiting = self._new_pods(namespace, d.spec.template.metadata.labels or {})
             if stuck:
                 raise DeliveryError(f"rollout of {namespace}/{name} is stuck: {'; '.join(stuck)}")
             elapsed = time.monotonic() - start
             if elapsed > timeout_s:
                 raise DeliveryError(f"rollout of {namespace}/{name} not ready after {timeout_s:g} s "
                                     f"(CIRCOT_DEPLOY_TIMEOUT_S): {updated}/{want} updated, {available}/{want} "
-                                    "available; the previous pods keep serving")
+                                    f"available{'; ' + '; '.join(waiting) if waiting else ''}; the previous pods "
+                                    "keep serving")
             if time.monotonic() - last >= every_s:
                 last = time.monotonic()
                 say(f"rollout of {namespace}/{name}: {updated}/{want} updated, {ready}/{want} ready "
-                    f"({elapsed:.0f} s of at most {timeout_s:g} s)")
+                    f"({elapsed:.0f} s of at most {timeout_s:g} s){'; ' + '; '.join(waiting) if waiting else ''}")
             time.sleep(poll_s)
 
-    def _stuck_pods(self, namespace: str, match: dict) -> list[str]:
-        selector = ",".join(f"{k}={v}" for k, v in sorted(match.items()))
-        out = []
-        for pod in self.core.list_namespaced_pod(namespace, label_selector=selector).items:
-            for cs in (pod.status.container_statuses or []) if pod.status else []:
-                waiting = cs.state.waiting if cs.state else None
-                if waiting is not None and waiting.reason in STUCK:
-                    out.append(f"pod {pod.metadata.name}: {waiting.reason}: {(waiting.message or '')[:300]}")
-        return out
+    def _call(self, what: str, method, *args, **kwargs):
+        """A call of the API, its failure a DeliveryError saying what was asked."""
+        try:
+            return method(*args, **kwargs)
+        except self.ApiException as e:
+            raise DeliveryError(f"cannot {what}: {e.status} {e.reason}") from None
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise DeliveryError(f"cannot {what}: the API server is unreachable ({type(e).__name__}: {e})") from None
+
+    def _new_pods(self, namespace: str, labels: dict) -> tuple[list[str], list[str]]:
+        """(pods of the new template that are stuck, pods that wait to be scheduled) with their reasons."""
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        stuck, waiting = [], []
+        pods = self._call(f"list the pods of {namespace}", self.core.list_namespaced_pod, namespace,
+                          label_selector=selector)
+        for pod in pods.items:
+            status = pod.status
+            for cs in (status.container_statuses or []) if status else []:
+                state = cs.state.waiting if cs.state else None
+                if state is not None and state.reason in STUCK:
+                    stuck.append(f"pod {pod.metadata.name}: {state.reason}: {(state.message or '')[:300]}")
+            for c in (status.conditions or []) if status else []:
+                if c.type == "PodScheduled" and c.status == "False":   # e.g. no node with a free GPU yet
+                    waiting.append(f"pod {pod.metadata.name} not scheduled: {(c.message or c.reason or '')[:200]}")
+        return stuck, waiting
 
 
 def spec_for(dataset: str, prod: dict, deploy: DeploymentResource, artifacts: ArtifactStore,
@@ -295,7 +328,7 @@ def deliver(spec: ServiceSpec, folder: Path, deploy: DeploymentResource, say: Ca
     """Export the Bento and write its manifests into ``folder``; check them; apply them when
     ``deploy.target`` is ``kubernetes`` (``cluster``: the API to use, default the configured
     context's). Returns the delivery's record (also written as ``delivery.json``)."""
-    if spec.index_uri == "" and deploy.target == "kubernetes":
+    if "://" not in spec.index_uri and deploy.target == "kubernetes":
         raise DeliveryError("the gallery index is in a local folder the pods cannot read: set CIRCOT_ARTIFACTS to an "
                             "object store (s3://...) or CIRCOT_INDEX_URI to an index the cluster reaches")
     manifests = render(spec)
@@ -340,13 +373,17 @@ def deployment(context: dg.AssetExecutionContext, artifacts: ArtifactStore, inde
         raise dg.Failure(description=str(e)) from None
     finally:
         artifacts.push(folder)
+    if artifacts.remote:   # where other machines and CI find the export
+        rel = Path(record["export"]).relative_to(artifacts.local_root()).as_posix()
+        record["export_uri"] = f"{artifacts.root.rstrip('/')}/{rel}"
+        context.log.info(f"deployment[{name}]: the export is at {record['export_uri']}")
     if deploy.target == "none":
         context.log.info(f"deployment[{name}]: CIRCOT_DEPLOY=none: wrote {record['export']} and its manifests; "
                          f"nothing applied (docs/deployment.md: containerize, push, kubectl apply)")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"{spec.bento_tag}@{deploy.target}"),
         metadata={"path": dg.MetadataValue.path(str(folder)), "tag": spec.bento_tag, "image": spec.image,
-                  "export": dg.MetadataValue.path(record["export"]),
+                  "export": dg.MetadataValue.path(record.get("export_uri", record["export"])),
                   "export_mib": round(record["export_bytes"] / 2**20, 1),
                   "manifests": dg.MetadataValue.path(record["manifests"]),
                   "validated_against": f"Kubernetes {deploy.kube_version}", "target": deploy.target,

@@ -196,9 +196,10 @@ def render_model_card(trained, evaluations: Iterable[tuple[object, object]] = ()
     version = t.get("version") or "unsaved"
     front = {
         "license": license,
-        **({"license_name": "base-model-license",
-            "license_link": (f"https://huggingface.co/{base_name}" if base_name.count("/") == 1
-                             else "the base model's own license")} if license == "other" else {}),
+        # `other`: the base model's license, named as such, and its page on the hub where the base is a hub id
+        **({"license_name": "base-model-license"} if license == "other" else {}),
+        **({"license_link": f"https://huggingface.co/{base_name}"}
+           if license == "other" and base_name.count("/") == 1 else {}),
         "library_name": "peft" if kind == "adapter" else "transformers",
         "base_model": base_name,
         "base_model_relation": "adapter" if kind == "adapter" else "finetune",

@@ -249,6 +249,10 @@ class ServiceSettings(_Settings):
                                                 "at all for this long (seconds): dead or stuck, so that an "
                                                 "orchestrator's liveness probe restarts the service (BentoML in a "
                                                 "container does not restart a dead model process)")
+    liveness_startup_s: float = Field(600.0, ge=0, allow_inf_nan=False,
+                                      description="how long /livez waits for the encoder's and the reasoner's "
+                                                  "first answer after the service starts (seconds) before it "
+                                                  "fails: their processes import the stack and start first")
     cot_queue: int = Field(16, ge=1, description="the most CoT /search calls a front worker holds at once (answered "
                                                  "or waiting for the reasoner); one more gets 503 with Retry-After")
     embedding_queue: int = Field(64, ge=1, description="the most embedding calls (no-CoT /search, /embed_image) a "

@@ -53,6 +53,8 @@ SHOWN = (
     "cot_queries_per_s",
     "no_cot_queries_per_s",
     "tag",
+    "export_mib",
+    "target",
     "stage",
     "changed",
     "previous_production",

@@ -43,12 +43,28 @@ def short_console_logger(init_context) -> logging.Logger:
     return log
 
 
+class AppendingHandler(logging.Handler):
+    """Each record appended to ``path``, the file open only while it is written: Dagster never tells a
+    logger that its run ended, so a handler holding the file would keep it open for the process's life."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging's contract: report, never raise
+            self.handleError(record)
+
+
 @dg.logger({"folder": dg.Field(str)}, description="every event of the run, DEBUG included, in <folder>/<run id>.log")
 def run_file_logger(init_context) -> logging.Logger:
     folder = Path(init_context.logger_config["folder"])
     folder.mkdir(parents=True, exist_ok=True)
     log = logging.Logger("circot.run_file", level=logging.DEBUG)
-    handler = logging.FileHandler(folder / f"{init_context.run_id}.log", encoding="utf-8")
+    handler = AppendingHandler(folder / f"{init_context.run_id}.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     return log

@@ -57,7 +57,9 @@ class ModelLink:
         self.client, self.version, self.timeout_s, self.name = client, version, timeout_s, name
         self.away: str | None = "not probed yet"    # why the process cannot take calls, or None
         self.away_since: float | None = None
-        self.silent_since: float | None = None   # since when the process has not answered at all (dead or stuck)
+        # since when the process has not answered at all (dead, stuck, or not started yet); whether it ever has
+        self.silent_since: float | None = time.monotonic()
+        self.answered = False
         self.closing: str | None = None
         self._probe_started = 0.0
         self._probe: asyncio.Task | None = None
@@ -75,7 +77,7 @@ class ModelLink:
         """``silent``: the process did not answer at all (unreachable, or no answer in time), as opposed
         to answering that it cannot take calls (loading, a model that cannot load)."""
         if not silent:
-            self.silent_since = None
+            self.silent_since, self.answered = None, True
         elif self.silent_since is None:
             self.silent_since = time.monotonic()
         if self.away is None:
@@ -96,11 +98,12 @@ class ModelLink:
     def _mark_back(self) -> None:
         if self.away is not None and self.away_since is not None:
             log.warning("the %s is back after %.1f s", self.name, time.monotonic() - self.away_since)
-        self.away, self.away_since, self.silent_since = None, None, None
+        self.away, self.away_since, self.silent_since, self.answered = None, None, None, True
 
     def silent_for(self) -> float:
-        """How long the process has not answered at all (seconds; 0 while it answers): what liveness
-        reads (a process that answers, even "loading", is alive)."""
+        """How long the process has not answered at all (seconds; 0 while it answers; before its first
+        answer, since the link was made): what liveness reads (a process that answers, even "loading",
+        is alive)."""
         return 0.0 if self.silent_since is None else time.monotonic() - self.silent_since
 
     def reason(self) -> str | None:
@@ -211,6 +214,19 @@ class ModelLink:
         self.closing = "the service is shutting down"
         loop = asyncio.get_running_loop()
         loop.call_later(grace_s, self._lost_event().set)
+
+
+def silent_links(links, grace_s: float, startup_s: float) -> list[str]:
+    """Why the service is not alive (/livez): each link whose process has not answered at all for
+    ``grace_s`` seconds, or, never having answered, ``startup_s`` since the link was made (its process
+    imports the stack and starts its server first). Empty: alive."""
+    out = []
+    for link in links:
+        grace = grace_s if link.answered else startup_s
+        if link.silent_for() > grace:
+            out.append(f"the {link.name} has not answered for {link.silent_for():.0f} s"
+                       f"{'' if link.answered else ' since the service started'} ({link.away})")
+    return out
 
 
 def on_shutdown_signal(callback, grace_s: float, name: str) -> None:

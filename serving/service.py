@@ -19,7 +19,8 @@
 - ``GET /ui/images/{dataset}/{image_id}?size=N``: a gallery image as PNG (a thumbnail with ``size``, 1 to 1024).
 - ``GET /ui/``: a page to ask a query and see the reasoning and the result thumbnails.
 - ``/livez``, ``/healthz`` (alive: 200 while the encoder and the reasoner answer, even "loading"; 503
-  once one of them has not answered at all for ``CIRCOT_LIVENESS_GRACE_S``, dead or stuck), ``/readyz``
+  once one of them has not answered at all for ``CIRCOT_LIVENESS_GRACE_S``, dead or stuck; before its
+  first answer, ``CIRCOT_LIVENESS_STARTUP_S``), ``/readyz``
   (200 once the model and the index are loaded and the encoder and the reasoner answer; else 503 with
   the reason), ``/metrics`` (Prometheus).
 
@@ -66,7 +67,7 @@ from model_code.index import GalleryIndex, index_uri
 from model_code.retrieval import MODES, QueryError, check_chain, check_text, infer, open_image, search
 from model_code.settings import ServiceSettings, load
 from serving.guard import Guard, note
-from serving.link import RETRY_AFTER_S, ApiError, ModelLink, on_shutdown_signal
+from serving.link import RETRY_AFTER_S, ApiError, ModelLink, on_shutdown_signal, silent_links
 from serving.observability import metrics, setup_logging
 from serving.traffic import Lane
 
@@ -452,7 +453,8 @@ class CirCoTService:
 
     async def __is_alive__(self) -> bool:
         """/livez and /healthz: False once a model process has not answered at all (unreachable, or no
-        answer to a probe) for ``liveness_grace_s``. BentoML's arbiter restarts a dead model process
+        answer to a probe) for ``liveness_grace_s``, or, never having answered, ``liveness_startup_s``
+        after the service started. BentoML's arbiter restarts a dead model process
         when it can; where it does not (in a container), the process stays dead behind its socket and
         only a restart of the whole service (the orchestrator's liveness probe) brings it back. A
         process that answers "loading" or "cannot load the model" is alive: /readyz says why."""
@@ -460,11 +462,10 @@ class CirCoTService:
         # is away), so a process that died between calls is found within a probe's timeout
         for link in self.links.values():
             link.watch()
-            if link.silent_for() > SETTINGS.liveness_grace_s:
-                log.error("not alive: the %s has not answered for %.0f s (%s)", link.name, link.silent_for(),
-                          link.away)
-                return False
-        return True
+        dead = silent_links(self.links.values(), SETTINGS.liveness_grace_s, SETTINGS.liveness_startup_s)
+        for why in dead:
+            log.error("not alive: %s", why)
+        return not dead
 
     def _excluded(self, data: bytes, picture, reference_id: str) -> list[str]:
         """The gallery ids the dataset's protocol leaves out for this reference: those with its bytes,

@@ -41,7 +41,7 @@ def test_manifests_validate_against_the_kubernetes_schema_and_say_what_the_pods_
     assert c["image"] == SPEC.image and d["spec"]["replicas"] == 3 and d["metadata"]["namespace"] == "serving"
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
-    assert c["startupProbe"]["httpGet"]["path"] == "/livez"
+    assert "startupProbe" not in c   # /livez gives a starting process CIRCOT_LIVENESS_STARTUP_S itself
     assert c["env"] == [{"name": "CIRCOT_API_TOKEN",
                          "valueFrom": {"secretKeyRef": {"name": "circot-api-token", "key": "token"}}}]
     assert c["envFrom"] == [{"configMapRef": {"name": "circot-cirr"}}]
@@ -80,6 +80,7 @@ def test_the_schema_check_is_real_strict_and_names_the_field():
     problems = dep.validate(wrong, "1.31")
     assert problems == ["Service/circot-cirr: spec.ports.0: 'port' is a required property",
                         "Deployment/circot-cirr: spec.replicas: 'three' is not of type 'integer', 'null'"]
+    assert all("no schema of it for Kubernetes 1.99" in p for p in dep.validate(manifests, "1.99"))
     unknown = copy.deepcopy(manifests)
     unknown[2]["apiVersion"] = "policy/v1beta1"   # removed in Kubernetes 1.25
     assert "PodDisruptionBudget/circot-cirr" in dep.validate(unknown, "1.31")[0]
@@ -122,7 +123,7 @@ class FakeKubernetes:
             def do_GET(self):
                 url = self._record()
                 if url.path.endswith("/pods"):
-                    return self._answer(200, fake.pods())
+                    return self._answer(200, fake.pods(parse_qs(url.query).get("labelSelector", [""])[0]))
                 if url.path.endswith("/status"):
                     return self._answer(200, fake.deployment_status(url.path.removesuffix("/status")))
                 if url.path in fake.objects:
@@ -145,21 +146,46 @@ class FakeKubernetes:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def deployment_status(self, path: str) -> dict:
+        """The first read is of the previous generation, with the deadline its rollout exceeded (a
+        controller that has not caught up yet); then this generation's, ready at the third read
+        (``rollout`` "ready")."""
         d = copy.deepcopy(self.objects[path])
         self.status_reads += 1
         want = d["spec"]["replicas"]
+        if self.status_reads == 1:
+            d["status"] = {"observedGeneration": d["metadata"]["generation"] - 1, "replicas": want,
+                           "updatedReplicas": want, "availableReplicas": 0, "conditions": [
+                               {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                "message": "the previous rollout failed"}]}
+            return d
         done = want if (self.rollout == "ready" and self.status_reads >= 3) else 0
         d["status"] = {"observedGeneration": d["metadata"]["generation"], "replicas": want,
                        "updatedReplicas": done, "readyReplicas": done, "availableReplicas": done}
         return d
 
-    def pods(self) -> dict:
+    def pods(self, selector: str) -> dict:
+        """The old model's pod, crash-looping (why a rollback is delivered), and the new model's pod:
+        waiting for its image (``rollout`` "stuck"), unscheduled ("pending"), or being created."""
+        new = self.objects["/apis/apps/v1/namespaces/serving/deployments/circot-cirr"]["spec"]["template"]
+        new_labels = new["metadata"]["labels"]
+        old_labels = {**new_labels, "circot/model-version": "fedcba9876543210"}
         waiting = ({"reason": "ImagePullBackOff", "message": "Back-off pulling image \"registry.example/circot\""}
                    if self.rollout == "stuck" else {"reason": "ContainerCreating"})
+
+        def pod(name, labels, waiting, conditions=()):
+            return {"metadata": {"name": name, "labels": labels},
+                    "status": {"conditions": list(conditions), "containerStatuses": [
+                        {"name": "circot", "image": "x", "imageID": "", "ready": False, "restartCount": 3,
+                         "state": {"waiting": waiting}}]}}
+
+        unscheduled = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]
+        pods = [pod("circot-cirr-old-zyxwv", old_labels, {"reason": "CrashLoopBackOff", "message": "back-off"}),
+                pod("circot-cirr-5d9f-abcde", new_labels, waiting,
+                    unscheduled if self.rollout == "pending" else ())]
+        wanted = dict(pair.split("=", 1) for pair in selector.split(",") if pair)
         return {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [
-            {"metadata": {"name": "circot-cirr-5d9f-abcde"},
-             "status": {"containerStatuses": [{"name": "circot", "image": "x", "imageID": "", "ready": False,
-                                               "restartCount": 0, "state": {"waiting": waiting}}]}}]}
+            p for p in pods if all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())]}
 
     def close(self):
         self.server.shutdown()
@@ -221,6 +247,8 @@ def test_delivery_applies_each_manifest_server_side_then_waits_for_the_rollout(k
     # (the client sends force=True, which the API server's strconv.ParseBool reads)
     assert all(c["content_type"] == "application/apply-patch+yaml"
                and c["query"] == {"fieldManager": ["circot"], "force": ["True"]} for c in patches)
+    # a stale status (the previous generation's failed deadline) is not this rollout's; the old model's
+    # crash-looping pod is not this rollout's either
     reads = [c["path"] for c in fake.calls[5:] if c["path"].endswith("/status")]
     assert len(reads) == 3 and reads[0] == "/apis/apps/v1/namespaces/serving/deployments/circot-cirr/status"
     assert record["applied"] == ["ConfigMap/circot-cirr", "Service/circot-cirr", "PodDisruptionBudget/circot-cirr",
@@ -257,12 +285,14 @@ def test_a_missing_secret_a_refused_manifest_and_a_stuck_rollout_fail_saying_why
     finally:
         fake.close()
     pods = [c for c in fake.calls if c["path"].endswith("/pods")]
-    assert pods and pods[0]["query"] == {"labelSelector": ["app.kubernetes.io/instance=circot-cirr"]}
+    assert pods and "circot/model-version=0123456789abcdef" in pods[0]["query"]["labelSelector"][0]
 
-    fake = FakeKubernetes(rollout="never")
+    fake = FakeKubernetes(rollout="pending")   # no node for it: waited for, and said when the time is up
     kubeconfig(fake.url)
     try:
-        with pytest.raises(dep.DeliveryError, match="not ready after 0.3 s .* the previous pods keep serving"):
+        with pytest.raises(dep.DeliveryError, match="not ready after 0.3 s .*circot-cirr-5d9f-abcde not scheduled: "
+                                                    "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.; the "
+                                                    "previous pods keep serving"):
             dep.deliver(SPEC, tmp_path, DeploymentResource(target="kubernetes", kube_context="prod",
                                                            namespace="serving", timeout_s=0.3), print, poll_s=0.01)
     finally:

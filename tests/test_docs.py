@@ -194,6 +194,35 @@ def test_the_readme_is_short():
     assert size <= README_LIMIT, f"README.md is {size} bytes; move details into docs/ (limit {README_LIMIT})"
 
 
+# a measured figure in prose: a decimal or grouped number, a share, a duration, a size, a test count
+FIGURE = re.compile(r"(?<![\w.])(\d+(?:[.,]\d+)+|\d+(?:\.\d+)? ?%|\d+ min(?: \d+ s)?|\d+ (?:passed|skipped)"
+                    r"|\d+(?:\.\d+)? ?(?:GB|MB|MiB|ms|s)|\d+ (?:to|-) \d+ minutes)(?![\w.])")
+DOC_LINK = re.compile(r"\]\((docs/[^)#\s]+\.md)")
+
+
+def unsourced_figures(readme: str, root: Path = REPO) -> list[str]:
+    """The figures README's prose repeats that no docs page it links states word for word."""
+    pages = "\n".join((root / link).read_text(encoding="utf-8") for link in sorted(set(DOC_LINK.findall(readme)))
+                      if (root / link).is_file())
+    return sorted({f for f in FIGURE.findall(split_code(readme)[0]) if f not in pages})
+
+
+def test_every_figure_the_readme_repeats_is_stated_on_a_page_it_links():
+    """A figure in README (a recall, a duration, a test count, a size) is copied from a docs page README
+    links, which says how it was measured; when that page changes, README must change with it."""
+    assert unsourced_figures((REPO / "README.md").read_text(encoding="utf-8")) == []
+
+
+def test_the_figure_check_finds_a_figure_no_linked_page_states(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "run.md").write_text("R@1 0.412 on 500 queries; 11 min 4 s; 457 passed\n")
+    ok = "R@1 **0.412**, 457 passed in 11 min 4 s ([run](docs/run.md)); `0.999` in code is not prose"
+    assert unsourced_figures(ok, tmp_path) == []
+    drifted = ok.replace("0.412", "0.421").replace("11 min 4 s", "10 min 26 s")
+    assert unsourced_figures(drifted, tmp_path) == ["0.421", "10 min 26 s"]
+    assert unsourced_figures("R@1 0.412 without a link", tmp_path) == ["0.412"]
+
+
 def test_make_help_is_the_default_goal_and_lists_every_documented_target():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")

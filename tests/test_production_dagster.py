@@ -117,6 +117,9 @@ def test_the_data_jobs_run_and_events_are_stored_in_postgresql(postgres, product
     assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
     assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
     assert not instance.telemetry_enabled
+    # the classes the daemon and the webserver load (a wrong module path fails only when a run is queued)
+    assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+    assert type(instance.run_launcher).__name__ == "DefaultRunLauncher"
     project = make_dvc_project(tmp_path / "project")
     defs = build_definitions(project_dir=str(project), artifacts_root=str(tmp_path / "artifacts"), dataset_roots={})
     result = defs.resolve_job_def(PIPELINE_JOB).execute_in_process(

@@ -2,6 +2,7 @@
 reasoner under load and SIGTERM, traffic classes that do not starve each other, /metrics, JSON logs, and a
 Bento built by hand and served from the store."""
 
+import asyncio
 import json
 import re
 import signal
@@ -273,6 +274,32 @@ def test_a_killed_encoder_under_load_fails_fast_with_the_reason_and_sigterm_stop
     log = s.log.read_text()
     assert "ERROR circot.link: the encoder is away" in log and "ERROR circot.access: POST /search 503" in log
     assert "WARNING circot.link: front: shutting down (signal 15)" in log
+
+
+def test_liveness_gives_a_starting_process_longer_and_a_process_that_answers_loading_is_alive():
+    """The rule /livez applies (serving.link.silent_links): silence is counted from the link's creation
+    until the first answer, against the startup grace; after an answer, against the grace; an answer,
+    even "loading", resets it."""
+    from serving.link import ModelLink, silent_links
+
+    now = time.monotonic()
+    starting = ModelLink(None, "v", 1.0, "encoder")
+    starting.silent_since = now - 100             # no answer in 100 s since the service started
+    assert silent_links([starting], grace_s=60, startup_s=600) == []
+    assert silent_links([starting], grace_s=60, startup_s=90) == [
+        "the encoder has not answered for 100 s since the service started (not probed yet)"]
+    loading = ModelLink(None, "v", 1.0, "reasoner")
+
+    async def answered_loading():   # what a probe does with the answer "loading" (its recovery loop stopped)
+        loading._mark_away("it is loading the model")
+        loading._recovery.cancel()
+
+    asyncio.run(answered_loading())
+    assert loading.answered and loading.silent_for() == 0 and silent_links([loading], 0, 0) == []
+    died = ModelLink(None, "v", 1.0, "encoder")
+    died.answered, died.silent_since, died.away = True, now - 70, "it cannot be reached (ClientConnectorError)"
+    assert silent_links([died, loading], grace_s=60, startup_s=600) == [
+        "the encoder has not answered for 70 s (it cannot be reached (ClientConnectorError))"]
 
 
 def test_liveness_fails_once_the_encoder_has_not_answered_for_the_grace_and_recovers_with_it(served):

@@ -123,7 +123,22 @@ def install(args: list[str]) -> None:
     many processes, and without .pyc files (or with PYTHONDONTWRITEBYTECODE set) each compiles it again."""
     cmd = [sys.executable, "-m", "uv", "pip", "install", "--python", sys.executable, "--constraint", str(LOCK),
            "--compile-bytecode", *pip_sources(), *args]
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    # uv's lines as they come, but for the one line per package installed or removed (hundreds on a fresh
+    # environment): those go to <environment>/install.log with the rest
+    log = Path(sys.prefix) / "install.log"
+    listed = 0
+    with open(log, "w") as out, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                 text=True) as proc:
+        for line in proc.stdout:
+            out.write(line)
+            if re.match(r"^ [-+~] \S", line):
+                listed += 1
+            else:
+                print(line, end="", flush=True)
+    if listed:
+        print(f"({listed} packages installed, upgraded or removed: listed in {log})")
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
 
 
 def main(argv: list[str]) -> None:
