@@ -53,14 +53,15 @@ class ServiceSpec:
     bento_tag: str            # circot:<dataset>-<model version>
     model_tag: str            # cir-cot:<model version>
     image: str                # <repository>:<Bento version>
-    namespace: str = "circot"
-    replicas: int = 2
-    gpus: int = 0
-    cpu: str = "2"
-    memory: str = "8Gi"
-    token_secret: str = "circot-api-token"
-    index_uri: str = ""
-    artifacts: str = ""
+    # where and how, from the DeploymentResource (its defaults are the settings'): no default of its own here
+    namespace: str
+    replicas: int
+    gpus: int
+    cpu: str
+    memory: str
+    token_secret: str
+    index_uri: str            # "" where the pods cannot reach the index (a local folder)
+    artifacts: str            # "" for a local artifacts root
     liveness_grace_s: float = 60.0
 
     @property

@@ -19,6 +19,7 @@ from assets.resources import DeploymentResource
 
 SPEC = dep.ServiceSpec(dataset="cirr", bento_tag="circot:cirr-0123456789abcdef", model_tag="cir-cot:0123456789abcdef",
                        image="registry.example/circot:cirr-0123456789abcdef", namespace="serving", replicas=3,
+                       gpus=0, cpu="2", memory="8Gi", token_secret="circot-api-token",
                        index_uri="s3://bucket/circot/lancedb", artifacts="s3://bucket/circot")
 
 
@@ -259,44 +260,34 @@ def test_delivery_applies_each_manifest_server_side_then_waits_for_the_rollout(k
     assert any("3/3 pods of the new model ready" in s for s in said), said
 
 
+def _refused(kubeconfig, tmp_path, match: str, deploy=KUBE, **fake_setup) -> FakeKubernetes:
+    """A delivery to a FakeKubernetes(**fake_setup) that fails with a DeliveryError matching ``match``."""
+    fake = FakeKubernetes(**fake_setup)
+    kubeconfig(fake.url)
+    try:
+        with pytest.raises(dep.DeliveryError, match=match):
+            dep.deliver(SPEC, tmp_path, deploy, print, poll_s=0.01)
+    finally:
+        fake.close()
+    return fake
+
+
 def test_a_missing_secret_a_refused_manifest_and_a_stuck_rollout_fail_saying_why(kubeconfig, no_export, tmp_path):
-    fake = FakeKubernetes(secret=False)
-    kubeconfig(fake.url)
-    try:
-        with pytest.raises(dep.DeliveryError, match="kubectl -n serving create secret generic circot-api-token"):
-            dep.deliver(SPEC, tmp_path, KUBE, print, poll_s=0.01)
-    finally:
-        fake.close()
+    fake = _refused(kubeconfig, tmp_path, "kubectl -n serving create secret generic circot-api-token", secret=False)
     assert [c["method"] for c in fake.calls] == ["GET"]   # nothing applied without the token's Secret
-
-    fake = FakeKubernetes(refuse="Deployment")
-    kubeconfig(fake.url)
-    try:
-        with pytest.raises(dep.DeliveryError, match="the cluster refused Deployment/circot-cirr: 422"):
-            dep.deliver(SPEC, tmp_path, KUBE, print, poll_s=0.01)
-    finally:
-        fake.close()
-
-    fake = FakeKubernetes(rollout="stuck")
-    kubeconfig(fake.url)
-    try:
-        with pytest.raises(dep.DeliveryError, match="stuck: pod circot-cirr-5d9f-abcde: ImagePullBackOff"):
-            dep.deliver(SPEC, tmp_path, KUBE, print, poll_s=0.01)
-    finally:
-        fake.close()
+    _refused(kubeconfig, tmp_path, "the cluster refused Deployment/circot-cirr: 422", refuse="Deployment")
+    fake = _refused(kubeconfig, tmp_path, "stuck: pod circot-cirr-5d9f-abcde: ImagePullBackOff", rollout="stuck")
     pods = [c for c in fake.calls if c["path"].endswith("/pods")]
     assert pods and "circot/model-version=0123456789abcdef" in pods[0]["query"]["labelSelector"][0]
-
-    fake = FakeKubernetes(rollout="pending")   # no node for it: waited for, and said when the time is up
-    kubeconfig(fake.url)
-    try:
-        with pytest.raises(dep.DeliveryError, match="not ready after 0.3 s .*circot-cirr-5d9f-abcde not scheduled: "
-                                                    "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.; the "
-                                                    "previous pods keep serving"):
-            dep.deliver(SPEC, tmp_path, DeploymentResource(target="kubernetes", kube_context="prod",
-                                                           namespace="serving", timeout_s=0.3), print, poll_s=0.01)
-    finally:
-        fake.close()
+    # no node for the new pod: waited for, and said when the time is up
+    _refused(kubeconfig, tmp_path, "not ready after 0.3 s .*circot-cirr-5d9f-abcde not scheduled: 0/3 nodes are "
+                                   "available: 3 Insufficient nvidia.com/gpu.; the previous pods keep serving",
+             deploy=DeploymentResource(target="kubernetes", kube_context="prod", namespace="serving", timeout_s=0.3),
+             rollout="pending")
+    # a context the kubeconfig does not have
+    with pytest.raises(dep.DeliveryError, match="no Kubernetes configuration for context nowhere"):
+        dep.deliver(SPEC, tmp_path, DeploymentResource(target="kubernetes", kube_context="nowhere",
+                                                       namespace="serving"), print)
 
 
 def test_a_local_index_is_not_delivered_to_a_cluster(no_export, tmp_path):

@@ -2,6 +2,8 @@
 
 import contextlib
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -164,9 +166,19 @@ def test_real_annotations_only_partition_and_a_failing_gate(dvc_project, tmp_pat
 def test_cli_runs_the_job_and_reports(dvc_project, tmp_path, capsys):
     defs = build_definitions(project_dir=str(dvc_project), artifacts_root=str(tmp_path / "a"), dataset_roots={})
     assert run_cli("synthetic", definitions=defs, train=False) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "cir_pipeline [synthetic]: succeeded" in out and "triplets:triplets_suite passed" in out
     assert str(tmp_path / "a" / "triplets" / "synthetic") in out
+    # Dagster's INFO lines on the console in the short form; its DEBUG events only in the run's log file
+    assert re.search(r"^\d\d:\d\d:\d\d raw_dataset: \$ dvc repro --pull synthetic", captured.err, re.M), captured.err
+    assert "STEP_START" not in captured.err and "RESOURCE_INIT" not in captured.err
+    log = Path(re.search(r"every event: (\S+\.log)\)", out).group(1))
+    assert log.parent == Path(os.environ["DAGSTER_HOME"]) / "run_logs"
+    assert "STEP_START" in log.read_text() and "dvc repro --pull synthetic" in log.read_text()
+    # verbose (circot run -v): the DEBUG events on the console too
+    assert run_cli("synthetic", definitions=defs, train=False, verbose=True) == 0
+    assert "STEP_START: Started execution of step \"raw_dataset\"" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -165,3 +165,30 @@ def test_the_daemon_loads_the_workspace_and_ticks_a_sensor_into_postgresql(postg
     assert ticks, (tmp_path / "daemon.log").read_text()[-3000:]
     tick = json.loads(ticks[0])
     assert tick["status"]["__enum__"] in ("TickStatus.SKIPPED", "TickStatus.STARTED", "TickStatus.SUCCESS"), tick
+
+
+def test_the_projects_own_instance_turns_telemetry_off_and_keeps_a_users_settings(tmp_path, monkeypatch):
+    """`circot` outside make (project_homes) and `make run` / `make dagster-ui` (the Makefile) write
+    .dagster/dagster.yaml with telemetry off when it is missing or empty, and leave a user's own alone."""
+    import dagster as dg
+
+    from orchestration.__main__ import project_homes
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DAGSTER_HOME")
+    monkeypatch.delenv("BENTOML_HOME")
+    project_homes()
+    home = tmp_path / ".dagster"
+    assert os.environ["DAGSTER_HOME"] == str(home)
+    assert not dg.DagsterInstance.from_config(str(home)).telemetry_enabled
+    own = "telemetry:\n  enabled: true\nrun_monitoring:\n  enabled: true\n"
+    (home / "dagster.yaml").write_text(own)
+    project_homes()
+    assert (home / "dagster.yaml").read_text() == own
+    if shutil.which("make"):   # the Makefile's rule, as `make -n run` shows it, run with an empty file
+        (home / "dagster.yaml").write_text("")
+        dry = subprocess.run(["make", "-s", "-n", "-f", str(REPO / "Makefile"), "run", f"DAGSTER_HOME={home}"],
+                             capture_output=True, text=True, timeout=60, cwd=REPO).stdout
+        rule = next(line for line in dry.splitlines() if "dagster.yaml" in line)
+        subprocess.run(["bash", "-c", rule], check=True, timeout=30)
+        assert (home / "dagster.yaml").read_text() == "telemetry:\n  enabled: false\n"
