@@ -42,7 +42,12 @@ STUCK = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CrashLoopBackO
 
 
 class DeliveryError(Exception):
-    """The manifests are invalid, the cluster refused them, or the rollout did not become ready."""
+    """The manifests are invalid, the cluster refused them, or the rollout did not become ready
+    (``status``: the API's HTTP status, where it answered one)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -184,20 +189,19 @@ def sha256(path: Path) -> str:
 class Cluster:
     """The Kubernetes API of one context: server-side apply of manifests and the rollout's readiness."""
 
-    def __init__(self, context: str | None = None, api_client=None):
+    def __init__(self, context: str | None = None):
         from kubernetes import client, config
 
-        if api_client is None:
-            try:
-                if context is None and config.incluster_config.SERVICE_HOST_ENV_NAME in os.environ:
-                    config.load_incluster_config()
-                    api_client = client.ApiClient()
-                else:
-                    # KUBECONFIG read now (the client's default is read once, when it is imported)
-                    api_client = config.new_client_from_config(
-                        config_file=os.environ.get("KUBECONFIG") or None, context=context)
-            except (config.ConfigException, OSError) as e:
-                raise DeliveryError(f"no Kubernetes configuration for context {context or '(current)'}: {e}") from None
+        try:
+            if context is None and config.incluster_config.SERVICE_HOST_ENV_NAME in os.environ:
+                config.load_incluster_config()
+                api_client = client.ApiClient()
+            else:
+                # KUBECONFIG read now (the client's default is read once, when it is imported)
+                api_client = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG") or None,
+                                                           context=context)
+        except (config.ConfigException, OSError) as e:
+            raise DeliveryError(f"no Kubernetes configuration for context {context or '(current)'}: {e}") from None
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
         self.policy = client.PolicyV1Api(api_client)
@@ -214,15 +218,14 @@ class Cluster:
 
     def check_secret(self, namespace: str, name: str) -> None:
         try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except (OSError, urllib3.exceptions.HTTPError) as e:
-            raise DeliveryError(f"cannot reach the Kubernetes API: {type(e).__name__}: {e}") from None
-        except self.ApiException as e:
+            secret = self._call(f"read the Secret {namespace}/{name}", self.core.read_namespaced_secret, name,
+                                namespace)
+        except DeliveryError as e:
             if e.status == 404:
                 raise DeliveryError(
                     f"the Secret {namespace}/{name} does not exist: the pods read the API token from it. Create it: "
                     f"kubectl -n {namespace} create secret generic {name} --from-literal=token=<token>") from None
-            raise DeliveryError(f"cannot read the Secret {namespace}/{name}: {e.status} {e.reason}") from None
+            raise
         if "token" not in (secret.data or {}):
             raise DeliveryError(f"the Secret {namespace}/{name} has no key 'token' (the pods read CIRCOT_API_TOKEN "
                                 "from it)")
@@ -288,7 +291,7 @@ class Cluster:
         try:
             return method(*args, **kwargs)
         except self.ApiException as e:
-            raise DeliveryError(f"cannot {what}: {e.status} {e.reason}") from None
+            raise DeliveryError(f"cannot {what}: {e.status} {e.reason}", status=e.status) from None
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise DeliveryError(f"cannot {what}: the API server is unreachable ({type(e).__name__}: {e})") from None
 
@@ -325,10 +328,10 @@ def spec_for(dataset: str, prod: dict, deploy: DeploymentResource, artifacts: Ar
 
 
 def deliver(spec: ServiceSpec, folder: Path, deploy: DeploymentResource, say: Callable[[str], None],
-            cluster: Cluster | None = None, poll_s: float = 2.0) -> dict:
-    """Export the Bento and write its manifests into ``folder``; check them; apply them when
-    ``deploy.target`` is ``kubernetes`` (``cluster``: the API to use, default the configured
-    context's). Returns the delivery's record (also written as ``delivery.json``)."""
+            poll_s: float = 2.0) -> dict:
+    """Export the Bento and write its manifests into ``folder``; check them; apply them to the
+    configured context when ``deploy.target`` is ``kubernetes``. Returns the delivery's record (also
+    written as ``delivery.json``)."""
     if "://" not in spec.index_uri and deploy.target == "kubernetes":
         raise DeliveryError("the gallery index is in a local folder the pods cannot read: set CIRCOT_ARTIFACTS to an "
                             "object store (s3://...) or CIRCOT_INDEX_URI to an index the cluster reaches")
@@ -338,7 +341,7 @@ def deliver(spec: ServiceSpec, folder: Path, deploy: DeploymentResource, say: Ca
         raise DeliveryError(f"the manifests do not validate against Kubernetes {deploy.kube_version}:\n"
                             + "\n".join(problems))
     if deploy.target == "kubernetes":   # before the export: what the pods need must be there
-        cluster = cluster or Cluster(deploy.kube_context)
+        cluster = Cluster(deploy.kube_context)
         cluster.check_secret(spec.namespace, spec.token_secret)
     (folder / "manifests.yaml").write_text(to_yaml(manifests))
     started = time.monotonic()

@@ -113,9 +113,7 @@ def _annotate(context, annotator: AnnotatorResource, artifacts: ArtifactStore, t
     picking (``person``: triplet id -> chain) and it passed the rules, else through the dataset's
     annotation store (shared with cot_annotations: content already annotated is not asked again).
     (table, the people's chains judged (accepted and rejected), teacher, stats)."""
-    person = person or {}
-    empty = pd.DataFrame({c: pd.Series(dtype=object) for c in ANNOTATION_COLUMNS})
-    judged = _person_annotations(person) if person else empty
+    judged = _person_annotations(person or {})
     people = judged[judged["status"] == "ok"]
     # a person's chain that failed the rules is kept (judged) and the teacher annotates the triplet as any
     asked = feedback.triplets[~feedback.triplets["query_id"].isin(set(people["query_id"]))]

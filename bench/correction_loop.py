@@ -27,7 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TOKEN = "oracle-person"
-SECTIONS = ("caption", "reasoning", "conclusion")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,12 +38,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _evaluation(dataset: str) -> dict:
-    from bench.diagnose_embedded import _record
-
-    return _record("evaluation", dataset)
-
-
 def simulate(args) -> dict:
     """Write the oracle's corrections and picks into the feedback store; returns the counts."""
     import torch
@@ -52,7 +45,7 @@ def simulate(args) -> dict:
     from assets.resources import ArtifactStore
     from bench.diagnose_embedded import _latest, _load
     from model_code.annotation.store import annotation_requests
-    from model_code.chain import CoT, changed_sections
+    from model_code.chain import SECTIONS, CoT, changed_sections
     from model_code.feedback import FeedbackStore
     from model_code.model.cir_cot import CirCoTModel
     from model_code.retrieval import embed_with_chains, infer
@@ -72,15 +65,23 @@ def simulate(args) -> dict:
         annotation_requests(train, bench.images, root, ["train"]))}
     refs = [paths[r] for r in train.reference_id]
     texts = list(train.modification)
-    chains = []
+    chains, decoded = [], []
     for start in range(0, len(texts), 32):
-        chains += infer(model, refs[start:start + 32], texts[start:start + 32], "cot")[1]
+        emb, part = infer(model, refs[start:start + 32], texts[start:start + 32], "cot")
+        decoded += list(torch.as_tensor(emb))   # rows ranked against the gallery's tensor
+        chains += part
+
+    def ranked(emb, reference_id: str) -> tuple[list[str], list[float]]:   # the top k, the reference left out
+        order = sorted((i for i in range(len(named)) if named[i] != reference_id),
+                       key=lambda i: -float(gallery[i] @ emb))[: args.k]
+        return [named[i] for i in order], [float(gallery[i] @ emb) for i in order]
+
     store = FeedbackStore(ArtifactStore(root=load(PipelineSettings)[0].artifacts).dir("feedback", args.dataset),
                           args.dataset)
     counts = {"queries": len(texts), "unparsed": 0, "already_right": 0, "corrected": 0, "picked": 0,
               "target_not_shown": 0}
     per_section = dict.fromkeys(SECTIONS, 0)
-    for q, ref, text, chain in zip(train.itertuples(), refs, texts, chains):
+    for q, ref, text, chain, cot_emb in zip(train.itertuples(), refs, texts, chains, decoded):
         if chain["error"] is not None:
             counts["unparsed"] += 1
             continue
@@ -91,20 +92,17 @@ def simulate(args) -> dict:
             continue
         person = {s: getattr(truth if s in changed else CoT(chain["caption"], chain["reasoning"],
                                                               chain["conclusion"]), s) for s in SECTIONS}
-        with torch.no_grad():
-            emb = embed_with_chains(model, [ref], [text], [CoT(**person)])[0]
-        order = sorted((i for i in range(len(named)) if named[i] != q.reference_id),
-                       key=lambda i: -float(gallery[i] @ emb))[: args.k]
-        shown = [named[i] for i in order]
+        emb = embed_with_chains(model, [ref], [text], [CoT(**person)])[0]
+        shown, scores = ranked(emb, q.reference_id)
         data = ref.read_bytes()
+        first_shown, first_scores = ranked(cot_emb, q.reference_id)   # what the model's own chain ranked
         asked = store.record_query(reference=data, suffix=ref.suffix, modification=text,
-                                   model_version=record["version"], mode="cot", chain=chain, shown=[], scores=[],
-                                   token=TOKEN)
+                                   model_version=record["version"], mode="cot", chain=chain, shown=first_shown,
+                                   scores=first_scores, token=TOKEN)
         first = store.query(asked)
         answer = store.record_query(reference=data, suffix=ref.suffix, modification=text,
                                     model_version=record["version"], mode="corrected", chain=person,
-                                    shown=shown, scores=[float(gallery[i] @ emb) for i in order], token=TOKEN,
-                                    corrects=first)
+                                    shown=shown, scores=scores, token=TOKEN, corrects=first)
         store.record_correction(first, answer, TOKEN, person, changed)
         counts["corrected"] += 1
         for s in changed:
@@ -123,11 +121,13 @@ def simulate(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import os
 
+    from bench.diagnose_embedded import _record
+
     args = parser().parse_args(argv)
     repo = Path(__file__).resolve().parents[1]   # the instance and the model store of `make run`
     os.environ.setdefault("DAGSTER_HOME", str(repo / ".dagster"))
     os.environ.setdefault("BENTOML_HOME", str(repo / ".bentoml"))
-    before = _evaluation(args.dataset)
+    before = _record("evaluation", args.dataset)
     counts = simulate(args)
     print("the oracle's corrections:", counts, flush=True)
     if args.dry_run:
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if not run_job(job, args.dataset, dagster_instance=dagster):
             print(f"the {job} job did not succeed: stopping")
             return 1
-    after = _evaluation(args.dataset)
+    after = _record("evaluation", args.dataset)
     for label, record in (("before", before), ("after", after)):
         m = record.get("metrics", {})
         print(label, record.get("model_version"), {method: {k: round(v, 3) for k, v in m.get(method, {}).items()

@@ -127,7 +127,7 @@ def corrections(args, artifacts):
     with one section replaced by the oracle's where they differ (a person correcting it), each
     teacher-forced before ``<emb>`` as a corrected /search ranks it; R@1/10/50 and how many chains
     each correction changed."""
-    from model_code.chain import CoT, changed_sections
+    from model_code.chain import SECTIONS, CoT, changed_sections
     from model_code.model.cir_cot import CirCoTModel
     from model_code.retrieval import embed_with_chains, infer
 
@@ -144,7 +144,8 @@ def corrections(args, artifacts):
         chains += part
     print(f"{len(texts)} test queries; {sum(c['error'] is not None for c in chains)} chains did not parse "
           "(a correction cannot name their sections: they keep the model's ranking)", flush=True)
-    score("cot (the model's chain, decoded)", torch.cat(decoded))
+    decoded = torch.cat(decoded)
+    score("cot (the model's chain, decoded)", decoded)
     own = [CoT(c["caption"], c["reasoning"], c["conclusion"]) if c["error"] is None else None for c in chains]
     score("cot, its chain teacher-forced", embed_with_chains(model, refs, texts, own, batch_size=64))
     for fixed in (("conclusion",), ("caption",), ("reasoning",), ("caption", "reasoning", "conclusion")):
@@ -153,13 +154,13 @@ def corrections(args, artifacts):
             if c is None:
                 given.append(None)
                 continue
-            sections = {s: getattr(o if s in fixed else c, s) for s in ("caption", "reasoning", "conclusion")}
+            sections = {s: getattr(o if s in fixed else c, s) for s in SECTIONS}
             changed += bool(set(fixed) & set(changed_sections(c, o)))
             given.append(CoT(**sections))
         emb = embed_with_chains(model, refs, texts, given, batch_size=64)
         if any(g is None for g in given):   # an unparsed chain keeps the ranking of its decoding
             keep = torch.tensor([g is None for g in given])
-            emb[keep] = torch.cat(decoded)[keep]
+            emb[keep] = decoded[keep]
         score(f"{' + '.join(fixed)} corrected by the oracle's ({changed} of {len(given)} changed)", emb)
 
 

@@ -84,6 +84,12 @@ def _metric_key(name: str) -> tuple:
     return (not k.isdigit(), known, prefix, int(k) if k.isdigit() else 0)
 
 
+def _tabled(name: str) -> bool:
+    """A metric the card's table and model-index show: not a breakdown (``R@1[edits=2]``), a category's
+    (``dress/R@10``) or a reasoning figure."""
+    return "[" not in name and "/" not in name and name not in REASONING_METRICS
+
+
 def _metric_table(metrics: dict[str, dict[str, float]]) -> list[str]:
     """One row per method; the columns every method has (breakdowns ``R@1[edits=2]``, per-category
     ``dress/R@10`` and group sizes left to the evaluation's own report)."""
@@ -91,8 +97,7 @@ def _metric_table(metrics: dict[str, dict[str, float]]) -> list[str]:
     if not methods:
         return ["(no metrics: the split hides its targets)"]
     columns = sorted((k for k in metrics[methods[0]]
-                      if "[" not in k and "/" not in k and k not in REASONING_METRICS
-                      and all(k in metrics[m] for m in methods)), key=_metric_key)
+                      if _tabled(k) and all(k in metrics[m] for m in methods)), key=_metric_key)
     lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {m} | " + " | ".join(_number(metrics[m][c]) for c in columns) + " |" for m in methods]
     cot = metrics.get("cot", {})
@@ -124,8 +129,7 @@ def model_index(name: str, pairs: list[tuple[dict, dict | None]]) -> list[dict]:
     results = []
     for r, _ in pairs:
         cot = (r.get("metrics") or {}).get("cot") or {}
-        shown = sorted((k for k in cot if "[" not in k and "/" not in k and k not in REASONING_METRICS
-                        and isinstance(cot[k], (int, float))), key=_metric_key)
+        shown = sorted((k for k in cot if _tabled(k) and isinstance(cot[k], (int, float))), key=_metric_key)
         if not shown:
             continue
         results.append({

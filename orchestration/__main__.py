@@ -226,22 +226,20 @@ def show_models(verify: bool = False) -> int:
     return 1 if verify and (damaged or broken) else 0
 
 
-def rollback(dataset: str, deliver: bool = True, definitions=None, dagster_instance=None) -> int:
-    """Make the previous production model of ``dataset`` production again in the store, then (``deliver``)
-    run the delivery job for it: its Bento built, exported and delivered as a promotion delivers one
-    (applied to the cluster where CIRCOT_DEPLOY=kubernetes)."""
+def rollback(dataset: str, store_only: bool = False, definitions=None, dagster_instance=None) -> int:
+    """Make the previous production model of ``dataset`` production again in the store, then (unless
+    ``store_only``) deliver it (:func:`deliver`): its Bento built, exported and delivered as a promotion
+    delivers one (applied to the cluster where CIRCOT_DEPLOY=kubernetes)."""
     try:
         moved = registry.rollback(dataset)
     except LookupError as e:
         print(f"rollback: {e}")
         return 1
     print(f"rollback: production of {dataset} is now {moved['to']} (was {moved['from']})")
-    if not deliver:
+    if store_only:
         print("rollback: not delivered (--store-only): a running deployment still serves the model it had")
         return 0
-    from orchestration.definitions import DELIVERY_JOB
-
-    if not run_job(DELIVERY_JOB, dataset, definitions, None, dagster_instance or instance()):
+    if deliver(dataset, definitions, dagster_instance):
         print(f"rollback: the store says {moved['to']}, but its delivery failed (above); run it again with "
               f"`circot deliver --dataset {dataset}` once fixed")
         return 1
@@ -385,7 +383,7 @@ def main(argv: list[str] | None = None, prog: str = "circot") -> int:
     if args.command == "models":
         return show_models(args.verify)
     if args.command == "rollback":
-        return rollback(args.dataset, deliver=not args.store_only)
+        return rollback(args.dataset, store_only=args.store_only)
     if args.command == "deliver":
         return deliver(args.dataset)
     return run(args.dataset, annotations_only=args.annotations_only, train=args.train, evaluate=args.evaluate,

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import logging
 import sys
@@ -60,7 +61,7 @@ from starlette.routing import Route
 
 from model_code import registry
 from model_code.benchmarks import benchmark
-from model_code.chain import SECTIONS, changed_sections
+from model_code.chain import changed_sections
 from model_code.common import bytes_md5
 from model_code.feedback import FeedbackError, FeedbackStore
 from model_code.index import GalleryIndex, index_uri
@@ -580,8 +581,7 @@ class CirCoTService:
                 for i, s in zip(ids[0], scores[0])]
         shown_chain = a.reasoning
         if cot is not None:   # the person's chain is the reasoning of this answer
-            shown_chain = {"caption": cot.caption, "reasoning": cot.reasoning, "conclusion": cot.conclusion,
-                           "raw": cot.render(), "error": None}
+            shown_chain = {**dataclasses.asdict(cot), "raw": cot.render(), "error": None}
         answer_id = None
         try:   # what was shown, so that feedback refers to an answer the service gave
             answer_id = await asyncio.to_thread(
@@ -590,7 +590,7 @@ class CirCoTService:
                 scores=[h.score for h in hits], token=SETTINGS.api_token, corrects=corrected)
             if corrected is not None:   # the correction itself: the model's chain and the person's, linked
                 await asyncio.to_thread(self.store.record_correction, corrected, answer_id, SETTINGS.api_token,
-                                        {s: getattr(cot, s) for s in SECTIONS}, changed)
+                                        dataclasses.asdict(cot), changed)
         except OSError:   # the answer still goes out, without a query id to give feedback on
             log.exception("the query could not be recorded for feedback in %s", self.store.root)
         if cot is not None:

@@ -232,7 +232,7 @@ def test_delivery_applies_each_manifest_server_side_then_waits_for_the_rollout(k
     kubeconfig(fake.url)
     said = []
     try:
-        record = dep.deliver(SPEC, tmp_path, KUBE, said.append, cluster=None, poll_s=0.01)
+        record = dep.deliver(SPEC, tmp_path, KUBE, said.append, poll_s=0.01)
     finally:
         fake.close()
     manifests = dep.render(SPEC)
